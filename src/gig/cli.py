@@ -1,0 +1,186 @@
+"""The ``gig`` command line: the whole pipeline, each stage alone, and run inspection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import STAGE_ORDER, Config
+from .store import RunMismatchError
+
+app = typer.Typer(add_completion=False, help="Dataset-wide mechanistic interpretability with GIG.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see docs/guide.md).")
+ModelOpt = typer.Option(None, help="efficientnet-lite0 | torchvision:NAME | timm:NAME")
+WeightsOpt = typer.Option(None, help="default | none | path to a state dict")
+ImagesOpt = typer.Option(None, help="embedded | image folder | CSV file list")
+LayersOpt = typer.Option(None, "--layer", "-l", help="Layer to analyse (repeat, early to late).")
+MaxImagesOpt = typer.Option(None, help="Use only the first N images.")
+
+
+def _config(run_dir: Path, config_file: Optional[Path], overrides: dict) -> Config:
+    if config_file is not None:
+        config = Config.load(config_file)
+    elif (run_dir / "config.yaml").is_file():
+        config = Config.load(run_dir / "config.yaml")
+    else:
+        config = Config()
+    for key, value in overrides.items():
+        if value is not None and value != []:
+            setattr(config, key, value)
+    return config
+
+
+def _pipeline(run_dir: Path, config_file, model, weights, images, layers, max_images):
+    from .pipeline import Pipeline
+
+    config = _config(run_dir, config_file, {"model": model, "weights": weights, "images": images,
+                                            "layers": layers, "max_images": max_images})
+    return Pipeline(config, run_dir)
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    out: Path = typer.Option(Path("gig-run"), "--out", "-o", help="Run directory (created or resumed)."),
+    config: Optional[Path] = ConfigOpt, model: Optional[str] = ModelOpt, weights: Optional[str] = WeightsOpt,
+    images: Optional[str] = ImagesOpt, layer: Optional[list[str]] = LayersOpt,
+    max_images: Optional[int] = MaxImagesOpt,
+):
+    """Run every stage (collect → concepts → decompose → attribute → graph); finished stages are skipped."""
+    try:
+        pipe = _pipeline(out, config, model, weights, images, layer, max_images)
+        pipe.run()
+    except (ValueError, RunMismatchError, RuntimeError, KeyError, FileNotFoundError) as exc:
+        _fail(exc)
+    _print_done(out)
+
+
+def _print_done(out: Path) -> None:
+    from .summary import summarize
+
+    info = summarize(out)
+    console.print(f"[green]done[/green]: results in {out.resolve()}")
+    console.print(f"  graph: {info['graph']}")
+    console.print(f"  summary: gig inspect {out}")
+
+
+def _stage_command(stage: str):
+    def command(
+        run_dir: Path = typer.Argument(..., help="Run directory."),
+        config: Optional[Path] = ConfigOpt, model: Optional[str] = ModelOpt, weights: Optional[str] = WeightsOpt,
+        images: Optional[str] = ImagesOpt, layer: Optional[list[str]] = LayersOpt,
+        max_images: Optional[int] = MaxImagesOpt,
+        force: bool = typer.Option(False, help="Recompute even if done."),
+    ):
+        try:
+            pipe = _pipeline(run_dir, config, model, weights, images, layer, max_images)
+            getattr(pipe, stage)(force=force)
+        except (ValueError, RunMismatchError, RuntimeError, KeyError, FileNotFoundError) as exc:
+            _fail(exc)
+        console.print(f"[green]{stage} done[/green] in {run_dir}")
+
+    command.__doc__ = f"Run the {stage} stage alone on RUN_DIR (its inputs must exist)."
+    return command
+
+
+for _stage in STAGE_ORDER:
+    app.command(name=_stage)(_stage_command(_stage))
+
+
+@app.command()
+def layers(
+    model: str = typer.Argument("efficientnet-lite0", help="Model spec."),
+    weights: str = typer.Option("none", help="Weights do not change shapes; 'none' avoids loading them."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """List the analysable layers of MODEL with their output shapes."""
+    from .hooks import ModelHandle
+    from .models import ModelLoadError, load_model
+
+    try:
+        handle = ModelHandle(load_model(model, weights))
+    except ModelLoadError as exc:
+        _fail(exc)
+    infos = handle.layer_info()
+    if json_out:
+        typer.echo(json.dumps([{"name": i.name, "type": i.type, "shape": list(i.shape), "grid": list(i.grid)}
+                               for i in infos], indent=1))
+        return
+    table = Table(title=f"{model}: {len(infos)} analysable layers")
+    for col in ("name", "type", "output shape", "grid (C, H, W)"):
+        table.add_column(col)
+    for i in infos:
+        table.add_row(i.name, i.type, str(tuple(i.shape)), str(tuple(i.grid)))
+    Console().print(table)
+
+
+@app.command()
+def graph_image(
+    run_dir: Path = typer.Argument(...),
+    image_id: int = typer.Argument(..., help="Image id (see RUN/collect/images.json)."),
+):
+    """Write the single-image graph of IMAGE_ID to RUN/graph/image_ID.json (+ SVG/PNG)."""
+    from .graph import build_graph
+    from .pipeline import Pipeline
+    from .store import save_json
+
+    try:
+        pipe = Pipeline.open(run_dir)
+        pipe.store.require("attribute")
+        g = build_graph(pipe.store, "image", image_id=image_id, class_names=pipe.bundle.class_names)
+    except (ValueError, RunMismatchError, FileNotFoundError) as exc:
+        _fail(exc)
+    path = pipe.store.stage_dir("graph") / f"image_{image_id}.json"
+    save_json(path, g)
+    pipe.draw_graph(pipe.store, g, path.with_suffix(""))
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def inspect(
+    run_dir: Path = typer.Argument(...),
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON summary."),
+):
+    """Summarise a run: per-layer reconstruction, completeness residuals, images, graph."""
+    from .summary import summarize
+
+    try:
+        info = summarize(run_dir)
+    except RunMismatchError as exc:
+        _fail(exc)
+    if json_out:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    table = Table(title=f"{info['run']} ({info['model']})")
+    for col in ("layer", "PFVs", "K", "rel. error", "R²", "l0", "top-1 agr."):
+        table.add_column(col)
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    for l in info["layers"]:
+        table.add_row(l["name"], fmt(l["n_pfv"]), fmt(l["n_concepts"]), fmt(l["rel_error"]), fmt(l["r2"]),
+                      fmt(l["l0_ratio"]), fmt(l["top1_agreement"]))
+    out = Console()
+    out.print(table)
+    c = info["completeness"]
+    out.print(f"completeness residual: median {fmt(c['median'])}, p95 {fmt(c['p95'])}")
+    out.print(f"images: {info['images']['used']} used, {info['images']['skipped']} skipped")
+    out.print(f"graph: {info['graph']}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

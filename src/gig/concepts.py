@@ -1,0 +1,166 @@
+"""Stage 3 — concept vectors per layer by bisecting k-means over the sampled PFVs.
+
+``K = min(concepts_per_channel · C, N // min_cluster)`` (the paper's ``8C``, capped so that
+clusters keep a few members on small data). A concept vector is a cluster centroid; it is shown
+by the sampled PFVs most cosine-similar to it (top-1 and top-10).
+
+A user can hand in their own dictionary for a layer instead (``Dictionary.from_file`` or the
+channel basis, ``Dictionary.channels``); members and exemplars are then assigned by cosine.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.cluster import BisectingKMeans
+from tqdm.auto import tqdm
+
+from .collect import load_samples
+from .store import RunStore, load_json, load_tensors, save_json, save_tensors
+
+
+def n_concepts_for(n_samples: int, channels: int, per_channel: int = 8, min_cluster: int = 5,
+                   max_concepts: int | None = None) -> int:
+    """``K = min(per_channel · C, N // min_cluster)``, at least 2, at most ``max_concepts``."""
+    k = min(per_channel * channels, n_samples // max(min_cluster, 1))
+    if max_concepts:
+        k = min(k, max_concepts)
+    return max(2, min(k, n_samples))
+
+
+def nearest_by_cosine(vectors: torch.Tensor, samples: torch.Tensor, k: int = 10,
+                      chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of ``vectors (K, C)``, the ``k`` most cosine-similar ``samples (N, C)``.
+
+    Returns ``(indices (K, k), similarities (K, k))``; chunked over K to bound memory.
+    """
+    k = min(k, samples.shape[0])
+    s = torch.nn.functional.normalize(samples.float(), dim=1)
+    idx, sim = [], []
+    for start in range(0, vectors.shape[0], chunk):
+        v = torch.nn.functional.normalize(vectors[start : start + chunk].float(), dim=1)
+        top = (v @ s.T).topk(k, dim=1)
+        idx.append(top.indices)
+        sim.append(top.values)
+    return torch.cat(idx), torch.cat(sim)
+
+
+class ConceptExtractor:
+    """Bisecting k-means concept extraction (scikit-learn style).
+
+    Parameters mirror the config; after :meth:`fit`:
+
+    * ``concepts_`` ``(K, C)`` concept vectors (centroids),
+    * ``labels_`` ``(N,)`` cluster of each sample, ``counts_`` ``(K,)`` members per concept,
+    * ``exemplars_`` ``(K, n_exemplars)`` indices of the most cosine-similar samples
+      (``exemplars_[:, 0]`` is the top-1 PFV), ``exemplar_similarity_`` their cosines.
+    """
+
+    def __init__(self, n_concepts: int | None = None, concepts_per_channel: int = 8, min_cluster: int = 5,
+                 max_concepts: int | None = None, n_exemplars: int = 10, random_state: int = 0):
+        self.n_concepts = n_concepts
+        self.concepts_per_channel = concepts_per_channel
+        self.min_cluster = min_cluster
+        self.max_concepts = max_concepts
+        self.n_exemplars = n_exemplars
+        self.random_state = random_state
+
+    def fit(self, X: np.ndarray | torch.Tensor) -> "ConceptExtractor":
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim != 2 or X.shape[0] < 2:
+            raise ValueError(f"need a (N >= 2, C) matrix of PFVs, got shape {X.shape}")
+        k = self.n_concepts or n_concepts_for(X.shape[0], X.shape[1], self.concepts_per_channel,
+                                              self.min_cluster, self.max_concepts)
+        km = BisectingKMeans(n_clusters=k, bisecting_strategy="biggest_inertia", random_state=self.random_state)
+        km.fit(X)
+        self.concepts_ = km.cluster_centers_.astype(np.float32)
+        self.labels_ = km.labels_.astype(np.int64)
+        self._finish(X)
+        return self
+
+    def fit_dictionary(self, X: np.ndarray | torch.Tensor, dictionary: np.ndarray) -> "ConceptExtractor":
+        """Use a given dictionary ``(K, C)``; members are assigned by highest cosine."""
+        X = np.asarray(X, dtype=np.float32)
+        V = np.asarray(dictionary, dtype=np.float32)
+        if V.ndim != 2 or V.shape[1] != X.shape[1]:
+            raise ValueError(f"dictionary shape {V.shape} does not fit PFVs with {X.shape[1]} channels")
+        self.concepts_ = V
+        sim = torch.nn.functional.normalize(torch.from_numpy(X), dim=1) @ torch.nn.functional.normalize(
+            torch.from_numpy(V), dim=1).T
+        self.labels_ = sim.argmax(dim=1).numpy().astype(np.int64)
+        self._finish(X)
+        return self
+
+    def _finish(self, X: np.ndarray) -> None:
+        k = self.concepts_.shape[0]
+        self.counts_ = np.bincount(self.labels_, minlength=k)
+        idx, sim = nearest_by_cosine(torch.from_numpy(self.concepts_), torch.from_numpy(X), self.n_exemplars)
+        self.exemplars_ = idx.numpy()
+        self.exemplar_similarity_ = sim.numpy()
+
+    def predict(self, X: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Nearest concept (Euclidean) of each row of ``X (N, C)``."""
+        X = torch.as_tensor(np.asarray(X, dtype=np.float32))
+        return torch.cdist(X, torch.from_numpy(self.concepts_)).argmin(dim=1).numpy()
+
+
+def read_dictionary(spec: str, channels: int) -> tuple[np.ndarray, str]:
+    """A user dictionary: ``"channels"`` (identity, ``C×C``) or a safetensors file with key ``V``."""
+    if spec == "channels":
+        return np.eye(channels, dtype=np.float32), "channels"
+    path = Path(spec)
+    tensors = load_tensors(path)
+    if "V" not in tensors:
+        raise ValueError(f"dictionary file {path} has no tensor named 'V' (shape K×C)")
+    return tensors["V"].float().numpy(), f"file:{path}"
+
+
+def extract_concepts(store: RunStore, progress: bool = True) -> None:
+    """Stage 3 into ``store/concepts``: ``LAYER.safetensors`` (V, labels, exemplars) + ``LAYER.json``."""
+    store.require("collect")
+    config = store.config
+    with store.stage("concepts") as summary:
+        out = store.stage_dir("concepts")
+        for layer in tqdm(config.layers, desc="concepts", disable=not progress):
+            samples = load_samples(store, layer)
+            X = samples["pfv"].numpy()
+            extractor = ConceptExtractor(
+                concepts_per_channel=config.concepts_per_channel, min_cluster=config.min_cluster,
+                max_concepts=config.max_concepts, random_state=config.seed)
+            if layer in config.dictionaries:
+                V, kind = read_dictionary(config.dictionaries[layer], X.shape[1])
+                extractor.fit_dictionary(X, V)
+            else:
+                extractor.fit(X)
+                kind = "bisecting-kmeans"
+            targets = samples["target"].numpy()
+            cards = []
+            for q in range(extractor.concepts_.shape[0]):
+                members = targets[extractor.labels_ == q]
+                cards.append({
+                    "id": q,
+                    "count": int(extractor.counts_[q]),
+                    "top_classes": [[int(c), int(n)] for c, n in Counter(members.tolist()).most_common(5)],
+                    "exemplars": extractor.exemplars_[q].tolist(),
+                    "exemplar_similarity": [round(float(s), 4) for s in extractor.exemplar_similarity_[q]],
+                })
+            save_tensors(out / f"{layer}.safetensors", {
+                "V": torch.from_numpy(extractor.concepts_),
+                "labels": torch.from_numpy(extractor.labels_),
+                "exemplars": torch.from_numpy(extractor.exemplars_.astype(np.int64)),
+            })
+            save_json(out / f"{layer}.json", {"layer": layer, "source": kind, "K": int(extractor.concepts_.shape[0]),
+                                              "C": int(X.shape[1]), "n_samples": int(X.shape[0]), "concepts": cards})
+            summary[layer] = {"K": int(extractor.concepts_.shape[0]), "C": int(X.shape[1]), "source": kind}
+
+
+def load_dictionary(store: RunStore, layer: str) -> torch.Tensor:
+    """The concept vectors ``V (K, C)`` of ``layer``."""
+    return load_tensors(store.root / "concepts" / f"{layer}.safetensors")["V"]
+
+
+def load_concept_cards(store: RunStore, layer: str) -> dict:
+    return load_json(store.root / "concepts" / f"{layer}.json")

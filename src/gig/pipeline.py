@@ -1,0 +1,91 @@
+"""The whole method as one object: stages run in order, each skipped when already done with the
+same settings, each resumable (see :mod:`gig.store`).
+
+>>> from gig import Config, Pipeline
+>>> Pipeline(Config(max_images=8), "runs/demo").run()   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .attribution import attribute
+from .collect import collect
+from .concepts import extract_concepts
+from .config import STAGE_ORDER, Config
+from .decompose import decompose
+from .erf import exemplar_crops
+from .graph import build_graphs
+from .hooks import ModelHandle
+from .images import ImageSource, open_source
+from .models import ModelBundle, load_model
+from .store import RunStore
+from .visual import draw_graph
+
+
+class Pipeline:
+    """A run directory with its model and images.
+
+    ``model`` may be given to use a user ``nn.Module`` (through :func:`gig.models.wrap_module`);
+    otherwise ``config.model`` is loaded. ``source`` likewise overrides ``config.images``.
+    """
+
+    def __init__(self, config: Config, out: str | Path, model: ModelBundle | None = None,
+                 source: ImageSource | None = None, progress: bool = True):
+        self.config = config
+        self.bundle = model or load_model(config.model, config.weights)
+        self.handle = ModelHandle(self.bundle, config.device)
+        config.layers = self.handle.execution_order(list(dict.fromkeys(config.layers)))
+        self.source = source or open_source(config.images)
+        self.store = RunStore.create(out, config)
+        self.progress = progress
+
+    @classmethod
+    def open(cls, run_dir: str | Path, **kwargs) -> "Pipeline":
+        """Reopen an existing run directory with its saved configuration."""
+        return cls(RunStore.open(run_dir).config, run_dir, **kwargs)
+
+    # ------------------------------------------------------------------ stages
+    def collect(self, force: bool = False) -> None:
+        if force or not self.store.is_done("collect"):
+            collect(self.store, self.handle, self.source, self.progress)
+
+    def concepts(self, force: bool = False) -> None:
+        if force or not self.store.is_done("concepts"):
+            extract_concepts(self.store, self.progress)
+
+    def decompose(self, force: bool = False) -> None:
+        if force or not self.store.is_done("decompose"):
+            decompose(self.store, self.handle, self.source, self.progress)
+
+    def attribute(self, force: bool = False) -> None:
+        if force or not self.store.is_done("attribute"):
+            attribute(self.store, self.handle, self.source, self.progress)
+
+    def graph(self, force: bool = False) -> None:
+        if force or not self.store.is_done("graph"):
+            build_graphs(self.store, self.bundle.class_names, self.progress, figure_fn=self.draw_graph)
+
+    def run(self, stages: list[str] | None = None) -> Path:
+        """Run ``stages`` (all by default) in order; finished ones are skipped."""
+        for stage in stages or STAGE_ORDER:
+            if stage not in STAGE_ORDER:
+                raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_ORDER)}")
+            getattr(self, stage)()
+        return self.store.root
+
+    # ------------------------------------------------------------------ pictures
+    def thumbnails(self, graph: dict) -> dict[str, Path]:
+        """ERF crops of the top-1 exemplar of every concept node of ``graph``."""
+        by_layer: dict[str, list[tuple[str, int]]] = {}
+        for node in graph["nodes"]:
+            if node["layer"] in self.config.layers and node.get("exemplars"):
+                by_layer.setdefault(node["layer"], []).append((node["id"], node["exemplars"][0]))
+        thumbs = {}
+        for layer, items in by_layer.items():
+            paths = exemplar_crops(self.store, self.handle, self.source, layer, [i for _, i in items])
+            thumbs.update({node_id: path for (node_id, _), path in zip(items, paths)})
+        return thumbs
+
+    def draw_graph(self, store: RunStore, graph: dict, out_stem: Path) -> list[Path]:
+        return draw_graph(graph, out_stem, self.thumbnails(graph))

@@ -1,0 +1,224 @@
+"""The run directory: config, manifest, and every stage's artefacts.
+
+Layout::
+
+    RUN/
+      config.yaml            the full configuration of the run
+      manifest.json          per stage: settings hash, status, time, peak memory, summary
+      collect/               sampled PFVs per layer (+ shards while running)
+      concepts/              dictionary V (K×C), members and exemplars per layer
+      decompose/             sparse coefficients U of every position, per layer, in shards
+      attribute/             GIG vectors and maps per image, in shards
+      graph/                 graph JSON files and static pictures
+
+Artefacts are safetensors (tensors) and JSON (everything else); nothing is pickled. Long stages
+write shards and mark each finished shard, so an interrupted stage resumes at the next shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import psutil
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import STAGE_ORDER, Config, stage_hash
+
+
+class RunMismatchError(RuntimeError):
+    """A run directory that does not belong to the requested configuration or is incomplete."""
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor | np.ndarray]) -> None:
+    """Write tensors atomically (a crash never leaves a half-written file under the real name)."""
+    data = {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.contiguous())
+            for k, v in tensors.items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(data, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise RunMismatchError(f"missing artefact {path}: run the stage that makes it first")
+    return load_file(str(path))
+
+
+def save_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
+    os.replace(tmp, path)
+
+
+def load_json(path: Path) -> Any:
+    if not path.is_file():
+        raise RunMismatchError(f"missing artefact {path}: run the stage that makes it first")
+    return json.loads(path.read_text())
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON")
+
+
+def layer_key(layer: str) -> str:
+    """A file-name-safe form of a qualified layer name (``_blocks.8`` → ``_blocks.8``)."""
+    return layer.replace("/", "_").replace(":", "_")
+
+
+class PeakMemory:
+    """Samples this process's resident memory in a thread; ``peak_mb`` after the block."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval = interval
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self.peak_mb = self._proc.memory_info().rss / 2**20
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
+
+
+class RunStore:
+    """One run directory. ``RunStore.create(dir, config)`` or ``RunStore.open(dir)``."""
+
+    def __init__(self, root: str | Path, config: Config):
+        self.root = Path(root)
+        self.config = config
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create(cls, root: str | Path, config: Config) -> "RunStore":
+        """Open ``root`` for ``config``; stages whose settings changed will be recomputed."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        store = cls(root, config)
+        config.save(root / "config.yaml")
+        if not store.manifest_path.exists():
+            save_json(store.manifest_path, {"gig_version": __version__, "created": _now(), "stages": {}})
+        return store
+
+    @classmethod
+    def open(cls, root: str | Path) -> "RunStore":
+        root = Path(root)
+        if not (root / "config.yaml").is_file():
+            raise RunMismatchError(f"{root} is not a gig run directory (no config.yaml)")
+        return cls(root, Config.load(root / "config.yaml"))
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def manifest(self) -> dict[str, Any]:
+        return load_json(self.manifest_path)
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        save_json(self.manifest_path, manifest)
+
+    # ------------------------------------------------------------------ stages
+    def stage_dir(self, stage: str) -> Path:
+        path = self.root / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def expected_hash(self, stage: str) -> str:
+        upstream = ""
+        for name in STAGE_ORDER:
+            upstream = stage_hash(self.config, name, upstream)
+            if name == stage:
+                return upstream
+        raise KeyError(stage)
+
+    def is_done(self, stage: str) -> bool:
+        entry = self.manifest()["stages"].get(stage, {})
+        return entry.get("status") == "done" and entry.get("hash") == self.expected_hash(stage)
+
+    def require(self, stage: str) -> None:
+        """Raise unless ``stage`` finished with the current settings."""
+        if not self.is_done(stage):
+            entry = self.manifest()["stages"].get(stage)
+            why = "has not run" if entry is None else (
+                "did not finish" if entry.get("status") != "done" else "ran with other settings")
+            raise RunMismatchError(f"stage {stage!r} of {self.root} {why}: run `gig {stage} {self.root}` first")
+
+    @contextmanager
+    def stage(self, stage: str) -> Iterator[dict[str, Any]]:
+        """Run a stage: wipes stale artefacts, records time, peak memory and the summary dict."""
+        want = self.expected_hash(stage)
+        manifest = self.manifest()
+        entry = manifest["stages"].get(stage)
+        path = self.root / stage
+        if entry is not None and entry.get("hash") != want and path.exists():
+            shutil.rmtree(path)  # settings changed: its shards must not be resumed
+        manifest["stages"][stage] = {"hash": want, "status": "running", "started": _now()}
+        self._write_manifest(manifest)
+        summary: dict[str, Any] = {}
+        start = time.perf_counter()
+        with PeakMemory() as mem:
+            yield summary
+        manifest = self.manifest()
+        manifest["stages"][stage] = {
+            "hash": want,
+            "status": "done",
+            "started": manifest["stages"][stage]["started"],
+            "finished": _now(),
+            "seconds": round(time.perf_counter() - start, 2),
+            "peak_rss_mb": round(mem.peak_mb, 1),
+            "summary": summary,
+        }
+        self._write_manifest(manifest)
+
+    def summary(self, stage: str) -> dict[str, Any]:
+        return self.manifest()["stages"].get(stage, {}).get("summary", {})
+
+    # ------------------------------------------------------------------ shards
+    def shard_done(self, stage: str, name: str) -> bool:
+        return (self.root / stage / "shards" / f"{name}.done").exists()
+
+    def shard_path(self, stage: str, name: str) -> Path:
+        path = self.root / stage / "shards"
+        path.mkdir(parents=True, exist_ok=True)
+        return path / f"{name}.safetensors"
+
+    def mark_shard(self, stage: str, name: str, info: dict[str, Any] | None = None) -> None:
+        save_json(self.root / stage / "shards" / f"{name}.done", info or {})
+
+    def shard_info(self, stage: str, name: str) -> dict[str, Any]:
+        return load_json(self.root / stage / "shards" / f"{name}.done")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
