@@ -154,14 +154,20 @@ class FidelityMeter:
 
 
 def to_sparse_rows(U: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Dense ``(P, K)`` → CSR pieces ``indptr (P+1,)``, ``indices``, ``values``."""
-    csr = U.to_sparse_csr()
-    return {"indptr": csr.crow_indices().long(), "indices": csr.col_indices().int(), "values": csr.values().float()}
+    """Dense ``(P, K)`` → CSR pieces ``indptr (P+1,)``, ``indices``, ``values`` (row-major order)."""
+    rows, cols = U.nonzero(as_tuple=True)
+    indptr = torch.zeros(U.shape[0] + 1, dtype=torch.int64)
+    indptr[1:] = torch.bincount(rows, minlength=U.shape[0]).cumsum(0)
+    return {"indptr": indptr, "indices": cols.int(), "values": U[rows, cols].float()}
 
 
 def from_sparse_rows(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
     """CSR pieces → dense ``(P, K)``."""
-    return torch.sparse_csr_tensor(indptr.long(), indices.long(), values, size=(indptr.numel() - 1, k)).to_dense()
+    n = indptr.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(n), (indptr[1:] - indptr[:-1]).long())
+    dense = torch.zeros(n, k, dtype=values.dtype)
+    dense[rows, indices.long()] = values
+    return dense
 
 
 def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progress: bool = True) -> None:

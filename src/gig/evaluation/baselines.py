@@ -1,0 +1,209 @@
+"""Concept bases compared by the extraction protocol: the run's own and three baselines.
+
+Every basis is a dictionary ``V (K, C)`` with an encoder ``X (P, C) → U (P, K)``; a layer output is
+rebuilt as ``U V`` (no bias term, so the all-zero code is the all-zero layer output, the GIG
+baseline, for every method alike). All baselines are fitted on the run's sampled PFVs (the
+collect stage's samples, the same PFVs the run's dictionary came from) with the run's ``K``.
+
+* ``ours``       — the run's bisecting k-means centroids with its Lasso codes (stored by the
+  decompose stage).
+* ``dictionary`` — scikit-learn ``MiniBatchDictionaryLearning`` atoms (unit norm); codes by our
+  :class:`~gig.decompose.LassoEncoder` on those atoms, with λ calibrated exactly as the run
+  calibrates its own (same target relative error on the same calibration PFVs), so the two
+  dictionaries are compared at the same reconstruction error. NMF is not used: EfficientNet block
+  outputs are signed (no activation after the projection convolution), and NMF needs
+  non-negative data.
+* ``sae``        — a TopK sparse autoencoder in torch: ``z = TopK_k(ReLU((x/s − b) W_e + c))·s``,
+  ``x̂ = z W_d`` with unit-norm decoder rows and no decoder bias; ``k`` defaults to the run's own
+  mean number of active concepts per PFV (same sparsity as ours), ``s`` is the mean PFV norm.
+* ``kmeans``     — scikit-learn ``KMeans`` centroids; hard code: each position uses only its
+  nearest centroid (Euclidean), with the least-squares coefficient ``⟨x, v⟩ / ‖v‖²``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..decompose import LassoEncoder, calibrate_alpha
+
+METHODS = ("ours", "dictionary", "sae", "kmeans")
+
+
+@dataclass
+class ConceptBasis:
+    """A method's dictionary ``V (K, C)`` and its encoder ``X (P, C) → U (P, K)``."""
+
+    name: str
+    V: torch.Tensor
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def K(self) -> int:
+        return int(self.V.shape[0])
+
+
+def reconstruction_figures(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> dict:
+    """Relative error ``‖X − UV‖/‖X‖``, R² against the mean PFV, l0 ratio and active concepts
+    per position, over the rows of ``X (P, C)``."""
+    X = X.double()
+    X_hat = U.double() @ V.double()
+    sse = float(((X - X_hat) ** 2).sum())
+    sst = float(((X - X.mean(0)) ** 2).sum())
+    nnz = (U != 0).sum(1).double()
+    return {
+        "rel_error": math.sqrt(sse / max(float((X ** 2).sum()), 1e-12)),
+        "r2": 1.0 - sse / max(sst, 1e-12),
+        "l0_ratio": float(nnz.mean() / U.shape[1]),
+        "active_per_position": float(nnz.mean()),
+        "n_positions": int(X.shape[0]),
+    }
+
+
+# ---------------------------------------------------------------------------- ours
+def ours_basis(V: torch.Tensor, alpha: float, nonnegative: bool = False, max_iter: int = 300) -> ConceptBasis:
+    """The run's dictionary with its Lasso encoder (the evaluation reads the stored codes)."""
+    enc = LassoEncoder(V, alpha, nonnegative, max_iter)
+    return ConceptBasis("ours", V.float(), enc.encode, {"kind": "bisecting k-means + Lasso", "alpha": alpha})
+
+
+# ---------------------------------------------------------------------------- dictionary learning
+def dictionary_basis(X: torch.Tensor, K: int, target_rel_error: float, seed: int = 0, nonnegative: bool = False,
+                     lasso_max_iter: int = 300, calibration_size: int = 2000, n_iter: int = 30,
+                     batch_size: int = 256) -> ConceptBasis:
+    """``MiniBatchDictionaryLearning`` atoms; Lasso codes with λ calibrated to ``target_rel_error``."""
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+
+    t0 = time.perf_counter()
+    Xn = X.double().numpy()
+    # The fitting penalty is in the data's units: a tenth of the mean absolute atom correlation
+    # scale (the final codes are recomputed with a calibrated λ anyway).
+    fit_alpha = 0.1 * float(np.abs(Xn).mean()) * math.sqrt(Xn.shape[1]) / 4
+    dl = MiniBatchDictionaryLearning(n_components=K, alpha=fit_alpha, batch_size=min(batch_size, X.shape[0]),
+                                     max_iter=n_iter, random_state=seed, fit_algorithm="cd",
+                                     transform_algorithm="lasso_cd", positive_code=nonnegative)
+    dl.fit(Xn)
+    V = torch.from_numpy(dl.components_).float()
+    V = V / V.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    g = torch.Generator().manual_seed(seed)
+    calib = X[torch.randperm(X.shape[0], generator=g)[:calibration_size]].float()
+    alpha, err = calibrate_alpha(calib, V, target_rel_error, nonnegative, lasso_max_iter)
+    enc = LassoEncoder(V, alpha, nonnegative, lasso_max_iter)
+    return ConceptBasis("dictionary", V, enc.encode, {
+        "kind": "sklearn MiniBatchDictionaryLearning + Lasso (LassoEncoder)", "fit_alpha": fit_alpha,
+        "fit_iter": n_iter, "alpha": alpha, "calibration_rel_error": err,
+        "fit_seconds": round(time.perf_counter() - t0, 2)})
+
+
+# ---------------------------------------------------------------------------- sparse autoencoder
+class TopKSAE(nn.Module):
+    """``z = TopK_k(ReLU((x/s − b) W_e + c))·s``, ``x̂ = z W_d`` (unit-norm rows of ``W_d``)."""
+
+    def __init__(self, channels: int, n_latents: int, k: int, scale: float):
+        super().__init__()
+        self.k = int(k)
+        self.scale = float(scale)
+        self.W_dec = nn.Parameter(torch.empty(n_latents, channels))
+        self.W_enc = nn.Parameter(torch.empty(channels, n_latents))
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.b_pre = nn.Parameter(torch.zeros(channels))
+
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu((x / self.scale - self.b_pre) @ self.W_enc + self.b_enc)
+
+    def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.pre(x)
+        if self.k < a.shape[1]:
+            top = a.topk(self.k, dim=1)
+            a = torch.zeros_like(a).scatter_(1, top.indices, top.values)
+        return a
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([self.encode_scaled(x[s : s + 8192].float()) for s in range(0, x.shape[0], 8192)]) \
+                * self.scale if x.shape[0] else x.new_zeros(0, self.W_dec.shape[0])
+
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+def train_sae(X: torch.Tensor, K: int, k: int, seed: int = 0, steps: int = 1500, batch_size: int = 256,
+              lr: float = 2e-3) -> tuple[TopKSAE, dict]:
+    """Train a TopK SAE on ``X (N, C)`` (seeded, CPU, seconds). Decoder initialised from random
+    data rows, encoder as its transpose; decoder rows renormalised after every step, and the
+    gradient component along them removed (as in Gao et al. 2024)."""
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    X = X.float()
+    scale = float(X.norm(dim=1).mean().clamp_min(1e-12))
+    sae = TopKSAE(X.shape[1], K, max(1, min(k, K)), scale)
+    with torch.no_grad():
+        init = X[torch.randint(0, X.shape[0], (K,), generator=g)] / scale
+        init = init + 0.01 * torch.randn(init.shape, generator=g)
+        sae.W_dec.copy_(init)
+        sae.normalise_decoder()
+        sae.W_enc.copy_(sae.W_dec.T)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    Xs = X / scale
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(0, X.shape[0], (min(batch_size, X.shape[0]),), generator=g)
+        xb = Xs[idx]
+        z = sae.encode_scaled(xb * scale)
+        loss = ((z @ sae.W_dec - xb) ** 2).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        with torch.no_grad():  # keep the decoder on the unit sphere
+            W, G = sae.W_dec, sae.W_dec.grad
+            G.sub_((G * W).sum(1, keepdim=True) * W)
+        opt.step()
+        sae.normalise_decoder()
+        if step % 100 == 0 or step == steps - 1:
+            losses.append(float(loss))
+    with torch.no_grad():
+        Z = sae.encode(X)
+        dead = float(((Z != 0).sum(0) == 0).float().mean())
+        rel = float((Z @ sae.W_dec - X).norm() / X.norm())
+    return sae, {"steps": steps, "lr": lr, "batch_size": batch_size, "k": sae.k, "scale": scale,
+                 "final_loss": losses[-1], "train_rel_error": rel, "dead_fraction": dead,
+                 "fit_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def sae_basis(X: torch.Tensor, K: int, k: int, seed: int = 0, steps: int = 1500) -> ConceptBasis:
+    sae, info = train_sae(X, K, k, seed, steps)
+    return ConceptBasis("sae", sae.W_dec.detach().clone(), sae.encode, {"kind": "TopK SAE (torch)", **info})
+
+
+# ---------------------------------------------------------------------------- k-means
+def hard_codes(X: torch.Tensor, V: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Each row of ``X`` coded by its nearest row of ``V`` (Euclidean) with coefficient
+    ``⟨x, v⟩ / ‖v‖²``; all other coefficients 0."""
+    X = X.float()
+    V = V.float()
+    U = X.new_zeros(X.shape[0], V.shape[0])
+    sq = (V * V).sum(1).clamp_min(1e-12)
+    for s in range(0, X.shape[0], chunk):
+        x = X[s : s + chunk]
+        nearest = torch.cdist(x, V).argmin(1)
+        coef = (x * V[nearest]).sum(1) / sq[nearest]
+        U[s : s + chunk].scatter_(1, nearest[:, None], coef[:, None])
+    return U
+
+
+def kmeans_basis(X: torch.Tensor, K: int, seed: int = 0) -> ConceptBasis:
+    from sklearn.cluster import KMeans
+
+    t0 = time.perf_counter()
+    km = KMeans(n_clusters=K, n_init=1, random_state=seed).fit(X.double().numpy())
+    V = torch.from_numpy(km.cluster_centers_).float()
+    return ConceptBasis("kmeans", V, lambda x: hard_codes(x, V), {
+        "kind": "sklearn KMeans, hard nearest-centroid code with projection coefficient",
+        "fit_seconds": round(time.perf_counter() - t0, 2)})

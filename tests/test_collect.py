@@ -1,0 +1,52 @@
+"""Contribution sampling: the distribution, its edge cases, and the scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gig.collect import contribution_scores, sample_positions
+
+
+def test_single_draws_follow_the_scores():
+    scores = np.array([0.0, 1.0, 2.0, 0.0, 5.0, 2.0])
+    p = scores / scores.sum()
+    draws = 8000
+    counts = np.zeros_like(scores)
+    for i in range(draws):
+        counts[sample_positions(scores, 1, np.random.default_rng([7, i]))] += 1
+    freq = counts / draws
+    # 5 binomial standard errors.
+    assert np.all(np.abs(freq - p) < 5 * np.sqrt(p * (1 - p) / draws) + 1e-12)
+    assert counts[0] == 0 and counts[3] == 0
+
+
+def test_draws_are_distinct_and_seeded():
+    scores = np.random.default_rng(0).random(49)
+    a = sample_positions(scores, 10, np.random.default_rng([1, 2, 3]))
+    b = sample_positions(scores, 10, np.random.default_rng([1, 2, 3]))
+    assert len(set(a.tolist())) == 10
+    np.testing.assert_array_equal(a, b)
+
+
+def test_all_zero_scores_fall_back_to_uniform():
+    counts = np.zeros(4)
+    for i in range(4000):
+        counts[sample_positions(np.zeros(4), 1, np.random.default_rng(i))] += 1
+    assert np.all(np.abs(counts / 4000 - 0.25) < 0.04)
+
+
+def test_fewer_positive_positions_than_draws_takes_them_all():
+    scores = np.array([0, 0, 3.0, 0, 0])
+    picks = sample_positions(scores, 3, np.random.default_rng(0))
+    assert 2 in picks and len(set(picks.tolist())) == 3
+
+
+def test_contribution_score_is_clipped_gradient_times_activation():
+    x = torch.tensor([[[[1.0, -2.0]], [[3.0, 1.0]]]])  # (1, C=2, H=1, W=2)
+    g = torch.tensor([[[[2.0, 1.0]], [[-1.0, -1.0]]]])
+    s = contribution_scores({"l": x}, {"l": g})["l"]
+    # position 0: 1·2 + 3·(−1) = −1 → 0; position 1: −2·1 + 1·(−1) = −3 → 0
+    torch.testing.assert_close(s, torch.tensor([[0.0, 0.0]]))
+    s2 = contribution_scores({"l": x}, {"l": -g})["l"]
+    torch.testing.assert_close(s2, torch.tensor([[1.0, 3.0]]))

@@ -1,0 +1,53 @@
+"""Model loading: offline default, safe weight files, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gig.models import ModelLoadError, load_model, read_state_dict
+
+
+def test_lite0_default_is_imagenet_trained(lite0):
+    from gig.images import EmbeddedSource
+
+    src = EmbeddedSource()
+    labelled = {r.path.split(":")[1]: r for r in src.records if r.label is not None}
+    rec = labelled["coffee"]
+    with torch.no_grad():
+        logits = lite0.model(lite0.preprocess(src.load(rec))[None])
+    assert int(logits.argmax()) == 967  # espresso
+    assert lite0.class_name(967).lower().startswith("espresso")
+    assert lite0.input_size == 224 and lite0.crop_fraction == pytest.approx(224 / 256)
+
+
+def test_local_state_dict_files(tmp_path, tiny_bundle):
+    state = tiny_bundle.model.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    torch.save(state, tmp_path / "w.pt")
+    for name in ("w.safetensors", "w.pt"):
+        loaded = read_state_dict(tmp_path / name)
+        assert set(loaded) == set(state)
+    with pytest.raises(ModelLoadError, match="not found"):
+        read_state_dict(tmp_path / "missing.pt")
+
+
+def test_mismatched_weights_are_an_error(tmp_path):
+    save_file({"nonsense": torch.zeros(2)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ModelLoadError, match="do not fit"):
+        load_model("efficientnet-lite0", weights=str(tmp_path / "bad.safetensors"))
+
+
+def test_unknown_models():
+    with pytest.raises(ModelLoadError, match="unknown model"):
+        load_model("resnet-9000")
+    with pytest.raises(ModelLoadError, match="no model"):
+        load_model("torchvision:not_a_model", weights="none")
+
+
+def test_torchvision_and_timm_by_name_without_weights():
+    rn = load_model("torchvision:resnet18", weights="none")
+    assert rn.name == "torchvision:resnet18" and len(rn.class_names) == 1000
+    vit = load_model("timm:vit_tiny_patch16_224", weights="none")
+    assert vit.input_size == 224 and vit.mean == pytest.approx((0.5, 0.5, 0.5))

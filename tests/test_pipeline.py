@@ -1,0 +1,193 @@
+"""The run as a whole: end to end from the CLI, resume after an interruption, recompute only
+what a changed setting touches, bad images skipped and counted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+import gig.attribution
+import gig.collect
+import gig.decompose
+from gig.cli import app
+from gig.config import Config
+from gig.pipeline import Pipeline
+from gig.store import RunStore, load_tensors
+
+SMALL = dict(max_images=4, layers=["_blocks.11", "_blocks.15"], n_steps=4, top_k=3, batch_size=2,
+             internal_batch_size=24, samples_per_image=6, min_cluster=2)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = out / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(SMALL))
+    result = CliRunner().invoke(app, ["run", "--out", str(out / "r"), "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    return out / "r"
+
+
+def test_inspect_json_keys(finished_run):
+    result = CliRunner().invoke(app, ["inspect", str(finished_run), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert [l["name"] for l in info["layers"]] == SMALL["layers"]
+    for layer in info["layers"]:
+        assert set(layer) >= {"name", "n_pfv", "n_concepts", "rel_error", "r2", "l0_ratio", "top1_agreement"}
+        assert layer["n_pfv"] == 4 * 6 and layer["n_concepts"] == 12
+        assert 0 <= layer["l0_ratio"] <= 1 and 0 <= layer["top1_agreement"] <= 1
+    assert set(info["completeness"]) == {"median", "p95"} and info["completeness"]["median"] >= 0
+    assert info["images"] == {"used": 4, "skipped": 0}
+    assert info["graph"].endswith(".json")
+
+
+def test_graph_json_is_consistent(finished_run):
+    index = json.loads((finished_run / "graph" / "index.json").read_text())
+    for name in list(index["files"]["class"].values()) + [index["files"]["global"]]:
+        graph = json.loads((finished_run / "graph" / name).read_text())
+        assert graph["schema"] == "gig.graph/1"
+        ids = {n["id"] for n in graph["nodes"]}
+        assert len(ids) == len(graph["nodes"])
+        for edge in graph["edges"]:
+            assert edge["source"] in ids and edge["target"] in ids
+        levels = {n["layer"]: n["level"] for n in graph["nodes"]}
+        for edge in graph["edges"]:  # edges point upwards, one layer at a time
+            src, dst = edge["source"], edge["target"]
+            assert levels[dst.rsplit(":", 1)[0] if not dst.startswith(("class:", "logit")) else "classifier"] == \
+                levels[src.rsplit(":", 1)[0]] + 1
+    for c in index["classes"]:
+        assert (finished_run / "graph" / f"class_{c}.png").stat().st_size > 1000
+        assert (finished_run / "graph" / f"class_{c}.svg").exists()
+
+
+def test_class_graph_edges_equal_stored_gig(finished_run):
+    """A single-class graph of one image: its edge weights are GIG / Δg of the stored walk."""
+    from gig.attribution import load_attributions
+    from gig.graph import build_graph
+
+    store = RunStore.open(finished_run)
+    data = load_attributions(store)
+    image_id = int(data["image_id"][0])
+    graph = build_graph(store, "image", image_id=image_id)
+    row = 0
+    lower, upper = SMALL["layers"]
+    share = data[f"{lower}/gig"][row] / data[f"{lower}/delta"][row][:, None]
+    targets = data[f"{lower}/targets"][row].tolist()
+    for edge in graph["edges"]:
+        if edge["target"].startswith(upper + ":"):
+            t = int(edge["target"].rsplit(":", 1)[1])
+            q = int(edge["source"].rsplit(":", 1)[1])
+            assert edge["weight"] == pytest.approx(float(share[targets.index(t), q]), rel=1e-5)
+
+
+def test_unknown_layer_is_a_clear_cli_error(tmp_path):
+    result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "r"), "--layer", "_blocks.99", "--max-images", "1"])
+    assert result.exit_code == 2
+    assert "_blocks.99" in result.output and "closest" in result.output
+
+
+def test_layers_command_lists_shapes():
+    result = CliRunner().invoke(app, ["layers", "efficientnet-lite0", "--json"])
+    assert result.exit_code == 0
+    layers = {l["name"]: l for l in json.loads(result.stdout)}
+    assert layers["_blocks.8"]["grid"] == [112, 14, 14]
+
+
+def test_interrupted_stage_resumes_and_matches(tmp_path, monkeypatch):
+    monkeypatch.setattr(gig.collect, "SHARD_IMAGES", 2)
+    monkeypatch.setattr(gig.decompose, "SHARD_IMAGES", 2)
+    config = Config(**SMALL)
+    clean = Pipeline(config, tmp_path / "clean", progress=False)
+    clean.collect()
+
+    calls = {"n": 0}
+    real = gig.collect._collect_shard
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gig.collect, "_collect_shard", flaky)
+    pipe = Pipeline(Config(**SMALL), tmp_path / "resumed", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.collect()
+    assert not pipe.store.is_done("collect")
+    assert pipe.store.shard_done("collect", "00000") and not pipe.store.shard_done("collect", "00001")
+    pipe.collect()  # resumes: only the second shard runs
+    assert calls["n"] == 3 and pipe.store.is_done("collect")
+    for layer in SMALL["layers"]:
+        a = load_tensors(clean.store.root / "collect" / f"{layer}.safetensors")
+        b = load_tensors(pipe.store.root / "collect" / f"{layer}.safetensors")
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+    # Attribution interrupted after its first shard also resumes there.
+    pipe.concepts()
+    pipe.decompose()
+    walks = {"n": 0}
+    real_walk = gig.attribution._walk
+
+    def flaky_walk(*args, **kwargs):
+        walks["n"] += 1
+        if walks["n"] == 2:
+            raise KeyboardInterrupt
+        return real_walk(*args, **kwargs)
+
+    monkeypatch.setattr(gig.attribution, "_walk", flaky_walk)
+    monkeypatch.setattr(gig.collect, "SHARD_IMAGES", 2)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.attribute()
+    first = (pipe.store.root / "attribute" / "shards" / "00000.safetensors").stat().st_mtime_ns
+    pipe.attribute()
+    assert walks["n"] == 3  # one batch of the second shard left to do
+    assert (pipe.store.root / "attribute" / "shards" / "00000.safetensors").stat().st_mtime_ns == first
+
+
+def test_changed_setting_recomputes_only_dependent_stages(finished_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    before = RunStore.open(run).manifest()["stages"]
+    config = Config.load(run / "config.yaml")
+    config.edges_per_node = 2  # a graph-only setting
+    pipe = Pipeline(config, run, progress=False)
+    assert all(pipe.store.is_done(s) for s in ("collect", "concepts", "decompose", "attribute"))
+    assert not pipe.store.is_done("graph")
+    pipe.run()
+    after = pipe.store.manifest()["stages"]
+    for stage in ("collect", "concepts", "decompose", "attribute"):
+        assert after[stage]["finished"] == before[stage]["finished"]
+    assert after["graph"]["hash"] != before["graph"]["hash"]
+    config.top_k = 2  # attribution setting: attribute and graph go stale, not decompose
+    pipe = Pipeline(config, run, progress=False)
+    assert pipe.store.is_done("decompose") and not pipe.store.is_done("attribute")
+
+
+def test_bad_images_are_skipped_and_counted(tmp_path):
+    from gig.images import EmbeddedSource
+
+    src = EmbeddedSource()
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for record in src.records[:3]:
+        src.load(record).save(folder / f"{record.path.split(':')[1]}.jpg")
+    (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
+    Image.new("L", (40, 30), 128).save(folder / "gray.png")  # odd but convertible
+    config = Config(**{**SMALL, "images": str(folder), "max_images": None})
+    pipe = Pipeline(config, tmp_path / "run", progress=False)
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        pipe.collect()
+    summary = pipe.store.summary("collect")
+    assert summary["images_used"] == 4 and summary["images_skipped"] == 1
+    from gig.collect import load_images
+
+    assert load_images(pipe.store)["skipped"][0]["path"].endswith("broken.jpg")
