@@ -8,3 +8,24 @@ fields), :mod:`gig.concepts` (bisecting k-means), :mod:`gig.decompose` (Lasso),
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["Config", "Pipeline", "GIG", "ModelHandle", "load_model", "wrap_module", "open_source", "__version__"]
+
+_EXPORTS = {
+    "Config": "gig.config",
+    "Pipeline": "gig.pipeline",
+    "GIG": "gig.attribution",
+    "ModelHandle": "gig.hooks",
+    "load_model": "gig.models",
+    "wrap_module": "gig.models",
+    "open_source": "gig.images",
+}
+
+
+def __getattr__(name: str):
+    # Lazy, so that `import gig` (and the CLI's --help) does not import torch.
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'gig' has no attribute {name!r}")

@@ -181,7 +181,7 @@ def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progres
     with store.stage("decompose") as summary:
         out = store.stage_dir("decompose")
         encoders = {}
-        for layer in config.layers:
+        for layer in tqdm(config.layers, desc="calibrate λ", disable=not progress):
             V = load_dictionary(store, layer)
             calib = load_samples(store, layer)["pfv"]
             g = torch.Generator().manual_seed(config.seed)
