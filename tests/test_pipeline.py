@@ -191,3 +191,24 @@ def test_bad_images_are_skipped_and_counted(tmp_path):
     from gig.collect import load_images
 
     assert load_images(pipe.store)["skipped"][0]["path"].endswith("broken.jpg")
+
+
+def test_default_config_end_to_end_on_two_images(tmp_path):
+    """`gig run` with the defaults (model, four layers, steps) on the embedded photos."""
+    result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "r"), "--max-images", "2"])
+    assert result.exit_code == 0, result.output
+    assert "done" in result.output and str((tmp_path / "r").resolve()) in result.output.replace("\n", "")
+    store = RunStore.open(tmp_path / "r")
+    assert all(store.is_done(s) for s in ("collect", "concepts", "decompose", "attribute", "graph"))
+    assert store.config.layers == Config().layers
+
+
+def test_user_dictionary_channel_basis(tmp_path):
+    config = Config(**{**SMALL, "max_images": 2, "dictionaries": {"_blocks.15": "channels"}})
+    pipe = Pipeline(config, tmp_path / "r", progress=False)
+    pipe.collect()
+    pipe.concepts()
+    V = load_tensors(pipe.store.root / "concepts" / "_blocks.15.safetensors")["V"]
+    assert torch.equal(V, torch.eye(320))
+    assert pipe.store.summary("concepts")["_blocks.15"]["source"] == "channels"
+    assert pipe.store.summary("concepts")["_blocks.11"]["source"] == "bisecting-kmeans"
