@@ -149,6 +149,36 @@ def graph_image(
 
 
 @app.command()
+def concept(
+    run_dir: Path = typer.Argument(...),
+    layer: str = typer.Argument(..., help="Layer name."),
+    concept_id: int = typer.Argument(..., help="Concept index in that layer."),
+):
+    """Write a sheet of one concept's top-1 and top-10 exemplar ERF crops (RUN/erf/LAYER/concept_ID.png)."""
+    from .concepts import load_concept_cards
+    from .erf import exemplar_crops
+    from .pipeline import Pipeline
+    from .visual import concept_sheet
+
+    try:
+        pipe = Pipeline.open(run_dir)
+        pipe.store.require("concepts")
+        if layer not in pipe.config.layers:
+            raise ValueError(f"layer {layer!r} is not analysed in this run; its layers: {pipe.config.layers}")
+        cards = load_concept_cards(pipe.store, layer)["concepts"]
+        if not 0 <= concept_id < len(cards):
+            raise ValueError(f"{layer} has concepts 0..{len(cards) - 1}, not {concept_id}")
+    except (ValueError, RunMismatchError) as exc:
+        _fail(exc)
+    card = cards[concept_id]
+    crops = exemplar_crops(pipe.store, pipe.handle, pipe.source, layer, card["exemplars"])
+    classes = ", ".join(f"{pipe.bundle.class_name(c)} ({n})" for c, n in card["top_classes"][:3])
+    out = pipe.store.root / "erf" / layer / f"concept_{concept_id}.png"
+    concept_sheet(crops, out, f"{layer} concept {concept_id}: {card['count']} members; {classes}")
+    typer.echo(str(out))
+
+
+@app.command()
 def inspect(
     run_dir: Path = typer.Argument(...),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON summary."),
@@ -176,6 +206,79 @@ def inspect(
     out.print(f"completeness residual: median {fmt(c['median'])}, p95 {fmt(c['p95'])}")
     out.print(f"images: {info['images']['used']} used, {info['images']['skipped']} skipped")
     out.print(f"graph: {info['graph']}")
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="Run directory (its graph stage must be done)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/report)."),
+    atlas_per_layer: int = typer.Option(30, help="Concepts per layer in the atlas, most important first; 0 = all."),
+    exemplars: int = typer.Option(10, help="Nearest PFVs shown per concept (top-1 first)."),
+    classes: Optional[list[int]] = typer.Option(None, "--class", help="Class with a class graph (repeat); "
+                                                 "default: the run's graph classes, then the most frequent."),
+    max_classes: int = typer.Option(8, help="Class graphs when --class is not given."),
+    shared_classes: int = typer.Option(4, help="The first N classes get a shared graph for every subset of 2+."),
+    n_images: int = typer.Option(12, help="Images with a single-image graph and a localisation panel."),
+    image_ids: Optional[list[int]] = typer.Option(None, "--image-id", help="Pick these images (repeat)."),
+    single_file: bool = typer.Option(False, help="Inline every image and script into index.html."),
+):
+    """Write the offline HTML report of RUN_DIR (graph viewer, concept atlas, localisation, metrics)."""
+    from .report import ReportOptions, build_report
+
+    options = ReportOptions(atlas_per_layer=atlas_per_layer, exemplars=exemplars, classes=classes or None,
+                            max_classes=max_classes, shared_classes=shared_classes, n_images=n_images,
+                            image_ids=image_ids or None, single_file=single_file)
+    try:
+        path = build_report(run_dir, out, options, progress=True)
+    except (ValueError, RunMismatchError, RuntimeError, KeyError, FileNotFoundError) as exc:
+        _fail(exc)
+    console.print(f"[green]report[/green]: {path.resolve()}")
+
+
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A run directory whose decompose stage has finished."),
+    extraction_images: int = typer.Option(100, help="Images for concept extraction (C-Deletion/C-Insertion); 0 skips it."),
+    interlayer_images: int = typer.Option(20, help="Images for inter-layer insertion/deletion; 0 skips it."),
+    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="ours | dictionary | sae | kmeans (repeat; default all)."),
+    ordering: Optional[list[str]] = typer.Option(None, "--ordering", help="gig | random | grad_x_coef | magnitude (repeat; default all)."),
+    layer: Optional[list[str]] = LayersOpt,
+    seed: int = typer.Option(0, help="Seed for image choice, baselines and random orders."),
+    n_steps: Optional[int] = typer.Option(None, help="GIG quadrature steps for the rankings (default: the run's)."),
+    n_random: int = typer.Option(5, help="Random orders per image (averaged)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    restart: bool = typer.Option(False, help="Discard saved partial results and fitted baselines."),
+    plots: bool = typer.Option(True, help="Write the PNG plots."),
+):
+    """Faithfulness evaluation of RUN_DIR (concept extraction vs baselines; inter-layer orderings) into RUN_DIR/evaluate/."""
+    import torch
+
+    from .evaluation import METHODS, ORDERINGS, evaluate_run
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        result = evaluate_run(run_dir, extraction_images, interlayer_images, method or METHODS, ordering or ORDERINGS,
+                              seed, progress=True, layers=layer or None, n_steps=n_steps, n_random=n_random,
+                              resume=not restart, plots=plots)
+    except (ValueError, RunMismatchError, RuntimeError, KeyError, FileNotFoundError) as exc:
+        _fail(exc)
+    out = Console()
+    for section, title, what in (("extraction", "concept extraction: AUC ins − del", "method"),
+                                 ("interlayer", "inter-layer: AUC ins − del", "ordering")):
+        rows = result["summary"][section]
+        if not rows:
+            continue
+        names = list(dict.fromkeys(n for v in rows.values() for n in v))
+        table = Table(title=title)
+        table.add_column("layer" if section == "extraction" else "transition")
+        for n in names:
+            table.add_column(n)
+        for key, vals in rows.items():
+            table.add_row(key, *[("-" if vals.get(n) is None else f"{vals[n]:.3f}") for n in names])
+        out.print(table)
+    console.print(f"[green]evaluate done[/green] in {result['seconds']:.0f} s: {Path(run_dir) / 'evaluate'} "
+                  f"(results.md, summary.json, plots)")
 
 
 def main() -> None:  # pragma: no cover

@@ -74,3 +74,23 @@ def draw_graph(graph: dict, out_stem: Path, thumbnails: dict[str, Path] | None =
     fig.savefig(paths[1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def concept_sheet(crops: list[Path], out: Path, title: str) -> Path:
+    """One concept at a glance: its top-1 exemplar large, then the top-10 ERF crops in a row."""
+    n = len(crops)
+    fig = plt.figure(figsize=(max(6, 1.3 * n), 3.4))
+    grid = fig.add_gridspec(2, max(n, 1), height_ratios=[1.6, 1])
+    top = fig.add_subplot(grid[0, :])
+    top.imshow(Image.open(crops[0]).convert("RGB"))
+    top.set_title(title, fontsize=9)
+    top.axis("off")
+    for i, crop in enumerate(crops):
+        ax = fig.add_subplot(grid[1, i])
+        ax.imshow(Image.open(crop).convert("RGB"))
+        ax.set_title(f"#{i + 1}", fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
