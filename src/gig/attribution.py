@@ -248,10 +248,9 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True) -> None
             else:
                 bar.update(len(shard))
         bar.close()
-        residuals = completeness_residuals(store)
-        summary["completeness"] = {
-            "median": float(residuals.median()), "p95": float(residuals.quantile(0.95)),
-            "max": float(residuals.max()), "n": int(residuals.numel())}
+        parts = completeness_residuals(store, by_layer=True)
+        summary["completeness"] = _residual_stats(torch.cat(list(parts.values())))
+        summary["completeness_by_source"] = {name: _residual_stats(r) for name, r in parts.items()}
 
 
 def _walk(pixels, ids, class_targets, layers, readers, gigs, top_k) -> dict[str, torch.Tensor]:
@@ -304,12 +303,21 @@ def load_attributions(store) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def completeness_residuals(store) -> torch.Tensor:
-    """Relative completeness residuals ``|Σ GIG − Δg| / |Δg|`` of every recorded attribution."""
+def _residual_stats(residuals: torch.Tensor) -> dict[str, float]:
+    return {"median": float(residuals.median()), "p95": float(residuals.quantile(0.95)),
+            "max": float(residuals.max()), "n": int(residuals.numel())}
+
+
+def completeness_residuals(store, by_layer: bool = False):
+    """Relative completeness residuals ``|Σ GIG − Δg| / |Δg|`` of every recorded attribution.
+
+    One tensor, or with ``by_layer`` a dict keyed ``"LAYER->class"`` / ``"LOWER->UPPER"``.
+    """
     data = load_attributions(store)
     layers = store.config.layers
     top = layers[-1]
-    rel = [data[f"{top}/class_residual"].abs() / data[f"{top}/class_delta"].abs().clamp_min(1e-8)]
-    for layer in layers[:-1]:
-        rel.append((data[f"{layer}/residual"].abs() / data[f"{layer}/delta"].abs().clamp_min(1e-8)).flatten())
-    return torch.cat(rel)
+    parts = {f"{top}->class": data[f"{top}/class_residual"].abs() / data[f"{top}/class_delta"].abs().clamp_min(1e-8)}
+    for lower, upper in zip(layers[:-1], layers[1:]):
+        parts[f"{lower}->{upper}"] = (data[f"{lower}/residual"].abs()
+                                      / data[f"{lower}/delta"].abs().clamp_min(1e-8)).flatten()
+    return parts if by_layer else torch.cat(list(parts.values()))
