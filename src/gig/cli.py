@@ -246,6 +246,8 @@ def evaluate(
     seed: int = typer.Option(0, help="Seed for image choice, baselines and random orders."),
     n_steps: Optional[int] = typer.Option(None, help="GIG quadrature steps for the rankings (default: the run's)."),
     n_random: int = typer.Option(5, help="Random orders per image (averaged)."),
+    sae_k: Optional[int] = typer.Option(None, help="Active latents of the TopK SAE (default: the run's mean active concepts per PFV)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/evaluate; only that one is read by inspect)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     restart: bool = typer.Option(False, help="Discard saved partial results and fitted baselines."),
     plots: bool = typer.Option(True, help="Write the PNG plots."),
@@ -254,16 +256,18 @@ def evaluate(
     import torch
 
     from .evaluation import METHODS, ORDERINGS, evaluate_run
+    from .evaluation.runner import tune_malloc
 
+    tune_malloc()
     if threads:
         torch.set_num_threads(threads)
     try:
         result = evaluate_run(run_dir, extraction_images, interlayer_images, method or METHODS, ordering or ORDERINGS,
                               seed, progress=True, layers=layer or None, n_steps=n_steps, n_random=n_random,
-                              resume=not restart, plots=plots)
+                              sae_k=sae_k, resume=not restart, plots=plots, out_dir=out)
     except (ValueError, RunMismatchError, RuntimeError, KeyError, FileNotFoundError) as exc:
         _fail(exc)
-    out = Console()
+    term = Console()
     for section, title, what in (("extraction", "concept extraction: AUC ins − del", "method"),
                                  ("interlayer", "inter-layer: AUC ins − del", "ordering")):
         rows = result["summary"][section]
@@ -276,8 +280,8 @@ def evaluate(
             table.add_column(n)
         for key, vals in rows.items():
             table.add_row(key, *[("-" if vals.get(n) is None else f"{vals[n]:.3f}") for n in names])
-        out.print(table)
-    console.print(f"[green]evaluate done[/green] in {result['seconds']:.0f} s: {Path(run_dir) / 'evaluate'} "
+        term.print(table)
+    console.print(f"[green]evaluate done[/green] in {result['seconds']:.0f} s: {out or Path(run_dir) / 'evaluate'} "
                   f"(results.md, summary.json, plots)")
 
 

@@ -41,10 +41,11 @@ def _mean_over(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list[s
         upper = layers[position + 1]
         k_upper = data[f"{upper}/score"].shape[1]
         share = data[f"{lower}/gig"][rows] / _safe(data[f"{lower}/delta"][rows])[..., None]  # (n, k, K_lo)
-        dense = torch.zeros(len(rows), k_upper, share.shape[2])
         targets = data[f"{lower}/targets"][rows]  # (n, k)
-        dense.scatter_(1, targets[..., None].expand_as(share), share)
-        edges[lower] = dense.mean(0)
+        # Sum each image's rows into its targets' rows; targets an image did not reach add 0.
+        total = torch.zeros(k_upper, share.shape[2])
+        total.index_add_(0, targets.flatten(), share.flatten(0, 1))
+        edges[lower] = total / max(len(rows), 1)
     return scores, edges
 
 
@@ -54,13 +55,17 @@ def _safe(d: torch.Tensor) -> torch.Tensor:
 
 def build_graph(store: RunStore, kind: str = "class", classes: list[int] | None = None,
                 image_id: int | None = None, top_k: int | None = None,
-                edges_per_node: int | None = None, class_names: list[str] | None = None) -> dict:
-    """Build one graph as a JSON-able dict (see the module docstring for the schema)."""
+                edges_per_node: int | None = None, class_names: list[str] | None = None,
+                data: dict[str, torch.Tensor] | None = None) -> dict:
+    """Build one graph as a JSON-able dict (see the module docstring for the schema).
+
+    ``data``: the run's attributions if already loaded (:func:`load_attributions`), so that many
+    graphs of one run read the shards once."""
     config = store.config
     top_k = top_k or config.top_k
     edges_per_node = edges_per_node or config.edges_per_node
     layers = config.layers
-    data = load_attributions(store)
+    data = load_attributions(store) if data is None else data
     ids = data["image_id"]
     images = {i["image_id"]: i for i in load_images(store)["images"]}
     targets = torch.tensor([images[int(i)]["target"] for i in ids])

@@ -28,7 +28,7 @@ import re
 import secrets
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from PIL import Image
 from ..attribution import completeness_residuals, load_attributions
 from ..collect import load_images, load_samples
 from ..concepts import load_concept_cards
-from ..decompose import CodeReader
+from ..decompose import CodeReader, from_sparse_rows
 from ..graph import build_graph, default_classes
 from ..store import RunStore, load_json
 
@@ -189,6 +189,15 @@ def _jpeg(path: Path, quality: int = 88) -> bytes:
     with Image.open(path) as im:
         im.convert("RGB").save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def _n_images(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
+
+
+def _short(path: str) -> str:
+    """The file name of an image path (``embedded:NAME`` stays as it is)."""
+    return path.rsplit("/", 1)[-1].rsplit("\\", 1)[-1] or path
 
 
 def _class_name(names: list[str], c: int | None) -> str:
@@ -373,38 +382,36 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
     classes = [c for c in classes if any(t == c for t in targets.values())]
 
     graphs: list[dict] = []
-    graph_cache = _CachedAttributions(data)
-    with graph_cache:
-        for c in classes:
-            file = index["files"]["class"].get(str(c))
-            graph = load_json(graph_dir / file) if file else build_graph(store, "class", [c], class_names=names)
-            graphs.append({"key": f"class:{c}", "mode": "class", "classes": [c], "file": file,
-                           "label": f"{_class_name(names, c)} ({graph['n_images']} images)", "graph": graph})
-        shared_pool = classes[: max(0, opts.shared_classes)]
-        run_shared = index["files"].get("shared")
-        for size in range(2, len(shared_pool) + 1):
-            for combo in itertools.combinations(shared_pool, size):
-                file = None
-                if run_shared and sorted(combo) == sorted(run_classes):
-                    file = run_shared
-                    graph = load_json(graph_dir / file)
-                else:
-                    graph = build_graph(store, "shared", list(combo), class_names=names)
-                graphs.append({"key": "shared:" + ",".join(str(c) for c in sorted(combo)), "mode": "shared",
-                               "classes": sorted(combo), "file": file,
-                               "label": " + ".join(_class_name(names, c) for c in sorted(combo)), "graph": graph})
-        if index["files"].get("global"):
-            graph = load_json(graph_dir / index["files"]["global"])
-            graphs.append({"key": "global", "mode": "global", "classes": [], "file": index["files"]["global"],
-                           "label": f"all images ({graph['n_images']})", "graph": graph})
-        image_ids = _choose_images(opts, images_info, classes, row_of)
-        for image_id in image_ids:
-            graph = build_graph(store, "image", image_id=image_id, class_names=names)
-            info = by_image[image_id]
-            graphs.append({"key": f"image:{image_id}", "mode": "image", "classes": [int(info["target"])],
-                           "image_id": image_id, "file": None,
-                           "label": f"#{image_id} {info['path']} → {_class_name(names, int(info['target']))}",
-                           "graph": graph})
+    for c in classes:
+        file = index["files"]["class"].get(str(c))
+        graph = load_json(graph_dir / file) if file else build_graph(store, "class", [c], class_names=names, data=data)
+        graphs.append({"key": f"class:{c}", "mode": "class", "classes": [c], "file": file,
+                       "label": f"{_class_name(names, c)} ({_n_images(graph['n_images'])})", "graph": graph})
+    shared_pool = classes[: max(0, opts.shared_classes)]
+    run_shared = index["files"].get("shared")
+    for size in range(2, len(shared_pool) + 1):
+        for combo in itertools.combinations(shared_pool, size):
+            file = None
+            if run_shared and sorted(combo) == sorted(run_classes):
+                file = run_shared
+                graph = load_json(graph_dir / file)
+            else:
+                graph = build_graph(store, "shared", list(combo), class_names=names, data=data)
+            graphs.append({"key": "shared:" + ",".join(str(c) for c in sorted(combo)), "mode": "shared",
+                           "classes": sorted(combo), "file": file,
+                           "label": " + ".join(_class_name(names, c) for c in sorted(combo)), "graph": graph})
+    if index["files"].get("global"):
+        graph = load_json(graph_dir / index["files"]["global"])
+        graphs.append({"key": "global", "mode": "global", "classes": [], "file": index["files"]["global"],
+                       "label": f"all images ({graph['n_images']})", "graph": graph})
+    image_ids = _choose_images(opts, images_info, classes, row_of)
+    for image_id in image_ids:
+        graph = build_graph(store, "image", image_id=image_id, class_names=names, data=data)
+        info = by_image[image_id]
+        graphs.append({"key": f"image:{image_id}", "mode": "image", "classes": [int(info["target"])],
+                       "image_id": image_id, "file": None,
+                       "label": f"#{image_id} {_short(info['path'])} → {_class_name(names, int(info['target']))}",
+                       "graph": graph})
     log(f"{len(graphs)} graphs")
 
     # ---------------------------------------------------------------- concepts shown
@@ -471,7 +478,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
 
     # ---------------------------------------------------------------- localisation
     t0 = time.perf_counter()
-    readers = {layer: CodeReader(store, layer) for layer in layers}
+    codes_of = {layer: read_codes(store, layer, image_ids, K[layer]) for layer in layers}
     size = opts.heatmap_size
     images: dict[str, dict] = {}
     for image_id in image_ids:
@@ -488,7 +495,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
             imp = data[f"{layer}/importance"][row].tolist()
             maps = data[f"{layer}/maps"][row].numpy()  # (k, H, W)
             h, w = maps.shape[1:]
-            codes = readers[layer].codes(image_id)  # (H·W, K)
+            codes = codes_of[layer][image_id]  # (H·W, K)
             cells = []
             for j, q in enumerate(tops):
                 stem = f"img/loc/{image_id}/{_slug(layer)}_{q}"
@@ -584,7 +591,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
         run=page_data["run"], data_json=safe_json(page_data), atlas=atlas, images=list(images.values()),
         figures=figures, metrics=metrics, evaluation=evaluation, graphs=graphs, single_file=opts.single_file,
         nonce=secrets.token_urlsafe(18),
-        static=static, atlas_cap=opts.atlas_per_layer, generated=time.strftime("%Y-%m-%d %H:%M"),
+        static=static, atlas_cap=opts.atlas_per_layer,
+        atlas_ids={f"{layer}:{q}" for layer in layers for q in atlas_ids[layer]}, generated=time.strftime("%Y-%m-%d %H:%M"),
         build_seconds=round(time.perf_counter() - started, 1))
     index_path = out / "index.html"
     index_path.write_text(html, encoding="utf-8")
@@ -592,23 +600,33 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
     return index_path
 
 
-class _CachedAttributions:
-    """Within the block, :func:`gig.graph.build_graph` reuses ``data`` instead of reading every
-    attribution shard again for each graph."""
+def read_codes(store: RunStore, layer: str, image_ids: list[int], K: int) -> dict[int, torch.Tensor]:
+    """Dense codes ``(H·W, K)`` of a few images, read lazily from the decomposition shards (only
+    their rows, not whole shards as :class:`gig.decompose.CodeReader` does)."""
+    from safetensors import safe_open
 
-    def __init__(self, data):
-        self.data = data
-
-    def __enter__(self):
-        from .. import graph as graph_module
-
-        self._module = graph_module
-        self._saved = graph_module.load_attributions
-        graph_module.load_attributions = lambda store: self.data
-        return self
-
-    def __exit__(self, *exc):
-        self._module.load_attributions = self._saved
+    want = set(int(i) for i in image_ids)
+    out: dict[int, torch.Tensor] = {}
+    try:
+        for path in sorted((store.root / "decompose" / "shards").glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                ids = f.get_tensor("image_id").tolist()
+                hits = [(j, int(i)) for j, i in enumerate(ids) if int(i) in want]
+                if not hits:
+                    continue
+                indptr = f.get_tensor(f"{layer}/indptr")
+                per_image = (indptr.numel() - 1) // len(ids)
+                indices, values = f.get_slice(f"{layer}/indices"), f.get_slice(f"{layer}/values")
+                for j, image_id in hits:
+                    ptr = indptr[j * per_image : (j + 1) * per_image + 1]
+                    lo, hi = int(ptr[0]), int(ptr[-1])
+                    out[image_id] = from_sparse_rows(ptr - lo, indices[lo:hi], values[lo:hi], K)
+    except (KeyError, OSError, ValueError):  # another shard layout: the pipeline's own reader
+        reader = CodeReader(store, layer)
+        return {int(i): reader.codes(int(i)) for i in image_ids}
+    if want - set(out):
+        raise ValueError(f"no codes of layer {layer} for image(s) {sorted(want - set(out))}")
+    return out
 
 
 def _choose_images(opts: ReportOptions, images_info: list[dict], classes: list[int],
@@ -675,22 +693,28 @@ def _evaluation(folder: Path, assets: Assets) -> dict | None:
     """``RUN/evaluate/``: summary.json as tables, markdown files (tables and text), plots."""
     if not folder.is_dir():
         return None
-    out: dict[str, Any] = {"summary": None, "markdown": [], "plots": [], "other": []}
+    out: dict[str, Any] = {"summary": None, "markdown": [], "plots": [], "json": [], "other": []}
     summary = folder / "summary.json"
     if summary.is_file():
         try:
             out["summary"] = _json_tables(json.loads(summary.read_text()))
         except (OSError, ValueError) as exc:
             out["summary"] = [{"title": "summary.json", "error": str(exc)}]
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file():
+    for path in sorted(folder.iterdir()):  # top level only (bases/, parts/ are working files)
+        rel = path.name
+        if path.is_dir():
+            out["other"].append(rel + "/")
             continue
-        rel = path.relative_to(folder).as_posix()
         suffix = path.suffix.lower()
         if suffix == ".md":
             out["markdown"].append({"name": rel, "blocks": markdown_blocks(path.read_text(errors="replace"))})
         elif suffix in (".png", ".svg", ".jpg", ".jpeg"):
             out["plots"].append({"name": rel, "url": assets.add_file(f"eval/{_slug(rel)}", path)})
+        elif suffix == ".json" and rel != "summary.json" and path.stat().st_size <= 64 * 1024:
+            try:
+                out["json"].append({"name": rel, "tables": _json_tables(json.loads(path.read_text()), rel)})
+            except (OSError, ValueError):
+                out["other"].append(rel)
         elif rel != "summary.json":
             out["other"].append(rel)
     return out

@@ -123,7 +123,8 @@ def draw_class_figure(graph: dict, out_stem: Path, thumbnails: dict[str, Path] |
     for side in ("top", "right", "bottom", "left"):
         ax.spines[side].set_visible(False)
     names = ", ".join(c["name"] for c in graph.get("classes", [])) or "all images"
-    ax.set_title(_plain(title or f"{graph['kind']} graph: {names}  ({graph['n_images']} images, "
+    n = graph["n_images"]
+    ax.set_title(_plain(title or f"{graph['kind']} graph: {names}  ({n} image{'' if n == 1 else 's'}, "
                         f"top-{graph.get('top_k', '?')} concepts per layer)"), fontsize=10)
     sm = plt.cm.ScalarMappable(cmap=shown_blues, norm=Normalize(0, top))
     bar = fig.colorbar(sm, ax=ax, fraction=0.025, pad=0.01, shrink=0.5)

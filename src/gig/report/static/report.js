@@ -24,7 +24,6 @@
     if (url && SAFE_URL.test(url)) node.setAttribute('src', url);
     node.setAttribute('alt', title || '');
     if (title) node.setAttribute('title', title);
-    node.setAttribute('loading', 'lazy');
     return node;
   }
   function fmt(v, digits) {
@@ -157,6 +156,7 @@
 
   var state = { key: null, pinned: null, mode: 'class' };
   cy.on('viewport', drawRuler);
+  window.addEventListener('load', function () { cy.resize(); });
 
   function topUrl(nodeId) {
     var c = DATA.concepts[nodeId];
@@ -206,6 +206,11 @@
     state.key = key;
     state.pinned = null;
     state.mode = entry.mode;
+    // the top-k slider runs up to the most edges into one node: at its maximum (the default,
+    // and after every switch) every edge of the JSON is shown
+    var most = Object.keys(byTarget).reduce(function (m, t) { return Math.max(m, byTarget[t].length); }, 1);
+    topk.max = String(most);
+    topk.value = String(most);
     applyFilter();
     fitGraph();
     info(entry, bad);
@@ -215,6 +220,7 @@
     container.setAttribute('data-edges', String(cy.edges().length));
     document.body.setAttribute('data-graph-ready', key);
     syncControls(entry);
+    cy.resize();  // the controls and text above may have changed height: re-read the container's place
     return true;
   }
 
@@ -232,6 +238,7 @@
     box.appendChild(shown);
     if (bad) box.appendChild(el('span', 'warn', ' · ' + bad + ' edge(s) point to a missing node and are not drawn'));
     updateShown();
+    box.setAttribute('title', box.textContent);
   }
 
   // ------------------------------------------------------------------ edge filters
@@ -480,45 +487,50 @@
     }
   }
 
-  // ------------------------------------------------------------------ atlas search
-  var search = document.getElementById('atlas-search');
-  var atlasCount = document.getElementById('atlas-count');
-  function filterAtlas() {
-    var q = search.value.trim();
-    var cards = document.querySelectorAll('.concept-card');
-    var shown = 0;
-    Array.prototype.forEach.call(cards, function (card) {
-      var id = card.getAttribute('data-id'), concept = card.getAttribute('data-concept');
-      var hit = !q || concept === q.replace(/^#/, '') || id === q;
-      card.style.display = hit ? '' : 'none';
-      if (hit) shown++;
-    });
-    Array.prototype.forEach.call(document.querySelectorAll('.atlas-grid'), function (grid) {
-      var any = Array.prototype.some.call(grid.children, function (c) { return c.style.display !== 'none'; });
-      grid.previousElementSibling.style.display = any ? '' : 'none';
-    });
-    atlasCount.textContent = q ? shown + ' card(s) match' + (shown ? '' : ' (the atlas shows the most important concepts only)') : '';
-  }
-  search.addEventListener('input', filterAtlas);
+  // ------------------------------------------------------------------ the rest of the page
+  // (the script runs right after the graph section; the atlas and localisation come later)
+  function bindPage() {
+    var search = document.getElementById('atlas-search');
+    var atlasCount = document.getElementById('atlas-count');
+    function filterAtlas() {
+      var q = search.value.trim();
+      var cards = document.querySelectorAll('.concept-card');
+      var shown = 0;
+      Array.prototype.forEach.call(cards, function (card) {
+        var id = card.getAttribute('data-id'), concept = card.getAttribute('data-concept');
+        var hit = !q || concept === q.replace(/^#/, '') || id === q;
+        card.style.display = hit ? '' : 'none';
+        if (hit) shown++;
+      });
+      Array.prototype.forEach.call(document.querySelectorAll('.atlas-grid'), function (grid) {
+        var any = Array.prototype.some.call(grid.children, function (c) { return c.style.display !== 'none'; });
+        grid.previousElementSibling.style.display = any ? '' : 'none';
+      });
+      atlasCount.textContent = q ? shown + ' card(s) match' + (shown ? '' : ' (the atlas shows the most important concepts only)') : '';
+    }
+    search.addEventListener('input', filterAtlas);
 
-  // ------------------------------------------------------------------ localisation
-  Array.prototype.forEach.call(document.querySelectorAll('input[name=locmode]'), function (r) {
-    r.addEventListener('change', function () {
-      var list = document.getElementById('loc-list');
-      list.classList.toggle('mode-gig', r.value === 'gig' && r.checked);
-      list.classList.toggle('mode-coef', r.value === 'coef' && r.checked);
+    // ------------------------------------------------------------------ localisation
+    Array.prototype.forEach.call(document.querySelectorAll('input[name=locmode]'), function (r) {
+      r.addEventListener('change', function () {
+        var list = document.getElementById('loc-list');
+        list.classList.toggle('mode-gig', r.value === 'gig' && r.checked);
+        list.classList.toggle('mode-coef', r.value === 'coef' && r.checked);
+      });
     });
-  });
-  Array.prototype.forEach.call(document.querySelectorAll('button.open-graph'), function (b) {
-    b.addEventListener('click', function () {
-      if (draw('image:' + b.getAttribute('data-image'))) document.getElementById('graph').scrollIntoView();
+    Array.prototype.forEach.call(document.querySelectorAll('button.open-graph'), function (b) {
+      b.addEventListener('click', function () {
+        if (draw('image:' + b.getAttribute('data-image'))) document.getElementById('graph').scrollIntoView();
+      });
     });
-  });
+  }
+  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', bindPage); else bindPage();
 
   // ------------------------------------------------------------------ start
   var first = DATA.graphs.filter(function (g) { return g.mode === 'class'; })[0] || DATA.graphs[0];
   applyFilter();
   if (first) draw(first.key);
+  if (window.performance && performance.mark) performance.mark('gig-graph-drawn');
   window.gigReport = {
     cy: cy, data: DATA, draw: draw, pin: pin, unpin: unpin,
     current: function () { return state.key; },
