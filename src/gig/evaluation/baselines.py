@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,6 +45,7 @@ class ConceptBasis:
     V: torch.Tensor
     encode: Callable[[torch.Tensor], torch.Tensor]
     info: dict = field(default_factory=dict)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # what rebuilds it (see from_state)
 
     @property
     def K(self) -> int:
@@ -76,20 +78,26 @@ def ours_basis(V: torch.Tensor, alpha: float, nonnegative: bool = False, max_ite
 
 # ---------------------------------------------------------------------------- dictionary learning
 def dictionary_basis(X: torch.Tensor, K: int, target_rel_error: float, seed: int = 0, nonnegative: bool = False,
-                     lasso_max_iter: int = 300, calibration_size: int = 2000, n_iter: int = 30,
-                     batch_size: int = 256) -> ConceptBasis:
-    """``MiniBatchDictionaryLearning`` atoms; Lasso codes with λ calibrated to ``target_rel_error``."""
+                     lasso_max_iter: int = 300, calibration_size: int = 2000, n_iter: int = 5,
+                     batch_size: int = 256, fit_alpha: float | None = None) -> ConceptBasis:
+    """``MiniBatchDictionaryLearning`` atoms; Lasso codes with λ calibrated to ``target_rel_error``.
+
+    ``fit_alpha`` is the sparsity penalty while learning the atoms (the run passes its own λ
+    rescaled to unit-norm atoms, ``λ / median ‖v_q‖``); the final codes use the calibrated λ.
+    """
     from sklearn.decomposition import MiniBatchDictionaryLearning
+    from sklearn.exceptions import ConvergenceWarning
 
     t0 = time.perf_counter()
     Xn = X.double().numpy()
-    # The fitting penalty is in the data's units: a tenth of the mean absolute atom correlation
-    # scale (the final codes are recomputed with a calibrated λ anyway).
-    fit_alpha = 0.1 * float(np.abs(Xn).mean()) * math.sqrt(Xn.shape[1]) / 4
+    if fit_alpha is None:  # in the data's units: a small share of the typical PFV norm
+        fit_alpha = 0.05 * float(np.linalg.norm(Xn, axis=1).mean())
     dl = MiniBatchDictionaryLearning(n_components=K, alpha=fit_alpha, batch_size=min(batch_size, X.shape[0]),
                                      max_iter=n_iter, random_state=seed, fit_algorithm="cd",
-                                     transform_algorithm="lasso_cd", positive_code=nonnegative)
-    dl.fit(Xn)
+                                     positive_code=nonnegative)
+    with warnings.catch_warnings():  # coordinate descent inside the fit warns at every batch
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        dl.fit(Xn)
     V = torch.from_numpy(dl.components_).float()
     V = V / V.norm(dim=1, keepdim=True).clamp_min(1e-12)
     g = torch.Generator().manual_seed(seed)
@@ -98,8 +106,8 @@ def dictionary_basis(X: torch.Tensor, K: int, target_rel_error: float, seed: int
     enc = LassoEncoder(V, alpha, nonnegative, lasso_max_iter)
     return ConceptBasis("dictionary", V, enc.encode, {
         "kind": "sklearn MiniBatchDictionaryLearning + Lasso (LassoEncoder)", "fit_alpha": fit_alpha,
-        "fit_iter": n_iter, "alpha": alpha, "calibration_rel_error": err,
-        "fit_seconds": round(time.perf_counter() - t0, 2)})
+        "fit_iter": n_iter, "alpha": alpha, "nonnegative": nonnegative, "lasso_max_iter": lasso_max_iter,
+        "calibration_rel_error": err, "fit_seconds": round(time.perf_counter() - t0, 2)}, {"V": V})
 
 
 # ---------------------------------------------------------------------------- sparse autoencoder
@@ -167,19 +175,22 @@ def train_sae(X: torch.Tensor, K: int, k: int, seed: int = 0, steps: int = 1500,
         opt.step()
         sae.normalise_decoder()
         if step % 100 == 0 or step == steps - 1:
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     with torch.no_grad():
         Z = sae.encode(X)
-        dead = float(((Z != 0).sum(0) == 0).float().mean())
+        active = (Z != 0).float().mean(0)
+        dead = float((active == 0).float().mean())
+        dense = int((active > 0.5).sum())  # always-on latents: a dense basis inside the sparse code
         rel = float((Z @ sae.W_dec - X).norm() / X.norm())
     return sae, {"steps": steps, "lr": lr, "batch_size": batch_size, "k": sae.k, "scale": scale,
-                 "final_loss": losses[-1], "train_rel_error": rel, "dead_fraction": dead,
+                 "final_loss": losses[-1], "train_rel_error": rel, "dead_fraction": dead, "dense_latents": dense,
                  "fit_seconds": round(time.perf_counter() - t0, 2)}
 
 
 def sae_basis(X: torch.Tensor, K: int, k: int, seed: int = 0, steps: int = 1500) -> ConceptBasis:
     sae, info = train_sae(X, K, k, seed, steps)
-    return ConceptBasis("sae", sae.W_dec.detach().clone(), sae.encode, {"kind": "TopK SAE (torch)", **info})
+    state = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    return ConceptBasis("sae", sae.W_dec.detach().clone(), sae.encode, {"kind": "TopK SAE (torch)", **info}, state)
 
 
 # ---------------------------------------------------------------------------- k-means
@@ -206,4 +217,21 @@ def kmeans_basis(X: torch.Tensor, K: int, seed: int = 0) -> ConceptBasis:
     V = torch.from_numpy(km.cluster_centers_).float()
     return ConceptBasis("kmeans", V, lambda x: hard_codes(x, V), {
         "kind": "sklearn KMeans, hard nearest-centroid code with projection coefficient",
-        "fit_seconds": round(time.perf_counter() - t0, 2)})
+        "inertia": float(km.inertia_), "fit_seconds": round(time.perf_counter() - t0, 2)}, {"V": V})
+
+
+def from_state(name: str, state: dict[str, torch.Tensor], info: dict) -> ConceptBasis:
+    """Rebuild a fitted baseline from its saved ``state`` tensors and ``info``."""
+    if name == "dictionary":
+        V = state["V"].float()
+        enc = LassoEncoder(V, info["alpha"], info.get("nonnegative", False), info.get("lasso_max_iter", 300))
+        return ConceptBasis(name, V, enc.encode, info, state)
+    if name == "sae":
+        W_dec = state["W_dec"].float()
+        sae = TopKSAE(W_dec.shape[1], W_dec.shape[0], info["k"], info["scale"])
+        sae.load_state_dict(state)
+        return ConceptBasis(name, W_dec, sae.encode, info, state)
+    if name == "kmeans":
+        V = state["V"].float()
+        return ConceptBasis(name, V, lambda x: hard_codes(x, V), info, state)
+    raise ValueError(f"no saved form for method {name!r}")
