@@ -194,23 +194,11 @@ def test_baselines_code_shapes_and_figures():
 
 
 # ------------------------------------------------------------------------------ the command
-class SmallNet(nn.Module):
-    """stem → block1 (12 ch, 8×8) → block2 (16 ch, 4×4) → pooled linear head (4 classes)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
-        self.block1 = nn.Sequential(nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU())
-        self.block2 = nn.Sequential(nn.Conv2d(12, 16, 3, stride=2, padding=1), nn.ReLU())
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.head(self.block2(self.block1(self.stem(x))).mean((2, 3)))
+from conftest import TinyNet  # noqa: E402  stem → block1 (12 ch, 8×8) → block2 (16 ch, 4×4) → head
 
 
 def _small_bundle():
-    return wrap_module(SmallNet(), name="small", input_size=32, class_names=list("abcd"))
+    return wrap_module(TinyNet(), name="small", input_size=32, class_names=list("abcd"))
 
 
 SMALL = dict(layers=["block1", "block2"], max_images=5, samples_per_image=8, min_cluster=4, n_steps=4,
