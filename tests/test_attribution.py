@@ -10,6 +10,7 @@ from torch import nn
 from gig.attribution import GIG, concept_readout, gig_maps, quadrature
 from gig.hooks import ModelHandle
 from gig.models import wrap_module
+from gig.readouts import ClassLogit, ClassProbability, ConceptReadout
 
 
 class QuadraticHead(nn.Module):
@@ -27,7 +28,7 @@ class QuadraticHead(nn.Module):
 
 
 def test_quadrature_rules_integrate_polynomials():
-    for rule, n, degree in (("gauss-legendre", 4, 7), ("riemann-midpoint", 64, 2)):
+    for rule, n, degree in (("gauss-legendre", 4, 7), ("riemann-midpoint", 64, 2), ("trapezoid", 64, 2)):
         a, w = quadrature(n, rule)
         assert float(w.sum()) == pytest.approx(1.0, abs=1e-6)
         approx = float((w * a.double() ** degree).sum())
@@ -45,7 +46,7 @@ def test_gig_matches_closed_form_on_quadratic_network():
     U = torch.randn(2, P, K).relu()
     X = U @ V  # (N, P, C)
     target = torch.tensor([0, 2])
-    res = GIG(handle, "body", V, n_steps=3).attribute(x, U, target)  # 3 GL nodes: exact for this degree
+    res = GIG(handle, "body", V, n_steps=3, quadrature_rule="gauss-legendre").attribute(x, U, target)  # exact here
     A = model.A.detach()[target]  # (N, C)
     expected = torch.einsum("npq,npc,nc,qc->nq", U, X, A, V)
     torch.testing.assert_close(res.attributions[:, 0], expected, rtol=1e-4, atol=1e-4)
@@ -127,3 +128,165 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         quadrature(4, "simpson")
     assert np.isfinite(quadrature(8)[0].numpy()).all()
+
+
+# ---------------------------------------------------------------------------- error control
+class KinkedHead(nn.Module):
+    """``body`` (a fixed conv, the analysed layer) then ``z_j = Σ_{c,p} W[j,c,p] relu(h[c,p] − B[c,p])``.
+
+    Along ``α ↦ α·h`` the gradient w.r.t. ``h[c,p]`` is the step ``W[j,c,p] · 1[α h > B]``: the
+    integrand jumps at ``α = B / h``, as a ReLU network's does, and its integral is known."""
+
+    def __init__(self, thresholds: torch.Tensor, classes: int = 3, channels: int = 4, side: int = 6):
+        super().__init__()
+        torch.manual_seed(3)
+        self.body = nn.Conv2d(3, channels, 3, padding=1)
+        self.W = nn.Parameter(torch.randn(classes, channels, side, side))
+        self.register_buffer("B", thresholds)
+
+    def forward(self, x):
+        return torch.einsum("jchw,nchw->nj", self.W, (self.body(x) - self.B).relu())
+
+
+def _kinked_case(n_images=3):
+    """Model, inputs, codes, dictionary, and thresholds putting kinks at chosen α of each image's path."""
+    torch.manual_seed(4)
+    K, C, side = 6, 4, 6
+    V = torch.randn(K, C)
+    U = torch.rand(n_images, side * side, K) * (torch.rand(n_images, side * side, K) < 0.5)
+    X = (U @ V).transpose(1, 2).reshape(n_images, C, side, side)  # the reconstructions
+    kinks = torch.rand(C, side, side) * 0.8 + 0.1  # α* in (0.1, 0.9), per position
+    B = kinks * X[0]  # the first image's path crosses each threshold at its α*
+    model = KinkedHead(B, channels=C, side=side)
+    return model, torch.randn(n_images, 3, side, side), U, V, X
+
+
+def _kinked_closed_form(model, U, V, X, target):
+    """``Ḡ[c,p] = W · |{α ∈ [0, 1]: α X > B}|`` in closed form, then GIG."""
+    B = model.B
+    with torch.no_grad():
+        ratio = B / torch.where(X == 0, torch.full_like(X, 1e-30), X)
+        length = torch.where(X > 0, (1 - ratio).clamp(0, 1), torch.where(B < 0, ratio.clamp(0, 1), torch.zeros_like(X)))
+        length = torch.where((X == 0), (B < 0).float(), length)
+        W = model.W.detach()[target]  # (N, T, C, H, W)
+        g_bar = W * length[:, None]
+    return torch.einsum("npk,ntcp,kc->ntk", U, g_bar.flatten(3), V)
+
+
+def test_error_control_meets_tolerance_on_kinked_network():
+    """Discontinuous integrand with known integral: every attribution within its tolerance, the
+    estimate honest (at least half the true error), completeness within half the tolerance."""
+    model, x, U, V, X = _kinked_case()
+    handle = ModelHandle(wrap_module(model, "kinked", input_size=6))
+    target = torch.tensor([[0, 1, 2], [2, 0, 1], [1, 2, 0]])
+    expected = _kinked_closed_form(model, U, V, X, target)
+    for tol in (0.05, 0.01, 0.002):
+        res = GIG(handle, "body", V, tol=tol, max_steps=8192, internal_batch_size=256).attribute(x, U, target)
+        true = (res.attributions - expected).norm(dim=-1) / expected.norm(dim=-1)
+        assert float(true.max()) <= tol, (tol, true)
+        assert bool((res.error_estimate <= tol).all())
+        assert bool((res.error_estimate >= 0.5 * true).all()), (res.error_estimate, true)
+        # converged = both criteria met; completeness then holds to half the tolerance
+        done = res.converged
+        assert float(done.float().mean()) >= 0.75, res.n_evaluations
+        assert float(res.relative_residual[done].max()) <= tol / 2 + 1e-6
+        assert int(res.n_evaluations.min()) >= 17  # at least the first nested pair, 8 and 16 intervals
+    # Tighter tolerances cost more evaluations: error control at work, not a fixed grid.
+    loose = GIG(handle, "body", V, tol=0.05, max_steps=4096).attribute(x, U, target).n_evaluations
+    tight = GIG(handle, "body", V, tol=0.002, max_steps=4096).attribute(x, U, target).n_evaluations
+    assert int(tight.sum()) > int(loose.sum())
+
+
+def test_cap_is_recorded_as_unconverged():
+    model, x, U, V, X = _kinked_case(1)
+    handle = ModelHandle(wrap_module(model, "kinked", input_size=6))
+    res = GIG(handle, "body", V, tol=1e-5, max_steps=32).attribute(x, U, torch.tensor([[0, 1]]))
+    assert res.n_evaluations.tolist() == [[33, 33]]
+    assert not bool(res.converged.any()) and bool((res.error_estimate > 1e-5).all())
+
+
+class SmoothTwoStage(nn.Module):
+    """``body`` → ``mid`` (conv, softplus, pooled to one position) → linear head: smooth along
+    the path (one position, so the concept readout's max over positions is smooth too)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.body = nn.Conv2d(3, 5, 3, padding=1)
+        self.mid = nn.Sequential(nn.Conv2d(5, 6, 3, padding=1), nn.Softplus(beta=3.0), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(torch.tanh(self.body(x)))).flatten(1))
+
+
+def test_error_control_on_smooth_network_against_fine_reference():
+    model = SmoothTwoStage()
+    handle = ModelHandle(wrap_module(model, "smooth", input_size=8))
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 8, 8)
+    K = 7
+    V = torch.randn(K, 5)
+    U = torch.randn(2, 64, K) * 2
+    Vb = torch.randn(9, 6)
+    cases = [({}, torch.tensor([[0, 3], [1, 2]])),
+             ({"read_layer": "mid", "read_vectors": Vb}, torch.tensor([[0, 4, 8], [1, 2, 3]])),
+             ({"readout": ClassProbability()}, torch.tensor([[1], [2]]))]
+    for read, target in cases:
+        ref = GIG(handle, "body", V, n_steps=4096).attribute(x, U, target, **read)
+        res = GIG(handle, "body", V, tol=0.005).attribute(x, U, target, **read)
+        true = (res.attributions - ref.attributions).norm(dim=-1) / ref.attributions.norm(dim=-1)
+        assert float(true.max()) <= 0.005, (read, true)
+        assert bool(res.converged.all()) and int(res.n_evaluations.max()) < 513
+        assert bool((res.error_estimate >= 0.5 * true).all())
+        torch.testing.assert_close(res.output_diff, ref.output_diff)
+
+
+def test_results_do_not_depend_on_batching_or_target_grouping():
+    model, x, U, V, X = _kinked_case()
+    handle = ModelHandle(wrap_module(model, "kinked", input_size=6))
+    target = torch.tensor([[0, 1, 2], [2, 0, 1], [1, 2, 0]])
+    gig = GIG(handle, "body", V, tol=0.003, max_steps=1024)
+    whole = gig.attribute(x, U, target, internal_batch_size=512)
+    small = gig.attribute(x, U, target, internal_batch_size=5)
+    torch.testing.assert_close(small.attributions, whole.attributions, rtol=1e-5, atol=1e-6)
+    assert torch.equal(small.n_evaluations, whole.n_evaluations)
+    for t in range(3):  # each target alone: same steps, same numbers
+        alone = gig.attribute(x, U, target[:, t], internal_batch_size=7)
+        torch.testing.assert_close(alone.attributions[:, 0], whole.attributions[:, t], rtol=1e-5, atol=1e-6)
+        assert torch.equal(alone.n_evaluations[:, 0], whole.n_evaluations[:, t])
+    one = gig.attribute(x[1:2], U[1:2], target[1:2])  # an image alone: same as in the batch
+    torch.testing.assert_close(one.attributions[0], whole.attributions[1], rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_trapezoid_has_a_nested_error_estimate():
+    model, x, U, V, X = _kinked_case(2)
+    handle = ModelHandle(wrap_module(model, "kinked", input_size=6))
+    target = torch.tensor([[0], [1]])
+    expected = _kinked_closed_form(model, U, V, X, target)
+    res = GIG(handle, "body", V, n_steps=64, quadrature_rule="trapezoid").attribute(x, U, target)
+    assert res.n_evaluations.tolist() == [[65], [65]] and res.tol is None
+    true = (res.attributions - expected).norm(dim=-1) / expected.norm(dim=-1)
+    assert bool((res.error_estimate >= 0.5 * true).all())
+    mid = GIG(handle, "body", V, n_steps=64).attribute(x, U, target)  # midpoint: no estimate
+    assert bool(mid.error_estimate.isnan().all())
+    with pytest.raises(ValueError, match="even"):
+        GIG(handle, "body", V, n_steps=63, quadrature_rule="trapezoid").attribute(x, U, target)
+
+
+def test_readouts_match_their_formulas():
+    torch.manual_seed(7)
+    logits = torch.randn(4, 10)
+    index = torch.tensor([[1, 2], [0, 9], [3, 3], [5, 4]])
+    torch.testing.assert_close(ClassLogit().values(logits, index), logits.gather(1, index))
+    torch.testing.assert_close(ClassProbability().values(logits, index),
+                               torch.nn.functional.softmax(logits, 1).gather(1, index))
+    grid = torch.randn(4, 3, 5, 5)
+    vectors = torch.randn(6, 3)
+    got = ConceptReadout("x", vectors).values(grid, index % 6)
+    for m in range(4):
+        for t in range(2):
+            v = vectors[int(index[m, t]) % 6]
+            want = max(float(grid[m, :, i, j] @ v) for i in range(5) for j in range(5)) / float(v.norm())
+            assert float(got[m, t]) == pytest.approx(want, rel=1e-5)
+    torch.testing.assert_close(concept_readout(grid, vectors[:4]), ConceptReadout("x", vectors).all(grid).diagonal()[:4])

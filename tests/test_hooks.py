@@ -104,3 +104,53 @@ def test_vit_tokens_as_grid_with_class_token_apart():
 
 def test_execution_order(lite0_handle):
     assert lite0_handle.execution_order(["_blocks.11", "_blocks.4"]) == ["_blocks.4", "_blocks.11"]
+
+
+def test_gradient_copy_folds_batchnorm_and_keeps_outputs(lite0, lite0_handle):
+    """The copy used for GIG: batch norms folded, channels-last, same layer outputs and logits;
+    the original model is untouched."""
+    layers = ["_blocks.8", "_blocks.11"]
+    fast = lite0_handle.for_gradients(layers)
+    assert fast.folded_batchnorms > 40 and fast.memory_format == torch.channels_last
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.model.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in lite0_handle.model.modules())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        want_logits, want = lite0_handle.capture(x, layers)
+        got_logits, got = fast.capture(x, layers)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    for name in layers:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4)
+    # Gradients through the folded copy equal those through the original (run from a layer).
+    grid = want["_blocks.8"].clone().requires_grad_(True)
+    (g_want,) = torch.autograd.grad(lite0_handle.run_from(x, "_blocks.8", grid)[:, 3].sum(), grid)
+    grid2 = want["_blocks.8"].clone().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    (g_got,) = torch.autograd.grad(fast.run_from(x, "_blocks.8", grid2)[:, 3].sum(), grid2)
+    assert float((g_got - g_want).norm() / g_want.norm()) < 1e-3
+
+
+class _PreNormReadElsewhere(torch.nn.Module):
+    """A conv whose pre-norm output is also added after the norm: folding would change it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.bn.running_mean.normal_()
+        self.bn.running_var.uniform_(0.5, 2.0)
+        self.body = torch.nn.Identity()
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.fc(self.body(self.bn(h) + h).mean((2, 3)))
+
+
+def test_gradient_copy_refuses_a_wrong_fold():
+    handle = ModelHandle(wrap_module(_PreNormReadElsewhere().eval(), "prenorm", input_size=8))
+    fast = handle.for_gradients(["body"])
+    assert fast.folded_batchnorms == 0
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.model.modules())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fast.capture(x, ["body"])[0], handle.capture(x, ["body"])[0])

@@ -56,8 +56,12 @@ class Config:
     calibration_size: int = 2000
 
     # 5. attribute
-    n_steps: int = 16
-    quadrature: str = "gauss-legendre"  # or "riemann-midpoint"
+    #: relative error tolerance of every GIG attribution (error-controlled steps, the default)
+    gig_tol: float = 0.01
+    gig_max_steps: int = 512  # cap on the trapezoid intervals of one attribution
+    #: a fixed number of steps for every attribution instead of error control (None: error control)
+    n_steps: int | None = None
+    quadrature: str = "riemann-midpoint"  # fixed grid only: or "gauss-legendre", "trapezoid"
     internal_batch_size: int = 64
     top_k: int = 5
 
@@ -106,7 +110,7 @@ STAGE_FIELDS: dict[str, list[str]] = {
     "collect": ["model", "weights", "layers", "images", "max_images", "target", "samples_per_image", "seed"],
     "concepts": ["concepts_per_channel", "min_cluster", "max_concepts", "dictionaries", "seed"],
     "decompose": ["target_rel_error", "nonnegative", "lasso_max_iter", "calibration_size", "seed"],
-    "attribute": ["n_steps", "quadrature", "top_k"],
+    "attribute": ["gig_tol", "gig_max_steps", "n_steps", "quadrature", "top_k"],
     "graph": ["graph_classes", "edges_per_node", "top_k"],
 }
 STAGE_ORDER = ["collect", "concepts", "decompose", "attribute", "graph"]

@@ -15,6 +15,8 @@ Two traps of hook-based tools are checked rather than assumed away:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
 import math
 from contextlib import contextmanager
@@ -62,6 +64,43 @@ def _prefix_tokens(model: nn.Module, n_tokens: int) -> int:
     raise LayerUsageError(f"cannot lay {n_tokens} tokens out as a square grid")
 
 
+def _fold_batchnorms(model: nn.Module, keep: set[str], dummy: torch.Tensor) -> int:
+    """Fold every ``BatchNorm2d`` whose input is a ``Conv2d``'s output into that convolution, in
+    place (eval mode); returns how many. Pairs are found by running ``dummy`` once."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    modules = dict(model.named_modules())
+    made_by: dict[int, str] = {}
+    pairs: list[tuple[str, str]] = []
+    handles = []
+    for name, mod in modules.items():
+        if isinstance(mod, nn.Conv2d) and name not in keep:
+            handles.append(mod.register_forward_hook(
+                lambda _m, _i, out, name=name: made_by.__setitem__(id(out), name)))
+        elif type(mod) is nn.BatchNorm2d and name not in keep and mod.track_running_stats:
+            handles.append(mod.register_forward_pre_hook(
+                lambda _m, inp, name=name: pairs.append((made_by.get(id(inp[0]), ""), name))))
+    try:
+        with torch.no_grad():
+            model(dummy)
+    finally:
+        for h in handles:
+            h.remove()
+    folded = 0
+    for conv, bn in dict.fromkeys(pairs):  # a module run twice gives one pair
+        if not conv or pairs.count((conv, bn)) != 1:
+            continue
+        _set_module(model, conv, fuse_conv_bn_eval(modules[conv], modules[bn]))
+        _set_module(model, bn, nn.Identity())
+        folded += 1
+    return folded
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
 class ModelHandle:
     """A classifier with named-layer access.
 
@@ -80,6 +119,43 @@ class ModelHandle:
         self._modules = dict(self.model.named_modules())
         self._prefix: dict[str, int] = {}
         self._shares_prefix: dict[tuple[str, str | None], bool] = {}
+        #: layout for replacement grids given to :meth:`run_from` (see :meth:`for_gradients`)
+        self.memory_format = torch.contiguous_format
+        self.folded_batchnorms = 0
+
+    # ------------------------------------------------------------------ fast copy
+    def for_gradients(self, layers: list[str], check_input: torch.Tensor | None = None,
+                      rtol: float = 1e-4) -> "ModelHandle":
+        """A handle on a copy of the model prepared for many gradient evaluations (GIG).
+
+        * every ``BatchNorm2d`` that directly follows a ``Conv2d`` is folded into it (eval mode:
+          ``y = γ (conv(x) − μ) / σ + β`` is itself a convolution), unless either module is one
+          of ``layers``: the batch norm's forward and backward disappear;
+        * parameters and replacement grids use the channels-last layout, which the CPU (oneDNN)
+          and GPU (cuDNN) convolutions run fastest in.
+
+        On EfficientNet-Lite0 this makes a GIG gradient evaluation about 2× faster on the CPU
+        (bench/gig_accuracy.py measures it). The copy is checked: its logits and every layer of
+        ``layers`` must equal the original's within ``rtol`` (relative L2) on ``check_input``
+        (default: two seeded random images); where they do not, the plain copy is returned
+        unfolded (a pre-norm tensor read elsewhere, say).
+        """
+        fast = ModelHandle(dataclasses.replace(self.bundle, model=copy.deepcopy(self.model)), self.device)
+        fast._prefix = dict(self._prefix)
+        x = check_input if check_input is not None else torch.randn(
+            2, 3, self.bundle.input_size, self.bundle.input_size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want_logits, want = self.capture(x, layers)
+        fast.folded_batchnorms = _fold_batchnorms(fast.model, set(layers), fast.dummy_input(1))
+        fast.model = fast.model.to(memory_format=torch.channels_last)
+        fast._modules = dict(fast.model.named_modules())
+        fast.memory_format = torch.channels_last
+        with torch.no_grad():
+            got_logits, got = fast.capture(x, layers)
+        pairs = [(want_logits, got_logits)] + [(want[k], got[k]) for k in layers]
+        if any(float((b - a).norm() / a.norm().clamp_min(1e-12)) > rtol for a, b in pairs):
+            fast = ModelHandle(self.bundle, self.device)  # unchanged model: exact by construction
+        return fast
 
     # ------------------------------------------------------------------ names
     def module(self, name: str) -> nn.Module:
