@@ -66,10 +66,12 @@ def test_graph_json_is_consistent(finished_run):
         assert (finished_run / "graph" / f"class_{c}.svg").exists()
 
 
-def test_class_graph_edges_equal_stored_gig(finished_run):
-    """A single-class graph of one image: its edge weights are GIG / Δg of the stored walk."""
+def test_class_graph_edges_are_flows_of_the_logit_change(finished_run):
+    """A single-image graph: an edge's weight is the upper node's importance times the share of
+    its readout change that the lower concept explains (GIG / Δg), the importances are those
+    flows summed, and the flows into a node add up to its importance (completeness)."""
     from gig.attribution import load_attributions
-    from gig.graph import build_graph
+    from gig.graph import build_graph, edge_weights
 
     store = RunStore.open(finished_run)
     data = load_attributions(store)
@@ -79,11 +81,25 @@ def test_class_graph_edges_equal_stored_gig(finished_run):
     lower, upper = SMALL["layers"]
     share = data[f"{lower}/gig"][row] / data[f"{lower}/delta"][row][:, None]
     targets = data[f"{lower}/targets"][row].tolist()
+    importance = data[f"{upper}/importance"][row]
+    # The top layer's importances are the class-logit shares: they sum to 1 up to the residual.
+    class_share = data[f"{upper}/class_gig"][row] / data[f"{upper}/class_delta"][row]
+    torch.testing.assert_close(data[f"{upper}/score"][row], class_share)
+    n_checked = 0
     for edge in graph["edges"]:
         if edge["target"].startswith(upper + ":"):
             t = int(edge["target"].rsplit(":", 1)[1])
             q = int(edge["source"].rsplit(":", 1)[1])
-            assert edge["weight"] == pytest.approx(float(share[targets.index(t), q]), rel=1e-5)
+            j = targets.index(t)
+            assert edge["weight"] == pytest.approx(float(importance[j] * share[j, q]), rel=1e-5)
+            n_checked += 1
+    assert n_checked > 0
+    flows = edge_weights(data, torch.tensor([row]), SMALL["layers"])[lower]  # (K_upper, K_lower)
+    torch.testing.assert_close(flows.sum(0), data[f"{lower}/score"][row], rtol=1e-5, atol=1e-6)
+    residual = data[f"{lower}/residual"][row] / data[f"{lower}/delta"][row]
+    for j, t in enumerate(targets):  # Σ_q flow(q → t) = I[t] · (1 + relative residual)
+        assert float(flows[t].sum()) == pytest.approx(float(importance[j] * (1 + residual[j])), rel=1e-4, abs=1e-6)
+    assert set(graph["edge_rule_agreement"]) == {"share", "flow-l1"}
 
 
 def test_unknown_layer_is_a_clear_cli_error(tmp_path):

@@ -23,6 +23,7 @@ WeightsOpt = typer.Option(None, help="default | none | path to a state dict")
 ImagesOpt = typer.Option(None, help="embedded | image folder | CSV file list")
 LayersOpt = typer.Option(None, "--layer", "-l", help="Layer to analyse (repeat, early to late).")
 MaxImagesOpt = typer.Option(None, help="Use only the first N images.")
+GigTolOpt = typer.Option(None, "--gig-tol", help="Relative error tolerance of every GIG attribution (default 0.01).")
 
 
 def _config(run_dir: Path, config_file: Optional[Path], overrides: dict) -> Config:
@@ -38,11 +39,11 @@ def _config(run_dir: Path, config_file: Optional[Path], overrides: dict) -> Conf
     return config
 
 
-def _pipeline(run_dir: Path, config_file, model, weights, images, layers, max_images):
+def _pipeline(run_dir: Path, config_file, model, weights, images, layers, max_images, gig_tol=None):
     from .pipeline import Pipeline
 
     config = _config(run_dir, config_file, {"model": model, "weights": weights, "images": images,
-                                            "layers": layers, "max_images": max_images})
+                                            "layers": layers, "max_images": max_images, "gig_tol": gig_tol})
     return Pipeline(config, run_dir)
 
 
@@ -56,11 +57,11 @@ def run(
     out: Path = typer.Option(Path("gig-run"), "--out", "-o", help="Run directory (created or resumed)."),
     config: Optional[Path] = ConfigOpt, model: Optional[str] = ModelOpt, weights: Optional[str] = WeightsOpt,
     images: Optional[str] = ImagesOpt, layer: Optional[list[str]] = LayersOpt,
-    max_images: Optional[int] = MaxImagesOpt,
+    max_images: Optional[int] = MaxImagesOpt, gig_tol: Optional[float] = GigTolOpt,
 ):
     """Run every stage (collect → concepts → decompose → attribute → graph); finished stages are skipped."""
     try:
-        pipe = _pipeline(out, config, model, weights, images, layer, max_images)
+        pipe = _pipeline(out, config, model, weights, images, layer, max_images, gig_tol)
         pipe.run()
     except (ValueError, RunMismatchError, RuntimeError, KeyError, FileNotFoundError) as exc:
         _fail(exc)
@@ -81,11 +82,11 @@ def _stage_command(stage: str):
         run_dir: Path = typer.Argument(..., help="Run directory."),
         config: Optional[Path] = ConfigOpt, model: Optional[str] = ModelOpt, weights: Optional[str] = WeightsOpt,
         images: Optional[str] = ImagesOpt, layer: Optional[list[str]] = LayersOpt,
-        max_images: Optional[int] = MaxImagesOpt,
+        max_images: Optional[int] = MaxImagesOpt, gig_tol: Optional[float] = GigTolOpt,
         force: bool = typer.Option(False, help="Recompute even if done."),
     ):
         try:
-            pipe = _pipeline(run_dir, config, model, weights, images, layer, max_images)
+            pipe = _pipeline(run_dir, config, model, weights, images, layer, max_images, gig_tol)
             getattr(pipe, stage)(force=force)
         except (ValueError, RunMismatchError, RuntimeError, KeyError, FileNotFoundError) as exc:
             _fail(exc)
@@ -204,8 +205,25 @@ def inspect(
     out.print(table)
     c = info["completeness"]
     out.print(f"completeness residual: median {fmt(c['median'])}, p95 {fmt(c['p95'])}")
+    _print_gig_accuracy(out, info.get("gig"))
     out.print(f"images: {info['images']['used']} used, {info['images']['skipped']} skipped")
     out.print(f"graph: {info['graph']}")
+
+
+def _print_gig_accuracy(out: Console, acc: dict | None) -> None:
+    """Per path kind: gradient evaluations and the distribution of the error estimates."""
+    if not acc or not acc.get("by_source"):
+        return
+    tol = acc.get("tol")
+    title = f"GIG accuracy (tolerance {tol})" if tol else "GIG accuracy (fixed grid)"
+    table = Table(title=title)
+    for col in ("path", "attributions", "evals mean", "evals max", "error est. median", "p95", "max", "over tol."):
+        table.add_column(col)
+    g = lambda d, k, f="{:.4f}": "-" if d.get(k) is None else f.format(d[k])  # noqa: E731
+    for name, d in list(acc["by_source"].items()) + [("all", acc)]:
+        table.add_row(name, str(d["n"]), g(d, "evaluations_mean", "{:.1f}"), g(d, "evaluations_max", "{}"),
+                      g(d, "error_median"), g(d, "error_p95"), g(d, "error_max"), g(d, "unconverged", "{:.1%}"))
+    out.print(table)
 
 
 @app.command()
@@ -244,7 +262,8 @@ def evaluate(
     ordering: Optional[list[str]] = typer.Option(None, "--ordering", help="gig | random | grad_x_coef | magnitude (repeat; default all)."),
     layer: Optional[list[str]] = LayersOpt,
     seed: int = typer.Option(0, help="Seed for image choice, baselines and random orders."),
-    n_steps: Optional[int] = typer.Option(None, help="GIG quadrature steps for the rankings (default: the run's)."),
+    n_steps: Optional[int] = typer.Option(None, help="A fixed number of GIG steps for the rankings (default: the run's setting)."),
+    gig_tol: Optional[float] = typer.Option(None, "--gig-tol", help="GIG tolerance for the rankings (default: the run's)."),
     n_random: int = typer.Option(5, help="Random orders per image (averaged)."),
     sae_k: Optional[int] = typer.Option(None, help="Active latents of the TopK SAE (default: the run's mean active concepts per PFV)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/evaluate; only that one is read by inspect)."),
@@ -263,7 +282,8 @@ def evaluate(
         torch.set_num_threads(threads)
     try:
         result = evaluate_run(run_dir, extraction_images, interlayer_images, method or METHODS, ordering or ORDERINGS,
-                              seed, progress=True, layers=layer or None, n_steps=n_steps, n_random=n_random,
+                              seed, progress=True, layers=layer or None, n_steps=n_steps, gig_tol=gig_tol,
+                              n_random=n_random,
                               sae_k=sae_k, resume=not restart, plots=plots, out_dir=out)
     except (ValueError, RunMismatchError, RuntimeError, KeyError, FileNotFoundError) as exc:
         _fail(exc)

@@ -1,9 +1,15 @@
 """Stage 6 — dataset-wide causal concept graphs from the per-image GIG walks.
 
-Edge weights are *shares*: ``GIG[t, q] / Δg_t``, the part of target ``t``'s change (its logit,
-or its readout at the upper layer) that concept ``q`` of the layer below accounts for. A graph
-over several images averages the shares (0 where an image did not reach the edge), and node
-importances likewise. Kinds: ``class`` (images whose target is one class), ``shared`` (several
+Weights are in one unit at every layer: the fraction of an image's class-logit change ``Δz``
+that flows through a node or an edge. A top-layer concept's importance is ``GIG_class[q] / Δz``;
+the edge from lower concept ``q`` to upper concept ``t`` carries ``I[t] · GIG_t[q] / Δg_t``,
+``t``'s importance times the share of ``t``'s readout change ``Δg_t`` that ``q`` accounts for,
+and a lower concept's importance is the sum of its outgoing edges. So weights compose along
+paths (the edges into a node add up to its importance, up to the completeness residual), and
+are comparable across layers and images. A graph over several images averages the per-image
+weights (0 where an image did not reach the node or edge). ``edge_weights`` also computes two
+alternative definitions; every graph records how many of its shown edges they would keep
+(``edge_rule_agreement``). Kinds: ``class`` (images whose target is one class), ``shared`` (several
 classes; concepts in the top-k of two or more of them are marked shared), ``global`` (all images,
 one "target logit" node on top), ``image`` (one image).
 
@@ -33,24 +39,70 @@ from .store import RunStore, load_json, save_json
 SCHEMA = "gig.graph/1"
 
 
-def _mean_over(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list[str]):
-    """Mean node scores ``{layer: (K,)}`` and edge shares ``{lower: (K_upper, K_lower)}``."""
-    scores = {layer: data[f"{layer}/score"][rows].mean(0) for layer in layers}
+#: Edge-weight definitions: ``flow`` (the default, see above); ``share`` (``GIG_t[q] / Δg_t`` alone,
+#: the definition before flows: unbounded where ``Δg_t`` is small); ``flow-l1`` (``I[t] ·
+#: GIG_t[q] / Σ_q' |GIG_t[q']|``: bounded by ``|I[t]|``, equal to ``flow`` when no attribution of
+#: the path cancels another).
+EDGE_RULES = ("flow", "share", "flow-l1")
+
+
+def edge_weights(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list[str],
+                 rule: str = "flow") -> dict[str, torch.Tensor]:
+    """Mean edge weights over the images ``rows``: ``{lower: (K_upper, K_lower)}``; an image adds 0
+    to edges into targets it did not reach. Never materialises ``(images, K_upper, K_lower)``."""
+    if rule not in EDGE_RULES:
+        raise ValueError(f"unknown edge rule {rule!r}: use one of {', '.join(EDGE_RULES)}")
     edges = {}
     for position, lower in enumerate(layers[:-1]):
         upper = layers[position + 1]
-        k_upper = data[f"{upper}/score"].shape[1]
-        share = data[f"{lower}/gig"][rows] / _safe(data[f"{lower}/delta"][rows])[..., None]  # (n, k, K_lo)
-        targets = data[f"{lower}/targets"][rows]  # (n, k)
-        # Sum each image's rows into its targets' rows; targets an image did not reach add 0.
-        total = torch.zeros(k_upper, share.shape[2])
-        total.index_add_(0, targets.flatten(), share.flatten(0, 1))
+        gig = data[f"{lower}/gig"][rows]  # (n, k, K_lo)
+        if rule == "flow-l1":
+            per_image = gig / gig.abs().sum(-1, keepdim=True).clamp_min(1e-12)
+        else:
+            per_image = gig / _safe(data[f"{lower}/delta"][rows])[..., None]
+        if rule != "share":
+            per_image = per_image * data[f"{upper}/importance"][rows][..., None]
+        total = torch.zeros(data[f"{upper}/score"].shape[1], gig.shape[2])
+        total.index_add_(0, data[f"{lower}/targets"][rows].flatten(), per_image.flatten(0, 1))
         edges[lower] = total / max(len(rows), 1)
-    return scores, edges
+    return edges
+
+
+def _mean_over(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list[str], rule: str = "flow"):
+    """Mean node importances ``{layer: (K,)}`` and edge weights ``{lower: (K_upper, K_lower)}``."""
+    scores = {layer: data[f"{layer}/score"][rows].mean(0) for layer in layers}
+    return scores, edge_weights(data, rows, layers, rule)
 
 
 def _safe(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d.abs() < 1e-8, torch.full_like(d, 1e-8), d)
+
+
+def _shown_edges(kept: dict[str, list[int]], edges: dict[str, torch.Tensor], layers: list[str],
+                 edges_per_node: int) -> list[tuple[str, int, int, float]]:
+    """The ``edges_per_node`` strongest non-zero edges into every kept upper node:
+    ``(lower layer, lower concept, upper concept, weight)``."""
+    shown = []
+    for position, lower in enumerate(layers[:-1]):
+        upper = layers[position + 1]
+        for t in kept[upper]:
+            weights = edges[lower][t]
+            ranked = sorted(kept[lower], key=lambda q: -float(weights[q]))[:edges_per_node]
+            shown += [(lower, q, t, float(weights[q])) for q in ranked if float(weights[q]) != 0.0]
+    return shown
+
+
+def rule_agreement(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list[str],
+                   kept: dict[str, list[int]], edges_per_node: int) -> dict[str, float]:
+    """For each alternative edge rule: the fraction of the shown ``flow`` edges it would show too
+    (same nodes, same pruning); 1.0 means the picture does not depend on the choice."""
+    base = {(l, q, t) for l, q, t, _ in _shown_edges(kept, edge_weights(data, rows, layers), layers, edges_per_node)}
+    out = {}
+    for rule in EDGE_RULES[1:]:
+        other = {(l, q, t) for l, q, t, _ in
+                 _shown_edges(kept, edge_weights(data, rows, layers, rule), layers, edges_per_node)}
+        out[rule] = len(base & other) / len(base) if base else 1.0
+    return out
 
 
 def build_graph(store: RunStore, kind: str = "class", classes: list[int] | None = None,
@@ -133,18 +185,14 @@ def build_graph(store: RunStore, kind: str = "class", classes: list[int] | None 
             out_edges += [{"source": f"{top_layer}:{q}", "target": f"class:{c}", "weight": float(class_score[q])}
                           for q in ranked]
     nodes += head
-    for position, lower in enumerate(layers[:-1]):
-        upper = layers[position + 1]
-        for t in kept[upper]:
-            weights = edges[lower][t]
-            ranked = sorted(kept[lower], key=lambda q: -float(weights[q]))[:edges_per_node]
-            out_edges += [{"source": f"{lower}:{q}", "target": f"{upper}:{t}", "weight": float(weights[q])}
-                          for q in ranked if float(weights[q]) != 0.0]
+    out_edges += [{"source": f"{lower}:{q}", "target": f"{layers[layers.index(lower) + 1]}:{t}", "weight": w}
+                  for lower, q, t, w in _shown_edges(kept, edges, layers, edges_per_node)]
     return {
         "schema": SCHEMA, "kind": kind, "model": config.model, "layers": layers,
         "classes": [{"index": c, "name": _name(names, c)} for c in classes],
         "image_ids": [int(ids[r]) for r in rows], "n_images": int(rows.numel()),
-        "top_k": top_k, "edges_per_node": edges_per_node,
+        "top_k": top_k, "edges_per_node": edges_per_node, "edge_rule": "flow",
+        "edge_rule_agreement": rule_agreement(data, rows, layers, kept, edges_per_node),
         "nodes": nodes, "edges": out_edges,
     }
 

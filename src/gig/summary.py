@@ -8,7 +8,8 @@ from .store import RunStore, load_json
 
 
 def summarize(run_dir: str | Path) -> dict:
-    """Keys: ``layers`` (per-layer figures), ``completeness``, ``images``, ``graph``, ``stages``,
+    """Keys: ``layers`` (per-layer figures), ``completeness``, ``gig`` (per path kind: gradient
+    evaluations and error estimates of the attributions), ``images``, ``graph``, ``stages``,
     and ``evaluation`` once ``gig evaluate`` has run. Missing stages give ``None`` values."""
     store = RunStore.open(run_dir)
     manifest = store.manifest()
@@ -28,7 +29,8 @@ def summarize(run_dir: str | Path) -> dict:
             "l0_ratio": fig.get("l0_ratio"),
             "top1_agreement": fig.get("top1_agreement"),
         })
-    completeness = stages.get("attribute", {}).get("summary", {}).get("completeness", {})
+    attribute = stages.get("attribute", {}).get("summary", {})
+    completeness = attribute.get("completeness", {})
     graph_index = store.root / "graph" / "index.json"
     graph_path = None
     if graph_index.is_file():
@@ -40,6 +42,7 @@ def summarize(run_dir: str | Path) -> dict:
         "model": store.config.model,
         "layers": layers,
         "completeness": {"median": completeness.get("median"), "p95": completeness.get("p95")},
+        "gig": attribute.get("accuracy"),
         "images": {"used": collect.get("images_used"), "skipped": collect.get("images_skipped")},
         "graph": graph_path,
         "stages": {name: {k: entry.get(k) for k in ("status", "seconds", "peak_rss_mb")}

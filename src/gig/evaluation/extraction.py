@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..attribution import GIG
+from ..readouts import ClassProbability
 from .curves import step_counts
 
 DELETION, INSERTION = 0, 1
@@ -119,10 +120,11 @@ def rank_by_gig(gig: GIG, pixels: torch.Tensor, codes: torch.Tensor, target: tor
 def class_probability(targets: torch.Tensor, predictions: torch.Tensor):
     """A readout for :func:`deletion_insertion` over logits: columns ``[p(target), argmax == pred]``."""
 
+    probability = ClassProbability()
+
     def readout(logits: torch.Tensor, rows_image: torch.Tensor) -> torch.Tensor:
-        probs = logits.float().softmax(1)
         t = targets.to(logits.device)[rows_image]
-        p = probs.gather(1, t[:, None]).squeeze(1)
+        p = probability.values(logits.float(), t[:, None])[:, 0]
         agree = (logits.argmax(1) == predictions.to(logits.device)[rows_image]).float()
         return torch.stack([p, agree], 1)
 

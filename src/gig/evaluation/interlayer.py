@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..attribution import concept_readout
+from ..readouts import ConceptReadout, concept_readout
 
 ORDERINGS = ("gig", "random", "grad_x_coef", "magnitude")
 
@@ -34,11 +34,10 @@ ORDERINGS = ("gig", "random", "grad_x_coef", "magnitude")
 def concept_value_readout(targets: torch.Tensor, read_vectors: torch.Tensor):
     """A readout for :func:`~gig.evaluation.extraction.deletion_insertion` over a read grid:
     every row's values of its image's targets, ``(M, T)``."""
-    unit = read_vectors.float() / read_vectors.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    concept = ConceptReadout(None, read_vectors)
 
     def readout(grid: torch.Tensor, rows_image: torch.Tensor) -> torch.Tensor:
-        vecs = unit.to(grid.device)[targets.to(grid.device)[rows_image]]  # (M, T, C)
-        return torch.einsum("mchw,mtc->mthw", grid.float(), vecs).flatten(2).max(2).values
+        return concept.values(grid.float(), targets.to(grid.device)[rows_image])
 
     return readout
 

@@ -41,7 +41,7 @@ from .extraction import DELETION, INSERTION, class_probability, deletion_inserti
 from .interlayer import (ORDERINGS, concept_value_readout, descending, grad_x_coef, magnitude_scores,
                          random_orders)
 
-SETTINGS_VERSION = 2
+SETTINGS_VERSION = 3  # 3: error-controlled GIG (gig_tol) for the rankings
 
 
 def tune_malloc() -> bool:
@@ -88,6 +88,8 @@ class _Evaluation:
         self.pipe = pipe
         self.store: RunStore = pipe.store
         self.handle = pipe.handle
+        #: batch norms folded, channels-last: for the many gradient evaluations of GIG
+        self.fast = pipe.handle.for_gradients(settings["layers"])
         self.config = pipe.config
         self.s = settings
         self.progress = progress
@@ -111,7 +113,8 @@ class _Evaluation:
         return torch.stack([self.readers[layer].codes(i) for i in ids])
 
     def gig(self, layer: str, V: torch.Tensor) -> GIG:
-        return GIG(self.handle, layer, V, self.s["n_steps"], self.s["quadrature"], self.s["internal_batch_size"])
+        return GIG(self.fast, layer, V, self.s["n_steps"], self.s["quadrature"], self.s["internal_batch_size"],
+                   tol=self.s["gig_tol"], max_steps=self.s["gig_max_steps"])
 
     def chunks(self, infos: list[dict]) -> list[list[dict]]:
         c = self.s["chunk_images"]
@@ -178,10 +181,9 @@ class _Evaluation:
         pixels = self.pixels(infos)
         with torch.no_grad():
             logits, grids = self.handle.capture(pixels, s["layers"])
-        probs = logits.float().softmax(1)
-        rec: dict = {"image_id": ids, "target": targets.tolist(),
-                     "p_original": probs.gather(1, targets[:, None]).squeeze(1).tolist(), "layers": {}}
         readout = class_probability(targets, preds)
+        rec: dict = {"image_id": ids, "target": targets.tolist(),
+                     "p_original": readout(logits, torch.arange(len(ids)))[:, 0].tolist(), "layers": {}}
         for layer in s["layers"]:
             grid = grids[layer]
             n, c, h, w = grid.shape
@@ -229,7 +231,7 @@ class _Evaluation:
 
     def _aggregate_extraction(self, parts: list[dict], bases) -> dict:
         s = self.s
-        result: dict = {"settings": {k: s[k] for k in ("n_points", "n_steps", "quadrature", "seed", "methods")},
+        result: dict = {"settings": {k: s[k] for k in ("n_points", "n_steps", "quadrature", "gig_tol", "seed", "methods")},
                         "layers": {}}
         result["settings"]["n_images"] = sum(len(p["image_id"]) for p in parts)
         result["image_id"] = [i for p in parts for i in p["image_id"]]
@@ -337,7 +339,7 @@ class _Evaluation:
         s = self.s
         layers = s["layers"]
         transitions = list(zip(layers[:-1], layers[1:]))
-        result: dict = {"settings": {k: s[k] for k in ("n_points", "n_steps", "quadrature", "seed", "orderings",
+        result: dict = {"settings": {k: s[k] for k in ("n_points", "n_steps", "quadrature", "gig_tol", "seed", "orderings",
                                                         "n_targets", "n_random")},
                         "transitions": {}}
         result["settings"]["n_images"] = len(infos)
@@ -418,7 +420,7 @@ class _quiet:
 def evaluate_run(run_dir, n_images_extraction: int = 100, n_images_interlayer: int = 20,
                  methods: Iterable[str] = METHODS, orderings: Iterable[str] = ORDERINGS, seed: int = 0,
                  progress: bool = True, *, layers: list[str] | None = None, n_points: int = 21,
-                 n_steps: int | None = None, n_targets: int = 5, n_random: int = 5, batch_rows: int = 126,
+                 n_steps: int | None = None, gig_tol: float | None = None, n_targets: int = 5, n_random: int = 5, batch_rows: int = 126,
                  chunk_images: int = 10, sae_k: int | None = None, sae_steps: int = 1500,
                  dictionary_iter: int = 5, n_boot: int = 2000, plots: bool = True, resume: bool = True,
                  out_dir=None, model=None, source=None) -> dict:
@@ -461,7 +463,8 @@ def evaluate_run(run_dir, n_images_extraction: int = 100, n_images_interlayer: i
     settings = {
         "version": SETTINGS_VERSION, "run_hash": store.expected_hash("decompose"), "layers": layers,
         "methods": methods, "orderings": orderings, "seed": seed, "n_points": n_points,
-        "n_steps": int(n_steps or config.n_steps), "quadrature": config.quadrature,
+        "n_steps": n_steps or config.n_steps, "quadrature": config.quadrature,
+        "gig_tol": float(gig_tol or config.gig_tol), "gig_max_steps": config.gig_max_steps,
         "internal_batch_size": config.internal_batch_size, "n_targets": n_targets, "n_random": n_random,
         "batch_rows": batch_rows, "chunk_images": chunk_images, "sae_k": sae_k, "sae_steps": sae_steps,
         "dictionary_iter": dictionary_iter, "n_boot": n_boot,

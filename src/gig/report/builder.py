@@ -42,7 +42,7 @@ from ..attribution import completeness_residuals, load_attributions
 from ..collect import load_images, load_samples
 from ..concepts import load_concept_cards
 from ..decompose import CodeReader, from_sparse_rows
-from ..graph import build_graph, default_classes
+from ..graph import build_graph, default_classes, edge_weights
 from ..store import RunStore, load_json
 
 HERE = Path(__file__).resolve().parent
@@ -310,23 +310,6 @@ def erf_maps_truncated(handle, pixels: torch.Tensor, layer: str, positions: torc
 
 
 # ---------------------------------------------------------------------------- aggregation
-def dataset_edges(data: dict[str, torch.Tensor], layers: list[str]) -> dict[str, torch.Tensor]:
-    """Mean edge shares over every image, ``{lower: (K_upper, K_lower)}``, without the dense
-    ``(images, K_upper, K_lower)`` tensor (same numbers as the global graph's edges)."""
-    out = {}
-    n = int(data["image_id"].numel())
-    for position, lower in enumerate(layers[:-1]):
-        upper = layers[position + 1]
-        gig = data[f"{lower}/gig"]  # (n, k, K_lo)
-        delta = data[f"{lower}/delta"]
-        delta = torch.where(delta.abs() < 1e-8, torch.full_like(delta, 1e-8), delta)
-        share = gig / delta[..., None]
-        total = torch.zeros(data[f"{upper}/score"].shape[1], gig.shape[2])
-        total.index_add_(0, data[f"{lower}/targets"].flatten(), share.reshape(-1, gig.shape[2]))
-        out[lower] = total / max(n, 1)
-    return out
-
-
 def _top_pairs(values: torch.Tensor, ids: list[str], k: int = 5) -> list[list]:
     """The ``k`` largest positive entries of ``values`` as ``[[id, weight], ...]``."""
     if values.numel() == 0:
@@ -438,7 +421,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
         log(f"{layer}: {len(shown[layer])} concepts, {len(wanted)} ERF crops ({time.perf_counter() - t0:.1f}s)")
 
     # dataset-wide parents (lower layer) and children (upper layer or classes)
-    edges = dataset_edges(data, layers)
+    edges = edge_weights(data, torch.arange(int(data["image_id"].numel())), layers)
     top = layers[-1]
     class_share = {}
     target_vec = torch.tensor([targets[int(i)] for i in data["image_id"].tolist()])
@@ -684,8 +667,18 @@ def _metrics(store: RunStore, layers: list[str], assets: Assets) -> dict:
     if residuals is not None and residuals.size:
         plots.append({"title": "GIG completeness residuals",
                       "url": assets.add_bytes("img/metrics/completeness.svg", completeness_figure(residuals))})
+    gig = info.get("gig")
+    if gig and gig.get("by_source"):
+        from ..attribution import load_error_estimates
+
+        estimates = load_error_estimates(store)
+        if estimates.numel():
+            plots.append({"title": "GIG error estimates",
+                          "url": assets.add_bytes("img/metrics/gig_error.svg",
+                                                  completeness_figure(estimates.numpy(), "relative error estimate",
+                                                                      gig.get("tol")))})
     stages = [{"name": k, **v} for k, v in info["stages"].items()]
-    return {"layers": rows, "completeness": completeness, "images": info["images"], "stages": stages,
+    return {"layers": rows, "completeness": completeness, "gig": gig, "images": info["images"], "stages": stages,
             "plots": plots}
 
 

@@ -2,8 +2,8 @@
 
 The class graph (as in the paper's Figures 1 and 3): one row per layer, the classifier on top;
 every concept node is the ERF crop of its top-1 PFV (context dimmed) with its concept id and
-importance under it, shared concepts framed in orange; edges get thicker and bluer with their GIG
-share (negative shares dashed red). Nodes are ordered within a row by the weighted mean position
+importance under it, shared concepts framed in orange; edges get thicker and bluer with their
+weight, the share of the class-logit change that flows through them (negative ones dashed red). Nodes are ordered within a row by the weighted mean position
 of the nodes they feed (a barycentre pass from the top), so the strong paths run straight down.
 """
 
@@ -128,7 +128,7 @@ def draw_class_figure(graph: dict, out_stem: Path, thumbnails: dict[str, Path] |
                         f"top-{graph.get('top_k', '?')} concepts per layer)"), fontsize=10)
     sm = plt.cm.ScalarMappable(cmap=shown_blues, norm=Normalize(0, top))
     bar = fig.colorbar(sm, ax=ax, fraction=0.025, pad=0.01, shrink=0.5)
-    bar.set_label("GIG share (edge weight)", fontsize=8)
+    bar.set_label("share of the class-logit change (edge weight)", fontsize=8)
     bar.ax.tick_params(labelsize=7)
     if any(node.get("shared") for node in graph["nodes"]):
         ax.text(1.0, -0.02, "orange frame: shared concept", transform=ax.transAxes, ha="right", va="top",
@@ -172,8 +172,10 @@ def reconstruction_figure(rows: list[dict]) -> bytes:
     return _svg_bytes(fig)
 
 
-def completeness_figure(residuals: np.ndarray) -> bytes:
-    """Histogram of relative completeness residuals |Σ GIG − Δg| / |Δg| on a log axis (SVG bytes)."""
+def completeness_figure(residuals: np.ndarray, xlabel: str = "relative completeness residual",
+                        tol: float | None = None) -> bytes:
+    """Histogram of relative figures on a log axis (SVG bytes): completeness residuals
+    |Σ GIG − Δg| / |Δg| by default, or GIG error estimates with their tolerance marked."""
     r = np.asarray(residuals, dtype=float)
     r = r[np.isfinite(r)]
     fig, ax = plt.subplots(figsize=(5.5, 3.0))
@@ -184,8 +186,10 @@ def completeness_figure(residuals: np.ndarray) -> bytes:
     ax.set_xscale("log")
     med = float(np.median(r)) if r.size else float("nan")
     ax.axvline(max(med, floor), color="#d62728", lw=1, ls="--", label=f"median {med:.2g}")
+    if tol:
+        ax.axvline(tol, color="#2ca02c", lw=1, label=f"tolerance {tol:g}")
     ax.legend(fontsize=7, frameon=False)
-    ax.set_xlabel("relative completeness residual", fontsize=8)
+    ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel("attributions", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.spines[["top", "right"]].set_visible(False)

@@ -233,6 +233,14 @@
       g.nodes.length + ' nodes, ' + g.edges.length + ' edges (top-' + g.top_k + ' concepts per layer, ' +
       g.edges_per_node + ' edges per node)'));
     if (entry.file) box.appendChild(document.createTextNode(' · from graph/' + entry.file));
+    if (g.edge_rule_agreement) {
+      // How much the shown edges depend on the definition of an edge weight (docs/graph-schema.md).
+      var parts = [];
+      for (var rule in g.edge_rule_agreement) parts.push(rule + ' ' + Math.round(100 * g.edge_rule_agreement[rule]) + ' %');
+      var agree = el('span', 'rule-agreement', ' · edges: flow of the class-logit change; shown edges also shown under ' + parts.join(', '));
+      agree.id = 'edge-rule-agreement';
+      box.appendChild(agree);
+    }
     var shown = el('span', 'shown');
     shown.id = 'edges-shown';
     box.appendChild(shown);
