@@ -12,19 +12,21 @@ Because ``X̃`` is linear in ``U``, ``∂g/∂U[p, q] = ⟨∂g/∂X̃_p, V_q⟩
 ``Σ_q GIG[q] = g(F(X̃)) − g(F(0))``, holds up to the quadrature error; its residual is recorded
 for every attribution.
 
-**Error control (the default).** The integrand is not smooth (ReLU6 clipping, the max readout),
-so high-order rules gain nothing and uniform grids converge like ``1/N``; paths also differ
-widely in difficulty. Each (image, target) therefore gets its own number of steps: the
-composite trapezoid rule on ``N = min_steps, 2·min_steps, …`` intervals, whose finer grid reuses
-every evaluation of the coarser one, stopped once
+**Error control (the default).** The integrand is not smooth (ReLU6 clipping, the max readout):
+along the path the gradient vector jumps, often at a few values of α that carry most of the
+variation, so high-order rules gain nothing, uniform grids converge like ``1/N``, and paths
+differ widely in difficulty. Each image's path gets its own grid, refined where its
+attributions change: cells ``[a, b]`` of α with their midpoints, integrated by the trapezoid
+rule on both halves; per cell, the difference ``d`` between that and the one-interval trapezoid
+is a local error vector over the concepts. Cells holding most of ``Σ ‖d‖²`` are bisected (two
+new evaluations each) until, for every target,
 
-    ``‖GIG_N − GIG_{N/2}‖₂ / ‖GIG_N‖₂ ≤ tol``   and   ``|Σ_q GIG_N[q] − Δg| ≤ (tol/2)·|Δg|``
+    ``max(‖Σ_c d_c‖, (Σ_c ‖d_c‖²)^½) / ‖GIG‖₂ ≤ tol``   and   ``|Σ_q GIG[q] − Δg| ≤ (tol/2)·|Δg|``
 
-or at ``max_steps`` (recorded as unconverged). The first quantity is the error estimate stored
-with every attribution; for an integrand whose error falls like ``1/N`` it equals the true
-error of ``GIG_N``, and it overstates it for smoother ones. The targets of one path (the top
-concepts of the layer above) share its forward passes: one forward per step for all of them,
-one backward per target still refining.
+or until the image has ``max_steps + 1`` evaluations (recorded as unconverged). The first
+quantity is the error estimate stored with every attribution. The targets of one image share its
+grid: one forward per step for all of them, one backward per target still refining; a target's
+numbers therefore depend, within the tolerance, on the targets it is attributed with.
 
 With ``n_steps`` set, a fixed grid is used instead (``gauss-legendre``, ``riemann-midpoint`` or
 ``trapezoid``); only the trapezoid rule has a nested half grid and so an error estimate (NaN for
@@ -36,6 +38,7 @@ the network before ``a`` runs once per image (see ``ModelHandle.run_from``).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,7 +111,8 @@ class GIG:
 
     def __init__(self, handle: ModelHandle, layer: str, dictionary: torch.Tensor, n_steps: int | None = None,
                  quadrature_rule: str = "riemann-midpoint", internal_batch_size: int = 64, tol: float = 0.01,
-                 max_steps: int = 512, min_steps: int = 8):
+                 max_steps: int = 512, min_steps: int = 8, refine_fraction: float = 0.3,
+                 memory_budget: float = 2 * 2**30):
         if quadrature_rule not in RULES:
             raise ValueError(f"unknown quadrature {quadrature_rule!r}: use one of {', '.join(RULES)}")
         if not 0 < tol < 1:
@@ -124,6 +128,8 @@ class GIG:
         self.tol = tol
         self.max_steps = max_steps
         self.min_steps = min_steps
+        self.refine_fraction = refine_fraction
+        self.memory_budget = memory_budget
         self._shape: tuple[int, int] | None = None
 
     def grid_shape(self, inputs: torch.Tensor) -> tuple[int, int]:
@@ -138,11 +144,15 @@ class GIG:
                   read_layer: str | None = None, read_vectors: torch.Tensor | None = None,
                   readout: Readout | None = None, n_steps: int | None = None, tol: float | None = None,
                   internal_batch_size: int | None = None, return_gradients: bool = False) -> GIGResult:
+        """Attributions ``(N, T, K)`` of ``codes (N, P, K)`` to ``target (N,)`` or ``(N, T)``.
+
+        ``return_gradients`` also returns the integrated gradients ``Ḡ (N, T, P, C)`` (for
+        :func:`gig_maps`); with error control that keeps every step's gradient until the end, so
+        images are then processed in groups that fit ``memory_budget`` bytes."""
         device = self.handle.device
         ibs = internal_batch_size or self.internal_batch_size
         n_steps = n_steps or self.n_steps
         tol = self.tol if tol is None else tol
-        inputs = inputs.to(device)
         target = torch.as_tensor(target, device=device)
         if target.dim() == 1:
             target = target[:, None]
@@ -151,36 +161,42 @@ class GIG:
             raise ValueError(f"codes {tuple(codes.shape)} do not fit {n} images and K={self.V.shape[0]}")
         readout = self._readout(readout, read_layer, read_vectors)
         h, w = self.grid_shape(inputs)
-        codes = codes.float().to(device)
-        recon = (codes @ self.V).transpose(1, 2).reshape(n, -1, h, w)  # (N, C, H, W)
-        path = _Path(self.handle, self.layer, inputs, recon, target, readout, ibs)
-        converged = None
+        group = n
+        if n_steps is None and return_gradients:
+            per_image = (self.max_steps + 1) * target.shape[1] * self.V.shape[1] * h * w * 4
+            group = max(1, int(self.memory_budget // per_image))
+        parts = []
+        with _full_float32():
+            for lo in range(0, n, group):
+                parts.append(self._attribute_group(inputs, codes, target, readout, slice(lo, lo + group), (h, w),
+                                                   ibs, n_steps, tol, return_gradients))
+        return self._result(parts, n_steps is not None, tol, return_gradients)
+
+    def _attribute_group(self, inputs, codes, target, readout, sl, shape, ibs, n_steps, tol, return_gradients):
+        device = self.handle.device
+        ctx = _Context(self.handle, self.layer, inputs[sl].to(device), codes[sl].float().to(device), self.V,
+                       shape, target[sl], readout, ibs)
         if n_steps is None:
-            sums, n_int, est, g0, g1, converged = path.refine(codes, self.V, self.min_steps, self.max_steps, tol)
-            g_bar, evals, converged = sums / n_int[..., None, None, None], n_int + 1, converged.cpu()
-        elif self.quadrature_rule == "trapezoid":
-            if n_steps % 2:
-                raise ValueError(f"the trapezoid rule needs an even n_steps for its error estimate, got {n_steps}")
-            sums, n_int, est, g0, g1, _ = path.refine(codes, self.V, n_steps // 2, n_steps, 0.0)
-            g_bar, evals, tol = sums / n_steps, n_int + 1, None
-        else:
-            alphas, weights = quadrature(n_steps, self.quadrature_rule)
-            g_bar = path.integrate(alphas.to(device), weights.to(device))
-            g0, g1 = path.endpoints()
-            evals = torch.full(target.shape, n_steps, device=device)
-            est, tol = torch.full(target.shape, float("nan"), device=device), None
-        attributions = project(codes, g_bar, self.V)
-        diff = g1 - g0
+            return ctx.adaptive(tol, self.min_steps, self.max_steps + 1, self.refine_fraction, return_gradients)
+        return ctx.fixed(n_steps, self.quadrature_rule)
+
+    @staticmethod
+    def _result(parts: list[dict], fixed: bool, tol: float, return_gradients: bool) -> GIGResult:
+        """The groups' results concatenated into one :class:`GIGResult` (on the CPU)."""
+        fields = {k: (torch.cat([p[k] for p in parts]).detach().cpu() if parts[0][k] is not None else None)
+                  for k in parts[0]}
+        g_bar = fields["g_bar"]
+        attributions, diff = fields["attributions"], fields["g1"] - fields["g0"]
         return GIGResult(
-            attributions=attributions.detach().cpu(),
-            output_diff=diff.detach().cpu(),
-            residual=(attributions.sum(-1) - diff).detach().cpu(),
-            target_value=g1.detach().cpu(),
-            n_evaluations=evals.long().cpu(),
-            error_estimate=est.detach().float().cpu(),
-            integrated_gradients=g_bar.flatten(3).transpose(2, 3).detach().cpu() if return_gradients else None,
-            tol=tol,
-            converged=converged,
+            attributions=attributions,
+            output_diff=diff,
+            residual=attributions.sum(-1) - diff,
+            target_value=fields["g1"],
+            n_evaluations=fields["evaluations"].long(),
+            error_estimate=fields["estimate"].float(),
+            integrated_gradients=g_bar.flatten(3).transpose(2, 3) if return_gradients else None,
+            tol=None if fixed else tol,
+            converged=None if fixed else fields["converged"],
         )
 
     def uniform_levels(self, inputs: torch.Tensor, codes: torch.Tensor, target: torch.Tensor,
@@ -191,14 +207,10 @@ class GIG:
         target = torch.as_tensor(target, device=self.handle.device)
         target = target[:, None] if target.dim() == 1 else target
         readout = self._readout(read.pop("readout", None), read.pop("read_layer", None), read.pop("read_vectors", None))
-        h, w = self.grid_shape(inputs)
-        codes = codes.float().to(self.handle.device)
-        recon = (codes @ self.V).transpose(1, 2).reshape(codes.shape[0], -1, h, w)
-        path = _Path(self.handle, self.layer, inputs.to(self.handle.device), recon, target, readout,
-                     self.internal_batch_size)
-        levels: dict[int, torch.Tensor] = {}
-        path.refine(codes, self.V, min_steps, max_steps, 0.0, levels)
-        return levels
+        ctx = _Context(self.handle, self.layer, inputs.to(self.handle.device),
+                       codes.float().to(self.handle.device), self.V, self.grid_shape(inputs), target, readout,
+                       self.internal_batch_size)
+        return ctx.uniform_levels(min_steps, max_steps)
 
     @staticmethod
     def _readout(readout, read_layer, read_vectors) -> Readout:
@@ -211,6 +223,18 @@ class GIG:
         return ClassLogit() if read_layer is None else ConceptReadout(read_layer, read_vectors)
 
 
+@contextmanager
+def _full_float32():
+    """GIG in float32 on CUDA: TF32 convolutions (PyTorch's default for cuDNN) moved attributions
+    by 0.2–0.7 % against the CPU on an H200 (bench/gpu_check.py), most of a 1 % tolerance."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def project(codes: torch.Tensor, g_bar: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """``GIG[n,t,q] = Σ_p U[n,p,q] ⟨Ḡ[n,t,p], V_q⟩`` for ``codes (N, P, K)``, ``g_bar (N, T, C, H, W)``,
     ``V (K, C)`` → ``(N, T, K)``, without materialising ``(N, T, P, K)``."""
@@ -218,46 +242,71 @@ def project(codes: torch.Tensor, g_bar: torch.Tensor, V: torch.Tensor) -> torch.
     return (torch.einsum("npk,ntcp->ntkc", codes, g) * V).sum(-1)
 
 
-class _Path:
-    """Gradient evaluations along ``α ↦ α·X̃`` for a batch of images and their targets."""
+class _Context:
+    """Gradient evaluations along ``α ↦ α·X̃`` for a batch of images and their targets.
 
-    def __init__(self, handle, layer, inputs, recon, target, readout, ibs):
-        self.handle, self.layer, self.inputs, self.recon = handle, layer, inputs, recon
+    An *item* is one (image, α) pair: one forward pass, shared by the image's targets, and one
+    backward pass per target still refining. Items of several images go through one forward
+    (``internal_batch_size`` at a time) with the network before the layer run once per image."""
+
+    def __init__(self, handle, layer, inputs, codes, V, shape, target, readout, ibs):
+        self.handle, self.layer, self.inputs, self.codes, self.V = handle, layer, inputs, codes, V
         self.target, self.readout, self.ibs = target, readout, ibs
+        n = codes.shape[0]
+        self.recon = (codes @ V).transpose(1, 2).reshape(n, -1, *shape)  # (N, C, H, W)
+        self.device = inputs.device
 
-    def gradients(self, images: torch.Tensor, alphas: torch.Tensor, weights: torch.Tensor,
-                  active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``Σ_s w_s ∇g_t(α_s X̃_n)`` for the ``images`` (indices) and targets ``active (n, T)``,
-        shape ``(n, T, C, H, W)`` (zero where inactive), and readouts ``(n, S, T)`` at every α."""
-        n_sel, t = len(images), self.target.shape[1]
-        sums = torch.zeros(n_sel, t, *self.recon.shape[1:], device=self.recon.device)
-        values = torch.zeros(n_sel, len(alphas), t, device=self.recon.device)
-        for pos, lo, hi in _chunks(n_sel, len(alphas), self.ibs):
-            idx = images[pos]
-            e = hi - lo
-            scale = alphas[lo:hi].repeat(len(pos)).view(-1, 1, 1, 1)
-            grid = (self.recon[idx].repeat_interleave(e, 0) * scale)
+    # ------------------------------------------------------------------ evaluations
+    def evaluate(self, image: torch.Tensor, alpha: torch.Tensor, active: torch.Tensor,
+                 weight_sets: list[torch.Tensor] = (), per_node: bool = False, keep_gradients: bool = False):
+        """Gradients of every active target at items ``(image (M,) sorted, alpha (M,))``.
+
+        ``active (N, T)``: which targets of each image need a backward pass. Returns a dict with
+        ``values (M, T)`` (the readouts), and as asked: ``sums`` — one ``(N, T, C, H, W)`` per
+        weight vector of ``weight_sets`` (``Σ_items w · gradient``); ``F (M, T, K)`` — each item's
+        gradient projected on the concepts, ``Σ_p U[p,q] ⟨∇g[p], V_q⟩``; ``G (M, T, C, H, W)``."""
+        m, (n, t) = image.numel(), self.target.shape
+        shape = self.recon.shape[1:]
+        out = {"values": torch.zeros(m, t, device=self.device)}
+        out["sums"] = [torch.zeros(n, t, *shape, device=self.device) for _ in weight_sets]
+        if per_node:
+            out["F"] = torch.zeros(m, t, self.V.shape[0], device=self.device)
+        if keep_gradients:
+            out["G"] = torch.zeros(m, t, *shape, device=self.device)
+        for lo in range(0, m, self.ibs):
+            hi = min(lo + self.ibs, m)
+            img, a = image[lo:hi], alpha[lo:hi]
+            uniq, counts = torch.unique_consecutive(img, return_counts=True)
+            grid = (self.recon[img] * a.to(self.recon.dtype).view(-1, 1, 1, 1))
             grid = grid.contiguous(memory_format=self.handle.memory_format).requires_grad_(True)
-            out = self.handle.run_from(self.inputs[idx], self.layer, grid, read=self.readout.layer)
-            r = self.readout.values(out, self.target[idx].repeat_interleave(e, 0))  # (M, T)
-            values[pos, lo:hi] = r.detach().view(len(pos), e, t)
-            act = active[pos]  # (n_c, T)
+            res = self.handle.run_from(self.inputs[uniq], self.layer, grid, read=self.readout.layer, counts=counts)
+            r = self.readout.values(res, self.target[img])  # (m_c, T)
+            out["values"][lo:hi] = r.detach()
+            act = active[img]  # (m_c, T)
             slots = act.any(0).nonzero().flatten().tolist()
-            row_weight = weights[lo:hi].repeat(len(pos))  # (M,)
             for j, slot in enumerate(slots):
                 # One backward per target still refining; the forward is shared by all of them.
                 go = torch.zeros_like(r)
-                go[:, slot] = row_weight * act[:, slot].repeat_interleave(e).to(r.dtype)
+                go[:, slot] = act[:, slot].to(r.dtype)
                 (g,) = torch.autograd.grad(r, grid, go, retain_graph=j < len(slots) - 1)
-                sums[pos, slot] += g.view(len(pos), e, *g.shape[1:]).sum(1)
-        return sums, values
+                g = g.contiguous()
+                for k, weights in enumerate(weight_sets):
+                    out["sums"][k][:, slot].index_add_(0, img, g * weights[lo:hi].view(-1, 1, 1, 1))
+                if per_node:
+                    out["F"][lo:hi, slot] = self._project_items(img, g)
+                if keep_gradients:
+                    out["G"][lo:hi, slot] = g
+        return out
 
-    def integrate(self, alphas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Fixed grid: ``Ḡ (N, T, C, H, W)``."""
-        n = self.target.shape[0]
-        active = torch.ones_like(self.target, dtype=torch.bool)
-        sums, _ = self.gradients(torch.arange(n, device=self.recon.device), alphas, weights, active)
-        return sums
+    def _project_items(self, img: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``Σ_p U[n,p,q] ⟨g_m[p], V_q⟩`` per item ``m`` of image ``n = img[m]``: ``(M, K)``."""
+        flat = g.flatten(2)  # (M, C, P)
+        out = torch.empty(g.shape[0], self.V.shape[0], device=g.device)
+        for n in torch.unique(img).tolist():
+            rows = (img == n).nonzero().flatten()
+            # (K, P) @ (m, P, C) → (m, K, C), then ⟨·, V_q⟩ over C
+            out[rows] = (torch.matmul(self.codes[n].T, flat[rows].transpose(1, 2)) * self.V).sum(-1)
+        return out
 
     def endpoints(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``g(F(0))`` and ``g(F(X̃))`` ``(N, T)`` in one no-grad pass (2 replacements per image)."""
@@ -268,48 +317,188 @@ class _Path:
         vals = vals.view(-1, 2, self.target.shape[1])
         return vals[:, 0], vals[:, 1]
 
-    def refine(self, codes, V, min_steps: int, max_steps: int, tol: float, levels: dict | None = None):
-        """Nested trapezoid grids, doubled per (image, target) until converged or ``max_steps``.
+    def _all_items(self, alphas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.target.shape[0]
+        image = torch.arange(n, device=self.device).repeat_interleave(len(alphas))
+        return image, alphas.to(self.device).repeat(n)
 
-        Returns ``sums (N, T, C, H, W)`` with ``Ḡ = sums / n_intervals``, ``n_intervals (N, T)``,
-        the error estimate ``(N, T)``, ``g(F(0))``, ``g(F(X̃))`` ``(N, T)`` and whether each
-        attribution met both criteria ``(N, T)``. With ``levels``
-        (a dict) and ``tol = 0`` it also receives ``{intervals: attributions (N, T, K)}`` of every
-        level, the uniform grids of a step-count study.
-        """
-        device = self.recon.device
+    # ------------------------------------------------------------------ fixed grids
+    def fixed(self, n_steps: int, rule: str) -> dict:
+        """One fixed grid for every attribution; the trapezoid rule also integrates its nested half
+        grid, whose difference is the error estimate."""
         n, t = self.target.shape
-        everyone = torch.arange(n, device=device)
-        active = torch.ones(n, t, dtype=torch.bool, device=device)
-        alphas, weights = quadrature(min_steps, "trapezoid")
-        # Trapezoid sums are kept unnormalised (ends ½, interior 1) so that refining only adds.
-        sums, values = self.gradients(everyone, alphas.to(device), weights.to(device) * min_steps, active)
+        active = torch.ones(n, t, dtype=torch.bool, device=self.device)
+        alphas, weights = quadrature(n_steps, rule)
+        image, alpha = self._all_items(alphas)
+        weight_sets = [weights.to(self.device).repeat(n)]
+        if rule == "trapezoid":
+            if n_steps % 2:
+                raise ValueError(f"the trapezoid rule needs an even n_steps for its error estimate, got {n_steps}")
+            half = torch.zeros(n_steps + 1)
+            half[::2] = quadrature(n_steps // 2, "trapezoid")[1]
+            weight_sets.append(half.to(self.device).repeat(n))
+        out = self.evaluate(image, alpha, active, weight_sets)
+        g_bar = out["sums"][0]
+        attributions = project(self.codes, g_bar, self.V)
+        if rule == "trapezoid":
+            values = out["values"].view(n, n_steps + 1, t)
+            g0, g1 = values[:, 0], values[:, -1]
+            coarse = project(self.codes, out["sums"][1], self.V)
+            estimate = _relative_change(attributions, coarse)
+        else:
+            g0, g1 = self.endpoints()
+            estimate = torch.full((n, t), float("nan"), device=self.device)
+        evaluations = torch.full((n, t), len(alphas), device=self.device)
+        return _result(attributions, g0, g1, evaluations, estimate, None, g_bar)
+
+    def uniform_levels(self, min_steps: int, max_steps: int) -> dict[int, torch.Tensor]:
+        n, t = self.target.shape
+        active = torch.ones(n, t, dtype=torch.bool, device=self.device)
+        alphas = quadrature(max_steps, "trapezoid")[0]
+        image, alpha = self._all_items(alphas)
+        F = self.evaluate(image, alpha, active, per_node=True)["F"].view(n, max_steps + 1, t, -1)
+        levels, steps = {}, min_steps
+        while steps <= max_steps:
+            w = torch.zeros(max_steps + 1, device=self.device)
+            w[:: max_steps // steps] = quadrature(steps, "trapezoid")[1].to(self.device)
+            levels[steps] = torch.einsum("s,nstk->ntk", w, F).cpu()
+            steps *= 2
+        return levels
+
+    # ------------------------------------------------------------------ error control
+    def adaptive(self, tol: float, min_cells: int, max_nodes: int, fraction: float, keep_gradients: bool) -> dict:
+        """Per image, one set of cells ``[a, b]`` with their midpoints ``m`` (the trapezoid rule on
+        ``[a, m]`` and ``[m, b]``), shared by the image's targets; cells are bisected where the
+        attribution vectors change most, until each target's estimate meets the tolerance.
+
+        Starts from ``min_cells`` equal cells. Per round, per image: ``d_c = T2_c − T1_c`` per cell
+        (the two-interval minus the one-interval trapezoid, a vector over the concepts per
+        target), the estimate ``max(‖Σ_c d_c‖, (Σ_c ‖d_c‖²)^½) / ‖Σ_c T2_c‖`` per target, and the cells holding the
+        first ``fraction`` of ``Σ_t ‖d_{c,t}‖² / ‖A_t‖²`` over targets still refining are bisected
+        (two new evaluations each). A target stops once its estimate is within ``tol`` and its
+        completeness residual within ``tol / 2``, or when the image has ``max_nodes`` evaluations.
+        """
+        n, t = self.target.shape
+        dev = self.device
+        active = torch.ones(n, t, dtype=torch.bool, device=dev)
+        start = torch.linspace(0, 1, 2 * min_cells + 1, dtype=torch.float64)
+        image, alpha = self._all_items(start)
+        first = self.evaluate(image, alpha.float(), active, per_node=True, keep_gradients=keep_gradients)
+        per = len(start)
+        nodes = [start.to(dev).clone() for _ in range(n)]  # α of every evaluated item, per image
+        F = list(first["F"].view(n, per, t, -1))
+        # Gradients of every evaluation, kept in per-round pieces (no growing copies) until the end.
+        G = [[g] for g in first["G"].view(n, per, t, *self.recon.shape[1:])] if keep_gradients else None
+        values = first["values"].view(n, per, t)
         g0, g1 = values[:, 0], values[:, -1]
         diff_abs = (g1 - g0).abs()
-        n_int = torch.full((n, t), min_steps, device=device)
-        previous = project(codes, sums / min_steps, V)
-        if levels is not None:
-            levels[min_steps] = previous.detach().cpu().clone()
-        estimate = torch.full((n, t), float("inf"), device=device)
-        steps = min_steps
-        while steps < max_steps and bool(active.any()):
-            images = active.any(1).nonzero().flatten()
-            mids = (torch.arange(steps, device=device, dtype=torch.float64) + 0.5) / steps
-            new, _ = self.gradients(images, mids.float(), torch.ones(steps, device=device), active[images])
-            sums[images] += new
-            steps *= 2
-            n_int[active] = steps
-            current = project(codes[images], sums[images] / n_int[images][..., None, None, None], V)
-            change = (current - previous[images]).norm(dim=-1) / current.norm(dim=-1).clamp_min(1e-12)
-            residual = (current.sum(-1) - (g1 - g0)[images]).abs()
-            sub_active = active[images]
-            estimate[images] = torch.where(sub_active, change, estimate[images])
-            previous[images] = torch.where(sub_active[..., None], current, previous[images])
-            if levels is not None:
-                levels[steps] = current.detach().cpu().clone()
-            done = (change <= tol) & (residual <= 0.5 * tol * diff_abs[images])
-            active[images] = sub_active & ~done
-        return sums, n_int, estimate, g0, g1, ~active
+        j = torch.arange(min_cells, device=dev)
+        cells = [torch.stack([2 * j, 2 * j + 1, 2 * j + 2], 1) for _ in range(n)]
+        result = {"attributions": torch.zeros(n, t, self.V.shape[0], device=dev),
+                  "estimate": torch.full((n, t), float("inf"), device=dev),
+                  "evaluations": torch.zeros(n, t, device=dev),
+                  "converged": torch.zeros(n, t, dtype=torch.bool, device=dev),
+                  "g_bar": torch.zeros(n, t, *self.recon.shape[1:], device=dev) if keep_gradients else None}
+        while bool(active.any()):
+            new_image, new_alpha, splits = [], [], {}
+            for i in active.any(1).nonzero().flatten().tolist():
+                A, est, score = _cell_state(nodes[i], F[i], cells[i])
+                residual = (A.sum(-1) - (g1[i] - g0[i])).abs()
+                done = (est <= tol) & (residual <= 0.5 * tol * diff_abs[i])
+                room = (max_nodes - len(nodes[i])) // 2
+                finish = active[i] & (done | (room < 1))
+                if bool(finish.any()):
+                    self._finish(result, i, finish, A, est, done, len(nodes[i]), nodes[i], cells[i], G)
+                    active[i] &= ~finish
+                if not bool(active[i].any()):
+                    continue
+                chosen = _choose_cells(score[:, active[i]], nodes[i], cells[i], fraction, room)
+                a, m, b = (nodes[i][cells[i][chosen, k]] for k in range(3))
+                new_image.append(torch.full((2 * len(chosen),), i, device=dev))
+                new_alpha.append(torch.stack([(a + m) / 2, (m + b) / 2], 1).flatten())
+                splits[i] = chosen
+            if not splits:
+                break
+            image, alpha = torch.cat(new_image), torch.cat(new_alpha)
+            out = self.evaluate(image, alpha.float(), active, per_node=True, keep_gradients=keep_gradients)
+            for i, chosen in splits.items():
+                rows = (image == i).nonzero().flatten()
+                first_new = len(nodes[i])
+                nodes[i] = torch.cat([nodes[i], alpha[rows]])
+                F[i] = torch.cat([F[i], out["F"][rows]])
+                if keep_gradients:
+                    G[i].append(out["G"][rows])
+                left = first_new + 2 * torch.arange(len(chosen), device=dev)
+                parent = cells[i][chosen]
+                children = torch.cat([torch.stack([parent[:, 0], left, parent[:, 1]], 1),
+                                      torch.stack([parent[:, 1], left + 1, parent[:, 2]], 1)])
+                keep = torch.ones(len(cells[i]), dtype=torch.bool, device=dev)
+                keep[chosen] = False
+                cells[i] = torch.cat([cells[i][keep], children])
+        result["g0"], result["g1"] = g0, g1
+        return result
+
+    def _finish(self, result, i, finish, A, est, done, n_nodes, alphas, cells, G) -> None:
+        """Record the attributions of image ``i``'s targets in ``finish (T,)``."""
+        result["attributions"][i, finish] = A[finish]
+        result["estimate"][i, finish] = est[finish].float()
+        result["evaluations"][i, finish] = n_nodes
+        result["converged"][i, finish] = done[finish]
+        if G is not None:
+            w = _node_weights(alphas, cells)  # (nodes,), in the order the pieces were evaluated
+            total, start = 0, 0
+            for piece in G[i]:
+                total = total + torch.einsum("s,stchw->tchw", w[start : start + len(piece)], piece[:, finish])
+                start += len(piece)
+            result["g_bar"][i, finish] = total
+
+
+def _cell_state(alphas: torch.Tensor, F: torch.Tensor, cells: torch.Tensor):
+    """Attributions ``A (T, K)``, error estimates ``(T,)`` and per-cell scores ``(cells, T)``."""
+    Fa, Fm, Fb = F[cells[:, 0]], F[cells[:, 1]], F[cells[:, 2]]  # (cells, T, K)
+    h = (alphas[cells[:, 2]] - alphas[cells[:, 0]]).to(F.dtype)[:, None, None]
+    two = h / 4 * (Fa + 2 * Fm + Fb)
+    d = two - h / 2 * (Fa + Fb)
+    A = two.sum(0)
+    norm2 = (A * A).sum(-1).clamp_min(1e-30)  # (T,)
+    local = (d * d).sum(-1)  # (cells, T)
+    # The change against every cell one level coarser; cells' errors can cancel in that sum by
+    # chance, so it is taken at least as large as their root sum of squares.
+    change = torch.maximum(d.sum(0).norm(dim=-1), local.sum(0).sqrt())
+    return A, change / norm2.sqrt(), local / norm2
+
+
+def _choose_cells(score: torch.Tensor, alphas: torch.Tensor, cells: torch.Tensor, fraction: float,
+                  room: int) -> torch.Tensor:
+    """The cells holding the first ``fraction`` of the summed score (at least one, at most
+    ``room``), skipping cells too narrow to bisect in float64."""
+    total = score.sum(1)
+    width = alphas[cells[:, 2]] - alphas[cells[:, 0]]
+    total = torch.where(width > 1e-9, total, torch.full_like(total, -1.0))
+    order = torch.argsort(total, descending=True)
+    cumulative = total[order].clamp_min(0).cumsum(0)
+    count = int((cumulative < fraction * cumulative[-1]).sum()) + 1
+    return order[: max(1, min(count, room))]
+
+
+def _node_weights(alphas: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Weights of every node in the composite two-interval trapezoid rule over ``cells``."""
+    h = alphas[cells[:, 2]] - alphas[cells[:, 0]]
+    w = torch.zeros_like(alphas)
+    w.index_add_(0, cells[:, 0], h / 4)
+    w.index_add_(0, cells[:, 1], h / 2)
+    w.index_add_(0, cells[:, 2], h / 4)
+    return w.float()
+
+
+def _relative_change(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """``‖fine − coarse‖₂ / ‖fine‖₂`` over the last axis."""
+    return (fine - coarse).norm(dim=-1) / fine.norm(dim=-1).clamp_min(1e-30)
+
+
+def _result(attributions, g0, g1, evaluations, estimate, converged, g_bar) -> dict:
+    return {"attributions": attributions, "g0": g0, "g1": g1, "evaluations": evaluations,
+            "estimate": estimate, "converged": converged, "g_bar": g_bar}
 
 
 def gig_maps(codes: torch.Tensor, integrated_gradients: torch.Tensor, dictionary: torch.Tensor,
@@ -324,18 +513,6 @@ def gig_maps(codes: torch.Tensor, integrated_gradients: torch.Tensor, dictionary
     v = dictionary[concepts]  # (N, J, C)
     proj = torch.einsum("ntpc,njc->ntjp", integrated_gradients, v)
     return proj * u.transpose(1, 2)[:, None]
-
-
-def _chunks(n_images: int, per_image: int, batch: int):
-    """Yield ``(image positions, lo, hi)``: whole images while they fit, else slices of one image."""
-    if per_image <= batch:
-        step = max(1, batch // per_image)
-        for start in range(0, n_images, step):
-            yield list(range(start, min(start + step, n_images))), 0, per_image
-    else:
-        for i in range(n_images):
-            for lo in range(0, per_image, batch):
-                yield [i], lo, min(lo + batch, per_image)
 
 
 # ---------------------------------------------------------------------------- the stage

@@ -23,6 +23,7 @@ WeightsOpt = typer.Option(None, help="default | none | path to a state dict")
 ImagesOpt = typer.Option(None, help="embedded | image folder | CSV file list")
 LayersOpt = typer.Option(None, "--layer", "-l", help="Layer to analyse (repeat, early to late).")
 MaxImagesOpt = typer.Option(None, help="Use only the first N images.")
+DeviceOpt = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default: the config's, cpu).")
 GigTolOpt = typer.Option(None, "--gig-tol", help="Relative error tolerance of every GIG attribution (default 0.01).")
 
 
@@ -39,11 +40,12 @@ def _config(run_dir: Path, config_file: Optional[Path], overrides: dict) -> Conf
     return config
 
 
-def _pipeline(run_dir: Path, config_file, model, weights, images, layers, max_images, gig_tol=None):
+def _pipeline(run_dir: Path, config_file, model, weights, images, layers, max_images, gig_tol=None, device=None):
     from .pipeline import Pipeline
 
     config = _config(run_dir, config_file, {"model": model, "weights": weights, "images": images,
-                                            "layers": layers, "max_images": max_images, "gig_tol": gig_tol})
+                                            "layers": layers, "max_images": max_images, "gig_tol": gig_tol,
+                                            "device": device})
     return Pipeline(config, run_dir)
 
 
@@ -58,10 +60,11 @@ def run(
     config: Optional[Path] = ConfigOpt, model: Optional[str] = ModelOpt, weights: Optional[str] = WeightsOpt,
     images: Optional[str] = ImagesOpt, layer: Optional[list[str]] = LayersOpt,
     max_images: Optional[int] = MaxImagesOpt, gig_tol: Optional[float] = GigTolOpt,
+    device: Optional[str] = DeviceOpt,
 ):
     """Run every stage (collect → concepts → decompose → attribute → graph); finished stages are skipped."""
     try:
-        pipe = _pipeline(out, config, model, weights, images, layer, max_images, gig_tol)
+        pipe = _pipeline(out, config, model, weights, images, layer, max_images, gig_tol, device)
         pipe.run()
     except (ValueError, RunMismatchError, RuntimeError, KeyError, FileNotFoundError) as exc:
         _fail(exc)
@@ -83,10 +86,11 @@ def _stage_command(stage: str):
         config: Optional[Path] = ConfigOpt, model: Optional[str] = ModelOpt, weights: Optional[str] = WeightsOpt,
         images: Optional[str] = ImagesOpt, layer: Optional[list[str]] = LayersOpt,
         max_images: Optional[int] = MaxImagesOpt, gig_tol: Optional[float] = GigTolOpt,
+        device: Optional[str] = DeviceOpt,
         force: bool = typer.Option(False, help="Recompute even if done."),
     ):
         try:
-            pipe = _pipeline(run_dir, config, model, weights, images, layer, max_images, gig_tol)
+            pipe = _pipeline(run_dir, config, model, weights, images, layer, max_images, gig_tol, device)
             getattr(pipe, stage)(force=force)
         except (ValueError, RunMismatchError, RuntimeError, KeyError, FileNotFoundError) as exc:
             _fail(exc)

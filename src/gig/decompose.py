@@ -32,8 +32,8 @@ class LassoEncoder:
     """
 
     def __init__(self, dictionary: torch.Tensor, alpha: float, nonnegative: bool = False,
-                 max_iter: int = 300, tol: float = 1e-5, chunk: int = 8192):
-        self.V = dictionary.float()
+                 max_iter: int = 300, tol: float = 1e-5, chunk: int = 8192, device: str | torch.device | None = None):
+        self.V = dictionary.float().to(device) if device is not None else dictionary.float()
         self.alpha = float(alpha)
         self.nonnegative = nonnegative
         self.max_iter = max_iter
@@ -44,7 +44,7 @@ class LassoEncoder:
         self.lipschitz_ = float(torch.linalg.eigvalsh(self.gram_.double()).max().clamp_min(1e-12))
 
     def encode(self, X: torch.Tensor) -> torch.Tensor:
-        X = X.float()
+        X = X.float().to(self.V.device)
         return torch.cat([self._fista(X[s : s + self.chunk]) for s in range(0, X.shape[0], self.chunk)]) \
             if X.shape[0] else X.new_zeros(0, self.V.shape[0])
 
@@ -122,7 +122,7 @@ class FidelityMeter:
     def add(self, X: torch.Tensor, X_hat: torch.Tensor, U: torch.Tensor) -> None:
         self.sse += float(((X - X_hat).double() ** 2).sum())
         self.sum_sq += float((X.double() ** 2).sum())
-        self.sum += X.double().sum(0)
+        self.sum += X.double().sum(0).cpu()
         self.n += X.shape[0]
         self.nnz += int((U != 0).sum())
         self.n_coef += U.numel()
@@ -155,6 +155,7 @@ class FidelityMeter:
 
 def to_sparse_rows(U: torch.Tensor) -> dict[str, torch.Tensor]:
     """Dense ``(P, K)`` → CSR pieces ``indptr (P+1,)``, ``indices``, ``values`` (row-major order)."""
+    U = U.cpu()  # one copy per batch: the pieces go to disk
     rows, cols = U.nonzero(as_tuple=True)
     indptr = torch.zeros(U.shape[0] + 1, dtype=torch.int64)
     indptr[1:] = torch.bincount(rows, minlength=U.shape[0]).cumsum(0)
@@ -186,8 +187,9 @@ def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progres
             calib = load_samples(store, layer)["pfv"]
             g = torch.Generator().manual_seed(config.seed)
             calib = calib[torch.randperm(calib.shape[0], generator=g)[: config.calibration_size]]
-            alpha, err = calibrate_alpha(calib, V, config.target_rel_error, config.nonnegative, config.lasso_max_iter)
-            encoders[layer] = LassoEncoder(V, alpha, config.nonnegative, config.lasso_max_iter)
+            alpha, err = calibrate_alpha(calib.to(handle.device), V.to(handle.device), config.target_rel_error,
+                                         config.nonnegative, config.lasso_max_iter)
+            encoders[layer] = LassoEncoder(V, alpha, config.nonnegative, config.lasso_max_iter, device=handle.device)
             summary.setdefault("alpha", {})[layer] = alpha
             summary.setdefault("calibration_rel_error", {})[layer] = err
         shards = [list(range(i, min(i + SHARD_IMAGES, len(records)))) for i in range(0, len(records), SHARD_IMAGES)]

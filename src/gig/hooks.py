@@ -64,6 +64,22 @@ def _prefix_tokens(model: nn.Module, n_tokens: int) -> int:
     raise LayerUsageError(f"cannot lay {n_tokens} tokens out as a square grid")
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a device this machine has; a clear error otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {name!r} is not a device name (cpu, cuda, cuda:N)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: torch sees no CUDA GPU here (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r}: gig runs on cpu or cuda")
+    return device
+
+
 def _fold_batchnorms(model: nn.Module, keep: set[str], dummy: torch.Tensor) -> int:
     """Fold every ``BatchNorm2d`` whose input is a ``Conv2d``'s output into that convolution, in
     place (eval mode); returns how many. Pairs are found by running ``dummy`` once."""
@@ -322,43 +338,52 @@ class ModelHandle:
         layer: str,
         grid: torch.Tensor,
         read: str | None = None,
+        counts: torch.Tensor | list[int] | None = None,
     ) -> torch.Tensor:
         """Run the real network with ``layer``'s output replaced by ``grid``.
 
-        ``x``: images ``(N, 3, S, S)``; ``grid``: ``(N·E, C, H, W)`` with ``E ≥ 1`` replacements
-        per image, ordered image-major (``repeat_interleave`` order). Returns the logits
-        ``(N·E, classes)``, or with ``read`` the grid of that later layer ``(N·E, C_b, H_b, W_b)``.
+        ``x``: images ``(N, 3, S, S)``; ``grid``: ``(M, C, H, W)`` replacements ordered
+        image-major, ``counts[n]`` of them for image ``n`` (default: ``M / N`` each). Returns the
+        logits ``(M, classes)``, or with ``read`` the grid of that later layer ``(M, C_b, H_b, W_b)``.
 
-        When ``E > 1`` the network before ``layer`` runs once per image and its output batch is
-        widened at the hook (the prefix is shared); this is exact whenever nothing after
-        ``layer`` reads a tensor from before it. Where that fails (a skip connection around the
-        layer) the images are repeated instead.
+        The network before ``layer`` runs once per image and its output batch is widened at the
+        hook (the prefix is shared); this is exact whenever nothing after ``layer`` reads a tensor
+        from before it. Where that fails (a skip connection around the layer) the images are
+        repeated instead.
         """
         x = x.to(self.device)
-        expand = grid.shape[0] // x.shape[0]
-        if expand * x.shape[0] != grid.shape[0]:
-            raise ValueError(f"grid batch {grid.shape[0]} is not a multiple of image batch {x.shape[0]}")
+        if counts is None:
+            each = grid.shape[0] // x.shape[0]
+            if each * x.shape[0] != grid.shape[0]:
+                raise ValueError(f"grid batch {grid.shape[0]} is not a multiple of image batch {x.shape[0]}")
+            repeats = torch.full((x.shape[0],), each, dtype=torch.long, device=self.device)
+        else:
+            repeats = torch.as_tensor(counts, dtype=torch.long, device=self.device)
+            if repeats.numel() != x.shape[0] or int(repeats.sum()) != grid.shape[0] or bool((repeats < 1).any()):
+                raise ValueError(f"counts {repeats.tolist()} do not split {grid.shape[0]} replacements over "
+                                 f"{x.shape[0]} images")
         key = (layer, read)
-        if expand > 1 and self._shares_prefix.get(key, True):
+        widen = bool((repeats > 1).any())
+        if widen and self._shares_prefix.get(key, True):
             try:
-                out = self._run_replaced(x, layer, grid, read, expand)
+                out = self._run_replaced(x, layer, grid, read, repeats)
                 self._shares_prefix[key] = True
                 return out
             except RuntimeError:  # e.g. a skip from before the layer, or a head that reshapes by N
                 self._shares_prefix[key] = False
-        if expand > 1:
-            x = x.repeat_interleave(expand, dim=0)
-        return self._run_replaced(x, layer, grid, read, 1)
+        if widen:
+            x = x.repeat_interleave(repeats, dim=0)
+        return self._run_replaced(x, layer, grid, read, None)
 
-    def _run_replaced(self, x, layer, grid, read, expand) -> torch.Tensor:
+    def _run_replaced(self, x, layer, grid, read, repeats) -> torch.Tensor:
         readout: dict[str, torch.Tensor] = {}
 
         def replace(_m, _i, out):
             readout["replaced"] = True
             token_layout = out.dim() == 3
             _, prefix = self.to_grid(layer, out)
-            if prefix is not None and expand > 1:
-                prefix = prefix.repeat_interleave(expand, dim=0)
+            if prefix is not None and repeats is not None:
+                prefix = prefix.repeat_interleave(repeats, dim=0)
             return self.from_grid(grid.to(out.dtype), prefix, token_layout)
 
         hooks: dict[str, object] = {layer: replace}

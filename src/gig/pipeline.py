@@ -16,7 +16,7 @@ from .config import STAGE_ORDER, Config
 from .decompose import decompose
 from .erf import exemplar_crops
 from .graph import build_graphs
-from .hooks import ModelHandle
+from .hooks import ModelHandle, resolve_device
 from .images import ImageSource, open_source
 from .models import ModelBundle, load_model
 from .store import RunStore
@@ -33,8 +33,9 @@ class Pipeline:
     def __init__(self, config: Config, out: str | Path, model: ModelBundle | None = None,
                  source: ImageSource | None = None, progress: bool = True):
         self.config = config
+        device = resolve_device(config.device)  # before the model loads
         self.bundle = model or load_model(config.model, config.weights)
-        self.handle = ModelHandle(self.bundle, config.device)
+        self.handle = ModelHandle(self.bundle, device)
         config.layers = self.handle.execution_order(list(dict.fromkeys(config.layers)))
         self.source = source or open_source(config.images)
         self.store = RunStore.create(out, config)

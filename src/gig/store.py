@@ -102,6 +102,9 @@ class PeakMemory:
 
     def __enter__(self) -> "PeakMemory":
         self.peak_mb = self._proc.memory_info().rss / 2**20
+        self.cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -110,6 +113,9 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
+        # CUDA's own peak (allocated tensors), where the stage ran on a GPU.
+        self.cuda_peak_mb = (torch.cuda.max_memory_allocated() / 2**20
+                             if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
 
 
 class RunStore:
@@ -197,6 +203,7 @@ class RunStore:
             "finished": _now(),
             "seconds": round(time.perf_counter() - start, 2),
             "peak_rss_mb": round(mem.peak_mb, 1),
+            **({"cuda_peak_mb": round(mem.cuda_peak_mb, 1)} if mem.cuda_peak_mb is not None else {}),
             "summary": summary,
         }
         self._write_manifest(manifest)
