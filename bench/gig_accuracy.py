@@ -1,7 +1,8 @@
 """GIG accuracy and cost on a run's own dictionaries and codes, against a fine reference.
 
     python bench/gig_accuracy.py RUN [--images 16] [--tol 0.01] [--reference 1024]
-                                     [--uniform-max 256] [--json OUT.json]
+                                     [--uniform-max 256] [--json OUT.json] [--cache DIR]
+    python bench/gig_accuracy.py --merge A.json B.json [--json=ALL.json]   # parts run side by side
 
 RUN is a run directory whose decompose stage is done (for example one made with
 ``gig run --config bench/imagenet_sample.yaml``). For its first ``--images`` images the graph is
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -198,7 +200,29 @@ def print_summary(s: dict) -> None:
     print(f"gig / previous 16-step engine wall time: {sec['gig'] / sec['previous']:.2f}")
 
 
+def merge(paths: list[Path], out: Path | None) -> None:
+    """One summary over several ``--json`` files (runs split over processes, side by side)."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    timer = Timer()
+    for part in parts:
+        for k, v in part["summary"]["seconds"].items():
+            timer.seconds[k] += v
+    records = [r for part in parts for r in part["paths"]]
+    for r in records:  # JSON keys are strings
+        r["uniform_error"] = {int(k): v for k, v in r["uniform_error"].items()}
+    summary = summarize(records, parts[0]["summary"]["tol"], timer)
+    summary["images"] = sum(p["summary"]["images"] for p in parts)
+    print(f"{summary['images']} images, {len(records)} paths")
+    print_summary(summary)
+    if out:
+        out.write_text(json.dumps({"summary": summary, "paths": records}, indent=1))
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--merge":
+        merge([Path(p) for p in sys.argv[2:] if not p.startswith("--json=")],
+              next((Path(p[7:]) for p in sys.argv[2:] if p.startswith("--json=")), None))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--images", type=int, default=16)

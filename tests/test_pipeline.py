@@ -19,7 +19,7 @@ from gig.config import Config
 from gig.pipeline import Pipeline
 from gig.store import RunStore, load_tensors
 
-SMALL = dict(max_images=4, layers=["_blocks.11", "_blocks.15"], n_steps=4, top_k=3, batch_size=2,
+SMALL = dict(max_images=4, layers=["_blocks.11", "_blocks.15"], gig_tol=0.05, top_k=3, batch_size=2,
              internal_batch_size=24, samples_per_image=6, min_cluster=2)
 
 
@@ -28,7 +28,7 @@ def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cfg = out / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(SMALL))
-    result = CliRunner().invoke(app, ["run", "--out", str(out / "r"), "--config", str(cfg)])
+    result = CliRunner().invoke(app, ["run", "--out", str(out / "r"), "--config", str(cfg), "--gig-tol", "0.04"])
     assert result.exit_code == 0, result.output
     return out / "r"
 
@@ -45,6 +45,14 @@ def test_inspect_json_keys(finished_run):
     assert set(info["completeness"]) == {"median", "p95"} and info["completeness"]["median"] >= 0
     assert info["images"] == {"used": 4, "skipped": 0}
     assert info["graph"].endswith(".json")
+    # Every attribution's step count and error estimate, per path kind (--gig-tol reached the config).
+    gig = info["gig"]
+    assert gig["tol"] == 0.04 and set(gig["by_source"]) == {"_blocks.15->class", "_blocks.11->_blocks.15"}
+    assert gig["by_source"]["_blocks.15->class"]["n"] == 4 and gig["by_source"]["_blocks.11->_blocks.15"]["n"] == 12
+    assert gig["evaluations_mean"] >= 17 and 0 <= gig["error_median"] <= gig["error_max"]
+    assert gig["unconverged"] == 0 or gig["error_max"] > 0.04
+    table = CliRunner().invoke(app, ["inspect", str(finished_run)])
+    assert "GIG accuracy (tolerance 0.04)" in table.output
 
 
 def test_graph_json_is_consistent(finished_run):

@@ -7,7 +7,7 @@ fields), :mod:`gig.concepts` (bisecting k-means), :mod:`gig.decompose` (Lasso),
 :mod:`gig.pipeline` over a :mod:`gig.store` run directory.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["Config", "Pipeline", "GIG", "ModelHandle", "load_model", "wrap_module", "open_source", "__version__"]
 
