@@ -116,6 +116,16 @@ def test_unknown_layer_is_a_clear_cli_error(tmp_path):
     assert "_blocks.99" in result.output and "closest" in result.output
 
 
+def test_bad_gig_settings_fail_before_any_compute(tmp_path):
+    with pytest.raises(ValueError, match="gig_tol"):
+        Config(gig_tol=0)
+    with pytest.raises(ValueError, match="n_steps"):
+        Config(n_steps=-4)
+    result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "r"), "--gig-tol", "2"])
+    assert result.exit_code == 2 and "gig_tol" in result.output
+    assert not (tmp_path / "r").exists()  # refused before the run directory or the model
+
+
 def test_layers_command_lists_shapes():
     result = CliRunner().invoke(app, ["layers", "efficientnet-lite0", "--json"])
     assert result.exit_code == 0

@@ -34,10 +34,8 @@ def _config(run_dir: Path, config_file: Optional[Path], overrides: dict) -> Conf
         config = Config.load(run_dir / "config.yaml")
     else:
         config = Config()
-    for key, value in overrides.items():
-        if value is not None and value != []:
-            setattr(config, key, value)
-    return config
+    given = {key: value for key, value in overrides.items() if value is not None and value != []}
+    return Config.from_dict({**config.to_dict(), **given})  # checked again with the overrides
 
 
 def _pipeline(run_dir: Path, config_file, model, weights, images, layers, max_images, gig_tol=None, device=None):

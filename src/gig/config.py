@@ -69,6 +69,25 @@ class Config:
     graph_classes: list[int] = field(default_factory=list)  # empty: the most frequent classes
     edges_per_node: int = 3
 
+    def __post_init__(self) -> None:
+        self._check_gig()
+
+    def _check_gig(self) -> None:
+        """The GIG settings, checked when the config is made (not when the attribute stage
+        starts, after hours of earlier stages)."""
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"config option {name}={getattr(self, name)!r}: {allowed}")
+
+        if isinstance(self.gig_tol, bool) or not isinstance(self.gig_tol, (int, float)) or not 0 < self.gig_tol < 1:
+            raise bad("gig_tol", "a relative tolerance between 0 and 1 (exclusive), e.g. 0.01")
+        if isinstance(self.gig_max_steps, bool) or not isinstance(self.gig_max_steps, int) or self.gig_max_steps < 16:
+            raise bad("gig_max_steps", "an integer of at least 16")
+        if self.n_steps is not None and (isinstance(self.n_steps, bool) or not isinstance(self.n_steps, int)
+                                         or self.n_steps < 1):
+            raise bad("n_steps", "a positive integer, or null for error control")
+        if self.quadrature not in ("riemann-midpoint", "gauss-legendre", "trapezoid"):
+            raise bad("quadrature", "riemann-midpoint, gauss-legendre or trapezoid")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
