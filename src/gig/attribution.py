@@ -598,6 +598,7 @@ def _walk(pixels, ids, class_targets, layers, readers, gigs, top_k) -> dict[str,
     out[f"{top_layer}/class_residual"] = res.residual[:, 0]
     out[f"{top_layer}/class_steps"] = res.n_evaluations[:, 0]
     out[f"{top_layer}/class_error"] = res.error_estimate[:, 0]
+    out[f"{top_layer}/class_converged"] = _converged(res)[:, 0]
     score = res.attributions[:, 0] / _safe(res.output_diff[:, 0:1])  # share of the logit change
     upper_importance = torch.ones(len(ids), 1)  # the class node carries the whole change
     upper_delta = res.output_diff
@@ -624,11 +625,19 @@ def _walk(pixels, ids, class_targets, layers, readers, gigs, top_k) -> dict[str,
         out[f"{lower}/residual"] = res.residual
         out[f"{lower}/steps"] = res.n_evaluations
         out[f"{lower}/error"] = res.error_estimate
+        out[f"{lower}/converged"] = _converged(res)
         upper_importance = top.values
         upper_delta = res.output_diff
         share = res.attributions / _safe(res.output_diff[..., None])
         score = (upper_importance[..., None] * share).sum(1)
     return out
+
+
+def _converged(res: GIGResult) -> torch.Tensor:
+    """``(N, T)`` uint8: both stopping criteria met (all 0 on a fixed grid)."""
+    if res.converged is None:
+        return torch.zeros_like(res.n_evaluations, dtype=torch.uint8)
+    return res.converged.to(torch.uint8)
 
 
 def load_attributions(store) -> dict[str, torch.Tensor]:
@@ -662,12 +671,12 @@ def completeness_residuals(store, by_layer: bool = False, data: dict[str, torch.
     return parts if by_layer else torch.cat(list(parts.values()))
 
 
-def _path_keys(layers: list[str]) -> dict[str, tuple[str, str]]:
-    """``{"LAYER->class" | "LOWER->UPPER": (steps key, error key)}`` of the stored attributions."""
+def _path_keys(layers: list[str]) -> dict[str, tuple[str, str, str]]:
+    """``{"LAYER->class" | "LOWER->UPPER": (steps, error, converged keys)}`` of the stored attributions."""
     top = layers[-1]
-    keys = {f"{top}->class": (f"{top}/class_steps", f"{top}/class_error")}
+    keys = {f"{top}->class": (f"{top}/class_steps", f"{top}/class_error", f"{top}/class_converged")}
     for lower, upper in zip(layers[:-1], layers[1:]):
-        keys[f"{lower}->{upper}"] = (f"{lower}/steps", f"{lower}/error")
+        keys[f"{lower}->{upper}"] = (f"{lower}/steps", f"{lower}/error", f"{lower}/converged")
     return keys
 
 
@@ -675,34 +684,36 @@ def load_error_estimates(store, data: dict[str, torch.Tensor] | None = None) -> 
     """Every stored attribution's relative error estimate, flat (NaN-free; empty for runs made
     before error control or on a fixed grid without an estimate)."""
     data = load_attributions(store) if data is None else data
-    parts = [data[error_key].flatten() for _, error_key in _path_keys(store.config.layers).values()
-             if error_key in data]
+    parts = [data[keys[1]].flatten() for keys in _path_keys(store.config.layers).values() if keys[1] in data]
     flat = torch.cat(parts) if parts else torch.zeros(0)
     return flat[~flat.isnan()]
 
 
 def accuracy_summary(store, data: dict[str, torch.Tensor] | None = None) -> dict:
-    """Per path kind: gradient evaluations (mean, median, max, total) and the error estimate
-    (median, p95, max, share of attributions above the tolerance) of every stored attribution."""
+    """Per path kind: gradient evaluations (mean, median, max, total), the error estimate
+    (median, p95, max) and the share of attributions that did not converge (estimate above the
+    tolerance, or completeness residual above half of it, at the step cap) of every stored
+    attribution."""
     data = load_attributions(store) if data is None else data
     config = store.config
     tol = None if config.n_steps else config.gig_tol
     out: dict = {"tol": tol, "by_source": {}}
-    all_steps, all_errors = [], []
-    for name, (steps_key, error_key) in _path_keys(config.layers).items():
+    every: list[tuple[torch.Tensor, ...]] = []
+    for name, (steps_key, error_key, done_key) in _path_keys(config.layers).items():
         if steps_key not in data:  # a run attributed before error control: nothing recorded
             continue
-        steps = data[steps_key].flatten().double()
-        error = data[error_key].flatten().double()
-        all_steps.append(steps)
-        all_errors.append(error)
-        out["by_source"][name] = _accuracy_stats(steps, error, tol)
-    if all_steps:
-        out.update(_accuracy_stats(torch.cat(all_steps), torch.cat(all_errors), tol))
+        columns = (data[steps_key].flatten().double(), data[error_key].flatten().double(),
+                   data[done_key].flatten().bool() if done_key in data else None)
+        every.append(columns)
+        out["by_source"][name] = _accuracy_stats(*columns, tol)
+    if every:
+        done = None if any(c[2] is None for c in every) else torch.cat([c[2] for c in every])
+        out.update(_accuracy_stats(torch.cat([c[0] for c in every]), torch.cat([c[1] for c in every]), done, tol))
     return out
 
 
-def _accuracy_stats(steps: torch.Tensor, error: torch.Tensor, tol: float | None) -> dict:
+def _accuracy_stats(steps: torch.Tensor, error: torch.Tensor, converged: torch.Tensor | None,
+                    tol: float | None) -> dict:
     stats = {"n": int(steps.numel()), "evaluations_total": int(steps.sum()),
              "evaluations_mean": float(steps.mean()), "evaluations_median": float(steps.median()),
              "evaluations_max": int(steps.max())}
@@ -711,5 +722,6 @@ def _accuracy_stats(steps: torch.Tensor, error: torch.Tensor, tol: float | None)
         stats.update({"error_median": float(known.median()), "error_p95": float(known.quantile(0.95)),
                       "error_max": float(known.max())})
         if tol is not None:
-            stats["unconverged"] = float((known > tol).double().mean())
+            flags = ~converged if converged is not None else (error > tol)
+            stats["unconverged"] = float(flags.double().mean())
     return stats
