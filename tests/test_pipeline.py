@@ -240,7 +240,8 @@ def test_default_config_end_to_end_on_two_images(tmp_path):
     assert "done" in result.output and str((tmp_path / "r").resolve()) in result.output.replace("\n", "")
     store = RunStore.open(tmp_path / "r")
     assert all(store.is_done(s) for s in ("collect", "concepts", "decompose", "attribute", "graph"))
-    assert store.config.layers == Config().layers
+    assert Config().layers is None  # the model's defaults, resolved and saved by the run
+    assert store.config.layers == ["_blocks.4", "_blocks.8", "_blocks.11", "_blocks.15"]
 
 
 def test_user_dictionary_channel_basis(tmp_path):
@@ -252,3 +253,18 @@ def test_user_dictionary_channel_basis(tmp_path):
     assert torch.equal(V, torch.eye(320))
     assert pipe.store.summary("concepts")["_blocks.15"]["source"] == "channels"
     assert pipe.store.summary("concepts")["_blocks.11"]["source"] == "bisecting-kmeans"
+
+
+def test_imagefolder_labels_follow_the_model_classes(tmp_path):
+    """Synset and class-name folders get the model's class, whatever their sorted position;
+    a folder naming no class is unlabelled, and ``target: label`` then refuses before compute."""
+    root = tmp_path / "photos"
+    for folder in ("n01443537", "tench", "zz_mystery"):
+        (root / folder).mkdir(parents=True)
+        Image.new("RGB", (40, 30), (120, 80, 40)).save(root / folder / "a.png")
+    with pytest.warns(UserWarning, match="zz_mystery"):
+        pipe = Pipeline(Config(images=str(root), layers=["_blocks.15"]), tmp_path / "r", progress=False)
+    assert {r.label_name: r.label for r in pipe.source.records} == {"n01443537": 1, "tench": 0, "zz_mystery": None}
+    with pytest.raises(ValueError, match="1 of 3 images have no model class"):
+        with pytest.warns(UserWarning):
+            Pipeline(Config(images=str(root), layers=["_blocks.15"], target="label"), tmp_path / "r2", progress=False)

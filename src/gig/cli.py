@@ -17,6 +17,20 @@ app = typer.Typer(add_completion=False, help="Dataset-wide mechanistic interpret
                   no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"gig {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print gig's version and exit.")) -> None:
+    """Dataset-wide mechanistic interpretability with GIG."""
+
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see docs/guide.md).")
 ModelOpt = typer.Option(None, help="efficientnet-lite0 | torchvision:NAME | timm:NAME")
 WeightsOpt = typer.Option(None, help="default | none | path to a state dict")
@@ -35,6 +49,8 @@ def _config(run_dir: Path, config_file: Optional[Path], overrides: dict) -> Conf
     else:
         config = Config()
     given = {key: value for key, value in overrides.items() if value is not None and value != []}
+    if given.get("model", config.model) != config.model and "layers" not in given:
+        given["layers"] = None  # the saved layers belong to the other model: take the new one's defaults
     return Config.from_dict({**config.to_dict(), **given})  # checked again with the overrides
 
 
@@ -48,7 +64,7 @@ def _pipeline(run_dir: Path, config_file, model, weights, images, layers, max_im
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[red]error:[/red] {exc}")
+    console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -109,7 +125,7 @@ def layers(
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """List the analysable layers of MODEL with their output shapes."""
-    from .hooks import ModelHandle
+    from .hooks import LayerUsageError, ModelHandle
     from .models import ModelLoadError, load_model
 
     try:
@@ -117,15 +133,21 @@ def layers(
     except ModelLoadError as exc:
         _fail(exc)
     infos = handle.layer_info()
+    try:
+        defaults = handle.default_layers()
+    except LayerUsageError:
+        defaults = []
     if json_out:
-        typer.echo(json.dumps([{"name": i.name, "type": i.type, "shape": list(i.shape), "grid": list(i.grid)}
+        typer.echo(json.dumps([{"name": i.name, "type": i.type, "shape": list(i.shape), "grid": list(i.grid),
+                                "prefix_tokens": i.prefix_tokens, "default": i.name in defaults}
                                for i in infos], indent=1))
         return
-    table = Table(title=f"{model}: {len(infos)} analysable layers")
+    title = f"{model}: {len(infos)} analysable layers; default (*): {', '.join(defaults) or 'none, name them'}"
+    table = Table(title=title)
     for col in ("name", "type", "output shape", "grid (C, H, W)"):
         table.add_column(col)
     for i in infos:
-        table.add_row(i.name, i.type, str(tuple(i.shape)), str(tuple(i.grid)))
+        table.add_row(i.name + (" *" if i.name in defaults else ""), i.type, str(tuple(i.shape)), str(tuple(i.grid)))
     Console().print(table)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,51 @@ from typing import Any
 import yaml
 
 DEFAULT_MODEL = "efficientnet-lite0"
-#: Early → late blocks of EfficientNet-Lite0 (28², 14², 14², 7² grids).
-DEFAULT_LAYERS = ["_blocks.4", "_blocks.8", "_blocks.11", "_blocks.15"]
+
+
+class ConfigError(ValueError):
+    """A config field with a wrong type or out of range; the message names field, value and rule."""
+
+
+def _int(low: int | None = None, optional: bool = False):
+    def ok(value) -> bool:
+        if value is None:
+            return optional
+        return isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
+    return ok
+
+
+def _real(low: float, high: float):
+    """A number strictly between ``low`` and ``high``."""
+    def ok(value) -> bool:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and low < value < high)
+    return ok
+
+
+def _text(value) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _one_of(*choices: str):
+    return lambda value: value in choices
+
+
+def _names(value) -> bool:
+    return (isinstance(value, list) and len(value) > 0 and all(_text(v) for v in value)
+            and len(set(value)) == len(value))
+
+
+def _device(value) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"cpu|cuda(:\d+)?", value) is not None
+
+
+def _class_ids(value) -> bool:
+    return isinstance(value, list) and all(_int(0)(v) for v in value)
+
+
+def _dictionaries(value) -> bool:
+    return isinstance(value, dict) and all(_text(k) and _text(v) for k, v in value.items())
 
 
 @dataclass
@@ -28,7 +73,9 @@ class Config:
     # model
     model: str = DEFAULT_MODEL
     weights: str = "default"  # "default" | "none" | path to a state dict (.pt/.pth/.safetensors)
-    layers: list[str] = field(default_factory=lambda: list(DEFAULT_LAYERS))
+    #: None: the model's default layers (lite0: _blocks.4/8/11/15; others: the last block of each
+    #: of the last four stages), resolved and saved when the run is made (``gig layers MODEL``)
+    layers: list[str] | None = None
     device: str = "cpu"
     batch_size: int = 16
 
@@ -70,23 +117,21 @@ class Config:
     edges_per_node: int = 3
 
     def __post_init__(self) -> None:
-        self._check_gig()
+        self.validate()
 
-    def _check_gig(self) -> None:
-        """The GIG settings, checked when the config is made (not when the attribute stage
-        starts, after hours of earlier stages)."""
-        def bad(name: str, allowed: str) -> ValueError:
-            return ValueError(f"config option {name}={getattr(self, name)!r}: {allowed}")
-
-        if isinstance(self.gig_tol, bool) or not isinstance(self.gig_tol, (int, float)) or not 0 < self.gig_tol < 1:
-            raise bad("gig_tol", "a relative tolerance between 0 and 1 (exclusive), e.g. 0.01")
-        if isinstance(self.gig_max_steps, bool) or not isinstance(self.gig_max_steps, int) or self.gig_max_steps < 16:
-            raise bad("gig_max_steps", "an integer of at least 16")
-        if self.n_steps is not None and (isinstance(self.n_steps, bool) or not isinstance(self.n_steps, int)
-                                         or self.n_steps < 1):
-            raise bad("n_steps", "a positive integer, or null for error control")
-        if self.quadrature not in ("riemann-midpoint", "gauss-legendre", "trapezoid"):
-            raise bad("quadrature", "riemann-midpoint, gauss-legendre or trapezoid")
+    def validate(self) -> None:
+        """Check every field's type and range; raise one :class:`ConfigError` naming each bad
+        field, its value and what is allowed. Runs when the config is made (YAML, CLI or Python),
+        so a bad setting fails before any model or image is loaded, not after hours of stages."""
+        problems = [f"{name}={getattr(self, name)!r}: {allowed}"
+                    for name, (ok, allowed) in _RULES.items() if not ok(getattr(self, name))]
+        if not problems and self.dictionaries and self.layers is not None:
+            stray = sorted(set(self.dictionaries) - set(self.layers))
+            if stray:
+                problems.append(f"dictionaries={self.dictionaries!r}: keys must be analysed layers; "
+                                f"{', '.join(stray)} not in layers {self.layers}")
+        if problems:
+            raise ConfigError("config option " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +159,38 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+#: Every field: (check, what is allowed). Read by :meth:`Config.validate`.
+_RULES: dict[str, tuple[Any, str]] = {
+    "model": (_text, "a model name: efficientnet-lite0/1/2, torchvision:NAME or timm:NAME"),
+    "weights": (_text, "default, none, or the path of a state dict"),
+    "layers": (lambda v: v is None or _names(v), "null (the model's defaults) or a non-empty list of distinct layer names (YAML: one per line with '- ')"),
+    "device": (_device, "cpu, cuda or cuda:N"),
+    "batch_size": (_int(1), "an integer of at least 1"),
+    "images": (_text, "embedded, an image folder or a CSV file"),
+    "max_images": (_int(1, optional=True), "an integer of at least 1, or null for all images"),
+    "target": (_one_of("predicted", "label"), "predicted or label"),
+    "samples_per_image": (_int(1, optional=True), "an integer of at least 1, or null (automatic)"),
+    "seed": (_int(0), "an integer of at least 0"),
+    "concepts_per_channel": (_int(1), "an integer of at least 1"),
+    "min_cluster": (_int(1), "an integer of at least 1"),
+    "max_concepts": (_int(2, optional=True), "an integer of at least 2, or null"),
+    "dictionaries": (_dictionaries, "a mapping layer: safetensors file or 'channels'"),
+    "target_rel_error": (_real(0, 1), "a relative reconstruction error between 0 and 1 (exclusive), e.g. 0.1"),
+    "nonnegative": (lambda v: isinstance(v, bool), "true or false"),
+    "lasso_max_iter": (_int(1), "an integer of at least 1"),
+    "calibration_size": (_int(10), "an integer of at least 10"),
+    "gig_tol": (_real(0, 1), "a relative tolerance between 0 and 1 (exclusive), e.g. 0.01"),
+    "gig_max_steps": (_int(16), "an integer of at least 16"),
+    "n_steps": (_int(1, optional=True), "a positive integer, or null for error control"),
+    "quadrature": (_one_of("riemann-midpoint", "gauss-legendre", "trapezoid"),
+                   "riemann-midpoint, gauss-legendre or trapezoid"),
+    "internal_batch_size": (_int(1), "an integer of at least 1"),
+    "top_k": (_int(1), "an integer of at least 1"),
+    "graph_classes": (_class_ids, "a list of class indices (integers of at least 0)"),
+    "edges_per_node": (_int(1), "an integer of at least 1"),
+}
 
 
 #: Fields each stage reads; used for the stage hashes. ``device`` and batch sizes are left out on

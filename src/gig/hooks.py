@@ -54,10 +54,12 @@ class LayerInfo:
 
 
 def _prefix_tokens(model: nn.Module, n_tokens: int) -> int:
+    """Tokens ahead of the square patch grid in a ``(N, T, C)`` output. Found per layer: the
+    model's ``num_prefix_tokens`` (class and register tokens) holds only where they have been
+    added; a ViT's ``patch_embed`` returns the bare grid."""
     known = getattr(model, "num_prefix_tokens", None)
-    if isinstance(known, int):
-        return known
-    for extra in range(0, 9):
+    candidates = ([known] if isinstance(known, int) else []) + list(range(0, 9))
+    for extra in candidates:
         side = math.isqrt(n_tokens - extra) if n_tokens > extra else 0
         if side * side == n_tokens - extra and side > 0:
             return extra
@@ -187,22 +189,52 @@ class ModelHandle:
             self.module(name)
 
     def execution_order(self, layers: list[str]) -> list[str]:
-        """``layers`` sorted by when they run in a forward pass (errors for unknown names)."""
+        """``layers`` sorted by when they run in a forward pass, each checked on one dummy
+        image before any real image is read: unknown names, layers that do not run or run twice
+        (a reused module), outputs changed in place, outputs that are not grids."""
         self.check_layers(layers)
-        order: list[str] = []
+        with torch.no_grad():
+            _, grids = self.capture(self.dummy_input(1), layers)
+        return list(grids)  # filled by the hooks as the layers ran
 
-        def make(name):
-            def hook(_m, _i, _o):
-                if name not in order:
-                    order.append(name)
-            return hook
+    def default_layers(self, n: int = 4) -> list[str]:
+        """The layers analysed when none are named: the model's own choice where it has one
+        (EfficientNet-Lite0), else the last block of each of the last ``n`` stages, a stage being
+        a run of blocks at one resolution; a model whose blocks keep one resolution (a ViT) gets
+        ``n`` blocks spread evenly through its depth. A block is a module with children in a
+        ``Sequential``/``ModuleList`` beside others of its type (ResNet's ``layer2.3``, timm's
+        ``blocks.7``)."""
+        if self.bundle.default_layers:
+            return list(self.bundle.default_layers)
+        infos = {info.name: info for info in self.layer_info()}  # in the order they finish
+        candidates = {name for name in infos if self._is_block(name) and min(infos[name].grid[1:]) >= 2}
+        # The outermost block only: a block's own sub-blocks (MobileNet's ``features.2.block.0``)
+        # are parts of one stage step.
+        blocks = [name for name in infos if name in candidates
+                  and not any(name.startswith(outer + ".") for outer in candidates)]
+        if not blocks:
+            raise LayerUsageError(
+                f"{self.bundle.name} has no repeated blocks to pick default layers from; name the "
+                f"layers to analyse (--layer, config 'layers'; see `gig layers {self.bundle.name}`)")
+        stages: list[list[str]] = []
+        for name in blocks:
+            if stages and infos[stages[-1][-1]].grid[1:] == infos[name].grid[1:]:
+                stages[-1].append(name)
+            else:
+                stages.append([name])
+        if len(stages) > 1:
+            return [stage[-1] for stage in stages[-n:]]
+        only = stages[0]
+        picks = sorted({round((k + 1) * len(only) / n) - 1 for k in range(n)})
+        return [only[i] for i in picks if i >= 0]
 
-        with self._hooks({name: make(name) for name in layers}), torch.no_grad():
-            self.model(self.dummy_input(1))
-        missing = [name for name in layers if name not in order]
-        if missing:
-            raise LayerUsageError(f"layer(s) {missing} did not run in a forward pass of {self.bundle.name}")
-        return order
+    def _is_block(self, name: str) -> bool:
+        module = self._modules[name]
+        parent_name, _, _ = name.rpartition(".")
+        parent = self._modules.get(parent_name)
+        if not isinstance(parent, (nn.Sequential, nn.ModuleList)) or not any(True for _ in module.children()):
+            return False
+        return sum(type(child) is type(module) for child in parent.children()) >= 2
 
     def layer_info(self) -> list[LayerInfo]:
         """Every module whose output can be analysed (4-D conv maps, 3-D token grids)."""
@@ -319,6 +351,8 @@ class ModelHandle:
         with self._hooks({name: make(name) for name in layers}):
             logits = self.model(x.to(self.device))
         for name in layers:
+            if calls[name] == 0:
+                raise LayerUsageError(f"layer {name!r} did not run in a forward pass of {self.bundle.name}")
             if calls[name] != 1:
                 raise LayerUsageError(
                     f"layer {name!r} ran {calls[name]} times in one forward pass (a module reused "

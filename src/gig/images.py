@@ -20,7 +20,7 @@ import importlib.util
 import os
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,7 +291,8 @@ class FolderSource(ImageSource):
 
     kind = "folder"
 
-    def __init__(self, root: str | os.PathLike, class_to_idx: dict[str, int] | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, class_to_idx: dict[str, int] | None = None,
+                 class_index: Callable[[str], int | None] | None = None) -> None:
         root_path = Path(root)
         if not root_path.is_dir():
             raise ValueError(f"image folder {os.fspath(root)!r} is not a directory")
@@ -318,6 +319,10 @@ class FolderSource(ImageSource):
                     ImageLoadWarning,
                     stacklevel=2,
                 )
+            if class_to_idx is None and class_index is not None:
+                # The model names its classes: a folder is labelled by the class it names (an
+                # ImageNet synset id or a class name), never by its position in sorted order.
+                class_to_idx = {c: i for c in self.classes if (i := class_index(c)) is not None}
             if class_to_idx is None:
                 mapping = {name: i for i, name in enumerate(self.classes)}
             else:
@@ -325,7 +330,7 @@ class FolderSource(ImageSource):
                 unmapped = [c for c in self.classes if c not in mapping]
                 if unmapped:
                     warnings.warn(
-                        f"{root_path}: class folders not in class_to_idx get no label: "
+                        f"{root_path}: class folders that name no model class get no label: "
                         + ", ".join(unmapped[:10])
                         + (" ..." if len(unmapped) > 10 else ""),
                         ImageLoadWarning,
@@ -504,17 +509,19 @@ class EmbeddedSource(ImageSource):
 
 
 def open_source(
-    spec: str | os.PathLike | None, class_to_idx: dict[str, int] | None = None
+    spec: str | os.PathLike | None, class_to_idx: dict[str, int] | None = None,
+    class_index: Callable[[str], int | None] | None = None,
 ) -> ImageSource:
     """Open an image source: ``None``/``"embedded"`` -> :class:`EmbeddedSource`, a ``.csv``
-    file -> :class:`CsvSource`, a directory -> :class:`FolderSource`; else ``ValueError``."""
+    file -> :class:`CsvSource`, a directory -> :class:`FolderSource` (class folders labelled by
+    ``class_index(folder name)`` where given); else ``ValueError``."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() == "embedded"):
         return EmbeddedSource()
     path = Path(spec)
     if path.suffix.lower() == ".csv" and path.is_file():
         return CsvSource(path, class_to_idx=class_to_idx)
     if path.is_dir():
-        return FolderSource(path, class_to_idx=class_to_idx)
+        return FolderSource(path, class_to_idx=class_to_idx, class_index=class_index)
     raise ValueError(
         f"image source {os.fspath(spec)!r} is neither 'embedded', an existing .csv file list "
         "nor a directory"
@@ -551,10 +558,14 @@ def crop_box(
 
 
 def center_crop_resize(
-    img: Image.Image, size: int = 224, crop_fraction: float = 224 / 256
+    img: Image.Image, size: int = 224, crop_fraction: float = 224 / 256, interpolation: str = "bicubic"
 ) -> Image.Image:
-    """Centre-crop ``crop_fraction`` of the short side (square) and resize bicubically to
-    ``size`` x ``size``."""
+    """Centre-crop ``crop_fraction`` of the short side (square) and resize to ``size`` x ``size``
+    (``interpolation``: bicubic, bilinear or nearest, as the model's weights were trained)."""
     box = crop_box(img.size, size, crop_fraction)
+    try:
+        resample = Image.Resampling[interpolation.upper()]
+    except KeyError:
+        raise ValueError(f"interpolation {interpolation!r}: use bicubic, bilinear or nearest") from None
     # Resizing with box= avoids an intermediate crop copy and samples at sub-pixel accuracy.
-    return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return img.resize((size, size), resample, box=box)

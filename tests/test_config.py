@@ -1,0 +1,82 @@
+"""Every config field is checked when the config is made (Python, YAML or CLI), with an error
+naming the field, the value and what is allowed, before any model or image is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from typer.testing import CliRunner
+
+import gig.pipeline
+from gig.cli import app
+from gig.config import _RULES, Config, ConfigError
+
+#: The bad settings a new user tried (issue 10): each was accepted, or failed hours later.
+BAD = [
+    ("n_steps", -4), ("n_steps", "sixteen"), ("top_k", 0), ("target_rel_error", -0.5),
+    ("target_rel_error", 5), ("quadrature", "simpson"), ("layers", "_blocks.8"), ("layers", []),
+    ("layers", ["_blocks.4", "_blocks.4"]), ("max_images", -5), ("max_images", 0), ("batch_size", 0),
+    ("gig_tol", 0), ("gig_tol", True), ("device", "gpu"), ("target", "labels"), ("seed", -1),
+    ("samples_per_image", 0), ("min_cluster", 0), ("max_concepts", 1), ("lasso_max_iter", 0),
+    ("nonnegative", "yes"), ("graph_classes", [-1]), ("graph_classes", 3), ("edges_per_node", 0),
+    ("internal_batch_size", 0), ("gig_max_steps", 8), ("calibration_size", 5), ("model", ""),
+    ("dictionaries", ["channels"]), ("concepts_per_channel", 2.5),
+]
+
+
+def test_every_field_has_a_rule():
+    assert set(_RULES) == {f.name for f in dataclasses.fields(Config)}
+    Config()  # the defaults pass their own rules
+
+
+@pytest.mark.parametrize("name,value", BAD)
+def test_bad_value_is_refused_naming_field_and_value(name, value):
+    with pytest.raises(ConfigError) as info:
+        Config(**{name: value})
+    message = str(info.value)
+    assert f"{name}={value!r}" in message and "\n" not in message
+
+
+def test_all_bad_fields_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        Config(n_steps=-3, top_k=0, max_images=-5)
+    assert all(f in str(info.value) for f in ("n_steps=-3", "top_k=0", "max_images=-5"))
+
+
+def test_dictionary_for_a_layer_not_analysed():
+    with pytest.raises(ConfigError, match="_blocks.9 not in layers"):
+        Config(layers=["_blocks.8"], dictionaries={"_blocks.9": "channels"})
+
+
+def test_yaml_value_of_wrong_type(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text('n_steps: "sixteen"\n')
+    with pytest.raises(ConfigError, match="n_steps='sixteen'"):
+        Config.load(path)
+
+
+@pytest.mark.parametrize("args,field", [(["--max-images", "-5"], "max_images"), (["--max-images", "0"], "max_images"),
+                                        (["--gig-tol", "2"], "gig_tol"), (["--device", "gpu"], "device")])
+def test_cli_exits_2_before_the_model_loads(tmp_path, monkeypatch, args, field):
+    def no_model(*_a, **_k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(gig.pipeline, "load_model", no_model)
+    result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "r"), *args])
+    assert result.exit_code == 2 and f"config option {field}=" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_yaml_error_exits_2(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("top_k: 0\n")
+    result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "r"), "--config", str(path)])
+    assert result.exit_code == 2 and "top_k=0" in result.output
+
+
+def test_version():
+    from gig import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"gig {__version__}"
