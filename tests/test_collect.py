@@ -50,3 +50,29 @@ def test_contribution_score_is_clipped_gradient_times_activation():
     torch.testing.assert_close(s, torch.tensor([[0.0, 0.0]]))
     s2 = contribution_scores({"l": x}, {"l": -g})["l"]
     torch.testing.assert_close(s2, torch.tensor([[1.0, 3.0]]))
+
+
+def test_nan_activations_are_a_clear_error(tmp_path):
+    """A layer producing NaN stops collect with the layer and image named, not a clustering
+    library's error several stages later."""
+    import pytest
+
+    from gig.config import Config
+    from gig.pipeline import Pipeline
+
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.body(x)
+            return self.head((h / (h - h)).mean((2, 3)))  # 0/0 after the analysed layer
+
+    from gig.models import wrap_module
+
+    pipe = Pipeline(Config(layers=["body"], max_images=2, samples_per_image=2), tmp_path / "r",
+                    model=wrap_module(Broken(), "broken", input_size=32), progress=False)
+    with pytest.raises(ValueError, match="non-finite .* in logits .*embedded"):
+        pipe.collect()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Optional
@@ -68,6 +69,15 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _disk_full(exc: OSError) -> None:
+    """A full disk ends in one line: every write is atomic, so the finished shards and
+    artefacts are intact and a rerun resumes from them."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise exc
+    _fail(RuntimeError(f"disk full while writing {exc.filename or 'the run'}: what was finished is kept; "
+                       "free space and rerun the same command to resume"))
+
+
 @app.command()
 def run(
     out: Path = typer.Option(Path("gig-run"), "--out", "-o", help="Run directory (created or resumed)."),
@@ -82,6 +92,8 @@ def run(
         pipe.run()
     except (ValueError, RunMismatchError, RuntimeError, KeyError, FileNotFoundError) as exc:
         _fail(exc)
+    except OSError as exc:
+        _disk_full(exc)
     _print_done(out)
 
 
@@ -108,6 +120,8 @@ def _stage_command(stage: str):
             getattr(pipe, stage)(force=force)
         except (ValueError, RunMismatchError, RuntimeError, KeyError, FileNotFoundError) as exc:
             _fail(exc)
+        except OSError as exc:
+            _disk_full(exc)
         console.print(f"[green]{stage} done[/green] in {run_dir}")
 
     command.__doc__ = f"Run the {stage} stage alone on RUN_DIR (its inputs must exist)."
@@ -179,9 +193,9 @@ def concept(
     layer: str = typer.Argument(..., help="Layer name."),
     concept_id: int = typer.Argument(..., help="Concept index in that layer."),
 ):
-    """Write a sheet of one concept's top-1 and top-10 exemplar ERF crops (RUN/erf/LAYER/concept_ID.png)."""
+    """Write a sheet of one concept's top-1 and top-10 exemplar ERF crops (RUN/erf/COLLECT_HASH/LAYER/concept_ID.png)."""
     from .concepts import load_concept_cards
-    from .erf import exemplar_crops
+    from .erf import erf_dir, exemplar_crops
     from .pipeline import Pipeline
     from .visual import concept_sheet
 
@@ -198,7 +212,7 @@ def concept(
     card = cards[concept_id]
     crops = exemplar_crops(pipe.store, pipe.handle, pipe.source, layer, card["exemplars"])
     classes = ", ".join(f"{pipe.bundle.class_name(c)} ({n})" for c, n in card["top_classes"][:3])
-    out = pipe.store.root / "erf" / layer / f"concept_{concept_id}.png"
+    out = erf_dir(pipe.store, layer) / f"concept_{concept_id}.png"
     concept_sheet(crops, out, f"{layer} concept {concept_id}: {card['count']} members; {classes}")
     typer.echo(str(out))
 
@@ -232,6 +246,10 @@ def inspect(
     _print_gig_accuracy(out, info.get("gig"))
     out.print(f"images: {info['images']['used']} used, {info['images']['skipped']} skipped")
     out.print(f"graph: {info['graph']}")
+    if info["missed"]:
+        out.print(f"[yellow]{len(info['missed'])} target(s) missed or stages missing:[/yellow]")
+        for line in info["missed"]:
+            out.print(f"  [yellow]![/yellow] {line}", soft_wrap=True)
 
 
 def _print_gig_accuracy(out: Console, acc: dict | None) -> None:

@@ -100,6 +100,17 @@ def collect(store: RunStore, handle: ModelHandle, source: ImageSource, progress:
         _merge(store, len(shards), summary)
 
 
+def _require_finite(logits: torch.Tensor, grids: dict[str, torch.Tensor], records) -> None:
+    """NaN or infinite activations would surface much later as a clustering library's error or
+    a NaN in a graph: stop here, naming the layer and the images."""
+    for name, values in [*grids.items(), ("logits", logits)]:
+        bad = ~torch.isfinite(values.detach()).flatten(1).all(dim=1)
+        if bool(bad.any()):
+            paths = [records[i].path for i in torch.nonzero(bad.cpu()).flatten().tolist()]
+            raise ValueError(f"non-finite (NaN or infinite) values in {name} for {len(paths)} image(s), "
+                             f"e.g. {paths[0]}: check the weights and the preprocessing")
+
+
 def _collect_shard(store, handle, source, records, name, bar, per_image: int) -> None:
     config = store.config
     layers = config.layers
@@ -108,6 +119,7 @@ def _collect_shard(store, handle, source, records, name, bar, per_image: int) ->
     source.skipped.clear()
     for batch in iter_image_batches(source, records, handle, config.batch_size):
         logits, grids = handle.capture(batch.pixels, layers, keep_graph=True)
+        _require_finite(logits, grids, batch.records)
         targets = select_targets(logits.detach(), batch.records, config.target)
         chosen = logits.gather(1, targets.to(logits.device)[:, None]).sum()
         grads = dict(zip(layers, torch.autograd.grad(chosen, [grids[l] for l in layers])))

@@ -9,6 +9,7 @@ context dimmed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -73,14 +74,32 @@ def erf_crop(image: Image.Image, erf: np.ndarray, mass: float = 0.9, margin: flo
     return Image.fromarray(crop).resize((size, size), Image.BICUBIC)
 
 
+def erf_dir(store, layer: str) -> Path:
+    """The ERF crop cache of ``layer``: ``RUN/erf/COLLECT_HASH/LAYER``. Keyed by the collect
+    stage's hash (its settings and input fingerprint), so a recomputed collect, whose sample
+    indices name other PFVs, never shows the crops of the old ones."""
+    return store.root / "erf" / store.expected_hash("collect") / layer
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write a PNG atomically: a crash or a full disk never leaves a truncated file that a later
+    reader would take for a cached crop."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def exemplar_crops(store, handle: ModelHandle, source, layer: str, sample_indices: list[int],
                    mass: float = 0.9, margin: float = 0.5) -> list[Path]:
     """PNG ERF crops of sampled PFVs of ``layer`` (indices into the collect arrays), cached in
-    ``RUN/erf/LAYER/s{index}.png``; only the missing ones are computed, in one batched pass."""
+    :func:`erf_dir` as ``s{index}.png``; only the missing ones are computed, in one batched pass."""
     from .collect import load_samples
 
-    out = store.root / "erf" / layer
-    out.mkdir(parents=True, exist_ok=True)
+    out = erf_dir(store, layer)
     paths = [out / f"s{i}.png" for i in sample_indices]
     missing = [i for i, p in zip(sample_indices, paths) if not p.exists()]
     if missing:
@@ -93,5 +112,5 @@ def exemplar_crops(store, handle: ModelHandle, source, layer: str, sample_indice
             pixels.append(handle.bundle.preprocess(image))
         maps = erf_maps(handle, torch.stack(pixels), layer, samples["pos"][missing])
         for i, view, erf in zip(missing, views, maps):
-            erf_crop(view, erf.numpy(), mass, margin).save(out / f"s{i}.png")
+            save_png(erf_crop(view, erf.numpy(), mass, margin), out / f"s{i}.png")
     return paths

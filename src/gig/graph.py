@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+from tqdm.auto import tqdm
 
 from .attribution import load_attributions
 from .collect import load_images
@@ -217,7 +218,7 @@ def build_graphs(store: RunStore, class_names: list[str], progress: bool = True,
         out = store.stage_dir("graph")
         classes = default_classes(store)
         files = {"class": {}, "shared": None, "global": None}
-        for c in classes:
+        for c in tqdm(classes, desc="graph", unit="class", disable=not progress):
             graph = build_graph(store, "class", [c], class_names=class_names)
             path = out / f"class_{c}.json"
             save_json(path, graph)

@@ -16,6 +16,7 @@ saved as ``.jpg``); :func:`load_rgb` converts what it can and otherwise raises
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import os
 import threading
@@ -265,6 +266,20 @@ class ImageSource:
                 warnings.warn(f"skipping {record.path}: {reason}", ImageLoadWarning, stacklevel=2)
                 continue
             yield record, image
+
+    def fingerprint(self, records: list[ImageRecord] | None = None) -> str:
+        """A cheap content fingerprint of ``records`` (all by default): path, size and
+        modification time of each file, so a photo replaced under the same name changes it
+        without reading every byte of a large dataset. Embedded photos are fixed by the package."""
+        digest = hashlib.blake2b(digest_size=16)
+        for record in self.records if records is None else records:
+            try:
+                info = os.stat(record.path)
+                stamp = f"{info.st_size}:{info.st_mtime_ns}"
+            except OSError:  # embedded:NAME, or a file that is gone (collect will skip it)
+                stamp = "-"
+            digest.update(f"{record.path}\t{stamp}\n".encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()
 
     def describe(self) -> dict:
         """JSON-able summary for run manifests and reports."""

@@ -15,6 +15,7 @@ or a ``.pt``/``.pth`` read with ``weights_only=True``).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,16 @@ class ModelBundle:
     def preprocess_batch(self, images: list[Image.Image]) -> torch.Tensor:
         """List of PIL images → ``(N, 3, S, S)``."""
         return torch.stack([self.preprocess(im) for im in images])
+
+    def fingerprint(self) -> str:
+        """Hash of every parameter and buffer: the weights actually loaded, whatever file,
+        package or module they came from (a file replaced under the same path changes it)."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in self.model.state_dict().items():
+            data = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        return digest.hexdigest()
 
     def class_index(self, name: str) -> int | None:
         """The model class that ``name`` (an image folder's or CSV row's class) names: an

@@ -8,6 +8,8 @@ same settings, each resumable (see :mod:`gig.store`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import warnings
 from pathlib import Path
 
 from .attribution import attribute
@@ -20,7 +22,7 @@ from .graph import build_graphs
 from .hooks import ModelHandle, resolve_device
 from .images import ImageSource, open_source
 from .models import ModelBundle, load_model
-from .store import RunStore
+from .store import RunStore, run_lock
 from .visual import draw_graph
 
 
@@ -58,7 +60,14 @@ class Pipeline:
         self.source = source or open_source(self.config.images, class_index=class_index)
         if self.config.target == "label":
             _require_labels(self.source, self.config.max_images)
-        self.store = RunStore.create(out, self.config)
+        with run_lock(Path(out)):  # never rewrite the config of a run another process computes
+            self.store = RunStore.create(out, self.config)
+            records = self.source.records[: self.config.max_images] if self.config.max_images else None
+            inputs = hashlib.blake2b(f"{self.source.fingerprint(records)}:{self.bundle.fingerprint()}".encode(),
+                                     digest_size=8).hexdigest()
+            if self.store.record_inputs(inputs):
+                warnings.warn(f"{self.store.root}: its images or model weights changed since its stages "
+                              "ran (same paths, other contents); every stage will be recomputed", stacklevel=2)
         self.progress = progress
 
     @classmethod
@@ -68,24 +77,29 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
     def collect(self, force: bool = False) -> None:
-        if force or not self.store.is_done("collect"):
-            collect(self.store, self.handle, self.source, self.progress)
+        with run_lock(self.store.root):
+            if force or not self.store.is_done("collect"):
+                collect(self.store, self.handle, self.source, self.progress)
 
     def concepts(self, force: bool = False) -> None:
-        if force or not self.store.is_done("concepts"):
-            extract_concepts(self.store, self.progress)
+        with run_lock(self.store.root):
+            if force or not self.store.is_done("concepts"):
+                extract_concepts(self.store, self.progress)
 
     def decompose(self, force: bool = False) -> None:
-        if force or not self.store.is_done("decompose"):
-            decompose(self.store, self.handle, self.source, self.progress)
+        with run_lock(self.store.root):
+            if force or not self.store.is_done("decompose"):
+                decompose(self.store, self.handle, self.source, self.progress)
 
     def attribute(self, force: bool = False) -> None:
-        if force or not self.store.is_done("attribute"):
-            attribute(self.store, self.handle, self.source, self.progress)
+        with run_lock(self.store.root):
+            if force or not self.store.is_done("attribute"):
+                attribute(self.store, self.handle, self.source, self.progress)
 
     def graph(self, force: bool = False) -> None:
-        if force or not self.store.is_done("graph"):
-            build_graphs(self.store, self.bundle.class_names, self.progress, figure_fn=self.draw_graph)
+        with run_lock(self.store.root):
+            if force or not self.store.is_done("graph"):
+                build_graphs(self.store, self.bundle.class_names, self.progress, figure_fn=self.draw_graph)
 
     def run(self, stages: list[str] | None = None) -> Path:
         """Run ``stages`` (all by default) in order; finished ones are skipped."""

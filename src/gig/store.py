@@ -40,6 +40,40 @@ class RunMismatchError(RuntimeError):
     """A run directory that does not belong to the requested configuration or is incomplete."""
 
 
+class RunBusyError(RuntimeError):
+    """Another process is computing in the run directory."""
+
+
+@contextmanager
+def run_lock(root: Path) -> Iterator[None]:
+    """Hold ``RUN/.lock`` (an advisory ``flock``) while writing to a run, so two processes can
+    never compute in one directory at once: the second gets :class:`RunBusyError` naming the
+    holder. The kernel drops the lock when its process dies, so a killed run leaves none behind."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks, no guard
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / ".lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunBusyError(f"{root} is in use by {holder}; wait for it to finish or use another "
+                               "--out directory") from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"process {os.getpid()} since {_now()}")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor | np.ndarray]) -> None:
     """Write tensors atomically (a crash never leaves a half-written file under the real name)."""
     data = {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.contiguous())
@@ -160,8 +194,29 @@ class RunStore:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    # ------------------------------------------------------------------ inputs
+    def inputs_seed(self) -> str:
+        """The fingerprint of the images and weights the stages were computed from, chained
+        into every stage hash ("" for runs made before fingerprints were recorded)."""
+        inputs = self.manifest().get("inputs", {})
+        return "" if inputs.get("legacy") else inputs.get("key", "")
+
+    def record_inputs(self, key: str) -> bool:
+        """Record the fingerprint of the inputs about to be used; True when it differs from the
+        one the finished stages were computed from (they are then no longer done, and recompute).
+        A run from before fingerprints adopts the current one without recomputing."""
+        manifest = self.manifest()
+        inputs = manifest.get("inputs")
+        if inputs is not None and inputs.get("key") == key:
+            return False
+        any_done = any(entry.get("status") == "done" for entry in manifest["stages"].values())
+        changed = inputs is not None and any_done
+        manifest["inputs"] = {"key": key, **({"legacy": True} if inputs is None and any_done else {})}
+        self._write_manifest(manifest)
+        return changed
+
     def expected_hash(self, stage: str) -> str:
-        upstream = ""
+        upstream = self.inputs_seed()
         for name in STAGE_ORDER:
             upstream = stage_hash(self.config, name, upstream)
             if name == stage:
@@ -172,13 +227,19 @@ class RunStore:
         entry = self.manifest()["stages"].get(stage, {})
         return entry.get("status") == "done" and entry.get("hash") == self.expected_hash(stage)
 
+    def stage_state(self, stage: str) -> str:
+        """``done``, ``has not run``, ``did not finish`` or ``ran with other settings``."""
+        if self.is_done(stage):
+            return "done"
+        entry = self.manifest()["stages"].get(stage)
+        return "has not run" if entry is None else (
+            "did not finish" if entry.get("status") != "done" else "ran with other settings")
+
     def require(self, stage: str) -> None:
         """Raise unless ``stage`` finished with the current settings."""
-        if not self.is_done(stage):
-            entry = self.manifest()["stages"].get(stage)
-            why = "has not run" if entry is None else (
-                "did not finish" if entry.get("status") != "done" else "ran with other settings")
-            raise RunMismatchError(f"stage {stage!r} of {self.root} {why}: run `gig {stage} {self.root}` first")
+        state = self.stage_state(stage)
+        if state != "done":
+            raise RunMismatchError(f"stage {stage!r} of {self.root} {state}: run `gig {stage} {self.root}` first")
 
     @contextmanager
     def stage(self, stage: str) -> Iterator[dict[str, Any]]:

@@ -42,6 +42,7 @@ from ..attribution import completeness_residuals, load_attributions
 from ..collect import load_images, load_samples
 from ..concepts import load_concept_cards
 from ..decompose import CodeReader, from_sparse_rows
+from ..erf import erf_dir
 from ..graph import build_graph, default_classes, edge_weights
 from ..store import RunStore, load_json
 
@@ -245,15 +246,15 @@ class _ModelAccess:
         return self.bundle.display_image(self.source.load(by_id[image_id]))
 
     def crops(self, layer: str, samples: list[int], batch_size: int = 16) -> list[Path]:
-        """ERF crops of sampled PFVs of ``layer``, in the run's ERF cache ``RUN/erf/LAYER/sN.png``.
+        """ERF crops of sampled PFVs of ``layer``, in the run's ERF cache (:func:`gig.erf.erf_dir`).
 
         Same maps and crops as :func:`gig.erf.exemplar_crops` (the cache is shared with it), but
         the forward pass stops at ``layer`` (the ERF only needs the network below it), and each
         image is read once however many of its PFVs are asked for.
         """
-        from ..erf import erf_crop
+        from ..erf import erf_crop, save_png
 
-        out = self.store.root / "erf" / layer
+        out = erf_dir(self.store, layer)
         paths = [out / f"s{i}.png" for i in samples]
         missing = [i for i, p in zip(samples, paths) if not p.exists()]
         if not missing:
@@ -273,7 +274,7 @@ class _ModelAccess:
             pixels = torch.stack([views[i][1] for i in ids])
             maps = erf_maps_truncated(self.handle, pixels, layer, table["pos"][chunk])
             for i, image_id, erf in zip(chunk, ids, maps):
-                erf_crop(views[image_id][0], erf.numpy()).save(out / f"s{i}.png")
+                save_png(erf_crop(views[image_id][0], erf.numpy()), out / f"s{i}.png")
             keep = set(int(table["image_id"][i]) for i in missing[start + batch_size : start + 2 * batch_size])
             views = {k: v for k, v in views.items() if k in keep}
         return paths
@@ -504,7 +505,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
         for node in g["graph"]["nodes"]:
             c = concepts.get(node["id"])
             if c and c["exemplars"]:
-                thumbs[node["id"]] = store.root / "erf" / node["layer"] / f"s{c['exemplars'][0]['s']}.png"
+                thumbs[node["id"]] = erf_dir(store, node["layer"]) / f"s{c['exemplars'][0]['s']}.png"
         stem = out / "figures" / f"class_{g['classes'][0]}"
         stem.parent.mkdir(parents=True, exist_ok=True)
         svg, png = draw_class_figure(g["graph"], stem, thumbs)

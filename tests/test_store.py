@@ -1,0 +1,108 @@
+"""The run directory under faults: one writer at a time, inputs fingerprinted by content,
+atomic artefacts, caches keyed by what they depend on."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from gig.cli import app
+from gig.config import Config
+from gig.erf import erf_dir, save_png
+from gig.models import wrap_module
+from gig.pipeline import Pipeline
+from gig.store import RunBusyError, RunStore, run_lock, save_json
+
+SMALL = dict(layers=["_blocks.15"], samples_per_image=4, top_k=2, batch_size=2, gig_tol=0.05)
+
+
+def _photos(root, n=3):
+    root.mkdir()
+    for i in range(n):
+        Image.new("RGB", (64, 48), (40 * i, 90, 200 - 30 * i)).save(root / f"p{i}.png")
+    return root
+
+
+def test_second_writer_is_refused_naming_the_holder(tmp_path):
+    run = tmp_path / "r"
+    with run_lock(run):
+        with pytest.raises(RunBusyError, match=r"in use by process \d+"):
+            Pipeline(Config(max_images=1, **SMALL), run, progress=False)
+        result = CliRunner().invoke(app, ["collect", str(run), "--max-images", "1", "--layer", "_blocks.15"])
+        assert result.exit_code == 2 and "in use by process" in result.output
+    Pipeline(Config(max_images=1, **SMALL), run, progress=False)  # free again once released
+
+
+def test_replaced_photo_recomputes_from_collect(tmp_path):
+    photos = _photos(tmp_path / "photos")
+    run = tmp_path / "r"
+    config = Config(images=str(photos), **SMALL)
+    Pipeline(config, run, progress=False).collect()
+    store = RunStore.open(run)
+    before = store.expected_hash("collect")
+    assert store.is_done("collect")
+    Pipeline(config, run, progress=False)  # the same files: nothing to redo
+    assert RunStore.open(run).is_done("collect")
+    Image.new("RGB", (64, 48), (250, 10, 10)).save(photos / "p1.png")  # same path, new contents
+    with pytest.warns(UserWarning, match="changed since its stages ran"):
+        pipe = Pipeline(config, run, progress=False)
+    assert not pipe.store.is_done("collect") and pipe.store.expected_hash("collect") != before
+    assert erf_dir(pipe.store, "_blocks.15") != tmp_path / "r" / "erf" / before / "_blocks.15"
+    pipe.collect()
+    assert pipe.store.is_done("collect")
+
+
+def test_run_from_before_fingerprints_is_adopted_without_recompute(tmp_path):
+    run = tmp_path / "r"
+    store = RunStore.create(run, Config(max_images=1, **SMALL))
+    manifest = store.manifest()
+    manifest["stages"]["collect"] = {"hash": store.expected_hash("collect"), "status": "done"}
+    save_json(store.manifest_path, manifest)
+    assert store.record_inputs("abc") is False and store.is_done("collect")
+    assert store.record_inputs("abc") is False and store.is_done("collect")
+    assert store.record_inputs("other") is True and not store.is_done("collect")
+
+
+def test_weights_fingerprint_follows_the_values():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 8, 8))
+    bundle = wrap_module(model)
+    first = bundle.fingerprint()
+    assert wrap_module(model).fingerprint() == first
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] += 1e-3
+    assert bundle.fingerprint() != first
+
+
+def test_png_written_atomically_on_a_full_disk(tmp_path, monkeypatch):
+    target = tmp_path / "erf" / "s1.png"
+
+    def full(self, fp, *args, **kwargs):
+        open(fp, "wb").write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(OSError):
+        save_png(Image.new("RGB", (4, 4)), target)
+    assert list(target.parent.iterdir()) == []  # neither a truncated crop nor a temporary file
+
+
+def test_full_disk_is_one_line_and_keeps_finished_work(tmp_path, monkeypatch):
+    import gig.store
+
+    run = tmp_path / "r"
+    assert CliRunner().invoke(app, ["collect", str(run), "--max-images", "2", "--layer", "_blocks.15"]).exit_code == 0
+    real = gig.store.save_file
+
+    def full(tensors, path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(gig.store, "save_file", full)
+    result = CliRunner().invoke(app, ["run", "--out", str(run), "--max-images", "2", "--layer", "_blocks.15"])
+    assert result.exit_code == 2 and "disk full" in result.output and "Traceback" not in result.output
+    monkeypatch.setattr(gig.store, "save_file", real)
+    assert RunStore.open(run).is_done("collect")
