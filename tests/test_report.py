@@ -26,7 +26,9 @@ from gig.report import ReportOptions, build_report, markdown_blocks, safe_json
 from gig.report.builder import _evaluation
 
 HOSTILE = '<img src=x onerror="window.__xss=1"></script><script>window.__xss=2</script>&amp;'
-HOSTILE_FILES = ["<svg onload=window.__xss=3>", 'quote" onmouseover="window.__xss=4', "plain & simple"]
+#: The last is not valid UTF-8 (byte 0xff), as file names from other systems can be.
+HOSTILE_FILES = ["<svg onload=window.__xss=3>", 'quote" onmouseover="window.__xss=4', "plain & simple",
+                 b"latin\xff1".decode("utf-8", "surrogateescape")]
 LAYERS = ["_blocks.8", "_blocks.15"]
 SCREENSHOTS = Path(os.environ.get("GIG_REPORT_SCREENSHOTS", Path(__file__).parent / "report_browser" / "screenshots"))
 
@@ -138,6 +140,7 @@ def test_hostile_names_never_become_markup(tiny_run, page_data) -> None:
     assert any(HOSTILE in n for n in names)
     paths = [i["path"] for i in page_data["images"].values()]
     assert any("<svg onload" in p for p in paths)
+    assert any("latin\ufffd1" in p for p in paths)  # the undecodable byte shown as U+FFFD
 
 
 def test_atlas_and_localisation_content(tiny_run, page_data) -> None:

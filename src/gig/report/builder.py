@@ -87,6 +87,15 @@ def safe_json(data: Any) -> Markup:
     return Markup(text)
 
 
+def utf8_text(text: str) -> str:
+    """``text`` with every lone surrogate (an undecodable byte of a file name, PEP 383) shown as
+    U+FFFD, so it can be written as UTF-8."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # surrogates that did not come from a file name
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def _finite(obj: Any) -> Any:
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
@@ -579,7 +588,9 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
         atlas_ids={f"{layer}:{q}" for layer in layers for q in atlas_ids[layer]}, generated=time.strftime("%Y-%m-%d %H:%M"),
         build_seconds=round(time.perf_counter() - started, 1))
     index_path = out / "index.html"
-    index_path.write_text(html, encoding="utf-8")
+    # A file name that is not valid UTF-8 reaches Python as lone surrogates (PEP 383); shown
+    # with U+FFFD in its place rather than failing the whole report.
+    index_path.write_text(utf8_text(html), encoding="utf-8")
     log(f"wrote {index_path} ({time.perf_counter() - started:.1f}s)")
     return index_path
 
