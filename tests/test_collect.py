@@ -76,3 +76,31 @@ def test_nan_activations_are_a_clear_error(tmp_path):
                     model=wrap_module(Broken(), "broken", input_size=32), progress=False)
     with pytest.raises(ValueError, match="non-finite .* in logits .*embedded"):
         pipe.collect()
+
+
+def test_dead_layer_is_a_clear_error(tmp_path):
+    """A layer that is zero everywhere stops collect by name instead of yielding empty concepts."""
+    import pytest
+
+    from gig.config import Config
+    from gig.models import wrap_module
+    from gig.pipeline import Pipeline
+
+    class DeadBranch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU())
+            self.dead = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
+            self.head = torch.nn.Linear(8, 4)
+            with torch.no_grad():
+                self.dead[0].bias.fill_(-100.0)  # ReLU(-100 + small) = 0 for any image
+
+        def forward(self, x):
+            s = self.stem(x)
+            return self.head(self.dead(s).mean((2, 3)) + s.mean((2, 3)))
+
+    pipe = Pipeline(Config(layers=["stem", "dead"], max_images=3, samples_per_image=4), tmp_path / "r",
+                    model=wrap_module(DeadBranch(), "deadbranch", input_size=32), progress=False)
+    assert pipe.store.config.model == "deadbranch"  # the run names the model it analysed
+    with pytest.raises(ValueError, match="layer 'dead' is zero at every sampled position"):
+        pipe.collect()

@@ -106,3 +106,73 @@ def test_full_disk_is_one_line_and_keeps_finished_work(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "disk full" in result.output and "Traceback" not in result.output
     monkeypatch.setattr(gig.store, "save_file", real)
     assert RunStore.open(run).is_done("collect")
+
+
+_KILLED_RUN = """
+import os, signal, sys
+import gig.collect, gig.decompose, gig.store
+from gig.config import Config
+from gig.pipeline import Pipeline
+
+gig.collect.SHARD_IMAGES = gig.decompose.SHARD_IMAGES = 2   # two shards of two images
+stage, out = sys.argv[1], sys.argv[2]
+mark = gig.store.RunStore.mark_shard
+
+def mark_then_die(self, name, shard, info=None):
+    mark(self, name, shard, info)
+    if name == stage:
+        os.kill(os.getpid(), signal.SIGKILL)   # no cleanup, no exception handlers, no atexit
+
+gig.store.RunStore.mark_shard = mark_then_die
+Pipeline(Config(**{config!r}), out, progress=False).run()
+"""
+KILL_CONFIG = dict(max_images=4, layers=["_blocks.15"], gig_tol=0.05, top_k=2, batch_size=2,
+                   samples_per_image=6, min_cluster=2, calibration_size=40)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    import gig.collect
+    import gig.decompose
+
+    root = tmp_path_factory.mktemp("clean")
+    saved = gig.collect.SHARD_IMAGES, gig.decompose.SHARD_IMAGES
+    gig.collect.SHARD_IMAGES = gig.decompose.SHARD_IMAGES = 2
+    try:
+        Pipeline(Config(**KILL_CONFIG), root / "r", progress=False).run(["collect", "concepts", "decompose", "attribute"])
+    finally:
+        gig.collect.SHARD_IMAGES, gig.decompose.SHARD_IMAGES = saved
+    return root / "r"
+
+
+@pytest.mark.parametrize("stage", ["collect", "decompose", "attribute"])
+def test_sigkill_mid_stage_resumes_to_identical_results(stage, uninterrupted, tmp_path, monkeypatch):
+    """A process killed with SIGKILL right after a stage's first shard: the rerun keeps that
+    shard, computes the rest, and every tensor equals an uninterrupted run's."""
+    import subprocess
+    import sys
+
+    import gig.collect
+    import gig.decompose
+    from safetensors.torch import load_file
+
+    run = tmp_path / "r"
+    script = _KILLED_RUN.replace("{config!r}", repr(KILL_CONFIG))
+    killed = subprocess.run([sys.executable, "-c", script, stage, str(run)], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    store = RunStore.open(run)
+    assert store.stage_state(stage) == "did not finish"
+    assert store.shard_done(stage, "00000") and not store.shard_done(stage, "00001")
+    kept = (run / stage / "shards" / "00000.safetensors").stat().st_mtime_ns
+
+    monkeypatch.setattr(gig.collect, "SHARD_IMAGES", 2)
+    monkeypatch.setattr(gig.decompose, "SHARD_IMAGES", 2)
+    Pipeline(Config(**KILL_CONFIG), run, progress=False).run(["collect", "concepts", "decompose", "attribute"])
+    assert (run / stage / "shards" / "00000.safetensors").stat().st_mtime_ns == kept  # not redone
+    files = sorted(p.relative_to(uninterrupted) for p in (uninterrupted / stage).rglob("*.safetensors"))
+    assert files
+    for rel in files:
+        want, got = load_file(str(uninterrupted / rel)), load_file(str(run / rel))
+        assert want.keys() == got.keys(), rel
+        for key in want:
+            assert torch.equal(want[key], got[key]), f"{rel}:{key}"

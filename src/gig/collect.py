@@ -180,6 +180,11 @@ def _merge(store: RunStore, n_shards: int, summary: dict) -> None:
     out = store.root / "collect"
     for layer in layers:
         tensors = {k.split("/", 1)[1]: torch.cat(v) for k, v in merged.items() if k.startswith(layer + "/")}
+        if not bool(tensors["pfv"].any()):
+            # Zero everywhere (a dead layer, or one cut off by its biases): its concepts would be
+            # copies of the zero vector with no members, and its graph nodes empty.
+            raise ValueError(f"layer {layer!r} is zero at every sampled position of all {len(images)} images: "
+                             "nothing to decompose; analyse another layer (see `gig layers`)")
         save_tensors(out / f"{layer}.safetensors", tensors)
     save_json(out / "images.json", {"images": images, "skipped": skipped})
     summary.update({

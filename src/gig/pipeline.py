@@ -55,7 +55,10 @@ class Pipeline:
         # resolved (the model's defaults where none were named) and in forward order. The
         # caller's config is left as it was.
         layers = config.layers if config.layers is not None else self.handle.default_layers()
-        self.config = dataclasses.replace(config, layers=self.handle.execution_order(list(layers)))
+        # A model handed in from Python is recorded under its own name, so graphs, reports and
+        # a reopened run never claim it is the config's default model.
+        self.config = dataclasses.replace(config, layers=self.handle.execution_order(list(layers)),
+                                          model=self.bundle.name)
         class_index = self.bundle.class_index if self.bundle.class_names else None
         self.source = source or open_source(self.config.images, class_index=class_index)
         if self.config.target == "label":
