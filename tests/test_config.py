@@ -80,3 +80,13 @@ def test_version():
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"gig {__version__}"
+
+
+def test_python_dash_m_gig():
+    import subprocess
+    import sys
+
+    from gig import __version__
+
+    done = subprocess.run([sys.executable, "-m", "gig", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"gig {__version__}"
