@@ -528,21 +528,25 @@ def gig_for(handle: ModelHandle, layer: str, dictionary: torch.Tensor, config) -
                max_steps=config.gig_max_steps)
 
 
-def attribute(store, handle: ModelHandle, source, progress: bool = True) -> None:
+def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=None) -> None:
     """Stage 5 into ``store/attribute``: the per-image top-down GIG walk.
 
     Per image: concept → class GIG at the last layer; its ``top_k`` concepts become the targets of
     concept → concept GIG from the layer below, whose concepts are scored by the share of each
     target they explain, weighted by the target's own importance; and so on down. Saved per
     image and layer: the full score vector, the top concepts, their GIG maps, every GIG row with
-    its output difference and completeness residual.
+    its output difference and completeness residual. Under torchrun each rank walks its share of
+    the shards (:mod:`gig.distributed`) and rank 0 writes the summary.
     """
     from tqdm.auto import tqdm
 
     from .collect import SHARD_IMAGES, iter_image_batches, load_images
     from .concepts import load_dictionary
     from .decompose import CodeReader
+    from .distributed import Ranks, sharded_stage
     from .store import save_tensors
+
+    ranks = ranks or Ranks()
 
     store.require("decompose")
     config = store.config
@@ -551,15 +555,17 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True) -> None
     by_id = {r.image_id: r for r in source.records}
     records = [by_id[i["image_id"]] for i in used]
     target_of = {i["image_id"]: i["target"] for i in used}
-    with store.stage("attribute") as summary:
+    with sharded_stage(store, "attribute", ranks) as summary:
         readers = {layer: CodeReader(store, layer) for layer in layers}
         fast = handle.for_gradients(layers)
         summary["engine"] = {"folded_batchnorms": fast.folded_batchnorms,
                              "channels_last": fast.memory_format == torch.channels_last}
         gigs = {layer: gig_for(fast, layer, load_dictionary(store, layer), config) for layer in layers}
         shards = [records[i : i + SHARD_IMAGES] for i in range(0, len(records), SHARD_IMAGES)]
-        bar = tqdm(total=len(records), desc="attribute", unit="img", disable=not progress)
-        for index, shard in enumerate(shards):
+        mine = ranks.mine(list(enumerate(shards)))
+        bar = tqdm(total=sum(len(s) for _, s in mine), desc="attribute", unit="img",
+                   disable=not progress or not ranks.is_main)
+        for index, shard in mine:
             name = f"{index:05d}"
             if not store.shard_done("attribute", name):
                 parts: list[dict[str, torch.Tensor]] = []
@@ -573,6 +579,9 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True) -> None
             else:
                 bar.update(len(shard))
         bar.close()
+        ranks.barrier()  # every rank's shards written
+        if not ranks.is_main:
+            return
         data = load_attributions(store)
         parts = completeness_residuals(store, by_layer=True, data=data)
         summary["completeness"] = _residual_stats(torch.cat(list(parts.values())))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -98,6 +99,8 @@ def run(
 
 
 def _print_done(out: Path) -> None:
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the launch
+        return
     from .summary import summarize
 
     info = summarize(out)

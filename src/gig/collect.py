@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Config, resolve_samples_per_image
+from .distributed import Ranks, sharded_stage
 from .hooks import ModelHandle
 from .images import ImageRecord, ImageSource
 from .store import RunStore, load_json, load_tensors, save_json, save_tensors
@@ -77,8 +78,11 @@ def select_targets(logits: torch.Tensor, records: list[ImageRecord], mode: str) 
     return torch.tensor(labels, dtype=torch.long)
 
 
-def collect(store: RunStore, handle: ModelHandle, source: ImageSource, progress: bool = True) -> None:
-    """Run stage 1 into ``store/collect``; resumes at the first unfinished shard."""
+def collect(store: RunStore, handle: ModelHandle, source: ImageSource, progress: bool = True,
+            ranks: Ranks | None = None) -> None:
+    """Run stage 1 into ``store/collect``; resumes at the first unfinished shard. Under torchrun
+    each rank computes its share of the shards (:mod:`gig.distributed`) and rank 0 merges."""
+    ranks = ranks or Ranks()
     config: Config = store.config
     layers = config.layers
     handle.check_layers(layers)
@@ -86,18 +90,22 @@ def collect(store: RunStore, handle: ModelHandle, source: ImageSource, progress:
     if not records:
         raise ValueError(f"no images in {config.images}")
     per_image = resolve_samples_per_image(config, len(records))
-    with store.stage("collect") as summary:
+    with sharded_stage(store, "collect", ranks) as summary:
         summary["samples_per_image"] = per_image
         shards = [records[i : i + SHARD_IMAGES] for i in range(0, len(records), SHARD_IMAGES)]
-        bar = tqdm(total=len(records), desc="collect", unit="img", disable=not progress)
-        for index, shard_records in enumerate(shards):
+        mine = ranks.mine(list(enumerate(shards)))
+        bar = tqdm(total=sum(len(s) for _, s in mine), desc="collect", unit="img",
+                   disable=not progress or not ranks.is_main)
+        for index, shard_records in mine:
             name = f"{index:05d}"
             if store.shard_done("collect", name):
                 bar.update(len(shard_records))
                 continue
             _collect_shard(store, handle, source, shard_records, name, bar, per_image)
         bar.close()
-        _merge(store, len(shards), summary)
+        ranks.barrier()  # every rank's shards written
+        if ranks.is_main:
+            _merge(store, len(shards), summary)
 
 
 def _require_finite(logits: torch.Tensor, grids: dict[str, torch.Tensor], records) -> None:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .collect import SHARD_IMAGES, iter_image_batches, load_images, load_samples
 from .concepts import load_dictionary
+from .distributed import Ranks, sharded_stage
 from .hooks import ModelHandle
 from .images import ImageSource
 from .store import RunStore, load_json, load_tensors, save_json, save_tensors
@@ -171,35 +172,41 @@ def from_sparse_rows(indptr: torch.Tensor, indices: torch.Tensor, values: torch.
     return dense
 
 
-def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progress: bool = True) -> None:
-    """Stage 4 into ``store/decompose``: sparse codes of all positions, shards of images per layer."""
+def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progress: bool = True,
+              ranks: Ranks | None = None) -> None:
+    """Stage 4 into ``store/decompose``: sparse codes of all positions, shards of images per layer.
+    Under torchrun rank 0 calibrates λ and shares it; each rank codes its share of the shards."""
+    ranks = ranks or Ranks()
     store.require("concepts")
     config = store.config
     used = load_images(store)["images"]
     by_id = {r.image_id: r for r in source.records}
     records = [by_id[i["image_id"]] for i in used]
     preds = torch.tensor([i["pred"] for i in used])
-    with store.stage("decompose") as summary:
+    with sharded_stage(store, "decompose", ranks) as summary:
         out = store.stage_dir("decompose")
+        calibrated = _calibrate(store, handle, progress) if ranks.is_main else None
+        calibrated = ranks.share(calibrated)  # one λ per layer for every rank
         encoders = {}
-        for layer in tqdm(config.layers, desc="calibrate λ", disable=not progress):
-            V = load_dictionary(store, layer)
-            calib = load_samples(store, layer)["pfv"]
-            g = torch.Generator().manual_seed(config.seed)
-            calib = calib[torch.randperm(calib.shape[0], generator=g)[: config.calibration_size]]
-            alpha, err = calibrate_alpha(calib.to(handle.device), V.to(handle.device), config.target_rel_error,
-                                         config.nonnegative, config.lasso_max_iter)
-            encoders[layer] = LassoEncoder(V, alpha, config.nonnegative, config.lasso_max_iter, device=handle.device)
+        for layer in config.layers:
+            alpha, err = calibrated[layer]
+            encoders[layer] = LassoEncoder(load_dictionary(store, layer), alpha, config.nonnegative,
+                                           config.lasso_max_iter, device=handle.device)
             summary.setdefault("alpha", {})[layer] = alpha
             summary.setdefault("calibration_rel_error", {})[layer] = err
         shards = [list(range(i, min(i + SHARD_IMAGES, len(records)))) for i in range(0, len(records), SHARD_IMAGES)]
-        bar = tqdm(total=len(records), desc="decompose", unit="img", disable=not progress)
-        for index, rows in enumerate(shards):
+        mine = ranks.mine(list(enumerate(shards)))
+        bar = tqdm(total=sum(len(r) for _, r in mine), desc="decompose", unit="img",
+                   disable=not progress or not ranks.is_main)
+        for index, rows in mine:
             name = f"{index:05d}"
             if not store.shard_done("decompose", name):
                 _decompose_shard(store, handle, source, [records[r] for r in rows], preds[rows], encoders, name)
             bar.update(len(rows))
         bar.close()
+        ranks.barrier()  # every rank's shards written
+        if not ranks.is_main:
+            return
         # Fidelity figures: summed over shards, so a resumed run reports the same numbers.
         figures = {}
         for layer in config.layers:
@@ -207,6 +214,20 @@ def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progres
             figures[layer] = {**meter.result(), "K": int(encoders[layer].V.shape[0]), "alpha": encoders[layer].alpha}
         save_json(out / "fidelity.json", figures)
         summary["fidelity"] = figures
+
+
+def _calibrate(store: RunStore, handle: ModelHandle, progress: bool) -> dict[str, tuple[float, float]]:
+    """``{layer: (λ, relative error)}`` calibrated on the layer's sampled PFVs."""
+    config = store.config
+    out = {}
+    for layer in tqdm(config.layers, desc="calibrate λ", disable=not progress):
+        V = load_dictionary(store, layer)
+        calib = load_samples(store, layer)["pfv"]
+        g = torch.Generator().manual_seed(config.seed)
+        calib = calib[torch.randperm(calib.shape[0], generator=g)[: config.calibration_size]]
+        out[layer] = calibrate_alpha(calib.to(handle.device), V.to(handle.device), config.target_rel_error,
+                                     config.nonnegative, config.lasso_max_iter)
+    return out
 
 
 def _decompose_shard(store, handle, source, records, preds, encoders, name) -> None:

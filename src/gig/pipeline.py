@@ -7,6 +7,7 @@ same settings, each resumable (see :mod:`gig.store`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import warnings
@@ -17,6 +18,7 @@ from .collect import collect
 from .concepts import extract_concepts
 from .config import STAGE_ORDER, Config
 from .decompose import decompose
+from .distributed import from_environment
 from .erf import exemplar_crops
 from .graph import build_graphs
 from .hooks import ModelHandle, resolve_device
@@ -48,7 +50,8 @@ class Pipeline:
 
     def __init__(self, config: Config, out: str | Path, model: ModelBundle | None = None,
                  source: ImageSource | None = None, progress: bool = True):
-        device = resolve_device(config.device)  # before the model loads
+        self.ranks, device_name = from_environment(config.device)  # torchrun: rank, world, device
+        device = resolve_device(device_name)  # before the model loads
         self.bundle = model or load_model(config.model, config.weights)
         self.handle = ModelHandle(self.bundle, device)
         # Layers checked on a dummy image before any real one is read; the run saves them
@@ -63,15 +66,26 @@ class Pipeline:
         self.source = source or open_source(self.config.images, class_index=class_index)
         if self.config.target == "label":
             _require_labels(self.source, self.config.max_images)
-        with run_lock(Path(out)):  # never rewrite the config of a run another process computes
-            self.store = RunStore.create(out, self.config)
-            records = self.source.records[: self.config.max_images] if self.config.max_images else None
-            inputs = hashlib.blake2b(f"{self.source.fingerprint(records)}:{self.bundle.fingerprint()}".encode(),
-                                     digest_size=8).hexdigest()
-            if self.store.record_inputs(inputs):
-                warnings.warn(f"{self.store.root}: its images or model weights changed since its stages "
-                              "ran (same paths, other contents); every stage will be recomputed", stacklevel=2)
+        if self.ranks.is_main:
+            with run_lock(Path(out)):  # never rewrite the config of a run another process computes
+                self.store = RunStore.create(out, self.config)
+                self._record_inputs()
+        self.ranks.barrier()  # the other ranks of a torchrun launch read what rank 0 wrote
+        if not self.ranks.is_main:
+            self.store = RunStore(out, self.config)
         self.progress = progress
+
+    def _record_inputs(self) -> None:
+        records = self.source.records[: self.config.max_images] if self.config.max_images else None
+        inputs = hashlib.blake2b(f"{self.source.fingerprint(records)}:{self.bundle.fingerprint()}".encode(),
+                                 digest_size=8).hexdigest()
+        if self.store.record_inputs(inputs):
+            warnings.warn(f"{self.store.root}: its images or model weights changed since its stages "
+                          "ran (same paths, other contents); every stage will be recomputed", stacklevel=3)
+
+    def _lock(self):
+        """The run's lock, held by rank 0 for the whole launch's ranks."""
+        return run_lock(self.store.root) if self.ranks.is_main else contextlib.nullcontext()
 
     @classmethod
     def open(cls, run_dir: str | Path, **kwargs) -> "Pipeline":
@@ -80,29 +94,31 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
     def collect(self, force: bool = False) -> None:
-        with run_lock(self.store.root):
+        with self._lock():
             if force or not self.store.is_done("collect"):
-                collect(self.store, self.handle, self.source, self.progress)
+                collect(self.store, self.handle, self.source, self.progress, self.ranks)
 
     def concepts(self, force: bool = False) -> None:
-        with run_lock(self.store.root):
-            if force or not self.store.is_done("concepts"):
+        with self._lock():
+            if (force or not self.store.is_done("concepts")) and self.ranks.is_main:
                 extract_concepts(self.store, self.progress)
+        self.ranks.barrier()
 
     def decompose(self, force: bool = False) -> None:
-        with run_lock(self.store.root):
+        with self._lock():
             if force or not self.store.is_done("decompose"):
-                decompose(self.store, self.handle, self.source, self.progress)
+                decompose(self.store, self.handle, self.source, self.progress, self.ranks)
 
     def attribute(self, force: bool = False) -> None:
-        with run_lock(self.store.root):
+        with self._lock():
             if force or not self.store.is_done("attribute"):
-                attribute(self.store, self.handle, self.source, self.progress)
+                attribute(self.store, self.handle, self.source, self.progress, self.ranks)
 
     def graph(self, force: bool = False) -> None:
-        with run_lock(self.store.root):
-            if force or not self.store.is_done("graph"):
+        with self._lock():
+            if (force or not self.store.is_done("graph")) and self.ranks.is_main:
                 build_graphs(self.store, self.bundle.class_names, self.progress, figure_fn=self.draw_graph)
+        self.ranks.barrier()
 
     def run(self, stages: list[str] | None = None) -> Path:
         """Run ``stages`` (all by default) in order; finished ones are skipped."""

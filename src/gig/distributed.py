@@ -1,0 +1,88 @@
+"""Several processes on one run: ``torchrun --nproc_per_node=N -m gig run ...``.
+
+torchrun starts N copies of the command with ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set.
+gig then splits the sharded stages (collect, decompose, attribute) by shard: rank ``r`` computes
+the shards ``r, r + N, r + 2N, …`` and writes them into the run store itself; rank 0 alone
+writes the config and the manifest, merges the shards and runs the stages that are not sharded
+(concepts, graph), while the others wait at a barrier. Shards are named by their index, so a
+launch with any number of processes, after a crash of any rank, finishes exactly the shards
+that are missing. Gloo on CPU, NCCL on CUDA (each rank on ``cuda:LOCAL_RANK``).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass
+class Ranks:
+    """This process's place in the launch: ``rank`` of ``world`` (1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mine(self, items: Sequence[T]) -> list[T]:
+        """The items this rank computes: every ``world``-th, starting at ``rank``."""
+        return list(items[self.rank :: self.world])
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a JSON-like object), e.g. the calibrated λ, so that
+        every rank codes with exactly the same numbers."""
+        if self.world == 1:
+            return value
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def from_environment(device: str) -> tuple[Ranks, str]:
+    """The ranks of this launch (from torchrun's variables) and the device this rank uses;
+    initialises the process group once. ``device`` ``cuda`` becomes ``cuda:LOCAL_RANK``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks(), device
+    ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.startswith("cuda"):
+        device = f"cuda:{ranks.local_rank}"
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(ranks.local_rank)
+        dist.init_process_group(backend)
+    return ranks, device
+
+
+@contextmanager
+def sharded_stage(store, stage: str, ranks: Ranks) -> Iterator[dict[str, Any]]:
+    """:meth:`RunStore.stage` for a stage whose shards several ranks compute.
+
+    Rank 0 opens the stage (wiping stale artefacts, marking it running) before any rank writes a
+    shard, and closes it (marking it done) before any rank goes on; the body runs on every rank
+    and must call ``ranks.barrier()`` between its shards and its merge (which rank 0 alone does).
+    Other ranks get a summary dict that is thrown away.
+    """
+    if ranks.is_main:
+        with store.stage(stage) as summary:
+            ranks.barrier()
+            yield summary
+    else:
+        ranks.barrier()
+        yield {}
+    ranks.barrier()

@@ -1,0 +1,64 @@
+"""Two processes under torchrun (gloo, CPU) give the same run as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gig.distributed import Ranks
+
+_RUN = """
+import sys
+import gig.collect, gig.decompose
+from gig.config import Config
+from gig.pipeline import Pipeline
+
+gig.collect.SHARD_IMAGES = gig.decompose.SHARD_IMAGES = 2   # 6 images: 3 shards per stage
+Pipeline(Config(max_images=6, layers=["_blocks.11", "_blocks.15"], gig_tol=0.05, top_k=2, batch_size=2,
+                samples_per_image=6, min_cluster=2, calibration_size=60), sys.argv[1], progress=False).run()
+"""
+
+
+def test_ranks_split_shards_round_robin():
+    assert Ranks(0, 2).mine(list(range(5))) == [0, 2, 4] and Ranks(1, 2).mine(list(range(5))) == [1, 3]
+    assert Ranks().mine([7, 8]) == [7, 8] and Ranks().share({"a": 1}) == {"a": 1}
+
+
+def _launch(tmp_path, name: str, processes: int):
+    script = tmp_path / "run.py"
+    script.write_text(_RUN)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / name
+    if processes == 1:
+        command = [sys.executable, str(script), str(out)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={processes}", str(script), str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    one = _launch(tmp_path, "one", 1)
+    two = _launch(tmp_path, "two", 2)
+    files = sorted(p.relative_to(one) for p in one.rglob("*.safetensors"))
+    assert any("attribute/shards" in str(f) for f in files) and len(files) >= 10
+    assert files == sorted(p.relative_to(two) for p in two.rglob("*.safetensors"))
+    for rel in files:
+        a, b = load_file(str(one / rel)), load_file(str(two / rel))
+        assert a.keys() == b.keys(), rel
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{rel}:{key}"
+    for rel in ["collect/images.json", "concepts/_blocks.15.json", "graph/global.json", "decompose/fidelity.json"]:
+        assert json.loads((one / rel).read_text()) == json.loads((two / rel).read_text()), rel
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert all(manifest["stages"][s]["status"] == "done" for s in ("collect", "concepts", "decompose", "attribute", "graph"))
