@@ -104,3 +104,34 @@ def test_dead_layer_is_a_clear_error(tmp_path):
     assert pipe.store.config.model == "deadbranch"  # the run names the model it analysed
     with pytest.raises(ValueError, match="layer 'dead' is zero at every sampled position"):
         pipe.collect()
+
+
+def test_loader_workers_give_the_same_batches(tmp_path, lite0):
+    """Decoding in 2 DataLoader processes: same images, same order, same pixels, and the broken
+    file skipped and recorded as without workers."""
+    import warnings
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from gig.collect import iter_image_batches
+    from gig.images import open_source
+
+    for i in range(5):
+        Image.new("RGB", (50 + 10 * i, 40), (30 * i, 100, 200)).save(tmp_path / f"p{i}.png")
+    (tmp_path / "p2b.png").write_bytes(b"not a png")
+    handle = SimpleNamespace(bundle=lite0)
+    results = []
+    for workers in (0, 2):
+        source = open_source(tmp_path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batches = list(iter_image_batches(source, source.records, handle, batch_size=2, workers=workers))
+        results.append((batches, list(source.skipped), [str(w.message) for w in caught]))
+    (plain, skipped0, warned0), (loaded, skipped2, warned2) = results
+    assert [r.path for b in plain for r in b.records] == [r.path for b in loaded for r in b.records]
+    assert len([r for b in plain for r in b.records]) == 5
+    for a, b in zip(plain, loaded):
+        assert torch.equal(a.pixels, b.pixels)
+    assert skipped0 == skipped2 and len(skipped0) == 1 and skipped0[0][0].endswith("p2b.png")
+    assert any("p2b.png" in w for w in warned2)

@@ -569,7 +569,7 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=N
             name = f"{index:05d}"
             if not store.shard_done("attribute", name):
                 parts: list[dict[str, torch.Tensor]] = []
-                for batch in iter_image_batches(source, shard, handle, config.batch_size):
+                for batch in iter_image_batches(source, shard, handle, config.batch_size, config.loader_workers):
                     ids = [r.image_id for r in batch.records]
                     parts.append(_walk(batch.pixels, ids, [target_of[i] for i in ids], layers, readers, gigs, config.top_k))
                     bar.update(len(ids))

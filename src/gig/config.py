@@ -78,6 +78,8 @@ class Config:
     layers: list[str] | None = None
     device: str = "cpu"
     batch_size: int = 16
+    #: DataLoader processes that decode and preprocess images ahead of the compute (0: in line)
+    loader_workers: int = 0
 
     # images
     images: str = "embedded"  # "embedded" | folder | CSV file
@@ -168,6 +170,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "layers": (lambda v: v is None or _names(v), "null (the model's defaults) or a non-empty list of distinct layer names (YAML: one per line with '- ')"),
     "device": (_device, "cpu, cuda or cuda:N"),
     "batch_size": (_int(1), "an integer of at least 1"),
+    "loader_workers": (_int(0), "an integer of at least 0"),
     "images": (_text, "embedded, an image folder or a CSV file"),
     "max_images": (_int(1, optional=True), "an integer of at least 1, or null for all images"),
     "target": (_one_of("predicted", "label"), "predicted or label"),

@@ -236,7 +236,7 @@ def _decompose_shard(store, handle, source, records, preds, encoders, name) -> N
     parts: dict[str, list[dict[str, torch.Tensor]]] = {layer: [] for layer in encoders}
     ids: list[int] = []
     offset = 0
-    for batch in iter_image_batches(source, records, handle, config.batch_size):
+    for batch in iter_image_batches(source, records, handle, config.batch_size, config.loader_workers):
         with torch.no_grad():
             _, grids = handle.capture(batch.pixels, config.layers)
             n = len(batch.records)

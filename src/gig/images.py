@@ -261,11 +261,14 @@ class ImageSource:
             try:
                 image = self.load(record)
             except Exception as exc:  # noqa: BLE001 - a bad file must never end the run
-                reason = exc.reason if isinstance(exc, ImageLoadError) else repr(exc)
-                self.skipped.append((record.path, reason))
-                warnings.warn(f"skipping {record.path}: {reason}", ImageLoadWarning, stacklevel=2)
+                self.note_skipped(record, skip_reason(exc))
                 continue
             yield record, image
+
+    def note_skipped(self, record: ImageRecord, reason: str) -> None:
+        """Record and announce an image that could not be loaded (the run goes on without it)."""
+        self.skipped.append((record.path, reason))
+        warnings.warn(f"skipping {record.path}: {reason}", ImageLoadWarning, stacklevel=3)
 
     def fingerprint(self, records: list[ImageRecord] | None = None) -> str:
         """A cheap content fingerprint of ``records`` (all by default): path, size and
@@ -521,6 +524,11 @@ class EmbeddedSource(ImageSource):
             return load_rgb(self.files[name])
         except ImageLoadError as exc:
             raise ImageLoadError(record.path, f"{exc.reason} ({self.files[name]})") from exc
+
+
+def skip_reason(exc: Exception) -> str:
+    """Why an image was skipped, for the warning and the run's record."""
+    return exc.reason if isinstance(exc, ImageLoadError) else repr(exc)
 
 
 def open_source(
