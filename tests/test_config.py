@@ -90,3 +90,21 @@ def test_python_dash_m_gig():
 
     done = subprocess.run([sys.executable, "-m", "gig", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == f"gig {__version__}"
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch):
+    """The CLI catches GigError (exit 2, one line) and nothing else: a bug's own ValueError
+    propagates with its traceback instead of turning into a user-facing one-liner."""
+    from gig.errors import ConfigError, GigError, InputError, LayerNotFoundError, RunMismatchError
+
+    assert all(issubclass(kind, GigError) for kind in (ConfigError, InputError, LayerNotFoundError, RunMismatchError))
+    assert issubclass(ConfigError, ValueError) and issubclass(LayerNotFoundError, KeyError)
+
+    def bug(*_a, **_k):
+        raise ValueError("an internal mistake")
+
+    monkeypatch.setattr(gig.pipeline, "collect", bug)
+    result = CliRunner().invoke(app, ["collect", str(tmp_path / "r"), "--max-images", "1", "--layer", "_blocks.15"])
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError)
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "not a gig run directory" in result.output

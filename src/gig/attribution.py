@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import ConfigError, RunMismatchError
 from .hooks import ModelHandle
 from .readouts import ClassLogit, ConceptReadout, Readout, concept_readout, concept_readouts  # noqa: F401
 
@@ -57,7 +58,7 @@ def quadrature(n_steps: int, rule: str = "riemann-midpoint") -> tuple[torch.Tens
     the other rules take ``n_steps`` nodes inside (0, 1).
     """
     if not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
+        raise ConfigError(f"n_steps must be a positive integer, got {n_steps!r}")
     if rule == "gauss-legendre":
         x, w = np.polynomial.legendre.leggauss(n_steps)
         return torch.tensor((x + 1) / 2, dtype=torch.float32), torch.tensor(w / 2, dtype=torch.float32)
@@ -69,7 +70,7 @@ def quadrature(n_steps: int, rule: str = "riemann-midpoint") -> tuple[torch.Tens
         weights = torch.full((n_steps + 1,), 1.0 / n_steps, dtype=torch.float64)
         weights[[0, -1]] /= 2
         return alphas.float(), weights.float()
-    raise ValueError(f"unknown quadrature {rule!r}: use one of {', '.join(RULES)}")
+    raise ConfigError(f"unknown quadrature {rule!r}: use one of {', '.join(RULES)}")
 
 
 @dataclass
@@ -114,11 +115,11 @@ class GIG:
                  max_steps: int = 512, min_steps: int = 8, refine_fraction: float = 0.3,
                  memory_budget: float = 2 * 2**30):
         if quadrature_rule not in RULES:
-            raise ValueError(f"unknown quadrature {quadrature_rule!r}: use one of {', '.join(RULES)}")
+            raise ConfigError(f"unknown quadrature {quadrature_rule!r}: use one of {', '.join(RULES)}")
         if not 0 < tol < 1:
-            raise ValueError(f"tol must be in (0, 1), got {tol!r}")
+            raise ConfigError(f"tol must be in (0, 1), got {tol!r}")
         if min_steps < 2 or max_steps < 2 * min_steps:
-            raise ValueError(f"need 2 <= min_steps and 2·min_steps <= max_steps, got {min_steps}, {max_steps}")
+            raise ConfigError(f"need 2 <= min_steps and 2·min_steps <= max_steps, got {min_steps}, {max_steps}")
         self.handle = handle
         self.layer = layer
         self.V = dictionary.float().to(handle.device)
@@ -333,7 +334,7 @@ class _Context:
         weight_sets = [weights.to(self.device).repeat(n)]
         if rule == "trapezoid":
             if n_steps % 2:
-                raise ValueError(f"the trapezoid rule needs an even n_steps for its error estimate, got {n_steps}")
+                raise ConfigError(f"the trapezoid rule needs an even n_steps for its error estimate, got {n_steps}")
             half = torch.zeros(n_steps + 1)
             half[::2] = quadrature(n_steps // 2, "trapezoid")[1]
             weight_sets.append(half.to(self.device).repeat(n))
@@ -655,7 +656,7 @@ def load_attributions(store) -> dict[str, torch.Tensor]:
 
     paths = sorted((store.root / "attribute" / "shards").glob("*.safetensors"))
     if not paths:
-        raise FileNotFoundError(f"no attribution shards in {store.root / 'attribute'}: run `gig attribute` first")
+        raise RunMismatchError(f"no attribution shards in {store.root / 'attribute'}: run `gig attribute` first")
     parts = [load_tensors(p) for p in paths]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import STAGE_ORDER, Config
-from .store import RunMismatchError
+from .errors import ConfigError, GigError
 
 app = typer.Typer(add_completion=False, help="Dataset-wide mechanistic interpretability with GIG.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -91,7 +91,7 @@ def run(
     try:
         pipe = _pipeline(out, config, model, weights, images, layer, max_images, gig_tol, device)
         pipe.run()
-    except (ValueError, RunMismatchError, RuntimeError, KeyError, FileNotFoundError) as exc:
+    except GigError as exc:
         _fail(exc)
     except OSError as exc:
         _disk_full(exc)
@@ -121,7 +121,7 @@ def _stage_command(stage: str):
         try:
             pipe = _pipeline(run_dir, config, model, weights, images, layer, max_images, gig_tol, device)
             getattr(pipe, stage)(force=force)
-        except (ValueError, RunMismatchError, RuntimeError, KeyError, FileNotFoundError) as exc:
+        except GigError as exc:
             _fail(exc)
         except OSError as exc:
             _disk_full(exc)
@@ -143,11 +143,11 @@ def layers(
 ):
     """List the analysable layers of MODEL with their output shapes."""
     from .hooks import LayerUsageError, ModelHandle
-    from .models import ModelLoadError, load_model
+    from .models import load_model
 
     try:
         handle = ModelHandle(load_model(model, weights))
-    except ModelLoadError as exc:
+    except GigError as exc:
         _fail(exc)
     infos = handle.layer_info()
     try:
@@ -182,7 +182,7 @@ def graph_image(
         pipe = Pipeline.open(run_dir)
         pipe.store.require("attribute")
         g = build_graph(pipe.store, "image", image_id=image_id, class_names=pipe.bundle.class_names)
-    except (ValueError, RunMismatchError, FileNotFoundError) as exc:
+    except GigError as exc:
         _fail(exc)
     path = pipe.store.stage_dir("graph") / f"image_{image_id}.json"
     save_json(path, g)
@@ -206,11 +206,11 @@ def concept(
         pipe = Pipeline.open(run_dir)
         pipe.store.require("concepts")
         if layer not in pipe.config.layers:
-            raise ValueError(f"layer {layer!r} is not analysed in this run; its layers: {pipe.config.layers}")
+            raise ConfigError(f"layer {layer!r} is not analysed in this run; its layers: {pipe.config.layers}")
         cards = load_concept_cards(pipe.store, layer)["concepts"]
         if not 0 <= concept_id < len(cards):
-            raise ValueError(f"{layer} has concepts 0..{len(cards) - 1}, not {concept_id}")
-    except (ValueError, RunMismatchError) as exc:
+            raise ConfigError(f"{layer} has concepts 0..{len(cards) - 1}, not {concept_id}")
+    except GigError as exc:
         _fail(exc)
     card = cards[concept_id]
     crops = exemplar_crops(pipe.store, pipe.handle, pipe.source, layer, card["exemplars"])
@@ -230,7 +230,7 @@ def inspect(
 
     try:
         info = summarize(run_dir)
-    except RunMismatchError as exc:
+    except GigError as exc:
         _fail(exc)
     if json_out:
         typer.echo(json.dumps(info, indent=1))
@@ -293,7 +293,7 @@ def report(
                             image_ids=image_ids or None, single_file=single_file)
     try:
         path = build_report(run_dir, out, options, progress=True)
-    except (ValueError, RunMismatchError, RuntimeError, KeyError, FileNotFoundError) as exc:
+    except GigError as exc:
         _fail(exc)
     console.print(f"[green]report[/green]: {path.resolve()}")
 
@@ -330,7 +330,7 @@ def evaluate(
                               seed, progress=True, layers=layer or None, n_steps=n_steps, gig_tol=gig_tol,
                               n_random=n_random,
                               sae_k=sae_k, resume=not restart, plots=plots, out_dir=out)
-    except (ValueError, RunMismatchError, RuntimeError, KeyError, FileNotFoundError) as exc:
+    except GigError as exc:
         _fail(exc)
     term = Console()
     for section, title, what in (("extraction", "concept extraction: AUC ins − del", "method"),

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .errors import ConfigError, InputError
 from .config import Config, resolve_samples_per_image
 from .distributed import Ranks, sharded_stage
 from .hooks import ModelHandle
@@ -108,7 +109,7 @@ def select_targets(logits: torch.Tensor, records: list[ImageRecord], mode: str) 
     if mode == "predicted":
         return pred
     if mode != "label":
-        raise ValueError(f"target must be 'predicted' or 'label', not {mode!r}")
+        raise ConfigError(f"target must be 'predicted' or 'label', not {mode!r}")
     labels = [r.label if r.label is not None else int(p) for r, p in zip(records, pred)]
     return torch.tensor(labels, dtype=torch.long)
 
@@ -123,7 +124,7 @@ def collect(store: RunStore, handle: ModelHandle, source: ImageSource, progress:
     handle.check_layers(layers)
     records = source.records[: config.max_images] if config.max_images else list(source.records)
     if not records:
-        raise ValueError(f"no images in {config.images}")
+        raise InputError(f"no images in {config.images}")
     per_image = resolve_samples_per_image(config, len(records))
     with sharded_stage(store, "collect", ranks) as summary:
         summary["samples_per_image"] = per_image
@@ -150,7 +151,7 @@ def _require_finite(logits: torch.Tensor, grids: dict[str, torch.Tensor], record
         bad = ~torch.isfinite(values.detach()).flatten(1).all(dim=1)
         if bool(bad.any()):
             paths = [records[i].path for i in torch.nonzero(bad.cpu()).flatten().tolist()]
-            raise ValueError(f"non-finite (NaN or infinite) values in {name} for {len(paths)} image(s), "
+            raise InputError(f"non-finite (NaN or infinite) values in {name} for {len(paths)} image(s), "
                              f"e.g. {paths[0]}: check the weights and the preprocessing")
 
 
@@ -219,14 +220,14 @@ def _merge(store: RunStore, n_shards: int, summary: dict) -> None:
             for key, value in load_tensors(path).items():
                 merged.setdefault(key, []).append(value)
     if not images:
-        raise ValueError("every image was skipped: nothing to analyse (see the warnings above)")
+        raise InputError("every image was skipped: nothing to analyse (see the warnings above)")
     out = store.root / "collect"
     for layer in layers:
         tensors = {k.split("/", 1)[1]: torch.cat(v) for k, v in merged.items() if k.startswith(layer + "/")}
         if not bool(tensors["pfv"].any()):
             # Zero everywhere (a dead layer, or one cut off by its biases): its concepts would be
             # copies of the zero vector with no members, and its graph nodes empty.
-            raise ValueError(f"layer {layer!r} is zero at every sampled position of all {len(images)} images: "
+            raise InputError(f"layer {layer!r} is zero at every sampled position of all {len(images)} images: "
                              "nothing to decompose; analyse another layer (see `gig layers`)")
         save_tensors(out / f"{layer}.safetensors", tensors)
     save_json(out / "images.json", {"images": images, "skipped": skipped})

@@ -18,6 +18,7 @@ import torch
 from sklearn.cluster import BisectingKMeans
 from tqdm.auto import tqdm
 
+from .errors import InputError
 from .collect import load_samples
 from .store import RunStore, load_json, load_tensors, save_json, save_tensors
 
@@ -71,7 +72,7 @@ class ConceptExtractor:
     def fit(self, X: np.ndarray | torch.Tensor) -> "ConceptExtractor":
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[0] < 2:
-            raise ValueError(f"need a (N >= 2, C) matrix of PFVs, got shape {X.shape}")
+            raise InputError(f"need a (N >= 2, C) matrix of PFVs, got shape {X.shape}")
         k = self.n_concepts or n_concepts_for(X.shape[0], X.shape[1], self.concepts_per_channel,
                                               self.min_cluster, self.max_concepts)
         km = BisectingKMeans(n_clusters=k, bisecting_strategy="biggest_inertia", random_state=self.random_state)
@@ -86,7 +87,7 @@ class ConceptExtractor:
         X = np.asarray(X, dtype=np.float32)
         V = np.asarray(dictionary, dtype=np.float32)
         if V.ndim != 2 or V.shape[1] != X.shape[1]:
-            raise ValueError(f"dictionary shape {V.shape} does not fit PFVs with {X.shape[1]} channels")
+            raise InputError(f"dictionary shape {V.shape} does not fit PFVs with {X.shape[1]} channels")
         self.concepts_ = V
         sim = torch.nn.functional.normalize(torch.from_numpy(X), dim=1) @ torch.nn.functional.normalize(
             torch.from_numpy(V), dim=1).T
@@ -114,7 +115,7 @@ def read_dictionary(spec: str, channels: int) -> tuple[np.ndarray, str]:
     path = Path(spec)
     tensors = load_tensors(path)
     if "V" not in tensors:
-        raise ValueError(f"dictionary file {path} has no tensor named 'V' (shape K×C)")
+        raise InputError(f"dictionary file {path} has no tensor named 'V' (shape K×C)")
     return tensors["V"].float().numpy(), f"file:{path}"
 
 

@@ -18,11 +18,9 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 DEFAULT_MODEL = "efficientnet-lite0"
-
-
-class ConfigError(ValueError):
-    """A config field with a wrong type or out of range; the message names field, value and rule."""
 
 
 def _int(low: int | None = None, optional: bool = False):
@@ -143,7 +141,7 @@ class Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown config option(s): {', '.join(unknown)}; valid options: {', '.join(sorted(known))}"
             )
         return cls(**data)
@@ -154,9 +152,9 @@ class Config:
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
-            raise ValueError(f"cannot read config {path}: {exc}") from exc
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
         if not isinstance(data, dict):
-            raise ValueError(f"config {path} must be a mapping of option: value")
+            raise ConfigError(f"config {path} must be a mapping of option: value")
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:

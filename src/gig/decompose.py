@@ -18,6 +18,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .errors import RunMismatchError
 from .collect import SHARD_IMAGES, iter_image_batches, load_images, load_samples
 from .concepts import load_dictionary
 from .distributed import Ranks, sharded_stage
@@ -279,7 +280,7 @@ class CodeReader:
         shard_dir = store.root / "decompose" / "shards"
         paths = sorted(shard_dir.glob("*.safetensors"))
         if not paths:
-            raise FileNotFoundError(f"no decomposition shards in {shard_dir}: run `gig decompose` first")
+            raise RunMismatchError(f"no decomposition shards in {shard_dir}: run `gig decompose` first")
         for path in paths:
             t = load_tensors(path)
             piece = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith(layer + "/")}

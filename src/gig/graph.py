@@ -32,6 +32,7 @@ from collections import Counter
 import torch
 from tqdm.auto import tqdm
 
+from .errors import ConfigError
 from .attribution import load_attributions
 from .collect import load_images
 from .concepts import load_concept_cards
@@ -52,7 +53,7 @@ def edge_weights(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list
     """Mean edge weights over the images ``rows``: ``{lower: (K_upper, K_lower)}``; an image adds 0
     to edges into targets it did not reach. Never materialises ``(images, K_upper, K_lower)``."""
     if rule not in EDGE_RULES:
-        raise ValueError(f"unknown edge rule {rule!r}: use one of {', '.join(EDGE_RULES)}")
+        raise ConfigError(f"unknown edge rule {rule!r}: use one of {', '.join(EDGE_RULES)}")
     edges = {}
     for position, lower in enumerate(layers[:-1]):
         upper = layers[position + 1]
@@ -124,7 +125,7 @@ def build_graph(store: RunStore, kind: str = "class", classes: list[int] | None 
     targets = torch.tensor([images[int(i)]["target"] for i in ids])
     if kind == "image":
         if image_id is None or image_id not in images:
-            raise ValueError(f"image id {image_id} is not in this run ({len(images)} images)")
+            raise ConfigError(f"image id {image_id} is not in this run ({len(images)} images)")
         rows = (ids == image_id).nonzero().flatten()
         classes = [images[image_id]["target"]]
     elif kind == "global":
@@ -132,12 +133,12 @@ def build_graph(store: RunStore, kind: str = "class", classes: list[int] | None 
         classes = []
     elif kind in ("class", "shared"):
         if not classes:
-            raise ValueError(f"a {kind} graph needs at least one class")
+            raise ConfigError(f"a {kind} graph needs at least one class")
         rows = torch.isin(targets, torch.tensor(classes)).nonzero().flatten()
         if rows.numel() == 0:
-            raise ValueError(f"no image in this run has target class(es) {classes}")
+            raise ConfigError(f"no image in this run has target class(es) {classes}")
     else:
-        raise ValueError(f"unknown graph kind {kind!r}: class, shared, global or image")
+        raise ConfigError(f"unknown graph kind {kind!r}: class, shared, global or image")
 
     scores, edges = _mean_over(data, rows, layers)
     in_top_of: dict[tuple[str, int], list[int]] = {}

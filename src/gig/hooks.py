@@ -26,18 +26,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .errors import ConfigError, LayerNotFoundError, LayerUsageError
 from .models import ModelBundle, wrap_module
-
-
-class LayerNotFoundError(KeyError):
-    """A layer name that the model does not have; the message lists the closest valid names."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
-
-
-class LayerUsageError(RuntimeError):
-    """A layer that cannot be analysed (reused module, output changed in place, odd shape)."""
 
 
 class _StopForward(Exception):
@@ -71,14 +61,14 @@ def resolve_device(name: str | torch.device) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device {name!r} is not a device name (cpu, cuda, cuda:N)") from exc
+        raise ConfigError(f"device {name!r} is not a device name (cpu, cuda, cuda:N)") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r}: torch sees no CUDA GPU here (torch {torch.__version__})")
+            raise ConfigError(f"device {name!r}: torch sees no CUDA GPU here (torch {torch.__version__})")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif device.type != "cpu":
-        raise ValueError(f"device {name!r}: gig runs on cpu or cuda")
+        raise ConfigError(f"device {name!r}: gig runs on cpu or cuda")
     return device
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from .errors import ImageLoadError, InputError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "CsvSource",
@@ -46,15 +48,6 @@ __all__ = [
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 )
-
-
-class ImageLoadError(Exception):
-    """An image file could not be decoded into an RGB picture."""
-
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
-        self.path = os.fspath(path)
-        self.reason = reason
-        super().__init__(f"cannot load image {self.path}: {reason}")
 
 
 class ImageLoadWarning(UserWarning):
@@ -313,7 +306,7 @@ class FolderSource(ImageSource):
                  class_index: Callable[[str], int | None] | None = None) -> None:
         root_path = Path(root)
         if not root_path.is_dir():
-            raise ValueError(f"image folder {os.fspath(root)!r} is not a directory")
+            raise InputError(f"image folder {os.fspath(root)!r} is not a directory")
         class_files: dict[str, list[Path]] = {}
         top_files: list[Path] = []
         for entry in sorted(root_path.iterdir()):
@@ -364,7 +357,7 @@ class FolderSource(ImageSource):
             for i, f in enumerate(sorted(top_files, key=lambda f: f.name)):
                 records.append(ImageRecord(i, os.path.abspath(f), None, None))
         if not records:
-            raise ValueError(
+            raise InputError(
                 f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {root_path}"
             )
         self.class_to_idx = class_to_idx
@@ -398,7 +391,7 @@ class CsvSource(ImageSource):
     ) -> None:
         path = Path(csv_path)
         if not path.is_file():
-            raise ValueError(f"CSV file list {os.fspath(csv_path)!r} does not exist")
+            raise InputError(f"CSV file list {os.fspath(csv_path)!r} does not exist")
         base = path.parent.resolve()
         # utf-8-sig: spreadsheets often prepend a BOM that would otherwise rename the first column.
         with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -406,7 +399,7 @@ class CsvSource(ImageSource):
             fields = {(f or "").strip().lower(): f for f in (reader.fieldnames or [])}
             file_col = _first_col(fields, "file", "path")
             if file_col is None:
-                raise ValueError(f"{path}: needs a 'file' or 'path' column, has {list(fields)}")
+                raise InputError(f"{path}: needs a 'file' or 'path' column, has {list(fields)}")
             label_col = _first_col(fields, "label", "class_index")
             name_col = _first_col(fields, "class_name", "label_name")
             records: list[ImageRecord] = []
@@ -425,7 +418,7 @@ class CsvSource(ImageSource):
                 file_path = Path(rel) if os.path.isabs(rel) else base / rel
                 records.append(ImageRecord(len(records), os.fspath(file_path), label, name))
         if not records:
-            raise ValueError(f"{path}: no image rows")
+            raise InputError(f"{path}: no image rows")
         super().__init__(records, os.fspath(path.resolve()))
 
 
@@ -443,7 +436,7 @@ def _parse_label(
         except ValueError:
             if class_to_idx and raw in class_to_idx:
                 return class_to_idx[raw]
-            raise ValueError(f"{path}:{line}: label {raw!r} is not an integer") from None
+            raise InputError(f"{path}:{line}: label {raw!r} is not an integer") from None
     if class_to_idx and name is not None:
         return class_to_idx.get(name)
     return None
@@ -511,7 +504,7 @@ class EmbeddedSource(ImageSource):
             self.files[name] = os.fspath(pkg_dir / rel)
             records.append(ImageRecord(len(records), f"embedded:{name}", label, label_name))
         if not records:
-            raise ValueError(
+            raise InputError(
                 "no embedded photos found: install scikit-image, scikit-learn or matplotlib"
             )
         super().__init__(records, "embedded")
@@ -545,7 +538,7 @@ def open_source(
         return CsvSource(path, class_to_idx=class_to_idx)
     if path.is_dir():
         return FolderSource(path, class_to_idx=class_to_idx, class_index=class_index)
-    raise ValueError(
+    raise InputError(
         f"image source {os.fspath(spec)!r} is neither 'embedded', an existing .csv file list "
         "nor a directory"
     )

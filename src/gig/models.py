@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .errors import ModelLoadError
 from .images import center_crop_resize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,10 +36,6 @@ LITE_MEAN = (127 / 255,) * 3
 LITE_STD = (128 / 255,) * 3
 LITE0_LAYERS = ("_blocks.4", "_blocks.8", "_blocks.11", "_blocks.15")
 LITE_RESOLUTION = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
-
-
-class ModelLoadError(RuntimeError):
-    """A model or its weights could not be built or loaded."""
 
 
 @dataclass

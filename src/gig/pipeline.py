@@ -13,6 +13,7 @@ import hashlib
 import warnings
 from pathlib import Path
 
+from .errors import ConfigError, InputError
 from .attribution import attribute
 from .collect import collect
 from .concepts import extract_concepts
@@ -35,7 +36,7 @@ def _require_labels(source: ImageSource, max_images: int | None) -> None:
     missing = [r for r in records if r.label is None]
     if missing:
         examples = ", ".join(f"{r.path} ({r.label_name or 'no class'})" for r in missing[:3])
-        raise ValueError(
+        raise InputError(
             f"target: label, but {len(missing)} of {len(records)} images have no model class "
             f"(e.g. {examples}); name class folders by synset id (n01440764) or class name, give "
             "a CSV 'label' column, or use target: predicted")
@@ -124,7 +125,7 @@ class Pipeline:
         """Run ``stages`` (all by default) in order; finished ones are skipped."""
         for stage in stages or STAGE_ORDER:
             if stage not in STAGE_ORDER:
-                raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_ORDER)}")
+                raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_ORDER)}")
             getattr(self, stage)()
         return self.store.root
 

@@ -34,14 +34,9 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import STAGE_ORDER, Config, stage_hash
+from .errors import RunBusyError, RunMismatchError
 
 
-class RunMismatchError(RuntimeError):
-    """A run directory that does not belong to the requested configuration or is incomplete."""
-
-
-class RunBusyError(RuntimeError):
-    """Another process is computing in the run directory."""
 
 
 @contextmanager

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from ..attribution import GIG
 from ..collect import iter_image_batches, load_images, load_samples
 from ..concepts import load_dictionary
@@ -66,7 +67,7 @@ def _check_names(given: Iterable[str], known: tuple[str, ...], what: str) -> lis
     given = list(dict.fromkeys(given))
     unknown = [g for g in given if g not in known]
     if unknown:
-        raise ValueError(f"unknown {what}(s) {unknown}; choose from {', '.join(known)}")
+        raise ConfigError(f"unknown {what}(s) {unknown}; choose from {', '.join(known)}")
     return given
 
 
@@ -443,17 +444,17 @@ def evaluate_run(run_dir, n_images_extraction: int = 100, n_images_interlayer: i
     methods = _check_names(methods, METHODS, "method")
     orderings = _check_names(orderings, ORDERINGS, "ordering")
     if n_points < 2 or n_targets < 1 or n_random < 1 or batch_rows < 2 * n_points:
-        raise ValueError("need n_points ≥ 2, n_targets ≥ 1, n_random ≥ 1 and batch_rows ≥ 2·n_points")
+        raise ConfigError("need n_points ≥ 2, n_targets ≥ 1, n_random ≥ 1 and batch_rows ≥ 2·n_points")
     run_layers = list(store.config.layers)
     if layers:
         bad = [l for l in layers if l not in run_layers]
         if bad:
-            raise ValueError(f"layer(s) {bad} are not layers of the run ({', '.join(run_layers)})")
+            raise ConfigError(f"layer(s) {bad} are not layers of the run ({', '.join(run_layers)})")
         layers = [l for l in run_layers if l in layers]
     else:
         layers = run_layers
     if n_images_interlayer > 0 and len(layers) < 2 and orderings:
-        raise ValueError("the inter-layer protocol needs at least two layers")
+        raise ConfigError("the inter-layer protocol needs at least two layers")
 
     pipe = Pipeline.open(run_dir, model=model, source=source, progress=False)
     config = pipe.config

@@ -38,6 +38,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 from PIL import Image
 
+from ..errors import RunMismatchError
 from ..attribution import completeness_residuals, load_attributions
 from ..collect import load_images, load_samples
 from ..concepts import load_concept_cards
@@ -620,7 +621,7 @@ def read_codes(store: RunStore, layer: str, image_ids: list[int], K: int) -> dic
         reader = CodeReader(store, layer)
         return {int(i): reader.codes(int(i)) for i in image_ids}
     if want - set(out):
-        raise ValueError(f"no codes of layer {layer} for image(s) {sorted(want - set(out))}")
+        raise RunMismatchError(f"no codes of layer {layer} for image(s) {sorted(want - set(out))}")
     return out
 
 
@@ -631,7 +632,7 @@ def _choose_images(opts: ReportOptions, images_info: list[dict], classes: list[i
     if opts.image_ids:
         missing = [i for i in opts.image_ids if i not in row_of]
         if missing:
-            raise ValueError(f"image id(s) {missing} have no attribution in this run")
+            raise RunMismatchError(f"image id(s) {missing} have no attribution in this run")
         return list(dict.fromkeys(int(i) for i in opts.image_ids))
     ranked = sorted((i for i in images_info if int(i["image_id"]) in row_of),
                     key=lambda i: -(i.get("target_prob") or 0.0))
