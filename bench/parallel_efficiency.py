@@ -1,7 +1,7 @@
 """Parallel efficiency of torchrun on the CPU: the same run as 1 process of 1 thread, 1 process
 of 2 threads, and 2 processes of 1 thread each (gloo), measured side by side on one machine.
 
-    python bench/parallel_efficiency.py OUT_DIR [--images 32] [--shard 4]
+    python bench/parallel_efficiency.py OUT_DIR [--images 32] [--shard 4] [--layers A,B] [--gig-tol 0.01]
 
 Images: the first N photos of ../shared/data/imagenet-sample (else the 19 embedded photos);
 default settings otherwise (EfficientNet-Lite0, four layers, gig_tol 0.01). Prints, per way, the
@@ -28,18 +28,20 @@ from gig.config import Config
 from gig.pipeline import Pipeline
 
 gig.collect.SHARD_IMAGES = gig.decompose.SHARD_IMAGES = int(sys.argv[3])
-Pipeline(Config(images=sys.argv[2], max_images=int(sys.argv[4])), sys.argv[1], progress=False).run(
-    ["collect", "concepts", "decompose", "attribute"])
+layers = sys.argv[6].split(",") if sys.argv[6] else None
+Pipeline(Config(images=sys.argv[2], max_images=int(sys.argv[4]), gig_tol=float(sys.argv[5]), layers=layers),
+         sys.argv[1], progress=False).run(["collect", "concepts", "decompose", "attribute"])
 """
 STAGES = ("collect", "decompose", "attribute")
 
 
-def launch(out: Path, images: str, n: int, shard: int, processes: int, threads: int) -> dict[str, float]:
+def launch(out: Path, images: str, n: int, shard: int, processes: int, threads: int, tol: float,
+           layers: str) -> dict[str, float]:
     script = out.parent / "_run.py"
     script.write_text(_RUN)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = str(threads)
-    args = [str(script), str(out), images, str(shard), str(n)]
+    args = [str(script), str(out), images, str(shard), str(n), str(tol), layers]
     command = ([sys.executable, *args] if processes == 1 else
                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *args])
     subprocess.run(command, check=True, env=env)
@@ -63,6 +65,8 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--shard", type=int, default=4, help="images per shard (the unit split across ranks)")
+    parser.add_argument("--gig-tol", type=float, default=0.01)
+    parser.add_argument("--layers", default="", help="comma-separated layers (default: the model's)")
     args = parser.parse_args()
     images = str(SAMPLE.resolve()) if SAMPLE.is_dir() else "embedded"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -70,9 +74,10 @@ def main() -> None:
     seconds = {}
     for name, (processes, threads) in ways.items():
         run = args.out / name.replace(" ", "")
-        seconds[name] = launch(run, images, args.images, args.shard, processes, threads)
+        seconds[name] = launch(run, images, args.images, args.shard, processes, threads, args.gig_tol, args.layers)
     base = sum(seconds["1 process x 1 thread"].values())
-    print(f"{args.images} photos from {images}, {args.shard} per shard")
+    print(f"{args.images} photos from {images}, {args.shard} per shard, layers {args.layers or 'default'}, "
+          f"gig_tol {args.gig_tol}")
     print("| way | " + " | ".join(STAGES) + " | total s | speed-up |")
     print("|---|" + "---|" * (len(STAGES) + 2))
     for name, s in seconds.items():
