@@ -4,6 +4,8 @@ atomic artefacts, caches keyed by what they depend on."""
 from __future__ import annotations
 
 import errno
+import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -130,6 +132,18 @@ KILL_CONFIG = dict(max_images=4, layers=["_blocks.15"], gig_tol=0.05, top_k=2, b
                    samples_per_image=6, min_cluster=2, calibration_size=40)
 
 
+@contextmanager
+def _one_thread():
+    """Bit-for-bit comparisons across processes need the same thread count everywhere: a
+    convolution's summation order, hence its last bits, depends on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     import gig.collect
@@ -139,7 +153,9 @@ def uninterrupted(tmp_path_factory):
     saved = gig.collect.SHARD_IMAGES, gig.decompose.SHARD_IMAGES
     gig.collect.SHARD_IMAGES = gig.decompose.SHARD_IMAGES = 2
     try:
-        Pipeline(Config(**KILL_CONFIG), root / "r", progress=False).run(["collect", "concepts", "decompose", "attribute"])
+        with _one_thread():
+            Pipeline(Config(**KILL_CONFIG), root / "r", progress=False).run(
+                ["collect", "concepts", "decompose", "attribute"])
     finally:
         gig.collect.SHARD_IMAGES, gig.decompose.SHARD_IMAGES = saved
     return root / "r"
@@ -158,7 +174,8 @@ def test_sigkill_mid_stage_resumes_to_identical_results(stage, uninterrupted, tm
 
     run = tmp_path / "r"
     script = _KILLED_RUN.replace("{config!r}", repr(KILL_CONFIG))
-    killed = subprocess.run([sys.executable, "-c", script, stage, str(run)], capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", script, stage, str(run)], capture_output=True, text=True, env=env)
     assert killed.returncode == -9, killed.stderr[-2000:]
     store = RunStore.open(run)
     assert store.stage_state(stage) == "did not finish"
@@ -167,7 +184,8 @@ def test_sigkill_mid_stage_resumes_to_identical_results(stage, uninterrupted, tm
 
     monkeypatch.setattr(gig.collect, "SHARD_IMAGES", 2)
     monkeypatch.setattr(gig.decompose, "SHARD_IMAGES", 2)
-    Pipeline(Config(**KILL_CONFIG), run, progress=False).run(["collect", "concepts", "decompose", "attribute"])
+    with _one_thread():
+        Pipeline(Config(**KILL_CONFIG), run, progress=False).run(["collect", "concepts", "decompose", "attribute"])
     assert (run / stage / "shards" / "00000.safetensors").stat().st_mtime_ns == kept  # not redone
     files = sorted(p.relative_to(uninterrupted) for p in (uninterrupted / stage).rglob("*.safetensors"))
     assert files
