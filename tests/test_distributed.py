@@ -28,6 +28,8 @@ Pipeline(Config(max_images=6, layers=["_blocks.11", "_blocks.15"], gig_tol=0.05,
 def test_ranks_split_shards_round_robin():
     assert Ranks(0, 2).mine(list(range(5))) == [0, 2, 4] and Ranks(1, 2).mine(list(range(5))) == [1, 3]
     assert Ranks().mine([7, 8]) == [7, 8] and Ranks().share({"a": 1}) == {"a": 1}
+    mine, total = Ranks(1, 2).shards(list(range(7)), 2)  # shards [0,1] [2,3] [4,5] [6]
+    assert total == 4 and mine == [("00001", [2, 3]), ("00003", [6])]
 
 
 def _launch(tmp_path, name: str, processes: int):

@@ -268,3 +268,23 @@ def test_imagefolder_labels_follow_the_model_classes(tmp_path):
     with pytest.raises(ValueError, match="1 of 3 images have no model class"):
         with pytest.warns(UserWarning):
             Pipeline(Config(images=str(root), layers=["_blocks.15"], target="label"), tmp_path / "r2", progress=False)
+
+
+def test_inspect_names_every_missed_target(finished_run, tmp_path):
+    """`missed` has one sentence per figure past its threshold, read back from the layer table,
+    and one per stage that is not done."""
+    from gig.summary import MAX_L0_RATIO, MIN_TOP1_AGREEMENT, summarize
+
+    info = summarize(finished_run)
+    for layer in info["layers"]:
+        dense = any(m.startswith(f"{layer['name']}: dense codes") for m in info["missed"])
+        assert dense == (layer["l0_ratio"] > MAX_L0_RATIO)
+        disagree = any(m.startswith(f"{layer['name']}: the model's top-1") for m in info["missed"])
+        assert disagree == (layer["top1_agreement"] < MIN_TOP1_AGREEMENT)
+    assert not any(m.startswith("stage ") for m in info["missed"])
+    partial = tmp_path / "partial"
+    Pipeline(Config(**SMALL), partial, progress=False).collect()
+    missed = summarize(partial)["missed"]
+    assert [m for m in missed if m.startswith("stage ")] == [
+        "stage concepts has not run", "stage decompose has not run", "stage attribute has not run",
+        "stage graph has not run"]

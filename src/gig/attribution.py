@@ -562,12 +562,10 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=N
         summary["engine"] = {"folded_batchnorms": fast.folded_batchnorms,
                              "channels_last": fast.memory_format == torch.channels_last}
         gigs = {layer: gig_for(fast, layer, load_dictionary(store, layer), config) for layer in layers}
-        shards = [records[i : i + SHARD_IMAGES] for i in range(0, len(records), SHARD_IMAGES)]
-        mine = ranks.mine(list(enumerate(shards)))
+        mine, _ = ranks.shards(records, SHARD_IMAGES)
         bar = tqdm(total=sum(len(s) for _, s in mine), desc="attribute", unit="img",
                    disable=not progress or not ranks.is_main)
-        for index, shard in mine:
-            name = f"{index:05d}"
+        for name, shard in mine:
             if not store.shard_done("attribute", name):
                 parts: list[dict[str, torch.Tensor]] = []
                 for batch in iter_image_batches(source, shard, handle, config.batch_size, config.loader_workers):

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, InputError
 from .config import Config, resolve_samples_per_image
 from .distributed import Ranks, sharded_stage
+from .errors import ConfigError, InputError
 from .hooks import ModelHandle
-from .images import ImageRecord, ImageSource, skip_reason
+from .images import ImageRecord, ImageSource, skip_reason, used_records
 from .store import RunStore, load_json, load_tensors, save_json, save_tensors
 
 SHARD_IMAGES = 64
@@ -122,18 +122,16 @@ def collect(store: RunStore, handle: ModelHandle, source: ImageSource, progress:
     config: Config = store.config
     layers = config.layers
     handle.check_layers(layers)
-    records = source.records[: config.max_images] if config.max_images else list(source.records)
+    records = used_records(source, config.max_images)
     if not records:
         raise InputError(f"no images in {config.images}")
     per_image = resolve_samples_per_image(config, len(records))
     with sharded_stage(store, "collect", ranks) as summary:
         summary["samples_per_image"] = per_image
-        shards = [records[i : i + SHARD_IMAGES] for i in range(0, len(records), SHARD_IMAGES)]
-        mine = ranks.mine(list(enumerate(shards)))
+        mine, n_shards = ranks.shards(records, SHARD_IMAGES)
         bar = tqdm(total=sum(len(s) for _, s in mine), desc="collect", unit="img",
                    disable=not progress or not ranks.is_main)
-        for index, shard_records in mine:
-            name = f"{index:05d}"
+        for name, shard_records in mine:
             if store.shard_done("collect", name):
                 bar.update(len(shard_records))
                 continue
@@ -141,7 +139,7 @@ def collect(store: RunStore, handle: ModelHandle, source: ImageSource, progress:
         bar.close()
         ranks.barrier()  # every rank's shards written
         if ranks.is_main:
-            _merge(store, len(shards), summary)
+            _merge(store, n_shards, summary)
 
 
 def _require_finite(logits: torch.Tensor, grids: dict[str, torch.Tensor], records) -> None:

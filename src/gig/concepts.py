@@ -18,8 +18,8 @@ import torch
 from sklearn.cluster import BisectingKMeans
 from tqdm.auto import tqdm
 
-from .errors import InputError
 from .collect import load_samples
+from .errors import InputError
 from .store import RunStore, load_json, load_tensors, save_json, save_tensors
 
 

@@ -18,10 +18,10 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .errors import RunMismatchError
 from .collect import SHARD_IMAGES, iter_image_batches, load_images, load_samples
 from .concepts import load_dictionary
 from .distributed import Ranks, sharded_stage
+from .errors import RunMismatchError
 from .hooks import ModelHandle
 from .images import ImageSource
 from .store import RunStore, load_json, load_tensors, save_json, save_tensors
@@ -195,12 +195,10 @@ def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progres
                                            config.lasso_max_iter, device=handle.device)
             summary.setdefault("alpha", {})[layer] = alpha
             summary.setdefault("calibration_rel_error", {})[layer] = err
-        shards = [list(range(i, min(i + SHARD_IMAGES, len(records)))) for i in range(0, len(records), SHARD_IMAGES)]
-        mine = ranks.mine(list(enumerate(shards)))
+        mine, n_shards = ranks.shards(range(len(records)), SHARD_IMAGES)
         bar = tqdm(total=sum(len(r) for _, r in mine), desc="decompose", unit="img",
                    disable=not progress or not ranks.is_main)
-        for index, rows in mine:
-            name = f"{index:05d}"
+        for name, rows in mine:
             if not store.shard_done("decompose", name):
                 _decompose_shard(store, handle, source, [records[r] for r in rows], preds[rows], encoders, name)
             bar.update(len(rows))
@@ -211,7 +209,7 @@ def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progres
         # Fidelity figures: summed over shards, so a resumed run reports the same numbers.
         figures = {}
         for layer in config.layers:
-            meter = FidelityMeter.merge([store.shard_info("decompose", f"{i:05d}")[layer] for i in range(len(shards))])
+            meter = FidelityMeter.merge([store.shard_info("decompose", f"{i:05d}")[layer] for i in range(n_shards)])
             figures[layer] = {**meter.result(), "K": int(encoders[layer].V.shape[0]), "alpha": encoders[layer].alpha}
         save_json(out / "fidelity.json", figures)
         summary["fidelity"] = figures

@@ -38,6 +38,12 @@ class Ranks:
         """The items this rank computes: every ``world``-th, starting at ``rank``."""
         return list(items[self.rank :: self.world])
 
+    def shards(self, items: Sequence[T], size: int) -> tuple[list[tuple[str, list[T]]], int]:
+        """``items`` cut into shards of ``size``, named by index (``00000``, …): this rank's
+        ``(name, shard)`` pairs and the number of shards in all."""
+        cut = [list(items[i : i + size]) for i in range(0, len(items), size)]
+        return self.mine([(f"{index:05d}", shard) for index, shard in enumerate(cut)]), len(cut)
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

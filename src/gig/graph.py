@@ -32,10 +32,10 @@ from collections import Counter
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
 from .attribution import load_attributions
 from .collect import load_images
 from .concepts import load_concept_cards
+from .errors import ConfigError
 from .store import RunStore, load_json, save_json
 
 SCHEMA = "gig.graph/1"

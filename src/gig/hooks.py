@@ -222,7 +222,7 @@ class ModelHandle:
         module = self._modules[name]
         parent_name, _, _ = name.rpartition(".")
         parent = self._modules.get(parent_name)
-        if not isinstance(parent, (nn.Sequential, nn.ModuleList)) or not any(True for _ in module.children()):
+        if not isinstance(parent, (nn.Sequential, nn.ModuleList)) or next(module.children(), None) is None:
             return False
         return sum(type(child) is type(module) for child in parent.children()) >= 2
 

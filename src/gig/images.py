@@ -519,6 +519,11 @@ class EmbeddedSource(ImageSource):
             raise ImageLoadError(record.path, f"{exc.reason} ({self.files[name]})") from exc
 
 
+def used_records(source: ImageSource, max_images: int | None) -> list[ImageRecord]:
+    """The records a run uses: the first ``max_images`` of ``source`` (all when None)."""
+    return list(source.records[:max_images] if max_images else source.records)
+
+
 def skip_reason(exc: Exception) -> str:
     """Why an image was skipped, for the warning and the run's record."""
     return exc.reason if isinstance(exc, ImageLoadError) else repr(exc)

@@ -13,17 +13,17 @@ import hashlib
 import warnings
 from pathlib import Path
 
-from .errors import ConfigError, InputError
 from .attribution import attribute
 from .collect import collect
 from .concepts import extract_concepts
 from .config import STAGE_ORDER, Config
 from .decompose import decompose
 from .distributed import from_environment
+from .errors import ConfigError, InputError
 from .erf import exemplar_crops
 from .graph import build_graphs
 from .hooks import ModelHandle, resolve_device
-from .images import ImageSource, open_source
+from .images import ImageSource, open_source, used_records
 from .models import ModelBundle, load_model
 from .store import RunStore, run_lock
 from .visual import draw_graph
@@ -32,7 +32,7 @@ from .visual import draw_graph
 def _require_labels(source: ImageSource, max_images: int | None) -> None:
     """``target: label`` needs a model class for every image: refuse before any compute rather
     than fall back to the prediction for some images."""
-    records = source.records[:max_images] if max_images else source.records
+    records = used_records(source, max_images)
     missing = [r for r in records if r.label is None]
     if missing:
         examples = ", ".join(f"{r.path} ({r.label_name or 'no class'})" for r in missing[:3])
@@ -77,7 +77,7 @@ class Pipeline:
         self.progress = progress
 
     def _record_inputs(self) -> None:
-        records = self.source.records[: self.config.max_images] if self.config.max_images else None
+        records = used_records(self.source, self.config.max_images)
         inputs = hashlib.blake2b(f"{self.source.fingerprint(records)}:{self.bundle.fingerprint()}".encode(),
                                  digest_size=8).hexdigest()
         if self.store.record_inputs(inputs):

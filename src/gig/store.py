@@ -37,8 +37,6 @@ from .config import STAGE_ORDER, Config, stage_hash
 from .errors import RunBusyError, RunMismatchError
 
 
-
-
 @contextmanager
 def run_lock(root: Path) -> Iterator[None]:
     """Hold ``RUN/.lock`` (an advisory ``flock``) while writing to a run, so two processes can

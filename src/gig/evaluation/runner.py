@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
 from ..attribution import GIG
 from ..collect import iter_image_batches, load_images, load_samples
 from ..concepts import load_dictionary
 from ..decompose import CodeReader, FidelityMeter
+from ..errors import ConfigError
 from ..store import RunMismatchError, RunStore, load_json, load_tensors, save_json, save_tensors
 from .baselines import METHODS, ConceptBasis, dictionary_basis, from_state, kmeans_basis, ours_basis, sae_basis
 from .curves import auc, markdown_tables, paired_difference, plot_auc_bars, plot_curves, spread, step_fractions

@@ -38,12 +38,12 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 from PIL import Image
 
-from ..errors import RunMismatchError
 from ..attribution import completeness_residuals, load_attributions
 from ..collect import load_images, load_samples
 from ..concepts import load_concept_cards
 from ..decompose import CodeReader, from_sparse_rows
-from ..erf import erf_dir
+from ..erf import erf_crop, erf_dir, save_png
+from ..errors import RunMismatchError
 from ..graph import build_graph, default_classes, edge_weights
 from ..store import RunStore, load_json
 
@@ -262,8 +262,6 @@ class _ModelAccess:
         the forward pass stops at ``layer`` (the ERF only needs the network below it), and each
         image is read once however many of its PFVs are asked for.
         """
-        from ..erf import erf_crop, save_png
-
         out = erf_dir(self.store, layer)
         paths = [out / f"s{i}.png" for i in samples]
         missing = [i for i, p in zip(samples, paths) if not p.exists()]
@@ -508,6 +506,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
     from .figure import draw_class_figure
 
     figures = []
+    crop_dirs = {layer: erf_dir(store, layer) for layer in layers}  # one manifest read per layer
     for g in graphs:
         if g["mode"] != "class":
             continue
@@ -515,7 +514,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
         for node in g["graph"]["nodes"]:
             c = concepts.get(node["id"])
             if c and c["exemplars"]:
-                thumbs[node["id"]] = erf_dir(store, node["layer"]) / f"s{c['exemplars'][0]['s']}.png"
+                thumbs[node["id"]] = crop_dirs[node["layer"]] / f"s{c['exemplars'][0]['s']}.png"
         stem = out / "figures" / f"class_{g['classes'][0]}"
         stem.parent.mkdir(parents=True, exist_ok=True)
         svg, png = draw_class_figure(g["graph"], stem, thumbs)
