@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -244,6 +245,7 @@ def inspect(
                       fmt(l["l0_ratio"]), fmt(l["top1_agreement"]))
     out = Console()
     out.print(table)
+    _print_fronts(out, info["layers"])
     c = info["completeness"]
     out.print(f"completeness residual: median {fmt(c['median'])}, p95 {fmt(c['p95'])}")
     _print_gig_accuracy(out, info.get("gig"))
@@ -253,6 +255,21 @@ def inspect(
         out.print(f"[yellow]{len(info['missed'])} target(s) missed or stages missing:[/yellow]")
         for line in info["missed"]:
             out.print(f"  [yellow]![/yellow] {line}", soft_wrap=True)
+
+
+def _print_fronts(out: Console, layers: list[dict]) -> None:
+    """Each layer's sparsity–fidelity front (measured on the front images), the chosen λ starred."""
+    if not any(l["front"] for l in layers):
+        return
+    table = Table(title="sparsity–fidelity front (front images; * chosen λ)")
+    for col in ("layer", "λ", "l0", "R²", "rel. error", "top-1 agr."):
+        table.add_column(col)
+    for l in layers:
+        for p in l["front"]:
+            star = " *" if l["alpha"] is not None and math.isclose(p["alpha"], l["alpha"], rel_tol=1e-9) else ""
+            table.add_row(l["name"], f"{p['alpha']:.4g}{star}", f"{p['l0_ratio']:.3f}", f"{p['r2']:.3f}",
+                          f"{p['rel_error']:.3f}", f"{p['top1_agreement']:.3f}")
+    out.print(table)
 
 
 def _print_gig_accuracy(out: Console, acc: dict | None) -> None:

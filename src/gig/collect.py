@@ -125,7 +125,9 @@ def collect(store: RunStore, handle: ModelHandle, source: ImageSource, progress:
     records = used_records(source, config.max_images)
     if not records:
         raise InputError(f"no images in {config.images}")
-    per_image = resolve_samples_per_image(config, len(records))
+    shapes = handle.layer_shapes(layers)
+    per_image = {layer: resolve_samples_per_image(config, len(records), c, h * w)
+                 for layer, (c, h, w) in shapes.items()}
     with sharded_stage(store, "collect", ranks) as summary:
         summary["samples_per_image"] = per_image
         mine, n_shards = ranks.shards(records, SHARD_IMAGES)
@@ -153,7 +155,7 @@ def _require_finite(logits: torch.Tensor, grids: dict[str, torch.Tensor], record
                              f"e.g. {paths[0]}: check the weights and the preprocessing")
 
 
-def _collect_shard(store, handle, source, records, name, bar, per_image: int) -> None:
+def _collect_shard(store, handle, source, records, name, bar, per_image: dict[str, int]) -> None:
     config = store.config
     layers = config.layers
     per_layer: dict[str, dict[str, list]] = {l: {"pfv": [], "image_id": [], "pos": [], "target": [], "score": []} for l in layers}
@@ -180,7 +182,7 @@ def _collect_shard(store, handle, source, records, name, bar, per_image: int) ->
             flat = values[layer].flatten(2)  # (N, C, P)
             for i, record in enumerate(batch.records):
                 rng = np.random.default_rng([config.seed, record.image_id, li])
-                picks = sample_positions(score[i], per_image, rng)
+                picks = sample_positions(score[i], per_image[layer], rng)
                 store_l = per_layer[layer]
                 store_l["pfv"].append(flat[i][:, picks].T.cpu())
                 store_l["image_id"].extend([record.image_id] * len(picks))

@@ -85,7 +85,8 @@ class Config:
     target: str = "predicted"  # "predicted" | "label"
 
     # 1. collect
-    #: None (auto): enough for about 2000 PFVs per layer, between 1 and 16 per image
+    #: None (auto, per layer): enough PFVs for K = concepts_per_channel · C concepts of
+    #: min_cluster members (and calibration_size), at most every position of the layer
     samples_per_image: int | None = None
     seed: int = 0
 
@@ -97,10 +98,19 @@ class Config:
     dictionaries: dict[str, str] = field(default_factory=dict)
 
     # 4. decompose
-    target_rel_error: float = 0.1
+    #: λ rule, default: the sparsest codes with R² ≥ min_r2 and top-1 agreement ≥ min_top1_agreement
+    #: on the sparsity–fidelity front; a number here instead picks the largest λ whose relative
+    #: reconstruction error meets it (the earlier rule)
+    target_rel_error: float | None = None
+    min_r2: float = 0.9
+    min_top1_agreement: float = 0.95
+    front_images: int = 32  # images whose every position measures the front at each λ
+    debias: bool = True  # least-squares refit on the support Lasso selected (relaxed Lasso)
     nonnegative: bool = False
-    lasso_max_iter: int = 300
-    calibration_size: int = 2000
+    lasso_solver: str = "auto"  # "lars" (exact; CPU, needs spams-bin) | "fista" (any device) | "auto"
+    lasso_max_iter: int = 1000  # FISTA only: iteration cap
+    lasso_tol: float = 1e-4  # FISTA only: duality gap / objective at which it stops
+    calibration_size: int = 2000  # gig evaluate: PFVs on which baselines' λ is calibrated
 
     # 5. attribute
     #: relative error tolerance of every GIG attribution (error-controlled steps, the default)
@@ -178,7 +188,14 @@ _RULES: dict[str, tuple[Any, str]] = {
     "min_cluster": (_int(1), "an integer of at least 1"),
     "max_concepts": (_int(2, optional=True), "an integer of at least 2, or null"),
     "dictionaries": (_dictionaries, "a mapping layer: safetensors file or 'channels'"),
-    "target_rel_error": (_real(0, 1), "a relative reconstruction error between 0 and 1 (exclusive), e.g. 0.1"),
+    "target_rel_error": (lambda v: v is None or _real(0, 1)(v),
+                         "null (the R²/agreement rule) or a relative reconstruction error between 0 and 1 (exclusive), e.g. 0.1"),
+    "min_r2": (_real(0, 1), "an R² between 0 and 1 (exclusive), e.g. 0.9"),
+    "min_top1_agreement": (lambda v: _real(0, 1)(v) or v == 1, "a share of images in (0, 1], e.g. 0.95"),
+    "front_images": (_int(1), "an integer of at least 1"),
+    "debias": (lambda v: isinstance(v, bool), "true or false"),
+    "lasso_solver": (_one_of("auto", "lars", "fista"), "auto, lars or fista"),
+    "lasso_tol": (_real(0, 1), "a relative duality gap between 0 and 1 (exclusive), e.g. 1e-4"),
     "nonnegative": (lambda v: isinstance(v, bool), "true or false"),
     "lasso_max_iter": (_int(1), "an integer of at least 1"),
     "calibration_size": (_int(10), "an integer of at least 10"),
@@ -196,25 +213,36 @@ _RULES: dict[str, tuple[Any, str]] = {
 
 #: Fields each stage reads; used for the stage hashes. ``device`` and batch sizes are left out on
 #: purpose: they change speed, not results.
-def resolve_samples_per_image(config: Config, n_images: int) -> int:
-    """The configured PFV samples per image, or the automatic choice for ``n_images``."""
+def resolve_samples_per_image(config: Config, n_images: int, channels: int, positions: int) -> int:
+    """PFVs drawn per image at a layer of ``channels`` C and ``positions`` H·W: the configured
+    number, or (auto) enough for the paper's ``K = concepts_per_channel · C`` concepts of
+    ``min_cluster`` members each and for ``calibration_size`` PFVs, at most every position."""
     if config.samples_per_image:
-        return int(config.samples_per_image)
-    return max(1, min(16, -(-2000 // max(n_images, 1))))
+        return min(int(config.samples_per_image), positions)
+    wanted = max(config.concepts_per_channel * channels * config.min_cluster, config.calibration_size)
+    return max(1, min(positions, -(-wanted // max(n_images, 1))))
 
 
 STAGE_FIELDS: dict[str, list[str]] = {
     "collect": ["model", "weights", "layers", "images", "max_images", "target", "samples_per_image", "seed"],
     "concepts": ["concepts_per_channel", "min_cluster", "max_concepts", "dictionaries", "seed"],
-    "decompose": ["target_rel_error", "nonnegative", "lasso_max_iter", "calibration_size", "seed"],
+    "decompose": ["target_rel_error", "min_r2", "min_top1_agreement", "front_images", "debias", "nonnegative",
+                  "lasso_solver", "lasso_max_iter", "lasso_tol", "seed"],
     "attribute": ["gig_tol", "gig_max_steps", "n_steps", "quadrature", "top_k"],
     "graph": ["graph_classes", "edges_per_node", "top_k"],
 }
 STAGE_ORDER = ["collect", "concepts", "decompose", "attribute", "graph"]
 
 
+#: Fields the automatic ``samples_per_image`` reads (:func:`resolve_samples_per_image`).
+AUTO_SAMPLE_FIELDS = ["concepts_per_channel", "min_cluster", "calibration_size"]
+
+
 def stage_hash(config: Config, stage: str, upstream: str = "") -> str:
     """Hash of the settings ``stage`` depends on, chained with the upstream stage's hash."""
-    data = {name: getattr(config, name) for name in STAGE_FIELDS[stage]}
+    fields = STAGE_FIELDS[stage]
+    if stage == "collect" and config.samples_per_image is None:
+        fields = fields + AUTO_SAMPLE_FIELDS  # the automatic sample count depends on them
+    data = {name: getattr(config, name) for name in fields}
     blob = json.dumps(data, sort_keys=True, default=str) + upstream
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,111 +1,192 @@
-"""Stage 4 — rebuild every PFV of a layer from its dictionary with Lasso.
+"""Stage 4 — rebuild every PFV of a layer from its dictionary with sparse codes.
 
-``u_p = argmin_u ½‖x_p − Vᵀu‖² + λ‖u‖₁`` for every position ``p`` of every image (optionally
-``u ≥ 0``). :class:`LassoEncoder` solves all positions at once with FISTA on the Gram matrix
-(one batched tensor operation per iteration instead of one solver call per position); its
-objective is tested against scikit-learn's ``Lasso``. λ is picked per layer on a calibration set
-(the sampled PFVs) by bisection in log space, to reach a target relative reconstruction error.
+``u_p = argmin_u ½‖x_p − uV‖² + λ‖u‖₁`` for every position ``p`` of every image (optionally
+``u ≥ 0``), solved by :class:`gig.lasso.LassoEncoder` (exact LARS on CPU, batched FISTA to a
+duality-gap certificate on GPU), then by default refitted by least squares on the selected
+support (the relaxed Lasso, ``debias``).
 
-Per layer the stage reports: relative L2 error ``‖X − X̃‖_F / ‖X‖_F``, R² (against the mean PFV),
-l0 ratio (share of non-zero coefficients), and the model's top-1 agreement when that layer's
-output is replaced by its reconstruction.
+λ is chosen per layer from the layer's **sparsity–fidelity front**: on ``front_images`` images,
+every position is coded along a descending λ path (λ_max·2^(−j)) and, at each λ, the relative
+error, R², l0 ratio and the model's top-1 agreement (the layer replaced by its reconstruction)
+are measured. The default rule keeps the sparsest codes (largest λ) with R² ≥ ``min_r2`` and
+agreement ≥ ``min_top1_agreement``, refined by bisection between grid points;
+``target_rel_error`` selects the largest λ whose relative error meets it instead. The front is
+saved (``decompose/front.json``), drawn in the report and printed by ``gig inspect``.
+
+Per layer the stage then reports over all images: relative L2 error ``‖X − X̃‖_F / ‖X‖_F``, R²
+(against the mean PFV), l0 ratio (share of non-zero coefficients), and the top-1 agreement.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .collect import SHARD_IMAGES, iter_image_batches, load_images, load_samples
+from .collect import SHARD_IMAGES, iter_image_batches, load_images
 from .concepts import load_dictionary
+from .config import Config
 from .distributed import Ranks, sharded_stage
 from .errors import RunMismatchError
 from .hooks import ModelHandle
 from .images import ImageSource
+from .lasso import LassoEncoder, lambda_max
 from .store import RunStore, load_json, load_tensors, save_json, save_tensors
 
-
-class LassoEncoder:
-    """Batched Lasso coding against a fixed dictionary ``V (K, C)``.
-
-    ``encode(X (P, C)) → U (P, K)`` minimising ``½‖x − uV‖² + λ‖u‖₁`` per row.
-    """
-
-    def __init__(self, dictionary: torch.Tensor, alpha: float, nonnegative: bool = False,
-                 max_iter: int = 300, tol: float = 1e-5, chunk: int = 8192, device: str | torch.device | None = None):
-        self.V = dictionary.float().to(device) if device is not None else dictionary.float()
-        self.alpha = float(alpha)
-        self.nonnegative = nonnegative
-        self.max_iter = max_iter
-        self.tol = tol
-        self.chunk = chunk
-        self.gram_ = self.V @ self.V.T
-        # Lipschitz constant of the smooth part's gradient: the Gram matrix's largest eigenvalue.
-        self.lipschitz_ = float(torch.linalg.eigvalsh(self.gram_.double()).max().clamp_min(1e-12))
-
-    def encode(self, X: torch.Tensor) -> torch.Tensor:
-        X = X.float().to(self.V.device)
-        return torch.cat([self._fista(X[s : s + self.chunk]) for s in range(0, X.shape[0], self.chunk)]) \
-            if X.shape[0] else X.new_zeros(0, self.V.shape[0])
-
-    def _shrink(self, z: torch.Tensor, threshold: float) -> torch.Tensor:
-        if self.nonnegative:
-            return (z - threshold).clamp_min(0)
-        return torch.sign(z) * (z.abs() - threshold).clamp_min(0)
-
-    def _gradient(self, y: torch.Tensor, X: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        # (yV − x)Vᵀ: through the Gram matrix when K ≤ 2C (P·K² flops), else through V (2·P·K·C).
-        if self.V.shape[0] <= 2 * self.V.shape[1]:
-            return y @ self.gram_ - b
-        return (y @ self.V - X) @ self.V.T
-
-    def _fista(self, X: torch.Tensor) -> torch.Tensor:
-        step = 1.0 / self.lipschitz_
-        b = X @ self.V.T  # (P, K)
-        u = torch.zeros_like(b)
-        y = u
-        t = 1.0
-        for _ in range(self.max_iter):
-            u_next = self._shrink(y - step * self._gradient(y, X, b), self.alpha * step)
-            t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
-            y = u_next + ((t - 1) / t_next) * (u_next - u)
-            delta = (u_next - u).abs().max()
-            u, t = u_next, t_next
-            if float(delta) <= self.tol * max(float(u.abs().max()), 1e-12):
-                break
-        return u
-
-    def objective(self, X: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-        """Per-row objective ``½‖x − uV‖² + λ‖u‖₁``, shape ``(P,)``."""
-        return 0.5 * ((X - U @ self.V) ** 2).sum(1) + self.alpha * U.abs().sum(1)
+#: The λ path of the front: λ_max · 2^(−j), j = 1 … FRONT_POINTS.
+FRONT_POINTS = 20
+#: Grid points measured past the first that meets the rule (the front beyond the choice).
+POINTS_PAST_CHOICE = 1
+#: Bisection steps in log λ between the chosen grid point and the next larger λ (λ to 2^(1/16)).
+REFINE_STEPS = 4
+#: The walk stops, even where the rule is not met, once this share of the concepts is active ...
+DENSE_STOP = 0.9
+#: ... or once the reconstruction is exact to this R² (smaller λ cannot change anything).
+EXACT_R2 = 0.9999
 
 
 def relative_error(X: torch.Tensor, X_hat: torch.Tensor) -> float:
     return float((X - X_hat).norm() / X.norm().clamp_min(1e-12))
 
 
-def calibrate_alpha(X: torch.Tensor, V: torch.Tensor, target_rel_error: float, nonnegative: bool = False,
-                    max_iter: int = 300, n_bisect: int = 14) -> tuple[float, float]:
-    """λ giving ``relative_error ≈ target`` on calibration PFVs ``X (N, C)``; returns ``(λ, error)``.
+def encoder_for(config: Config, dictionary: torch.Tensor, alpha: float,
+                device: str | torch.device | None = None) -> LassoEncoder:
+    """The run's encoder for one layer: solver, sign constraint, debiasing and tolerance from the
+    config. Every consumer of a run's codes (this stage, the evaluation) builds it here."""
+    return LassoEncoder(dictionary, alpha, config.nonnegative, max_iter=config.lasso_max_iter,
+                        tol=config.lasso_tol, device=device, solver=config.lasso_solver, debias=config.debias)
 
-    The error grows with λ, so bisection in log λ between a λ that is too small (error below
-    target) and one large enough to zero most coefficients.
-    """
-    scale = float((X @ V.T).abs().max())  # λ ≥ max |Vx| zeroes every coefficient
-    lo, hi = scale * 1e-6, scale
-    best = (lo, relative_error(X, LassoEncoder(V, lo, nonnegative, max_iter).encode(X) @ V))
-    if best[1] >= target_rel_error:  # even tiny λ cannot reach it (too few concepts)
-        return best
+
+def rule_text(config: Config) -> str:
+    """The λ rule of ``config`` in words."""
+    if config.target_rel_error is not None:
+        return f"largest λ with relative error ≤ {config.target_rel_error}"
+    return (f"largest λ (sparsest codes) with R² ≥ {config.min_r2} and top-1 agreement ≥ "
+            f"{config.min_top1_agreement}")
+
+
+def meets_rule(point: dict, config: Config) -> bool:
+    """Whether a front point satisfies the run's λ rule."""
+    if config.target_rel_error is not None:
+        return point["rel_error"] <= config.target_rel_error
+    return point["r2"] >= config.min_r2 and point["top1_agreement"] >= config.min_top1_agreement
+
+
+def alpha_for_l0(X: torch.Tensor, V: torch.Tensor, target_l0: float,
+                 make_encoder, n_bisect: int = 16) -> tuple[float, float]:
+    """λ whose codes of ``X (N, C)`` on ``V (K, C)`` have l0 ratio ``≈ target_l0`` (at most it);
+    ``make_encoder(V, λ)`` builds the encoder. Returns ``(λ, l0 ratio)``. The l0 ratio falls as
+    λ grows, so: bisection in log λ between λ_max·1e-6 and λ_max (where every code is zero)."""
+    top = max(lambda_max(X, V), 1e-30)
+    lo, hi = top * 1e-6, top
+    best = (hi, 0.0)
     for _ in range(n_bisect):
         mid = math.sqrt(lo * hi)
-        err = relative_error(X, LassoEncoder(V, mid, nonnegative, max_iter).encode(X) @ V)
-        if err <= target_rel_error:
-            lo, best = mid, (mid, err)
+        l0 = float((make_encoder(V, mid).encode(X) != 0).float().mean())
+        if l0 <= target_l0:
+            hi, best = mid, (mid, l0)
         else:
-            hi = mid
+            lo = mid
     return best
+
+
+@dataclass
+class FrontImages:
+    """The images a front is measured on: ``pixels`` and ``grids[layer]`` per batch
+    (``(B, 3, S, S)`` and ``(B, C, H, W)``), and the model's predictions ``preds (N,)``."""
+
+    pixels: list[torch.Tensor]
+    grids: dict[str, list[torch.Tensor]]
+    preds: torch.Tensor
+
+
+def load_front_images(source: ImageSource, records: list, preds: torch.Tensor, handle: ModelHandle,
+                      layers: list[str], config: Config) -> FrontImages:
+    """Capture ``layers`` on the first ``front_images`` of ``records`` in a seeded random order."""
+    g = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(records), generator=g)[: config.front_images].sort().values.tolist()
+    chosen = [records[i] for i in order]
+    pixels, grids, kept = [], {layer: [] for layer in layers}, []
+    by_id = {r.image_id: p for r, p in zip(records, preds.tolist())}
+    for batch in iter_image_batches(source, chosen, handle, config.batch_size, config.loader_workers):
+        with torch.no_grad():
+            _, captured = handle.capture(batch.pixels, layers)
+        pixels.append(batch.pixels)
+        for layer in layers:
+            grids[layer].append(captured[layer])
+        kept.extend(by_id[r.image_id] for r in batch.records)
+    return FrontImages(pixels, grids, torch.tensor(kept, dtype=torch.long))
+
+
+def measure_codes(encoder: LassoEncoder, images: FrontImages, layer: str, handle: ModelHandle,
+                  init: list[torch.Tensor] | None = None) -> tuple[dict, list[torch.Tensor]]:
+    """Code every position of ``images`` at ``layer``; returns the fidelity figures (relative
+    error, R², l0 ratio, top-1 agreement) and the codes per batch (warm starts for the next λ)."""
+    meter = FidelityMeter(encoder.V.shape[1])
+    codes, offset = [], 0
+    for i, (pixels, grid) in enumerate(zip(images.pixels, images.grids[layer])):
+        b, c, h, w = grid.shape
+        X = grid.permute(0, 2, 3, 1).reshape(-1, c)
+        U = encoder.encode(X, None if init is None else init[i])
+        X_hat = U @ encoder.V
+        meter.add(X, X_hat, U)
+        with torch.no_grad():
+            logits = handle.run_from(pixels, layer, X_hat.reshape(b, h, w, c).permute(0, 3, 1, 2))
+        preds = images.preds[offset : offset + b]
+        offset += b
+        meter.agree += int((logits.argmax(1).cpu() == preds).sum())
+        meter.n_images += b
+        codes.append(U)
+    figures = meter.result()
+    figures.pop("n_positions")
+    return {"alpha": encoder.alpha, **figures}, codes
+
+
+def sparsity_front(images: FrontImages, layer: str, V: torch.Tensor, handle: ModelHandle, config: Config,
+                   ) -> dict:
+    """The layer's front and the λ its rule picks.
+
+    Walks λ down the grid λ_max·2^(−j) (warm-starting each λ at the previous codes), stops
+    ``POINTS_PAST_CHOICE`` points after the first that meets the rule (or when the codes turn
+    dense without meeting it), then bisects ``REFINE_STEPS`` times in log λ between that point
+    and the grid point above it. Returns ``{"points": [...] (descending λ), "alpha", "met",
+    "rule"}``; each point is ``{alpha, rel_error, r2, l0_ratio, top1_agreement, meets}``.
+    Where no λ meets the rule, the most faithful point measured is chosen and ``met`` is False.
+    """
+    device = handle.device
+    V = V.to(device)
+    rows = torch.cat([g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]) for g in images.grids[layer]])
+    top = lambda_max(rows.to(device), V, config.nonnegative)
+    points, init, first_pass = [], None, None
+    for j in range(1, FRONT_POINTS + 1):
+        point, init = measure_codes(encoder_for(config, V, top * 2.0 ** -j, device), images, layer, handle, init)
+        point["meets"] = meets_rule(point, config)
+        points.append(point)
+        if point["meets"] and first_pass is None:
+            first_pass = len(points) - 1
+        if first_pass is not None and len(points) - 1 - first_pass >= POINTS_PAST_CHOICE:
+            break
+        if first_pass is None and (point["l0_ratio"] > DENSE_STOP or point["r2"] >= EXACT_R2):
+            break  # dense or exact codes that still miss the rule: it cannot be met on this basis
+    if first_pass is None:
+        best = max(points, key=lambda p: (p["r2"], p["top1_agreement"]))
+        return {"points": points, "alpha": best["alpha"], "met": False, "rule": rule_text(config)}
+    chosen = points[first_pass]
+    if first_pass > 0:  # bisect between the failing λ above and the passing λ
+        hi, lo = points[first_pass - 1]["alpha"], chosen["alpha"]
+        for _ in range(REFINE_STEPS):
+            mid = math.sqrt(hi * lo)
+            point, _ = measure_codes(encoder_for(config, V, mid, device), images, layer, handle)
+            point["meets"] = meets_rule(point, config)
+            points.append(point)
+            if point["meets"]:
+                lo, chosen = mid, point
+            else:
+                hi = mid
+    points.sort(key=lambda p: -p["alpha"])
+    return {"points": points, "alpha": chosen["alpha"], "met": True, "rule": rule_text(config)}
 
 
 class FidelityMeter:
@@ -186,15 +267,13 @@ def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progres
     preds = torch.tensor([i["pred"] for i in used])
     with sharded_stage(store, "decompose", ranks) as summary:
         out = store.stage_dir("decompose")
-        calibrated = _calibrate(store, handle, progress) if ranks.is_main else None
-        calibrated = ranks.share(calibrated)  # one λ per layer for every rank
-        encoders = {}
-        for layer in config.layers:
-            alpha, err = calibrated[layer]
-            encoders[layer] = LassoEncoder(load_dictionary(store, layer), alpha, config.nonnegative,
-                                           config.lasso_max_iter, device=handle.device)
-            summary.setdefault("alpha", {})[layer] = alpha
-            summary.setdefault("calibration_rel_error", {})[layer] = err
+        fronts = _fronts(store, handle, source, records, preds, progress) if ranks.is_main else None
+        fronts = ranks.share(fronts)  # one λ per layer for every rank
+        encoders = {layer: encoder_for(config, load_dictionary(store, layer), fronts[layer]["alpha"], handle.device)
+                    for layer in config.layers}
+        summary["alpha"] = {layer: enc.alpha for layer, enc in encoders.items()}
+        summary["rule_met"] = {layer: fronts[layer]["met"] for layer in config.layers}
+        summary["solver"] = {layer: enc.solver_ for layer, enc in encoders.items()}
         mine, n_shards = ranks.shards(range(len(records)), SHARD_IMAGES)
         bar = tqdm(total=sum(len(r) for _, r in mine), desc="decompose", unit="img",
                    disable=not progress or not ranks.is_main)
@@ -215,18 +294,28 @@ def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progres
         summary["fidelity"] = figures
 
 
-def _calibrate(store: RunStore, handle: ModelHandle, progress: bool) -> dict[str, tuple[float, float]]:
-    """``{layer: (λ, relative error)}`` calibrated on the layer's sampled PFVs."""
+def _fronts(store: RunStore, handle: ModelHandle, source: ImageSource, records: list, preds: torch.Tensor,
+            progress: bool) -> dict[str, dict]:
+    """Every layer's :func:`sparsity_front`, saved to ``decompose/front.json`` as soon as it is
+    measured (a resumed stage reuses it: the stage directory is wiped when settings change)."""
     config = store.config
-    out = {}
-    for layer in tqdm(config.layers, desc="calibrate λ", disable=not progress):
-        V = load_dictionary(store, layer)
-        calib = load_samples(store, layer)["pfv"]
-        g = torch.Generator().manual_seed(config.seed)
-        calib = calib[torch.randperm(calib.shape[0], generator=g)[: config.calibration_size]]
-        out[layer] = calibrate_alpha(calib.to(handle.device), V.to(handle.device), config.target_rel_error,
-                                     config.nonnegative, config.lasso_max_iter)
-    return out
+    path = store.stage_dir("decompose") / "front.json"
+    fronts = load_json(path) if path.is_file() else {}
+    todo = [layer for layer in config.layers if layer not in fronts]
+    if not todo:
+        return fronts
+    images = load_front_images(source, records, preds, handle, todo, config)
+    for layer in tqdm(todo, desc="sparsity front", disable=not progress):
+        fronts[layer] = sparsity_front(images, layer, load_dictionary(store, layer), handle, config)
+        save_json(path, fronts)
+    return fronts
+
+
+def load_front(store: RunStore) -> dict[str, dict]:
+    """``{layer: {"points": [...], "alpha", "met", "rule"}}`` of a run's decompose stage
+    (see :func:`sparsity_front`); empty for runs made before fronts were measured."""
+    path = store.root / "decompose" / "front.json"
+    return load_json(path) if path.is_file() else {}
 
 
 def _decompose_shard(store, handle, source, records, preds, encoders, name) -> None:

@@ -187,6 +187,13 @@ class ModelHandle:
             _, grids = self.capture(self.dummy_input(1), layers)
         return list(grids)  # filled by the hooks as the layers ran
 
+    def layer_shapes(self, layers: list[str]) -> dict[str, tuple[int, int, int]]:
+        """``{layer: (C, H, W)}`` of each layer's grid at the model's input size (one dummy image)."""
+        self.check_layers(layers)
+        with torch.no_grad():
+            _, grids = self.capture(self.dummy_input(1), layers)
+        return {name: tuple(int(d) for d in grids[name].shape[1:]) for name in layers}
+
     def default_layers(self, n: int = 4) -> list[str]:
         """The layers analysed when none are named: the model's own choice where it has one
         (EfficientNet-Lite0), else the last block of each of the last ``n`` stages, a stage being

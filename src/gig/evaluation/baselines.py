@@ -5,12 +5,12 @@ rebuilt as ``U V`` (no bias term, so the all-zero code is the all-zero layer out
 baseline, for every method alike). All baselines are fitted on the run's sampled PFVs (the
 collect stage's samples, the same PFVs the run's dictionary came from) with the run's ``K``.
 
-* ``ours``       — the run's bisecting k-means centroids with its Lasso codes (stored by the
-  decompose stage).
-* ``dictionary`` — scikit-learn ``MiniBatchDictionaryLearning`` atoms (unit norm); codes by our
-  :class:`~gig.decompose.LassoEncoder` on those atoms, with λ calibrated exactly as the run
-  calibrates its own (same target relative error on the same calibration PFVs), so the two
-  dictionaries are compared at the same reconstruction error. NMF is not used: EfficientNet block
+* ``ours``       — the run's bisecting k-means centroids with its sparse codes (stored by the
+  decompose stage; the same encoder, :func:`gig.decompose.encoder_for`).
+* ``dictionary`` — scikit-learn ``MiniBatchDictionaryLearning`` atoms (unit norm); codes by the
+  run's encoder on those atoms (same solver and debiasing), with λ calibrated so that the codes
+  are as sparse as the run's own on the same calibration PFVs (equal l0): the two dictionaries
+  are compared at the same sparsity. NMF is not used: EfficientNet block
   outputs are signed (no activation after the projection convolution), and NMF needs
   non-negative data.
 * ``sae``        — a TopK sparse autoencoder in torch: ``z = TopK_k(ReLU((x/s − b) W_e + c))·s``,
@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..decompose import LassoEncoder, calibrate_alpha
+from ..decompose import alpha_for_l0
+from ..lasso import LassoEncoder
 
 METHODS = ("ours", "dictionary", "sae", "kmeans")
 
@@ -70,17 +71,18 @@ def reconstruction_figures(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor) ->
 
 
 # ---------------------------------------------------------------------------- ours
-def ours_basis(V: torch.Tensor, alpha: float, nonnegative: bool = False, max_iter: int = 300) -> ConceptBasis:
-    """The run's dictionary with its Lasso encoder (the evaluation reads the stored codes)."""
-    enc = LassoEncoder(V, alpha, nonnegative, max_iter)
-    return ConceptBasis("ours", V.float(), enc.encode, {"kind": "bisecting k-means + Lasso", "alpha": alpha})
+def ours_basis(encoder: LassoEncoder) -> ConceptBasis:
+    """The run's dictionary with its encoder (the evaluation reads the stored codes)."""
+    return ConceptBasis("ours", encoder.V.float().cpu(), encoder.encode,
+                        {"kind": "bisecting k-means + Lasso", "alpha": encoder.alpha, "debias": encoder.debias})
 
 
 # ---------------------------------------------------------------------------- dictionary learning
-def dictionary_basis(X: torch.Tensor, K: int, target_rel_error: float, seed: int = 0, nonnegative: bool = False,
-                     lasso_max_iter: int = 300, calibration_size: int = 2000, n_iter: int = 5,
+def dictionary_basis(X: torch.Tensor, K: int, target_l0: float, make_encoder: Callable[[torch.Tensor, float], LassoEncoder],
+                     seed: int = 0, nonnegative: bool = False, calibration_size: int = 2000, n_iter: int = 5,
                      batch_size: int = 256, fit_alpha: float | None = None) -> ConceptBasis:
-    """``MiniBatchDictionaryLearning`` atoms; Lasso codes with λ calibrated to ``target_rel_error``.
+    """``MiniBatchDictionaryLearning`` atoms; codes by ``make_encoder(V, λ)`` (the run's encoder)
+    with λ calibrated so that the l0 ratio of the codes is ``target_l0`` (the run's own).
 
     ``fit_alpha`` is the sparsity penalty while learning the atoms (the run passes its own λ
     rescaled to unit-norm atoms, ``λ / median ‖v_q‖``); the final codes use the calibrated λ.
@@ -102,12 +104,12 @@ def dictionary_basis(X: torch.Tensor, K: int, target_rel_error: float, seed: int
     V = V / V.norm(dim=1, keepdim=True).clamp_min(1e-12)
     g = torch.Generator().manual_seed(seed)
     calib = X[torch.randperm(X.shape[0], generator=g)[:calibration_size]].float()
-    alpha, err = calibrate_alpha(calib, V, target_rel_error, nonnegative, lasso_max_iter)
-    enc = LassoEncoder(V, alpha, nonnegative, lasso_max_iter)
+    alpha, l0 = alpha_for_l0(calib, V, target_l0, make_encoder)
+    enc = make_encoder(V, alpha)
     return ConceptBasis("dictionary", V, enc.encode, {
-        "kind": "sklearn MiniBatchDictionaryLearning + Lasso (LassoEncoder)", "fit_alpha": fit_alpha,
-        "fit_iter": n_iter, "alpha": alpha, "nonnegative": nonnegative, "lasso_max_iter": lasso_max_iter,
-        "calibration_rel_error": err, "fit_seconds": round(time.perf_counter() - t0, 2)}, {"V": V})
+        "kind": "sklearn MiniBatchDictionaryLearning + the run's encoder", "fit_alpha": fit_alpha,
+        "fit_iter": n_iter, "alpha": alpha, "nonnegative": nonnegative, "calibration_l0_ratio": l0,
+        "target_l0_ratio": target_l0, "fit_seconds": round(time.perf_counter() - t0, 2)}, {"V": V})
 
 
 # ---------------------------------------------------------------------------- sparse autoencoder
@@ -220,11 +222,13 @@ def kmeans_basis(X: torch.Tensor, K: int, seed: int = 0) -> ConceptBasis:
         "inertia": float(km.inertia_), "fit_seconds": round(time.perf_counter() - t0, 2)}, {"V": V})
 
 
-def from_state(name: str, state: dict[str, torch.Tensor], info: dict) -> ConceptBasis:
-    """Rebuild a fitted baseline from its saved ``state`` tensors and ``info``."""
+def from_state(name: str, state: dict[str, torch.Tensor], info: dict,
+               make_encoder: Callable[[torch.Tensor, float], LassoEncoder]) -> ConceptBasis:
+    """Rebuild a fitted baseline from its saved ``state`` tensors and ``info``; ``make_encoder``
+    is the run's encoder factory (for the dictionary baseline's codes)."""
     if name == "dictionary":
         V = state["V"].float()
-        enc = LassoEncoder(V, info["alpha"], info.get("nonnegative", False), info.get("lasso_max_iter", 300))
+        enc = make_encoder(V, info["alpha"])
         return ConceptBasis(name, V, enc.encode, info, state)
     if name == "sae":
         W_dec = state["W_dec"].float()

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..attribution import GIG
 from ..collect import iter_image_batches, load_images, load_samples
 from ..concepts import load_dictionary
-from ..decompose import CodeReader, FidelityMeter
+from ..decompose import CodeReader, FidelityMeter, encoder_for
 from ..errors import ConfigError
 from ..store import RunMismatchError, RunStore, load_json, load_tensors, save_json, save_tensors
 from .baselines import METHODS, ConceptBasis, dictionary_basis, from_state, kmeans_basis, ours_basis, sae_basis
@@ -134,7 +134,10 @@ class _Evaluation:
         alpha = self.store.summary("decompose").get("alpha", {}).get(layer)
         if alpha is None:
             raise RunMismatchError(f"the decompose stage of {self.store.root} records no λ for layer {layer!r}")
-        out = {"ours": ours_basis(V, alpha, self.config.nonnegative, self.config.lasso_max_iter)}
+        def make_encoder(atoms: torch.Tensor, lam: float):
+            return encoder_for(self.config, atoms, lam)
+
+        out = {"ours": ours_basis(make_encoder(V, alpha))}
         wanted = [m for m in s["methods"] if m != "ours"]
         if not wanted:
             return out
@@ -149,13 +152,13 @@ class _Evaluation:
         for m in wanted:
             if m in saved_info:
                 state = {k.split("/", 1)[1]: v for k, v in saved.items() if k.startswith(m + "/")}
-                out[m] = from_state(m, state, saved_info[m])
+                out[m] = from_state(m, state, saved_info[m], make_encoder)
                 continue
             if m == "dictionary":
                 fit_alpha = float(alpha / V.norm(dim=1).median().clamp_min(1e-12))
-                b = dictionary_basis(X, K, self.config.target_rel_error, s["seed"], self.config.nonnegative,
-                                     self.config.lasso_max_iter, self.config.calibration_size, s["dictionary_iter"],
-                                     fit_alpha=fit_alpha)
+                target_l0 = float((out["ours"].encode(X) != 0).float().mean())
+                b = dictionary_basis(X, K, target_l0, make_encoder, s["seed"], self.config.nonnegative,
+                                     self.config.calibration_size, s["dictionary_iter"], fit_alpha=fit_alpha)
             elif m == "sae":
                 k = s["sae_k"]
                 if k is None:  # the run's own sparsity: mean active concepts per sampled PFV

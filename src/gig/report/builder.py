@@ -658,7 +658,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def _metrics(store: RunStore, layers: list[str], assets: Assets) -> dict:
     from ..summary import summarize
-    from .figure import completeness_figure, reconstruction_figure
+    from .figure import completeness_figure, front_figure, reconstruction_figure
 
     info = summarize(store.root)
     fidelity_path = store.root / "decompose" / "fidelity.json"
@@ -666,11 +666,17 @@ def _metrics(store: RunStore, layers: list[str], assets: Assets) -> dict:
     rows = []
     for entry in info["layers"]:
         extra = fidelity.get(entry["name"], {})
-        rows.append({**entry, "alpha": extra.get("alpha"), "n_positions": extra.get("n_positions")})
+        rows.append({**entry, "n_positions": extra.get("n_positions")})
     plots = []
     if any(r["rel_error"] is not None for r in rows):
         plots.append({"title": "Reconstruction per layer",
                       "url": assets.add_bytes("img/metrics/reconstruction.svg", reconstruction_figure(rows))})
+    if any(r["front"] for r in rows):
+        config = store.config
+        rule = config.target_rel_error is None
+        plots.append({"title": "Sparsity–fidelity front per layer",
+                      "url": assets.add_bytes("img/metrics/front.svg", front_figure(
+                          rows, config.min_r2 if rule else None, config.min_top1_agreement if rule else None))})
     try:
         residuals = completeness_residuals(store).numpy()
     except Exception:  # noqa: BLE001 - a run without attributions still gets its other metrics
@@ -690,8 +696,10 @@ def _metrics(store: RunStore, layers: list[str], assets: Assets) -> dict:
                                                   completeness_figure(estimates.numpy(), "relative error estimate",
                                                                       gig.get("tol")))})
     stages = [{"name": k, **v} for k, v in info["stages"].items()]
+    from ..decompose import rule_text
+
     return {"layers": rows, "completeness": completeness, "gig": gig, "images": info["images"], "stages": stages,
-            "plots": plots}
+            "plots": plots, "rule": rule_text(store.config), "debias": store.config.debias}
 
 
 def _evaluation(folder: Path, assets: Assets) -> dict | None:

@@ -172,6 +172,35 @@ def reconstruction_figure(rows: list[dict]) -> bytes:
     return _svg_bytes(fig)
 
 
+def front_figure(layers: list[dict], min_r2: float | None = None, min_top1: float | None = None) -> bytes:
+    """Each layer's sparsity–fidelity front (SVG bytes): R² and top-1 agreement against the l0
+    ratio, one line per layer, the chosen λ ringed and the rule's thresholds dashed.
+    ``layers``: ``[{"name", "front": [{l0_ratio, r2, top1_agreement, alpha}], "alpha"}]``."""
+    fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.2), sharex=True)
+    for i, layer in enumerate(l for l in layers if l.get("front")):
+        pts = sorted(layer["front"], key=lambda p: p["l0_ratio"])
+        l0 = np.array([p["l0_ratio"] for p in pts])
+        colour = f"C{i}"
+        for ax, key in zip(axes, ("r2", "top1_agreement")):
+            ax.plot(l0, [p[key] for p in pts], "o-", ms=3, lw=1.2, color=colour, label=_plain(layer["name"]))
+            chosen = [p for p in pts if layer.get("alpha") is not None
+                      and np.isclose(p["alpha"], layer["alpha"], rtol=1e-9)]
+            if chosen:
+                ax.plot([chosen[0]["l0_ratio"]], [chosen[0][key]], "o", ms=9, mfc="none", color=colour)
+    for ax, key, label, line in ((axes[0], "r2", "R²", min_r2), (axes[1], "top1_agreement", "top-1 agreement", min_top1)):
+        if line is not None:
+            ax.axhline(line, ls="--", lw=0.8, color="#555")
+        ax.set_xscale("log")
+        ax.set_xlabel("l0 ratio (share of concepts active per position)", fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7, frameon=False)
+    fig.suptitle("Sparsity–fidelity front per layer (front images; ringed: chosen λ)", fontsize=9)
+    fig.tight_layout()
+    return _svg_bytes(fig)
+
+
 def completeness_figure(residuals: np.ndarray, xlabel: str = "relative completeness residual",
                         tol: float | None = None) -> bytes:
     """Histogram of relative figures on a log axis (SVG bytes): completeness residuals
