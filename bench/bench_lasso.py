@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from sklearn.decomposition import sparse_encode
 
-from gig.decompose import LassoEncoder
+from gig.lasso import LassoEncoder
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import torch
 
 from gig.concepts import load_dictionary
 from gig.collect import load_samples
-from gig.decompose import LassoEncoder
+from gig.lasso import LassoEncoder
 from gig.store import RunStore
 
 

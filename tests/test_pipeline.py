@@ -273,14 +273,23 @@ def test_imagefolder_labels_follow_the_model_classes(tmp_path):
 def test_inspect_names_every_missed_target(finished_run, tmp_path):
     """`missed` has one sentence per figure past its threshold, read back from the layer table,
     and one per stage that is not done."""
-    from gig.summary import MAX_L0_RATIO, MIN_TOP1_AGREEMENT, summarize
+    from gig.summary import MAX_L0_RATIO, summarize
 
     info = summarize(finished_run)
+    config = Config.load(finished_run / "config.yaml")
     for layer in info["layers"]:
         dense = any(m.startswith(f"{layer['name']}: dense codes") for m in info["missed"])
         assert dense == (layer["l0_ratio"] > MAX_L0_RATIO)
         disagree = any(m.startswith(f"{layer['name']}: the model's top-1") for m in info["missed"])
-        assert disagree == (layer["top1_agreement"] < MIN_TOP1_AGREEMENT)
+        assert disagree == (layer["top1_agreement"] < config.min_top1_agreement)
+        poor = any(m.startswith(f"{layer['name']}: R²") for m in info["missed"])
+        assert poor == (layer["r2"] < config.min_r2)
+        unmet = any(m.startswith(f"{layer['name']}: no λ on the sparsity–fidelity front") for m in info["missed"])
+        assert unmet == (not layer["rule_met"])
+        # The front printed by inspect is the one saved by the stage, chosen λ included.
+        assert layer["front"] and any(p["alpha"] == layer["alpha"] for p in layer["front"])
+        few = any(m.startswith(f"{layer['name']}: K = ") for m in info["missed"])
+        assert few == (layer["n_concepts"] < config.concepts_per_channel * layer["channels"])
     assert not any(m.startswith("stage ") for m in info["missed"])
     partial = tmp_path / "partial"
     Pipeline(Config(**SMALL), partial, progress=False).collect()

@@ -182,7 +182,8 @@ def front_figure(layers: list[dict], min_r2: float | None = None, min_top1: floa
         l0 = np.array([p["l0_ratio"] for p in pts])
         colour = f"C{i}"
         for ax, key in zip(axes, ("r2", "top1_agreement")):
-            ax.plot(l0, [p[key] for p in pts], "o-", ms=3, lw=1.2, color=colour, label=_plain(layer["name"]))
+            # A zero-width space first: matplotlib drops labels starting with "_" (_blocks.4).
+            ax.plot(l0, [p[key] for p in pts], "o-", ms=3, lw=1.2, color=colour, label="\u200b" + _plain(layer["name"]))
             chosen = [p for p in pts if layer.get("alpha") is not None
                       and np.isclose(p["alpha"], layer["alpha"], rtol=1e-9)]
             if chosen:

@@ -1,0 +1,123 @@
+"""The decompose stage's coding, old against new, side by side on one finished run.
+
+    OMP_NUM_THREADS=1 python bench/decompose_speed.py RUN [--images 40] [--threads 1] [--out F.json]
+
+For every layer of RUN (its dictionaries and images), on ``--images`` images (every position):
+
+* **old**: FISTA at the λ the run's decompose stage recorded, capped at the run's
+  ``lasso_max_iter`` iterations (the stage as it was: λ calibrated to a relative error of 0.1);
+* **new**: λ from the layer's sparsity–fidelity front under the current default rule (measured
+  here on the run's first ``front_images`` images, and timed), then LARS (if SPAMS is
+  installed) + least-squares refit, and FISTA to its duality-gap certificate + refit.
+
+Printed per layer: seconds per 1000 positions, l0, R², and the Lasso objective's relative
+excess over the exact optimum (LARS followed by FISTA polishing to a 1e-9 gap) before the refit.
+Ratios (old / new) are of times measured in this one process, one after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+from gig.collect import iter_image_batches, load_images
+from gig.concepts import load_dictionary
+from gig.config import Config
+from gig.decompose import encoder_for, load_front_images, sparsity_front
+from gig.lasso import LassoEncoder, lars_available
+from gig.pipeline import Pipeline
+
+
+def rows_of(grids: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]) for g in grids])
+
+
+def r2(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> float:
+    return 1 - float(((X - U @ V) ** 2).sum() / ((X - X.mean(0)) ** 2).sum())
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run")
+    parser.add_argument("--images", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = Pipeline(None, args.run, progress=False)
+    old_config, store = pipe.store.config, pipe.store
+    new_config = dataclasses.replace(old_config, **{f.name: f.default for f in dataclasses.fields(Config)
+                                                    if f.name in ("target_rel_error", "min_r2", "min_top1_agreement",
+                                                                  "front_images", "debias", "lasso_solver",
+                                                                  "lasso_max_iter", "lasso_tol")})
+    old_alpha = store.summary("decompose")["alpha"]
+    used = load_images(store)["images"]
+    by_id = {r.image_id: r for r in pipe.source.records}
+    records = [by_id[i["image_id"]] for i in used]
+    preds = torch.tensor([i["pred"] for i in used])
+    layers = old_config.layers
+    (front_images, load_s) = timed(lambda: load_front_images(pipe.source, records, preds, pipe.handle, layers, new_config))
+    bench = records[-args.images:]  # other images than the front's (mostly)
+    grids = {layer: [] for layer in layers}
+    for batch in iter_image_batches(pipe.source, bench, pipe.handle, old_config.batch_size):
+        with torch.no_grad():
+            _, captured = pipe.handle.capture(batch.pixels, layers)
+        for layer in layers:
+            grids[layer].append(captured[layer])
+    report = {"run": args.run, "images": len(bench), "threads": args.threads, "lars": lars_available(),
+              "front_load_seconds": load_s, "layers": {}}
+    for layer in layers:
+        V = load_dictionary(store, layer)
+        X = rows_of(grids[layer])
+        front, front_s = timed(lambda: sparsity_front(front_images, layer, V, pipe.handle, new_config))
+        lam = front["alpha"]
+        old_enc = LassoEncoder(V, old_alpha[layer], old_config.nonnegative, max_iter=old_config.lasso_max_iter,
+                               tol=0.0, solver="fista")
+        U_old, t_old = timed(lambda: old_enc.encode(X))
+        row = {"K": int(V.shape[0]), "C": int(V.shape[1]), "positions": int(X.shape[0]), "front_seconds": front_s,
+               "old": {"alpha": old_alpha[layer], "seconds": t_old, "l0": float((U_old != 0).float().mean()),
+                       "r2": r2(X, U_old, V)},
+               "new": {"alpha": lam, "rule_met": front["met"], "front_points": len(front["points"])}}
+        # The exact optimum at each λ: LARS (or FISTA) then FISTA polishing to a 1e-9 gap.
+        for name, a, U in (("old", old_alpha[layer], U_old),):
+            ref = LassoEncoder(V, a, old_config.nonnegative, max_iter=20000, tol=1e-9, solver="fista")
+            best = float(ref.objective(X, ref.encode(X, init=U)).sum())
+            row[name]["objective_excess"] = float(ref.objective(X, U).sum()) / best - 1
+        solvers = ["lars", "fista"] if lars_available() else ["fista"]
+        ref = LassoEncoder(V, lam, new_config.nonnegative, max_iter=20000, tol=1e-9, solver="fista")
+        best = None
+        for solver in solvers:
+            plain = dataclasses.replace(new_config, lasso_solver=solver, debias=False)
+            U, t_code = timed(lambda: encoder_for(plain, V, lam).encode(X))
+            if best is None:
+                best = float(ref.objective(X, ref.encode(X, init=U)).sum())
+            D, t_refit = timed(lambda: encoder_for(dataclasses.replace(plain, debias=True), V, lam).encode(X))
+            row["new"][solver] = {"seconds": t_refit, "seconds_without_refit": t_code,
+                                  "objective_excess": float(ref.objective(X, U).sum()) / best - 1,
+                                  "l0": float((D != 0).float().mean()), "r2": r2(X, D, V),
+                                  "speedup_vs_old": t_old / t_refit}
+        report["layers"][layer] = row
+        n = X.shape[0] / 1000
+        new_line = "  ".join(f"{s} {row['new'][s]['seconds'] / n:.3f} s/1k (×{row['new'][s]['speedup_vs_old']:.1f}, "
+                             f"excess {row['new'][s]['objective_excess']:.1e})" for s in solvers)
+        print(f"{layer}: K {row['K']} C {row['C']} P {row['positions']} | old FISTA-{old_config.lasso_max_iter} "
+              f"{t_old / n:.3f} s/1k l0 {row['old']['l0']:.3f} R² {row['old']['r2']:.3f} excess "
+              f"{row['old']['objective_excess']:.1e} | new λ {lam:.4g} met {front['met']} front {front_s:.0f} s, "
+              f"l0 {row['new'][solvers[0]]['l0']:.3f} R² {row['new'][solvers[0]]['r2']:.3f} | {new_line}", flush=True)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(report, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
