@@ -29,7 +29,10 @@ from gig.concepts import load_dictionary
 from gig.config import Config
 from gig.decompose import encoder_for, load_front_images, sparsity_front
 from gig.lasso import LassoEncoder, lars_available
-from gig.pipeline import Pipeline
+from gig.hooks import ModelHandle
+from gig.images import open_source
+from gig.models import load_model
+from gig.store import RunStore
 
 
 def rows_of(grids: list[torch.Tensor]) -> torch.Tensor:
@@ -54,24 +57,27 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = Pipeline(None, args.run, progress=False)
-    old_config, store = pipe.store.config, pipe.store
+    store = RunStore.open(args.run)  # read only: the run's config and manifest stay as they are
+    old_config = store.config
+    bundle = load_model(old_config.model, old_config.weights)
+    handle = ModelHandle(bundle)
+    source = open_source(old_config.images, class_index=bundle.class_index if bundle.class_names else None)
     new_config = dataclasses.replace(old_config, **{f.name: f.default for f in dataclasses.fields(Config)
                                                     if f.name in ("target_rel_error", "min_r2", "min_top1_agreement",
                                                                   "front_images", "debias", "lasso_solver",
                                                                   "lasso_max_iter", "lasso_tol")})
     old_alpha = store.summary("decompose")["alpha"]
     used = load_images(store)["images"]
-    by_id = {r.image_id: r for r in pipe.source.records}
+    by_id = {r.image_id: r for r in source.records}
     records = [by_id[i["image_id"]] for i in used]
     preds = torch.tensor([i["pred"] for i in used])
     layers = old_config.layers
-    (front_images, load_s) = timed(lambda: load_front_images(pipe.source, records, preds, pipe.handle, layers, new_config))
+    (front_images, load_s) = timed(lambda: load_front_images(source, records, preds, handle, layers, new_config))
     bench = records[-args.images:]  # other images than the front's (mostly)
     grids = {layer: [] for layer in layers}
-    for batch in iter_image_batches(pipe.source, bench, pipe.handle, old_config.batch_size):
+    for batch in iter_image_batches(source, bench, handle, old_config.batch_size):
         with torch.no_grad():
-            _, captured = pipe.handle.capture(batch.pixels, layers)
+            _, captured = handle.capture(batch.pixels, layers)
         for layer in layers:
             grids[layer].append(captured[layer])
     report = {"run": args.run, "images": len(bench), "threads": args.threads, "lars": lars_available(),
@@ -79,7 +85,7 @@ def main() -> None:
     for layer in layers:
         V = load_dictionary(store, layer)
         X = rows_of(grids[layer])
-        front, front_s = timed(lambda: sparsity_front(front_images, layer, V, pipe.handle, new_config))
+        front, front_s = timed(lambda: sparsity_front(front_images, layer, V, handle, new_config))
         lam = front["alpha"]
         old_enc = LassoEncoder(V, old_alpha[layer], old_config.nonnegative, max_iter=old_config.lasso_max_iter,
                                tol=0.0, solver="fista")

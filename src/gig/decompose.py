@@ -33,7 +33,7 @@ from .errors import RunMismatchError
 from .hooks import ModelHandle
 from .images import ImageSource
 from .lasso import LassoEncoder, lambda_max
-from .store import RunStore, load_json, load_tensors, save_json, save_tensors
+from .store import RunStore, load_json, save_json, save_tensors
 
 #: The λ path of the front: λ_max · 2^(−j), j = 1 … FRONT_POINTS.
 FRONT_POINTS = 20
@@ -358,30 +358,44 @@ def _decompose_shard(store, handle, source, records, preds, encoders, name) -> N
 
 
 class CodeReader:
-    """Reads the sparse codes of one layer back, per image: ``codes(image_id) → U (H·W, K)``."""
+    """Reads the sparse codes of one layer back, per image: ``codes(image_id) → U (H·W, K)``.
+
+    Lazy: opening reads each shard's image ids and row pointers only; ``codes`` then reads just
+    that image's rows (safetensors slices), so a reader over a large run holds no codes in memory.
+    """
 
     def __init__(self, store: RunStore, layer: str):
+        from safetensors import safe_open
+
         self.layer = layer
         self.K = int(load_dictionary(store, layer).shape[0])
-        self._index: dict[int, tuple[dict[str, torch.Tensor], int, int]] = {}
+        self._open = safe_open
+        self._index: dict[int, tuple[str, torch.Tensor, int, int]] = {}
         shard_dir = store.root / "decompose" / "shards"
         paths = sorted(shard_dir.glob("*.safetensors"))
         if not paths:
             raise RunMismatchError(f"no decomposition shards in {shard_dir}: run `gig decompose` first")
         for path in paths:
-            t = load_tensors(path)
-            piece = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith(layer + "/")}
-            ids = t["image_id"].tolist()
-            positions = (piece["indptr"].numel() - 1) // max(len(ids), 1)
+            with safe_open(str(path), framework="pt") as f:
+                if f"{layer}/indptr" not in f.keys():
+                    raise RunMismatchError(f"{path} holds no codes of layer {layer!r}: run `gig decompose` again")
+                ids = f.get_tensor("image_id").tolist()
+                indptr = f.get_tensor(f"{layer}/indptr")
+            positions = (indptr.numel() - 1) // max(len(ids), 1)
             for j, image_id in enumerate(ids):
-                self._index[image_id] = (piece, j * positions, positions)
+                self._index[int(image_id)] = (str(path), indptr, j * positions, positions)
 
     def codes(self, image_id: int) -> torch.Tensor:
         """Dense coefficients ``(H·W, K)`` of one image (row-major positions)."""
-        piece, start, n = self._index[image_id]
-        ptr = piece["indptr"][start : start + n + 1]
+        if image_id not in self._index:
+            raise RunMismatchError(f"no codes of layer {self.layer!r} for image {image_id}")
+        path, indptr, start, n = self._index[image_id]
+        ptr = indptr[start : start + n + 1]
         lo, hi = int(ptr[0]), int(ptr[-1])
-        return from_sparse_rows(ptr - lo, piece["indices"][lo:hi], piece["values"][lo:hi], self.K)
+        with self._open(path, framework="pt") as f:
+            indices = f.get_slice(f"{self.layer}/indices")[lo:hi]
+            values = f.get_slice(f"{self.layer}/values")[lo:hi]
+        return from_sparse_rows(ptr - lo, indices, values, self.K)
 
     def image_ids(self) -> list[int]:
         return sorted(self._index)

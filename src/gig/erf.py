@@ -21,13 +21,14 @@ from .hooks import ModelHandle
 
 def erf_maps(handle: ModelHandle, pixels: torch.Tensor, layer: str, positions: torch.Tensor,
              batch_size: int = 16) -> torch.Tensor:
-    """ERFs of one PFV per item: ``pixels (M, 3, S, S)``, ``positions (M, 2)`` as (h, w) → ``(M, S, S)``."""
+    """ERFs of one PFV per item: ``pixels (M, 3, S, S)``, ``positions (M, 2)`` as (h, w) → ``(M, S, S)``.
+    The forward pass stops at ``layer`` (:meth:`ModelHandle.grid_until`): the ERF only needs the
+    network below it."""
     maps = []
     for start in range(0, pixels.shape[0], batch_size):
         x = pixels[start : start + batch_size].to(handle.device).clone().requires_grad_(True)
         pos = positions[start : start + batch_size]
-        _, grids = handle.capture(x, [layer], keep_graph=True)
-        grid = grids[layer]
+        grid = handle.grid_until(x, layer)
         rows = torch.arange(x.shape[0])
         pfv = grid[rows, :, pos[:, 0], pos[:, 1]]  # (m, C)
         unit = (pfv / pfv.norm(dim=1, keepdim=True).clamp_min(1e-12)).detach()
@@ -94,23 +95,32 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 
 def exemplar_crops(store, handle: ModelHandle, source, layer: str, sample_indices: list[int],
-                   mass: float = 0.9, margin: float = 0.5) -> list[Path]:
+                   mass: float = 0.9, margin: float = 0.5, batch_size: int = 16) -> list[Path]:
     """PNG ERF crops of sampled PFVs of ``layer`` (indices into the collect arrays), cached in
-    :func:`erf_dir` as ``s{index}.png``; only the missing ones are computed, in one batched pass."""
+    :func:`erf_dir` as ``s{index}.png``. Only the missing ones are computed, in batches of PFVs
+    grouped by image, so each image is read and preprocessed once however many of its PFVs are
+    asked for; the pipeline's ``gig concept`` and the report share this one cache."""
     from .collect import load_samples
 
     out = erf_dir(store, layer)
     paths = [out / f"s{i}.png" for i in sample_indices]
-    missing = [i for i, p in zip(sample_indices, paths) if not p.exists()]
-    if missing:
-        samples = load_samples(store, layer)
-        by_id = {r.image_id: r for r in source.records}
-        views, pixels = [], []
-        for i in missing:
-            image = source.load(by_id[int(samples["image_id"][i])])
-            views.append(handle.bundle.display_image(image))
-            pixels.append(handle.bundle.preprocess(image))
-        maps = erf_maps(handle, torch.stack(pixels), layer, samples["pos"][missing])
-        for i, view, erf in zip(missing, views, maps):
-            save_png(erf_crop(view, erf.numpy(), mass, margin), out / f"s{i}.png")
+    missing = sorted({i for i, p in zip(sample_indices, paths) if not p.exists()})
+    if not missing:
+        return paths
+    table = load_samples(store, layer)
+    by_id = {r.image_id: r for r in source.records}
+    missing.sort(key=lambda i: int(table["image_id"][i]))  # PFVs of one image together
+    views: dict[int, tuple[Image.Image, torch.Tensor]] = {}
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        ids = [int(table["image_id"][i]) for i in chunk]
+        for image_id in ids:
+            if image_id not in views:
+                image = source.load(by_id[image_id])
+                views[image_id] = (handle.bundle.display_image(image), handle.bundle.preprocess(image))
+        maps = erf_maps(handle, torch.stack([views[i][1] for i in ids]), layer, table["pos"][chunk], batch_size)
+        for i, image_id, erf in zip(chunk, ids, maps):
+            save_png(erf_crop(views[image_id][0], erf.numpy(), mass, margin), out / f"s{i}.png")
+        keep = {int(table["image_id"][i]) for i in missing[start + batch_size : start + 2 * batch_size]}
+        views = {k: v for k, v in views.items() if k in keep}
     return paths

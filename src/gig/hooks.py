@@ -310,6 +310,23 @@ class ModelHandle:
             for h in handles:
                 h.remove()
 
+    def grid_until(self, x: torch.Tensor, layer: str) -> torch.Tensor:
+        """``layer``'s output in grid form ``(N, C, H, W)`` for ``x (N, 3, S, S)``, with the forward
+        pass stopped right after it (nothing above the layer runs) and the autograd graph back to
+        ``x`` kept: what a gradient of the layer w.r.t. the input (an ERF) needs."""
+        box: dict[str, torch.Tensor] = {}
+
+        def stop(_m, _i, out):
+            box["grid"] = self.to_grid(layer, out)[0]
+            raise _StopForward
+
+        with self._hooks({layer: stop}):
+            try:
+                self.model(x.to(self.device))
+            except _StopForward:
+                return box["grid"]
+        raise LayerUsageError(f"layer {layer!r} did not run in a forward pass of {self.bundle.name}")
+
     def capture(
         self, x: torch.Tensor, layers: list[str], keep_graph: bool = False
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -22,7 +22,6 @@ collect stage's samples, the same PFVs the run's dictionary came from) with the 
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..decompose import alpha_for_l0
+from ..decompose import FidelityMeter, alpha_for_l0
 from ..lasso import LassoEncoder
 
 METHODS = ("ours", "dictionary", "sae", "kmeans")
@@ -55,19 +54,12 @@ class ConceptBasis:
 
 def reconstruction_figures(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> dict:
     """Relative error ``‖X − UV‖/‖X‖``, R² against the mean PFV, l0 ratio and active concepts
-    per position, over the rows of ``X (P, C)``."""
-    X = X.double()
-    X_hat = U.double() @ V.double()
-    sse = float(((X - X_hat) ** 2).sum())
-    sst = float(((X - X.mean(0)) ** 2).sum())
-    nnz = (U != 0).sum(1).double()
-    return {
-        "rel_error": math.sqrt(sse / max(float((X ** 2).sum()), 1e-12)),
-        "r2": 1.0 - sse / max(sst, 1e-12),
-        "l0_ratio": float(nnz.mean() / U.shape[1]),
-        "active_per_position": float(nnz.mean()),
-        "n_positions": int(X.shape[0]),
-    }
+    per position, over the rows of ``X (P, C)``: the decompose stage's :class:`FidelityMeter`."""
+    meter = FidelityMeter(X.shape[1])
+    meter.add(X.double(), U.double() @ V.double(), U)
+    figures = meter.result()
+    figures.pop("top1_agreement")  # no model run here
+    return {**figures, "active_per_position": figures["l0_ratio"] * U.shape[1]}
 
 
 # ---------------------------------------------------------------------------- ours

@@ -41,8 +41,8 @@ from PIL import Image
 from ..attribution import completeness_residuals, load_attributions
 from ..collect import load_images, load_samples
 from ..concepts import load_concept_cards
-from ..decompose import CodeReader, from_sparse_rows
-from ..erf import erf_crop, erf_dir, save_png
+from ..decompose import CodeReader
+from ..erf import erf_dir, exemplar_crops
 from ..errors import RunMismatchError
 from ..graph import build_graph, default_classes, edge_weights
 from ..store import RunStore, load_json
@@ -255,67 +255,9 @@ class _ModelAccess:
         by_id = {r.image_id: r for r in self.source.records}
         return self.bundle.display_image(self.source.load(by_id[image_id]))
 
-    def crops(self, layer: str, samples: list[int], batch_size: int = 16) -> list[Path]:
-        """ERF crops of sampled PFVs of ``layer``, in the run's ERF cache (:func:`gig.erf.erf_dir`).
-
-        Same maps and crops as :func:`gig.erf.exemplar_crops` (the cache is shared with it), but
-        the forward pass stops at ``layer`` (the ERF only needs the network below it), and each
-        image is read once however many of its PFVs are asked for.
-        """
-        out = erf_dir(self.store, layer)
-        paths = [out / f"s{i}.png" for i in samples]
-        missing = [i for i, p in zip(samples, paths) if not p.exists()]
-        if not missing:
-            return paths
-        out.mkdir(parents=True, exist_ok=True)
-        table = load_samples(self.store, layer)
-        by_id = {r.image_id: r for r in self.source.records}
-        missing.sort(key=lambda i: int(table["image_id"][i]))  # PFVs of one image together
-        views: dict[int, tuple[Image.Image, torch.Tensor]] = {}
-        for start in range(0, len(missing), batch_size):
-            chunk = missing[start : start + batch_size]
-            ids = [int(table["image_id"][i]) for i in chunk]
-            for image_id in ids:
-                if image_id not in views:
-                    image = self.source.load(by_id[image_id])
-                    views[image_id] = (self.bundle.display_image(image), self.bundle.preprocess(image))
-            pixels = torch.stack([views[i][1] for i in ids])
-            maps = erf_maps_truncated(self.handle, pixels, layer, table["pos"][chunk])
-            for i, image_id, erf in zip(chunk, ids, maps):
-                save_png(erf_crop(views[image_id][0], erf.numpy()), out / f"s{i}.png")
-            keep = set(int(table["image_id"][i]) for i in missing[start + batch_size : start + 2 * batch_size])
-            views = {k: v for k, v in views.items() if k in keep}
-        return paths
-
-
-class _StopForward(Exception):
-    pass
-
-
-def erf_maps_truncated(handle, pixels: torch.Tensor, layer: str, positions: torch.Tensor) -> torch.Tensor:
-    """:func:`gig.erf.erf_maps` of one batch with the forward pass cut at ``layer``:
-    ``|∂⟨x_p, x_p/‖x_p‖⟩/∂pixels|`` summed over colour channels, ``(M, S, S)``."""
-    module = handle.module(layer)
-    box: dict[str, torch.Tensor] = {}
-
-    def hook(_m, _i, out):
-        box["grid"] = handle.to_grid(layer, out)[0]
-        raise _StopForward
-
-    x = pixels.to(handle.device).clone().requires_grad_(True)
-    hook_handle = module.register_forward_hook(hook)
-    try:
-        handle.model(x)
-    except _StopForward:
-        pass
-    finally:
-        hook_handle.remove()
-    grid = box["grid"]
-    rows = torch.arange(x.shape[0])
-    pfv = grid[rows, :, positions[:, 0], positions[:, 1]]
-    unit = (pfv / pfv.norm(dim=1, keepdim=True).clamp_min(1e-12)).detach()
-    (grad,) = torch.autograd.grad((pfv * unit).sum(), x)
-    return grad.abs().sum(1).cpu()
+    def crops(self, layer: str, samples: list[int]) -> list[Path]:
+        """ERF crops of sampled PFVs of ``layer``, from the run's ERF cache (:func:`gig.erf.exemplar_crops`)."""
+        return exemplar_crops(self.store, self.handle, self.source, layer, samples)
 
 
 # ---------------------------------------------------------------------------- aggregation
@@ -470,7 +412,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
 
     # ---------------------------------------------------------------- localisation
     t0 = time.perf_counter()
-    codes_of = {layer: read_codes(store, layer, image_ids, K[layer]) for layer in layers}
+    codes_of = {layer: read_codes(store, layer, image_ids) for layer in layers}
     size = opts.heatmap_size
     images: dict[str, dict] = {}
     for image_id in image_ids:
@@ -595,33 +537,10 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
     return index_path
 
 
-def read_codes(store: RunStore, layer: str, image_ids: list[int], K: int) -> dict[int, torch.Tensor]:
-    """Dense codes ``(H·W, K)`` of a few images, read lazily from the decomposition shards (only
-    their rows, not whole shards as :class:`gig.decompose.CodeReader` does)."""
-    from safetensors import safe_open
-
-    want = set(int(i) for i in image_ids)
-    out: dict[int, torch.Tensor] = {}
-    try:
-        for path in sorted((store.root / "decompose" / "shards").glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as f:
-                ids = f.get_tensor("image_id").tolist()
-                hits = [(j, int(i)) for j, i in enumerate(ids) if int(i) in want]
-                if not hits:
-                    continue
-                indptr = f.get_tensor(f"{layer}/indptr")
-                per_image = (indptr.numel() - 1) // len(ids)
-                indices, values = f.get_slice(f"{layer}/indices"), f.get_slice(f"{layer}/values")
-                for j, image_id in hits:
-                    ptr = indptr[j * per_image : (j + 1) * per_image + 1]
-                    lo, hi = int(ptr[0]), int(ptr[-1])
-                    out[image_id] = from_sparse_rows(ptr - lo, indices[lo:hi], values[lo:hi], K)
-    except (KeyError, OSError, ValueError):  # another shard layout: the pipeline's own reader
-        reader = CodeReader(store, layer)
-        return {int(i): reader.codes(int(i)) for i in image_ids}
-    if want - set(out):
-        raise RunMismatchError(f"no codes of layer {layer} for image(s) {sorted(want - set(out))}")
-    return out
+def read_codes(store: RunStore, layer: str, image_ids: list[int]) -> dict[int, torch.Tensor]:
+    """Dense codes ``(H·W, K)`` of a few images (:class:`gig.decompose.CodeReader`, lazy)."""
+    reader = CodeReader(store, layer)
+    return {int(i): reader.codes(int(i)) for i in image_ids}
 
 
 def _choose_images(opts: ReportOptions, images_info: list[dict], classes: list[int],

@@ -1,0 +1,88 @@
+"""Graph weights (gig.graph) on synthetic walks: edge weights against a loop over images for
+every rule, the flow identity (edges into a node add up to its importance when attributions are
+complete), pruning to the strongest edges, and the agreement of rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gig.errors import ConfigError
+from gig.graph import EDGE_RULES, _shown_edges, edge_weights, rule_agreement
+
+LAYERS = ["low", "high"]
+N, k, K_LO, K_UP = 5, 2, 6, 4
+
+
+def _walk(complete: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One image walk per row: ``k`` distinct upper targets, their importances, and GIG of the
+    lower concepts for each target (summing to Δg when ``complete``)."""
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.stack([torch.randperm(K_UP, generator=g)[:k] for _ in range(N)])
+    gig = torch.randn(N, k, K_LO, generator=g)
+    delta = gig.sum(-1) if complete else gig.sum(-1) + 0.3 * torch.randn(N, k, generator=g)
+    return {"low/gig": gig, "low/delta": delta, "low/targets": targets,
+            "high/importance": torch.rand(N, k, generator=g), "high/score": torch.rand(N, K_UP, generator=g),
+            "low/score": torch.rand(N, K_LO, generator=g)}
+
+
+def _by_loop(data, rows, rule):
+    total = torch.zeros(K_UP, K_LO)
+    for i in rows.tolist():
+        for j in range(k):
+            t = int(data["low/targets"][i, j])
+            gig = data["low/gig"][i, j]
+            if rule == "flow-l1":
+                share = gig / gig.abs().sum()
+            else:
+                share = gig / data["low/delta"][i, j]
+            if rule != "share":
+                share = share * data["high/importance"][i, j]
+            total[t] += share
+    return total / len(rows)
+
+
+@pytest.mark.parametrize("rule", EDGE_RULES)
+def test_edge_weights_match_a_loop_over_images(rule):
+    data = _walk(complete=False)
+    rows = torch.tensor([0, 2, 3, 4])
+    got = edge_weights(data, rows, LAYERS, rule)["low"]
+    torch.testing.assert_close(got, _by_loop(data, rows, rule))
+
+
+def test_flow_edges_into_a_node_add_up_to_its_importance():
+    data = _walk(complete=True)
+    rows = torch.arange(N)
+    edges = edge_weights(data, rows, LAYERS)["low"]
+    importance = torch.zeros(K_UP)
+    importance.index_add_(0, data["low/targets"].flatten(), data["high/importance"].flatten())
+    torch.testing.assert_close(edges.sum(1), importance / N)
+
+
+def test_unknown_rule_is_refused():
+    with pytest.raises(ConfigError, match="unknown edge rule"):
+        edge_weights(_walk(), torch.arange(N), LAYERS, "mean")
+
+
+def test_shown_edges_are_the_strongest_into_each_kept_node():
+    data = _walk()
+    edges = edge_weights(data, torch.arange(N), LAYERS)
+    kept = {"low": [0, 1, 2, 3, 4], "high": [0, 2]}
+    shown = _shown_edges(kept, edges, LAYERS, edges_per_node=2)
+    for t in kept["high"]:
+        into = [(q, w) for _, q, tt, w in shown if tt == t]
+        assert len(into) <= 2 and all(q in kept["low"] for q, _ in into)
+        best = sorted(kept["low"], key=lambda q: -float(edges["low"][t, q]))[:2]
+        assert [q for q, _ in into] == [q for q in best if float(edges["low"][t, q]) != 0.0]
+
+
+def test_rule_agreement_is_one_when_the_rules_coincide():
+    # Every Δg = 1 and every importance = 1, with non-negative attributions summing to 1: the
+    # three rules give the same weights, so they show the same edges.
+    data = _walk()
+    gig = data["low/gig"].abs()
+    data["low/gig"] = gig / gig.sum(-1, keepdim=True)
+    data["low/delta"] = torch.ones(N, k)
+    data["high/importance"] = torch.ones(N, k)
+    kept = {"low": list(range(K_LO)), "high": list(range(K_UP))}
+    assert rule_agreement(data, torch.arange(N), LAYERS, kept, 2) == {rule: 1.0 for rule in EDGE_RULES[1:]}
