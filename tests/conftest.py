@@ -52,3 +52,14 @@ class TinyNet(nn.Module):
 @pytest.fixture()
 def tiny_bundle():
     return wrap_module(TinyNet(), name="tiny", input_size=32, class_names=["a", "b", "c", "d"])
+
+
+@pytest.fixture()
+def lasso_problem():
+    """``make(k, c, p, seed) → (X (p, c), V (k, c))``: rows built from ~20 % of the atoms plus noise."""
+    def make(k: int = 24, c: int = 10, p: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        V = torch.randn(k, c, generator=g)
+        U_true = torch.randn(p, k, generator=g) * (torch.rand(p, k, generator=g) < 0.2)
+        return U_true @ V + 0.05 * torch.randn(p, c, generator=g), V
+    return make

@@ -16,22 +16,14 @@ from gig.images import open_source
 from gig.lasso import LassoEncoder
 
 
-def _problem(k=24, c=10, p=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    V = torch.randn(k, c, generator=g)
-    U_true = torch.randn(p, k, generator=g) * (torch.rand(p, k, generator=g) < 0.2)
-    X = U_true @ V + 0.05 * torch.randn(p, c, generator=g)
-    return X, V
-
-
 def test_sparse_rows_round_trip():
     U = torch.randn(30, 12) * (torch.rand(30, 12) < 0.3)
     parts = to_sparse_rows(U)
     torch.testing.assert_close(from_sparse_rows(parts["indptr"], parts["indices"], parts["values"], 12), U)
 
 
-def test_fidelity_meter_merge_equals_one_pass():
-    X, V = _problem(p=60)
+def test_fidelity_meter_merge_equals_one_pass(lasso_problem):
+    X, V = lasso_problem(p=60)
     U = LassoEncoder(V, 0.2).encode(X)
     whole = FidelityMeter(X.shape[1])
     whole.add(X, U @ V, U)
@@ -49,8 +41,8 @@ def test_fidelity_meter_merge_equals_one_pass():
     assert merged["r2"] == pytest.approx(float(1 - resid / total), rel=1e-5)
 
 
-def test_alpha_for_l0_reaches_the_target_sparsity():
-    X, V = _problem(k=24, p=200)
+def test_alpha_for_l0_reaches_the_target_sparsity(lasso_problem):
+    X, V = lasso_problem(k=24, p=200)
     alpha, l0 = alpha_for_l0(X, V, 0.1, lambda atoms, lam: LassoEncoder(atoms, lam))
     measured = float((LassoEncoder(V, alpha).encode(X) != 0).float().mean())
     assert measured == pytest.approx(l0)

@@ -14,14 +14,6 @@ from gig.lasso import LassoEncoder, lambda_max, lars_available, refit_on_support
 SOLVERS = ["fista"] + (["lars"] if lars_available() else [])
 
 
-def _problem(k=24, c=10, p=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    V = torch.randn(k, c, generator=g)
-    U_true = torch.randn(p, k, generator=g) * (torch.rand(p, k, generator=g) < 0.2)
-    X = U_true @ V + 0.05 * torch.randn(p, c, generator=g)
-    return X, V
-
-
 def _sklearn_codes(X, V, lam, nonnegative):
     # sklearn minimises 1/(2 n) ‖y − Dw‖² + α‖w‖₁ with n = C samples: α = λ / C.
     sk = Lasso(alpha=lam / V.shape[1], fit_intercept=False, positive=nonnegative, max_iter=200000, tol=1e-12)
@@ -31,8 +23,8 @@ def _sklearn_codes(X, V, lam, nonnegative):
 @pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("nonnegative", [False, True])
 @pytest.mark.parametrize("k", [8, 24])  # FISTA's Gram-matrix path (K ≤ 2C) and direct path (K > 2C)
-def test_objective_within_1e3_of_sklearn(solver, nonnegative, k):
-    X, V = _problem(k=k)
+def test_objective_within_1e3_of_sklearn(solver, nonnegative, k, lasso_problem):
+    X, V = lasso_problem(k=k)
     lam = 0.3
     enc = LassoEncoder(V, lam, nonnegative=nonnegative, solver=solver)  # default tolerance
     U = enc.encode(X)
@@ -44,8 +36,8 @@ def test_objective_within_1e3_of_sklearn(solver, nonnegative, k):
 
 
 @pytest.mark.parametrize("nonnegative", [False, True])
-def test_duality_gap_bounds_the_suboptimality(nonnegative):
-    X, V = _problem(k=24, p=30)
+def test_duality_gap_bounds_the_suboptimality(nonnegative, lasso_problem):
+    X, V = lasso_problem(k=24, p=30)
     lam = 0.3
     enc = LassoEncoder(V, lam, nonnegative=nonnegative)
     U_opt = _sklearn_codes(X, V, lam, nonnegative)
@@ -60,15 +52,15 @@ def test_duality_gap_bounds_the_suboptimality(nonnegative):
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
-def test_lambda_max_zeroes_every_code(solver):
-    X, V = _problem()
+def test_lambda_max_zeroes_every_code(solver, lasso_problem):
+    X, V = lasso_problem()
     top = lambda_max(X, V)
     assert not bool(LassoEncoder(V, top * 1.001, solver=solver).encode(X).any())
     assert bool(LassoEncoder(V, top * 0.9, solver=solver).encode(X).any())
 
 
-def test_fista_warm_start_reaches_the_same_optimum():
-    X, V = _problem(k=24)
+def test_fista_warm_start_reaches_the_same_optimum(lasso_problem):
+    X, V = lasso_problem(k=24)
     enc = LassoEncoder(V, 0.3, solver="fista")
     cold = enc.encode(X)
     warm = enc.encode(X, init=LassoEncoder(V, 0.6, solver="fista").encode(X))
@@ -76,8 +68,8 @@ def test_fista_warm_start_reaches_the_same_optimum():
     assert abs(a - b) <= 2e-4 * a
 
 
-def test_refit_matches_least_squares_on_the_support():
-    X, V = _problem(k=24, p=60)
+def test_refit_matches_least_squares_on_the_support(lasso_problem):
+    X, V = lasso_problem(k=24, p=60)
     U = LassoEncoder(V, 0.3, solver="fista", tol=1e-9, max_iter=20000).encode(X)
     R = refit_on_support(U, X, V)
     assert torch.equal(R != 0, U != 0)  # the support stays
@@ -90,8 +82,8 @@ def test_refit_matches_least_squares_on_the_support():
     assert float(((X - R @ V) ** 2).sum()) < float(((X - U @ V) ** 2).sum())
 
 
-def test_nonnegative_refit_matches_nnls():
-    X, V = _problem(k=24, p=40)
+def test_nonnegative_refit_matches_nnls(lasso_problem):
+    X, V = lasso_problem(k=24, p=40)
     U = LassoEncoder(V, 0.3, nonnegative=True, solver="fista", tol=1e-9, max_iter=20000).encode(X)
     R = refit_on_support(U, X, V, nonnegative=True)
     assert float(R.min()) >= 0 and not bool((R != 0)[U == 0].any())
@@ -102,8 +94,8 @@ def test_nonnegative_refit_matches_nnls():
             np.testing.assert_allclose(R[i, S].double().numpy(), ref, rtol=1e-3, atol=1e-4)
 
 
-def test_debiased_encoder_refits_its_own_support():
-    X, V = _problem(k=24)
+def test_debiased_encoder_refits_its_own_support(lasso_problem):
+    X, V = lasso_problem(k=24)
     plain = LassoEncoder(V, 0.3).encode(X)
     debiased = LassoEncoder(V, 0.3, debias=True).encode(X)
     torch.testing.assert_close(debiased, refit_on_support(plain, X, V))

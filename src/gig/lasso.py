@@ -50,7 +50,7 @@ class LassoEncoder:
     """
 
     def __init__(self, dictionary: torch.Tensor, alpha: float, nonnegative: bool = False,
-                 max_iter: int = 1000, tol: float = 1e-4, chunk: int = 8192,
+                 max_iter: int = 1000, tol: float = 1e-3, chunk: int = 8192,
                  device: str | torch.device | None = None, solver: str = "auto", debias: bool = False):
         if not float(alpha) >= 0:
             raise ValueError(f"alpha must be a number ≥ 0, not {alpha!r}")
@@ -122,7 +122,7 @@ class LassoEncoder:
             torch.from_numpy(A.data.astype(np.float32))
         U = U.to(self.V.device)
         gap = self.duality_gap(X, U)
-        loose = torch.nonzero(gap > self.tol * self.objective(X, U).double().clamp_min(1e-30)).flatten()
+        loose = torch.nonzero(gap > self.tol * (self.objective(X, U).double() - gap).clamp_min(1e-30)).flatten()
         if loose.numel():
             U[loose] = self._fista(X[loose], U[loose]).to(U)
         return U
@@ -156,8 +156,9 @@ class LassoEncoder:
             y = u_next + ((t - 1) / t_next) * (u_next - u)
             u, t = u_next, t_next
             if it % check_every == 0:
+                # gap ≤ tol · (P − gap) ≤ tol · P*: the objective is within tol of the optimum.
                 gap = float(self.duality_gap(X, u).sum())
-                if gap <= self.tol * max(float(self.objective(X, u).sum()), 1e-30):
+                if gap <= self.tol * max(float(self.objective(X, u).sum()) - gap, 1e-30):
                     break
         return u
 
