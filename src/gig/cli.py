@@ -30,8 +30,8 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                      help="Print gig's version and exit.")) -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print gig's version and exit.")) -> None:
     """Dataset-wide mechanistic interpretability with GIG."""
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see docs/guide.md).")
