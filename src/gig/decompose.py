@@ -257,7 +257,7 @@ def from_sparse_rows(indptr: torch.Tensor, indices: torch.Tensor, values: torch.
 def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progress: bool = True,
               ranks: Ranks | None = None) -> None:
     """Stage 4 into ``store/decompose``: sparse codes of all positions, shards of images per layer.
-    Under torchrun rank 0 calibrates λ and shares it; each rank codes its share of the shards."""
+    Under torchrun rank 0 measures the fronts and picks λ, which it shares; each rank codes its share of the shards."""
     ranks = ranks or Ranks()
     store.require("concepts")
     config = store.config

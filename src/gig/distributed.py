@@ -49,7 +49,7 @@ class Ranks:
             dist.barrier()
 
     def share(self, value: Any) -> Any:
-        """Rank 0's ``value`` on every rank (a JSON-like object), e.g. the calibrated λ, so that
+        """Rank 0's ``value`` on every rank (a JSON-like object), e.g. the λ picked per layer, so that
         every rank codes with exactly the same numbers."""
         if self.world == 1:
             return value
