@@ -117,3 +117,16 @@ def test_rule_with_target_error_picks_the_largest_lambda_below_it(tiny_front):
     chosen = next(p for p in front["points"] if p["alpha"] == front["alpha"])
     assert chosen["rel_error"] <= 0.2
     assert all(p["rel_error"] > 0.2 for p in front["points"] if p["alpha"] > front["alpha"])
+
+
+def test_front_with_unit_atoms_starts_where_every_code_is_zero(tiny_front):
+    """With unit-norm atoms the λ grid is in the normalised atoms' units: its first point
+    (λ_max/2) codes something, and the rule still picks the sparsest λ that meets it."""
+    import dataclasses
+
+    handle, images, V, config, rows = tiny_front
+    config = dataclasses.replace(config, unit_atoms=True)
+    front = sparsity_front(images, "block1", V * torch.linspace(0.5, 2.0, V.shape[0])[:, None], handle, config)
+    assert front["points"][0]["l0_ratio"] > 0
+    assert front["met"]
+    assert not any(p["meets"] for p in front["points"] if p["alpha"] > front["alpha"])

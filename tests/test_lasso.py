@@ -106,3 +106,22 @@ def test_solver_choice():
     assert resolve_solver("auto", "cpu") == ("lars" if lars_available() else "fista")
     with pytest.raises(ValueError, match="lasso solver"):
         resolve_solver("cd", "cpu")
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_unit_atoms_solve_the_lasso_of_the_normalised_atoms(solver, lasso_problem):
+    """Against scikit-learn on the unit-norm atoms: the codes returned are theirs divided by the
+    atom norms (same reconstruction), and the weighted objective is theirs."""
+    X, V = lasso_problem(k=24)
+    V = V * torch.linspace(0.2, 3.0, V.shape[0])[:, None]  # atoms of very different norms
+    norms = V.norm(dim=1)
+    enc = LassoEncoder(V, 0.3, solver=solver, unit_atoms=True)
+    U = enc.encode(X)
+    ref = _sklearn_codes(X, V / norms[:, None], 0.3, False)
+    plain = LassoEncoder(V / norms[:, None], 0.3, solver="fista")
+    ours, theirs = float(enc.objective(X, U).sum()), float(plain.objective(X, ref).sum())
+    assert abs(ours - theirs) <= 1e-3 * theirs
+    torch.testing.assert_close((U * norms) @ (V / norms[:, None]), U @ V)
+    assert float(enc.duality_gap(X, U).sum()) <= 1e-3 * theirs
+    # A different problem from the plain Lasso on V: the large atoms are cheaper there.
+    assert not torch.equal(LassoEncoder(V, 0.3, solver=solver).encode(X) != 0, U != 0)

@@ -106,6 +106,9 @@ class Config:
     min_top1_agreement: float = 0.95
     front_images: int = 32  # images whose every position measures the front at each λ
     debias: bool = True  # least-squares refit on the support Lasso selected (relaxed Lasso)
+    #: Lasso on unit-norm atoms (the penalty weighs every concept alike); the stored codes are
+    #: still those of the concept vectors themselves
+    unit_atoms: bool = False
     nonnegative: bool = False
     lasso_solver: str = "auto"  # "lars" (exact; CPU, needs spams-bin) | "fista" (any device) | "auto"
     lasso_max_iter: int = 1000  # FISTA only: iteration cap
@@ -194,6 +197,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "min_top1_agreement": (lambda v: _real(0, 1)(v) or v == 1, "a share of images in (0, 1], e.g. 0.95"),
     "front_images": (_int(1), "an integer of at least 1"),
     "debias": (lambda v: isinstance(v, bool), "true or false"),
+    "unit_atoms": (lambda v: isinstance(v, bool), "true or false"),
     "lasso_solver": (_one_of("auto", "lars", "fista"), "auto, lars or fista"),
     "lasso_tol": (_real(0, 1), "a relative duality gap between 0 and 1 (exclusive), e.g. 1e-3"),
     "nonnegative": (lambda v: isinstance(v, bool), "true or false"),
@@ -226,7 +230,7 @@ def resolve_samples_per_image(config: Config, n_images: int, channels: int, posi
 STAGE_FIELDS: dict[str, list[str]] = {
     "collect": ["model", "weights", "layers", "images", "max_images", "target", "samples_per_image", "seed"],
     "concepts": ["concepts_per_channel", "min_cluster", "max_concepts", "dictionaries", "seed"],
-    "decompose": ["target_rel_error", "min_r2", "min_top1_agreement", "front_images", "debias", "nonnegative",
+    "decompose": ["target_rel_error", "min_r2", "min_top1_agreement", "front_images", "debias", "unit_atoms", "nonnegative",
                   "lasso_solver", "lasso_max_iter", "lasso_tol", "seed"],
     "attribute": ["gig_tol", "gig_max_steps", "n_steps", "quadrature", "top_k"],
     "graph": ["graph_classes", "edges_per_node", "top_k"],

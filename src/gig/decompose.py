@@ -56,7 +56,8 @@ def encoder_for(config: Config, dictionary: torch.Tensor, alpha: float,
     """The run's encoder for one layer: solver, sign constraint, debiasing and tolerance from the
     config. Every consumer of a run's codes (this stage, the evaluation) builds it here."""
     return LassoEncoder(dictionary, alpha, config.nonnegative, max_iter=config.lasso_max_iter,
-                        tol=config.lasso_tol, device=device, solver=config.lasso_solver, debias=config.debias)
+                        tol=config.lasso_tol, device=device, solver=config.lasso_solver, debias=config.debias,
+                        unit_atoms=config.unit_atoms)
 
 
 def rule_text(config: Config) -> str:
@@ -158,7 +159,8 @@ def sparsity_front(images: FrontImages, layer: str, V: torch.Tensor, handle: Mod
     device = handle.device
     V = V.to(device)
     rows = torch.cat([g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]) for g in images.grids[layer]])
-    top = lambda_max(rows.to(device), V, config.nonnegative)
+    atoms = V / V.norm(dim=1, keepdim=True).clamp_min(1e-12) if config.unit_atoms else V
+    top = lambda_max(rows.to(device), atoms, config.nonnegative)  # the penalty's units
     points, init, first_pass = [], None, None
     for j in range(1, FRONT_POINTS + 1):
         point, init = measure_codes(encoder_for(config, V, top * 2.0 ** -j, device), images, layer, handle, init)

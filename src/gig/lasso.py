@@ -47,11 +47,17 @@ class LassoEncoder:
 
     ``encode(X (P, C)) → U (P, K)``. ``objective`` and ``duality_gap`` measure any codes against
     this problem. Fitted state: ``gram_ (K, K)``, ``lipschitz_``, ``solver_`` (the solver used).
+
+    ``unit_atoms=True`` solves with the atoms scaled to unit norm (so the penalty weighs every
+    atom alike: ``λ Σ_q ‖v_q‖ |u_q|`` in the original atoms' units) and returns the codes of the
+    original atoms (``U V`` unchanged); ``objective`` and ``duality_gap`` are then that weighted
+    problem's.
     """
 
     def __init__(self, dictionary: torch.Tensor, alpha: float, nonnegative: bool = False,
                  max_iter: int = 1000, tol: float = 1e-3, chunk: int = 8192,
-                 device: str | torch.device | None = None, solver: str = "auto", debias: bool = False):
+                 device: str | torch.device | None = None, solver: str = "auto", debias: bool = False,
+                 unit_atoms: bool = False):
         if not float(alpha) >= 0:
             raise ValueError(f"alpha must be a number ≥ 0, not {alpha!r}")
         self.V = dictionary.float().to(device) if device is not None else dictionary.float()
@@ -66,6 +72,12 @@ class LassoEncoder:
         # Lipschitz constant of the smooth part's gradient: the Gram matrix's largest eigenvalue.
         self.lipschitz_ = float(torch.linalg.eigvalsh(self.gram_.double()).max().clamp_min(1e-12))
         self._gram64 = None
+        self.unit_atoms = unit_atoms
+        self._unit: LassoEncoder | None = None  # the same problem on unit-norm atoms
+        if unit_atoms:
+            self.atom_norms_ = self.V.norm(dim=1).clamp_min(1e-12)
+            self._unit = LassoEncoder(self.V / self.atom_norms_[:, None], alpha, nonnegative, max_iter, tol, chunk,
+                                      solver=solver)
 
     # ------------------------------------------------------------------ public
     def encode(self, X: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,6 +86,10 @@ class LassoEncoder:
         X = X.float().to(self.V.device)
         if not X.shape[0]:
             return X.new_zeros(0, self.V.shape[0])
+        if self._unit is not None:
+            norms = self.atom_norms_
+            U = self._unit.encode(X, None if init is None else init.to(X) * norms) / norms
+            return refit_on_support(U, X, self.V, self.nonnegative) if self.debias else U
         parts = []
         for s in range(0, X.shape[0], self.chunk):
             x = X[s : s + self.chunk]
@@ -84,12 +100,16 @@ class LassoEncoder:
 
     def objective(self, X: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
         """Per-row objective ``½‖x − uV‖² + λ‖u‖₁``, shape ``(P,)``."""
+        if self._unit is not None:
+            return self._unit.objective(X, U.to(self.V) * self.atom_norms_)
         X, U = X.to(self.V), U.to(self.V)
         return 0.5 * ((X - U @ self.V) ** 2).sum(1) + self.alpha * U.abs().sum(1)
 
     def duality_gap(self, X: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
         """Per-row duality gap ``P(u) − D(θ) ≥ P(u) − P(u*) ≥ 0`` at the dual point ``θ`` obtained by
         rescaling the residual into the dual feasible set, shape ``(P,)``. Zero at the optimum."""
+        if self._unit is not None:
+            return self._unit.duality_gap(X, U.to(self.V) * self.atom_norms_)
         X, U = X.double().to(self.V.device), U.double().to(self.V.device)
         V = self.V.double()
         R = X - U @ V
