@@ -167,7 +167,7 @@ def sparsity_front(images: FrontImages, layer: str, V: torch.Tensor, handle: Mod
         point["meets"] = meets_rule(point, config)
         points.append(point)
         if point["meets"] and first_pass is None:
-            first_pass = len(points) - 1
+            first_pass, pass_codes = len(points) - 1, init  # warm start for the bisection
         if first_pass is not None and len(points) - 1 - first_pass >= POINTS_PAST_CHOICE:
             break
         if first_pass is None and (point["l0_ratio"] > DENSE_STOP or point["r2"] >= EXACT_R2):
@@ -180,7 +180,7 @@ def sparsity_front(images: FrontImages, layer: str, V: torch.Tensor, handle: Mod
         hi, lo = points[first_pass - 1]["alpha"], chosen["alpha"]
         for _ in range(REFINE_STEPS):
             mid = math.sqrt(hi * lo)
-            point, _ = measure_codes(encoder_for(config, V, mid, device), images, layer, handle)
+            point, _ = measure_codes(encoder_for(config, V, mid, device), images, layer, handle, pass_codes)
             point["meets"] = meets_rule(point, config)
             points.append(point)
             if point["meets"]:
