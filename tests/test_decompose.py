@@ -119,7 +119,7 @@ def test_rule_with_target_error_picks_the_largest_lambda_below_it(tiny_front):
     assert all(p["rel_error"] > 0.2 for p in front["points"] if p["alpha"] > front["alpha"])
 
 
-def test_front_with_unit_atoms_starts_where_every_code_is_zero(tiny_front):
+def test_front_with_unit_atoms_has_its_grid_in_the_penalty_units(tiny_front):
     """With unit-norm atoms the λ grid is in the normalised atoms' units: its first point
     (λ_max/2) codes something, and the rule still picks the sparsest λ that meets it."""
     import dataclasses

@@ -125,3 +125,12 @@ def test_unit_atoms_solve_the_lasso_of_the_normalised_atoms(solver, lasso_proble
     assert float(enc.duality_gap(X, U).sum()) <= 1e-3 * theirs
     # A different problem from the plain Lasso on V: the large atoms are cheaper there.
     assert not torch.equal(LassoEncoder(V, 0.3, solver=solver).encode(X) != 0, U != 0)
+
+
+@pytest.mark.parametrize("unit_atoms", [False, True])
+def test_with_alpha_equals_a_fresh_encoder(unit_atoms, lasso_problem):
+    X, V = lasso_problem(k=24)
+    moved = LassoEncoder(V, 2.0, solver="fista", unit_atoms=unit_atoms).with_alpha(0.3)
+    fresh = LassoEncoder(V, 0.3, solver="fista", unit_atoms=unit_atoms)
+    torch.testing.assert_close(moved.encode(X), fresh.encode(X))
+    torch.testing.assert_close(moved.objective(X, fresh.encode(X)), fresh.objective(X, fresh.encode(X)))

@@ -161,9 +161,10 @@ def sparsity_front(images: FrontImages, layer: str, V: torch.Tensor, handle: Mod
     rows = torch.cat([g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]) for g in images.grids[layer]])
     atoms = V / V.norm(dim=1, keepdim=True).clamp_min(1e-12) if config.unit_atoms else V
     top = lambda_max(rows.to(device), atoms, config.nonnegative)  # the penalty's units
+    path = encoder_for(config, V, top, device)  # one Gram matrix for every λ of the walk
     points, init, first_pass = [], None, None
     for j in range(1, FRONT_POINTS + 1):
-        point, init = measure_codes(encoder_for(config, V, top * 2.0 ** -j, device), images, layer, handle, init)
+        point, init = measure_codes(path.with_alpha(top * 2.0 ** -j), images, layer, handle, init)
         point["meets"] = meets_rule(point, config)
         points.append(point)
         if point["meets"] and first_pass is None:
@@ -180,7 +181,7 @@ def sparsity_front(images: FrontImages, layer: str, V: torch.Tensor, handle: Mod
         hi, lo = points[first_pass - 1]["alpha"], chosen["alpha"]
         for _ in range(REFINE_STEPS):
             mid = math.sqrt(hi * lo)
-            point, _ = measure_codes(encoder_for(config, V, mid, device), images, layer, handle, pass_codes)
+            point, _ = measure_codes(path.with_alpha(mid), images, layer, handle, pass_codes)
             point["meets"] = meets_rule(point, config)
             points.append(point)
             if point["meets"]:

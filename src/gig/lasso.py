@@ -17,6 +17,7 @@ goes. The Lasso objective then no longer applies to the codes; the reconstructio
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from contextlib import contextmanager
 from typing import Iterator
@@ -69,8 +70,7 @@ class LassoEncoder:
         self.debias = debias
         self.solver_ = resolve_solver(solver, self.V.device)
         self.gram_ = self.V @ self.V.T
-        # Lipschitz constant of the smooth part's gradient: the Gram matrix's largest eigenvalue.
-        self.lipschitz_ = float(torch.linalg.eigvalsh(self.gram_.double()).max().clamp_min(1e-12))
+        self._lipschitz: float | None = None
         self._gram64 = None
         self.unit_atoms = unit_atoms
         self._unit: LassoEncoder | None = None  # the same problem on unit-norm atoms
@@ -78,6 +78,25 @@ class LassoEncoder:
             self.atom_norms_ = self.V.norm(dim=1).clamp_min(1e-12)
             self._unit = LassoEncoder(self.V / self.atom_norms_[:, None], alpha, nonnegative, max_iter, tol, chunk,
                                       solver=solver)
+
+    @property
+    def lipschitz_(self) -> float:
+        """Lipschitz constant of the smooth part's gradient, the Gram matrix's largest eigenvalue:
+        FISTA's step. Computed on first use (LARS never needs it)."""
+        if self._lipschitz is None:
+            self._lipschitz = float(torch.linalg.eigvalsh(self.gram_.double()).max().clamp_min(1e-12))
+        return self._lipschitz
+
+    def with_alpha(self, alpha: float) -> "LassoEncoder":
+        """The same encoder at another λ, sharing the Gram matrix and its eigenvalue (a λ path
+        builds them once)."""
+        if not float(alpha) >= 0:
+            raise ValueError(f"alpha must be a number ≥ 0, not {alpha!r}")
+        other = copy.copy(self)
+        other.alpha = float(alpha)
+        if self._unit is not None:
+            other._unit = self._unit.with_alpha(alpha)
+        return other
 
     # ------------------------------------------------------------------ public
     def encode(self, X: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,14 +203,15 @@ class LassoEncoder:
 
 
 def refit_on_support(U: torch.Tensor, X: torch.Tensor, V: torch.Tensor, nonnegative: bool = False,
-                     rtol: float = 1e-7, max_bytes: int = 1 << 27) -> torch.Tensor:
+                     rtol: float = 1e-6, max_bytes: int = 1 << 27) -> torch.Tensor:
     """Least-squares coefficients on each row's support: ``argmin ‖x − uV‖²`` over ``u`` with the
     zeros of ``U (P, K)`` kept (``u ≥ 0`` as well when ``nonnegative``).
 
     Signed: rows are grouped by support size ``s`` and each group's ``s × s`` normal equations
     ``G_SS u_S = (Vx)_S`` are solved in one batched call (float64, at most ``max_bytes`` of
     systems at a time; a ridge of 1e-10·mean diag(G) keeps duplicate atoms solvable).
-    Non-negative: accelerated projected gradient on the support, warm-started at the Lasso codes.
+    Non-negative: accelerated projected gradient on the support, warm-started at the Lasso codes,
+    until its optimality residual is within ``rtol`` of the largest ``|(Vx)_S|``.
     Returns ``(P, K)`` in ``U``'s dtype and device.
     """
     if not U.shape[0] or not bool((U != 0).any()):
@@ -260,7 +280,7 @@ def _nonnegative_refit(u: torch.Tensor, G: torch.Tensor, b: torch.Tensor, mask: 
             grad = mask * (u @ G - b)
             # KKT: zero gradient where u > 0, non-negative gradient where u = 0.
             resid = torch.where(u > 0, grad.abs(), (-grad).clamp_min(0)).amax(1)
-            if bool((resid <= rtol * 10 * scale).all()):
+            if bool((resid <= rtol * scale).all()):
                 break
     return u
 
