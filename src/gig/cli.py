@@ -367,6 +367,123 @@ def evaluate(
                   f"(results.md, summary.json, plots)")
 
 
+@app.command()
+def ablate(
+    run_dir: Path = typer.Argument(..., help="Run directory (its decompose stage must be done)."),
+    layer: str = typer.Argument(..., help="Layer whose concepts are removed."),
+    concepts: list[int] = typer.Argument(..., help="Concept id(s) of LAYER, removed together."),
+    images: Optional[list[Path]] = typer.Option(None, "--images", "-i", help="A photo outside the run (repeat); default: the run's images."),
+    image_ids: Optional[list[int]] = typer.Option(None, "--image-id", help="A run image (repeat); default: all of them."),
+    target: Optional[int] = typer.Option(None, "--target", "-t", help="Class followed for every image (default: the run's target; a photo's prediction)."),
+    all_layers: bool = typer.Option(False, "--all-layers", help="Read the concepts of every later layer, not only the next one."),
+    top: int = typer.Option(5, help="Changed classes and concepts listed."),
+    device: Optional[str] = DeviceOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON result."),
+):
+    """Remove concept(s) from LAYER's reconstruction; report how class probabilities and later concept readouts change (RUN/graph/ablation/)."""
+    from .ablate import ablate as run_ablation
+    from .store import RunStore
+
+    try:
+        result = run_ablation(RunStore.open(run_dir), layer, concepts, image_ids=image_ids or None,
+                              images=images or None, targets=target, all_layers=all_layers, device=device, top=top)
+    except GigError as exc:
+        _fail(exc)
+    doc = result.to_dict(top)
+    if json_out:
+        typer.echo(json.dumps(doc, indent=1))
+        return
+    _print_ablation(Console(), doc)
+    console.print(f"[green]ablate[/green]: {result.path}")
+
+
+def _print_ablation(out: Console, doc: dict) -> None:
+    """Per image and on average: the target's probability and logit, with and without the concepts."""
+    first = doc["readout_layers"][0] if doc["readout_layers"] else None
+    table = Table(title=f"{doc['layer']} without concept(s) {', '.join(map(str, doc['concepts']))}: "
+                        f"{doc['n_images']} image(s); Δ = ablated − reconstruction")
+    for col in ("image", "target", "p recon.", "p ablated", "Δp", "Δ logit", "pred recon. → ablated") + (
+            (f"largest Δ readout at {first}",) if first else ()):
+        table.add_column(col)
+    for im in doc["images"]:
+        p, z = im["target_prob"], im["target_logit"]
+        name = str(im["image_id"]) if im["image_id"] is not None else Path(im["path"]).name
+        row = [name, im["target_name"], f"{p['reconstruction']:.3f}", f"{p['ablated']:.3f}", f"{p['delta']:+.3f}",
+               f"{z['delta']:+.3f}", f"{im['pred']['reconstruction']} → {im['pred']['ablated']}"]
+        if first:
+            row.append(", ".join(f"#{r['concept']} {r['delta']:+.2f}" for r in im["readouts"][first]["top"][:3]))
+        table.add_row(*row)
+    m = doc["mean"]
+    table.add_row("mean", "", f"{m['target_prob']['reconstruction']:.3f}", f"{m['target_prob']['ablated']:.3f}",
+                  f"{m['target_prob']['delta']:+.3f}", f"{m['target_logit']['delta']:+.3f}",
+                  f"{m['prediction_changed']:.0%} changed",
+                  *([", ".join(f"#{r['concept']} {r['delta']:+.2f}" for r in m["readouts"][first]["top"][:3])] if first else []))
+    out.print(table)
+    out.print("most changed classes (mean Δp): " + ", ".join(f"{c['name']} {c['delta_prob']:+.3f}" for c in m["classes"]))
+
+
+@app.command()
+def label(
+    run_dir: Path = typer.Argument(..., help="Run directory."),
+    layer: Optional[str] = typer.Argument(None, help="Layer (with --suggest: only this layer)."),
+    concept_id: Optional[int] = typer.Argument(None, help="Concept id in LAYER."),
+    name: Optional[str] = typer.Argument(None, help="The concept's name."),
+    note: Optional[str] = typer.Option(None, "--note", help="A note kept with the name."),
+    suggest: bool = typer.Option(False, "--suggest", help="Print suggested names from the members' classes."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Name a concept (RUN/labels.yaml): `gig label RUN LAYER ID "name" [--note ...]`; `gig label RUN` lists the names, `--suggest [LAYER]` proposes some."""
+    from .labels import load_labels, set_label
+    from .store import RunStore
+
+    try:
+        store = RunStore.open(run_dir)
+        if suggest:
+            _print_suggestions(store, layer, json_out)
+            return
+        if layer is not None and concept_id is not None:
+            if name is None:
+                raise ConfigError(f"give the name of {layer} concept {concept_id}: gig label RUN LAYER ID \"name\"")
+            path = set_label(store, layer, concept_id, name, note)
+            console.print(f"labelled {layer} concept {concept_id} {name!r} in {path}")
+            return
+        labels = load_labels(store)
+    except GigError as exc:
+        _fail(exc)
+    labels = {l: v for l, v in labels.items() if layer is None or l == layer}
+    if json_out:
+        typer.echo(json.dumps({l: {str(q): e for q, e in v.items()} for l, v in labels.items()}, indent=1))
+        return
+    table = Table(title=f"concept labels of {run_dir}")
+    for col in ("layer", "concept", "name", "note"):
+        table.add_column(col)
+    for l, entries in labels.items():
+        for q, e in sorted(entries.items()):
+            table.add_row(l, str(q), str(e.get("name", "")), str(e.get("note") or ""))
+    Console().print(table)
+
+
+def _print_suggestions(store, layer: Optional[str], json_out: bool) -> None:
+    from .labels import concept_label, load_labels, run_class_names, suggest_labels
+
+    names = run_class_names(store)
+    layers = [layer] if layer is not None else list(store.config.layers)
+    found = {l: suggest_labels(store, l, class_names=names) for l in layers}
+    if json_out:
+        typer.echo(json.dumps({l: {str(q): s for q, s in v.items()} for l, v in found.items()}, indent=1))
+        return
+    labels = load_labels(store)
+    table = Table(title="suggested concept names (members' classes; WordNet ancestor where one is shared)")
+    for col in ("layer", "concept", "suggestion", "top classes (members)", "ancestor (share)", "label"):
+        table.add_column(col)
+    for l, suggestions in found.items():
+        for q, s in suggestions.items():
+            a = s["ancestor"]
+            table.add_row(l, str(q), s["name"] or "-", ", ".join(f"{c} ({n})" for c, n in s["classes"]),
+                          f"{a['name']} ({a['share']:.0%})" if a else "-", concept_label(labels, l, q) or "")
+    Console().print(table)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
