@@ -13,9 +13,11 @@ from typer.testing import CliRunner
 
 from gig.attribution import GIG, concept_readout
 from gig.config import Config
-from gig.evaluation import (auc, class_probability, concept_value_readout, deletion_insertion, evaluate_run,
-                            grad_x_coef, rank_by_gig, spread, step_counts, step_fractions, step_outputs)
-from gig.evaluation.baselines import hard_codes, kmeans_basis, reconstruction_figures, train_sae
+from gig.evaluation import (EvaluationSettings, auc, class_probability, concept_value_readout, deletion_insertion,
+                            evaluate_run, grad_x_coef, rank_by_gig, reconstruction_figures, spread, step_counts,
+                            step_fractions, step_outputs)
+from gig.evaluation.methods.kmeans import KMeansBasis, hard_codes
+from gig.evaluation.methods.sae import train_sae
 from gig.evaluation.curves import paired_difference
 from gig.hooks import ModelHandle
 from gig.models import wrap_module
@@ -177,13 +179,14 @@ def test_baselines_code_shapes_and_figures():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 8, generator=g) * 3
     X = centres[torch.randint(0, 4, (200,), generator=g)] + 0.1 * torch.randn(200, 8, generator=g)
-    km = kmeans_basis(X, 4, seed=0)
-    U = km.encode(X)
+    km = KMeansBasis(4, seed=0).fit(X)
+    U = km.transform(X)
     assert U.shape == (200, 4) and torch.all((U != 0).sum(1) == 1)
-    fig = reconstruction_figures(X, U, km.V)
+    fig = reconstruction_figures(X, U, km.components_)
     assert fig["rel_error"] < 0.1 and fig["r2"] > 0.95 and fig["active_per_position"] == 1.0
     # hard code: nearest centroid with the least-squares coefficient
-    torch.testing.assert_close(hard_codes(km.V[:2] * 2, km.V)[:, :2], torch.diag(torch.tensor([2.0, 2.0])))
+    V = km.components_
+    torch.testing.assert_close(hard_codes(V[:2] * 2, V)[:, :2], torch.diag(torch.tensor([2.0, 2.0])))
     sae, info = train_sae(X, 6, k=2, seed=0, steps=300)
     Z = sae.encode(X)
     assert Z.shape == (200, 6) and torch.all((Z != 0).sum(1) <= 2) and torch.all(Z >= 0)
@@ -217,7 +220,7 @@ def test_requires_decompose(tmp_path):
     out = tmp_path / "run"
     Pipeline(Config(**SMALL), out, model=_small_bundle(), progress=False).run(["collect"])
     with pytest.raises(RunMismatchError, match="decompose"):
-        evaluate_run(out, 2, 2, progress=False)
+        evaluate_run(out, EvaluationSettings(extraction_images=2, interlayer_images=2), progress=False)
     result = CliRunner().invoke(__import__("gig.cli", fromlist=["app"]).app, ["evaluate", str(out)])
     assert result.exit_code == 2 and "decompose" in result.output
 
@@ -226,8 +229,8 @@ def test_evaluate_command_writes_summary(small_run, monkeypatch):
     import gig.pipeline
     from gig.cli import app
 
-    with pytest.raises(ValueError, match="unknown method"):
-        evaluate_run(small_run, 2, 2, methods=["ours", "nmf"], progress=False, model=_small_bundle())
+    with pytest.raises(ValueError, match="unknown method 'nmff'"):
+        EvaluationSettings(methods=["ours", "nmff"])
     monkeypatch.setattr(gig.pipeline, "load_model", lambda *a, **k: _small_bundle())
     args = ["evaluate", str(small_run), "--extraction-images", "3", "--interlayer-images", "2", "--n-random", "2"]
     result = CliRunner().invoke(app, args)
@@ -256,14 +259,16 @@ def test_evaluate_command_writes_summary(small_run, monkeypatch):
     info = json.loads(CliRunner().invoke(app, ["inspect", str(small_run), "--json"]).stdout)
     assert info["evaluation"] == summary
     # a second call resumes from the saved parts and gives the same numbers
-    again = evaluate_run(small_run, 3, 2, n_random=2, progress=False, model=_small_bundle())
+    again = evaluate_run(small_run, EvaluationSettings(extraction_images=3, interlayer_images=2, n_random=2),
+                         progress=False, model=_small_bundle())
     assert again["summary"] == summary
 
 
 def test_ablation_into_another_folder(small_run, tmp_path):
     out = tmp_path / "sae-k2"
-    res = evaluate_run(small_run, 2, 0, methods=["sae"], orderings=[], sae_k=2, progress=False, plots=False,
-                       out_dir=out, model=_small_bundle())
+    settings = EvaluationSettings(extraction_images=2, interlayer_images=0, methods=["sae"], orderings=[], sae_k=2,
+                                  plots=False)
+    res = evaluate_run(small_run, settings, progress=False, out=out, model=_small_bundle())
     summary = json.loads((out / "summary.json").read_text())
     assert summary == res["summary"] and summary["interlayer"] == {}
     assert list(summary["extraction"]["block1"]) == ["sae"]

@@ -320,14 +320,15 @@ def evaluate(
     run_dir: Path = typer.Argument(..., help="A run directory whose decompose stage has finished."),
     extraction_images: int = typer.Option(100, help="Images for concept extraction (C-Deletion/C-Insertion); 0 skips it."),
     interlayer_images: int = typer.Option(20, help="Images for inter-layer insertion/deletion; 0 skips it."),
-    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="ours | dictionary | sae | kmeans (repeat; default all)."),
+    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="ours | dictionary | sae | kmeans | … (any registered method) | user:PATH (your basis: a .safetensors file or a folder of LAYER.safetensors, see docs/evaluation.md). Repeat; default ours, dictionary, sae, kmeans."),
     ordering: Optional[list[str]] = typer.Option(None, "--ordering", help="gig | random | grad_x_coef | magnitude (repeat; default all)."),
     layer: Optional[list[str]] = LayersOpt,
     seed: int = typer.Option(0, help="Seed for image choice, baselines and random orders."),
     n_steps: Optional[int] = typer.Option(None, help="A fixed number of GIG steps for the rankings (default: the run's setting)."),
     gig_tol: Optional[float] = typer.Option(None, "--gig-tol", help="GIG tolerance for the rankings (default: the run's)."),
     n_random: int = typer.Option(5, help="Random orders per image (averaged)."),
-    sae_k: Optional[int] = typer.Option(None, help="Active latents of the TopK SAE (default: the run's mean active concepts per PFV)."),
+    sae_k: Optional[int] = typer.Option(None, help="Active latents of the TopK SAEs (default: the run's mean active concepts per PFV)."),
+    chunk_images: int = typer.Option(10, help="Images per saved part (an interruption loses at most one)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/evaluate; only that one is read by inspect)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     restart: bool = typer.Option(False, help="Discard saved partial results and fitted baselines."),
@@ -336,17 +337,19 @@ def evaluate(
     """Faithfulness evaluation of RUN_DIR (concept extraction vs baselines; inter-layer orderings) into RUN_DIR/evaluate/."""
     import torch
 
-    from .evaluation import METHODS, ORDERINGS, evaluate_run
+    from .evaluation import METHODS, ORDERINGS, EvaluationSettings, evaluate_run
     from .evaluation.runner import tune_malloc
 
     tune_malloc()
     if threads:
         torch.set_num_threads(threads)
     try:
-        result = evaluate_run(run_dir, extraction_images, interlayer_images, method or METHODS, ordering or ORDERINGS,
-                              seed, progress=True, layers=layer or None, n_steps=n_steps, gig_tol=gig_tol,
-                              n_random=n_random,
-                              sae_k=sae_k, resume=not restart, plots=plots, out_dir=out)
+        settings = EvaluationSettings(
+            extraction_images=extraction_images, interlayer_images=interlayer_images,
+            methods=list(method or METHODS), orderings=list(ordering or ORDERINGS), layers=layer or None, seed=seed,
+            n_steps=n_steps, gig_tol=gig_tol, n_random=n_random, sae_k=sae_k, chunk_images=chunk_images,
+            plots=plots, resume=not restart)
+        result = evaluate_run(run_dir, settings, out=out, progress=True)
     except GigError as exc:
         _fail(exc)
     term = Console()

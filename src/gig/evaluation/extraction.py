@@ -16,14 +16,20 @@ before the layer runs once per image and several images share a forward pass.
 
 from __future__ import annotations
 
-from typing import Callable
+import time
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from ..attribution import GIG
+from ..decompose import FidelityMeter
 from ..readouts import ClassProbability
-from .curves import step_counts
+from .curves import auc, paired_difference, spread, step_counts, step_fractions
+
+if TYPE_CHECKING:
+    from .bases import ConceptBasis
+    from .runner import RunView
 
 DELETION, INSERTION = 0, 1
 
@@ -129,3 +135,104 @@ def class_probability(targets: torch.Tensor, predictions: torch.Tensor):
         return torch.stack([p, agree], 1)
 
     return readout
+
+
+# ---------------------------------------------------------------------------- the protocol on a run
+def extraction_chunk(view: "RunView", infos: list[dict], bases: dict[str, dict[str, "ConceptBasis"]], bar) -> dict:
+    """One chunk of images (run records with ``image_id``, ``target``, ``pred``) through every
+    layer and method: per-image curves, AUCs, GIG residuals and reconstruction totals."""
+    ids = [i["image_id"] for i in infos]
+    targets = torch.tensor([i["target"] for i in infos])
+    preds = torch.tensor([i["pred"] for i in infos])
+    pixels = view.pixels(infos)
+    with torch.no_grad():
+        logits, grids = view.handle.capture(pixels, view.plan.layers)
+    readout = class_probability(targets, preds)
+    rec: dict = {"image_id": ids, "target": targets.tolist(),
+                 "p_original": readout(logits, torch.arange(len(ids)))[:, 0].tolist(), "layers": {}}
+    for layer in view.plan.layers:
+        n, c, h, w = grids[layer].shape
+        X = grids[layer].permute(0, 2, 3, 1).reshape(n * h * w, c)  # (n·H·W, C): every position
+        rec["layers"][layer] = {}
+        for label, basis in bases[layer].items():
+            rec["layers"][layer][label] = method_curves(view, layer, basis, X, (n, h, w), ids, pixels, targets, readout)
+            bar.update(n)
+    return rec
+
+
+def method_curves(view: "RunView", layer: str, basis: "ConceptBasis", X: torch.Tensor, shape: tuple[int, int, int],
+                  ids: list[int], pixels: torch.Tensor, targets: torch.Tensor, readout) -> dict:
+    """One method on one layer of a chunk: its codes of ``X (n·H·W, C)``, the GIG ranking to the
+    target class, the deletion / insertion curves and the reconstruction totals (a meter state)."""
+    t0 = time.perf_counter()
+    n, h, w = shape
+    V = basis.components_
+    codes = basis.codes_for(X, ids).view(n, h * w, -1)
+    flat = codes.reshape(-1, codes.shape[-1])
+    meter = FidelityMeter(X.shape[1])
+    meter.add(X, flat @ V, flat)
+    orders, res = rank_by_gig(view.gig(layer, V), pixels, codes, targets)
+    s = view.plan.settings
+    curves = deletion_insertion(view.handle, layer, pixels, codes, V, orders, readout,
+                                n_points=s.n_points, batch_rows=s.batch_rows, grid_shape=(h, w))
+    prob = curves[:, 0, :, :, 0].double().numpy()  # (n, 2, S): target-class probability
+    meter.agree += int(curves[:, 0, DELETION, 0, 1].sum())  # full reconstruction keeps the prediction
+    meter.n_images += n
+    x = step_fractions(V.shape[0], s.n_points)
+    return {"deletion": prob[:, DELETION].tolist(), "insertion": prob[:, INSERTION].tolist(),
+            "auc_deletion": auc(prob[:, DELETION], x).tolist(), "auc_insertion": auc(prob[:, INSERTION], x).tolist(),
+            "gig_rel_residual": res.relative_residual[:, 0].tolist(), "gig_delta": res.output_diff[:, 0].tolist(),
+            "meter": meter.state(), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def aggregate_extraction(parts: list[dict], bases: dict[str, dict[str, "ConceptBasis"]], plan) -> dict:
+    """``extraction.json``: the chunks' records merged into spreads, mean curves and paired
+    differences per layer and method."""
+    s = plan.settings
+    result: dict = {"settings": {"n_points": s.n_points, "n_steps": plan.n_steps, "quadrature": plan.quadrature,
+                                 "gig_tol": plan.gig_tol, "seed": s.seed,
+                                 "methods": [label for label in next(iter(bases.values()))]},
+                    "layers": {}}
+    result["settings"]["n_images"] = sum(len(p["image_id"]) for p in parts)
+    result["image_id"] = [i for p in parts for i in p["image_id"]]
+    result["p_original"] = spread([v for p in parts for v in p["p_original"]], s.n_boot, s.seed)
+    for layer, layer_bases in bases.items():
+        entries = {label: method_entry([p["layers"][layer][label] for p in parts], basis, s)
+                   for label, basis in layer_bases.items()}
+        diffs = {label: entry.pop("_diff") for label, entry in entries.items()}
+        if "ours" in diffs:  # paired over the same images: ours − method
+            for label, entry in entries.items():
+                if label != "ours":
+                    entry["vs_ours"] = paired_difference(diffs["ours"], diffs[label], s.n_boot, s.seed)
+        result["layers"][layer] = entries
+    return result
+
+
+def method_entry(rows: list[dict], basis: "ConceptBasis", s) -> dict:
+    """One method on one layer over all chunks ``rows``: spreads over images, mean curves with
+    standard errors, reconstruction figures, the fitted basis's details."""
+    cat = lambda key: np.concatenate([np.asarray(r[key], dtype=np.float64) for r in rows])  # noqa: E731
+    a_ins, a_del = cat("auc_insertion"), cat("auc_deletion")
+    dele, ins = cat("deletion"), cat("insertion")  # (n, S)
+    fig = FidelityMeter.merge([r["meter"] for r in rows]).result()
+    K = basis.n_components_
+    fig["active_per_position"] = fig["l0_ratio"] * K
+    n = dele.shape[0]
+    se = lambda a: (a.std(0, ddof=1) / np.sqrt(n)) if n > 1 else np.zeros(a.shape[1])  # noqa: E731
+    return {
+        "K": K,
+        "auc_diff": spread(a_ins - a_del, s.n_boot, s.seed),
+        "auc_insertion": spread(a_ins, s.n_boot, s.seed),
+        "auc_deletion": spread(a_del, s.n_boot, s.seed),
+        "prob_full": spread(dele[:, 0], s.n_boot, s.seed),
+        "prob_zero": spread(dele[:, -1], s.n_boot, s.seed),
+        "reconstruction": fig,
+        "gig_rel_residual_median": float(np.nanmedian(cat("gig_rel_residual"))),
+        "curves": {"x": step_fractions(K, s.n_points).tolist(),
+                   "deletion": dele.mean(0).tolist(), "deletion_se": se(dele).tolist(),
+                   "insertion": ins.mean(0).tolist(), "insertion_se": se(ins).tolist()},
+        "per_image": {"auc_insertion": a_ins.tolist(), "auc_deletion": a_del.tolist()},
+        "basis": dict(basis.info_),
+        "seconds": round(sum(r["seconds"] for r in rows), 1),
+        "_diff": a_ins - a_del,  # for the paired differences; removed before saving
+    }
