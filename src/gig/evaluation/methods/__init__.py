@@ -10,6 +10,7 @@ name                       module                   basis
 ``dictionary``             :mod:`.dictionary`       scikit-learn dictionary learning + the run's coder
 ``sae``                    :mod:`.sae`              TopK sparse autoencoder (torch, hand-written)
 ``kmeans``                 :mod:`.kmeans`           k-means centroids, hard nearest-centroid code
+``nmf``                    :mod:`.nmf`              scikit-learn NMF (non-negative layers only)
 ``user:PATH``              :mod:`.user`             a basis of the user's own from safetensors
 =========================  =======================  ===========================================
 """
