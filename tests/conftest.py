@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
+from gig.config import Config
 from gig.hooks import ModelHandle
 from gig.models import load_model, wrap_module
 
@@ -63,3 +69,62 @@ def lasso_problem():
         U_true = torch.randn(p, k, generator=g) * (torch.rand(p, k, generator=g) < 0.2)
         return U_true @ V + 0.05 * torch.randn(p, c, generator=g), V
     return make
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (skips without Playwright or chromium): see tests/browser_page.py."""
+    from browser_page import launch_browser
+
+    yield from launch_browser()
+
+
+# --------------------------------------------------------------------- a finished tiny run
+HOSTILE = '<img src=x onerror="window.__xss=1"></script><script>window.__xss=2</script>&amp;'
+#: The last is not valid UTF-8 (byte 0xff), as file names from other systems can be.
+HOSTILE_FILES = ["<svg onload=window.__xss=3>", 'quote" onmouseover="window.__xss=4', "plain & simple",
+                 b"latin\xff1".decode("utf-8", "surrogateescape")]
+LAYERS = ["_blocks.8", "_blocks.15"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict:
+    """A finished tiny run whose class names and image file names are hostile, with a fake
+    evaluation folder, and its report (default options)."""
+    from gig.images import EmbeddedSource
+    from gig.models import load_model
+    from gig.pipeline import Pipeline
+    from gig.report import build_report
+
+    root = tmp_path_factory.mktemp("report")
+    photos = root / "photos"
+    photos.mkdir()
+    embedded = EmbeddedSource()
+    for i, record in enumerate(embedded.records[:6]):
+        stem = HOSTILE_FILES[i] if i < len(HOSTILE_FILES) else record.path.split(":")[1]
+        image = embedded.load(record)
+        image.thumbnail((256, 256))
+        image.save(photos / f"{i}_{stem}.png")
+    bundle = load_model("efficientnet-lite0")
+    names = [f"{n} {HOSTILE}" for n in bundle.class_names]
+    bundle.class_names = names
+    config = Config(images=str(photos), layers=list(LAYERS), n_steps=4, top_k=3, samples_per_image=8,
+                    calibration_size=200, lasso_max_iter=100)
+    run = root / "run"
+    started = time.perf_counter()
+    Pipeline(config, run, model=bundle, progress=False).run()
+    evaluate = run / "evaluate"
+    evaluate.mkdir()
+    (evaluate / "summary.json").write_text(json.dumps(
+        {"c_deletion": {"_blocks.8": {"ours": 0.31, "kmeans": 0.25}, "_blocks.15": {"ours": 0.42, "kmeans": 0.4}},
+         "n_images": 6, "note": HOSTILE}))
+    (evaluate / "tables.md").write_text(f"# Results\n\n| method | AUC |\n| --- | --- |\n| ours | 0.5 |\n| {HOSTILE} | 0.1 |\n")
+    Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(evaluate / "curve.png")
+    (evaluate / "settings.json").write_text(json.dumps({"n_images": 6, "timings": {"total_s": 1.5}}))
+    (evaluate / "parts").mkdir()
+    (evaluate / "parts" / "00000.json").write_text("{}")
+    index = build_report(run, model=bundle)
+    return {"run": run, "index": index, "names": names, "bundle": bundle,
+            "seconds": time.perf_counter() - started}
+
+

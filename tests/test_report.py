@@ -11,69 +11,19 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
-import shutil
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from gig.config import Config
-from gig.report import ReportOptions, build_report, markdown_blocks, safe_json
-from gig.report.builder import _evaluation
+from browser_page import Page
+from gig.report import ReportOptions, markdown_blocks, safe_json
+from gig.report.metrics import evaluation_section as _evaluation
 
-HOSTILE = '<img src=x onerror="window.__xss=1"></script><script>window.__xss=2</script>&amp;'
-#: The last is not valid UTF-8 (byte 0xff), as file names from other systems can be.
-HOSTILE_FILES = ["<svg onload=window.__xss=3>", 'quote" onmouseover="window.__xss=4', "plain & simple",
-                 b"latin\xff1".decode("utf-8", "surrogateescape")]
-LAYERS = ["_blocks.8", "_blocks.15"]
-SCREENSHOTS = Path(os.environ.get("GIG_REPORT_SCREENSHOTS", Path(__file__).parent / "report_browser" / "screenshots"))
+from conftest import HOSTILE, LAYERS
 
 
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> dict:
-    """A finished tiny run whose class names and image file names are hostile, with a fake
-    evaluation folder, and its report (default options)."""
-    from gig.images import EmbeddedSource
-    from gig.models import load_model
-    from gig.pipeline import Pipeline
-
-    root = tmp_path_factory.mktemp("report")
-    photos = root / "photos"
-    photos.mkdir()
-    embedded = EmbeddedSource()
-    for i, record in enumerate(embedded.records[:6]):
-        stem = HOSTILE_FILES[i] if i < len(HOSTILE_FILES) else record.path.split(":")[1]
-        image = embedded.load(record)
-        image.thumbnail((256, 256))
-        image.save(photos / f"{i}_{stem}.png")
-    bundle = load_model("efficientnet-lite0")
-    names = [f"{n} {HOSTILE}" for n in bundle.class_names]
-    bundle.class_names = names
-    config = Config(images=str(photos), layers=list(LAYERS), n_steps=4, top_k=3, samples_per_image=8,
-                    calibration_size=200, lasso_max_iter=100)
-    run = root / "run"
-    started = time.perf_counter()
-    Pipeline(config, run, model=bundle, progress=False).run()
-    evaluate = run / "evaluate"
-    evaluate.mkdir()
-    (evaluate / "summary.json").write_text(json.dumps(
-        {"c_deletion": {"_blocks.8": {"ours": 0.31, "kmeans": 0.25}, "_blocks.15": {"ours": 0.42, "kmeans": 0.4}},
-         "n_images": 6, "note": HOSTILE}))
-    (evaluate / "tables.md").write_text(f"# Results\n\n| method | AUC |\n| --- | --- |\n| ours | 0.5 |\n| {HOSTILE} | 0.1 |\n")
-    Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(evaluate / "curve.png")
-    (evaluate / "settings.json").write_text(json.dumps({"n_images": 6, "timings": {"total_s": 1.5}}))
-    (evaluate / "parts").mkdir()
-    (evaluate / "parts" / "00000.json").write_text("{}")
-    index = build_report(run, model=bundle)
-    return {"run": run, "index": index, "names": names, "bundle": bundle,
-            "seconds": time.perf_counter() - started}
-
-
 @pytest.fixture(scope="module")
 def page_data(tiny_run) -> dict:
     text = tiny_run["index"].read_text(encoding="utf-8")
@@ -83,6 +33,24 @@ def page_data(tiny_run) -> dict:
 
 
 # ------------------------------------------------------------------------------ builder
+def test_report_options_are_checked_and_hashed() -> None:
+    from gig.config import settings_hash
+    from gig.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"n_images=-1.*heatmap_size=4"):
+        ReportOptions(n_images=-1, heatmap_size=4)
+    assert settings_hash(ReportOptions()) == settings_hash(ReportOptions())
+    assert settings_hash(ReportOptions(n_images=3)) != settings_hash(ReportOptions())
+
+
+def test_page_data_records_the_options(page_data) -> None:
+    from gig.config import settings_hash
+
+    options = page_data["run"]["options"]
+    assert options["hash"] == settings_hash(ReportOptions())
+    assert options["n_images"] == ReportOptions().n_images
+
+
 def test_report_files_are_offline(tiny_run) -> None:
     index = tiny_run["index"]
     assert index == tiny_run["run"] / "report" / "index.html"
@@ -240,52 +208,6 @@ def test_cli_errors_cleanly(tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------------ browser
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def _chromium() -> str | None:
-    for candidate in (os.environ.get("GIG_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium"):
-        if candidate and Path(candidate).is_file():
-            return candidate
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (.ci/install-browser)",
-                                   exc_type=ImportError)
-    executable = _chromium()
-    if executable is None:
-        pytest.skip("no chromium found (.ci/install-browser installs Debian's)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-class Page:
-    """A page of the report with its console errors collected."""
-
-    def __init__(self, browser, index: Path):
-        self.page = browser.new_page(viewport={"width": 1400, "height": 950})
-        self.errors: list[str] = []
-        self.page.on("console", lambda m: self.errors.append(m.text) if m.type in ("error", "warning") else None)
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.page.on("dialog", lambda d: (self.errors.append(f"dialog: {d.message}"), d.dismiss()))
-        self.page.goto(index.resolve().as_uri(), wait_until="load")
-        self.page.wait_for_function("document.body.getAttribute('data-graph-ready')", timeout=15000)
-
-    def shot(self, name: str) -> None:
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
-
-    def node_point(self, node_id: str) -> tuple[float, float]:
-        p = self.page.evaluate("""id => { const n = window.gigReport.cy.getElementById(id); const p = n.renderedPosition();
-            const r = document.getElementById('cy').getBoundingClientRect(); return [r.left + p.x, r.top + p.y]; }""", node_id)
-        return p[0], p[1]
-
-
 @pytest.fixture(scope="module")
 def page(browser, tiny_run):
     p = Page(browser, tiny_run["index"])

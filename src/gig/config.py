@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -62,6 +62,26 @@ def _class_ids(value) -> bool:
 
 def _dictionaries(value) -> bool:
     return isinstance(value, dict) and all(_text(k) and _text(v) for k, v in value.items())
+
+
+def field_problems(settings: Any, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> list[str]:
+    """``"name=value: allowed"`` for each field of the dataclass ``settings`` its rule refuses."""
+    return [f"{name}={getattr(settings, name)!r}: {allowed}"
+            for name, (ok, allowed) in rules.items() if not ok(getattr(settings, name))]
+
+
+def check_fields(settings: Any, rules: dict[str, tuple[Callable[[Any], bool], str]], what: str) -> None:
+    """Raise one :class:`ConfigError` naming every field of ``settings`` that breaks its rule
+    (``what``: how the message names the settings, e.g. ``"report option"``)."""
+    problems = field_problems(settings, rules)
+    if problems:
+        raise ConfigError(f"{what} " + "; ".join(problems))
+
+
+def settings_hash(settings: Any) -> str:
+    """A stable 16-hex-digit fingerprint of a settings dataclass (its fields as sorted JSON)."""
+    blob = json.dumps(dataclasses.asdict(settings), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -136,8 +156,7 @@ class Config:
         """Check every field's type and range; raise one :class:`ConfigError` naming each bad
         field, its value and what is allowed. Runs when the config is made (YAML, CLI or Python),
         so a bad setting fails before any model or image is loaded, not after hours of stages."""
-        problems = [f"{name}={getattr(self, name)!r}: {allowed}"
-                    for name, (ok, allowed) in _RULES.items() if not ok(getattr(self, name))]
+        problems = field_problems(self, _RULES)
         if not problems and self.dictionaries and self.layers is not None:
             stray = sorted(set(self.dictionaries) - set(self.layers))
             if stray:

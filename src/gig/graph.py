@@ -19,7 +19,8 @@ JSON schema ``gig.graph/1`` (see docs/graph-schema.md)::
      "classes": [{"index": c, "name": ...}], "image_ids": [...], "n_images": n,
      "nodes": [{"id": "_blocks.15:12", "layer": "_blocks.15", "level": 3, "concept": 12,
                 "importance": 0.31, "count": 40, "top_classes": [[c, n], ...],
-                "exemplars": [sample indices], "shared": false, "in_top_of": [c, ...]},
+                "exemplars": [sample indices], "shared": false, "in_top_of": [c, ...],
+                "position": slot in its row (see node_rows)},
                {"id": "class:281", "layer": "classifier", "level": 4, "class": 281,
                 "name": "tabby", "importance": 1.0}],
      "edges": [{"source": lower node id, "target": upper node id, "weight": share}]}
@@ -107,96 +108,164 @@ def rule_agreement(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: li
     return out
 
 
+def _graph_rows(kind: str, ids: torch.Tensor, targets: torch.Tensor, classes: list[int] | None,
+                image_id: int | None) -> tuple[torch.Tensor, list[int]]:
+    """The attribution rows a graph averages over, and its classes."""
+    if kind == "image":
+        rows = (ids == image_id).nonzero().flatten() if image_id is not None else torch.zeros(0, dtype=torch.long)
+        if rows.numel() == 0:
+            raise ConfigError(f"image id {image_id} is not in this run ({len(ids)} images with attributions)")
+        return rows, [int(targets[rows[0]])]
+    if kind == "global":
+        return torch.arange(len(ids)), []
+    if kind in ("class", "shared"):
+        if not classes:
+            raise ConfigError(f"a {kind} graph needs at least one class")
+        rows = torch.isin(targets, torch.tensor(classes)).nonzero().flatten()
+        if rows.numel() == 0:
+            raise ConfigError(f"no image in this run has target class(es) {classes}")
+        return rows, list(classes)
+    raise ConfigError(f"unknown graph kind {kind!r}: class, shared, global or image")
+
+
+def _shared_tops(data: dict[str, torch.Tensor], rows: torch.Tensor, targets: torch.Tensor, classes: list[int],
+                 layers: list[str], top_k: int) -> dict[tuple[str, int], list[int]]:
+    """``{(layer, concept): [classes whose own top-k holds it]}`` (for shared graphs)."""
+    in_top_of: dict[tuple[str, int], list[int]] = {}
+    for c in classes:
+        class_scores, _ = _mean_over(data, rows[targets[rows] == c], layers)
+        for layer in layers:
+            for q in class_scores[layer].topk(min(top_k, class_scores[layer].numel())).indices.tolist():
+                in_top_of.setdefault((layer, q), []).append(c)
+    return in_top_of
+
+
+def _concept_nodes(store: RunStore, scores: dict[str, torch.Tensor], in_top_of: dict, top_k: int,
+                   shared_kind: bool) -> tuple[dict[str, list[int]], list[dict]]:
+    """The kept concepts per layer (top-k by mean importance, plus every shared one in a shared
+    graph) and their nodes."""
+    kept: dict[str, list[int]] = {}
+    nodes: list[dict] = []
+    for level, layer in enumerate(store.config.layers):
+        cards = load_concept_cards(store, layer)["concepts"]
+        chosen = scores[layer].topk(min(top_k, scores[layer].numel())).indices.tolist()
+        if shared_kind:  # every concept shared by two or more classes is kept too
+            chosen += [q for (l, q), cs in in_top_of.items() if l == layer and len(cs) > 1 and q not in chosen]
+        kept[layer] = chosen
+        nodes += [{"id": f"{layer}:{q}", "layer": layer, "level": level, "concept": q,
+                   "importance": float(scores[layer][q]), "count": cards[q]["count"],
+                   "top_classes": cards[q]["top_classes"], "exemplars": cards[q]["exemplars"],
+                   "shared": len(in_top_of.get((layer, q), [])) > 1, "in_top_of": in_top_of.get((layer, q), [])}
+                  for q in chosen]
+    return kept, nodes
+
+
+def _head(data: dict[str, torch.Tensor], rows: torch.Tensor, targets: torch.Tensor, classes: list[int],
+          kept_top: list[int], top_layer: str, scores_top: torch.Tensor, names: list[str],
+          edges_per_node: int, global_kind: bool) -> tuple[list[dict], list[dict]]:
+    """The classifier row (one node per class, or one "target logit" node) and its edges."""
+    top_ids = [f"{top_layer}:{q}" for q in kept_top]
+    if global_kind:
+        head = [{"id": "logit", "layer": "classifier", "level": None, "class": None,
+                 "name": "target logit", "importance": 1.0}]
+        return head, [{"source": s, "target": "logit", "weight": float(scores_top[q])} for s, q in zip(top_ids, kept_top)]
+    head, edges = [], []
+    for c in classes:
+        class_rows = rows[targets[rows] == c]
+        class_score = data[f"{top_layer}/score"][class_rows].mean(0)
+        head.append({"id": f"class:{c}", "layer": "classifier", "level": None, "class": c,
+                     "name": _name(names, c), "importance": 1.0, "n_images": int(class_rows.numel())})
+        ranked = sorted(kept_top, key=lambda q: -float(class_score[q]))[:edges_per_node]
+        edges += [{"source": f"{top_layer}:{q}", "target": f"class:{c}", "weight": float(class_score[q])} for q in ranked]
+    return head, edges
+
+
 def build_graph(store: RunStore, kind: str = "class", classes: list[int] | None = None,
                 image_id: int | None = None, top_k: int | None = None,
                 edges_per_node: int | None = None, class_names: list[str] | None = None,
-                data: dict[str, torch.Tensor] | None = None) -> dict:
+                data: dict[str, torch.Tensor] | None = None, targets: dict[int, int] | None = None) -> dict:
     """Build one graph as a JSON-able dict (see the module docstring for the schema).
 
-    ``data``: the run's attributions if already loaded (:func:`load_attributions`), so that many
-    graphs of one run read the shards once."""
+    ``data``: attributions if already loaded (:func:`load_attributions`, so that many graphs of
+    one run read the shards once), or the walk of images that are not the run's
+    (:func:`gig.explain.explain`), whose target classes ``targets`` (``{image id: class}``) then
+    gives; by default the targets are the run's (collect stage)."""
     config = store.config
     top_k = top_k or config.top_k
     edges_per_node = edges_per_node or config.edges_per_node
     layers = config.layers
     data = load_attributions(store) if data is None else data
     ids = data["image_id"]
-    images = {i["image_id"]: i for i in load_images(store)["images"]}
-    targets = torch.tensor([images[int(i)]["target"] for i in ids])
-    if kind == "image":
-        if image_id is None or image_id not in images:
-            raise ConfigError(f"image id {image_id} is not in this run ({len(images)} images)")
-        rows = (ids == image_id).nonzero().flatten()
-        classes = [images[image_id]["target"]]
-    elif kind == "global":
-        rows = torch.arange(len(ids))
-        classes = []
-    elif kind in ("class", "shared"):
-        if not classes:
-            raise ConfigError(f"a {kind} graph needs at least one class")
-        rows = torch.isin(targets, torch.tensor(classes)).nonzero().flatten()
-        if rows.numel() == 0:
-            raise ConfigError(f"no image in this run has target class(es) {classes}")
-    else:
-        raise ConfigError(f"unknown graph kind {kind!r}: class, shared, global or image")
-
+    if targets is None:
+        targets = {int(i["image_id"]): int(i["target"]) for i in load_images(store)["images"]}
+    target_vec = torch.tensor([targets[int(i)] for i in ids], dtype=torch.long)
+    rows, classes = _graph_rows(kind, ids, target_vec, classes, image_id)
     scores, edges = _mean_over(data, rows, layers)
-    in_top_of: dict[tuple[str, int], list[int]] = {}
-    if kind == "shared":
-        for c in classes:
-            class_rows = rows[targets[rows] == c]
-            class_scores, _ = _mean_over(data, class_rows, layers)
-            for layer in layers:
-                for q in class_scores[layer].topk(min(top_k, class_scores[layer].numel())).indices.tolist():
-                    in_top_of.setdefault((layer, q), []).append(c)
-
-    cards = {layer: load_concept_cards(store, layer)["concepts"] for layer in layers}
+    in_top_of = _shared_tops(data, rows, target_vec, classes, layers, top_k) if kind == "shared" else {}
+    kept, nodes = _concept_nodes(store, scores, in_top_of, top_k, kind == "shared")
     names = class_names or []
-    kept: dict[str, list[int]] = {}
-    nodes: list[dict] = []
-    for level, layer in enumerate(layers):
-        chosen = scores[layer].topk(min(top_k, scores[layer].numel())).indices.tolist()
-        if kind == "shared":  # every concept shared by two or more classes is kept too
-            chosen += [q for (l, q), cs in in_top_of.items() if l == layer and len(cs) > 1 and q not in chosen]
-        kept[layer] = chosen
-        for q in chosen:
-            card = cards[layer][q]
-            nodes.append({
-                "id": f"{layer}:{q}", "layer": layer, "level": level, "concept": q,
-                "importance": float(scores[layer][q]), "count": card["count"],
-                "top_classes": card["top_classes"], "exemplars": card["exemplars"],
-                "shared": len(in_top_of.get((layer, q), [])) > 1,
-                "in_top_of": in_top_of.get((layer, q), []),
-            })
-    out_edges: list[dict] = []
-    top_layer = layers[-1]
-    top_ids = [f"{top_layer}:{q}" for q in kept[top_layer]]
-    if kind == "global":
-        head = [{"id": "logit", "layer": "classifier", "level": len(layers), "class": None,
-                 "name": "target logit", "importance": 1.0}]
-        out_edges += [{"source": s, "target": "logit", "weight": float(scores[top_layer][q])}
-                      for s, q in zip(top_ids, kept[top_layer])]
-    else:
-        head = []
-        for c in classes:
-            class_rows = rows[targets[rows] == c]
-            class_score = data[f"{top_layer}/score"][class_rows].mean(0)
-            head.append({"id": f"class:{c}", "layer": "classifier", "level": len(layers), "class": c,
-                         "name": _name(names, c), "importance": 1.0, "n_images": int(class_rows.numel())})
-            ranked = sorted(kept[top_layer], key=lambda q: -float(class_score[q]))[:edges_per_node]
-            out_edges += [{"source": f"{top_layer}:{q}", "target": f"class:{c}", "weight": float(class_score[q])}
-                          for q in ranked]
-    nodes += head
+    head, out_edges = _head(data, rows, target_vec, classes, kept[layers[-1]], layers[-1], scores[layers[-1]],
+                            names, edges_per_node, kind == "global")
+    for node in head:
+        node["level"] = len(layers)
     out_edges += [{"source": f"{lower}:{q}", "target": f"{layers[layers.index(lower) + 1]}:{t}", "weight": w}
                   for lower, q, t, w in _shown_edges(kept, edges, layers, edges_per_node)]
-    return {
+    return with_positions({
         "schema": SCHEMA, "kind": kind, "model": config.model, "layers": layers,
         "classes": [{"index": c, "name": _name(names, c)} for c in classes],
         "image_ids": [int(ids[r]) for r in rows], "n_images": int(rows.numel()),
         "top_k": top_k, "edges_per_node": edges_per_node, "edge_rule": "flow",
         "edge_rule_agreement": rule_agreement(data, rows, layers, kept, edges_per_node),
-        "nodes": nodes, "edges": out_edges,
-    }
+        "nodes": nodes + head, "edges": out_edges,
+    })
+
+
+def _barycentre_rows(graph: dict) -> dict[int, list[dict]]:
+    """Nodes per level, the top row (classifier) in the JSON's order, every row below ordered by
+    the weighted mean slot of the upper nodes it feeds (edge weight as weight), so strong paths
+    run straight down; nodes with no edge up go last, by importance."""
+    rows: dict[int, list[dict]] = {}
+    for node in graph["nodes"]:
+        rows.setdefault(int(node["level"]), []).append(node)
+    ups: dict[str, list[tuple[str, float]]] = {}
+    for edge in graph["edges"]:
+        ups.setdefault(edge["source"], []).append((edge["target"], abs(float(edge["weight"] or 0.0))))
+    x: dict[str, float] = {}
+
+    def key(node: dict) -> tuple:
+        links = [(x[t], w) for t, w in ups.get(node["id"], []) if t in x]
+        if not links:
+            return (1, -float(node.get("importance") or 0.0))
+        total = sum(w for _, w in links)
+        centre = (sum(px * w for px, w in links) / total if total > 0
+                  else sum(px for px, _ in links) / len(links))
+        return (0, centre, -float(node.get("importance") or 0.0))
+
+    for level in sorted(rows, reverse=True):
+        if level != max(rows):
+            rows[level] = sorted(rows[level], key=key)
+        for i, node in enumerate(rows[level]):
+            x[node["id"]] = i - (len(rows[level]) - 1) / 2
+    return rows
+
+
+def node_rows(graph: dict) -> dict[int, list[dict]]:
+    """``{level: [node, ...]}`` in row order: by the nodes' ``position`` when the graph has them
+    (every graph built since gig 0.2), else by the barycentre rule that sets them. The one node
+    order of gig: the static figure (:func:`gig.visual.draw_graph`) and the report's viewer
+    (``report.js``, which reads ``position``) both follow it."""
+    if graph["nodes"] and all("position" in n for n in graph["nodes"]):
+        rows: dict[int, list[dict]] = {}
+        for node in sorted(graph["nodes"], key=lambda n: n["position"]):
+            rows.setdefault(int(node["level"]), []).append(node)
+        return rows
+    return _barycentre_rows(graph)
+
+
+def with_positions(graph: dict) -> dict:
+    """``graph`` with every node's slot in its row (``position``, 0 = leftmost) set by :func:`node_rows`."""
+    slot = {n["id"]: i for nodes in node_rows(graph).values() for i, n in enumerate(nodes)}
+    return {**graph, "nodes": [{**n, "position": slot[n["id"]]} for n in graph["nodes"]]}
 
 
 def _name(names: list[str], c: int) -> str:

@@ -142,5 +142,5 @@ class Pipeline:
             thumbs.update({node_id: path for (node_id, _), path in zip(items, paths)})
         return thumbs
 
-    def draw_graph(self, store: RunStore, graph: dict, out_stem: Path) -> list[Path]:
+    def draw_graph(self, store: RunStore, graph: dict, out_stem: Path) -> tuple[Path, Path]:
         return draw_graph(graph, out_stem, self.thumbnails(graph))

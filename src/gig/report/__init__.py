@@ -6,7 +6,8 @@ concept localisation, metrics. See docs/report.md.
 PosixPath('runs/demo/report/index.html')
 """
 
-from .builder import ReportOptions, build_report, markdown_blocks, safe_json
-from .figure import draw_class_figure
+from .builder import ReportOptions, build_report
+from .metrics import markdown_blocks
+from .page import safe_json
 
-__all__ = ["ReportOptions", "build_report", "draw_class_figure", "markdown_blocks", "safe_json"]
+__all__ = ["ReportOptions", "build_report", "markdown_blocks", "safe_json"]

@@ -55,8 +55,8 @@
   }
 
   // ------------------------------------------------------------------ layout (preset, by layer)
-  // Rows by level (classifier on top). The top row keeps the JSON's order; a lower row is
-  // ordered by the weighted mean x of the upper nodes it feeds (barycentre), as in figure.py.
+  // Rows by level (classifier on top), each row in the order of its nodes' `position`, the slot
+  // that gig.graph.node_rows gave them (the static figures use the same slots).
   var COL = 96, CLASS_COL = 150, ROW = 132;
   function layout(graph) {
     var rows = {}, maxLevel = 0;
@@ -64,36 +64,13 @@
       (rows[n.level] = rows[n.level] || []).push(n);
       maxLevel = Math.max(maxLevel, n.level);
     });
-    var ups = {};
-    graph.edges.forEach(function (e) {
-      (ups[e.source] = ups[e.source] || []).push([e.target, Math.abs(e.weight || 0)]);
-    });
-    var x = {}, pos = {};
+    var pos = {};
     for (var level = maxLevel; level >= 0; level--) {
       var nodes = (rows[level] || []).slice();
-      if (level !== maxLevel) {
-        var key = {};
-        nodes.forEach(function (n) {
-          var links = (ups[n.id] || []).filter(function (l) { return l[0] in x; });
-          var total = links.reduce(function (s, l) { return s + l[1]; }, 0);
-          if (!links.length) { key[n.id] = [1, -(n.importance || 0)]; return; }
-          var centre = total > 0
-            ? links.reduce(function (s, l) { return s + x[l[0]] * l[1]; }, 0) / total
-            : links.reduce(function (s, l) { return s + x[l[0]]; }, 0) / links.length;
-          key[n.id] = [0, centre, -(n.importance || 0)];
-        });
-        nodes.sort(function (a, b) {
-          var ka = key[a.id], kb = key[b.id];
-          for (var i = 0; i < Math.max(ka.length, kb.length); i++) {
-            if ((ka[i] || 0) !== (kb[i] || 0)) return (ka[i] || 0) - (kb[i] || 0);
-          }
-          return 0;
-        });
-      }
+      nodes.sort(function (a, b) { return (a.position || 0) - (b.position || 0); });
       var gap = nodes.length && nodes[0].layer === 'classifier' ? CLASS_COL : COL;
       nodes.forEach(function (n, i) {
-        x[n.id] = i - (nodes.length - 1) / 2;
-        pos[n.id] = { x: x[n.id] * gap, y: (maxLevel - level) * ROW };
+        pos[n.id] = { x: (i - (nodes.length - 1) / 2) * gap, y: (maxLevel - level) * ROW };
       });
     }
     rowLevels = [];
@@ -347,7 +324,8 @@
       return;
     }
     var c = DATA.concepts[id] || null;
-    head.appendChild(el('h3', 'card-title', 'concept #' + node.concept));
+    head.appendChild(el('h3', 'card-title', 'concept #' + node.concept + (c && c.name ? ' · ' + c.name : '')));
+    if (c && c.note) head.appendChild(el('p', 'card-note', String(c.note)));
     head.appendChild(el('p', 'muted', node.layer + ' · share in this graph ' + fmt(node.importance, 3) +
       (c && c.rank ? ' · dataset rank ' + c.rank + ' of ' + DATA.run.K[node.layer] : '')));
     panel.appendChild(head);
@@ -376,7 +354,9 @@
         var lf = el('figure', 'card-loc');
         lf.appendChild(img(loc.gig, 'where concept #' + node.concept + ' sits in image #' + entry.image_id + ' (GIG map)'));
         lf.appendChild(img(loc.coef, 'coefficient of concept #' + node.concept + ' in image #' + entry.image_id));
-        lf.appendChild(el('figcaption', null, 'localisation in image #' + entry.image_id + ': GIG map · coefficient'));
+        if (loc.erf) lf.appendChild(img(loc.erf, "the image's own ERF crop of concept #" + node.concept));
+        lf.appendChild(el('figcaption', null, 'localisation in image #' + entry.image_id + ': GIG map · coefficient' +
+          (loc.erf ? ' · own ERF crop' : '')));
         panel.appendChild(lf);
       }
     }

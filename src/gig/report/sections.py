@@ -1,0 +1,371 @@
+"""The page data of gig's viewer, read from a run through the owners' loaders: graph entries,
+concept cards (the atlas), localisation panels and the static class figures.
+
+Each function assembles one part of the page; the report (:mod:`gig.report.builder`) and the
+explain pages (:mod:`gig.explain`) put them together. Nothing here computes a graph, an ERF or a
+code: graphs come from :func:`gig.graph.build_graph`, crops from :func:`gig.erf.exemplar_crops`,
+codes from :class:`gig.decompose.CodeReader`, edge weights from :func:`gig.graph.edge_weights`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..erf import erf_dir, exemplar_crops
+from ..errors import RunMismatchError
+from ..graph import build_graph, default_classes, edge_weights, with_positions
+from ..labels import load_labels
+from ..store import RunStore, load_json
+from ..visual import draw_graph
+from .page import Assets, heatmap_overlay, jpeg_bytes, slug
+
+
+def n_images_text(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
+
+
+def short_path(path: str) -> str:
+    """The file name of an image path (``embedded:NAME`` stays as it is)."""
+    return path.rsplit("/", 1)[-1].rsplit("\\", 1)[-1] or path
+
+
+def class_namer(names: list[str]) -> Callable[[int | None], str]:
+    """``c → name`` (``class c`` past the list, ``target logit`` for ``None``)."""
+    def name(c: int | None) -> str:
+        if c is None:
+            return "target logit"
+        return names[c] if 0 <= c < len(names) else f"class {c}"
+    return name
+
+
+class ModelAccess:
+    """The run's model and images, loaded only when something needs them (ERF crops, photos)."""
+
+    def __init__(self, store: RunStore, model=None, source=None):
+        self.store = store
+        self._bundle = model
+        self._source = source
+        self._handle = None
+
+    @property
+    def bundle(self):
+        if self._bundle is None:
+            from ..models import load_model
+
+            self._bundle = load_model(self.store.config.model, self.store.config.weights)
+        return self._bundle
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            from ..hooks import ModelHandle
+
+            self._handle = ModelHandle(self.bundle, self.store.config.device)
+        return self._handle
+
+    @property
+    def source(self):
+        if self._source is None:
+            from ..images import open_source
+
+            self._source = open_source(self.store.config.images)
+        return self._source
+
+    def display_image(self, image_id: int) -> Image.Image:
+        by_id = {r.image_id: r for r in self.source.records}
+        return self.bundle.display_image(self.source.load(by_id[image_id]))
+
+    def crops(self, layer: str, samples: list[int]) -> list[Path]:
+        """ERF crops of sampled PFVs of ``layer``, from the run's ERF cache (:func:`gig.erf.exemplar_crops`)."""
+        return exemplar_crops(self.store, self.handle, self.source, layer, samples)
+
+
+# ------------------------------------------------------------------------------------ graphs
+def report_classes(store: RunStore, index: dict, targets: dict[int, int], max_classes: int,
+                   explicit: list[int] | None) -> list[int]:
+    """The classes with a class graph: explicit ones, else the run's graph classes then the most
+    frequent targets, ``max_classes`` in all; only classes some image has as target."""
+    run_classes = [int(c) for c in index.get("classes", [])]
+    if explicit:
+        classes = [int(c) for c in explicit]
+    else:
+        n = max(max_classes, len(run_classes))
+        classes = list(dict.fromkeys(run_classes + default_classes(store, n=n)))[:n]
+    present = set(targets.values())
+    return [c for c in classes if c in present]
+
+
+def graph_entry(key: str, mode: str, classes: list[int], label: str, graph: dict, file: str | None = None,
+                **extra: Any) -> dict:
+    """One graph of the viewer's menus; the graph gets its nodes' row positions (:func:`gig.graph.with_positions`)."""
+    return {"key": key, "mode": mode, "classes": classes, "file": file, "label": label,
+            "graph": with_positions(graph), **extra}
+
+
+def run_graphs(store: RunStore, data: dict, classes: list[int], shared_classes: int, names: list[str]) -> list[dict]:
+    """The class graphs (saved by the graph stage, else built), the shared graph of every subset of
+    the first ``shared_classes`` classes, and the global graph."""
+    graph_dir = store.root / "graph"
+    index = load_json(graph_dir / "index.json")
+    name = class_namer(names)
+    entries = []
+    for c in classes:
+        file = index["files"]["class"].get(str(c))
+        graph = load_json(graph_dir / file) if file else build_graph(store, "class", [c], class_names=names, data=data)
+        entries.append(graph_entry(f"class:{c}", "class", [c], f"{name(c)} ({n_images_text(graph['n_images'])})",
+                                   graph, file))
+    run_shared = index["files"].get("shared")
+    run_classes = sorted(int(c) for c in index.get("classes", []))
+    pool = classes[: max(0, shared_classes)]
+    for combo in (list(c) for size in range(2, len(pool) + 1) for c in itertools.combinations(pool, size)):
+        file = run_shared if run_shared and sorted(combo) == run_classes else None
+        graph = load_json(graph_dir / file) if file else build_graph(store, "shared", combo, class_names=names, data=data)
+        entries.append(graph_entry("shared:" + ",".join(map(str, sorted(combo))), "shared", sorted(combo),
+                                   " + ".join(name(c) for c in sorted(combo)), graph, file))
+    if index["files"].get("global"):
+        file = index["files"]["global"]
+        graph = load_json(graph_dir / file)
+        entries.append(graph_entry("global", "global", [], f"all images ({graph['n_images']})", graph, file))
+    return entries
+
+
+def choose_images(images_info: list[dict], classes: list[int], attributed: set[int], n_images: int,
+                  explicit: list[int] | None) -> list[int]:
+    """Explicit ids, else up to two images per report class (most confident first), then the
+    most confident of the rest, ``n_images`` in all."""
+    if explicit:
+        missing = [i for i in explicit if i not in attributed]
+        if missing:
+            raise RunMismatchError(f"image id(s) {missing} have no attribution in this run")
+        return list(dict.fromkeys(int(i) for i in explicit))
+    ranked = sorted((i for i in images_info if int(i["image_id"]) in attributed),
+                    key=lambda i: -(i.get("target_prob") or 0.0))
+    chosen: list[int] = []
+    for c in classes:
+        chosen += [int(i["image_id"]) for i in ranked if int(i["target"]) == c][:2]
+    chosen += [int(i["image_id"]) for i in ranked]
+    return list(dict.fromkeys(chosen))[: max(0, n_images)]
+
+
+def image_graphs(store: RunStore, data: dict, image_ids: list[int], by_image: dict[int, dict],
+                 names: list[str]) -> list[dict]:
+    """The single-image graph of each of ``image_ids`` (images of the run)."""
+    name = class_namer(names)
+    entries = []
+    for image_id in image_ids:
+        info = by_image[image_id]
+        graph = build_graph(store, "image", image_id=image_id, data=data, class_names=names)
+        entries.append(graph_entry(f"image:{image_id}", "image", [int(info["target"])],
+                                   f"#{image_id} {short_path(info['path'])} → {name(int(info['target']))}",
+                                   graph, image_id=image_id))
+    return entries
+
+
+# ---------------------------------------------------------------------------------- concepts
+def atlas_order(importance: dict[str, torch.Tensor], per_layer: int) -> dict[str, list[int]]:
+    """Per layer, concept ids by mean importance (most important first), the first ``per_layer``
+    (all when 0)."""
+    out = {}
+    for layer, values in importance.items():
+        order = values.argsort(descending=True).tolist()
+        out[layer] = order[:per_layer] if per_layer > 0 else order
+    return out
+
+
+def concepts_shown(atlas_ids: dict[str, list[int]], graphs: list[dict]) -> dict[str, set[int]]:
+    """The atlas's concepts and every concept node of the graphs, per layer."""
+    shown = {layer: set(ids) for layer, ids in atlas_ids.items()}
+    for g in graphs:
+        for node in g["graph"]["nodes"]:
+            if node["layer"] in shown:
+                shown[node["layer"]].add(int(node["concept"]))
+    return shown
+
+
+def exemplar_urls(access: ModelAccess, assets: Assets, cards: dict[str, dict], shown: dict[str, set[int]],
+                  n_exemplars: int, log: Callable[[str], None] = lambda msg: None) -> dict[str, dict[int, str]]:
+    """``{layer: {sample index: url}}``: the ERF crops of the first ``n_exemplars`` exemplars of
+    every concept shown, one batched pass per layer (JPEG assets)."""
+    urls: dict[str, dict[int, str]] = {}
+    for layer, ids in shown.items():
+        wanted = sorted({s for q in ids for s in cards[layer]["concepts"][q]["exemplars"][:n_exemplars]})
+        paths = access.crops(layer, wanted)
+        urls[layer] = {s: assets.add_bytes(f"img/erf/{slug(layer)}/s{s}.jpg", jpeg_bytes(p)) for s, p in zip(wanted, paths)}
+        log(f"{layer}: {len(ids)} concepts, {len(wanted)} ERF crops")
+    return urls
+
+
+def _top_pairs(values: torch.Tensor, ids: list[str], k: int = 5) -> list[list]:
+    """The ``k`` largest positive entries of ``values`` as ``[[id, weight], ...]``."""
+    if values.numel() == 0:
+        return []
+    top = values.topk(min(k, values.numel()))
+    return [[ids[int(i)], float(v)] for v, i in zip(top.values, top.indices) if float(v) > 0]
+
+
+class RunNeighbours:
+    """Dataset-wide strongest parents (lower layer) and children (upper layer, or classes at the
+    top) of every concept: the mean edge weights over all of the run's images
+    (:func:`gig.graph.edge_weights`) and the mean top-layer shares per target class."""
+
+    def __init__(self, data: dict[str, torch.Tensor], layers: list[str], targets: dict[int, int]):
+        self.layers = layers
+        self.edges = edge_weights(data, torch.arange(int(data["image_id"].numel())), layers)
+        target_vec = torch.tensor([targets[int(i)] for i in data["image_id"].tolist()])
+        top = data[f"{layers[-1]}/score"]
+        self.class_ids = sorted(set(target_vec.tolist()))
+        self.class_matrix = (torch.stack([top[target_vec == c].mean(0) for c in self.class_ids])
+                             if self.class_ids else torch.zeros(0, top.shape[1]))
+
+    def of(self, layer: str, q: int, K: dict[str, int]) -> tuple[list, list]:
+        """``(parents, children)`` of concept ``q`` of ``layer`` as ``[[node id, weight], ...]``."""
+        position = self.layers.index(layer)
+        lower = self.layers[position - 1] if position > 0 else None
+        upper = self.layers[position + 1] if position + 1 < len(self.layers) else None
+        parents = _top_pairs(self.edges[lower][q], [f"{lower}:{p}" for p in range(K[lower])]) if lower else []
+        if upper:
+            children = _top_pairs(self.edges[layer][:, q], [f"{upper}:{p}" for p in range(K[upper])])
+        else:
+            children = _top_pairs(self.class_matrix[:, q], [f"class:{c}" for c in self.class_ids]) if self.class_ids else []
+        return parents, children
+
+
+def concept_cards(store: RunStore, cards: dict[str, dict], samples: dict[str, dict], shown: dict[str, set[int]],
+                  urls: dict[str, dict[int, str]], importance: dict[str, torch.Tensor], neighbours: RunNeighbours,
+                  n_exemplars: int) -> dict[str, dict]:
+    """``{"LAYER:q": card}`` for every concept shown: exemplars (crop url, image, class, cosine),
+    members, classes, parents, children, importance and rank, and the user's label if any."""
+    labels = load_labels(store)
+    K = {layer: len(c["concepts"]) for layer, c in cards.items()}
+    out: dict[str, dict] = {}
+    for layer, ids in shown.items():
+        rank = {q: r + 1 for r, q in enumerate(importance[layer].argsort(descending=True).tolist())}
+        for q in sorted(ids):
+            card = cards[layer]["concepts"][q]
+            sims = card.get("exemplar_similarity", [])
+            exemplars = [{"s": int(s), "url": urls[layer].get(int(s)), "image": int(samples[layer]["image_id"][s]),
+                          "cls": int(samples[layer]["target"][s]), "sim": sims[j] if j < len(sims) else None}
+                         for j, s in enumerate(card["exemplars"][:n_exemplars])]
+            parents, children = neighbours.of(layer, q, K)
+            out[f"{layer}:{q}"] = {
+                "layer": layer, "concept": q, "count": card["count"], "importance": float(importance[layer][q]),
+                "rank": rank[q], "top_classes": card["top_classes"], "exemplars": exemplars,
+                "parents": parents, "children": children, **labels.get(layer, {}).get(q, {}),
+            }
+    return out
+
+
+# ------------------------------------------------------------------------------ localisation
+def localisation_panel(entry: dict, view: Image.Image, layers: list[str], walk_row: dict[str, Any],
+                       codes: dict[str, torch.Tensor], concepts: dict[str, dict], assets: Assets, size: int,
+                       erf_crops: dict[str, str] | None = None) -> dict:
+    """One image's localisation panel: per layer (top first) its top concepts with their GIG map
+    and |coefficient| map over the image (and the image's own ERF crop of the concept, when given).
+
+    ``walk_row``: ``{"LAYER/top": (k,), "LAYER/importance": (k,), "LAYER/maps": (k, H, W)}`` of
+    this image (a row of the attribute stage, or of :func:`gig.explain.explain`); ``codes``:
+    ``{layer: (H·W, K)}``; ``entry``: the image's fields (id, path, classes, ...)."""
+    key = str(entry["id"])
+    entry = {**entry, "url": assets.add_image(f"img/images/{slug(key)}.jpg",
+                                              view.resize((2 * size, 2 * size), Image.BICUBIC)), "layers": []}
+    for layer in reversed(layers):
+        maps = np.asarray(walk_row[f"{layer}/maps"])  # (k, H, W)
+        h, w = maps.shape[1:]
+        cells = []
+        for j, (q, imp) in enumerate(zip(walk_row[f"{layer}/top"].tolist(), walk_row[f"{layer}/importance"].tolist())):
+            stem = f"img/loc/{slug(key)}/{slug(layer)}_{q}"
+            coef = codes[layer][:, q].abs().reshape(h, w).numpy()
+            node = f"{layer}:{q}"
+            cells.append({
+                "concept": q, "id": node, "importance": imp,
+                "gig": assets.add_image(f"{stem}_gig.jpg", heatmap_overlay(view, maps[j], size)),
+                "coef": assets.add_image(f"{stem}_coef.jpg", heatmap_overlay(view, coef, size)),
+                "erf": (erf_crops or {}).get(node),
+                "top1": concepts.get(node, {}).get("exemplars", [{}])[0].get("url"),
+                "name": concepts.get(node, {}).get("name"),
+            })
+        entry["layers"].append({"layer": layer, "cells": cells})
+    return entry
+
+
+def run_panels(store: RunStore, data: dict[str, torch.Tensor], image_ids: list[int], by_image: dict[int, dict],
+               access: ModelAccess, concepts: dict[str, dict], assets: Assets, size: int) -> dict[str, dict]:
+    """The localisation panels of some of the run's images (rows of the attribute stage, codes
+    through :class:`gig.decompose.CodeReader`): ``{str(image id): panel}``."""
+    from ..decompose import CodeReader
+
+    layers = list(store.config.layers)
+    readers = {layer: CodeReader(store, layer) for layer in layers}
+    row_of = {int(i): r for r, i in enumerate(data["image_id"].tolist())}
+    fields = ("path", "label", "label_name", "pred", "target", "target_prob")
+    panels = {}
+    for image_id in image_ids:
+        info, row = by_image[image_id], row_of[image_id]
+        walk_row = {k: v[row] for k, v in data.items() if k.endswith(("/top", "/importance", "/maps"))}
+        panels[str(image_id)] = localisation_panel(
+            {"id": image_id, **{k: info.get(k) for k in fields}}, access.display_image(image_id), layers, walk_row,
+            {layer: readers[layer].codes(image_id) for layer in layers}, concepts, assets, size)
+    return panels
+
+
+# ----------------------------------------------------------------------------------- figures
+def class_figures(store: RunStore, graphs: list[dict], concepts: dict[str, dict], out: Path, assets: Assets) -> list[dict]:
+    """The static figure (SVG, PNG) of every class graph, thumbnails the concepts' top-1 crops;
+    with links to the graph stage's own figures of the same class."""
+    crop_dirs = {layer: erf_dir(store, layer) for layer in store.config.layers}
+    figures = []
+    for g in (g for g in graphs if g["mode"] == "class"):
+        thumbs = {node["id"]: crop_dirs[node["layer"]] / f"s{concepts[node['id']]['exemplars'][0]['s']}.png"
+                  for node in g["graph"]["nodes"] if concepts.get(node["id"], {}).get("exemplars")}
+        stem = out / "figures" / f"class_{g['classes'][0]}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        svg, png = draw_graph(g["graph"], stem, thumbs)
+        fig = {"label": g["label"], "svg": assets.add_file(f"figures/{svg.name}", svg),
+               "png": assets.add_file(f"figures/{png.name}", png), "pipeline": []}
+        if assets.inline:  # figures/ then only holds what index.html already inlines
+            svg.unlink()
+            png.unlink()
+        for ext in ("svg", "png"):
+            original = store.root / "graph" / f"class_{g['classes'][0]}.{ext}"
+            if original.is_file():
+                fig["pipeline"].append({"ext": ext, "url": assets.add_file(f"figures/pipeline_{original.name}", original)})
+        figures.append(fig)
+    if assets.inline and (out / "figures").is_dir() and not any((out / "figures").iterdir()):
+        (out / "figures").rmdir()
+    return figures
+
+
+def referenced_classes(graphs: list[dict], concepts: dict[str, dict], images: dict[str, dict],
+                       extra: list[int]) -> set[int]:
+    """Every class id the page mentions (its names go into the page's data)."""
+    referenced = set(extra)
+    for g in graphs:
+        for node in g["graph"]["nodes"]:
+            if node.get("class") is not None:
+                referenced.add(int(node["class"]))
+            referenced.update(int(c) for c, _ in node.get("top_classes", []))
+            referenced.update(int(c) for c in node.get("in_top_of", []))
+    for c in concepts.values():
+        referenced.update(int(x) for x, _ in c["top_classes"])
+        referenced.update(int(e["cls"]) for e in c["exemplars"])
+    for i in images.values():
+        referenced.update(int(x) for x in (i["target"], i.get("pred")) if x is not None)
+    return referenced
+
+
+def viewer_data(run: dict, graphs: list[dict], concepts: dict[str, dict], images: dict[str, dict],
+                class_names: dict[str, str], shared_pool: list[int]) -> dict:
+    """The page's JSON block (``gig.report/1``): what report.js reads."""
+    return {
+        "schema": "gig.report/1", "run": run, "classNames": class_names, "graphs": graphs,
+        "sharedPool": shared_pool, "concepts": concepts,
+        "images": {k: {kk: vv for kk, vv in v.items() if kk != "layers"} for k, v in images.items()},
+        "localised": {k: {c["id"]: {m: c[m] for m in ("gig", "coef", "erf") if c.get(m)}
+                          for layer in v["layers"] for c in layer["cells"]} for k, v in images.items()},
+    }
