@@ -173,7 +173,7 @@ def test_interrupted_stage_resumes_and_matches(tmp_path, monkeypatch):
     pipe.concepts()
     pipe.decompose()
     walks = {"n": 0}
-    real_walk = gig.attribution._walk
+    real_walk = gig.attribution.walk
 
     def flaky_walk(*args, **kwargs):
         walks["n"] += 1
@@ -181,7 +181,7 @@ def test_interrupted_stage_resumes_and_matches(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_walk(*args, **kwargs)
 
-    monkeypatch.setattr(gig.attribution, "_walk", flaky_walk)
+    monkeypatch.setattr(gig.attribution, "walk", flaky_walk)
     monkeypatch.setattr(gig.collect, "SHARD_IMAGES", 2)
     with pytest.raises(KeyboardInterrupt):
         pipe.attribute()

@@ -4,12 +4,14 @@ Gradients (Kim et al., "Decompose the model", arXiv 2409.01610).
 Stages (one module each): :mod:`gig.collect` (PFVs), :mod:`gig.erf` (effective receptive
 fields), :mod:`gig.concepts` (bisecting k-means), :mod:`gig.decompose` (Lasso),
 :mod:`gig.attribution` (GIG), :mod:`gig.graph` (causal concept graphs), orchestrated by
-:mod:`gig.pipeline` over a :mod:`gig.store` run directory.
+:mod:`gig.pipeline` over a :mod:`gig.store` run directory. A finished run: ``gig.open(RUN)``
+(:mod:`gig.session`: concepts, new images explained, graphs, ablations, labels, from a notebook).
 """
 
 __version__ = "0.2.0"
 
-__all__ = ["Config", "Pipeline", "GIG", "ModelHandle", "load_model", "wrap_module", "open_source", "__version__"]
+__all__ = ["Config", "Pipeline", "GIG", "ModelHandle", "load_model", "wrap_module", "open_source", "open", "Run",
+           "__version__"]
 
 _EXPORTS = {
     "Config": "gig.config",
@@ -19,7 +21,15 @@ _EXPORTS = {
     "load_model": "gig.models",
     "wrap_module": "gig.models",
     "open_source": "gig.images",
+    "Run": "gig.session",
 }
+
+
+def open(run_dir, model=None, source=None):  # noqa: A001 - gig.open(RUN), as the notebook API reads
+    """Open a finished run: a :class:`gig.session.Run` (concepts, explain, graph, ablate, label)."""
+    from .session import open_run
+
+    return open_run(run_dir, model=model, source=source)
 
 
 def __getattr__(name: str):

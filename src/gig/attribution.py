@@ -539,12 +539,11 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=N
     its output difference and completeness residual. Under torchrun each rank walks its share of
     the shards (:mod:`gig.distributed`) and rank 0 writes the summary.
     """
-    from tqdm.auto import tqdm
 
     from .collect import SHARD_IMAGES, iter_image_batches, load_images
     from .concepts import load_dictionary
     from .decompose import CodeReader
-    from .distributed import Ranks, sharded_stage
+    from .distributed import Ranks, ShardLoop, sharded_stage
     from .store import save_tensors
 
     ranks = ranks or Ranks()
@@ -562,23 +561,16 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=N
         summary["engine"] = {"folded_batchnorms": fast.folded_batchnorms,
                              "channels_last": fast.memory_format == torch.channels_last}
         gigs = {layer: gig_for(fast, layer, load_dictionary(store, layer), config) for layer in layers}
-        mine, _ = ranks.shards(records, SHARD_IMAGES)
-        bar = tqdm(total=sum(len(s) for _, s in mine), desc="attribute", unit="img",
-                   disable=not progress or not ranks.is_main)
-        for name, shard in mine:
-            if not store.shard_done("attribute", name):
-                parts: list[dict[str, torch.Tensor]] = []
-                for batch in iter_image_batches(source, shard, handle, config.batch_size, config.loader_workers):
-                    ids = [r.image_id for r in batch.records]
-                    parts.append(_walk(batch.pixels, ids, [target_of[i] for i in ids], layers, readers, gigs, config.top_k))
-                    bar.update(len(ids))
-                tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-                save_tensors(store.shard_path("attribute", name), tensors)
-                store.mark_shard("attribute", name, {"n_images": int(tensors["image_id"].numel())})
-            else:
-                bar.update(len(shard))
-        bar.close()
-        ranks.barrier()  # every rank's shards written
+        loop = ShardLoop(store, "attribute", ranks, records, SHARD_IMAGES, progress)
+        for name, shard in loop:
+            parts: list[dict[str, torch.Tensor]] = []
+            for batch in iter_image_batches(source, shard, handle, config.batch_size, config.loader_workers):
+                ids = [r.image_id for r in batch.records]
+                parts.append(walk(batch.pixels, ids, [target_of[i] for i in ids], layers, readers, gigs, config.top_k))
+                loop.bar.update(len(ids))
+            tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            save_tensors(store.shard_path("attribute", name), tensors)
+            store.mark_shard("attribute", name, {"n_images": int(tensors["image_id"].numel())})
         if not ranks.is_main:
             return
         data = load_attributions(store)
@@ -588,7 +580,8 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=N
         summary["accuracy"] = accuracy_summary(store, data)
 
 
-def _walk(pixels, ids, class_targets, layers, readers, gigs, top_k) -> dict[str, torch.Tensor]:
+def walk(pixels: torch.Tensor, ids: list[int], class_targets: list[int], layers: list[str], readers: dict, gigs: dict,
+         top_k: int) -> dict[str, torch.Tensor]:
     """One batch of images, top layer down.
 
     Importances are fractions of the image's class-logit change ``Δz``: at the top layer
@@ -649,7 +642,7 @@ def _converged(res: GIGResult) -> torch.Tensor:
 
 
 def load_attributions(store) -> dict[str, torch.Tensor]:
-    """All attribute shards concatenated: keys as in :func:`_walk`, first axis = images."""
+    """All attribute shards concatenated: keys as in :func:`walk`, first axis = images."""
     from .store import load_tensors
 
     paths = sorted((store.root / "attribute" / "shards").glob("*.safetensors"))

@@ -192,6 +192,43 @@ def graph_image(
 
 
 @app.command()
+def explain(
+    run_dir: Path = typer.Argument(..., help="A run whose attribute stage has finished."),
+    images: list[Path] = typer.Argument(..., help="Image file(s) to explain (need not be in the run)."),
+    target: Optional[int] = typer.Option(None, "--target", "-t",
+                                         help="Class to explain for every image (default: each image's prediction)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/explain)."),
+    single_file: bool = typer.Option(False, help="Inline every image and script into index.html."),
+    as_json: bool = typer.Option(False, "--json", help="Print explanations.json to stdout."),
+):
+    """Explain new images with the run's concepts: single-image graphs, localisation, one HTML page (DIR/index.html)."""
+    import json
+
+    from .explain import explain as explain_images
+    from .explain import write_explanations
+
+    out = out or run_dir / "explain"
+    try:
+        explanations = explain_images(run_dir, images, target=target)
+        index = write_explanations(run_dir, explanations, out, single_file=single_file)
+    except GigError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(json.loads((out / "explanations.json").read_text()), indent=1))
+        return
+    term = Console()
+    table = Table(title="explained")
+    for column in ("image", "predicted", "target", "p(target)", "top concepts (top layer)"):
+        table.add_column(column)
+    top_layer = explanations[0].graph["layers"][-1]
+    for e in explanations:
+        tops = ", ".join(f"#{q} {s:.2f}" for q, s in e.top_concepts(top_layer))
+        table.add_row(e.name, e.pred_name, e.target_name, f"{float(e.probabilities[e.target]):.3f}", tops)
+    term.print(table)
+    console.print(f"[green]explain[/green]: {index.resolve()}")
+
+
+@app.command()
 def concept(
     run_dir: Path = typer.Argument(...),
     layer: str = typer.Argument(..., help="Layer name."),

@@ -1,0 +1,238 @@
+"""Explain images that are not in a run with the run's concepts: ``gig explain RUN IMAGE...``.
+
+For each new image: its PFVs at every analysed layer are coded with the run's dictionaries and
+λ (:func:`gig.decompose.encoder_for`, the decompose stage's own coder), the top-down GIG walk of
+the attribute stage runs on it (:func:`gig.attribution.walk`, the same function), and its
+single-image graph is built by :func:`gig.graph.build_graph` from that walk. The target is the
+predicted class unless one is given ("why not *dog*?").
+
+Written to ``DIR``::
+
+    DIR/index.html            one offline page, the report's viewer: the images' graphs, their
+                              concepts' cards (top-1/top-10 exemplars from the run's atlas and
+                              the image's own ERF crop of the concept), localisation maps
+    DIR/image_I.json          the single-image graph (gig.graph/1, kind "image") of image I
+    DIR/image_I.svg, .png     its static figure (gig.visual.draw_graph)
+    DIR/explanations.json     per image: file, prediction, target, probabilities, graph file
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from .attribution import gig_for, walk
+from .concepts import load_dictionary
+from .decompose import encoder_for, load_fidelity
+from .erf import erf_crop, erf_maps
+from .errors import ConfigError, InputError
+from .graph import build_graph
+from .images import load_rgb
+from .store import RunStore, save_json
+from .visual import draw_graph
+
+#: The JSON shape of ``explanations.json``.
+SCHEMA = "gig.explain/1"
+
+
+@dataclass
+class Explanation:
+    """One image explained by a run's concepts.
+
+    ``walk``: the attribute stage's fields for this image (``LAYER/top (k,)``,
+    ``LAYER/importance (k,)``, ``LAYER/maps (k, H, W)``, ``LAYER/score (K,)``, GIG rows ...);
+    ``codes``: ``{layer: (H·W, K)}`` sparse codes of every position."""
+
+    name: str
+    image: Image.Image
+    pred: int
+    target: int
+    probabilities: torch.Tensor  # (classes,)
+    graph: dict
+    walk: dict[str, torch.Tensor]
+    codes: dict[str, torch.Tensor] = field(repr=False)
+    pred_name: str = ""
+    target_name: str = ""
+
+    def top_concepts(self, layer: str) -> list[tuple[int, float]]:
+        """``[(concept, share of the target logit's change), ...]`` of ``layer``, most important first."""
+        return list(zip(self.walk[f"{layer}/top"].tolist(), self.walk[f"{layer}/importance"].tolist()))
+
+
+class _MemoryCodes:
+    """The codes of the images being explained, in :class:`gig.decompose.CodeReader`'s shape."""
+
+    def __init__(self, codes: dict[int, torch.Tensor]):
+        self._codes = codes
+
+    def codes(self, image_id: int) -> torch.Tensor:
+        return self._codes[image_id]
+
+
+def _as_images(images: Sequence[str | Path | Image.Image]) -> list[tuple[str, Image.Image]]:
+    """``(name, RGB image)`` per input: files are read with :func:`gig.images.load_rgb` (errors
+    name the file); PIL images are taken as they are."""
+    if not images:
+        raise InputError("explain needs at least one image")
+    out = []
+    for i, item in enumerate(images):
+        if isinstance(item, Image.Image):
+            out.append((f"image {i}", item.convert("RGB")))
+        else:
+            out.append((str(item), load_rgb(item)))
+    return out
+
+
+def _targets(target: int | Sequence[int] | None, preds: torch.Tensor, n_classes: int) -> list[int]:
+    """One target class per image: the prediction, or the given class(es)."""
+    if target is None:
+        return preds.tolist()
+    targets = [int(target)] * len(preds) if isinstance(target, int) else [int(t) for t in target]
+    if len(targets) != len(preds):
+        raise ConfigError(f"target: {len(targets)} classes given for {len(preds)} images")
+    bad = [t for t in targets if not 0 <= t < n_classes]
+    if bad:
+        raise ConfigError(f"target: class(es) {bad} outside the model's 0..{n_classes - 1}")
+    return targets
+
+
+def encode_images(store: RunStore, handle, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits ``(N, classes)`` and the codes ``{layer: (N, H·W, K)}`` of ``pixels (N, 3, S, S)``
+    with the run's dictionaries and λ (the decompose stage's coder)."""
+    config = store.config
+    alphas = {layer: figures["alpha"] for layer, figures in load_fidelity(store).items()}
+    with torch.no_grad():
+        logits, grids = handle.capture(pixels.to(handle.device), config.layers)
+    codes = {}
+    for layer in config.layers:
+        grid = grids[layer]
+        n, c, h, w = grid.shape
+        encoder = encoder_for(config, load_dictionary(store, layer), alphas[layer], handle.device)
+        codes[layer] = encoder.encode(grid.permute(0, 2, 3, 1).reshape(-1, c)).reshape(n, h * w, -1).cpu()
+    return logits.cpu(), codes
+
+
+def explain(run_dir: str | Path | RunStore, images: Sequence[str | Path | Image.Image],
+            target: int | Sequence[int] | None = None, model=None, class_names: list[str] | None = None,
+            handle=None) -> list[Explanation]:
+    """Explain ``images`` (files or PIL images, not necessarily of the run) with the run's
+    concepts: codes, the GIG walk and the single-image graph of each (see the module docstring).
+
+    ``target``: a class for every image, one class per image, or ``None`` for each image's
+    predicted class. ``model``: a :class:`gig.models.ModelBundle` when the run was made from
+    Python with a user model; by default the run's configured model is loaded. Images are
+    processed ``batch_size`` (the run's) at a time."""
+    from .report.sections import ModelAccess, class_namer
+
+    store = run_dir if isinstance(run_dir, RunStore) else RunStore.open(run_dir)
+    store.require("attribute")
+    access = ModelAccess(store, model)
+    handle = handle or access.handle
+    loaded = _as_images(images)
+    layers = list(store.config.layers)
+    fast = handle.for_gradients(layers)
+    gigs = {layer: gig_for(fast, layer, load_dictionary(store, layer), store.config) for layer in layers}
+    names = list(class_names) if class_names is not None else list(access.bundle.class_names)
+    class_name = class_namer(names)
+    targets_given = [target] * len(loaded) if target is None or isinstance(target, int) else list(target)
+    if len(targets_given) != len(loaded):
+        raise ConfigError(f"target: {len(targets_given)} classes given for {len(loaded)} images")
+    out: list[Explanation] = []
+    step = store.config.batch_size
+    for start in range(0, len(loaded), step):
+        batch = loaded[start : start + step]
+        pixels = access.bundle.preprocess_batch([im for _, im in batch])
+        logits, codes = encode_images(store, handle, pixels)
+        given = targets_given[start : start + step]
+        targets = _targets(None if given[0] is None else given, logits.argmax(1), logits.shape[1])
+        ids = [start + i for i in range(len(batch))]  # image ids of the explanation: 0, 1, ... over all images
+        readers = {layer: _MemoryCodes({image_id: codes[layer][i] for i, image_id in enumerate(ids)}) for layer in layers}
+        data = walk(pixels, ids, targets, layers, readers, gigs, store.config.top_k)
+        for i, (name, image) in enumerate(batch):
+            graph = build_graph(store, "image", image_id=ids[i], data=data, targets=dict(zip(ids, targets)),
+                                class_names=names)
+            pred = int(logits[i].argmax())
+            out.append(Explanation(name, image, pred, targets[i], logits[i].softmax(0), graph,
+                                   {k: v[i] for k, v in data.items()}, {layer: codes[layer][i] for layer in layers},
+                                   class_name(pred), class_name(targets[i])))
+    return out
+
+
+def own_erf_crops(handle, bundle, explanation: Explanation, pixels: torch.Tensor, layers: list[str],
+                  size: int = 96) -> dict[str, Image.Image]:
+    """``{"LAYER:q": crop}``: for each top concept of each layer, the image's own ERF crop at the
+    position where the concept's GIG map peaks (where it adds most to the target), else where
+    its coefficient is largest."""
+    view = bundle.display_image(explanation.image)
+    crops = {}
+    for layer in layers:
+        maps = explanation.walk[f"{layer}/maps"]  # (k, H, W)
+        k, h, w = maps.shape
+        codes = explanation.codes[layer]
+        positions = []
+        for j, q in enumerate(explanation.walk[f"{layer}/top"].tolist()):
+            score = maps[j].flatten() if float(maps[j].max()) > 0 else codes[:, q].abs()
+            p = int(score.argmax())
+            positions.append((p // w, p % w))
+        erfs = erf_maps(handle, pixels.expand(k, -1, -1, -1), layer, torch.tensor(positions))
+        for j, q in enumerate(explanation.walk[f"{layer}/top"].tolist()):
+            crops[f"{layer}:{q}"] = erf_crop(view, erfs[j].numpy(), size=size)
+    return crops
+
+
+def write_explanations(run_dir: str | Path, explanations: list[Explanation], out: str | Path,
+                       model=None, class_names: list[str] | None = None, heatmap_size: int = 160,
+                       exemplars: int = 10, single_file: bool = False,
+                       log: Callable[[str], None] = lambda msg: None) -> Path:
+    """Write ``explanations`` to ``out`` (see the module docstring); returns ``index.html``."""
+    from .report import sections as sec
+    from .report.viewer import write_viewer
+
+    store = RunStore.open(run_dir)
+    out = Path(out)
+    access = sec.ModelAccess(store, model)
+    names = list(class_names) if class_names is not None else list(access.bundle.class_names)
+    graphs = [sec.graph_entry(f"image:{i}", "image", [e.target], f"{Path(e.name).name} → {e.target_name or e.target}"
+                              + ("" if e.target == e.pred else f" (predicted: {e.pred_name or e.pred})"), e.graph,
+                              image_id=i) for i, e in enumerate(explanations)]
+    out.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for i, e in enumerate(explanations):
+        save_json(out / f"image_{i}.json", e.graph)
+        summary.append({"index": i, "file": e.name, "pred": e.pred, "pred_name": e.pred_name, "target": e.target,
+                        "target_name": e.target_name, "target_prob": float(e.probabilities[e.target]),
+                        "pred_prob": float(e.probabilities[e.pred]), "graph": f"image_{i}.json"})
+    save_json(out / "explanations.json", {"schema": SCHEMA, "run": str(store.root), "images": summary})
+
+    def panels(concepts: dict, assets) -> dict:
+        """Own ERF crops, localisation panels and static figures of every explained image."""
+        out_panels = {}
+        for i, e in enumerate(explanations):
+            pixels = access.bundle.preprocess(e.image)[None]
+            crops = own_erf_crops(access.handle, access.bundle, e, pixels, list(store.config.layers))
+            erf_urls = {node: assets.add_image(f"img/own/{i}/{sec.slug(node)}.jpg", c) for node, c in crops.items()}
+            entry = {"id": i, "path": e.name, "label": None, "label_name": None, "pred": e.pred, "target": e.target,
+                     "target_prob": float(e.probabilities[e.target])}
+            out_panels[str(i)] = sec.localisation_panel(entry, access.bundle.display_image(e.image),
+                                                        list(store.config.layers), e.walk, e.codes, concepts, assets,
+                                                        heatmap_size, erf_urls)
+            thumbs = {n: _png(out / "img" / "own" / str(i), n, c) for n, c in crops.items()}
+            draw_graph(e.graph, out / f"image_{i}", thumbs)
+        return out_panels
+
+    return write_viewer(store, access, graphs, out, names, panels, single_file, exemplars, "explain",
+                        len(explanations), log)
+
+
+def _png(folder: Path, node: str, crop: Image.Image) -> Path:
+    """A crop saved as PNG for the static figure's thumbnails."""
+    from .report.page import slug
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{slug(node)}.png"
+    crop.save(path)
+    return path
