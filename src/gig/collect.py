@@ -14,10 +14,9 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .config import Config, resolve_samples_per_image
-from .distributed import Ranks, sharded_stage
+from .distributed import Ranks, ShardLoop, sharded_stage
 from .errors import ConfigError, InputError
 from .hooks import ModelHandle
 from .images import ImageRecord, ImageSource, skip_reason, used_records
@@ -130,18 +129,11 @@ def collect(store: RunStore, handle: ModelHandle, source: ImageSource, progress:
                  for layer, (c, h, w) in shapes.items()}
     with sharded_stage(store, "collect", ranks) as summary:
         summary["samples_per_image"] = per_image
-        mine, n_shards = ranks.shards(records, SHARD_IMAGES)
-        bar = tqdm(total=sum(len(s) for _, s in mine), desc="collect", unit="img",
-                   disable=not progress or not ranks.is_main)
-        for name, shard_records in mine:
-            if store.shard_done("collect", name):
-                bar.update(len(shard_records))
-                continue
-            _collect_shard(store, handle, source, shard_records, name, bar, per_image)
-        bar.close()
-        ranks.barrier()  # every rank's shards written
+        loop = ShardLoop(store, "collect", ranks, records, SHARD_IMAGES, progress)
+        for name, shard_records in loop:
+            _collect_shard(store, handle, source, shard_records, name, loop.bar, per_image)
         if ranks.is_main:
-            _merge(store, n_shards, summary)
+            _merge(store, loop.n_shards, summary)
 
 
 def _require_finite(logits: torch.Tensor, grids: dict[str, torch.Tensor], records) -> None:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .collect import SHARD_IMAGES, iter_image_batches, load_images
 from .concepts import load_dictionary
 from .config import Config
-from .distributed import Ranks, sharded_stage
+from .distributed import Ranks, ShardLoop, sharded_stage
 from .errors import RunMismatchError
 from .hooks import ModelHandle
 from .images import ImageSource
@@ -277,21 +277,15 @@ def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progres
         summary["alpha"] = {layer: enc.alpha for layer, enc in encoders.items()}
         summary["rule_met"] = {layer: fronts[layer]["met"] for layer in config.layers}
         summary["solver"] = {layer: enc.solver_ for layer, enc in encoders.items()}
-        mine, n_shards = ranks.shards(range(len(records)), SHARD_IMAGES)
-        bar = tqdm(total=sum(len(r) for _, r in mine), desc="decompose", unit="img",
-                   disable=not progress or not ranks.is_main)
-        for name, rows in mine:
-            if not store.shard_done("decompose", name):
-                _decompose_shard(store, handle, source, [records[r] for r in rows], preds[rows], encoders, name)
-            bar.update(len(rows))
-        bar.close()
-        ranks.barrier()  # every rank's shards written
+        loop = ShardLoop(store, "decompose", ranks, range(len(records)), SHARD_IMAGES, progress)
+        for name, rows in loop:
+            _decompose_shard(store, handle, source, [records[r] for r in rows], preds[rows], encoders, name)
         if not ranks.is_main:
             return
         # Fidelity figures: summed over shards, so a resumed run reports the same numbers.
         figures = {}
         for layer in config.layers:
-            meter = FidelityMeter.merge([store.shard_info("decompose", f"{i:05d}")[layer] for i in range(n_shards)])
+            meter = FidelityMeter.merge([store.shard_info("decompose", f"{i:05d}")[layer] for i in range(loop.n_shards)])
             figures[layer] = {**meter.result(), "K": int(encoders[layer].V.shape[0]), "alpha": encoders[layer].alpha}
         save_json(out / "fidelity.json", figures)
         summary["fidelity"] = figures

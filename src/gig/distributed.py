@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Generic, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -92,3 +92,38 @@ def sharded_stage(store, stage: str, ranks: Ranks) -> Iterator[dict[str, Any]]:
         ranks.barrier()
         yield {}
     ranks.barrier()
+
+
+class ShardLoop(Generic[T]):
+    """The sharded stage loop, written once for collect, decompose and attribute: this rank's
+    shards of ``items`` (:meth:`Ranks.shards`), skipping those already marked done (a resumed
+    stage), with one progress bar (rank 0's) advanced by finished shards; after the last shard
+    every rank waits at the barrier, so rank 0 can merge.
+
+    >>> loop = ShardLoop(store, "decompose", ranks, records, SHARD_IMAGES, progress)  # doctest: +SKIP
+    >>> for name, shard in loop:                    # compute and write shard ``name``, then
+    ...     store.mark_shard("decompose", name)      # mark it (the body owns its artefacts)
+    >>> loop.n_shards                               # shards of the whole stage (all ranks)
+
+    The body may advance :attr:`bar` itself within a shard (per batch); whatever it did not
+    count is counted when the shard ends."""
+
+    def __init__(self, store, stage: str, ranks: Ranks, items: Sequence[T], size: int, progress: bool,
+                 unit: str = "img"):
+        from tqdm.auto import tqdm
+
+        self.store, self.stage, self.ranks = store, stage, ranks
+        self.mine, self.n_shards = ranks.shards(items, size)
+        self.bar = tqdm(total=sum(len(s) for _, s in self.mine), desc=stage, unit=unit,
+                        disable=not progress or not ranks.is_main)
+
+    def __iter__(self) -> Iterator[tuple[str, list[T]]]:
+        for name, shard in self.mine:
+            if self.store.shard_done(self.stage, name):
+                self.bar.update(len(shard))
+                continue
+            before = self.bar.n
+            yield name, shard
+            self.bar.update(max(0, len(shard) - (self.bar.n - before)))
+        self.bar.close()
+        self.ranks.barrier()  # every rank's shards written
