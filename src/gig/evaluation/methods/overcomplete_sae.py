@@ -1,0 +1,119 @@
+"""``sae-overcomplete``: the TopK SAE of Overcomplete (PyPI ``overcomplete``, Fel et al.'s vision
+dictionary-learning toolbox; ``pip install 'gig[overcomplete]'``), trained by its own loop.
+
+Same protocol as the hand-written ``sae`` (:mod:`.sae`), so the two compare one to one: the same
+latents ``K``, active latents ``k``, PFVs scaled by their mean norm ``s``, Adam at the same rate
+and batch size for the same number of steps (rounded up to whole epochs), MSE loss. Overcomplete's
+own choices stay: a linear encoder with bias and ReLU, a dictionary renormalised to unit rows at
+every step, Xavier initialisation, gradient clipping at 1, no decoder bias (so the zero code is
+the zero layer output, as the protocol needs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import time
+from typing import Any
+
+import torch
+
+from ...errors import InputError
+from ..bases import ConceptBasis, LayerContext, register_basis
+
+
+def _overcomplete_sae():
+    """Overcomplete's ``TopKSAE`` and ``train_sae``. Overcomplete 0.3.0 imports its plotting
+    helpers with ``matplotlib.cm.get_cmap``, removed in matplotlib 3.9: the alias is restored
+    first (same function, ``matplotlib.colormaps.get_cmap``)."""
+    import matplotlib
+    import matplotlib.cm
+
+    if not hasattr(matplotlib.cm, "get_cmap"):
+        matplotlib.cm.get_cmap = matplotlib.colormaps.get_cmap
+    from overcomplete.sae import TopKSAE, train_sae
+
+    return TopKSAE, train_sae
+
+
+def _mse(x, x_hat, *_):
+    """Overcomplete's loss signature ``(x, x_hat, pre_codes, codes, dictionary)``: plain MSE (TopK
+    sets the sparsity, no penalty)."""
+    return (x - x_hat).square().mean()
+
+
+@register_basis
+class OvercompleteTopKSAE(ConceptBasis):
+    """Overcomplete ``TopKSAE(C, K, top_k=k)`` on PFVs scaled by ``1/s``; codes ``z·s (N, K)``,
+    ``components_`` its unit-norm dictionary ``(K, C)``."""
+
+    name = "sae-overcomplete"
+    uses = ("seed", "sae_k", "sae_steps")
+
+    def __init__(self, n_components: int, k: int, seed: int = 0, steps: int = 1500, batch_size: int = 256,
+                 lr: float = 2e-3):
+        self.n_components = n_components
+        self.k = k
+        self.seed = seed
+        self.steps = steps
+        self.batch_size = batch_size
+        self.lr = lr
+
+    @classmethod
+    def problem(cls) -> str | None:
+        if importlib.util.find_spec("overcomplete") is None:
+            return "sae-overcomplete needs the optional package overcomplete: pip install 'gig[overcomplete]'"
+        return None
+
+    @classmethod
+    def for_layer(cls, ctx: LayerContext) -> "OvercompleteTopKSAE":
+        k = ctx.settings.sae_k if ctx.settings.sae_k is not None else ctx.run_active_per_pfv
+        return cls(ctx.K, max(1, k), ctx.settings.seed, ctx.settings.sae_steps)
+
+    def _model(self, channels: int):
+        TopKSAE, _ = _overcomplete_sae()
+        return TopKSAE(channels, nb_concepts=self.n_components, top_k=max(1, min(self.k, self.n_components)))
+
+    def fit(self, X: torch.Tensor) -> "OvercompleteTopKSAE":
+        if self.problem():
+            raise InputError(self.problem())
+        _, train = _overcomplete_sae()
+        t0 = time.perf_counter()
+        X = X.float()
+        self.scale_ = float(X.norm(dim=1).mean().clamp_min(1e-12))
+        batch = min(self.batch_size, X.shape[0])
+        epochs = max(1, math.ceil(self.steps * batch / X.shape[0]))
+        with torch.random.fork_rng():  # Overcomplete initialises from the global generator: seed it, leave it
+            torch.manual_seed(self.seed)
+            self.model_ = self._model(X.shape[1])
+            loader = torch.utils.data.DataLoader(X / self.scale_, batch_size=batch, shuffle=True,
+                                                 generator=torch.Generator().manual_seed(self.seed))
+            opt = torch.optim.Adam(self.model_.parameters(), lr=self.lr)
+            train(self.model_, loader, _mse, opt, nb_epochs=epochs, monitoring=0)  # 0: no printing
+        self._finish()
+        Z = self.transform(X)
+        active = (Z != 0).float().mean(0)
+        self.info_ = {"kind": "Overcomplete TopKSAE (train_sae)", "epochs": epochs, "steps": epochs * len(loader),
+                      "lr": self.lr, "batch_size": batch, "k": self.model_.top_k, "scale": self.scale_,
+                      "train_rel_error": float((Z @ self.components_ - X).norm() / X.norm()),
+                      "dead_fraction": float((active == 0).float().mean()), "dense_latents": int((active > 0.5).sum()),
+                      "fit_seconds": round(time.perf_counter() - t0, 2)}
+        return self
+
+    def _finish(self) -> None:
+        self.model_.eval()  # fuses the (normalised) dictionary
+        self.components_ = self.model_.get_dictionary().detach().clone()
+
+    def transform(self, X: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            chunks = [self.model_.encode(X[s : s + 8192].float() / self.scale_)[1] for s in range(0, X.shape[0], 8192)]
+        return torch.cat(chunks) * self.scale_ if chunks else X.new_zeros(0, self.n_components)
+
+    def _learned(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return dict(self.model_.state_dict()), {"scale": self.scale_}
+
+    def _restore(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        self.scale_ = float(values["scale"])
+        self.model_ = self._model(tensors["dictionary._weights"].shape[1])
+        self.model_.load_state_dict(tensors)
+        self._finish()
