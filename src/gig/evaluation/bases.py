@@ -38,6 +38,7 @@ from ..store import load_json, load_tensors, save_json, save_tensors
 if TYPE_CHECKING:
     from ..config import Config
     from ..lasso import LassoEncoder
+    from .methods.ours import RunDictionary
     from .settings import EvaluationSettings
 
 FORMAT = 1
@@ -280,7 +281,7 @@ class LayerContext:
 
     layer: str
     samples: torch.Tensor
-    run_basis: Any  # methods.ours.RunDictionary
+    run_basis: "RunDictionary"
     config: "Config"
     settings: "EvaluationSettings"
     spec: str = ""
@@ -303,6 +304,11 @@ class LayerContext:
     def run_active_per_pfv(self) -> int:
         """The run's mean number of active concepts per sampled PFV, rounded (at least 1)."""
         return max(1, int(round(float((self.run_codes != 0).sum(1).float().mean()))))
+
+    @property
+    def sae_k(self) -> int:
+        """Active latents of an SAE: ``settings.sae_k``, else the run's own sparsity."""
+        return self.settings.sae_k if self.settings.sae_k is not None else self.run_active_per_pfv
 
     def make_encoder(self, V: torch.Tensor, alpha: float) -> "LassoEncoder":
         """The run's Lasso coder on other atoms ``V (K', C)`` at ``λ = alpha``."""

@@ -20,6 +20,7 @@ import torch
 
 from ...errors import InputError
 from ..bases import ConceptBasis, LayerContext, register_basis
+from .sae import code_figures
 
 
 def _overcomplete_sae():
@@ -67,8 +68,7 @@ class OvercompleteTopKSAE(ConceptBasis):
 
     @classmethod
     def for_layer(cls, ctx: LayerContext) -> "OvercompleteTopKSAE":
-        k = ctx.settings.sae_k if ctx.settings.sae_k is not None else ctx.run_active_per_pfv
-        return cls(ctx.K, max(1, k), ctx.settings.seed, ctx.settings.sae_steps)
+        return cls(ctx.K, ctx.sae_k, ctx.settings.seed, ctx.settings.sae_steps)
 
     def _model(self, channels: int):
         TopKSAE, _ = _overcomplete_sae()
@@ -91,12 +91,9 @@ class OvercompleteTopKSAE(ConceptBasis):
             opt = torch.optim.Adam(self.model_.parameters(), lr=self.lr)
             train(self.model_, loader, _mse, opt, nb_epochs=epochs, monitoring=0)  # 0: no printing
         self._finish()
-        Z = self.transform(X)
-        active = (Z != 0).float().mean(0)
         self.info_ = {"kind": "Overcomplete TopKSAE (train_sae)", "epochs": epochs, "steps": epochs * len(loader),
                       "lr": self.lr, "batch_size": batch, "k": self.model_.top_k, "scale": self.scale_,
-                      "train_rel_error": float((Z @ self.components_ - X).norm() / X.norm()),
-                      "dead_fraction": float((active == 0).float().mean()), "dense_latents": int((active > 0.5).sum()),
+                      **code_figures(self.transform(X), self.components_, X),
                       "fit_seconds": round(time.perf_counter() - t0, 2)}
         return self
 

@@ -63,15 +63,14 @@ def _initialised(X: torch.Tensor, K: int, k: int, g: torch.Generator) -> TopKSAE
     return sae
 
 
-def _fit_figures(sae: TopKSAE, X: torch.Tensor) -> dict[str, Any]:
-    """Training relative error, dead latents and always-on (dense) latents on ``X (N, C)``."""
-    with torch.no_grad():
-        Z = sae.encode(X)
-        active = (Z != 0).float().mean(0)
-        return {"train_rel_error": float((Z @ sae.W_dec - X).norm() / X.norm()),
-                "dead_fraction": float((active == 0).float().mean()),
-                # always-on latents: a dense basis inside the sparse code
-                "dense_latents": int((active > 0.5).sum())}
+def code_figures(Z: torch.Tensor, V: torch.Tensor, X: torch.Tensor) -> dict[str, Any]:
+    """Relative error of ``Z (N, K) @ V (K, C)`` against ``X (N, C)``, the share of dead latents
+    and the number of always-on (dense) ones: an SAE's training figures."""
+    active = (Z != 0).float().mean(0)
+    return {"train_rel_error": float((Z @ V - X).norm() / X.norm()),
+            "dead_fraction": float((active == 0).float().mean()),
+            # always-on latents: a dense basis inside the sparse code
+            "dense_latents": int((active > 0.5).sum())}
 
 
 def train_sae(X: torch.Tensor, K: int, k: int, seed: int = 0, steps: int = 1500, batch_size: int = 256,
@@ -100,8 +99,10 @@ def train_sae(X: torch.Tensor, K: int, k: int, seed: int = 0, steps: int = 1500,
         sae.normalise_decoder()
         if step % 100 == 0 or step == steps - 1:
             losses.append(float(loss.detach()))
+    with torch.no_grad():
+        figures = code_figures(sae.encode(X), sae.W_dec, X)
     return sae, {"steps": steps, "lr": lr, "batch_size": batch_size, "k": sae.k, "scale": sae.scale,
-                 "final_loss": losses[-1], **_fit_figures(sae, X), "fit_seconds": round(time.perf_counter() - t0, 2)}
+                 "final_loss": losses[-1], **figures, "fit_seconds": round(time.perf_counter() - t0, 2)}
 
 
 @register_basis
@@ -122,9 +123,7 @@ class TopKSAEBasis(ConceptBasis):
 
     @classmethod
     def for_layer(cls, ctx: LayerContext) -> "TopKSAEBasis":
-        # k: the run's own sparsity (mean active concepts per sampled PFV) unless set
-        k = ctx.settings.sae_k if ctx.settings.sae_k is not None else ctx.run_active_per_pfv
-        return cls(ctx.K, max(1, k), ctx.settings.seed, ctx.settings.sae_steps)
+        return cls(ctx.K, ctx.sae_k, ctx.settings.seed, ctx.settings.sae_steps)
 
     def fit(self, X: torch.Tensor) -> "TopKSAEBasis":
         self.sae_, info = train_sae(X, self.n_components, self.k, self.seed, self.steps, self.batch_size, self.lr)
