@@ -591,8 +591,8 @@ def transition_summary(measures: list[dict], n_random: int = 20, seed: int = 0) 
     edges; ``random``: the same with GIG permuted within each group, mean ± sd over ``n_random``
     seeds; ``sign_agreement`` of GIG and drop (pairs with a non-zero GIG); ``top5_overlap``;
     ``completeness``: the stored ``|Σ_q GIG_t[q] − Δg_t| / |Δg_t|`` (median), the same ``Δg_t``
-    measured again now by ablating every concept (median relative difference: the run's codes
-    and model reproduce the stored walk), and the median of ``Σ drop / Σ GIG`` over the tested
+    measured again now by ablating every concept (median and max relative difference: the run's
+    codes and model reproduce the stored walk), and the median of ``Σ drop / Σ GIG`` over the tested
     concepts (1 where ablations add up as GIG does)."""
     groups = _groups(measures)
     real = _correlations(groups)
@@ -618,6 +618,7 @@ def transition_summary(measures: list[dict], n_random: int = 20, seed: int = 0) 
         "top5_overlap": _top_overlap(groups),
         "top5_overlap_random": _top_overlap(groups, rng=np.random.default_rng([seed, 10**6])),
         "completeness": {"stored_residual_median": rel(gig_sum - delta), "delta_check_median": rel(check - delta),
+                         "delta_check_max": float((check - delta).abs().div(delta.abs().clamp_min(1e-8)).max()),
                          "ablation_sum_ratio_median": float(np.median(sums)) if sums else None},
     }
 
