@@ -204,3 +204,36 @@ def test_user_basis_from_the_command_line(tiny_run, tmp_path, monkeypatch):
     assert "vs_ours" in b1 and b1["auc_diff"]["n"] == 2
     bad = CliRunner().invoke(app, ["evaluate", str(tiny_run), "-m", "nmff", "--out", str(out)])
     assert bad.exit_code == 2 and "nmff" in bad.output
+
+
+def test_fitted_bases_are_reused_until_their_settings_change(tiny_run, tmp_path, monkeypatch):
+    from gig.evaluation import evaluate_run
+    from gig.evaluation.parts import resumable_parts
+
+    out = tmp_path / "ev"
+    base = dict(extraction_images=2, interlayer_images=0, methods=["kmeans", "sae"], sae_steps=20, plots=False)
+    first = evaluate_run(tiny_run, EvaluationSettings(**base, sae_k=2), model=_tiny_bundle(), out=out, progress=False)
+
+    def refuse(self, X):
+        raise AssertionError(f"{self.name} refitted")
+
+    monkeypatch.setattr(KMeansBasis, "fit", refuse)
+    again = evaluate_run(tiny_run, EvaluationSettings(**base, sae_k=2), model=_tiny_bundle(), out=out, progress=False)
+    assert again["summary"] == first["summary"]  # bases and parts reused
+    # sae_k is a setting the SAE uses: it alone is fitted again (k-means would raise)
+    other = evaluate_run(tiny_run, EvaluationSettings(**base, sae_k=3), model=_tiny_bundle(), out=out, progress=False)
+    assert other["extraction"]["layers"]["block1"]["sae"]["basis"]["k"] == 3
+    assert other["extraction"]["layers"]["block1"]["kmeans"]["per_image"] == \
+        first["extraction"]["layers"]["block1"]["kmeans"]["per_image"]
+    # the chunk loop: saved parts whose image ids match are loaded, not computed
+    infos = [{"image_id": i} for i in range(5)]
+    computed: list[list[int]] = []
+
+    def compute(chunk):
+        computed.append([i["image_id"] for i in chunk])
+        return {"image_id": [i["image_id"] for i in chunk]}
+
+    resumable_parts(tmp_path / "p", "x", infos, 2, compute, lambda chunk: None)
+    resumable_parts(tmp_path / "p", "x", infos, 2, compute, lambda chunk: None)
+    resumable_parts(tmp_path / "p", "x", infos[1:], 2, compute, lambda chunk: None)  # other ids: recomputed
+    assert computed == [[0, 1], [2, 3], [4], [1, 2], [3, 4]]

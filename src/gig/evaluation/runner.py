@@ -96,9 +96,11 @@ def layer_bases(view: RunView, layer: str) -> dict[str, ConceptBasis]:
     run_basis = view.run_bases[layer]
     needs_samples = any(not basis_class(m).from_run for m in plan.methods)
     samples = load_samples(view.store, layer)["pfv"].float() if needs_samples else torch.zeros(0)
+    # one context for the layer, so the run's codes of the samples are computed once for all methods
+    ctx = LayerContext(layer, samples, run_basis, view.config, plan.settings)
     out = {}
     for spec in plan.methods:
-        ctx = LayerContext(layer, samples, run_basis, view.config, plan.settings, spec)
+        ctx.spec = spec
         out[method_label(spec)] = fitted_basis(ctx, view.out / "bases" / layer, plan.run_hash)
     return out
 
@@ -114,7 +116,8 @@ def fitted_basis(ctx: LayerContext, folder: Path, run_hash: str) -> ConceptBasis
                  "uses": {f: getattr(ctx.settings, f) for f in klass.uses},
                  "calibration_size": ctx.config.calibration_size, "files": klass.fingerprint(ctx.spec)})
     path = folder / (method_label(ctx.spec).replace(":", "-") + ".safetensors")
-    if path.is_file() and load_json(path.with_suffix(".json")).get("fit_key") == key:
+    meta = path.with_suffix(".json")  # written after the tensors: its presence means a complete save
+    if meta.is_file() and path.is_file() and load_json(meta).get("fit_key") == key:
         return klass.load(path)
     basis = klass.for_layer(ctx).fit(ctx.samples)
     basis.info_["n_fit_samples"] = int(ctx.samples.shape[0])
