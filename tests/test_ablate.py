@@ -11,7 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from gig.ablate import (AblationResult, ablate, ablate_codes, ablation_correlation, ablation_path, correlation_path,
-                        encode_pixels, grid_shape, open_run, run_codes, spearman)
+                        grid_shape, open_run, run_codes, spearman)
+from gig.decompose import encode_pixels
 from gig.config import Config
 from gig.errors import ConfigError
 from gig.models import wrap_module
@@ -123,7 +124,7 @@ def test_photos_are_coded_like_run_images(run, ctx, tmp_path):
     pixels = ctx.photo_pixels([photo])
     torch.testing.assert_close(pixels, ctx.run_pixels([2]), atol=2e-2, rtol=0)  # PNG round trip of the photo
     store = RunStore.open(run)
-    codes = encode_pixels(store, ctx.handle, "block1", ctx.run_pixels([2]))
+    codes = encode_pixels(store, ctx.handle, ctx.run_pixels([2]), ["block1"])[1]["block1"]
     torch.testing.assert_close(codes, run_codes(store, "block1", [2]), atol=1e-3, rtol=1e-3)
     result = ablate(ctx, "block1", [1], images=[photo])
     assert result.source == "photos" and result.image_ids == [None] and "_photos-" in result.path.name

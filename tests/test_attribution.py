@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from gig.attribution import GIG, concept_readout, gig_maps, quadrature
+from gig.attribution import GIG, gig_maps, quadrature
+from gig.readouts import concept_readout
 from gig.hooks import ModelHandle
 from gig.models import wrap_module
 from gig.readouts import ClassLogit, ClassProbability, ConceptReadout

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from gig.attribution import GIG, concept_readout
+from gig.attribution import GIG
+from gig.readouts import concept_readout
 from gig.config import Config
 from gig.evaluation import (EvaluationSettings, auc, class_probability, concept_value_readout, deletion_insertion,
                             evaluate_run, grad_x_coef, rank_by_gig, reconstruction_figures, spread, step_counts,

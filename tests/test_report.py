@@ -332,3 +332,29 @@ def test_browser_single_file_report(browser, single_file_report) -> None:
         assert p.errors == []
     finally:
         p.page.close()
+
+
+def test_ablation_section_shows_saved_ablations_beside_their_gig_share(tiny_run, tmp_path) -> None:
+    import shutil
+
+    import torch
+
+    from gig.ablate import ablate
+    from gig.attribution import load_attributions
+    from gig.report.metrics import ablation_section
+    from gig.store import RunStore
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    store = RunStore.open(run)
+    assert ablation_section(store, {}) is None  # nothing saved yet
+    result = ablate(store, LAYERS[-1], [0, 2], image_ids=[0, 1, 2], model=tiny_run["bundle"])
+    data = load_attributions(store)
+    importance = {layer: data[f"{layer}/score"].mean(0) for layer in LAYERS}
+    section = ablation_section(store, importance)
+    (row,) = section["results"]
+    rows = torch.arange(3)
+    assert row["concepts"] == [0, 2] and row["n_images"] == 3
+    assert row["delta_prob"] == pytest.approx(float(result.delta_probs[rows, result.targets].mean()), abs=1e-6)
+    assert row["gig_share"] == pytest.approx(float(importance[LAYERS[-1]][0] + importance[LAYERS[-1]][2]), abs=1e-6)
+    assert section["correlation"] == []

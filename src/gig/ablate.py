@@ -11,7 +11,7 @@ dictionary ``V (K, C)``). *Ablating* a set ``S`` of concepts zeroes their coeffi
   (``max_p ⟨x_p, v_r⟩ / ‖v_r‖``), the targets GIG attributes between layers.
 
 :func:`ablate` does this for a run's images (their stored codes) or for new photos (coded with
-the run's dictionary and λ, :func:`encode_pixels`) and writes
+the run's dictionary and λ, :func:`gig.decompose.encode_pixels`) and writes
 ``RUN/graph/ablation/LAYER_c1-c2.json`` (schema ``gig.ablation/1``, :meth:`AblationResult.to_dict`).
 
 :func:`ablation_correlation` asks whether GIG's predictions are causal: for every transition
@@ -37,7 +37,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import ConfigError, InputError, RunMismatchError
+from .access import RunAccess, as_store
+from .decompose import encode_pixels
+from .errors import ConfigError, InputError
 from .hooks import ModelHandle
 from .labels import check_concepts, check_layer
 from .readouts import ConceptReadout
@@ -48,82 +50,11 @@ CORRELATION_SCHEMA = "gig.ablation-correlation/1"
 
 
 # ---------------------------------------------------------------------------- the run
-@dataclass
-class RunContext:
-    """A run opened read-only with its model: nothing is written into the run by opening it
-    (unlike :class:`gig.pipeline.Pipeline`, which records its config and inputs)."""
-
-    store: RunStore
-    handle: ModelHandle
-    class_names: list[str]
-    _source: object = None
-    _records: dict = field(default_factory=dict)
-    _dictionaries: dict = field(default_factory=dict)
-
-    def dictionary(self, layer: str) -> torch.Tensor:
-        """``V (K, C)`` of ``layer`` (read once)."""
-        from .concepts import load_dictionary
-
-        if layer not in self._dictionaries:
-            self._dictionaries[layer] = load_dictionary(self.store, layer)
-        return self._dictionaries[layer]
-
-    def class_name(self, index: int) -> str:
-        return self.class_names[index] if 0 <= index < len(self.class_names) else f"class {index}"
-
-    def images(self) -> dict[int, dict]:
-        """``{image_id: images.json entry}`` of the run."""
-        from .collect import load_images
-
-        return {i["image_id"]: i for i in load_images(self.store)["images"]}
-
-    def run_pixels(self, image_ids: Sequence[int]) -> torch.Tensor:
-        """Preprocessed pixels ``(N, 3, S, S)`` of run images, read from the run's image source."""
-        from .collect import iter_image_batches
-        from .images import open_source
-
-        if self._source is None:
-            bundle = self.handle.bundle
-            class_index = bundle.class_index if bundle.class_names else None
-            self._source = open_source(self.store.config.images, class_index=class_index)
-            self._records = {r.image_id: r for r in self._source.records}
-        missing = [i for i in image_ids if i not in self._records]
-        if missing:
-            raise RunMismatchError(f"image id(s) {missing[:5]} are not in the run's image source "
-                                   f"{self.store.config.images}")
-        records = [self._records[i] for i in image_ids]
-        batches = list(iter_image_batches(self._source, records, self.handle, max(len(records), 1)))
-        got = [r.image_id for b in batches for r in b.records]
-        if got != list(image_ids):
-            raise InputError(f"could not read run image(s) {sorted(set(image_ids) - set(got))[:5]}")
-        return torch.cat([b.pixels for b in batches])
-
-    def photo_pixels(self, paths: Sequence[str | Path]) -> torch.Tensor:
-        """Photos outside the run, preprocessed as the run's model wants: ``(N, 3, S, S)``."""
-        from .images import load_rgb
-
-        return torch.stack([self.handle.bundle.preprocess(load_rgb(p)) for p in paths])
-
-
-def as_store(run: str | Path | RunStore) -> RunStore:
-    """A :class:`RunStore` from a run directory or a store."""
-    return run if isinstance(run, RunStore) else RunStore.open(run)
-
-
-def open_run(run: str | Path | RunStore, model=None, device: str | None = None, fast: bool = True) -> RunContext:
-    """The run's store and model, read-only. ``model``: a :class:`~gig.models.ModelBundle` or
-    ``nn.Module`` to use instead of loading ``config.model`` (needed for runs of a user module).
-    ``fast`` folds batch norms as the attribute stage does (:meth:`ModelHandle.for_gradients`)."""
-    from .hooks import resolve_device
-    from .models import load_model
-
-    store = as_store(run)
-    config = store.config
-    bundle = model if model is not None else load_model(config.model, config.weights)
-    handle = ModelHandle(bundle, resolve_device(device or config.device))
-    if fast:
-        handle = handle.for_gradients(list(config.layers))
-    return RunContext(store, handle, list(handle.bundle.class_names))
+def open_run(run: str | Path | RunStore, model=None, device: str | None = None, fast: bool = True) -> RunAccess:
+    """The run's store and model, read-only (:class:`gig.access.RunAccess`). ``model``: a
+    :class:`~gig.models.ModelBundle` or ``nn.Module`` to use instead of loading ``config.model``
+    (needed for runs of a user module). ``fast`` folds batch norms as the attribute stage does."""
+    return RunAccess(run, model=model, device=device, fast=fast)
 
 
 def grid_shape(handle: ModelHandle, layer: str, pixels: torch.Tensor) -> tuple[int, int, int]:
@@ -131,31 +62,6 @@ def grid_shape(handle: ModelHandle, layer: str, pixels: torch.Tensor) -> tuple[i
     with torch.no_grad():
         _, grids = handle.capture(pixels[:1], [layer])
     return tuple(int(d) for d in grids[layer].shape[1:])
-
-
-def layer_alpha(store: RunStore, layer: str) -> float:
-    """The λ the run's decompose stage coded ``layer`` with (``decompose/fidelity.json``)."""
-    from .decompose import load_fidelity
-
-    fidelity = load_fidelity(store)
-    if layer not in fidelity or "alpha" not in fidelity[layer]:
-        raise RunMismatchError(f"no λ recorded for layer {layer!r} in {store.root / 'decompose' / 'fidelity.json'}")
-    return float(fidelity[layer]["alpha"])
-
-
-def encode_pixels(store: RunStore, handle: ModelHandle, layer: str, pixels: torch.Tensor) -> torch.Tensor:
-    """Codes ``(N, H·W, K)`` of new images ``pixels (N, 3, S, S)`` at ``layer``: the run's
-    dictionary, λ and encoder settings (:func:`gig.decompose.encoder_for`), as a run image's."""
-    from .concepts import load_dictionary
-    from .decompose import encoder_for
-
-    encoder = encoder_for(store.config, load_dictionary(store, layer), layer_alpha(store, layer), handle.device)
-    with torch.no_grad():
-        _, grids = handle.capture(pixels, [layer])
-    grid = grids[layer]
-    n, c = grid.shape[:2]
-    rows = grid.permute(0, 2, 3, 1).reshape(-1, c)
-    return encoder.encode(rows).reshape(n, -1, encoder.V.shape[0]).cpu()
 
 
 def run_codes(store: RunStore, layer: str, image_ids: Sequence[int]) -> torch.Tensor:
@@ -357,7 +263,7 @@ def later_layers(store: RunStore, layer: str, all_layers: bool = False) -> list[
     return after if all_layers else after[:1]
 
 
-def ablate(run: str | Path | RunStore | RunContext, layer: str, concepts: Sequence[int],
+def ablate(run: str | Path | RunStore | RunAccess, layer: str, concepts: Sequence[int],
            image_ids: Sequence[int] | None = None, images: Sequence[str | Path] | None = None, *,
            targets: int | Sequence[int] | None = None, all_layers: bool = False, model=None, device: str | None = None,
            batch_size: int = 16, max_batch: int = 64, save: bool = True, top: int = 5,
@@ -375,7 +281,7 @@ def ablate(run: str | Path | RunStore | RunContext, layer: str, concepts: Sequen
 
     from .concepts import load_dictionary
 
-    ctx = run if isinstance(run, RunContext) else open_run(run, model, device)
+    ctx = run if isinstance(run, RunAccess) else open_run(run, model, device)
     store = ctx.store
     check_layer(store, layer)
     concepts = check_concepts(store, layer, concepts)
@@ -418,7 +324,7 @@ def _append(parts: dict[str, list[torch.Tensor]], values: dict[str, torch.Tensor
         parts.setdefault(k, []).append(v)
 
 
-def _image_infos(ctx: RunContext, image_ids, images, targets) -> list[dict]:
+def _image_infos(ctx: RunAccess, image_ids, images, targets) -> list[dict]:
     """``[{"image_id", "path", "target"}]`` of the images to ablate (target None: the prediction)."""
     if images is not None:
         if not images:
@@ -443,11 +349,11 @@ def _image_infos(ctx: RunContext, image_ids, images, targets) -> list[dict]:
     return infos
 
 
-def _pixels_and_codes(ctx: RunContext, layer: str, infos: list[dict], photos: bool):
+def _pixels_and_codes(ctx: RunAccess, layer: str, infos: list[dict], photos: bool):
     """``pixels (B, 3, S, S)`` and codes ``(B, P, K)`` of a chunk of images."""
     if photos:
         pixels = ctx.photo_pixels([i["path"] for i in infos])
-        return pixels, encode_pixels(ctx.store, ctx.handle, layer, pixels)
+        return pixels, encode_pixels(ctx.store, ctx.handle, pixels, [layer])[1][layer]
     ids = [i["image_id"] for i in infos]
     return ctx.run_pixels(ids), run_codes(ctx.store, layer, ids)
 
@@ -488,7 +394,7 @@ def _candidates(codes: torch.Tensor, predicted: torch.Tensor, top_n: int | None,
     return active[torch.cat([order[:top_n], picked]).sort().values]
 
 
-def measure_transition(ctx: RunContext, data: dict[str, torch.Tensor], row: int, lower: str, upper: str | None,
+def measure_transition(ctx: RunAccess, data: dict[str, torch.Tensor], row: int, lower: str, upper: str | None,
                        pixels: torch.Tensor, codes: torch.Tensor, target_class: int, top_n: int | None,
                        n_others: int, seed: int, max_batch: int = 64, shape=None) -> dict[str, torch.Tensor]:
     """One image, one transition: each candidate lower concept ablated alone, and all at once.
@@ -639,7 +545,24 @@ def correlation_path(store: RunStore) -> Path:
     return store.root / "graph" / "ablation" / "correlation.json"
 
 
-def ablation_correlation(run: str | Path | RunStore | RunContext, *, image_ids: Sequence[int] | None = None,
+def load_correlation(run: str | Path | RunStore) -> dict | None:
+    """The run's saved GIG-vs-ablation correlation (:func:`ablation_correlation`), or None."""
+    from .store import load_json
+
+    path = correlation_path(as_store(run))
+    return load_json(path) if path.is_file() else None
+
+
+def load_ablations(run: str | Path | RunStore) -> list[dict]:
+    """Every saved ablation result of the run (``gig.ablation/1``, :meth:`AblationResult.save`), by file name."""
+    from .store import load_json
+
+    folder = as_store(run).root / "graph" / "ablation"
+    found = [load_json(p) for p in sorted(folder.glob("*.json")) if p.name != "correlation.json"] if folder.is_dir() else []
+    return [r for r in found if r.get("schema") == SCHEMA]
+
+
+def ablation_correlation(run: str | Path | RunStore | RunAccess, *, image_ids: Sequence[int] | None = None,
                          max_images: int | None = None, top_n: int | None = 16, n_others: int = 16,
                          n_random: int = 20, seed: int = 0, model=None, device: str | None = None,
                          max_batch: int = 64, chunk: int = 8, save: bool = True, progress: bool = False) -> dict:
@@ -656,7 +579,7 @@ def ablation_correlation(run: str | Path | RunStore | RunContext, *, image_ids: 
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    ctx = run if isinstance(run, RunContext) else open_run(run, model, device)
+    ctx = run if isinstance(run, RunAccess) else open_run(run, model, device)
     store = ctx.store
     data = load_walk(store)
     rows = _walk_rows_for(data, image_ids, max_images)

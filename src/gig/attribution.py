@@ -46,7 +46,7 @@ import torch
 
 from .errors import ConfigError, RunMismatchError
 from .hooks import ModelHandle
-from .readouts import ClassLogit, ConceptReadout, Readout, concept_readout, concept_readouts  # noqa: F401
+from .readouts import ClassLogit, ConceptReadout, Readout
 
 RULES = ("gauss-legendre", "riemann-midpoint", "trapezoid")
 

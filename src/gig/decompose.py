@@ -47,10 +47,6 @@ DENSE_STOP = 0.9
 EXACT_R2 = 0.9999
 
 
-def relative_error(X: torch.Tensor, X_hat: torch.Tensor) -> float:
-    return float((X - X_hat).norm() / X.norm().clamp_min(1e-12))
-
-
 def encoder_for(config: Config, dictionary: torch.Tensor, alpha: float,
                 device: str | torch.device | None = None) -> LassoEncoder:
     """The run's encoder for one layer: solver, sign constraint, debiasing and tolerance from the
@@ -396,6 +392,30 @@ class CodeReader:
 
     def image_ids(self) -> list[int]:
         return sorted(self._index)
+
+
+def run_alpha(store: RunStore, layer: str) -> float:
+    """The λ the run's decompose stage coded ``layer`` with (``decompose/fidelity.json``)."""
+    fidelity = load_fidelity(store)
+    if layer not in fidelity or "alpha" not in fidelity[layer]:
+        raise RunMismatchError(f"no λ recorded for layer {layer!r} in {store.root / 'decompose' / 'fidelity.json'}")
+    return float(fidelity[layer]["alpha"])
+
+
+def encode_pixels(store: RunStore, handle: ModelHandle, pixels: torch.Tensor,
+                  layers: list[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Codes of images that need not be the run's, as the stage codes the run's own: logits
+    ``(N, classes)`` and ``{layer: (N, H·W, K)}`` for ``pixels (N, 3, S, S)``, with the run's
+    dictionaries, λ and encoder settings (:func:`encoder_for`). ``layers``: default all of the run's."""
+    layers = list(layers or store.config.layers)
+    with torch.no_grad():
+        logits, grids = handle.capture(pixels.to(handle.device), layers)
+    codes = {}
+    for layer in layers:
+        n, c = grids[layer].shape[:2]
+        encoder = encoder_for(store.config, load_dictionary(store, layer), run_alpha(store, layer), handle.device)
+        codes[layer] = encoder.encode(grids[layer].permute(0, 2, 3, 1).reshape(-1, c)).reshape(n, -1, encoder.V.shape[0]).cpu()
+    return logits.cpu(), codes
 
 
 def load_fidelity(store: RunStore) -> dict:

@@ -25,13 +25,15 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
+from .access import RunAccess
 from .attribution import gig_for, walk
 from .concepts import load_dictionary
-from .decompose import encoder_for, load_fidelity
+from .decompose import encode_pixels
 from .erf import erf_crop, erf_maps
 from .errors import ConfigError, InputError
 from .graph import build_graph
 from .images import load_rgb
+from .labels import node_labels
 from .store import RunStore, save_json
 from .visual import draw_graph
 
@@ -100,22 +102,6 @@ def _targets(target: int | Sequence[int] | None, preds: torch.Tensor, n_classes:
     return targets
 
 
-def encode_images(store: RunStore, handle, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits ``(N, classes)`` and the codes ``{layer: (N, H·W, K)}`` of ``pixels (N, 3, S, S)``
-    with the run's dictionaries and λ (the decompose stage's coder)."""
-    config = store.config
-    alphas = {layer: figures["alpha"] for layer, figures in load_fidelity(store).items()}
-    with torch.no_grad():
-        logits, grids = handle.capture(pixels.to(handle.device), config.layers)
-    codes = {}
-    for layer in config.layers:
-        grid = grids[layer]
-        n, c, h, w = grid.shape
-        encoder = encoder_for(config, load_dictionary(store, layer), alphas[layer], handle.device)
-        codes[layer] = encoder.encode(grid.permute(0, 2, 3, 1).reshape(-1, c)).reshape(n, h * w, -1).cpu()
-    return logits.cpu(), codes
-
-
 def explain(run_dir: str | Path | RunStore, images: Sequence[str | Path | Image.Image],
             target: int | Sequence[int] | None = None, model=None, class_names: list[str] | None = None,
             handle=None) -> list[Explanation]:
@@ -126,11 +112,11 @@ def explain(run_dir: str | Path | RunStore, images: Sequence[str | Path | Image.
     predicted class. ``model``: a :class:`gig.models.ModelBundle` when the run was made from
     Python with a user model; by default the run's configured model is loaded. Images are
     processed ``batch_size`` (the run's) at a time."""
-    from .report.sections import ModelAccess, class_namer
+    from .report.sections import class_namer
 
     store = run_dir if isinstance(run_dir, RunStore) else RunStore.open(run_dir)
     store.require("attribute")
-    access = ModelAccess(store, model)
+    access = RunAccess(store, model)
     handle = handle or access.handle
     loaded = _as_images(images)
     layers = list(store.config.layers)
@@ -146,7 +132,7 @@ def explain(run_dir: str | Path | RunStore, images: Sequence[str | Path | Image.
     for start in range(0, len(loaded), step):
         batch = loaded[start : start + step]
         pixels = access.bundle.preprocess_batch([im for _, im in batch])
-        logits, codes = encode_images(store, handle, pixels)
+        logits, codes = encode_pixels(store, handle, pixels)
         given = targets_given[start : start + step]
         targets = _targets(None if given[0] is None else given, logits.argmax(1), logits.shape[1])
         ids = [start + i for i in range(len(batch))]  # image ids of the explanation: 0, 1, ... over all images
@@ -194,7 +180,7 @@ def write_explanations(run_dir: str | Path, explanations: list[Explanation], out
 
     store = RunStore.open(run_dir)
     out = Path(out)
-    access = sec.ModelAccess(store, model)
+    access = RunAccess(store, model)
     names = list(class_names) if class_names is not None else list(access.bundle.class_names)
     graphs = [sec.graph_entry(f"image:{i}", "image", [e.target], f"{Path(e.name).name} → {e.target_name or e.target}"
                               + ("" if e.target == e.pred else f" (predicted: {e.pred_name or e.pred})"), e.graph,
@@ -221,7 +207,7 @@ def write_explanations(run_dir: str | Path, explanations: list[Explanation], out
                                                         list(store.config.layers), e.walk, e.codes, concepts, assets,
                                                         heatmap_size, erf_urls)
             thumbs = {n: _png(out / "img" / "own" / str(i), n, c) for n, c in crops.items()}
-            draw_graph(e.graph, out / f"image_{i}", thumbs)
+            draw_graph(e.graph, out / f"image_{i}", thumbs, labels=node_labels(store, e.graph))
         return out_panels
 
     return write_viewer(store, access, graphs, out, names, panels, single_file, exemplars, "explain",

@@ -29,6 +29,7 @@ from typing import Sequence
 import yaml
 
 from .errors import ConfigError, InputError
+from .access import as_store
 from .store import RunStore, load_json
 
 LABELS_FILE = "labels.yaml"
@@ -38,10 +39,6 @@ HIERARCHY = Path(__file__).parent / "assets" / "imagenet_hierarchy.json"
 #: An ancestor names a concept only when at least this deep in WordNet (entity = 0): shallower
 #: ones ("artifact", "whole", "organism") say nothing a reader could use.
 NAME_DEPTH = 6
-
-
-def _store(run: str | Path | RunStore) -> RunStore:
-    return run if isinstance(run, RunStore) else RunStore.open(run)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -98,7 +95,7 @@ def _as_int(value) -> int | None:
 
 # ---------------------------------------------------------------------------- the file
 def labels_path(run: str | Path | RunStore) -> Path:
-    return _store(run).root / LABELS_FILE
+    return as_store(run).root / LABELS_FILE
 
 
 def load_labels(run: str | Path | RunStore) -> dict[str, dict[int, dict]]:
@@ -141,11 +138,18 @@ def concept_label(labels: dict[str, dict[int, dict]], layer: str, concept: int) 
     return None if not entry or not entry.get("name") else str(entry["name"])
 
 
+def node_labels(run: str | Path | RunStore, graph: dict) -> dict[str, str]:
+    """``{node id: name}`` for the labelled concept nodes of ``graph`` (for :func:`gig.visual.draw_graph`)."""
+    labels = load_labels(run)
+    named = {n["id"]: concept_label(labels, n["layer"], n["concept"]) for n in graph["nodes"] if "concept" in n}
+    return {k: v for k, v in named.items() if v}
+
+
 def set_label(run: str | Path | RunStore, layer: str, concept: int, name: str, note: str | None = None) -> Path:
     """Name ``concept`` of ``layer`` (and note it, where ``note`` is given; a note given before is
     kept otherwise). Validates both against the run; edits only that entry's lines of
     ``RUN/labels.yaml``, keeping comments and other entries; writes atomically. Returns the path."""
-    store = _store(run)
+    store = as_store(run)
     (concept,) = check_concepts(store, layer, [concept])
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"the name of {layer} concept {concept} must be a non-empty text")
@@ -400,7 +404,7 @@ def suggest_labels(run: str | Path | RunStore, layer: str, class_names: Sequence
     second has at least half the first's members); None for a concept without members.
     ``class_names`` default to the run's model's (:func:`run_class_names`).
     """
-    store = _store(run)
+    store = as_store(run)
     check_layer(store, layer)
     names = list(class_names) if class_names is not None else run_class_names(store)
     hierarchy = load_hierarchy() if len(names) == 1000 else None

@@ -19,7 +19,6 @@ import hashlib
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -297,5 +296,3 @@ def wrap_module(
         class_names=list(class_names or []),
     )
 
-
-Preprocess = Callable[[Image.Image], torch.Tensor]

@@ -26,6 +26,7 @@ from .hooks import ModelHandle, resolve_device
 from .images import ImageSource, open_source, used_records
 from .models import ModelBundle, load_model
 from .store import RunStore, run_lock
+from .labels import node_labels
 from .visual import draw_graph
 
 
@@ -143,4 +144,4 @@ class Pipeline:
         return thumbs
 
     def draw_graph(self, store: RunStore, graph: dict, out_stem: Path) -> tuple[Path, Path]:
-        return draw_graph(graph, out_stem, self.thumbnails(graph))
+        return draw_graph(graph, out_stem, self.thumbnails(graph), labels=node_labels(store, graph))

@@ -77,7 +77,3 @@ def concept_readout(grid: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     index = torch.arange(grid.shape[0], device=grid.device)[:, None]
     return ConceptReadout(None, vectors).values(grid, index)[:, 0]
 
-
-def concept_readouts(grid: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """Readouts of every concept: ``grid (M, C, H, W)``, ``vectors (K, C)`` → ``(M, K)``."""
-    return ConceptReadout(None, vectors).all(grid)

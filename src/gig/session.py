@@ -24,10 +24,12 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from .access import RunAccess
 from .concepts import load_concept_cards, load_dictionary
 from .config import Config
 from .errors import ConfigError, LayerNotFoundError
-from .explain import Explanation, encode_images, explain, write_explanations
+from .decompose import encode_pixels
+from .explain import Explanation, explain, write_explanations
 from .graph import build_graph
 from .store import RunStore, save_json
 
@@ -50,10 +52,8 @@ class Run:
     when the run was made from Python with a user model; ``source``: its images, when they moved."""
 
     def __init__(self, run_dir: str | Path, model=None, source=None):
-        from .report.sections import ModelAccess
-
         self.store = RunStore.open(run_dir)
-        self._access = ModelAccess(self.store, model, source)
+        self._access = RunAccess(self.store, model, source)
 
     # ------------------------------------------------------------------ what the run holds
     @property
@@ -88,8 +88,8 @@ class Run:
         from .explain import _as_images
 
         pixels = self._access.bundle.preprocess_batch([im for _, im in _as_images(images)])
-        _, codes = encode_images(self.store, self._access.handle, pixels)
-        return codes[self._layer(layer)] if layer is not None else codes
+        _, codes = encode_pixels(self.store, self._access.handle, pixels, [self._layer(layer)] if layer else None)
+        return codes[layer] if layer is not None else codes
 
     def explain(self, images: str | Path | Image.Image | Sequence[str | Path | Image.Image],
                 target: int | Sequence[int] | None = None) -> "Explanations":
@@ -178,9 +178,10 @@ class GraphView:
 
     def figure(self):
         """The static figure (:func:`gig.visual.graph_figure`) as a matplotlib figure."""
+        from .labels import node_labels
         from .visual import graph_figure
 
-        return graph_figure(self.data)
+        return graph_figure(self.data, labels=node_labels(self.run.store, self.data))
 
     def save(self, path: str | Path) -> Path:
         save_json(Path(path), self.data)
@@ -215,9 +216,10 @@ class Explanations(list):
 
     def figure(self, i: int = 0):
         """The single-image graph of the ``i``-th image as a matplotlib figure."""
+        from .labels import node_labels
         from .visual import graph_figure
 
-        return graph_figure(self[i].graph)
+        return graph_figure(self[i].graph, labels=node_labels(self.run.store, self[i].graph))
 
     def _repr_html_(self) -> str:
         with tempfile.TemporaryDirectory() as tmp:

@@ -51,8 +51,9 @@ def _draw_edges(ax, graph: dict, pos: dict[str, tuple[float, float]], top: float
                 solid_capstyle="round", ls="-" if w >= 0 else (0, (3, 2)), alpha=0.95)
 
 
-def _draw_node(ax, node: dict, x: float, y: float, thumb: Path | None) -> None:
-    """A class box, or a concept as its top-1 crop (a disc without one) with id and importance."""
+def _draw_node(ax, node: dict, x: float, y: float, thumb: Path | None, label: str | None = None) -> None:
+    """A class box, or a concept as its top-1 crop (a disc without one) with id, the user's
+    label (``RUN/labels.yaml``) when it has one, and importance."""
     if node["layer"] == "classifier":
         label = "\n".join(textwrap.wrap(plain_text(node.get("name") or "target"), 16)[:3])
         ax.add_patch(FancyBboxPatch((x - 0.42, y - 0.22), 0.84, 0.44, boxstyle="round,pad=0.02,rounding_size=0.08",
@@ -69,7 +70,8 @@ def _draw_node(ax, node: dict, x: float, y: float, thumb: Path | None) -> None:
     else:
         ax.scatter([x], [y], s=700, c="#ffd08a" if shared else "#f2f2f2",
                    edgecolors="#ff8c00" if shared else "#333333", zorder=3)
-    ax.text(x, y - 0.40, f"#{node['concept']}  {float(node.get('importance') or 0.0):.2f}", ha="center",
+    name = f" {plain_text(textwrap.shorten(label, 18, placeholder='…'))}" if label else ""
+    ax.text(x, y - 0.40, f"#{node['concept']}{name}  {float(node.get('importance') or 0.0):.2f}", ha="center",
             va="top", fontsize=7, zorder=4, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
 
 
@@ -99,11 +101,12 @@ def _decorate(fig, ax, graph: dict, rows: dict[int, list[dict]], top: float, tit
                 fontsize=7, color="#ff8c00")
 
 
-def graph_figure(graph: dict, thumbnails: dict[str, Path] | None = None, title: str | None = None):
+def graph_figure(graph: dict, thumbnails: dict[str, Path] | None = None, title: str | None = None,
+                 labels: dict[str, str] | None = None):
     """``graph`` (gig.graph/1) as a matplotlib :class:`~matplotlib.figure.Figure` (no pyplot: any
     backend, nothing to close; Jupyter shows it inline). Nodes sit in the row
     slots of :func:`gig.graph.node_rows` (the viewer's order too); ``thumbnails``: ``{node id:
-    crop PNG}`` (the concepts' top-1 ERF crops)."""
+    crop PNG}`` (the concepts' top-1 ERF crops); ``labels``: ``{node id: name}`` (:func:`gig.labels.node_labels`)."""
     thumbnails = thumbnails or {}
     rows = node_rows(graph)
     widest = max((len(r) for r in rows.values()), default=1)
@@ -114,16 +117,16 @@ def graph_figure(graph: dict, thumbnails: dict[str, Path] | None = None, title: 
     top = max([abs(float(e["weight"] or 0.0)) for e in graph["edges"]] or [1.0]) or 1.0
     _draw_edges(ax, graph, pos, top)
     for node in graph["nodes"]:
-        _draw_node(ax, node, *pos[node["id"]], thumbnails.get(node["id"]))
+        _draw_node(ax, node, *pos[node["id"]], thumbnails.get(node["id"]), (labels or {}).get(node["id"]))
     _decorate(fig, ax, graph, rows, top, title)
     fig.tight_layout()
     return fig
 
 
 def draw_graph(graph: dict, out_stem: Path, thumbnails: dict[str, Path] | None = None,
-               title: str | None = None, dpi: int = 130) -> tuple[Path, Path]:
+               title: str | None = None, dpi: int = 130, labels: dict[str, str] | None = None) -> tuple[Path, Path]:
     """Draw ``graph`` (:func:`graph_figure`) to ``out_stem.svg`` and ``out_stem.png``; returns both paths."""
-    fig = graph_figure(graph, thumbnails, title)
+    fig = graph_figure(graph, thumbnails, title, labels)
     svg, png = Path(f"{out_stem}.svg"), Path(f"{out_stem}.png")
     fig.savefig(svg, metadata=SVG_METADATA)
     fig.savefig(png, dpi=dpi)

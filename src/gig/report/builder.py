@@ -31,10 +31,10 @@ from ..attribution import load_attributions
 from ..collect import load_images, load_samples
 from ..concepts import load_concept_cards
 from ..config import _class_ids, _int, check_fields, settings_hash
-from ..decompose import CodeReader
+from ..access import RunAccess
 from ..store import RunStore, load_json
 from . import sections as sec
-from .metrics import evaluation_section, metrics_section
+from .metrics import ablation_section, evaluation_section, metrics_section
 from .page import Assets, render_page
 
 
@@ -105,7 +105,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
     layers = list(store.config.layers)
     out = Path(out) if out is not None else store.root / "report"
     _fresh_output(out)
-    assets, access = Assets(out, opts.single_file), sec.ModelAccess(store, model, source)
+    assets, access = Assets(out, opts.single_file), RunAccess(store, model, source)
     names = list(class_names) if class_names is not None else list(access.bundle.class_names)
     log = (lambda msg: print(f"report: {msg}", flush=True)) if progress else (lambda msg: None)
 
@@ -146,14 +146,9 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
     index = render_page(out, assets, {
         "page_data": page_data, "run": run, "atlas": atlas, "images": list(images.values()), "graphs": graphs,
         "figures": sec.class_figures(store, graphs, concepts, out, assets), "metrics": metrics_section(store, assets),
-        "evaluation": evaluation_section(store.root / "evaluate", assets), "atlas_cap": opts.atlas_per_layer,
+        "evaluation": evaluation_section(store.root / "evaluate", assets), "ablation": ablation_section(store, importance),
+        "atlas_cap": opts.atlas_per_layer,
         "atlas_ids": {f"{layer}:{q}" for layer in layers for q in atlas_ids[layer]},
         "build_seconds": round(time.perf_counter() - started, 1)}, name)
     log(f"wrote {index} ({time.perf_counter() - started:.1f}s)")
     return index
-
-
-def read_codes(store: RunStore, layer: str, image_ids: list[int]) -> dict[int, "object"]:
-    """Dense codes ``(H·W, K)`` of a few images (:class:`gig.decompose.CodeReader`, lazy)."""
-    reader = CodeReader(store, layer)
-    return {int(i): reader.codes(int(i)) for i in image_ids}

@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..attribution import completeness_residuals, load_error_estimates
 from ..decompose import load_fidelity, rule_text
 from ..errors import RunMismatchError
@@ -56,6 +58,29 @@ def metrics_section(store: RunStore, assets: Assets) -> dict:
     stages = [{"name": k, **v} for k, v in info["stages"].items()]
     return {"layers": rows, "completeness": completeness, "gig": gig, "images": info["images"], "stages": stages,
             "plots": plots, "rule": rule_text(store.config), "debias": store.config.debias}
+
+
+def ablation_section(store: RunStore, importance: dict[str, torch.Tensor]) -> dict | None:
+    """GIG against ablation, from :mod:`gig.ablate`'s saved results: the rank correlation per
+    transition (with its random-ordering baseline), and every saved ablation beside the GIG
+    share of the concepts it removed (their mean importance over the run's images)."""
+    from ..ablate import load_ablations, load_correlation
+
+    correlation, ablations = load_correlation(store), load_ablations(store)
+    if correlation is None and not ablations:
+        return None
+    rows = []
+    for name, t in (correlation or {}).get("transitions", {}).items():
+        rho, rnd = t["spearman"]["per_target"], t["random"]["per_target"]
+        rows.append({"transition": name, "rho": rho["mean"], "rho_sd": rho["sd"], "n": rho["n"],
+                     "random": rnd["mean"], "random_sd": rnd["sd"], "sign": t.get("sign_agreement"),
+                     "top5": t.get("top5_overlap"), "top5_random": t.get("top5_overlap_random"),
+                     "sum_ratio": t.get("completeness", {}).get("ablation_sum_ratio_median")})
+    results = [{"layer": r["layer"], "concepts": r["concepts"], "n_images": r["n_images"], "source": r.get("source"),
+                "gig_share": float(sum(float(importance[r["layer"]][q]) for q in r["concepts"])) if r["layer"] in importance else None,
+                "delta_prob": r["mean"]["target_prob"]["delta"], "delta_logit": r["mean"]["target_logit"]["delta"],
+                "changed": r["mean"]["prediction_changed"]} for r in ablations]
+    return {"correlation": rows, "n_images": (correlation or {}).get("n_images"), "results": results}
 
 
 def evaluation_section(folder: Path, assets: Assets) -> dict | None:

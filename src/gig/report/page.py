@@ -83,7 +83,6 @@ class Assets:
     def __init__(self, out: Path, inline: bool):
         self.out = out
         self.inline = inline
-        self.n_files = 0
 
     def add_bytes(self, rel: str, data: bytes) -> str:
         if self.inline:
@@ -92,7 +91,6 @@ class Assets:
         path = self.out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        self.n_files += 1
         return rel
 
     def add_file(self, rel: str, src: Path) -> str:
@@ -102,7 +100,6 @@ class Assets:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not (path.exists() and path.resolve() == Path(src).resolve()):
             shutil.copyfile(src, path)
-        self.n_files += 1
         return rel
 
     def add_image(self, rel: str, image: Image.Image, quality: int = 82) -> str:

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..erf import erf_dir, exemplar_crops
+from ..access import RunAccess
+from ..erf import erf_dir
 from ..errors import RunMismatchError
 from ..graph import build_graph, default_classes, edge_weights, with_positions
-from ..labels import load_labels
+from ..labels import load_labels, node_labels
 from ..store import RunStore, load_json
 from ..visual import draw_graph
 from .page import Assets, heatmap_overlay, jpeg_bytes, slug
@@ -42,48 +43,6 @@ def class_namer(names: list[str]) -> Callable[[int | None], str]:
             return "target logit"
         return names[c] if 0 <= c < len(names) else f"class {c}"
     return name
-
-
-class ModelAccess:
-    """The run's model and images, loaded only when something needs them (ERF crops, photos)."""
-
-    def __init__(self, store: RunStore, model=None, source=None):
-        self.store = store
-        self._bundle = model
-        self._source = source
-        self._handle = None
-
-    @property
-    def bundle(self):
-        if self._bundle is None:
-            from ..models import load_model
-
-            self._bundle = load_model(self.store.config.model, self.store.config.weights)
-        return self._bundle
-
-    @property
-    def handle(self):
-        if self._handle is None:
-            from ..hooks import ModelHandle
-
-            self._handle = ModelHandle(self.bundle, self.store.config.device)
-        return self._handle
-
-    @property
-    def source(self):
-        if self._source is None:
-            from ..images import open_source
-
-            self._source = open_source(self.store.config.images)
-        return self._source
-
-    def display_image(self, image_id: int) -> Image.Image:
-        by_id = {r.image_id: r for r in self.source.records}
-        return self.bundle.display_image(self.source.load(by_id[image_id]))
-
-    def crops(self, layer: str, samples: list[int]) -> list[Path]:
-        """ERF crops of sampled PFVs of ``layer``, from the run's ERF cache (:func:`gig.erf.exemplar_crops`)."""
-        return exemplar_crops(self.store, self.handle, self.source, layer, samples)
 
 
 # ------------------------------------------------------------------------------------ graphs
@@ -188,7 +147,7 @@ def concepts_shown(atlas_ids: dict[str, list[int]], graphs: list[dict]) -> dict[
     return shown
 
 
-def exemplar_urls(access: ModelAccess, assets: Assets, cards: dict[str, dict], shown: dict[str, set[int]],
+def exemplar_urls(access: RunAccess, assets: Assets, cards: dict[str, dict], shown: dict[str, set[int]],
                   n_exemplars: int, log: Callable[[str], None] = lambda msg: None) -> dict[str, dict[int, str]]:
     """``{layer: {sample index: url}}``: the ERF crops of the first ``n_exemplars`` exemplars of
     every concept shown, one batched pass per layer (JPEG assets)."""
@@ -295,7 +254,7 @@ def localisation_panel(entry: dict, view: Image.Image, layers: list[str], walk_r
 
 
 def run_panels(store: RunStore, data: dict[str, torch.Tensor], image_ids: list[int], by_image: dict[int, dict],
-               access: ModelAccess, concepts: dict[str, dict], assets: Assets, size: int) -> dict[str, dict]:
+               access: RunAccess, concepts: dict[str, dict], assets: Assets, size: int) -> dict[str, dict]:
     """The localisation panels of some of the run's images (rows of the attribute stage, codes
     through :class:`gig.decompose.CodeReader`): ``{str(image id): panel}``."""
     from ..decompose import CodeReader
@@ -325,7 +284,7 @@ def class_figures(store: RunStore, graphs: list[dict], concepts: dict[str, dict]
                   for node in g["graph"]["nodes"] if concepts.get(node["id"], {}).get("exemplars")}
         stem = out / "figures" / f"class_{g['classes'][0]}"
         stem.parent.mkdir(parents=True, exist_ok=True)
-        svg, png = draw_graph(g["graph"], stem, thumbs)
+        svg, png = draw_graph(g["graph"], stem, thumbs, labels=node_labels(store, g["graph"]))
         fig = {"label": g["label"], "svg": assets.add_file(f"figures/{svg.name}", svg),
                "png": assets.add_file(f"figures/{png.name}", png), "pipeline": []}
         if assets.inline:  # figures/ then only holds what index.html already inlines

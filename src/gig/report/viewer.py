@@ -12,6 +12,7 @@ from typing import Callable
 from ..attribution import load_attributions
 from ..collect import load_images, load_samples
 from ..concepts import load_concept_cards
+from ..access import RunAccess
 from ..store import RunStore
 from . import sections as sec
 from .page import Assets, render_page
@@ -20,7 +21,7 @@ from .page import Assets, render_page
 PanelMaker = Callable[[dict, Assets], dict]
 
 
-def write_viewer(store: RunStore, access: sec.ModelAccess, graphs: list[dict], out: Path, names: list[str],
+def write_viewer(store: RunStore, access: RunAccess, graphs: list[dict], out: Path, names: list[str],
                  panels: PanelMaker | None = None, single_file: bool = False, exemplars: int = 10,
                  heading: str = "explanation", n_images: int | None = None,
                  log: Callable[[str], None] = lambda msg: None) -> Path:

@@ -1,0 +1,130 @@
+"""A finished run opened read-only with its model and images: what the report, ``gig explain``,
+``gig ablate`` and the notebook API (``gig.open``) read a run through.
+
+Unlike :class:`gig.pipeline.Pipeline`, opening writes nothing into the run (no config, no input
+fingerprint, no lock), and the model and the images are loaded only when something needs them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from .errors import InputError, RunMismatchError
+from .store import RunStore
+
+
+def as_store(run: str | Path | RunStore) -> RunStore:
+    """A :class:`RunStore` from a run directory or a store."""
+    return run if isinstance(run, RunStore) else RunStore.open(run)
+
+
+class RunAccess:
+    """The run's store, model and images, loaded lazily.
+
+    ``model``: a :class:`gig.models.ModelBundle` (or an ``nn.Module``, wrapped) to use instead of
+    loading ``config.model`` (needed for runs made from Python with a user module); ``source``:
+    the run's images if they moved; ``device``: instead of the config's; ``fast``: the handle
+    folds batch norms as the attribute stage does (:meth:`gig.hooks.ModelHandle.for_gradients`),
+    for many gradient or ablation passes."""
+
+    def __init__(self, run: str | Path | RunStore, model=None, source=None, device: str | None = None,
+                 fast: bool = False):
+        self.store = as_store(run)
+        self._bundle, self._source, self._handle = model, source, None
+        self._device, self._fast = device, fast
+        self._records: dict | None = None
+        self._dictionaries: dict[str, torch.Tensor] = {}
+
+    @property
+    def bundle(self):
+        if self._bundle is None:
+            from .models import load_model
+
+            self._bundle = load_model(self.store.config.model, self.store.config.weights)
+        elif isinstance(self._bundle, torch.nn.Module):
+            from .models import wrap_module
+
+            self._bundle = wrap_module(self._bundle)
+        return self._bundle
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            from .hooks import ModelHandle, resolve_device
+
+            self._handle = ModelHandle(self.bundle, resolve_device(self._device or self.store.config.device))
+            if self._fast:
+                self._handle = self._handle.for_gradients(list(self.store.config.layers))
+        return self._handle
+
+    @property
+    def source(self):
+        if self._source is None:
+            from .images import open_source
+
+            class_index = self.bundle.class_index if self.bundle.class_names else None
+            self._source = open_source(self.store.config.images, class_index=class_index)
+        return self._source
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.bundle.class_names)
+
+    def class_name(self, index: int) -> str:
+        names = self.bundle.class_names
+        return names[index] if 0 <= index < len(names) else f"class {index}"
+
+    def dictionary(self, layer: str) -> torch.Tensor:
+        """``V (K, C)`` of ``layer`` (read once)."""
+        from .concepts import load_dictionary
+
+        if layer not in self._dictionaries:
+            self._dictionaries[layer] = load_dictionary(self.store, layer)
+        return self._dictionaries[layer]
+
+    def images(self) -> dict[int, dict]:
+        """``{image_id: images.json entry}`` of the run."""
+        from .collect import load_images
+
+        return {i["image_id"]: i for i in load_images(self.store)["images"]}
+
+    def _record(self, image_ids: Sequence[int]) -> list:
+        if self._records is None:
+            self._records = {r.image_id: r for r in self.source.records}
+        missing = [i for i in image_ids if i not in self._records]
+        if missing:
+            raise RunMismatchError(f"image id(s) {missing[:5]} are not in the run's image source "
+                                   f"{self.store.config.images}")
+        return [self._records[i] for i in image_ids]
+
+    def display_image(self, image_id: int) -> Image.Image:
+        """The crop the model sees of one of the run's images."""
+        (record,) = self._record([image_id])
+        return self.bundle.display_image(self.source.load(record))
+
+    def run_pixels(self, image_ids: Sequence[int]) -> torch.Tensor:
+        """Preprocessed pixels ``(N, 3, S, S)`` of run images, read from the run's image source."""
+        from .collect import iter_image_batches
+
+        records = self._record(image_ids)
+        batches = list(iter_image_batches(self.source, records, self.handle, max(len(records), 1)))
+        got = [r.image_id for b in batches for r in b.records]
+        if got != list(image_ids):
+            raise InputError(f"could not read run image(s) {sorted(set(image_ids) - set(got))[:5]}")
+        return torch.cat([b.pixels for b in batches])
+
+    def photo_pixels(self, paths: Sequence[str | Path]) -> torch.Tensor:
+        """Photos outside the run, preprocessed as the run's model wants: ``(N, 3, S, S)``."""
+        from .images import load_rgb
+
+        return torch.stack([self.bundle.preprocess(load_rgb(p)) for p in paths])
+
+    def crops(self, layer: str, samples: list[int]) -> list[Path]:
+        """ERF crops of sampled PFVs of ``layer``, from the run's ERF cache (:func:`gig.erf.exemplar_crops`)."""
+        from .erf import exemplar_crops
+
+        return exemplar_crops(self.store, self.handle, self.source, layer, samples)
