@@ -228,11 +228,12 @@ class RunStore:
         return "has not run" if entry is None else (
             "did not finish" if entry.get("status") != "done" else "ran with other settings")
 
-    def require(self, stage: str) -> None:
-        """Raise unless ``stage`` finished with the current settings."""
+    def require(self, stage: str) -> "RunStore":
+        """Raise unless ``stage`` finished with the current settings; returns the store."""
         state = self.stage_state(stage)
         if state != "done":
             raise RunMismatchError(f"stage {stage!r} of {self.root} {state}: run `gig {stage} {self.root}` first")
+        return self
 
     @contextmanager
     def stage(self, stage: str) -> Iterator[dict[str, Any]]:

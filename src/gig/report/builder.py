@@ -93,15 +93,13 @@ def _fresh_output(out: Path) -> None:
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, options: ReportOptions | None = None,
-                 model=None, source=None, class_names: list[str] | None = None,
-                 progress: bool = False) -> Path:
+                 model=None, source=None, class_names: list[str] | None = None, progress: bool = False) -> Path:
     """Write the report of ``run_dir`` to ``out`` (default ``RUN/report``); returns ``index.html``'s
     path. ``model`` (a :class:`gig.models.ModelBundle`), ``source`` and ``class_names`` override
     the run's model, images and class names (as for :class:`gig.pipeline.Pipeline`)."""
     started = time.perf_counter()
     opts = options or ReportOptions()
-    store = RunStore.open(run_dir)
-    store.require("graph")
+    store = RunStore.open(run_dir).require("graph")
     layers = list(store.config.layers)
     out = Path(out) if out is not None else store.root / "report"
     _fresh_output(out)
@@ -147,8 +145,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
         "page_data": page_data, "run": run, "atlas": atlas, "images": list(images.values()), "graphs": graphs,
         "figures": sec.class_figures(store, graphs, concepts, out, assets), "metrics": metrics_section(store, assets),
         "evaluation": evaluation_section(store.root / "evaluate", assets), "ablation": ablation_section(store, importance),
-        "atlas_cap": opts.atlas_per_layer,
-        "atlas_ids": {f"{layer}:{q}" for layer in layers for q in atlas_ids[layer]},
+        "atlas_cap": opts.atlas_per_layer, "atlas_ids": {f"{layer}:{q}" for layer in layers for q in atlas_ids[layer]},
         "build_seconds": round(time.perf_counter() - started, 1)}, name)
     log(f"wrote {index} ({time.perf_counter() - started:.1f}s)")
     return index
