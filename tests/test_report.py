@@ -358,3 +358,15 @@ def test_ablation_section_shows_saved_ablations_beside_their_gig_share(tiny_run,
     assert row["delta_prob"] == pytest.approx(float(result.delta_probs[rows, result.targets].mean()), abs=1e-6)
     assert row["gig_share"] == pytest.approx(float(importance[LAYERS[-1]][0] + importance[LAYERS[-1]][2]), abs=1e-6)
     assert section["correlation"] == []
+
+
+def test_front_figure_marks_the_evaluations_baselines() -> None:
+    from gig.report.figure import front_figure
+
+    layers = [{"name": "a", "alpha": 1.0, "front": [{"alpha": 2.0, "l0_ratio": 0.01, "r2": 0.5, "top1_agreement": 0.8},
+                                                      {"alpha": 1.0, "l0_ratio": 0.1, "r2": 0.95, "top1_agreement": 1.0}]}]
+    plain = front_figure(layers, 0.9, 0.95).decode()
+    marked = front_figure(layers, 0.9, 0.95, {"a": {"ours": {"l0_ratio": 0.1, "r2": 0.95, "top1_agreement": 1.0},
+                                                    "sae": {"l0_ratio": 0.05, "r2": 0.7, "top1_agreement": 0.9}}}).decode()
+    assert "sae" in marked and "sae" not in plain
+    assert "ours" not in marked  # the run's own point is the ringed front point, not a marker

@@ -236,3 +236,18 @@ def method_entry(rows: list[dict], basis: "ConceptBasis", s) -> dict:
         "seconds": round(sum(r["seconds"] for r in rows), 1),
         "_diff": a_ins - a_del,  # for the paired differences; removed before saving
     }
+
+
+def load_reconstruction(folder) -> dict[str, dict[str, dict]]:
+    """``{layer: {method: {rel_error, r2, l0_ratio, top1_agreement, ...}}}`` from an evaluation's
+    ``extraction.json`` (each method's codes on the evaluated images); empty when there is none."""
+    from pathlib import Path
+
+    from ..store import load_json
+
+    path = Path(folder) / "extraction.json"
+    if not path.is_file():
+        return {}
+    layers = load_json(path).get("layers", {})
+    return {layer: {m: e["reconstruction"] for m, e in methods.items() if isinstance(e, dict) and "reconstruction" in e}
+            for layer, methods in layers.items()}

@@ -47,12 +47,28 @@ def reconstruction_figure(rows: list[dict]) -> bytes:
     return _svg_bytes(fig)
 
 
-def front_figure(layers: list[dict], min_r2: float | None = None, min_top1: float | None = None) -> bytes:
+#: Markers of the evaluation's baselines on the front plot (other methods: a diamond).
+BASELINE_MARKERS = {"dictionary": "s", "sae": "^", "sae-overcomplete": "v", "kmeans": "x", "nmf": "P"}
+
+
+def front_figure(layers: list[dict], min_r2: float | None = None, min_top1: float | None = None,
+                 baselines: dict[str, dict[str, dict]] | None = None) -> bytes:
     """Each layer's sparsity–fidelity front (SVG bytes): R² and top-1 agreement against the l0
     ratio, one line per layer, the chosen λ ringed and the rule's thresholds dashed.
-    ``layers``: ``[{"name", "front": [{l0_ratio, r2, top1_agreement, alpha}], "alpha"}]``."""
+    ``layers``: ``[{"name", "front": [{l0_ratio, r2, top1_agreement, alpha}], "alpha"}]``;
+    ``baselines``: ``{layer: {method: {l0_ratio, r2, top1_agreement}}}`` from the evaluation
+    (:func:`gig.evaluation.extraction.load_reconstruction`), drawn as markers in the layer's
+    colour, so the front is compared with dictionary learning, the SAE and k-means at their l0."""
     fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.2), sharex=True)
+    methods_drawn: set[str] = set()
     for i, layer in enumerate(l for l in layers if l.get("front")):
+        for method, rec in (baselines or {}).get(layer["name"], {}).items():
+            if method == "ours" or not rec.get("l0_ratio"):
+                continue
+            for ax, key in zip(axes, ("r2", "top1_agreement")):
+                if rec.get(key) is not None:
+                    ax.plot([rec["l0_ratio"]], [rec[key]], BASELINE_MARKERS.get(method, "d"), ms=6, color=f"C{i}", mfc="none")
+            methods_drawn.add(method)
         pts = sorted(layer["front"], key=lambda p: p["l0_ratio"])
         l0 = np.array([p["l0_ratio"] for p in pts])
         colour = f"C{i}"
@@ -72,6 +88,10 @@ def front_figure(layers: list[dict], min_r2: float | None = None, min_top1: floa
         ax.spines[["top", "right"]].set_visible(False)
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7, frameon=False)
+    if methods_drawn:  # one legend entry per baseline, in black
+        handles = [axes[1].plot([], [], BASELINE_MARKERS.get(m, "d"), color="k", mfc="none", label=m)[0]
+                   for m in sorted(methods_drawn)]
+        axes[1].legend(handles=handles, fontsize=7, frameon=False, title="evaluation (its images)", title_fontsize=7)
     fig.suptitle("Sparsity–fidelity front per layer (front images; ringed: chosen λ)", fontsize=9)
     fig.tight_layout()
     return _svg_bytes(fig)

@@ -14,6 +14,7 @@ import torch
 from ..attribution import completeness_residuals, load_error_estimates
 from ..decompose import load_fidelity, rule_text
 from ..errors import RunMismatchError
+from ..evaluation.extraction import load_reconstruction
 from ..store import RunStore
 from ..summary import summarize
 from .figure import completeness_figure, front_figure, reconstruction_figure
@@ -38,7 +39,8 @@ def metrics_section(store: RunStore, assets: Assets) -> dict:
         rule = config.target_rel_error is None
         plots.append({"title": "Sparsity–fidelity front per layer",
                       "url": assets.add_bytes("img/metrics/front.svg", front_figure(
-                          rows, config.min_r2 if rule else None, config.min_top1_agreement if rule else None))})
+                          rows, config.min_r2 if rule else None, config.min_top1_agreement if rule else None,
+                          load_reconstruction(store.root / "evaluate")))})
     try:
         residuals = completeness_residuals(store).numpy()
     except RunMismatchError:  # a run without attributions still gets its other metrics
