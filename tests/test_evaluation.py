@@ -241,7 +241,7 @@ def test_evaluate_command_writes_summary(small_run, monkeypatch):
     assert set(summary) == {"extraction", "interlayer"}
     assert list(summary["extraction"]) == ["block1", "block2"]
     for layer in summary["extraction"].values():
-        assert list(layer) == ["ours", "dictionary", "sae", "kmeans"]
+        assert list(layer) == EvaluationSettings().methods  # ours, dictionary, sae (or sae-torch), kmeans
         assert all(isinstance(v, float) and -1 <= v <= 1 for v in layer.values())
     assert list(summary["interlayer"]) == ["block1->block2"]
     assert list(summary["interlayer"]["block1->block2"]) == ["gig", "random", "grad_x_coef", "magnitude"]
@@ -267,12 +267,12 @@ def test_evaluate_command_writes_summary(small_run, monkeypatch):
 
 def test_ablation_into_another_folder(small_run, tmp_path):
     out = tmp_path / "sae-k2"
-    settings = EvaluationSettings(extraction_images=2, interlayer_images=0, methods=["sae"], orderings=[], sae_k=2,
+    settings = EvaluationSettings(extraction_images=2, interlayer_images=0, methods=["sae-torch"], orderings=[], sae_k=2,
                                   plots=False)
     res = evaluate_run(small_run, settings, progress=False, out=out, model=_small_bundle())
     summary = json.loads((out / "summary.json").read_text())
     assert summary == res["summary"] and summary["interlayer"] == {}
-    assert list(summary["extraction"]["block1"]) == ["sae"]
+    assert list(summary["extraction"]["block1"]) == ["sae-torch"]
     ext = json.loads((out / "extraction.json").read_text())
-    assert ext["layers"]["block2"]["sae"]["basis"]["k"] == 2
-    assert ext["layers"]["block2"]["sae"]["reconstruction"]["active_per_position"] <= 2
+    assert ext["layers"]["block2"]["sae-torch"]["basis"]["k"] == 2
+    assert ext["layers"]["block2"]["sae-torch"]["reconstruction"]["active_per_position"] <= 2

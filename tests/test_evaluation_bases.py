@@ -32,7 +32,7 @@ def _clustered(n: int = 300, c: int = 8, k: int = 5, seed: int = 0) -> torch.Ten
 
 # ------------------------------------------------------------------------------ registry and settings
 def test_registry_lists_the_methods_and_refuses_unknown_names():
-    assert {"ours", "dictionary", "sae", "kmeans", "user"} <= set(registered())
+    assert {"ours", "dictionary", "sae", "sae-torch", "kmeans", "user"} <= set(registered())
     assert basis_class("kmeans") is KMeansBasis and basis_class("user:x.safetensors") is UserBasis
     with pytest.raises(ConfigError, match="unknown method 'nmff'"):
         basis_class("nmff")
@@ -151,6 +151,17 @@ def test_save_load_round_trip(make, tmp_path):
     assert torch.equal(back.transform(X), basis.transform(X))
 
 
+def test_a_saved_basis_names_its_class(tmp_path):
+    """A method name that comes to mean another implementation (``sae`` did) never loads the
+    old fit as the new class."""
+    KMeansBasis(3, seed=0).fit(_clustered()).save(tmp_path / "b.safetensors")
+    meta = json.loads((tmp_path / "b.json").read_text())
+    assert meta["class"] == "gig.evaluation.methods.kmeans.KMeansBasis"
+    (tmp_path / "b.json").write_text(json.dumps({**meta, "class": "elsewhere.OldKMeans"}))
+    with pytest.raises(InputError, match="was saved by elsewhere.OldKMeans"):
+        ConceptBasis.load(tmp_path / "b.safetensors")
+
+
 def test_user_basis_round_trip(tmp_path):
     g = torch.Generator().manual_seed(0)
     path = tmp_path / "u.safetensors"
@@ -211,7 +222,7 @@ def test_fitted_bases_are_reused_until_their_settings_change(tiny_run, tmp_path,
     from gig.evaluation.parts import resumable_parts
 
     out = tmp_path / "ev"
-    base = dict(extraction_images=2, interlayer_images=0, methods=["kmeans", "sae"], sae_steps=20, plots=False)
+    base = dict(extraction_images=2, interlayer_images=0, methods=["kmeans", "sae-torch"], sae_steps=20, plots=False)
     first = evaluate_run(tiny_run, EvaluationSettings(**base, sae_k=2), model=_tiny_bundle(), out=out, progress=False)
 
     def refuse(self, X):
@@ -222,7 +233,7 @@ def test_fitted_bases_are_reused_until_their_settings_change(tiny_run, tmp_path,
     assert again["summary"] == first["summary"]  # bases and parts reused
     # sae_k is a setting the SAE uses: it alone is fitted again (k-means would raise)
     other = evaluate_run(tiny_run, EvaluationSettings(**base, sae_k=3), model=_tiny_bundle(), out=out, progress=False)
-    assert other["extraction"]["layers"]["block1"]["sae"]["basis"]["k"] == 3
+    assert other["extraction"]["layers"]["block1"]["sae-torch"]["basis"]["k"] == 3
     assert other["extraction"]["layers"]["block1"]["kmeans"]["per_image"] == \
         first["extraction"]["layers"]["block1"]["kmeans"]["per_image"]
     # the chunk loop: saved parts whose image ids match are loaded, not computed

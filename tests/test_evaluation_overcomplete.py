@@ -1,4 +1,4 @@
-"""The Overcomplete TopK SAE as a registered basis (optional extra: skipped without the package)."""
+"""Overcomplete's TopK SAE, the default ``sae`` (optional extra: its fit is skipped without the package)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from gig.errors import InputError
 from gig.evaluation import ConceptBasis, EvaluationSettings, basis_class
 from gig.evaluation.methods.overcomplete_sae import OvercompleteTopKSAE
+from gig.evaluation.settings import METHODS, default_methods
 
 needs_overcomplete = pytest.mark.skipif(importlib.util.find_spec("overcomplete") is None,
                                         reason="optional extra: pip install 'gig[overcomplete]'")
@@ -21,18 +22,20 @@ def _data(n: int = 400, c: int = 8, k: int = 12, seed: int = 0) -> torch.Tensor:
     return codes @ torch.randn(k, c, generator=g)
 
 
-def test_missing_package_is_named(monkeypatch):
+def test_missing_package_is_named_and_the_hand_written_sae_stands_in(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     assert "pip install 'gig[overcomplete]'" in OvercompleteTopKSAE.problem()
-    with pytest.raises(ValueError, match="sae-overcomplete needs the optional package"):
-        EvaluationSettings(methods=["sae-overcomplete"])
+    with pytest.raises(ValueError, match=r"sae \(Overcomplete's TopK SAE\) needs the optional package"):
+        EvaluationSettings(methods=["sae"])
+    assert default_methods() == ["ours", "dictionary", "sae-torch", "kmeans"]
+    assert EvaluationSettings().methods == default_methods()
     with pytest.raises(InputError, match="overcomplete"):
         OvercompleteTopKSAE(4, k=2).fit(_data())
 
 
 @needs_overcomplete
 def test_overcomplete_topk_sae_contract(tmp_path):
-    assert basis_class("sae-overcomplete") is OvercompleteTopKSAE
+    assert basis_class("sae") is OvercompleteTopKSAE and default_methods() == list(METHODS)
     X = _data()
     state = torch.random.get_rng_state()
     basis = OvercompleteTopKSAE(12, k=3, seed=0, steps=60).fit(X)

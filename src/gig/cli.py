@@ -357,7 +357,7 @@ def evaluate(
     run_dir: Path = typer.Argument(..., help="A run directory whose decompose stage has finished."),
     extraction_images: int = typer.Option(100, help="Images for concept extraction (C-Deletion/C-Insertion); 0 skips it."),
     interlayer_images: int = typer.Option(20, help="Images for inter-layer insertion/deletion; 0 skips it."),
-    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="ours | dictionary | sae | kmeans | … (any registered method) | user:PATH (your basis: a .safetensors file or a folder of LAYER.safetensors, see docs/evaluation.md). Repeat; default ours, dictionary, sae, kmeans."),
+    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="ours | dictionary | sae | sae-torch | kmeans | nmf | … (any registered method) | user:PATH (your basis: a .safetensors file or a folder of LAYER.safetensors, see docs/evaluation.md). Repeat; default ours, dictionary, sae (sae-torch without gig[overcomplete]), kmeans."),
     ordering: Optional[list[str]] = typer.Option(None, "--ordering", help="gig | random | grad_x_coef | magnitude (repeat; default all)."),
     layer: Optional[list[str]] = LayersOpt,
     seed: int = typer.Option(0, help="Seed for image choice, baselines and random orders."),
@@ -374,18 +374,19 @@ def evaluate(
     """Faithfulness evaluation of RUN_DIR (concept extraction vs baselines; inter-layer orderings) into RUN_DIR/evaluate/."""
     import torch
 
-    from .evaluation import METHODS, ORDERINGS, EvaluationSettings, evaluate_run
+    from .evaluation import EvaluationSettings, evaluate_run
     from .evaluation.runner import tune_malloc
 
     tune_malloc()
     if threads:
         torch.set_num_threads(threads)
     try:
+        chosen = {"methods": list(method)} if method else {}  # else the settings' defaults
+        chosen |= {"orderings": list(ordering)} if ordering else {}
         settings = EvaluationSettings(
-            extraction_images=extraction_images, interlayer_images=interlayer_images,
-            methods=list(method or METHODS), orderings=list(ordering or ORDERINGS), layers=layer or None, seed=seed,
+            extraction_images=extraction_images, interlayer_images=interlayer_images, layers=layer or None, seed=seed,
             n_steps=n_steps, gig_tol=gig_tol, n_random=n_random, sae_k=sae_k, chunk_images=chunk_images,
-            plots=plots, resume=not restart)
+            plots=plots, resume=not restart, **chosen)
         result = evaluate_run(run_dir, settings, out=out, progress=True)
     except GigError as exc:
         _fail(exc)

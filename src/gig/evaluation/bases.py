@@ -13,7 +13,7 @@ A method is one class in one module of :mod:`gig.evaluation.methods`, decorated 
 beside a JSON file of the method, its parameters, learned scalars and details (no pickle)::
 
     basis.safetensors   {"components": (K, C), …}
-    basis.json          {"format": 1, "method": "sae", "params": {…}, "values": {…}, "info": {…}}
+    basis.json          {"format": 1, "method": "sae", "class": "…", "params": {…}, "values": {…}, "info": {…}}
 
 >>> from gig.evaluation.bases import basis_class
 >>> km = basis_class("kmeans")(n_components=8, seed=0).fit(X)   # doctest: +SKIP
@@ -97,6 +97,12 @@ class ConceptBasis:
         return None
 
     @classmethod
+    def identity(cls) -> str:
+        """The implementing class (module and name): saved with a fit and part of every reuse key,
+        so a method name that comes to mean another implementation never reuses old results."""
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    @classmethod
     def fingerprint(cls, spec: str) -> dict[str, Any]:
         """What besides the run and :attr:`uses` a saved fit depends on (e.g. a user file's hash)."""
         return {}
@@ -120,8 +126,9 @@ class ConceptBasis:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors, values = self._learned()
         save_tensors(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-        save_json(path.with_suffix(".json"), {"format": FORMAT, "method": self.name, "params": self.get_params(),
-                                              "values": values, "info": getattr(self, "info_", {}), **(extra or {})})
+        save_json(path.with_suffix(".json"), {"format": FORMAT, "method": self.name, "class": self.identity(),
+                                              "params": self.get_params(), "values": values,
+                                              "info": getattr(self, "info_", {}), **(extra or {})})
 
     @classmethod
     def load(cls, path: str | Path) -> "ConceptBasis":
@@ -136,6 +143,8 @@ class ConceptBasis:
             klass = registered().get(meta["method"])
             if klass is None:
                 raise InputError(f"{path}: method {meta['method']!r} is not registered here")
+        if meta.get("class", klass.identity()) != klass.identity():
+            raise InputError(f"{path} was saved by {meta['class']}, not {klass.identity()}: fit it again")
         basis = klass(**meta["params"])
         basis._restore(load_tensors(path), meta["values"])
         basis.info_ = meta.get("info", {})

@@ -112,7 +112,7 @@ def fitted_basis(ctx: LayerContext, folder: Path, run_hash: str) -> ConceptBasis
     klass = basis_class(ctx.spec)
     if klass.from_run:
         return klass.for_layer(ctx)
-    key = _hash({"version": SETTINGS_VERSION, "run_hash": run_hash, "method": ctx.spec,
+    key = _hash({"version": SETTINGS_VERSION, "run_hash": run_hash, "method": ctx.spec, "class": klass.identity(),
                  "uses": {f: getattr(ctx.settings, f) for f in klass.uses},
                  "calibration_size": ctx.config.calibration_size, "files": klass.fingerprint(ctx.spec)})
     path = folder / (method_label(ctx.spec).replace(":", "-") + ".safetensors")

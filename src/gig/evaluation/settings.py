@@ -27,12 +27,20 @@ from ..errors import ConfigError
 from .bases import basis_class, method_label, method_problem
 from .interlayer import ORDERINGS
 
-#: The default methods (``nmf`` and optional ones are chosen by name).
+#: The default methods (``nmf``, ``sae-torch`` and ``user:PATH`` are chosen by name).
 METHODS = ("ours", "dictionary", "sae", "kmeans")
 #: 3: error-controlled GIG (gig_tol) for the rankings
 SETTINGS_VERSION = 3
 #: Settings that change speed or presentation only: left out of the resume key.
 NOT_IN_KEY = ("batch_rows", "n_boot", "plots", "resume")
+
+
+def default_methods() -> list[str]:
+    """:data:`METHODS`, with the hand-written ``sae-torch`` standing in for Overcomplete's ``sae``
+    where the optional package is not installed (the results name the one that ran)."""
+    if basis_class("sae").problem() is None:
+        return list(METHODS)
+    return ["sae-torch" if m == "sae" else m for m in METHODS]
 
 
 def _hash(data: Any) -> str:
@@ -47,7 +55,7 @@ class EvaluationSettings:
     extraction_images: int = 100  # images for concept extraction (C-Deletion / C-Insertion); 0 skips it
     interlayer_images: int = 20  # images for inter-layer insertion / deletion; 0 skips it
     #: registered method names (gig.evaluation.bases.registered) or user:PATH
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=default_methods)
     orderings: list[str] = field(default_factory=lambda: list(ORDERINGS))
     layers: list[str] | None = None  # None: every layer of the run
     seed: int = 0  # image choice, baselines and random orders
@@ -172,7 +180,10 @@ class EvaluationPlan:
         is unchanged (batch sizes, bootstrap and output options do not count)."""
         chosen = {k: v for k, v in self.settings.to_dict().items() if k not in NOT_IN_KEY}
         files = {m: f for m in self.methods if (f := basis_class(m).fingerprint(m))}  # user files' hashes
-        return _hash({"settings": chosen, "resolved": self.resolved(), **({"files": files} if files else {})})
+        # the class behind each name too: a name that changes its method must not reuse parts
+        classes = {m: basis_class(m).identity() for m in self.methods}
+        return _hash({"settings": chosen, "resolved": self.resolved(), "classes": classes,
+                      **({"files": files} if files else {})})
 
     def record(self) -> dict[str, Any]:
         """What ``settings.json`` holds (with the timings added by the runner)."""

@@ -8,8 +8,8 @@ name                       module                   basis
 =========================  =======================  ===========================================
 ``ours``                   :mod:`.ours`             the run's dictionary and its stored Lasso codes
 ``dictionary``             :mod:`.dictionary`       scikit-learn dictionary learning + the run's coder
-``sae``                    :mod:`.sae`              TopK sparse autoencoder (torch, hand-written)
-``sae-overcomplete``       :mod:`.overcomplete_sae` Overcomplete's TopK SAE (optional extra)
+``sae``                    :mod:`.overcomplete_sae` Overcomplete's TopK SAE (optional extra)
+``sae-torch``              :mod:`.sae`              TopK sparse autoencoder (torch, hand-written)
 ``kmeans``                 :mod:`.kmeans`           k-means centroids, hard nearest-centroid code
 ``nmf``                    :mod:`.nmf`              scikit-learn NMF (non-negative layers only)
 ``user:PATH``              :mod:`.user`             a basis of the user's own from safetensors

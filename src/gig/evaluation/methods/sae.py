@@ -1,5 +1,8 @@
-"""``sae``: a TopK sparse autoencoder written out in torch (Gao et al. 2024), trained on the run's
-sampled PFVs, with as many active latents as the run's codes have active concepts per PFV.
+"""``sae-torch``: a TopK sparse autoencoder written out in torch (Gao et al. 2024), trained on the
+run's sampled PFVs, with as many active latents as the run's codes have active concepts per PFV.
+
+The default ``sae`` is Overcomplete's (:mod:`.overcomplete_sae`), which reconstructs better at the
+same ``k``; this one needs no extra package and is the default's stand-in without it.
 
 ``z = TopK_k(ReLU((x/s − b) W_e + c))·s``, ``x̂ = z W_d`` with unit-norm decoder rows and no
 decoder bias (so the zero code is the zero layer output); ``s`` is the mean PFV norm.
@@ -109,7 +112,7 @@ def train_sae(X: torch.Tensor, K: int, k: int, seed: int = 0, steps: int = 1500,
 class TopKSAEBasis(ConceptBasis):
     """:class:`TopKSAE` with ``n_components`` latents, ``k`` active, trained by :func:`train_sae`."""
 
-    name = "sae"
+    name = "sae-torch"
     uses = ("seed", "sae_k", "sae_steps")
 
     def __init__(self, n_components: int, k: int, seed: int = 0, steps: int = 1500, batch_size: int = 256,
