@@ -1,12 +1,14 @@
 """Compare two evaluation folders (``gig evaluate`` outputs) number by number.
 
-    python bench/compare_evaluation.py BEFORE_DIR AFTER_DIR [--tol 1e-9]
+    python bench/compare_evaluation.py BEFORE_DIR AFTER_DIR [--tol 1e-9] [--rename NEW=OLD ...]
 
 For each of summary.json, extraction.json and interlayer.json: every numeric leaf of BEFORE is
 paired with the leaf at the same path in AFTER; prints the number of leaves compared, the largest
 absolute difference (and where), and every path present in one file only or whose non-numeric
-value differs. Timings (``seconds``, ``fit_seconds``) are skipped: they are not results. Exit
-status 1 when a difference exceeds ``--tol`` or the structures differ.
+value differs. Timings (``seconds``, ``fit_seconds``) are skipped: they are not results.
+``--rename sae-torch=sae`` reads AFTER's method ``sae-torch`` as ``sae`` (the hand-written SAE was
+renamed when Overcomplete's became ``sae``). Exit status 1 when a difference exceeds ``--tol`` or
+the structures differ.
 """
 
 from __future__ import annotations
@@ -19,6 +21,15 @@ from pathlib import Path
 
 FILES = ("summary.json", "extraction.json", "interlayer.json")
 SKIP = {"seconds", "fit_seconds"}
+
+
+def renamed(data, names: dict[str, str]):
+    """``data`` with every dict key and string equal to a key of ``names`` replaced by its value."""
+    if isinstance(data, dict):
+        return {names.get(k, k): renamed(v, names) for k, v in data.items()}
+    if isinstance(data, list):
+        return [renamed(v, names) for v in data]
+    return names.get(data, data) if isinstance(data, str) else data
 
 
 def leaves(data, path: str = ""):
@@ -62,7 +73,10 @@ def main() -> int:
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path)
     parser.add_argument("--tol", type=float, default=1e-9, help="largest absolute difference accepted")
+    parser.add_argument("--rename", action="append", default=[], metavar="NEW=OLD",
+                        help="read AFTER's name NEW as OLD (method labels)")
     args = parser.parse_args()
+    names = dict(r.split("=", 1) for r in args.rename)
     ok = True
     for name in FILES:
         pa, pb = args.before / name, args.after / name
@@ -72,7 +86,7 @@ def main() -> int:
             print(f"{name}: only in {'before' if pa.is_file() else 'after'}")
             ok = False
             continue
-        r = compare(json.loads(pa.read_text()), json.loads(pb.read_text()))
+        r = compare(json.loads(pa.read_text()), renamed(json.loads(pb.read_text()), names))
         print(f"{name}: {r['numbers']} numbers, max |Δ| = {r['max_abs_diff']:.3g}"
               + (f" at {r['at']}" if r["at"] else "") + f", {len(r['mismatched'])} structural/text differences")
         for path in r["mismatched"][:20]:

@@ -10,8 +10,11 @@ export OMP_NUM_THREADS=$THREADS
 /usr/bin/time -v gig evaluate "$RUN" --extraction-images 100 --interlayer-images 20 \
     --threads "$THREADS" 2>&1 | tee "$LOG"
 cat "$RUN/evaluate/results.md"
-# SAE sensitivity to its number of active latents k (the main table uses the run's own sparsity).
+# Sensitivity of the hand-written SAE (sae-torch, the one in the docs' tables) to its active latents k.
 for k in 16 32; do
-    gig evaluate "$RUN" --extraction-images 100 --interlayer-images 0 -m sae --sae-k $k \
+    gig evaluate "$RUN" --extraction-images 100 --interlayer-images 0 -m sae-torch --sae-k $k \
         --out "$RUN/evaluate/ablation-sae-k$k" --threads "$THREADS" 2>&1 | tail -12
 done
+# Overcomplete's TopK SAE (sae, needs pip install 'gig[overcomplete]') against the hand-written one (sae-torch) at the same k.
+gig evaluate "$RUN" --extraction-images 100 --interlayer-images 0 -m sae -m sae-torch \
+    --out "$RUN/evaluate/sae-vs-overcomplete" --threads "$THREADS" 2>&1 | tail -12
