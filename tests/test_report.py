@@ -134,29 +134,6 @@ def test_evaluation_section(tiny_run) -> None:
     assert _evaluation(tiny_run["run"] / "no-such-folder", None) is None
 
 
-def test_read_codes_matches_code_reader(tiny_run) -> None:
-    import torch
-
-    from gig.decompose import CodeReader, from_sparse_rows
-    from gig.report.builder import read_codes
-    from gig.store import RunStore, load_tensors
-
-    store = RunStore.open(tiny_run["run"])
-    for layer in LAYERS:
-        reader = CodeReader(store, layer)
-        ids = reader.image_ids()[::2]
-        got = read_codes(store, layer, ids)
-        # Independently: whole shards read eagerly, split into images by their row pointers.
-        for path in sorted((store.root / "decompose" / "shards").glob("*.safetensors")):
-            t = load_tensors(path)
-            dense = from_sparse_rows(t[f"{layer}/indptr"], t[f"{layer}/indices"], t[f"{layer}/values"], reader.K)
-            shard_ids = t["image_id"].tolist()
-            per_image = dense.shape[0] // len(shard_ids)
-            for j, image_id in enumerate(shard_ids):
-                if image_id in got:
-                    assert torch.equal(got[image_id], dense[j * per_image : (j + 1) * per_image])
-
-
 def test_safe_json_escapes_and_round_trips() -> None:
     data = {"a": "</script><b>&\u2028", "n": float("nan"), "list": [1, 2.5, float("inf")]}
     text = str(safe_json(data))
