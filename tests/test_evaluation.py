@@ -227,12 +227,12 @@ def test_requires_decompose(tmp_path):
 
 
 def test_evaluate_command_writes_summary(small_run, monkeypatch):
-    import gig.pipeline
+    import gig.models
     from gig.cli import app
 
     with pytest.raises(ValueError, match="unknown method 'nmff'"):
         EvaluationSettings(methods=["ours", "nmff"])
-    monkeypatch.setattr(gig.pipeline, "load_model", lambda *a, **k: _small_bundle())
+    monkeypatch.setattr(gig.models, "load_model", lambda *a, **k: _small_bundle())
     args = ["evaluate", str(small_run), "--extraction-images", "3", "--interlayer-images", "2", "--n-random", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -193,7 +193,7 @@ def tiny_run(tmp_path_factory):
 def test_user_basis_from_the_command_line(tiny_run, tmp_path, monkeypatch):
     """A folder of per-layer files (an SAE-like encoder on block1, a bare decoder on block2)
     through ``gig evaluate -m user:FOLDER``."""
-    import gig.pipeline
+    import gig.models
     from gig.cli import app
 
     g = torch.Generator().manual_seed(0)
@@ -202,7 +202,7 @@ def test_user_basis_from_the_command_line(tiny_run, tmp_path, monkeypatch):
     save_file({"components": torch.rand(10, 12, generator=g), "W_enc": torch.randn(12, 10, generator=g)},
               str(folder / "block1.safetensors"), metadata={"top_k": "3"})
     save_file({"components": torch.rand(9, 16, generator=g)}, str(folder / "block2.safetensors"))
-    monkeypatch.setattr(gig.pipeline, "load_model", lambda *a, **k: _tiny_bundle())
+    monkeypatch.setattr(gig.models, "load_model", lambda *a, **k: _tiny_bundle())
     out = tmp_path / "ev"
     args = ["evaluate", str(tiny_run), "--extraction-images", "2", "--interlayer-images", "0", "-m", "ours",
             "-m", f"user:{folder}", "--out", str(out), "--no-plots"]

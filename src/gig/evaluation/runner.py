@@ -28,9 +28,9 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from ..access import RunAccess
 from ..attribution import GIG, gig_for
-from ..collect import iter_image_batches, load_images, load_samples
-from ..errors import RunMismatchError
+from ..collect import load_images, load_samples
 from ..store import RunStore, load_json, save_json
 from .bases import ConceptBasis, LayerContext, basis_class, method_label
 from .curves import markdown_tables, plot_auc_bars, plot_curves
@@ -60,28 +60,22 @@ def tune_malloc() -> bool:
 
 
 class RunView:
-    """The run as the evaluation reads it: the model (and its gradient copy), the run's dictionary
-    and codes per layer (:class:`RunDictionary`), the images; ``out`` is the evaluation folder."""
+    """The run as the evaluation reads it: the run opened read-only (:class:`~gig.access.RunAccess`:
+    model, images), the model's gradient copy, the run's dictionary and codes per layer
+    (:class:`RunDictionary`); ``out`` is the evaluation folder."""
 
-    def __init__(self, pipe, plan: EvaluationPlan, out: Path):
-        self.pipe, self.plan, self.out = pipe, plan, out
-        self.store: RunStore = pipe.store
-        self.handle = pipe.handle
-        self.config = pipe.config
+    def __init__(self, access: RunAccess, plan: EvaluationPlan, out: Path):
+        self.access, self.plan, self.out = access, plan, out
+        self.store: RunStore = access.store
+        self.config = access.store.config
+        self.handle = access.handle
         #: batch norms folded, channels-last: for the many gradient evaluations of GIG
-        self.fast = pipe.handle.for_gradients(plan.layers)
+        self.fast = access.handle.for_gradients(plan.layers)
         self.run_bases = {layer: RunDictionary(str(self.store.root), layer).fit() for layer in plan.layers}
-        self.by_id = {r.image_id: r for r in pipe.source.records}
 
     def pixels(self, infos: list[dict]) -> torch.Tensor:
         """Preprocessed images ``(n, 3, S, S)`` of the run's records ``infos``, in their order."""
-        records = [self.by_id[i["image_id"]] for i in infos]
-        batches = list(iter_image_batches(self.pipe.source, records, self.handle, max(len(records), 1)))
-        got = [r.image_id for b in batches for r in b.records]
-        if got != [i["image_id"] for i in infos]:
-            missing = sorted(set(i["image_id"] for i in infos) - set(got))
-            raise RunMismatchError(f"images {missing} of the run could not be loaded again from {self.config.images}")
-        return torch.cat([b.pixels for b in batches])
+        return self.access.run_pixels([i["image_id"] for i in infos])
 
     def gig(self, layer: str, V: torch.Tensor) -> GIG:
         """GIG from the concepts ``V (K, C)`` of ``layer`` with the plan's step settings."""
@@ -210,14 +204,12 @@ def evaluate_run(run_dir: str | Path, settings: EvaluationSettings | None = None
 
     ``out`` elsewhere serves e.g. an ablation that must not replace the run's evaluation (only
     ``RUN/evaluate/summary.json`` is read by ``gig inspect``). ``model`` / ``source`` override the
-    run's model and images (a user ``ModelBundle`` and ``ImageSource``, as for
-    :class:`~gig.pipeline.Pipeline`). Returns ``{"summary", "extraction", "interlayer", "files",
+    run's model and images (a user ``ModelBundle`` or module and ``ImageSource``, as for
+    :class:`~gig.access.RunAccess`; the run itself is only read). Returns ``{"summary", "extraction", "interlayer", "files",
     "seconds"}``; ``summary`` is what ``summary.json`` holds. Raises
     :class:`~gig.errors.RunMismatchError` for a run without a finished decompose stage and
     :class:`~gig.errors.ConfigError` for layers the run does not have.
     """
-    from ..pipeline import Pipeline
-
     start = time.perf_counter()
     settings = settings if settings is not None else EvaluationSettings()
     run_dir = Path(run_dir)
@@ -226,7 +218,7 @@ def evaluate_run(run_dir: str | Path, settings: EvaluationSettings | None = None
     plan = make_plan(settings, store, store.config, load_images(store)["images"])
     out = Path(out) if out is not None else run_dir / "evaluate"
     prepare_folder(out, plan)
-    view = RunView(Pipeline.open(run_dir, model=model, source=source, progress=False), plan, out)
+    view = RunView(RunAccess(store, model=model, source=source), plan, out)
     total = (len(plan.extraction_images) * len(plan.layers) * len(plan.methods)
              + len(plan.interlayer_images) * (len(plan.layers) - 1))
     bar = tqdm(total=total, desc="evaluate", unit="img", disable=not progress, smoothing=0.05)
