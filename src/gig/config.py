@@ -78,10 +78,14 @@ def check_fields(settings: Any, rules: dict[str, tuple[Callable[[Any], bool], st
         raise ConfigError(f"{what} " + "; ".join(problems))
 
 
+def stable_hash(data: Any) -> str:
+    """A stable 16-hex-digit fingerprint of JSON-like ``data`` (keys sorted)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def settings_hash(settings: Any) -> str:
-    """A stable 16-hex-digit fingerprint of a settings dataclass (its fields as sorted JSON)."""
-    blob = json.dumps(dataclasses.asdict(settings), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """The fingerprint of a settings dataclass (:func:`stable_hash` of its fields)."""
+    return stable_hash(dataclasses.asdict(settings))
 
 
 @dataclass

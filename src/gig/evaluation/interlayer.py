@@ -5,7 +5,7 @@ For a transition ``a → b`` between consecutive run layers and one image:
 1. targets: the image's top-``T`` concepts of layer ``b`` by concept → class GIG at ``b`` (the
    run's target class; ``T = 5``);
 2. each target ``r`` is read as ``g_r = max_p ⟨x^b_p, v_r⟩ / ‖v_r‖``
-   (:func:`~gig.attribution.concept_readout`) on the output of the real network from ``a`` to
+   (:func:`~gig.readouts.concept_readout`) on the output of the real network from ``a`` to
    ``b``, normalised by its value with nothing removed (layer ``a`` replaced by its full
    reconstruction); targets whose value is not positive there are left out (counted);
 3. layer-``a`` concepts are deleted from / inserted into the code in the order given by:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..access import RunAccess
 from ..attribution import GIG, gig_for
 from ..collect import load_images, load_samples
+from ..config import stable_hash
 from ..store import RunStore, load_json, save_json
 from .bases import ConceptBasis, LayerContext, basis_class, method_label
 from .curves import markdown_tables, plot_auc_bars, plot_curves
@@ -38,7 +39,7 @@ from .extraction import aggregate_extraction, extraction_chunk
 from .interlayer import aggregate_transition, interlayer_chunk
 from .methods.ours import RunDictionary
 from .parts import resumable_parts
-from .settings import SETTINGS_VERSION, EvaluationPlan, EvaluationSettings, _hash, make_plan
+from .settings import SETTINGS_VERSION, EvaluationPlan, EvaluationSettings, make_plan
 
 
 def tune_malloc() -> bool:
@@ -106,7 +107,7 @@ def fitted_basis(ctx: LayerContext, folder: Path, run_hash: str) -> ConceptBasis
     klass = basis_class(ctx.spec)
     if klass.from_run:
         return klass.for_layer(ctx)
-    key = _hash({"version": SETTINGS_VERSION, "run_hash": run_hash, "method": ctx.spec, "class": klass.identity(),
+    key = stable_hash({"version": SETTINGS_VERSION, "run_hash": run_hash, "method": ctx.spec, "class": klass.identity(),
                  "uses": {f: getattr(ctx.settings, f) for f in klass.uses},
                  "calibration_size": ctx.config.calibration_size, "files": klass.fingerprint(ctx.spec)})
     path = folder / (method_label(ctx.spec).replace(":", "-") + ".safetensors")

@@ -14,7 +14,6 @@ gig.errors.ConfigError: evaluation setting n_points=1: an integer of at least 2
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..config import _int, _real
+from ..config import _int, _real, field_problems, stable_hash
 from ..errors import ConfigError
 from .bases import basis_class, method_label, method_problem
 from .interlayer import ORDERINGS
@@ -41,11 +40,6 @@ def default_methods() -> list[str]:
     if basis_class("sae").problem() is None:
         return list(METHODS)
     return ["sae-torch" if m == "sae" else m for m in METHODS]
-
-
-def _hash(data: Any) -> str:
-    """A stable 16-hex-digit fingerprint of JSON-like ``data`` (keys sorted)."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -83,8 +77,7 @@ class EvaluationSettings:
 
     def validate(self) -> None:
         """One :class:`ConfigError` naming every field that breaks its rule, its value and the rule."""
-        problems = [f"{name}={getattr(self, name)!r}: {allowed}"
-                    for name, (ok, allowed) in _RULES.items() if not ok(getattr(self, name))]
+        problems = field_problems(self, _RULES)
         if not problems:
             problems += [f"methods={self.methods!r}: {p}" for p in map(method_problem, self.methods) if p]
             labels = [method_label(m) for m in self.methods]
@@ -109,7 +102,7 @@ class EvaluationSettings:
 
     def hash(self) -> str:
         """Fingerprint of every field."""
-        return _hash(self.to_dict())
+        return stable_hash(self.to_dict())
 
 
 def _names(value: Any) -> bool:
@@ -182,7 +175,7 @@ class EvaluationPlan:
         files = {m: f for m in self.methods if (f := basis_class(m).fingerprint(m))}  # user files' hashes
         # the class behind each name too: a name that changes its method must not reuse parts
         classes = {m: basis_class(m).identity() for m in self.methods}
-        return _hash({"settings": chosen, "resolved": self.resolved(), "classes": classes,
+        return stable_hash({"settings": chosen, "resolved": self.resolved(), "classes": classes,
                       **({"files": files} if files else {})})
 
     def record(self) -> dict[str, Any]:
