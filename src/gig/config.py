@@ -78,6 +78,16 @@ def check_fields(settings: Any, rules: dict[str, tuple[Callable[[Any], bool], st
         raise ConfigError(f"{what} " + "; ".join(problems))
 
 
+def fields_from_dict(cls: type, data: dict[str, Any], what: str):
+    """``cls(**data)`` for a settings dataclass, refusing unknown keys with one error that lists
+    them and the valid ones (``what``: how the message names the settings)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what}(s): {', '.join(unknown)}; valid options: {', '.join(sorted(known))}")
+    return cls(**data)
+
+
 def stable_hash(data: Any) -> str:
     """A stable 16-hex-digit fingerprint of JSON-like ``data`` (keys sorted)."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -174,13 +184,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Config":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown config option(s): {', '.join(unknown)}; valid options: {', '.join(sorted(known))}"
-            )
-        return cls(**data)
+        return fields_from_dict(cls, data, "config option")
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..config import _int, _real, field_problems, stable_hash
+from ..config import _int, _real, field_problems, fields_from_dict, stable_hash
 from ..errors import ConfigError
 from .bases import basis_class, method_label, method_problem
 from .interlayer import ORDERINGS
@@ -94,11 +94,7 @@ class EvaluationSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EvaluationSettings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown evaluation setting(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-        return cls(**data)
+        return fields_from_dict(cls, data, "evaluation setting")
 
     def hash(self) -> str:
         """Fingerprint of every field."""

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from ...errors import InputError
-from ..bases import ConceptBasis, LayerContext, register_basis
-from .sae import code_figures
+from ..bases import register_basis
+from .sae import TopKSAEBasis, code_figures
 
 
 def _overcomplete_sae():
@@ -49,21 +49,12 @@ def _mse(x, x_hat, *_):
 
 
 @register_basis
-class OvercompleteTopKSAE(ConceptBasis):
+class OvercompleteTopKSAE(TopKSAEBasis):
     """Overcomplete ``TopKSAE(C, K, top_k=k)`` on PFVs scaled by ``1/s``; codes ``z·s (N, K)``,
-    ``components_`` its unit-norm dictionary ``(K, C)``."""
+    ``components_`` its unit-norm dictionary ``(K, C)``. Same parameters (and ``uses``) as the
+    hand-written :class:`TopKSAEBasis`, so the two are compared at equal K, k, steps and rate."""
 
     name = "sae"
-    uses = ("seed", "sae_k", "sae_steps")
-
-    def __init__(self, n_components: int, k: int, seed: int = 0, steps: int = 1500, batch_size: int = 256,
-                 lr: float = 2e-3):
-        self.n_components = n_components
-        self.k = k
-        self.seed = seed
-        self.steps = steps
-        self.batch_size = batch_size
-        self.lr = lr
 
     @classmethod
     def problem(cls) -> str | None:
@@ -71,10 +62,6 @@ class OvercompleteTopKSAE(ConceptBasis):
             return ("sae (Overcomplete's TopK SAE) needs the optional package overcomplete: "
                     "pip install 'gig[overcomplete]'; sae-torch is the hand-written TopK SAE without it")
         return None
-
-    @classmethod
-    def for_layer(cls, ctx: LayerContext) -> "OvercompleteTopKSAE":
-        return cls(ctx.K, ctx.sae_k, ctx.settings.seed, ctx.settings.sae_steps)
 
     def _model(self, channels: int):
         TopKSAE, _ = _overcomplete_sae()
