@@ -188,3 +188,21 @@ def test_ablate_command(run, monkeypatch):
     assert table.exit_code == 0 and "target" in table.stdout
     bad = CliRunner().invoke(app, ["ablate", str(run), "block1", "999"])
     assert bad.exit_code == 2 and "999" in bad.output
+
+
+def test_cli_ablation_correlation(tiny_run, tmp_path) -> None:
+    import json
+    import shutil
+
+    from gig.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    result = CliRunner().invoke(app, ["ablation-correlation", str(run), "--max-images", "1", "--top-n", "2",
+                                      "--others", "1", "--n-random", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout[result.stdout.index("{"):])
+    assert printed == json.loads((run / "graph" / "ablation" / "correlation.json").read_text())
+    assert set(printed["transitions"]) == {"_blocks.8->_blocks.15", "_blocks.15->class"}
+    for t in printed["transitions"].values():
+        assert -1.0 <= t["spearman"]["per_target"]["mean"] <= 1.0

@@ -438,6 +438,38 @@ def ablate(
     console.print(f"[green]ablate[/green]: {result.path}")
 
 
+@app.command("ablation-correlation")
+def ablation_correlation_command(
+    run_dir: Path = typer.Argument(..., help="Run directory (its attribute stage must be done)."),
+    max_images: Optional[int] = typer.Option(None, help="Use the first N images with attributions (default: all)."),
+    top_n: int = typer.Option(16, help="Active lower concepts with the largest |GIG| ablated per image and target."),
+    others: int = typer.Option(16, help="Other active lower concepts drawn at random per image and target."),
+    all_active: bool = typer.Option(False, "--all-active", help="Ablate every active concept instead."),
+    n_random: int = typer.Option(20, help="Random orderings for the baseline."),
+    device: Optional[str] = DeviceOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON result."),
+):
+    """Does a strong GIG edge mean a strong ablation effect? Spearman ρ per transition, with a random baseline (RUN/graph/ablation/correlation.json)."""
+    from .ablate import ablation_correlation
+
+    try:
+        result = ablation_correlation(run_dir, max_images=max_images, top_n=None if all_active else top_n,
+                                      n_others=others, n_random=n_random, device=device, progress=True)
+    except GigError as exc:
+        _fail(exc)
+    if json_out:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    table = Table(title=f"GIG against ablation: {result['n_images']} image(s); ρ per (image, target), mean ± sd")
+    for col in ("transition", "ρ", "random ordering", "sign agreement", "top-5 overlap (random)"):
+        table.add_column(col)
+    for name, t in result["transitions"].items():
+        rho, rnd = t["spearman"]["per_target"], t["random"]["per_target"]
+        table.add_row(name, f"{rho['mean']:+.3f} ± {rho['sd']:.3f}", f"{rnd['mean']:+.3f} ± {rnd['sd']:.3f}",
+                      f"{t['sign_agreement']:.3f}", f"{t['top5_overlap']:.2f} ({t['top5_overlap_random']:.2f})")
+    Console().print(table)
+
+
 def _print_ablation(out: Console, doc: dict) -> None:
     """Per image and on average: the target's probability and logit, with and without the concepts."""
     first = doc["readout_layers"][0] if doc["readout_layers"] else None
