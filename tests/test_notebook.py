@@ -27,5 +27,6 @@ def test_notebook_runs_top_to_bottom(tiny_run, tmp_path, monkeypatch) -> None:
     html = [o["data"]["text/html"] for out in outputs.values() for o in out if "text/html" in o.get("data", {})]
     assert any("<iframe srcdoc=" in h and "gig-data" in h for h in html), "the viewer is shown inline"
     assert any("member classes" in h for h in html), "the concept table is shown"
+    assert any("p ablated" in h for h in html), "the ablation table is shown"
     assert any("image/png" in o.get("data", {}) for out in outputs.values() for o in out), "a matplotlib figure"
     assert "my concept" in (run / "labels.yaml").read_text()

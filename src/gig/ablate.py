@@ -226,6 +226,23 @@ class AblationResult:
                          for b, v in self.readouts.items()},
         }
 
+    def _repr_html_(self) -> str:
+        """The result as a table in Jupyter: per image and on average, the target's probability
+        on the reconstruction and without the concepts."""
+        import html
+
+        doc = self.to_dict()
+        head = (f"<p><b>{html.escape(self.layer)}</b> without concept(s) {', '.join(map(str, self.concepts))}: "
+                f"{len(self.image_ids)} image(s); Δ = ablated − reconstruction</p>")
+        cells = lambda row: "".join(f"<td>{html.escape(str(c))}</td>" for c in row)  # noqa: E731
+        rows = [cells([im["image_id"] if im["image_id"] is not None else Path(im["path"]).name, im["target_name"],
+                       f"{im['target_prob']['reconstruction']:.3f}", f"{im['target_prob']['ablated']:.3f}",
+                       f"{im['target_prob']['delta']:+.3f}"]) for im in doc["images"]]
+        m = doc["mean"]["target_prob"]
+        rows.append(cells(["mean", "", f"{m['reconstruction']:.3f}", f"{m['ablated']:.3f}", f"{m['delta']:+.3f}"]))
+        return (head + "<table><tr><th>image</th><th>target</th><th>p reconstruction</th><th>p ablated</th><th>Δp</th></tr>"
+                + "".join(f"<tr>{r}</tr>" for r in rows) + "</table>")
+
     def save(self, path: str | Path | None = None, top: int = 5) -> Path:
         """Write :meth:`to_dict` (atomically) to ``path``, default :func:`ablation_path`."""
         path = Path(path) if path is not None else ablation_path(RunStore.open(self.run), self.layer, self.concepts,
