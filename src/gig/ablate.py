@@ -42,6 +42,7 @@ from .decompose import encode_pixels
 from .errors import ConfigError, InputError
 from .hooks import ModelHandle
 from .labels import check_concepts, check_layer
+from .models import class_name
 from .readouts import ConceptReadout
 from .store import RunStore, layer_key, save_json, save_tensors
 
@@ -175,7 +176,7 @@ class AblationResult:
         return self.readouts[layer][:, 1] - self.readouts[layer][:, 0]
 
     def class_name(self, c: int) -> str:
-        return self.class_names[c] if 0 <= c < len(self.class_names) else f"class {c}"
+        return class_name(self.class_names, c)
 
     def to_dict(self, top: int = 5) -> dict:
         """The JSON form (schema ``gig.ablation/1``, see docs/ablation-and-labels.md)."""

@@ -75,8 +75,7 @@ class RunAccess:
         return list(self.bundle.class_names)
 
     def class_name(self, index: int) -> str:
-        names = self.bundle.class_names
-        return names[index] if 0 <= index < len(names) else f"class {index}"
+        return self.bundle.class_name(index)
 
     def dictionary(self, layer: str) -> torch.Tensor:
         """``V (K, C)`` of ``layer`` (read once)."""

@@ -89,17 +89,20 @@ def _as_images(images: Sequence[str | Path | Image.Image]) -> list[tuple[str, Im
     return out
 
 
-def _targets(target: int | Sequence[int] | None, preds: torch.Tensor, n_classes: int) -> list[int]:
-    """One target class per image: the prediction, or the given class(es)."""
-    if target is None:
-        return preds.tolist()
-    targets = [int(target)] * len(preds) if isinstance(target, int) else [int(t) for t in target]
-    if len(targets) != len(preds):
-        raise ConfigError(f"target: {len(targets)} classes given for {len(preds)} images")
-    bad = [t for t in targets if not 0 <= t < n_classes]
+def _given_targets(target: int | Sequence[int] | None, n_images: int) -> list[int | None]:
+    """One entry per image: the class given for it, or ``None`` (its prediction)."""
+    given = [target] * n_images if target is None or isinstance(target, int) else [int(t) for t in target]
+    if len(given) != n_images:
+        raise ConfigError(f"target: {len(given)} classes given for {n_images} images")
+    return given
+
+
+def _targets(given: list[int | None], preds: torch.Tensor, n_classes: int) -> list[int]:
+    """The target class of each image of a batch: the given class, else the prediction."""
+    bad = [t for t in given if t is not None and not 0 <= t < n_classes]
     if bad:
         raise ConfigError(f"target: class(es) {bad} outside the model's 0..{n_classes - 1}")
-    return targets
+    return [int(p) if t is None else int(t) for t, p in zip(given, preds.tolist())]
 
 
 def explain(run_dir: str | Path | RunStore, images: Sequence[str | Path | Image.Image],
@@ -124,17 +127,14 @@ def explain(run_dir: str | Path | RunStore, images: Sequence[str | Path | Image.
     gigs = {layer: gig_for(fast, layer, load_dictionary(store, layer), store.config) for layer in layers}
     names = list(class_names) if class_names is not None else list(access.bundle.class_names)
     class_name = class_namer(names)
-    targets_given = [target] * len(loaded) if target is None or isinstance(target, int) else list(target)
-    if len(targets_given) != len(loaded):
-        raise ConfigError(f"target: {len(targets_given)} classes given for {len(loaded)} images")
+    targets_given = _given_targets(target, len(loaded))
     out: list[Explanation] = []
     step = store.config.batch_size
     for start in range(0, len(loaded), step):
         batch = loaded[start : start + step]
         pixels = access.bundle.preprocess_batch([im for _, im in batch])
         logits, codes = encode_pixels(store, handle, pixels)
-        given = targets_given[start : start + step]
-        targets = _targets(None if given[0] is None else given, logits.argmax(1), logits.shape[1])
+        targets = _targets(targets_given[start : start + step], logits.argmax(1), logits.shape[1])
         ids = [start + i for i in range(len(batch))]  # image ids of the explanation: 0, 1, ... over all images
         readers = {layer: _MemoryCodes({image_id: codes[layer][i] for i, image_id in enumerate(ids)}) for layer in layers}
         data = walk(pixels, ids, targets, layers, readers, gigs, store.config.top_k)
@@ -156,16 +156,13 @@ def own_erf_crops(handle, bundle, explanation: Explanation, pixels: torch.Tensor
     view = bundle.display_image(explanation.image)
     crops = {}
     for layer in layers:
-        maps = explanation.walk[f"{layer}/maps"]  # (k, H, W)
-        k, h, w = maps.shape
-        codes = explanation.codes[layer]
-        positions = []
-        for j, q in enumerate(explanation.walk[f"{layer}/top"].tolist()):
-            score = maps[j].flatten() if float(maps[j].max()) > 0 else codes[:, q].abs()
-            p = int(score.argmax())
-            positions.append((p // w, p % w))
-        erfs = erf_maps(handle, pixels.expand(k, -1, -1, -1), layer, torch.tensor(positions))
-        for j, q in enumerate(explanation.walk[f"{layer}/top"].tolist()):
+        maps = explanation.walk[f"{layer}/maps"].flatten(1)  # (k, H·W)
+        top = explanation.walk[f"{layer}/top"]
+        coef = explanation.codes[layer][:, top].abs().T  # (k, H·W)
+        peak = torch.where(maps.amax(1, keepdim=True) > 0, maps, coef).argmax(1)  # (k,)
+        w = explanation.walk[f"{layer}/maps"].shape[2]
+        erfs = erf_maps(handle, pixels.expand(len(top), -1, -1, -1), layer, torch.stack([peak // w, peak % w], 1))
+        for j, q in enumerate(top.tolist()):
             crops[f"{layer}:{q}"] = erf_crop(view, erfs[j].numpy(), size=size)
     return crops
 

@@ -37,6 +37,7 @@ from .attribution import load_attributions
 from .collect import load_images
 from .concepts import load_concept_cards
 from .errors import ConfigError
+from .models import class_name
 from .store import RunStore, load_json, save_json
 
 SCHEMA = "gig.graph/1"
@@ -174,7 +175,7 @@ def _head(data: dict[str, torch.Tensor], rows: torch.Tensor, targets: torch.Tens
         class_rows = rows[targets[rows] == c]
         class_score = data[f"{top_layer}/score"][class_rows].mean(0)
         head.append({"id": f"class:{c}", "layer": "classifier", "level": None, "class": c,
-                     "name": _name(names, c), "importance": 1.0, "n_images": int(class_rows.numel())})
+                     "name": class_name(names, c), "importance": 1.0, "n_images": int(class_rows.numel())})
         ranked = sorted(kept_top, key=lambda q: -float(class_score[q]))[:edges_per_node]
         edges += [{"source": f"{top_layer}:{q}", "target": f"class:{c}", "weight": float(class_score[q])} for q in ranked]
     return head, edges
@@ -212,7 +213,7 @@ def build_graph(store: RunStore, kind: str = "class", classes: list[int] | None 
                   for lower, q, t, w in _shown_edges(kept, edges, layers, edges_per_node)]
     return with_positions({
         "schema": SCHEMA, "kind": kind, "model": config.model, "layers": layers,
-        "classes": [{"index": c, "name": _name(names, c)} for c in classes],
+        "classes": [{"index": c, "name": class_name(names, c)} for c in classes],
         "image_ids": [int(ids[r]) for r in rows], "n_images": int(rows.numel()),
         "top_k": top_k, "edges_per_node": edges_per_node, "edge_rule": "flow",
         "edge_rule_agreement": rule_agreement(data, rows, layers, kept, edges_per_node),
@@ -266,10 +267,6 @@ def with_positions(graph: dict) -> dict:
     """``graph`` with every node's slot in its row (``position``, 0 = leftmost) set by :func:`node_rows`."""
     slot = {n["id"]: i for nodes in node_rows(graph).values() for i, n in enumerate(nodes)}
     return {**graph, "nodes": [{**n, "position": slot[n["id"]]} for n in graph["nodes"]]}
-
-
-def _name(names: list[str], c: int) -> str:
-    return names[c] if 0 <= c < len(names) else f"class {c}"
 
 
 def default_classes(store: RunStore, n: int = 3) -> list[int]:

@@ -30,6 +30,7 @@ import yaml
 
 from .errors import ConfigError, InputError
 from .access import as_store
+from .models import class_name
 from .store import RunStore, load_json
 
 LABELS_FILE = "labels.yaml"
@@ -408,7 +409,7 @@ def suggest_labels(run: str | Path | RunStore, layer: str, class_names: Sequence
     check_layer(store, layer)
     names = list(class_names) if class_names is not None else run_class_names(store)
     hierarchy = load_hierarchy() if len(names) == 1000 else None
-    name_of = lambda c: names[c] if 0 <= c < len(names) else f"class {c}"  # noqa: E731
+    name_of = lambda c: class_name(names, c)  # noqa: E731
     out: dict[int, dict] = {}
     for card in _cards(store, layer)["concepts"]:
         counts = [(int(c), int(n)) for c, n in card.get("top_classes", [])]

@@ -37,6 +37,12 @@ LITE0_LAYERS = ("_blocks.4", "_blocks.8", "_blocks.11", "_blocks.15")
 LITE_RESOLUTION = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 
 
+def class_name(names: list[str], index: int) -> str:
+    """``names[index]``, or ``class INDEX`` where the list has no name for it (the one rule for
+    naming a class: graphs, report, ablations, labels)."""
+    return names[index] if 0 <= index < len(names) else f"class {index}"
+
+
 @dataclass
 class ModelBundle:
     """A classifier with what is needed to feed it and to name its outputs."""
@@ -85,9 +91,7 @@ class ModelBundle:
         return self._class_lookup.get(_normal_name(name))
 
     def class_name(self, index: int) -> str:
-        if 0 <= index < len(self.class_names):
-            return self.class_names[index]
-        return f"class {index}"
+        return class_name(self.class_names, index)
 
 
 def to_unit_tensor(image: Image.Image) -> torch.Tensor:

@@ -31,6 +31,7 @@ from .errors import ConfigError, LayerNotFoundError
 from .decompose import encode_pixels
 from .explain import Explanation, explain, write_explanations
 from .graph import build_graph
+from .models import class_name
 from .store import RunStore, save_json
 
 
@@ -150,19 +151,27 @@ class ConceptSet:
         """ERF crops of the concept's ``n`` nearest PFVs (top-1 first), from the run's crop cache."""
         if not 0 <= concept < len(self.cards):
             raise ConfigError(f"concept {concept} does not exist in layer {self.layer!r} (K = {len(self.cards)})")
-        paths = self.run._access.crops(self.layer, list(self.cards[concept]["exemplars"][:n]))
-        return [Image.open(p).convert("RGB") for p in paths]
+        return self._images(list(self.cards[concept]["exemplars"][:n]))
+
+    def _images(self, samples: list[int]) -> list[Image.Image]:
+        """The ERF crops of sampled PFVs, in one batched pass (:meth:`gig.access.RunAccess.crops`)."""
+        out = []
+        for path in self.run._access.crops(self.layer, samples):
+            with Image.open(path) as im:
+                out.append(im.convert("RGB"))
+        return out
 
     def _repr_html_(self, n: int = 12) -> str:
         names = self.run.class_names
         labels = self.labels()
         order = sorted(range(len(self.cards)), key=lambda q: -self.cards[q]["count"])[:n]
+        with_crop = [q for q in order if self.cards[q]["exemplars"]]
+        top1 = dict(zip(with_crop, self._images([self.cards[q]["exemplars"][0] for q in with_crop])))
         rows = []
         for q in order:
             card = self.cards[q]
-            top1 = self.crops(q, 1)
-            classes = ", ".join(f"{names[c] if 0 <= c < len(names) else c} ({k})" for c, k in card["top_classes"][:3])
-            image = f'<img src="{_data_uri(top1[0])}" width="64">' if top1 else ""
+            classes = ", ".join(f"{class_name(names, c)} ({k})" for c, k in card["top_classes"][:3])
+            image = f'<img src="{_data_uri(top1[q])}" width="64">' if q in top1 else ""
             rows.append(f"<tr><td>{q}</td><td>{image}</td><td>{html.escape(labels.get(q, {}).get('name', ''))}</td>"
                         f"<td>{card['count']}</td><td>{html.escape(classes)}</td></tr>")
         return (f"<p><b>{html.escape(self.layer)}</b>: {len(self.cards)} concepts (the {len(order)} largest shown)</p>"

@@ -22,6 +22,7 @@ from ..erf import erf_dir
 from ..errors import RunMismatchError
 from ..graph import build_graph, default_classes, edge_weights, with_positions
 from ..labels import load_labels, node_labels
+from ..models import class_name
 from ..store import RunStore, load_json
 from ..visual import draw_graph
 from .page import Assets, heatmap_overlay, jpeg_bytes, slug
@@ -41,7 +42,7 @@ def class_namer(names: list[str]) -> Callable[[int | None], str]:
     def name(c: int | None) -> str:
         if c is None:
             return "target logit"
-        return names[c] if 0 <= c < len(names) else f"class {c}"
+        return class_name(names, c)
     return name
 
 
