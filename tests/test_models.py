@@ -80,3 +80,16 @@ def test_class_index_by_synset_or_name(lite0):
     assert lite0.class_index("n01443537") == 1 and lite0.class_index("N01440764") == 0
     assert lite0.class_index("tench") == 0 and lite0.class_index("Great_White_Shark") == 2
     assert lite0.class_index("not a class") is None
+
+
+def test_random_weights_are_the_same_in_every_process():
+    """``weights="none"`` builds one fixed random model, so separate stage commands, torchrun
+    ranks and a resumed run agree on its fingerprint; the caller's random stream is untouched."""
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_model("torchvision:resnet18", "none").model.state_dict()
+    after = torch.rand(3)
+    b = load_model("torchvision:resnet18", "none").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(after, expected_next)

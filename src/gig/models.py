@@ -268,7 +268,18 @@ def _timm(name: str, weights: str) -> ModelBundle:
 
 
 def load_model(spec: str, weights: str = "default") -> ModelBundle:
-    """Build the model named by ``spec`` (see module docstring) in eval mode on the CPU."""
+    """Build the model named by ``spec`` (see module docstring) in eval mode on the CPU.
+
+    ``weights="none"`` initialises from a fixed seed, so that every process (each stage command,
+    each torchrun rank, a resumed run) builds the same random model."""
+    if weights == "none":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return _build(spec, weights)
+    return _build(spec, weights)
+
+
+def _build(spec: str, weights: str) -> ModelBundle:
     if spec in LITE_RESOLUTION:
         return _efficientnet_lite(spec, weights)
     if spec.startswith("torchvision:"):
