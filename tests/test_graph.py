@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gig.errors import ConfigError
-from gig.graph import EDGE_RULES, _shown_edges, edge_weights, rule_agreement
+from gig.graph import EDGE_RULES, GroupSums, _shown_edges, edge_weights, group_sums, rule_agreement
 
 LAYERS = ["low", "high"]
 N, k, K_LO, K_UP = 5, 2, 6, 4
@@ -85,4 +85,22 @@ def test_rule_agreement_is_one_when_the_rules_coincide():
     data["low/delta"] = torch.ones(N, k)
     data["high/importance"] = torch.ones(N, k)
     kept = {"low": list(range(K_LO)), "high": list(range(K_UP))}
-    assert rule_agreement(data, torch.arange(N), LAYERS, kept, 2) == {rule: 1.0 for rule in EDGE_RULES[1:]}
+    group = GroupSums(LAYERS)
+    group.add({**data, "image_id": torch.arange(N)}, torch.arange(N))
+    assert rule_agreement(group, LAYERS, kept, 2) == {rule: 1.0 for rule in EDGE_RULES[1:]}
+
+
+@pytest.mark.parametrize("rule", EDGE_RULES)
+def test_sums_over_shards_equal_the_mean_over_all_images(rule):
+    """The graph stage adds shard by shard; per class, the sums over any split of the images give
+    the loop's mean over that class's images."""
+    data = {**_walk(complete=False), "image_id": torch.arange(10, 10 + N)}
+    targets = {10: 7, 11: 3, 12: 7, 13: 7, 14: 3}
+    shards = [{key: v[rows] for key, v in data.items()} for rows in (torch.tensor([0, 1]), torch.tensor([2, 3, 4]))]
+    sums = group_sums(iter(shards), {7: ("class", 7), "all": ("all", None), "one": ("image", 13)}, targets, LAYERS)
+    for key, rows in ((7, torch.tensor([0, 2, 3])), ("all", torch.arange(N)), ("one", torch.tensor([3]))):
+        assert sums[key].n == len(rows) and sums[key].image_ids == [10 + int(r) for r in rows]
+        torch.testing.assert_close(sums[key].edges(rule)["low"], _by_loop(data, rows, rule))
+        torch.testing.assert_close(sums[key].scores()["high"], data["high/score"][rows].mean(0))
+    merged = GroupSums.merged([sums[7], sums["one"]])
+    assert merged.n == 4 and merged.image_ids == [10, 12, 13, 13]

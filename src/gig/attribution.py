@@ -38,11 +38,13 @@ the network before ``a`` runs once per image (see ``ModelHandle.run_from``).
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from .errors import ConfigError, RunMismatchError
 from .hooks import ModelHandle
@@ -573,7 +575,7 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=N
             store.mark_shard("attribute", name, {"n_images": int(tensors["image_id"].numel())})
         if not ranks.is_main:
             return
-        data = load_attributions(store)
+        data = load_attributions(store, SUMMARY_FIELDS)  # not the maps: memory flat in the images
         parts = completeness_residuals(store, by_layer=True, data=data)
         summary["completeness"] = _residual_stats(torch.cat(list(parts.values())))
         summary["completeness_by_source"] = {name: _residual_stats(r) for name, r in parts.items()}
@@ -641,14 +643,46 @@ def _converged(res: GIGResult) -> torch.Tensor:
     return res.converged.to(torch.uint8)
 
 
-def load_attributions(store) -> dict[str, torch.Tensor]:
-    """All attribute shards concatenated: keys as in :func:`walk`, first axis = images."""
-    from .store import load_tensors
+#: The per-image records of an attribution's path (no maps, no GIG vectors): what the summaries read.
+SUMMARY_FIELDS = ("class_residual", "class_delta", "residual", "delta", "class_steps", "class_error",
+                  "class_converged", "steps", "error", "converged")
 
+
+def iter_attributions(store, fields: Collection[str] | None = None,
+                      image_ids: Collection[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The attribute shards one at a time, in order: keys as in :func:`walk`, first axis = that
+    shard's images. ``fields`` keeps only the keys ``LAYER/FIELD`` with those FIELDs (and
+    ``image_id``); ``image_ids`` only those images' rows. Only what is kept is read from disk, so
+    memory holds one shard's selection, never the run's."""
     paths = sorted((store.root / "attribute" / "shards").glob("*.safetensors"))
     if not paths:
         raise RunMismatchError(f"no attribution shards in {store.root / 'attribute'}: run `gig attribute` first")
-    parts = [load_tensors(p) for p in paths]
+    wanted = None if image_ids is None else torch.tensor(sorted({int(i) for i in image_ids}), dtype=torch.long)
+    for path in paths:
+        with safe_open(str(path), framework="pt") as shard:
+            ids = shard.get_tensor("image_id")
+            rows = None if wanted is None else torch.isin(ids, wanted).nonzero().flatten()
+            if rows is not None and rows.numel() == 0:
+                continue
+            keys = [k for k in shard.keys()
+                    if k == "image_id" or fields is None or k.rsplit("/", 1)[-1] in fields]
+            part = {}
+            for key in keys:
+                if rows is None:
+                    part[key] = shard.get_tensor(key)
+                else:  # read the rows' span only, then keep the rows
+                    first, last = int(rows[0]), int(rows[-1]) + 1
+                    part[key] = shard.get_slice(key)[first:last][rows - first]
+            yield part
+
+
+def load_attributions(store, fields: Collection[str] | None = None,
+                      image_ids: Collection[int] | None = None) -> dict[str, torch.Tensor]:
+    """The attribute shards concatenated (see :func:`iter_attributions` for ``fields`` and
+    ``image_ids``): keys as in :func:`walk`, first axis = images."""
+    parts = list(iter_attributions(store, fields, image_ids))
+    if not parts:
+        raise RunMismatchError(f"none of the images {sorted(image_ids or [])[:10]} has attributions in {store.root}")
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -662,7 +696,7 @@ def completeness_residuals(store, by_layer: bool = False, data: dict[str, torch.
 
     One tensor, or with ``by_layer`` a dict keyed ``"LAYER->class"`` / ``"LOWER->UPPER"``.
     """
-    data = load_attributions(store) if data is None else data
+    data = load_attributions(store, SUMMARY_FIELDS) if data is None else data
     layers = store.config.layers
     top = layers[-1]
     parts = {f"{top}->class": data[f"{top}/class_residual"].abs() / data[f"{top}/class_delta"].abs().clamp_min(1e-8)}
@@ -684,7 +718,7 @@ def _path_keys(layers: list[str]) -> dict[str, tuple[str, str, str]]:
 def load_error_estimates(store, data: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Every stored attribution's relative error estimate, flat (NaN-free; empty for runs made
     before error control or on a fixed grid without an estimate)."""
-    data = load_attributions(store) if data is None else data
+    data = load_attributions(store, SUMMARY_FIELDS) if data is None else data
     parts = [data[keys[1]].flatten() for keys in _path_keys(store.config.layers).values() if keys[1] in data]
     flat = torch.cat(parts) if parts else torch.zeros(0)
     return flat[~flat.isnan()]
@@ -695,7 +729,7 @@ def accuracy_summary(store, data: dict[str, torch.Tensor] | None = None) -> dict
     (median, p95, max) and the share of attributions that did not converge (estimate above the
     tolerance, or completeness residual above half of it, at the step cap) of every stored
     attribution."""
-    data = load_attributions(store) if data is None else data
+    data = load_attributions(store, SUMMARY_FIELDS) if data is None else data
     config = store.config
     tol = None if config.n_steps else config.gig_tol
     out: dict = {"tol": tol, "by_source": {}}

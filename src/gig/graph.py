@@ -29,11 +29,12 @@ JSON schema ``gig.graph/1`` (see docs/graph-schema.md)::
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 
 import torch
 from tqdm.auto import tqdm
 
-from .attribution import load_attributions
+from .attribution import iter_attributions
 from .collect import load_images
 from .concepts import load_concept_cards
 from .errors import ConfigError
@@ -50,10 +51,14 @@ SCHEMA = "gig.graph/1"
 EDGE_RULES = ("flow", "share", "flow-l1")
 
 
-def edge_weights(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list[str],
-                 rule: str = "flow") -> dict[str, torch.Tensor]:
-    """Mean edge weights over the images ``rows``: ``{lower: (K_upper, K_lower)}``; an image adds 0
-    to edges into targets it did not reach. Never materialises ``(images, K_upper, K_lower)``."""
+#: The attribution fields a graph reads (:func:`gig.attribution.iter_attributions`): no maps.
+GRAPH_FIELDS = ("score", "gig", "delta", "importance", "targets")
+
+
+def edge_sums(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list[str],
+              rule: str = "flow") -> dict[str, torch.Tensor]:
+    """Summed edge weights over the images ``rows``: ``{lower: (K_upper, K_lower)}``; an image adds
+    0 to edges into targets it did not reach. Never materialises ``(images, K_upper, K_lower)``."""
     if rule not in EDGE_RULES:
         raise ConfigError(f"unknown edge rule {rule!r}: use one of {', '.join(EDGE_RULES)}")
     edges = {}
@@ -68,18 +73,86 @@ def edge_weights(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list
             per_image = per_image * data[f"{upper}/importance"][rows][..., None]
         total = torch.zeros(data[f"{upper}/score"].shape[1], gig.shape[2])
         total.index_add_(0, data[f"{lower}/targets"][rows].flatten(), per_image.flatten(0, 1))
-        edges[lower] = total / max(len(rows), 1)
+        edges[lower] = total
     return edges
 
 
-def _mean_over(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list[str], rule: str = "flow"):
-    """Mean node importances ``{layer: (K,)}`` and edge weights ``{lower: (K_upper, K_lower)}``."""
-    scores = {layer: data[f"{layer}/score"][rows].mean(0) for layer in layers}
-    return scores, edge_weights(data, rows, layers, rule)
+def edge_weights(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list[str],
+                 rule: str = "flow") -> dict[str, torch.Tensor]:
+    """Mean edge weights over the images ``rows``: ``{lower: (K_upper, K_lower)}`` (:func:`edge_sums`
+    over the number of images)."""
+    return {lower: total / max(len(rows), 1) for lower, total in edge_sums(data, rows, layers, rule).items()}
 
 
 def _safe(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d.abs() < 1e-8, torch.full_like(d, 1e-8), d)
+
+
+class GroupSums:
+    """Node-importance and edge-weight sums of one group of images (a class, all images, one
+    image), added shard by shard, so a graph of any number of images holds ``(K,)`` and
+    ``(K_upper, K_lower)`` sums, never the images' attributions."""
+
+    def __init__(self, layers: list[str]):
+        self.layers = layers
+        self.n = 0
+        self.image_ids: list[int] = []
+        self.score_sums: dict[str, torch.Tensor] = {}
+        self.edge_totals: dict[str, dict[str, torch.Tensor]] = {}
+
+    def add(self, data: dict[str, torch.Tensor], rows: torch.Tensor) -> None:
+        if rows.numel() == 0:
+            return
+        self.n += int(rows.numel())
+        self.image_ids += [int(i) for i in data["image_id"][rows]]
+        for layer in self.layers:
+            _add_into(self.score_sums, layer, data[f"{layer}/score"][rows].sum(0))
+        for rule in EDGE_RULES:
+            for lower, total in edge_sums(data, rows, self.layers, rule).items():
+                _add_into(self.edge_totals.setdefault(rule, {}), lower, total)
+
+    @classmethod
+    def merged(cls, groups: list["GroupSums"]) -> "GroupSums":
+        out = cls(groups[0].layers)
+        for g in groups:
+            out.n += g.n
+            out.image_ids += g.image_ids
+            for layer, v in g.score_sums.items():
+                _add_into(out.score_sums, layer, v)
+            for rule, totals in g.edge_totals.items():
+                for lower, v in totals.items():
+                    _add_into(out.edge_totals.setdefault(rule, {}), lower, v)
+        out.image_ids.sort()
+        return out
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Mean node importances ``{layer: (K,)}``."""
+        return {layer: v / max(self.n, 1) for layer, v in self.score_sums.items()}
+
+    def edges(self, rule: str = "flow") -> dict[str, torch.Tensor]:
+        """Mean edge weights ``{lower: (K_upper, K_lower)}`` under ``rule``."""
+        return {lower: v / max(self.n, 1) for lower, v in self.edge_totals.get(rule, {}).items()}
+
+
+def _add_into(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    sums[key] = sums[key] + value if key in sums else value.clone()
+
+
+def group_sums(parts: Iterable[dict[str, torch.Tensor]], groups: dict, targets: dict[int, int],
+               layers: list[str]) -> dict:
+    """One pass over the attribution ``parts`` (shards, or a walk's output): ``{key: GroupSums}``
+    for every ``groups[key]``, which is ``("class", c)``, ``("image", id)`` or ``("all", None)``."""
+    sums = {key: GroupSums(layers) for key in groups}
+    for part in parts:
+        ids = part["image_id"]
+        part_targets = torch.tensor([targets[int(i)] for i in ids], dtype=torch.long)
+        for key, (kind, value) in groups.items():
+            if kind == "all":
+                rows = torch.arange(len(ids))
+            else:
+                rows = ((part_targets if kind == "class" else ids) == value).nonzero().flatten()
+            sums[key].add(part, rows)
+    return sums
 
 
 def _shown_edges(kept: dict[str, list[int]], edges: dict[str, torch.Tensor], layers: list[str],
@@ -96,45 +169,36 @@ def _shown_edges(kept: dict[str, list[int]], edges: dict[str, torch.Tensor], lay
     return shown
 
 
-def rule_agreement(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list[str],
-                   kept: dict[str, list[int]], edges_per_node: int) -> dict[str, float]:
+def rule_agreement(group: GroupSums, layers: list[str], kept: dict[str, list[int]],
+                   edges_per_node: int) -> dict[str, float]:
     """For each alternative edge rule: the fraction of the shown ``flow`` edges it would show too
     (same nodes, same pruning); 1.0 means the picture does not depend on the choice."""
-    base = {(l, q, t) for l, q, t, _ in _shown_edges(kept, edge_weights(data, rows, layers), layers, edges_per_node)}
+    base = {(l, q, t) for l, q, t, _ in _shown_edges(kept, group.edges(), layers, edges_per_node)}
     out = {}
     for rule in EDGE_RULES[1:]:
-        other = {(l, q, t) for l, q, t, _ in
-                 _shown_edges(kept, edge_weights(data, rows, layers, rule), layers, edges_per_node)}
+        other = {(l, q, t) for l, q, t, _ in _shown_edges(kept, group.edges(rule), layers, edges_per_node)}
         out[rule] = len(base & other) / len(base) if base else 1.0
     return out
 
 
-def _graph_rows(kind: str, ids: torch.Tensor, targets: torch.Tensor, classes: list[int] | None,
-                image_id: int | None) -> tuple[torch.Tensor, list[int]]:
-    """The attribution rows a graph averages over, and its classes."""
+def _groups(kind: str, classes: list[int] | None, image_id: int | None) -> dict:
+    """The image groups a graph of ``kind`` sums over (see :func:`group_sums`)."""
     if kind == "image":
-        rows = (ids == image_id).nonzero().flatten() if image_id is not None else torch.zeros(0, dtype=torch.long)
-        if rows.numel() == 0:
-            raise ConfigError(f"image id {image_id} is not in this run ({len(ids)} images with attributions)")
-        return rows, [int(targets[rows[0]])]
+        return {"image": ("image", image_id)}
     if kind == "global":
-        return torch.arange(len(ids)), []
+        return {"all": ("all", None)}
     if kind in ("class", "shared"):
         if not classes:
             raise ConfigError(f"a {kind} graph needs at least one class")
-        rows = torch.isin(targets, torch.tensor(classes)).nonzero().flatten()
-        if rows.numel() == 0:
-            raise ConfigError(f"no image in this run has target class(es) {classes}")
-        return rows, list(classes)
+        return {c: ("class", c) for c in classes}
     raise ConfigError(f"unknown graph kind {kind!r}: class, shared, global or image")
 
 
-def _shared_tops(data: dict[str, torch.Tensor], rows: torch.Tensor, targets: torch.Tensor, classes: list[int],
-                 layers: list[str], top_k: int) -> dict[tuple[str, int], list[int]]:
+def _shared_tops(per_class: dict[int, GroupSums], layers: list[str], top_k: int) -> dict[tuple[str, int], list[int]]:
     """``{(layer, concept): [classes whose own top-k holds it]}`` (for shared graphs)."""
     in_top_of: dict[tuple[str, int], list[int]] = {}
-    for c in classes:
-        class_scores, _ = _mean_over(data, rows[targets[rows] == c], layers)
+    for c, group in per_class.items():
+        class_scores = group.scores()
         for layer in layers:
             for q in class_scores[layer].topk(min(top_k, class_scores[layer].numel())).indices.tolist():
                 in_top_of.setdefault((layer, q), []).append(c)
@@ -161,9 +225,8 @@ def _concept_nodes(store: RunStore, scores: dict[str, torch.Tensor], in_top_of: 
     return kept, nodes
 
 
-def _head(data: dict[str, torch.Tensor], rows: torch.Tensor, targets: torch.Tensor, classes: list[int],
-          kept_top: list[int], top_layer: str, scores_top: torch.Tensor, names: list[str],
-          edges_per_node: int, global_kind: bool) -> tuple[list[dict], list[dict]]:
+def _head(per_class: dict[int, GroupSums], kept_top: list[int], top_layer: str, scores_top: torch.Tensor,
+          names: list[str], edges_per_node: int, global_kind: bool) -> tuple[list[dict], list[dict]]:
     """The classifier row (one node per class, or one "target logit" node) and its edges."""
     top_ids = [f"{top_layer}:{q}" for q in kept_top]
     if global_kind:
@@ -171,14 +234,18 @@ def _head(data: dict[str, torch.Tensor], rows: torch.Tensor, targets: torch.Tens
                  "name": "target logit", "importance": 1.0}]
         return head, [{"source": s, "target": "logit", "weight": float(scores_top[q])} for s, q in zip(top_ids, kept_top)]
     head, edges = [], []
-    for c in classes:
-        class_rows = rows[targets[rows] == c]
-        class_score = data[f"{top_layer}/score"][class_rows].mean(0)
+    for c, group in per_class.items():
+        class_score = group.scores()[top_layer]
         head.append({"id": f"class:{c}", "layer": "classifier", "level": None, "class": c,
-                     "name": class_name(names, c), "importance": 1.0, "n_images": int(class_rows.numel())})
+                     "name": class_name(names, c), "importance": 1.0, "n_images": group.n})
         ranked = sorted(kept_top, key=lambda q: -float(class_score[q]))[:edges_per_node]
         edges += [{"source": f"{top_layer}:{q}", "target": f"class:{c}", "weight": float(class_score[q])} for q in ranked]
     return head, edges
+
+
+def run_targets(store: RunStore) -> dict[int, int]:
+    """``{image id: target class}`` of the run's images (collect stage)."""
+    return {int(i["image_id"]): int(i["target"]) for i in load_images(store)["images"]}
 
 
 def build_graph(store: RunStore, kind: str = "class", classes: list[int] | None = None,
@@ -187,36 +254,53 @@ def build_graph(store: RunStore, kind: str = "class", classes: list[int] | None 
                 data: dict[str, torch.Tensor] | None = None, targets: dict[int, int] | None = None) -> dict:
     """Build one graph as a JSON-able dict (see the module docstring for the schema).
 
-    ``data``: attributions if already loaded (:func:`load_attributions`, so that many graphs of
-    one run read the shards once), or the walk of images that are not the run's
-    (:func:`gig.explain.explain`), whose target classes ``targets`` (``{image id: class}``) then
-    gives; by default the targets are the run's (collect stage)."""
+    ``data``: attributions if already loaded (:func:`load_attributions`), or the walk of images
+    that are not the run's (:func:`gig.explain.explain`), whose target classes ``targets``
+    (``{image id: class}``) then gives; by default the targets are the run's (collect stage) and
+    the attributions are read shard by shard, only the graph's images and no maps."""
+    groups = _groups(kind, classes, image_id)
+    targets = run_targets(store) if targets is None else targets
+    if data is not None:
+        parts: Iterable[dict] = [data]
+    else:
+        wanted = ([image_id] if kind == "image" else
+                  [i for i, t in targets.items() if t in set(classes or [])] if kind in ("class", "shared") else None)
+        parts = iter_attributions(store, GRAPH_FIELDS, wanted)
+    sums = group_sums(parts, groups, targets, store.config.layers)
+    if kind == "image":  # headed by the image's own target class
+        if sums["image"].n == 0:
+            raise ConfigError(f"image id {image_id} is not in this run's attributions")
+        sums = {targets[int(image_id)]: sums["image"]}
+    return graph_from_sums(store, kind, sums, top_k, edges_per_node, class_names)
+
+
+def graph_from_sums(store: RunStore, kind: str, sums: dict, top_k: int | None = None,
+                    edges_per_node: int | None = None, class_names: list[str] | None = None) -> dict:
+    """One graph from its groups' sums: ``{class: GroupSums}`` for a class, shared or image graph
+    (an image graph's one class is the image's target), ``{"all": GroupSums}`` for the global one."""
     config = store.config
     top_k = top_k or config.top_k
     edges_per_node = edges_per_node or config.edges_per_node
     layers = config.layers
-    data = load_attributions(store) if data is None else data
-    ids = data["image_id"]
-    if targets is None:
-        targets = {int(i["image_id"]): int(i["target"]) for i in load_images(store)["images"]}
-    target_vec = torch.tensor([targets[int(i)] for i in ids], dtype=torch.long)
-    rows, classes = _graph_rows(kind, ids, target_vec, classes, image_id)
-    scores, edges = _mean_over(data, rows, layers)
-    in_top_of = _shared_tops(data, rows, target_vec, classes, layers, top_k) if kind == "shared" else {}
+    per_class = {} if kind == "global" else sums
+    group = GroupSums.merged(list(sums.values()))
+    if group.n == 0:
+        raise ConfigError(f"no image in this run has target class(es) {list(per_class)}")
+    scores, edges = group.scores(), group.edges()
+    in_top_of = _shared_tops(per_class, layers, top_k) if kind == "shared" else {}
     kept, nodes = _concept_nodes(store, scores, in_top_of, top_k, kind == "shared")
-    names = class_names or []
-    head, out_edges = _head(data, rows, target_vec, classes, kept[layers[-1]], layers[-1], scores[layers[-1]],
-                            names, edges_per_node, kind == "global")
+    head, out_edges = _head(per_class, kept[layers[-1]], layers[-1], scores[layers[-1]],
+                            class_names or [], edges_per_node, kind == "global")
     for node in head:
         node["level"] = len(layers)
     out_edges += [{"source": f"{lower}:{q}", "target": f"{layers[layers.index(lower) + 1]}:{t}", "weight": w}
                   for lower, q, t, w in _shown_edges(kept, edges, layers, edges_per_node)]
     return with_positions({
         "schema": SCHEMA, "kind": kind, "model": config.model, "layers": layers,
-        "classes": [{"index": c, "name": class_name(names, c)} for c in classes],
-        "image_ids": [int(ids[r]) for r in rows], "n_images": int(rows.numel()),
+        "classes": [{"index": c, "name": class_name(class_names or [], c)} for c in per_class],
+        "image_ids": group.image_ids, "n_images": group.n,
         "top_k": top_k, "edges_per_node": edges_per_node, "edge_rule": "flow",
-        "edge_rule_agreement": rule_agreement(data, rows, layers, kept, edges_per_node),
+        "edge_rule_agreement": rule_agreement(group, layers, kept, edges_per_node),
         "nodes": nodes + head, "edges": out_edges,
     })
 
@@ -285,17 +369,23 @@ def build_graphs(store: RunStore, class_names: list[str], progress: bool = True,
         out = store.stage_dir("graph")
         classes = default_classes(store)
         files = {"class": {}, "shared": None, "global": None}
+        # one pass over the shards sums every graph's groups: memory is one shard plus the sums
+        groups = {**_groups("class", classes, None), **_groups("global", None, None)}
+        shards = iter_attributions(store, GRAPH_FIELDS)
+        sums = group_sums(tqdm(shards, desc="graph: sums", unit="shard", disable=not progress), groups,
+                          run_targets(store), store.config.layers)
         for c in tqdm(classes, desc="graph", unit="class", disable=not progress):
-            graph = build_graph(store, "class", [c], class_names=class_names)
+            graph = graph_from_sums(store, "class", {c: sums[c]}, class_names=class_names)
             path = out / f"class_{c}.json"
             save_json(path, graph)
             files["class"][str(c)] = path.name
             if figure and figure_fn is not None:
                 figure_fn(store, graph, out / f"class_{c}")
         if len(classes) > 1:
-            save_json(out / "shared.json", build_graph(store, "shared", classes, class_names=class_names))
+            save_json(out / "shared.json",
+                      graph_from_sums(store, "shared", {c: sums[c] for c in classes}, class_names=class_names))
             files["shared"] = "shared.json"
-        save_json(out / "global.json", build_graph(store, "global", class_names=class_names))
+        save_json(out / "global.json", graph_from_sums(store, "global", {"all": sums["all"]}, class_names=class_names))
         files["global"] = "global.json"
         save_json(out / "index.json", {"classes": classes, "files": files})
         summary.update({"classes": classes, "files": files})
