@@ -553,10 +553,10 @@ def _nan_none(v: float) -> float | None:
 
 def load_walk(store: RunStore) -> dict[str, torch.Tensor]:
     """The per-image GIG walk of every attribute shard written so far (the stage may be
-    unfinished: a shard is only ever written whole)."""
+    unfinished: a shard is only ever written whole), without the maps, which ablation never reads."""
     from .attribution import load_attributions
 
-    return load_attributions(store)
+    return load_attributions(store, ("gig", "targets", "importance", "delta", "class_gig", "class_delta", "score", "top"))
 
 
 def correlation_path(store: RunStore) -> Path:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..attribution import load_attributions
+from ..attribution import iter_attributions
 from ..collect import load_images, load_samples
 from ..concepts import load_concept_cards
 from ..config import _class_ids, _int, check_fields, settings_hash
@@ -35,7 +35,7 @@ from ..access import RunAccess
 from ..store import RunStore, load_json
 from . import sections as sec
 from .metrics import ablation_section, evaluation_section, metrics_section
-from .page import Assets, render_page
+from .page import Assets, output_size, render_page
 
 
 @dataclass
@@ -110,25 +110,24 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
     images_info = load_images(store)["images"]
     by_image = {int(i["image_id"]): i for i in images_info}
     targets = {i: int(info["target"]) for i, info in by_image.items()}
-    data = load_attributions(store)
-    attributed = {int(i): r for r, i in enumerate(data["image_id"].tolist())}
+    attributed = {int(i) for part in iter_attributions(store, fields=()) for i in part["image_id"].tolist()}
     classes = sec.report_classes(store, load_json(store.root / "graph" / "index.json"), targets,
                                  opts.max_classes, opts.classes)
-    image_ids = sec.choose_images(images_info, classes, set(attributed), opts.n_images, opts.image_ids)
-    graphs = (sec.run_graphs(store, data, classes, opts.shared_classes, names)
-              + sec.image_graphs(store, data, image_ids, by_image, names))
+    image_ids = sec.choose_images(images_info, classes, attributed, opts.n_images, opts.image_ids)
+    graphs = (sec.run_graphs(store, classes, opts.shared_classes, names)
+              + sec.image_graphs(store, image_ids, by_image, names))
     log(f"{len(graphs)} graphs")
 
     cards = {layer: load_concept_cards(store, layer) for layer in layers}
-    importance = {layer: data[f"{layer}/score"].mean(0) for layer in layers}
+    neighbours = sec.RunNeighbours.of_run(store, targets)  # one pass over the shards
+    importance = neighbours.importance
     atlas_ids = sec.atlas_order(importance, opts.atlas_per_layer)
     shown = sec.concepts_shown(atlas_ids, graphs)
     urls = sec.exemplar_urls(access, assets, cards, shown, max(1, opts.exemplars), log)
-    neighbours = sec.RunNeighbours(data, layers, targets)
     concepts = sec.concept_cards(store, cards, {layer: load_samples(store, layer) for layer in layers}, shown, urls,
                                  importance, neighbours, max(1, opts.exemplars))
 
-    images = sec.run_panels(store, data, image_ids, by_image, access, concepts, assets, opts.heatmap_size)
+    images = sec.run_panels(store, image_ids, by_image, access, concepts, assets, opts.heatmap_size)
     log(f"localisation: {len(images)} images")
 
     name = sec.class_namer(names)
@@ -147,5 +146,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
         "evaluation": evaluation_section(store.root / "evaluate", assets), "ablation": ablation_section(store, importance),
         "atlas_cap": opts.atlas_per_layer, "atlas_ids": {f"{layer}:{q}" for layer in layers for q in atlas_ids[layer]},
         "build_seconds": round(time.perf_counter() - started, 1)}, name)
-    log(f"wrote {index} ({time.perf_counter() - started:.1f}s)")
+    size = output_size(out)
+    log(f"wrote {index} in {time.perf_counter() - started:.1f} s: index.html {size['index_mb']} MB, "
+        f"{size['total_mb']} MB in {size['files']} files")
     return index

@@ -191,3 +191,10 @@ def render_page(out: Path, assets: Assets, context: dict[str, Any], class_name: 
     # with U+FFFD in its place rather than failing the whole page.
     index_path.write_text(utf8_text(html), encoding="utf-8")
     return index_path
+
+
+def output_size(out: Path) -> dict[str, float]:
+    """The size of a written page: ``index.html`` and the whole folder in MB, and its file count."""
+    files = [f for f in out.rglob("*") if f.is_file()]
+    return {"index_mb": round((out / "index.html").stat().st_size / 2**20, 2),
+            "total_mb": round(sum(f.stat().st_size for f in files) / 2**20, 2), "files": len(files)}

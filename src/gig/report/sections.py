@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import numpy as np
@@ -20,7 +21,8 @@ from PIL import Image
 from ..access import RunAccess
 from ..erf import erf_dir
 from ..errors import RunMismatchError
-from ..graph import build_graph, default_classes, edge_weights, with_positions
+from ..attribution import iter_attributions, load_attributions
+from ..graph import GRAPH_FIELDS, GroupSums, build_graph, default_classes, with_positions
 from ..labels import load_labels, node_labels
 from ..models import class_name
 from ..store import RunStore, load_json
@@ -63,12 +65,14 @@ def report_classes(store: RunStore, index: dict, targets: dict[int, int], max_cl
 
 def graph_entry(key: str, mode: str, classes: list[int], label: str, graph: dict, file: str | None = None,
                 **extra: Any) -> dict:
-    """One graph of the viewer's menus; the graph gets its nodes' row positions (:func:`gig.graph.with_positions`)."""
-    return {"key": key, "mode": mode, "classes": classes, "file": file, "label": label,
-            "graph": with_positions(graph), **extra}
+    """One graph of the viewer's menus; the graph gets its nodes' row positions (:func:`gig.graph.with_positions`).
+    Its list of image ids stays in the graph's own file: the page would otherwise grow with the
+    run (50 000 ids in a global graph) for a list the viewer never shows."""
+    shown = {k: v for k, v in with_positions(graph).items() if k != "image_ids"}
+    return {"key": key, "mode": mode, "classes": classes, "file": file, "label": label, "graph": shown, **extra}
 
 
-def run_graphs(store: RunStore, data: dict, classes: list[int], shared_classes: int, names: list[str]) -> list[dict]:
+def run_graphs(store: RunStore, classes: list[int], shared_classes: int, names: list[str]) -> list[dict]:
     """The class graphs (saved by the graph stage, else built), the shared graph of every subset of
     the first ``shared_classes`` classes, and the global graph."""
     graph_dir = store.root / "graph"
@@ -77,7 +81,7 @@ def run_graphs(store: RunStore, data: dict, classes: list[int], shared_classes: 
     entries = []
     for c in classes:
         file = index["files"]["class"].get(str(c))
-        graph = load_json(graph_dir / file) if file else build_graph(store, "class", [c], class_names=names, data=data)
+        graph = load_json(graph_dir / file) if file else build_graph(store, "class", [c], class_names=names)
         entries.append(graph_entry(f"class:{c}", "class", [c], f"{name(c)} ({n_images_text(graph['n_images'])})",
                                    graph, file))
     run_shared = index["files"].get("shared")
@@ -85,7 +89,7 @@ def run_graphs(store: RunStore, data: dict, classes: list[int], shared_classes: 
     pool = classes[: max(0, shared_classes)]
     for combo in (list(c) for size in range(2, len(pool) + 1) for c in itertools.combinations(pool, size)):
         file = run_shared if run_shared and sorted(combo) == run_classes else None
-        graph = load_json(graph_dir / file) if file else build_graph(store, "shared", combo, class_names=names, data=data)
+        graph = load_json(graph_dir / file) if file else build_graph(store, "shared", combo, class_names=names)
         entries.append(graph_entry("shared:" + ",".join(map(str, sorted(combo))), "shared", sorted(combo),
                                    " + ".join(name(c) for c in sorted(combo)), graph, file))
     if index["files"].get("global"):
@@ -113,14 +117,14 @@ def choose_images(images_info: list[dict], classes: list[int], attributed: set[i
     return list(dict.fromkeys(chosen))[: max(0, n_images)]
 
 
-def image_graphs(store: RunStore, data: dict, image_ids: list[int], by_image: dict[int, dict],
+def image_graphs(store: RunStore, image_ids: list[int], by_image: dict[int, dict],
                  names: list[str]) -> list[dict]:
     """The single-image graph of each of ``image_ids`` (images of the run)."""
     name = class_namer(names)
     entries = []
     for image_id in image_ids:
         info = by_image[image_id]
-        graph = build_graph(store, "image", image_id=image_id, data=data, class_names=names)
+        graph = build_graph(store, "image", image_id=image_id, class_names=names)
         entries.append(graph_entry(f"image:{image_id}", "image", [int(info["target"])],
                                    f"#{image_id} {short_path(info['path'])} → {name(int(info['target']))}",
                                    graph, image_id=image_id))
@@ -172,16 +176,32 @@ def _top_pairs(values: torch.Tensor, ids: list[str], k: int = 5) -> list[list]:
 class RunNeighbours:
     """Dataset-wide strongest parents (lower layer) and children (upper layer, or classes at the
     top) of every concept: the mean edge weights over all of the run's images
-    (:func:`gig.graph.edge_weights`) and the mean top-layer shares per target class."""
+    (:class:`gig.graph.GroupSums`) and the mean top-layer shares per target class; also every
+    concept's mean importance (``importance``, ``{layer: (K,)}``)."""
 
-    def __init__(self, data: dict[str, torch.Tensor], layers: list[str], targets: dict[int, int]):
+    def __init__(self, parts: Iterable[dict[str, torch.Tensor]], layers: list[str], targets: dict[int, int]):
         self.layers = layers
-        self.edges = edge_weights(data, torch.arange(int(data["image_id"].numel())), layers)
-        target_vec = torch.tensor([targets[int(i)] for i in data["image_id"].tolist()])
-        top = data[f"{layers[-1]}/score"]
-        self.class_ids = sorted(set(target_vec.tolist()))
-        self.class_matrix = (torch.stack([top[target_vec == c].mean(0) for c in self.class_ids])
-                             if self.class_ids else torch.zeros(0, top.shape[1]))
+        run = GroupSums(layers, rules=("flow",))
+        class_sums: dict[int, torch.Tensor] = {}
+        class_counts: dict[int, int] = {}
+        for part in parts:  # one shard at a time: memory holds sums, never the run's attributions
+            run.add(part, torch.arange(int(part["image_id"].numel())))
+            target_vec = torch.tensor([targets[int(i)] for i in part["image_id"].tolist()])
+            top = part[f"{layers[-1]}/score"]
+            for c in target_vec.unique().tolist():
+                rows = target_vec == c
+                class_sums[c] = class_sums.get(c, 0) + top[rows].sum(0)
+                class_counts[c] = class_counts.get(c, 0) + int(rows.sum())
+        self.edges = run.edges()
+        self.importance = run.scores()
+        self.class_ids = sorted(class_sums)
+        self.class_matrix = (torch.stack([class_sums[c] / class_counts[c] for c in self.class_ids])
+                             if self.class_ids else torch.zeros(0, self.importance[layers[-1]].numel()))
+
+    @classmethod
+    def of_run(cls, store: RunStore, targets: dict[int, int]) -> "RunNeighbours":
+        """From the run's attribute shards, read one at a time."""
+        return cls(iter_attributions(store, GRAPH_FIELDS), list(store.config.layers), targets)
 
     def of(self, layer: str, q: int, K: dict[str, int]) -> tuple[list, list]:
         """``(parents, children)`` of concept ``q`` of ``layer`` as ``[[node id, weight], ...]``."""
@@ -254,14 +274,17 @@ def localisation_panel(entry: dict, view: Image.Image, layers: list[str], walk_r
     return entry
 
 
-def run_panels(store: RunStore, data: dict[str, torch.Tensor], image_ids: list[int], by_image: dict[int, dict],
+def run_panels(store: RunStore, image_ids: list[int], by_image: dict[int, dict],
                access: RunAccess, concepts: dict[str, dict], assets: Assets, size: int) -> dict[str, dict]:
-    """The localisation panels of some of the run's images (rows of the attribute stage, codes
-    through :class:`gig.decompose.CodeReader`): ``{str(image id): panel}``."""
+    """The localisation panels of some of the run's images (their rows of the attribute stage,
+    codes through :class:`gig.decompose.CodeReader`): ``{str(image id): panel}``."""
     from ..decompose import CodeReader
 
+    if not image_ids:
+        return {}
     layers = list(store.config.layers)
     readers = {layer: CodeReader(store, layer) for layer in layers}
+    data = load_attributions(store, ("top", "importance", "maps"), image_ids)
     row_of = {int(i): r for r, i in enumerate(data["image_id"].tolist())}
     fields = ("path", "label", "label_name", "pred", "target", "target_prob")
     panels = {}

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..attribution import load_attributions
 from ..collect import load_images, load_samples
 from ..concepts import load_concept_cards
 from ..access import RunAccess
@@ -32,14 +31,14 @@ def write_viewer(store: RunStore, access: RunAccess, graphs: list[dict], out: Pa
     out.mkdir(parents=True, exist_ok=True)
     assets = Assets(out, single_file)
     name = sec.class_namer(names)
-    run_data = load_attributions(store)
     targets = {int(i["image_id"]): int(i["target"]) for i in load_images(store)["images"]}
     cards = {layer: load_concept_cards(store, layer) for layer in layers}
     shown = sec.concepts_shown({layer: [] for layer in layers}, graphs)
     urls = sec.exemplar_urls(access, assets, cards, shown, exemplars, log)
-    importance = {layer: run_data[f"{layer}/score"].mean(0) for layer in layers}
+    neighbours = sec.RunNeighbours.of_run(store, targets)
+    importance = neighbours.importance
     concepts = sec.concept_cards(store, cards, {layer: load_samples(store, layer) for layer in layers}, shown, urls,
-                                 importance, sec.RunNeighbours(run_data, layers, targets), exemplars)
+                                 importance, neighbours, exemplars)
     images = panels(concepts, assets) if panels else {}
     run = {"path": str(store.root), "model": store.config.model, "layers": layers,
            "n_images": n_images if n_images is not None else len(images),
