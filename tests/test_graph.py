@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gig.errors import ConfigError
-from gig.graph import EDGE_RULES, GroupSums, _shown_edges, edge_weights, group_sums, rule_agreement
+from gig.graph import EDGE_RULES, EdgeSums, ScoreSums, _shown_edges, accumulate, edge_sums, edge_weights, rule_agreement
 
 LAYERS = ["low", "high"]
 N, k, K_LO, K_UP = 5, 2, 6, 4
@@ -67,13 +67,26 @@ def test_unknown_rule_is_refused():
 def test_shown_edges_are_the_strongest_into_each_kept_node():
     data = _walk()
     edges = edge_weights(data, torch.arange(N), LAYERS)
-    kept = {"low": [0, 1, 2, 3, 4], "high": [0, 2]}
-    shown = _shown_edges(kept, edges, LAYERS, edges_per_node=2)
+    kept = {"low": [4, 0, 1, 2, 3], "high": [2, 0]}
+    restricted = {"low": edges["low"][kept["high"]][:, kept["low"]]}
+    shown = _shown_edges(kept, restricted, LAYERS, edges_per_node=2)
     for t in kept["high"]:
         into = [(q, w) for _, q, tt, w in shown if tt == t]
         assert len(into) <= 2 and all(q in kept["low"] for q, _ in into)
         best = sorted(kept["low"], key=lambda q: -float(edges["low"][t, q]))[:2]
         assert [q for q, _ in into] == [q for q in best if float(edges["low"][t, q]) != 0.0]
+        assert all(w == pytest.approx(float(edges["low"][t, q])) for q, w in into)
+
+
+@pytest.mark.parametrize("rule", EDGE_RULES)
+def test_restricted_edge_sums_are_the_dense_sums_rows_and_columns(rule):
+    data = _walk(complete=False)
+    rows = torch.tensor([0, 1, 3])
+    dense = edge_sums(data, rows, LAYERS, rule)["low"]
+    up, lo = [3, 0], [5, 1, 2]
+    torch.testing.assert_close(edge_sums(data, rows, LAYERS, rule, {"low": up}, {"low": lo})["low"], dense[up][:, lo])
+    torch.testing.assert_close(edge_sums(data, rows, LAYERS, rule, {"low": up})["low"], dense[up])
+    torch.testing.assert_close(edge_sums(data, rows, LAYERS, rule, None, {"low": lo})["low"], dense[:, lo])
 
 
 def test_rule_agreement_is_one_when_the_rules_coincide():
@@ -85,22 +98,26 @@ def test_rule_agreement_is_one_when_the_rules_coincide():
     data["low/delta"] = torch.ones(N, k)
     data["high/importance"] = torch.ones(N, k)
     kept = {"low": list(range(K_LO)), "high": list(range(K_UP))}
-    group = GroupSums(LAYERS)
-    group.add({**data, "image_id": torch.arange(N)}, torch.arange(N))
-    assert rule_agreement(group, LAYERS, kept, 2) == {rule: 1.0 for rule in EDGE_RULES[1:]}
+    edges = EdgeSums(LAYERS, upper_ids={"low": kept["high"]}, lower_ids={"low": kept["low"]})
+    edges.add(data, torch.arange(N))
+    assert rule_agreement(edges, LAYERS, kept, 2) == {rule: 1.0 for rule in EDGE_RULES[1:]}
 
 
 @pytest.mark.parametrize("rule", EDGE_RULES)
 def test_sums_over_shards_equal_the_mean_over_all_images(rule):
-    """The graph stage adds shard by shard; per class, the sums over any split of the images give
-    the loop's mean over that class's images."""
+    """The graph stage adds shard by shard; per selection of images, the sums over any split of
+    the images give the loop's mean over the selected images."""
     data = {**_walk(complete=False), "image_id": torch.arange(10, 10 + N)}
     targets = {10: 7, 11: 3, 12: 7, 13: 7, 14: 3}
     shards = [{key: v[rows] for key, v in data.items()} for rows in (torch.tensor([0, 1]), torch.tensor([2, 3, 4]))]
-    sums = group_sums(iter(shards), {7: ("class", 7), "all": ("all", None), "one": ("image", 13)}, targets, LAYERS)
-    for key, rows in ((7, torch.tensor([0, 2, 3])), ("all", torch.arange(N)), ("one", torch.tensor([3]))):
-        assert sums[key].n == len(rows) and sums[key].image_ids == [10 + int(r) for r in rows]
-        torch.testing.assert_close(sums[key].edges(rule)["low"], _by_loop(data, rows, rule))
-        torch.testing.assert_close(sums[key].scores()["high"], data["high/score"][rows].mean(0))
-    merged = GroupSums.merged([sums[7], sums["one"]])
+    selections = {7: ("classes", {7}), "all": ("all", None), "one": ("image", 13), "both": ("classes", {3, 7})}
+    scores = accumulate(iter(shards), {key: ScoreSums(LAYERS) for key in selections}, selections, targets)
+    edges = accumulate(iter(shards), {key: EdgeSums(LAYERS) for key in selections}, selections, targets)
+    for key, rows in ((7, torch.tensor([0, 2, 3])), ("all", torch.arange(N)), ("one", torch.tensor([3])),
+                      ("both", torch.arange(N))):
+        assert scores[key].n == edges[key].n == len(rows)
+        assert sorted(scores[key].image_ids) == [10 + int(r) for r in rows]
+        torch.testing.assert_close(edges[key].edges(rule)["low"], _by_loop(data, rows, rule))
+        torch.testing.assert_close(scores[key].scores()["high"], data["high/score"][rows].mean(0))
+    merged = ScoreSums.merged([scores[7], scores["one"]])
     assert merged.n == 4 and merged.image_ids == [10, 12, 13, 13]

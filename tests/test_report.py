@@ -66,6 +66,11 @@ def test_report_files_are_offline(tiny_run) -> None:
     assert "Content-Security-Policy" in text
 
 
+def _listed(graph: dict) -> dict:
+    """A graph as the page carries it: without its list of image ids (which grows with the run)."""
+    return {k: v for k, v in graph.items() if k != "image_ids"}
+
+
 def test_graph_json_is_embedded_verbatim(tiny_run, page_data) -> None:
     from gig.graph import build_graph
     from gig.store import RunStore
@@ -76,17 +81,17 @@ def test_graph_json_is_embedded_verbatim(tiny_run, page_data) -> None:
     for c, file in index["files"]["class"].items():
         entry = by_key[f"class:{c}"]
         assert entry["file"] == file
-        assert entry["graph"] == json.loads((run / "graph" / file).read_text())
-    assert by_key["global"]["graph"] == json.loads((run / "graph" / "global.json").read_text())
+        assert entry["graph"] == _listed(json.loads((run / "graph" / file).read_text()))
+    assert by_key["global"]["graph"] == _listed(json.loads((run / "graph" / "global.json").read_text()))
     if index["files"]["shared"]:
         shared = [g for g in page_data["graphs"] if g["file"] == index["files"]["shared"]]
-        assert shared and shared[0]["graph"] == json.loads((run / "graph" / "shared.json").read_text())
+        assert shared and shared[0]["graph"] == _listed(json.loads((run / "graph" / "shared.json").read_text()))
     images = [g for g in page_data["graphs"] if g["mode"] == "image"]
     assert images, "single-image graphs are included"
     store = RunStore.open(run)
     first = images[0]
-    assert first["graph"] == json.loads(json.dumps(build_graph(store, "image", image_id=first["image_id"],
-                                                               class_names=tiny_run["names"])))
+    assert first["graph"] == _listed(json.loads(json.dumps(build_graph(store, "image", image_id=first["image_id"],
+                                                                       class_names=tiny_run["names"]))))
     # every concept node of every graph has a card with its exemplar crops
     for g in page_data["graphs"]:
         for node in g["graph"]["nodes"]:
@@ -306,6 +311,74 @@ def test_browser_single_file_report(browser, single_file_report) -> None:
         broken = p.page.evaluate("Array.from(document.images).filter(i => i.complete && i.naturalWidth === 0).length")
         assert broken == 0
         p.shot("07_single_file")
+        assert p.errors == []
+    finally:
+        p.page.close()
+
+
+@pytest.fixture(scope="module")
+def on_demand_report(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run's report with only the graph stage's classes inline: every other class is
+    loaded on demand."""
+    from gig.report import build_report
+
+    out = tmp_path_factory.mktemp("on-demand") / "report"
+    return build_report(tiny_run["run"], out, ReportOptions(max_classes=1, shared_classes=0, n_images=1,
+                                                            atlas_per_layer=2), model=tiny_run["bundle"])
+
+
+def _on_demand_payload(path: Path) -> dict:
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("window.gigOnDemand(") and text.endswith(");\n")
+    return json.loads(text[len("window.gigOnDemand("):-3])
+
+
+def test_other_classes_are_written_for_loading_on_demand(tiny_run, on_demand_report) -> None:
+    from gig.attribution import load_attributions
+    from gig.graph import build_graph
+    from gig.store import RunStore
+
+    text = on_demand_report.read_text(encoding="utf-8")
+    data = json.loads(re.search(r'<script type="application/json" id="gig-data">(.*?)</script>', text, re.S).group(1))
+    inline = [c for g in data["graphs"] if g["mode"] == "class" for c in g["classes"]]
+    store = RunStore.open(tiny_run["run"])
+    walk = load_attributions(store)
+    targets = {int(i["image_id"]): int(i["target"]) for i in json.loads(
+        (tiny_run["run"] / "collect" / "images.json").read_text())["images"]}
+    every = {targets[int(i)] for i in walk["image_id"]}
+    assert len(data["onDemand"]) == len(every) - len(inline) >= 1
+    assert {int(m["key"].split(":")[1]) for m in data["onDemand"]} | set(inline) == every
+    for m in data["onDemand"]:
+        payload = _on_demand_payload(on_demand_report.parent / m["file"])
+        c = payload["entry"]["classes"][0]
+        # the same graph as one built from the whole walk in memory, in one piece
+        whole = build_graph(store, "class", [c], class_names=tiny_run["names"], data=walk)
+        assert payload["entry"]["graph"]["nodes"] == whole["nodes"] and payload["entry"]["graph"]["edges"] == whole["edges"]
+        concept_ids = {n["id"] for n in whole["nodes"] if n["layer"] != "classifier"}
+        assert concept_ids <= set(payload["concepts"]) | set(data["concepts"])
+        for card in payload["concepts"].values():
+            assert (on_demand_report.parent / card["exemplars"][0]["url"]).is_file()
+        assert HOSTILE in payload["classNames"][str(c)] and "<" not in (on_demand_report.parent / m["file"]).read_text()
+
+
+def test_browser_loads_a_class_on_demand(browser, on_demand_report) -> None:
+    p = Page(browser, on_demand_report)
+    try:
+        menu = p.page.evaluate("window.gigReport.data.onDemand")
+        assert p.page.evaluate("document.scripts.length") == 3  # nothing loaded before it is chosen
+        p.page.select_option("#class-select", menu[0]["key"])
+        p.page.wait_for_function("key => document.getElementById('cy').getAttribute('data-graph') === key",
+                                 arg=menu[0]["key"], timeout=15000)
+        graph = _on_demand_payload(on_demand_report.parent / menu[0]["file"])["entry"]["graph"]
+        ids = p.page.evaluate("window.gigReport.cy.nodes().map(n => n.id()).sort()")
+        assert ids == sorted(n["id"] for n in graph["nodes"])
+        node = next(n for n in graph["nodes"] if n["layer"] == LAYERS[-1])
+        p.page.evaluate("id => window.gigReport.pin(id)", node["id"])
+        assert p.page.evaluate("document.querySelector('#card .card-title').textContent") == f"concept #{node['concept']}"
+        p.page.wait_for_function("() => { const i = Array.from(document.querySelectorAll('#card img'));"
+                                 " return i.length > 0 && i.every(x => x.complete && x.naturalWidth > 0); }", timeout=10000)
+        p.shot("08_on_demand")
+        assert p.page.evaluate("window.__xss") is None
         assert p.errors == []
     finally:
         p.page.close()

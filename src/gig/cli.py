@@ -338,13 +338,14 @@ def report(
     n_images: int = typer.Option(12, help="Images with a single-image graph and a localisation panel."),
     image_ids: Optional[list[int]] = typer.Option(None, "--image-id", help="Pick these images (repeat)."),
     single_file: bool = typer.Option(False, help="Inline every image and script into index.html."),
+    on_demand: bool = typer.Option(True, help="Every other class's graph in a file of its own, loaded when chosen."),
 ):
     """Write the offline HTML report of RUN_DIR (graph viewer, concept atlas, localisation, metrics)."""
     from .report import ReportOptions, build_report
 
     options = ReportOptions(atlas_per_layer=atlas_per_layer, exemplars=exemplars, classes=classes or None,
                             max_classes=max_classes, shared_classes=shared_classes, n_images=n_images,
-                            image_ids=image_ids or None, single_file=single_file)
+                            image_ids=image_ids or None, single_file=single_file, on_demand=on_demand)
     try:
         path = build_report(run_dir, out, options, progress=True)
     except GigError as exc:

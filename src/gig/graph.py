@@ -51,14 +51,20 @@ SCHEMA = "gig.graph/1"
 EDGE_RULES = ("flow", "share", "flow-l1")
 
 
-#: The attribution fields a graph reads (:func:`gig.attribution.iter_attributions`): no maps.
-GRAPH_FIELDS = ("score", "gig", "delta", "importance", "targets")
+#: The attribution fields of a graph's two passes (:func:`gig.attribution.iter_attributions`):
+#: node importances first, then the edges among the nodes they keep; never the maps.
+SCORE_FIELDS = ("score",)
+EDGE_FIELDS = ("score", "gig", "delta", "importance", "targets")
 
 
-def edge_sums(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list[str],
-              rule: str = "flow") -> dict[str, torch.Tensor]:
+def edge_sums(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list[str], rule: str = "flow",
+              upper_ids: dict[str, list[int]] | None = None,
+              lower_ids: dict[str, list[int]] | None = None) -> dict[str, torch.Tensor]:
     """Summed edge weights over the images ``rows``: ``{lower: (K_upper, K_lower)}``; an image adds
-    0 to edges into targets it did not reach. Never materialises ``(images, K_upper, K_lower)``."""
+    0 to edges into targets it did not reach. ``upper_ids[lower]`` / ``lower_ids[lower]`` keep only
+    those upper (rows) / lower (columns) concepts, in that order, so that a graph's sums hold its
+    kept nodes' edges, not ``K_upper × K_lower`` (704 MB a transition for ResNet-50 at K = 8C).
+    Never materialises ``(images, K_upper, K_lower)``."""
     if rule not in EDGE_RULES:
         raise ConfigError(f"unknown edge rule {rule!r}: use one of {', '.join(EDGE_RULES)}")
     edges = {}
@@ -71,8 +77,17 @@ def edge_sums(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list[st
             per_image = gig / _safe(data[f"{lower}/delta"][rows])[..., None]
         if rule != "share":
             per_image = per_image * data[f"{upper}/importance"][rows][..., None]
-        total = torch.zeros(data[f"{upper}/score"].shape[1], gig.shape[2])
-        total.index_add_(0, data[f"{lower}/targets"][rows].flatten(), per_image.flatten(0, 1))
+        flat, targets = per_image.flatten(0, 1), data[f"{lower}/targets"][rows].flatten()  # (n·k, K_lo), (n·k,)
+        if lower_ids and lower in lower_ids:
+            flat = flat[:, torch.tensor(lower_ids[lower], dtype=torch.long)]
+        n_upper = data[f"{upper}/score"].shape[1]
+        if upper_ids and lower in upper_ids:  # upper concept id -> its slot, -1 where not kept
+            slot = torch.full((n_upper,), -1, dtype=torch.long)
+            slot[torch.tensor(upper_ids[lower], dtype=torch.long)] = torch.arange(len(upper_ids[lower]))
+            targets = slot[targets]
+            flat, targets, n_upper = flat[targets >= 0], targets[targets >= 0], len(upper_ids[lower])
+        total = torch.zeros(n_upper, flat.shape[1])
+        total.index_add_(0, targets, flat)
         edges[lower] = total
     return edges
 
@@ -88,17 +103,19 @@ def _safe(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d.abs() < 1e-8, torch.full_like(d, 1e-8), d)
 
 
-class GroupSums:
-    """Node-importance and edge-weight sums of one group of images (a class, all images, one
-    image), added shard by shard, so a graph of any number of images holds ``(K,)`` and
-    ``(K_upper, K_lower)`` sums, never the images' attributions."""
+def _add_into(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    sums[key] = sums[key] + value if key in sums else value.clone()
+
+
+class ScoreSums:
+    """Node-importance sums of one group of images (a class, all images, one image), added shard
+    by shard: ``(K,)`` per layer, never the images' attributions."""
 
     def __init__(self, layers: list[str]):
         self.layers = layers
         self.n = 0
         self.image_ids: list[int] = []
         self.score_sums: dict[str, torch.Tensor] = {}
-        self.edge_totals: dict[str, dict[str, torch.Tensor]] = {}
 
     def add(self, data: dict[str, torch.Tensor], rows: torch.Tensor) -> None:
         if rows.numel() == 0:
@@ -107,21 +124,15 @@ class GroupSums:
         self.image_ids += [int(i) for i in data["image_id"][rows]]
         for layer in self.layers:
             _add_into(self.score_sums, layer, data[f"{layer}/score"][rows].sum(0))
-        for rule in EDGE_RULES:
-            for lower, total in edge_sums(data, rows, self.layers, rule).items():
-                _add_into(self.edge_totals.setdefault(rule, {}), lower, total)
 
     @classmethod
-    def merged(cls, groups: list["GroupSums"]) -> "GroupSums":
+    def merged(cls, groups: list["ScoreSums"]) -> "ScoreSums":
         out = cls(groups[0].layers)
         for g in groups:
             out.n += g.n
             out.image_ids += g.image_ids
             for layer, v in g.score_sums.items():
                 _add_into(out.score_sums, layer, v)
-            for rule, totals in g.edge_totals.items():
-                for lower, v in totals.items():
-                    _add_into(out.edge_totals.setdefault(rule, {}), lower, v)
         out.image_ids.sort()
         return out
 
@@ -129,60 +140,81 @@ class GroupSums:
         """Mean node importances ``{layer: (K,)}``."""
         return {layer: v / max(self.n, 1) for layer, v in self.score_sums.items()}
 
+
+class EdgeSums:
+    """Edge-weight sums of one group of images under each of ``rules``, restricted to the upper
+    and lower concepts named (see :func:`edge_sums`), added shard by shard."""
+
+    def __init__(self, layers: list[str], rules: tuple[str, ...] = EDGE_RULES,
+                 upper_ids: dict[str, list[int]] | None = None, lower_ids: dict[str, list[int]] | None = None):
+        self.layers, self.rules, self.upper_ids, self.lower_ids = layers, rules, upper_ids, lower_ids
+        self.n = 0
+        self.totals: dict[str, dict[str, torch.Tensor]] = {rule: {} for rule in rules}
+
+    def add(self, data: dict[str, torch.Tensor], rows: torch.Tensor) -> None:
+        if rows.numel() == 0:
+            return
+        self.n += int(rows.numel())
+        for rule in self.rules:
+            for lower, total in edge_sums(data, rows, self.layers, rule, self.upper_ids, self.lower_ids).items():
+                _add_into(self.totals[rule], lower, total)
+
     def edges(self, rule: str = "flow") -> dict[str, torch.Tensor]:
-        """Mean edge weights ``{lower: (K_upper, K_lower)}`` under ``rule``."""
-        return {lower: v / max(self.n, 1) for lower, v in self.edge_totals.get(rule, {}).items()}
+        """Mean edge weights ``{lower: (upper kept, lower kept)}`` under ``rule``."""
+        return {lower: v / max(self.n, 1) for lower, v in self.totals[rule].items()}
 
 
-def _add_into(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
-    sums[key] = sums[key] + value if key in sums else value.clone()
+def _rows(selection: tuple, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The rows of one part that ``selection`` picks: ``("classes", {c, ...})``, ``("image", id)``
+    or ``("all", None)``."""
+    kind, value = selection
+    if kind == "all":
+        return torch.arange(len(ids))
+    if kind == "image":
+        return (ids == value).nonzero().flatten()
+    return torch.isin(targets, torch.tensor(sorted(value), dtype=torch.long)).nonzero().flatten()
 
 
-def group_sums(parts: Iterable[dict[str, torch.Tensor]], groups: dict, targets: dict[int, int],
-               layers: list[str]) -> dict:
-    """One pass over the attribution ``parts`` (shards, or a walk's output): ``{key: GroupSums}``
-    for every ``groups[key]``, which is ``("class", c)``, ``("image", id)`` or ``("all", None)``."""
-    sums = {key: GroupSums(layers) for key in groups}
+def accumulate(parts: Iterable[dict[str, torch.Tensor]], sums: dict, selections: dict, targets: dict[int, int]) -> dict:
+    """One pass over the attribution ``parts`` (shards, or a walk's output): every ``sums[key]``
+    (:class:`ScoreSums` or :class:`EdgeSums`) adds the rows that ``selections[key]`` picks."""
     for part in parts:
         ids = part["image_id"]
         part_targets = torch.tensor([targets[int(i)] for i in ids], dtype=torch.long)
-        for key, (kind, value) in groups.items():
-            if kind == "all":
-                rows = torch.arange(len(ids))
-            else:
-                rows = ((part_targets if kind == "class" else ids) == value).nonzero().flatten()
-            sums[key].add(part, rows)
+        for key, selection in selections.items():
+            sums[key].add(part, _rows(selection, ids, part_targets))
     return sums
 
 
 def _shown_edges(kept: dict[str, list[int]], edges: dict[str, torch.Tensor], layers: list[str],
                  edges_per_node: int) -> list[tuple[str, int, int, float]]:
     """The ``edges_per_node`` strongest non-zero edges into every kept upper node:
-    ``(lower layer, lower concept, upper concept, weight)``."""
+    ``(lower layer, lower concept, upper concept, weight)``. ``edges[lower]`` is
+    ``(len(kept[upper]), len(kept[lower]))`` in the kept lists' order."""
     shown = []
     for position, lower in enumerate(layers[:-1]):
         upper = layers[position + 1]
-        for t in kept[upper]:
-            weights = edges[lower][t]
-            ranked = sorted(kept[lower], key=lambda q: -float(weights[q]))[:edges_per_node]
-            shown += [(lower, q, t, float(weights[q])) for q in ranked if float(weights[q]) != 0.0]
+        for row, t in enumerate(kept[upper]):
+            weights = edges[lower][row]
+            ranked = sorted(range(len(kept[lower])), key=lambda j: -float(weights[j]))[:edges_per_node]
+            shown += [(lower, kept[lower][j], t, float(weights[j])) for j in ranked if float(weights[j]) != 0.0]
     return shown
 
 
-def rule_agreement(group: GroupSums, layers: list[str], kept: dict[str, list[int]],
+def rule_agreement(edges: EdgeSums, layers: list[str], kept: dict[str, list[int]],
                    edges_per_node: int) -> dict[str, float]:
     """For each alternative edge rule: the fraction of the shown ``flow`` edges it would show too
     (same nodes, same pruning); 1.0 means the picture does not depend on the choice."""
-    base = {(l, q, t) for l, q, t, _ in _shown_edges(kept, group.edges(), layers, edges_per_node)}
+    base = {(l, q, t) for l, q, t, _ in _shown_edges(kept, edges.edges(), layers, edges_per_node)}
     out = {}
     for rule in EDGE_RULES[1:]:
-        other = {(l, q, t) for l, q, t, _ in _shown_edges(kept, group.edges(rule), layers, edges_per_node)}
+        other = {(l, q, t) for l, q, t, _ in _shown_edges(kept, edges.edges(rule), layers, edges_per_node)}
         out[rule] = len(base & other) / len(base) if base else 1.0
     return out
 
 
 def _groups(kind: str, classes: list[int] | None, image_id: int | None) -> dict:
-    """The image groups a graph of ``kind`` sums over (see :func:`group_sums`)."""
+    """The image groups whose importances a graph of ``kind`` reads (one per class, else one)."""
     if kind == "image":
         return {"image": ("image", image_id)}
     if kind == "global":
@@ -190,11 +222,11 @@ def _groups(kind: str, classes: list[int] | None, image_id: int | None) -> dict:
     if kind in ("class", "shared"):
         if not classes:
             raise ConfigError(f"a {kind} graph needs at least one class")
-        return {c: ("class", c) for c in classes}
+        return {c: ("classes", {c}) for c in classes}
     raise ConfigError(f"unknown graph kind {kind!r}: class, shared, global or image")
 
 
-def _shared_tops(per_class: dict[int, GroupSums], layers: list[str], top_k: int) -> dict[tuple[str, int], list[int]]:
+def _shared_tops(per_class: dict[int, ScoreSums], layers: list[str], top_k: int) -> dict[tuple[str, int], list[int]]:
     """``{(layer, concept): [classes whose own top-k holds it]}`` (for shared graphs)."""
     in_top_of: dict[tuple[str, int], list[int]] = {}
     for c, group in per_class.items():
@@ -225,7 +257,7 @@ def _concept_nodes(store: RunStore, scores: dict[str, torch.Tensor], in_top_of: 
     return kept, nodes
 
 
-def _head(per_class: dict[int, GroupSums], kept_top: list[int], top_layer: str, scores_top: torch.Tensor,
+def _head(per_class: dict[int, ScoreSums], kept_top: list[int], top_layer: str, scores_top: torch.Tensor,
           names: list[str], edges_per_node: int, global_kind: bool) -> tuple[list[dict], list[dict]]:
     """The classifier row (one node per class, or one "target logit" node) and its edges."""
     top_ids = [f"{top_layer}:{q}" for q in kept_top]
@@ -248,6 +280,61 @@ def run_targets(store: RunStore) -> dict[int, int]:
     return {int(i["image_id"]): int(i["target"]) for i in load_images(store)["images"]}
 
 
+class GraphPlan:
+    """One graph between its two passes: the nodes, chosen from its groups' importances
+    (:class:`ScoreSums`: ``{class: sums}`` for a class, shared or image graph, whose one class
+    is then the image's target; ``{"all": sums}`` for the global graph), and what the edge pass
+    must add (:meth:`edge_sums`, :meth:`selection`); :meth:`finish` turns its edges into the graph."""
+
+    def __init__(self, store: RunStore, kind: str, sums: dict, top_k: int | None = None,
+                 edges_per_node: int | None = None, class_names: list[str] | None = None):
+        config = store.config
+        self.store, self.kind, self.layers = store, kind, list(config.layers)
+        self.top_k = top_k or config.top_k
+        self.edges_per_node = edges_per_node or config.edges_per_node
+        self.names = class_names or []
+        self.per_class = {} if kind == "global" else sums
+        self.group = ScoreSums.merged(list(sums.values()))
+        if self.group.n == 0:
+            raise ConfigError(f"no image in this run has target class(es) {list(self.per_class)}")
+        scores = self.group.scores()
+        in_top_of = _shared_tops(self.per_class, self.layers, self.top_k) if kind == "shared" else {}
+        self.kept, self.nodes = _concept_nodes(store, scores, in_top_of, self.top_k, kind == "shared")
+        top = self.layers[-1]
+        self.head, self.head_edges = _head(self.per_class, self.kept[top], top, scores[top], self.names,
+                                           self.edges_per_node, kind == "global")
+
+    def selection(self, image_id: int | None = None) -> tuple:
+        """The rows of this graph's images (see :func:`accumulate`)."""
+        if self.kind == "global":
+            return ("all", None)
+        if self.kind == "image":
+            return ("image", image_id)
+        return ("classes", set(self.per_class))
+
+    def edge_sums(self) -> EdgeSums:
+        """Empty sums over the kept nodes' edges (every rule, for the rule agreement)."""
+        pairs = list(zip(self.layers[:-1], self.layers[1:]))
+        return EdgeSums(self.layers, EDGE_RULES, upper_ids={lo: self.kept[up] for lo, up in pairs},
+                        lower_ids={lo: self.kept[lo] for lo, _ in pairs})
+
+    def finish(self, edges: EdgeSums) -> dict:
+        layers = self.layers
+        for node in self.head:
+            node["level"] = len(layers)
+        out_edges = self.head_edges + [
+            {"source": f"{lower}:{q}", "target": f"{layers[layers.index(lower) + 1]}:{t}", "weight": w}
+            for lower, q, t, w in _shown_edges(self.kept, edges.edges(), layers, self.edges_per_node)]
+        return with_positions({
+            "schema": SCHEMA, "kind": self.kind, "model": self.store.config.model, "layers": layers,
+            "classes": [{"index": c, "name": class_name(self.names, c)} for c in self.per_class],
+            "image_ids": self.group.image_ids, "n_images": self.group.n,
+            "top_k": self.top_k, "edges_per_node": self.edges_per_node, "edge_rule": "flow",
+            "edge_rule_agreement": rule_agreement(edges, layers, self.kept, self.edges_per_node),
+            "nodes": self.nodes + self.head, "edges": out_edges,
+        })
+
+
 def build_graph(store: RunStore, kind: str = "class", classes: list[int] | None = None,
                 image_id: int | None = None, top_k: int | None = None,
                 edges_per_node: int | None = None, class_names: list[str] | None = None,
@@ -257,52 +344,25 @@ def build_graph(store: RunStore, kind: str = "class", classes: list[int] | None 
     ``data``: attributions if already loaded (:func:`load_attributions`), or the walk of images
     that are not the run's (:func:`gig.explain.explain`), whose target classes ``targets``
     (``{image id: class}``) then gives; by default the targets are the run's (collect stage) and
-    the attributions are read shard by shard, only the graph's images and no maps."""
+    the attributions are read shard by shard in two passes (importances, then the kept nodes'
+    edges), only the graph's images and never the maps."""
     groups = _groups(kind, classes, image_id)
     targets = run_targets(store) if targets is None else targets
-    if data is not None:
-        parts: Iterable[dict] = [data]
-    else:
-        wanted = ([image_id] if kind == "image" else
-                  [i for i, t in targets.items() if t in set(classes or [])] if kind in ("class", "shared") else None)
-        parts = iter_attributions(store, GRAPH_FIELDS, wanted)
-    sums = group_sums(parts, groups, targets, store.config.layers)
+    layers = list(store.config.layers)
+    wanted = ([image_id] if kind == "image" else
+              [i for i, t in targets.items() if t in set(classes or [])] if kind in ("class", "shared") else None)
+
+    def parts(fields: tuple[str, ...]) -> Iterable[dict]:
+        return [data] if data is not None else iter_attributions(store, fields, wanted)
+
+    sums = accumulate(parts(SCORE_FIELDS), {key: ScoreSums(layers) for key in groups}, groups, targets)
     if kind == "image":  # headed by the image's own target class
         if sums["image"].n == 0:
             raise ConfigError(f"image id {image_id} is not in this run's attributions")
         sums = {targets[int(image_id)]: sums["image"]}
-    return graph_from_sums(store, kind, sums, top_k, edges_per_node, class_names)
-
-
-def graph_from_sums(store: RunStore, kind: str, sums: dict, top_k: int | None = None,
-                    edges_per_node: int | None = None, class_names: list[str] | None = None) -> dict:
-    """One graph from its groups' sums: ``{class: GroupSums}`` for a class, shared or image graph
-    (an image graph's one class is the image's target), ``{"all": GroupSums}`` for the global one."""
-    config = store.config
-    top_k = top_k or config.top_k
-    edges_per_node = edges_per_node or config.edges_per_node
-    layers = config.layers
-    per_class = {} if kind == "global" else sums
-    group = GroupSums.merged(list(sums.values()))
-    if group.n == 0:
-        raise ConfigError(f"no image in this run has target class(es) {list(per_class)}")
-    scores, edges = group.scores(), group.edges()
-    in_top_of = _shared_tops(per_class, layers, top_k) if kind == "shared" else {}
-    kept, nodes = _concept_nodes(store, scores, in_top_of, top_k, kind == "shared")
-    head, out_edges = _head(per_class, kept[layers[-1]], layers[-1], scores[layers[-1]],
-                            class_names or [], edges_per_node, kind == "global")
-    for node in head:
-        node["level"] = len(layers)
-    out_edges += [{"source": f"{lower}:{q}", "target": f"{layers[layers.index(lower) + 1]}:{t}", "weight": w}
-                  for lower, q, t, w in _shown_edges(kept, edges, layers, edges_per_node)]
-    return with_positions({
-        "schema": SCHEMA, "kind": kind, "model": config.model, "layers": layers,
-        "classes": [{"index": c, "name": class_name(class_names or [], c)} for c in per_class],
-        "image_ids": group.image_ids, "n_images": group.n,
-        "top_k": top_k, "edges_per_node": edges_per_node, "edge_rule": "flow",
-        "edge_rule_agreement": rule_agreement(group, layers, kept, edges_per_node),
-        "nodes": nodes + head, "edges": out_edges,
-    })
+    plan = GraphPlan(store, kind, sums, top_k, edges_per_node, class_names)
+    edges = accumulate(parts(EDGE_FIELDS), {"graph": plan.edge_sums()}, {"graph": plan.selection(image_id)}, targets)
+    return plan.finish(edges["graph"])
 
 
 def _barycentre_rows(graph: dict) -> dict[int, list[dict]]:
@@ -361,6 +421,27 @@ def default_classes(store: RunStore, n: int = 3) -> list[int]:
     return [c for c, _ in counts.most_common(n)]
 
 
+def build_graph_set(store: RunStore, specs: dict, class_names: list[str] | None = None,
+                    progress: bool = False) -> dict:
+    """Many class, shared and global graphs of the run in the same two passes over its shards
+    (importances, then the kept nodes' edges): ``specs`` is ``{key: (kind, classes)}``, the
+    result ``{key: graph}``. Memory holds one shard and, per class named, the ``(K,)``
+    importance sums and its graph's kept edges; time is two reads of the attributions."""
+    layers, targets = list(store.config.layers), run_targets(store)
+    groups = {"all": ("all", None)} if any(kind == "global" for kind, _ in specs.values()) else {}
+    for kind, classes in specs.values():
+        if kind != "global":
+            groups.update(_groups(kind, classes, None))
+    sums = accumulate(tqdm(iter_attributions(store, SCORE_FIELDS), desc="graph: nodes", unit="shard",
+                           disable=not progress), {key: ScoreSums(layers) for key in groups}, groups, targets)
+    plans = {key: GraphPlan(store, kind, {"all": sums["all"]} if kind == "global" else {c: sums[c] for c in classes},
+                            class_names=class_names) for key, (kind, classes) in specs.items()}
+    edges = accumulate(tqdm(iter_attributions(store, EDGE_FIELDS), desc="graph: edges", unit="shard",
+                            disable=not progress), {key: p.edge_sums() for key, p in plans.items()},
+                       {key: p.selection() for key, p in plans.items()}, targets)
+    return {key: plan.finish(edges[key]) for key, plan in plans.items()}
+
+
 def build_graphs(store: RunStore, class_names: list[str], progress: bool = True,
                  figure: bool = True, figure_fn=None) -> None:
     """Stage 6 into ``store/graph``: class graphs, the shared graph, the global graph, an index."""
@@ -369,23 +450,22 @@ def build_graphs(store: RunStore, class_names: list[str], progress: bool = True,
         out = store.stage_dir("graph")
         classes = default_classes(store)
         files = {"class": {}, "shared": None, "global": None}
-        # one pass over the shards sums every graph's groups: memory is one shard plus the sums
-        groups = {**_groups("class", classes, None), **_groups("global", None, None)}
-        shards = iter_attributions(store, GRAPH_FIELDS)
-        sums = group_sums(tqdm(shards, desc="graph: sums", unit="shard", disable=not progress), groups,
-                          run_targets(store), store.config.layers)
-        for c in tqdm(classes, desc="graph", unit="class", disable=not progress):
-            graph = graph_from_sums(store, "class", {c: sums[c]}, class_names=class_names)
+        specs = {f"class_{c}": ("class", [c]) for c in classes}
+        if len(classes) > 1:
+            specs["shared"] = ("shared", classes)
+        specs["global"] = ("global", None)
+        graphs = build_graph_set(store, specs, class_names, progress)
+        for c in tqdm(classes, desc="graph: figures", unit="class", disable=not progress):
+            graph = graphs[f"class_{c}"]
             path = out / f"class_{c}.json"
             save_json(path, graph)
             files["class"][str(c)] = path.name
             if figure and figure_fn is not None:
                 figure_fn(store, graph, out / f"class_{c}")
         if len(classes) > 1:
-            save_json(out / "shared.json",
-                      graph_from_sums(store, "shared", {c: sums[c] for c in classes}, class_names=class_names))
+            save_json(out / "shared.json", graphs["shared"])
             files["shared"] = "shared.json"
-        save_json(out / "global.json", graph_from_sums(store, "global", {"all": sums["all"]}, class_names=class_names))
+        save_json(out / "global.json", graphs["global"])
         files["global"] = "global.json"
         save_json(out / "index.json", {"classes": classes, "files": files})
         summary.update({"classes": classes, "files": files})

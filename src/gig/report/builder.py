@@ -62,6 +62,9 @@ class ReportOptions:
     heatmap_size: int = 160
     #: inline every image, script and style into index.html (one file, larger)
     single_file: bool = False
+    #: every other class of the run gets its graph in a file of its own (``classes/``), loaded
+    #: when chosen in the viewer, with its concepts' top-1 crops; off in a single-file page
+    on_demand: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self, _REPORT_RULES, "report option")
@@ -81,13 +84,14 @@ _REPORT_RULES = {
     "image_ids": _optional_ids,
     "heatmap_size": (_int(16), "an integer ≥ 16 (pixels)"),
     "single_file": (lambda v: isinstance(v, bool), "true or false"),
+    "on_demand": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
 def _fresh_output(out: Path) -> None:
     """Create ``out`` and remove the files of an earlier build (index.html is overwritten)."""
     out.mkdir(parents=True, exist_ok=True)
-    for sub in ("img", "figures", "eval", "static"):
+    for sub in ("img", "figures", "eval", "static", "classes"):
         if (out / sub).is_dir():
             shutil.rmtree(out / sub)
 
@@ -118,15 +122,24 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
               + sec.image_graphs(store, image_ids, by_image, names))
     log(f"{len(graphs)} graphs")
 
+    inline = [c for g in graphs if g["mode"] == "class" for c in g["classes"]]
+    extra = (sec.on_demand_graphs(store, {i: targets[i] for i in attributed}, inline, names, progress)
+             if opts.on_demand and not opts.single_file else [])
+    log(f"{len(extra)} more class graphs, loaded on demand")
+
     cards = {layer: load_concept_cards(store, layer) for layer in layers}
-    neighbours = sec.RunNeighbours.of_run(store, targets)  # one pass over the shards
+    samples = {layer: load_samples(store, layer) for layer in layers}
+    neighbours = sec.RunNeighbours.of_run(store, targets)  # importances: one pass over the shards
     importance = neighbours.importance
     atlas_ids = sec.atlas_order(importance, opts.atlas_per_layer)
     shown = sec.concepts_shown(atlas_ids, graphs)
+    extra_shown = {layer: ids - shown[layer] for layer, ids in sec.concepts_shown({l: [] for l in layers}, extra).items()}
+    neighbours.read_edges(store, {layer: shown[layer] | extra_shown[layer] for layer in layers}, targets)  # a second pass
     urls = sec.exemplar_urls(access, assets, cards, shown, max(1, opts.exemplars), log)
-    concepts = sec.concept_cards(store, cards, {layer: load_samples(store, layer) for layer in layers}, shown, urls,
-                                 importance, neighbours, max(1, opts.exemplars))
-
+    concepts = sec.concept_cards(store, cards, samples, shown, urls, importance, neighbours, max(1, opts.exemplars))
+    extra_urls = sec.exemplar_urls(access, assets, cards, extra_shown, 1, log)  # top-1 crops only
+    extra_concepts = sec.concept_cards(store, cards, samples, extra_shown, extra_urls, importance, neighbours, 1)
+    on_demand = sec.write_on_demand(out, extra, {**concepts, **extra_concepts}, names)
     images = sec.run_panels(store, image_ids, by_image, access, concepts, assets, opts.heatmap_size)
     log(f"localisation: {len(images)} images")
 
@@ -137,7 +150,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
            "options": {**opts.to_dict(), "hash": settings_hash(opts)}}
     referenced = sec.referenced_classes(graphs, concepts, images, neighbours.class_ids)
     page_data = sec.viewer_data(run, graphs, concepts, images, {str(c): name(c) for c in sorted(referenced)},
-                                classes[: max(0, opts.shared_classes)])
+                                classes[: max(0, opts.shared_classes)], on_demand)
     atlas = [{"layer": layer, "K": run["K"][layer], "concepts": [concepts[f"{layer}:{q}"] for q in atlas_ids[layer]]}
              for layer in reversed(layers)]
     index = render_page(out, assets, {

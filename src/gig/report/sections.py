@@ -10,8 +10,8 @@ codes from :class:`gig.decompose.CodeReader`, edge weights from :func:`gig.graph
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any, Callable
 
 import numpy as np
@@ -22,12 +22,13 @@ from ..access import RunAccess
 from ..erf import erf_dir
 from ..errors import RunMismatchError
 from ..attribution import iter_attributions, load_attributions
-from ..graph import GRAPH_FIELDS, GroupSums, build_graph, default_classes, with_positions
+from ..graph import (EDGE_FIELDS, SCORE_FIELDS, EdgeSums, ScoreSums, accumulate, build_graph, build_graph_set,
+                     default_classes, with_positions)
 from ..labels import load_labels, node_labels
 from ..models import class_name
 from ..store import RunStore, load_json
 from ..visual import draw_graph
-from .page import Assets, heatmap_overlay, jpeg_bytes, slug
+from .page import Assets, heatmap_overlay, jpeg_bytes, safe_json, slug
 
 
 def n_images_text(n: int) -> str:
@@ -97,6 +98,40 @@ def run_graphs(store: RunStore, classes: list[int], shared_classes: int, names: 
         graph = load_json(graph_dir / file)
         entries.append(graph_entry("global", "global", [], f"all images ({graph['n_images']})", graph, file))
     return entries
+
+
+def on_demand_graphs(store: RunStore, attributed_targets: dict[int, int], inline: list[int],
+                     names: list[str], progress: bool = False) -> list[dict]:
+    """The class graph of every target class of the run's attributed images that the page does
+    not carry inline (most images first), built in one two-pass read of the shards
+    (:func:`gig.graph.build_graph_set`); each is written to its own file and loaded when chosen."""
+    counts = Counter(attributed_targets.values())
+    classes = [c for c, _ in counts.most_common() if c not in set(inline)]
+    if not classes:
+        return []
+    name = class_namer(names)
+    graphs = build_graph_set(store, {c: ("class", [c]) for c in classes}, names, progress)
+    return [graph_entry(f"class:{c}", "class", [c], f"{name(c)} ({n_images_text(graphs[c]['n_images'])})", graphs[c])
+            for c in classes]
+
+
+def write_on_demand(out: Path, entries: list[dict], concepts: dict[str, dict], names: list[str]) -> list[dict]:
+    """Write every on-demand graph with its concepts' cards and class names to
+    ``out/classes/class_C.js`` (a script that hands them to the viewer: ``file://`` pages may
+    not fetch JSON); returns the viewer's menu of them ``[{key, label, file}]``."""
+    if not entries:
+        return []
+    (out / "classes").mkdir(parents=True, exist_ok=True)
+    name = class_namer(names)
+    menu = []
+    for entry in entries:
+        cards = {n["id"]: concepts[n["id"]] for n in entry["graph"]["nodes"] if n["id"] in concepts}
+        classes = referenced_classes([entry], cards, {}, [])
+        payload = {"entry": entry, "concepts": cards, "classNames": {str(c): name(c) for c in sorted(classes)}}
+        file = f"classes/class_{entry['classes'][0]}.js"
+        (out / file).write_text(f"window.gigOnDemand({safe_json(payload)});\n", encoding="utf-8")
+        menu.append({"key": entry["key"], "label": entry["label"], "file": file})
+    return menu
 
 
 def choose_images(images_info: list[dict], classes: list[int], attributed: set[int], n_images: int,
@@ -175,16 +210,31 @@ def _top_pairs(values: torch.Tensor, ids: list[str], k: int = 5) -> list[list]:
 
 class RunNeighbours:
     """Dataset-wide strongest parents (lower layer) and children (upper layer, or classes at the
-    top) of every concept: the mean edge weights over all of the run's images
-    (:class:`gig.graph.GroupSums`) and the mean top-layer shares per target class; also every
-    concept's mean importance (``importance``, ``{layer: (K,)}``)."""
+    top) of the concepts shown: the mean edge weights over all of the run's images
+    (:class:`gig.graph.EdgeSums`, restricted to edges that touch a shown concept) and the mean
+    top-layer shares per target class. Two passes over the attribute shards, one shard at a
+    time: :meth:`of_run` reads the importances (``importance``, ``{layer: (K,)}``), which choose
+    the concepts shown, then :meth:`read_edges` their edges."""
 
-    def __init__(self, parts: Iterable[dict[str, torch.Tensor]], layers: list[str], targets: dict[int, int]):
+    def __init__(self, layers: list[str], run: ScoreSums, class_sums: dict[int, torch.Tensor],
+                 class_counts: dict[int, int]):
         self.layers = layers
-        run = GroupSums(layers, rules=("flow",))
+        self.importance = run.scores()
+        self.class_ids = sorted(class_sums)
+        self.class_matrix = (torch.stack([class_sums[c] / class_counts[c] for c in self.class_ids])
+                             if self.class_ids else torch.zeros(0, self.importance[layers[-1]].numel()))
+        self.parents: EdgeSums | None = None
+        self.children: EdgeSums | None = None
+        self.shown: dict[str, list[int]] = {}
+
+    @classmethod
+    def of_run(cls, store: RunStore, targets: dict[int, int]) -> "RunNeighbours":
+        """Pass 1: the importances of every concept and the class shares, from the run's shards."""
+        layers = list(store.config.layers)
+        run = ScoreSums(layers)
         class_sums: dict[int, torch.Tensor] = {}
         class_counts: dict[int, int] = {}
-        for part in parts:  # one shard at a time: memory holds sums, never the run's attributions
+        for part in iter_attributions(store, SCORE_FIELDS):
             run.add(part, torch.arange(int(part["image_id"].numel())))
             target_vec = torch.tensor([targets[int(i)] for i in part["image_id"].tolist()])
             top = part[f"{layers[-1]}/score"]
@@ -192,25 +242,29 @@ class RunNeighbours:
                 rows = target_vec == c
                 class_sums[c] = class_sums.get(c, 0) + top[rows].sum(0)
                 class_counts[c] = class_counts.get(c, 0) + int(rows.sum())
-        self.edges = run.edges()
-        self.importance = run.scores()
-        self.class_ids = sorted(class_sums)
-        self.class_matrix = (torch.stack([class_sums[c] / class_counts[c] for c in self.class_ids])
-                             if self.class_ids else torch.zeros(0, self.importance[layers[-1]].numel()))
+        return cls(layers, run, class_sums, class_counts)
 
-    @classmethod
-    def of_run(cls, store: RunStore, targets: dict[int, int]) -> "RunNeighbours":
-        """From the run's attribute shards, read one at a time."""
-        return cls(iter_attributions(store, GRAPH_FIELDS), list(store.config.layers), targets)
+    def read_edges(self, store: RunStore, shown: dict[str, set[int]], targets: dict[int, int]) -> "RunNeighbours":
+        """Pass 2: the edges into (parents) and out of (children) every shown concept."""
+        layers = self.layers
+        self.shown = {layer: sorted(shown.get(layer, ())) for layer in layers}
+        pairs = list(zip(layers[:-1], layers[1:]))
+        sums = {"parents": EdgeSums(layers, ("flow",), upper_ids={lo: self.shown[up] for lo, up in pairs}),
+                "children": EdgeSums(layers, ("flow",), lower_ids={lo: self.shown[lo] for lo, _ in pairs})}
+        accumulate(iter_attributions(store, EDGE_FIELDS), sums, {key: ("all", None) for key in sums}, targets)
+        self.parents, self.children = sums["parents"], sums["children"]
+        return self
 
     def of(self, layer: str, q: int, K: dict[str, int]) -> tuple[list, list]:
-        """``(parents, children)`` of concept ``q`` of ``layer`` as ``[[node id, weight], ...]``."""
+        """``(parents, children)`` of shown concept ``q`` of ``layer`` as ``[[node id, weight], ...]``."""
         position = self.layers.index(layer)
         lower = self.layers[position - 1] if position > 0 else None
         upper = self.layers[position + 1] if position + 1 < len(self.layers) else None
-        parents = _top_pairs(self.edges[lower][q], [f"{lower}:{p}" for p in range(K[lower])]) if lower else []
+        slot = self.shown[layer].index(q)
+        parents = (_top_pairs(self.parents.edges()[lower][slot], [f"{lower}:{p}" for p in range(K[lower])])
+                   if lower else [])
         if upper:
-            children = _top_pairs(self.edges[layer][:, q], [f"{upper}:{p}" for p in range(K[upper])])
+            children = _top_pairs(self.children.edges()[layer][:, slot], [f"{upper}:{p}" for p in range(K[upper])])
         else:
             children = _top_pairs(self.class_matrix[:, q], [f"class:{c}" for c in self.class_ids]) if self.class_ids else []
         return parents, children
@@ -343,10 +397,12 @@ def referenced_classes(graphs: list[dict], concepts: dict[str, dict], images: di
 
 
 def viewer_data(run: dict, graphs: list[dict], concepts: dict[str, dict], images: dict[str, dict],
-                class_names: dict[str, str], shared_pool: list[int]) -> dict:
-    """The page's JSON block (``gig.report/1``): what report.js reads."""
+                class_names: dict[str, str], shared_pool: list[int], on_demand: list[dict] | None = None) -> dict:
+    """The page's JSON block (``gig.report/1``): what report.js reads; ``onDemand`` lists the
+    graphs in files of their own (:func:`write_on_demand`)."""
     return {
         "schema": "gig.report/1", "run": run, "classNames": class_names, "graphs": graphs,
+        "onDemand": on_demand or [],
         "sharedPool": shared_pool, "concepts": concepts,
         "images": {k: {kk: vv for kk, vv in v.items() if kk != "layers"} for k, v in images.items()},
         "localised": {k: {c["id"]: {m: c[m] for m in ("gig", "coef", "erf") if c.get(m)}

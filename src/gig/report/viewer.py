@@ -35,7 +35,7 @@ def write_viewer(store: RunStore, access: RunAccess, graphs: list[dict], out: Pa
     cards = {layer: load_concept_cards(store, layer) for layer in layers}
     shown = sec.concepts_shown({layer: [] for layer in layers}, graphs)
     urls = sec.exemplar_urls(access, assets, cards, shown, exemplars, log)
-    neighbours = sec.RunNeighbours.of_run(store, targets)
+    neighbours = sec.RunNeighbours.of_run(store, targets).read_edges(store, shown, targets)
     importance = neighbours.importance
     concepts = sec.concept_cards(store, cards, {layer: load_samples(store, layer) for layer in layers}, shown, urls,
                                  importance, neighbours, exemplars)

@@ -10,6 +10,12 @@
   var DATA = JSON.parse(document.getElementById('gig-data').textContent);
   var GRAPHS = {};
   DATA.graphs.forEach(function (g) { GRAPHS[g.key] = g; });
+  // Graphs in files of their own (classes/class_C.js), loaded when first chosen: a script tag
+  // carrying this script's nonce, since a file:// page may not fetch JSON.
+  var NONCE = document.currentScript ? document.currentScript.nonce : '';
+  var ON_DEMAND = {};
+  (DATA.onDemand || []).forEach(function (m) { ON_DEMAND[m.key] = m; });
+  var SAFE_SCRIPT = /^classes\/class_[0-9]+\.js$/;
 
   // ------------------------------------------------------------------ small DOM helpers
   function el(tag, className, text) {
@@ -131,7 +137,7 @@
     ]
   });
 
-  var state = { key: null, pinned: null, mode: 'class' };
+  var state = { key: null, pinned: null, mode: 'class', wanted: null };
   cy.on('viewport', drawRuler);
   window.addEventListener('load', function () { cy.resize(); });
 
@@ -140,8 +146,29 @@
     return c && c.exemplars.length && c.exemplars[0].url && SAFE_URL.test(c.exemplars[0].url) ? c.exemplars[0].url : null;
   }
 
+  function load(key) {
+    var m = ON_DEMAND[key];
+    if (!m || m.loading || !SAFE_SCRIPT.test(m.file)) return false;
+    m.loading = true;
+    var s = document.createElement('script');
+    s.nonce = NONCE;
+    s.src = m.file;
+    s.onerror = function () { m.loading = false; console.error('gig: cannot load ' + m.file); };
+    document.body.appendChild(s);
+    return true;
+  }
+  // Called by a loaded classes/class_C.js: its graph, its concepts' cards and class names.
+  window.gigOnDemand = function (d) {
+    GRAPHS[d.entry.key] = d.entry;
+    Object.keys(d.concepts).forEach(function (id) { if (!DATA.concepts[id]) DATA.concepts[id] = d.concepts[id]; });
+    Object.keys(d.classNames).forEach(function (c) { DATA.classNames[c] = d.classNames[c]; });
+    if (state.wanted === d.entry.key) draw(d.entry.key);
+  };
+
   function draw(key) {
     var entry = GRAPHS[key];
+    state.wanted = key;
+    if (!entry && ON_DEMAND[key]) { state.wanted = key; return load(key) || ON_DEMAND[key].loading; }
     if (!entry) return false;
     var graph = entry.graph;
     var pos = layout(graph);
@@ -418,6 +445,12 @@
     if (g.mode === 'class') option(classSelect, g.key, g.label);
     if (g.mode === 'image') option(imageSelect, g.key, g.label);
   });
+  if ((DATA.onDemand || []).length) {
+    var more = el('optgroup');
+    more.setAttribute('label', 'more classes (loaded when chosen)');
+    DATA.onDemand.forEach(function (m) { option(more, m.key, m.label); });
+    classSelect.appendChild(more);
+  }
   var hasShared = DATA.graphs.some(function (g) { return g.mode === 'shared'; });
   if (hasShared) {
     DATA.sharedPool.forEach(function (c) {
