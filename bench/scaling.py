@@ -173,7 +173,12 @@ def main() -> None:
           + ", ".join(f"{s} {b * 1e3:.1f} ms/image + {f:.1f} s" for s, (f, b) in lines.items()))
     print("attribute seconds per GIG evaluation: " + ", ".join(f"{v * 1e3:.2f} ms" for v in per_eval))
     projection = {}
-    for g in [int(g) for g in args.gpus.split(",")]:
+    bent = [s for s, (f, b) in lines.items() if f < -0.05 * max(r["stages"][s]["seconds"] for r in results["images"])]
+    if bent:  # a negative fixed cost: the stage is not linear over these counts (e.g. the
+        # decompose stage's sparsity front grows with the images up to front_images)
+        print(f"no projection: {', '.join(bent)} not linear in the images over {counts} "
+              "(negative fixed cost); measure at more images")
+    for g in ([] if bent else [int(g) for g in args.gpus.split(",")]):
         speed = g * args.efficiency if g > 1 else 1.0
         stage_s = {s: f + b * args.project / (speed if s in SHARDED else 1.0) for s, (f, b) in lines.items()}
         projection[g] = stage_s
