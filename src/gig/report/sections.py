@@ -3,8 +3,10 @@ concept cards (the atlas), localisation panels and the static class figures.
 
 Each function assembles one part of the page; the report (:mod:`gig.report.builder`) and the
 explain pages (:mod:`gig.explain`) put them together. Nothing here computes a graph, an ERF or a
-code: graphs come from :func:`gig.graph.build_graph`, crops from :func:`gig.erf.exemplar_crops`,
-codes from :class:`gig.decompose.CodeReader`, edge weights from :func:`gig.graph.edge_weights`.
+code: graphs come from :func:`gig.graph.build_graph` / :func:`gig.graph.build_graph_set`, crops
+from :func:`gig.erf.exemplar_crops`, codes from :class:`gig.decompose.CodeReader`, importance and
+edge sums from :class:`gig.graph.ScoreSums` / :class:`gig.graph.EdgeSums` over the attribute
+shards (:func:`gig.attribution.iter_attributions`), one shard at a time.
 """
 
 from __future__ import annotations
