@@ -213,16 +213,17 @@ def rule_agreement(edges: EdgeSums, layers: list[str], kept: dict[str, list[int]
     return out
 
 
-def _groups(kind: str, classes: list[int] | None, image_id: int | None) -> dict:
-    """The image groups whose importances a graph of ``kind`` reads (one per class, else one)."""
+def _groups(kind: str, value) -> dict:
+    """The image groups whose importances a graph reads (one per class, else one), keyed by
+    class, ``"all"`` or ``("image", id)``; ``value``: the graph's classes, or its image id."""
     if kind == "image":
-        return {"image": ("image", image_id)}
+        return {("image", value): ("image", value)}
     if kind == "global":
         return {"all": ("all", None)}
     if kind in ("class", "shared"):
-        if not classes:
+        if not value:
             raise ConfigError(f"a {kind} graph needs at least one class")
-        return {c: ("classes", {c}) for c in classes}
+        return {c: ("classes", {c}) for c in value}
     raise ConfigError(f"unknown graph kind {kind!r}: class, shared, global or image")
 
 
@@ -287,9 +288,10 @@ class GraphPlan:
     must add (:meth:`edge_sums`, :meth:`selection`); :meth:`finish` turns its edges into the graph."""
 
     def __init__(self, store: RunStore, kind: str, sums: dict, top_k: int | None = None,
-                 edges_per_node: int | None = None, class_names: list[str] | None = None):
+                 edges_per_node: int | None = None, class_names: list[str] | None = None,
+                 image_id: int | None = None):
         config = store.config
-        self.store, self.kind, self.layers = store, kind, list(config.layers)
+        self.store, self.kind, self.layers, self.image_id = store, kind, list(config.layers), image_id
         self.top_k = top_k or config.top_k
         self.edges_per_node = edges_per_node or config.edges_per_node
         self.names = class_names or []
@@ -303,13 +305,15 @@ class GraphPlan:
         top = self.layers[-1]
         self.head, self.head_edges = _head(self.per_class, self.kept[top], top, scores[top], self.names,
                                            self.edges_per_node, kind == "global")
+        for node in self.head:
+            node["level"] = len(self.layers)
 
-    def selection(self, image_id: int | None = None) -> tuple:
+    def selection(self) -> tuple:
         """The rows of this graph's images (see :func:`accumulate`)."""
         if self.kind == "global":
             return ("all", None)
         if self.kind == "image":
-            return ("image", image_id)
+            return ("image", self.image_id)
         return ("classes", set(self.per_class))
 
     def edge_sums(self) -> EdgeSums:
@@ -320,8 +324,6 @@ class GraphPlan:
 
     def finish(self, edges: EdgeSums) -> dict:
         layers = self.layers
-        for node in self.head:
-            node["level"] = len(layers)
         out_edges = self.head_edges + [
             {"source": f"{lower}:{q}", "target": f"{layers[layers.index(lower) + 1]}:{t}", "weight": w}
             for lower, q, t, w in _shown_edges(self.kept, edges.edges(), layers, self.edges_per_node)]
@@ -346,23 +348,9 @@ def build_graph(store: RunStore, kind: str = "class", classes: list[int] | None 
     (``{image id: class}``) then gives; by default the targets are the run's (collect stage) and
     the attributions are read shard by shard in two passes (importances, then the kept nodes'
     edges), only the graph's images and never the maps."""
-    groups = _groups(kind, classes, image_id)
-    targets = run_targets(store) if targets is None else targets
-    layers = list(store.config.layers)
-    wanted = ([image_id] if kind == "image" else
-              [i for i, t in targets.items() if t in set(classes or [])] if kind in ("class", "shared") else None)
-
-    def parts(fields: tuple[str, ...]) -> Iterable[dict]:
-        return [data] if data is not None else iter_attributions(store, fields, wanted)
-
-    sums = accumulate(parts(SCORE_FIELDS), {key: ScoreSums(layers) for key in groups}, groups, targets)
-    if kind == "image":  # headed by the image's own target class
-        if sums["image"].n == 0:
-            raise ConfigError(f"image id {image_id} is not in this run's attributions")
-        sums = {targets[int(image_id)]: sums["image"]}
-    plan = GraphPlan(store, kind, sums, top_k, edges_per_node, class_names)
-    edges = accumulate(parts(EDGE_FIELDS), {"graph": plan.edge_sums()}, {"graph": plan.selection(image_id)}, targets)
-    return plan.finish(edges["graph"])
+    spec = (kind, image_id if kind == "image" else classes)
+    return build_graph_set(store, {"graph": spec}, class_names, top_k=top_k, edges_per_node=edges_per_node,
+                           data=data, targets=targets)["graph"]
 
 
 def _barycentre_rows(graph: dict) -> dict[int, list[dict]]:
@@ -421,23 +409,41 @@ def default_classes(store: RunStore, n: int = 3) -> list[int]:
     return [c for c, _ in counts.most_common(n)]
 
 
-def build_graph_set(store: RunStore, specs: dict, class_names: list[str] | None = None,
-                    progress: bool = False) -> dict:
-    """Many class, shared and global graphs of the run in the same two passes over its shards
-    (importances, then the kept nodes' edges): ``specs`` is ``{key: (kind, classes)}``, the
-    result ``{key: graph}``. Memory holds one shard and, per class named, the ``(K,)``
-    importance sums and its graph's kept edges; time is two reads of the attributions."""
-    layers, targets = list(store.config.layers), run_targets(store)
-    groups = {"all": ("all", None)} if any(kind == "global" for kind, _ in specs.values()) else {}
-    for kind, classes in specs.values():
-        if kind != "global":
-            groups.update(_groups(kind, classes, None))
-    sums = accumulate(tqdm(iter_attributions(store, SCORE_FIELDS), desc="graph: nodes", unit="shard",
-                           disable=not progress), {key: ScoreSums(layers) for key in groups}, groups, targets)
-    plans = {key: GraphPlan(store, kind, {"all": sums["all"]} if kind == "global" else {c: sums[c] for c in classes},
-                            class_names=class_names) for key, (kind, classes) in specs.items()}
-    edges = accumulate(tqdm(iter_attributions(store, EDGE_FIELDS), desc="graph: edges", unit="shard",
-                            disable=not progress), {key: p.edge_sums() for key, p in plans.items()},
+def build_graph_set(store: RunStore, specs: dict, class_names: list[str] | None = None, progress: bool = False,
+                    top_k: int | None = None, edges_per_node: int | None = None,
+                    data: dict[str, torch.Tensor] | None = None, targets: dict[int, int] | None = None) -> dict:
+    """Many graphs in the same two passes over the attributions (importances, then the kept
+    nodes' edges): ``specs`` is ``{key: (kind, classes)}``, or ``("image", image id)``; the result
+    ``{key: graph}``. The attributions are the run's shards, read one at a time and only the
+    images the graphs use (no global graph: only their classes' images), or ``data`` with its
+    ``targets`` (see :func:`build_graph`). Memory holds one shard and, per class named, the
+    ``(K,)`` importance sums and its graph's kept edges."""
+    layers = list(store.config.layers)
+    targets = run_targets(store) if targets is None else targets
+    groups: dict = {}
+    for kind, value in specs.values():
+        groups.update(_groups(kind, value))
+    wanted = None  # the images the graphs use (all of them for a global graph)
+    if "all" not in groups:
+        classes = {key for key in groups if not isinstance(key, tuple)}
+        wanted = [i for i, t in targets.items() if t in classes] + [key[1] for key in groups if isinstance(key, tuple)]
+
+    def parts(fields: tuple[str, ...], desc: str) -> Iterable[dict]:
+        shards = [data] if data is not None else iter_attributions(store, fields, wanted)
+        return tqdm(shards, desc=desc, unit="shard", disable=not progress)
+
+    sums = accumulate(parts(SCORE_FIELDS, "graph: nodes"), {key: ScoreSums(layers) for key in groups}, groups, targets)
+    plans = {}
+    for key, (kind, value) in specs.items():
+        if kind == "image":  # headed by the image's own target class
+            if sums[("image", value)].n == 0:
+                raise ConfigError(f"image id {value} is not in this run's attributions")
+            own = {targets[int(value)]: sums[("image", value)]}
+        else:
+            own = {"all": sums["all"]} if kind == "global" else {c: sums[c] for c in value}
+        plans[key] = GraphPlan(store, kind, own, top_k, edges_per_node, class_names,
+                               image_id=value if kind == "image" else None)
+    edges = accumulate(parts(EDGE_FIELDS, "graph: edges"), {key: p.edge_sums() for key, p in plans.items()},
                        {key: p.selection() for key, p in plans.items()}, targets)
     return {key: plan.finish(edges[key]) for key, plan in plans.items()}
 

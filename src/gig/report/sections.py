@@ -218,13 +218,11 @@ class RunNeighbours:
     time: :meth:`of_run` reads the importances (``importance``, ``{layer: (K,)}``), which choose
     the concepts shown, then :meth:`read_edges` their edges."""
 
-    def __init__(self, layers: list[str], run: ScoreSums, class_sums: dict[int, torch.Tensor],
-                 class_counts: dict[int, int]):
+    def __init__(self, layers: list[str], run: ScoreSums, class_sums: torch.Tensor, class_counts: torch.Tensor):
         self.layers = layers
         self.importance = run.scores()
-        self.class_ids = sorted(class_sums)
-        self.class_matrix = (torch.stack([class_sums[c] / class_counts[c] for c in self.class_ids])
-                             if self.class_ids else torch.zeros(0, self.importance[layers[-1]].numel()))
+        self.class_ids = class_counts.nonzero().flatten().tolist()
+        self.class_matrix = class_sums[self.class_ids] / class_counts[self.class_ids, None]  # (classes, K_top)
         self.parents: EdgeSums | None = None
         self.children: EdgeSums | None = None
         self.shown: dict[str, list[int]] = {}
@@ -234,17 +232,16 @@ class RunNeighbours:
         """Pass 1: the importances of every concept and the class shares, from the run's shards."""
         layers = list(store.config.layers)
         run = ScoreSums(layers)
-        class_sums: dict[int, torch.Tensor] = {}
-        class_counts: dict[int, int] = {}
+        n_classes = max(targets.values(), default=-1) + 1
+        class_sums, class_counts = None, torch.zeros(n_classes)
         for part in iter_attributions(store, SCORE_FIELDS):
             run.add(part, torch.arange(int(part["image_id"].numel())))
-            target_vec = torch.tensor([targets[int(i)] for i in part["image_id"].tolist()])
-            top = part[f"{layers[-1]}/score"]
-            for c in target_vec.unique().tolist():
-                rows = target_vec == c
-                class_sums[c] = class_sums.get(c, 0) + top[rows].sum(0)
-                class_counts[c] = class_counts.get(c, 0) + int(rows.sum())
-        return cls(layers, run, class_sums, class_counts)
+            target_vec = torch.tensor([targets[int(i)] for i in part["image_id"].tolist()], dtype=torch.long)
+            top = part[f"{layers[-1]}/score"]  # (images, K_top)
+            class_sums = torch.zeros(n_classes, top.shape[1]) if class_sums is None else class_sums
+            class_sums.index_add_(0, target_vec, top)
+            class_counts += torch.bincount(target_vec, minlength=n_classes)
+        return cls(layers, run, class_sums if class_sums is not None else torch.zeros(n_classes, 0), class_counts)
 
     def read_edges(self, store: RunStore, shown: dict[str, set[int]], targets: dict[int, int]) -> "RunNeighbours":
         """Pass 2: the edges into (parents) and out of (children) every shown concept."""
