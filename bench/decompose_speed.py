@@ -4,15 +4,22 @@
 
 For every layer of RUN (its dictionaries and images), on ``--images`` images (every position):
 
-* **old**: FISTA at the λ the run's decompose stage recorded, capped at the run's
-  ``lasso_max_iter`` iterations (the stage as it was: λ calibrated to a relative error of 0.1);
+* **old**: FISTA capped at ``lasso_max_iter`` iterations (the stage as it was) at the λ the
+  run's decompose stage recorded (a run made with the earlier defaults), or, with
+  ``--old-rel-error R`` (any run, e.g. one made with today's defaults), at the λ the earlier
+  stage would have calibrated: 14 bisection steps in log λ, each a FISTA solve of
+  ``calibration_size`` of the run's sampled PFVs, to a relative error of R (timed: that
+  calibration was the earlier stage's fixed cost, as the front is today's);
 * **new**: λ from the layer's sparsity–fidelity front under the current default rule (measured
   here on the run's first ``front_images`` images, and timed), then LARS (if SPAMS is
   installed) + least-squares refit, and FISTA to its duality-gap certificate + refit.
 
 Printed per layer: seconds per 1000 positions, l0, R², and the Lasso objective's relative
 excess over the optimum (LARS, exact; FISTA to a 1e-7 gap without SPAMS), on ``--check`` rows, before the refit.
-Ratios (old / new) are of times measured in this one process, one after another.
+Ratios (old / new) are of times measured in this one process, one after another. Last, the
+whole stage for the run's image count, old against new: fixed cost (calibration / front) plus
+coding at the measured rates, plus what both stages do alike per image (the capture and the
+top-1 agreement's forward passes, measured here once).
 """
 
 from __future__ import annotations
@@ -20,15 +27,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 
 import torch
 
-from gig.collect import iter_image_batches, load_images
+from gig.collect import iter_image_batches, load_images, load_samples
 from gig.concepts import load_dictionary
 from gig.config import Config
 from gig.decompose import encoder_for, load_front_images, sparsity_front
-from gig.lasso import LassoEncoder, lars_available
+from gig.lasso import LassoEncoder, lambda_max, lars_available
 from gig.hooks import ModelHandle
 from gig.images import open_source
 from gig.models import load_model
@@ -49,12 +57,44 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
+def calibrate_old_alpha(store: RunStore, layer: str, V: torch.Tensor, rel_error: float, max_iter: int,
+                        size: int, steps: int = 14) -> float:
+    """The earlier stage's λ: the largest whose FISTA-``max_iter`` codes of ``size`` sampled PFVs
+    reach ``rel_error`` (bisection in log λ between λ_max·1e-4 and λ_max)."""
+    X = load_samples(store, layer)["pfv"].float()
+    X = X[torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))[:size]]
+    lo, hi = lambda_max(X, V) * 1e-4, lambda_max(X, V)
+    for _ in range(steps):
+        mid = math.sqrt(lo * hi)
+        U = LassoEncoder(V, mid, max_iter=max_iter, tol=0.0, solver="fista").encode(X)
+        if float((X - U @ V).norm() / X.norm()) <= rel_error:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def shared_seconds(handle: ModelHandle, source, records, layers: list[str], batch_size: int) -> float:
+    """Seconds per image of what the old and the new stage do alike: the capture of every layer
+    and one forward pass per layer from its (here: unchanged) grid for the top-1 agreement."""
+    t0 = time.perf_counter()
+    for batch in iter_image_batches(source, records, handle, batch_size):
+        with torch.no_grad():
+            _, grids = handle.capture(batch.pixels, layers)
+            for layer in layers:
+                handle.run_from(batch.pixels, layer, grids[layer])
+    return (time.perf_counter() - t0) / len(records)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run")
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--check", type=int, default=1000, help="rows on which the objective is checked")
+    parser.add_argument("--old-rel-error", type=float,
+                        help="calibrate the old λ to this relative error, as the earlier stage did")
+    parser.add_argument("--old-max-iter", type=int, default=100, help="the old stage's lasso_max_iter")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -67,7 +107,15 @@ def main() -> None:
                                                     if f.name in ("target_rel_error", "min_r2", "min_top1_agreement",
                                                                   "front_images", "debias", "lasso_solver",
                                                                   "lasso_max_iter", "lasso_tol")})
-    old_alpha = store.summary("decompose")["alpha"]
+    old_max_iter = args.old_max_iter if args.old_rel_error is not None else old_config.lasso_max_iter
+    old_alpha, calibration_s = {}, {}
+    for layer in old_config.layers:
+        if args.old_rel_error is None:
+            old_alpha[layer], calibration_s[layer] = store.summary("decompose")["alpha"][layer], None
+        else:
+            old_alpha[layer], calibration_s[layer] = timed(lambda: calibrate_old_alpha(
+                store, layer, load_dictionary(store, layer), args.old_rel_error, old_max_iter,
+                old_config.calibration_size))
     used = load_images(store)["images"]
     by_id = {r.image_id: r for r in source.records}
     records = [by_id[i["image_id"]] for i in used]
@@ -88,11 +136,11 @@ def main() -> None:
         X = rows_of(grids[layer])
         front, front_s = timed(lambda: sparsity_front(front_images, layer, V, handle, new_config))
         lam = front["alpha"]
-        old_enc = LassoEncoder(V, old_alpha[layer], old_config.nonnegative, max_iter=old_config.lasso_max_iter,
+        old_enc = LassoEncoder(V, old_alpha[layer], old_config.nonnegative, max_iter=old_max_iter,
                                tol=0.0, solver="fista")
         U_old, t_old = timed(lambda: old_enc.encode(X))
         row = {"K": int(V.shape[0]), "C": int(V.shape[1]), "positions": int(X.shape[0]), "front_seconds": front_s,
-               "old": {"alpha": old_alpha[layer], "seconds": t_old, "l0": float((U_old != 0).float().mean()),
+               "old": {"alpha": old_alpha[layer], "seconds": t_old, "calibration_seconds": calibration_s[layer], "l0": float((U_old != 0).float().mean()),
                        "r2": r2(X, U_old, V)},
                "new": {"alpha": lam, "rule_met": front["met"], "front_points": len(front["points"])}}
         # The exact optimum at each λ on --check rows: FISTA polishing the codes to a 1e-9 gap.
@@ -120,13 +168,41 @@ def main() -> None:
         n = X.shape[0] / 1000
         new_line = "  ".join(f"{s} {row['new'][s]['seconds'] / n:.3f} s/1k (×{row['new'][s]['speedup_vs_old']:.1f}, "
                              f"excess {row['new'][s]['objective_excess']:.1e})" for s in solvers)
-        print(f"{layer}: K {row['K']} C {row['C']} P {row['positions']} | old FISTA-{old_config.lasso_max_iter} "
+        print(f"{layer}: K {row['K']} C {row['C']} P {row['positions']} | old FISTA-{old_max_iter} "
               f"{t_old / n:.3f} s/1k l0 {row['old']['l0']:.3f} R² {row['old']['r2']:.3f} excess "
               f"{row['old']['objective_excess']:.1e} | new λ {lam:.4g} met {front['met']} front {front_s:.0f} s, "
               f"l0 {row['new'][solvers[0]]['l0']:.3f} R² {row['new'][solvers[0]]['r2']:.3f} | {new_line}", flush=True)
+    report["stage"] = whole_stage(report, len(records), shared_seconds(handle, source, bench, layers,
+                                                                       old_config.batch_size))
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(report, fh, indent=1)
+
+
+def whole_stage(report: dict, n_images: int, shared_s: float) -> dict:
+    """The whole stage for ``n_images``, old against new, from the rates measured per layer (see
+    the module docstring); printed and returned."""
+    rows = report["layers"].values()
+    per_image = {"old": sum(r["old"]["seconds"] for r in rows) / report["images"]}
+    fixed = {"old": sum(r["old"]["calibration_seconds"] or 0.0 for r in rows),
+             "new": sum(r["front_seconds"] for r in rows)}
+    out = {"n_images": n_images, "shared_seconds_per_image": shared_s, "old_calibrated_here":
+           all(r["old"]["calibration_seconds"] is not None for r in rows)}
+    for solver in ("lars", "fista"):
+        if all(solver in r["new"] for r in rows):
+            per_image[solver] = sum(r["new"][solver]["seconds"] for r in rows) / report["images"]
+    for name, rate in per_image.items():
+        fixed_s = fixed["old" if name == "old" else "new"]
+        out[name] = {"fixed_seconds": fixed_s, "coding_seconds_per_image": rate,
+                     "total_seconds": fixed_s + n_images * (rate + shared_s)}
+    for name in per_image:
+        if name != "old":
+            out[name]["speedup_vs_old"] = out["old"]["total_seconds"] / out[name]["total_seconds"]
+    print(f"whole stage, {n_images} images (shared {shared_s:.3f} s/image): " + "; ".join(
+        f"{name} {v['fixed_seconds']:.0f} s fixed + {v['coding_seconds_per_image']:.3f} s/image coding = "
+        f"{v['total_seconds']:.0f} s" + (f" (×{v['speedup_vs_old']:.2f})" if "speedup_vs_old" in v else "")
+        for name, v in out.items() if isinstance(v, dict)), flush=True)
+    return out
 
 
 if __name__ == "__main__":

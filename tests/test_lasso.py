@@ -134,3 +134,27 @@ def test_with_alpha_equals_a_fresh_encoder(unit_atoms, lasso_problem):
     fresh = LassoEncoder(V, 0.3, solver="fista", unit_atoms=unit_atoms)
     torch.testing.assert_close(moved.encode(X), fresh.encode(X))
     torch.testing.assert_close(moved.objective(X, fresh.encode(X)), fresh.objective(X, fresh.encode(X)))
+
+
+@pytest.mark.skipif(not lars_available(), reason="SPAMS (spams-bin) not installed")
+@pytest.mark.parametrize("failing", [("float32",), ("float32", "float64")])
+def test_lars_rows_without_a_certificate_are_solved_again(failing, lasso_problem, monkeypatch):
+    # A LARS pass that leaves rows unsolved (here: all-zero codes, as a float32 homotopy that
+    # stopped early would leave them far from the optimum) must not reach the caller: the rows
+    # are solved again in float64, then by FISTA, and the result still meets the optimum.
+    X, V = lasso_problem(k=24)
+    lam = 0.3
+    enc = LassoEncoder(V, lam, solver="lars")
+    real = enc._lars_pass
+    dtypes = []
+
+    def flaky(rows, dtype):
+        dtypes.append(np.dtype(dtype).name)
+        U = real(rows, dtype)
+        return torch.zeros_like(U) if np.dtype(dtype).name in failing else U
+
+    monkeypatch.setattr(enc, "_lars_pass", flaky)
+    U = enc.encode(X)
+    assert dtypes == ["float32", "float64"]
+    theirs = float(enc.objective(X, _sklearn_codes(X, V, lam, False)).sum())
+    assert abs(float(enc.objective(X, U).sum()) - theirs) <= 1e-3 * theirs

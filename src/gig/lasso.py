@@ -71,7 +71,7 @@ class LassoEncoder:
         self.solver_ = resolve_solver(solver, self.V.device)
         self.gram_ = self.V @ self.V.T
         self._lipschitz: float | None = None
-        self._gram64 = None
+        self._spams_gram: dict = {}  # SPAMS's D and Q per numpy dtype (shared by with_alpha copies)
         self.unit_atoms = unit_atoms
         self._unit: LassoEncoder | None = None  # the same problem on unit-norm atoms
         if unit_atoms:
@@ -142,16 +142,34 @@ class LassoEncoder:
 
     # ------------------------------------------------------------------ solvers
     def _lars(self, X: torch.Tensor) -> torch.Tensor:
-        """SPAMS's LARS-Lasso; the homotopy path is capped at 4·min(K, C) steps (uncapped, it can
-        cycle on degenerate problems at tiny λ), and rows whose duality gap is then above ``tol``
-        are finished by FISTA, warm-started at the LARS codes."""
+        """SPAMS's LARS-Lasso, first in float32 (1.2–1.6× faster than float64 on the four
+        dictionaries of an 800-image EfficientNet-Lite0 run, K = 320–2 560), then in float64 for the rows whose
+        duality gap is above ``tol``, and FISTA, warm-started at the LARS codes, for any row still
+        above it. The homotopy path is capped at 4·min(K, C) steps (uncapped, it can cycle on
+        degenerate problems at tiny λ). The gap certifies every row, whatever solved it."""
+        U = self._lars_pass(X, np.float32)
+        loose = self._loose(X, U)
+        if loose.numel():
+            U[loose] = self._lars_pass(X[loose], np.float64)
+            loose = loose[self._loose(X[loose], U[loose])]
+        if loose.numel():
+            U[loose] = self._fista(X[loose], U[loose]).to(U)
+        return U
+
+    def _loose(self, X: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+        """Indices of the rows whose duality gap is above ``tol`` of their objective."""
+        gap = self.duality_gap(X, U)
+        return torch.nonzero(gap > self.tol * (self.objective(X, U).double() - gap).clamp_min(1e-30)).flatten()
+
+    def _lars_pass(self, X: torch.Tensor, dtype: type) -> torch.Tensor:
+        """One SPAMS LARS call on the rows of ``X`` in ``dtype``; codes ``(P, K)`` in float32."""
         import spams
 
-        if self._gram64 is None:
-            V64 = self.V.double().cpu().numpy()
-            self._gram64 = (np.asfortranarray(V64.T), np.asfortranarray(V64 @ V64.T))
-        D, Q = self._gram64
-        Xf = np.asfortranarray(X.double().cpu().numpy().T)  # (C, P): SPAMS takes columns
+        if dtype not in self._spams_gram:
+            Vn = self.V.double().cpu().numpy().astype(dtype)
+            self._spams_gram[dtype] = (np.asfortranarray(Vn.T), np.asfortranarray(Vn @ Vn.T))
+        D, Q = self._spams_gram[dtype]
+        Xf = np.asfortranarray(X.double().cpu().numpy().T.astype(dtype))  # (C, P): SPAMS takes columns
         A = spams.lasso(Xf, D=D, Q=Q, q=np.asfortranarray(D.T @ Xf), lambda1=self.alpha, mode=2,
                         pos=self.nonnegative, numThreads=torch.get_num_threads(),
                         max_length_path=4 * min(D.shape))
@@ -159,12 +177,7 @@ class LassoEncoder:
         U = torch.zeros(X.shape[0], self.V.shape[0], dtype=torch.float32)
         U[torch.from_numpy(A.col.astype(np.int64)), torch.from_numpy(A.row.astype(np.int64))] = \
             torch.from_numpy(A.data.astype(np.float32))
-        U = U.to(self.V.device)
-        gap = self.duality_gap(X, U)
-        loose = torch.nonzero(gap > self.tol * (self.objective(X, U).double() - gap).clamp_min(1e-30)).flatten()
-        if loose.numel():
-            U[loose] = self._fista(X[loose], U[loose]).to(U)
-        return U
+        return U.to(self.V.device)
 
     def _shrink(self, z: torch.Tensor, threshold: float) -> torch.Tensor:
         if self.nonnegative:
