@@ -63,7 +63,8 @@ def calibrate_old_alpha(store: RunStore, layer: str, V: torch.Tensor, rel_error:
     reach ``rel_error`` (bisection in log λ between λ_max·1e-4 and λ_max)."""
     X = load_samples(store, layer)["pfv"].float()
     X = X[torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))[:size]]
-    lo, hi = lambda_max(X, V) * 1e-4, lambda_max(X, V)
+    hi = lambda_max(X, V)
+    lo = hi * 1e-4
     for _ in range(steps):
         mid = math.sqrt(lo * hi)
         U = LassoEncoder(V, mid, max_iter=max_iter, tol=0.0, solver="fista").encode(X)
