@@ -139,6 +139,10 @@ class Config:
     min_r2: float = 0.9
     min_top1_agreement: float = 0.95
     front_images: int = 32  # images whose every position measures the front at each λ
+    #: "lasso" (the paper: ℓ1-penalised codes, solved exactly) | "omp" (orthogonal matching
+    #: pursuit: atoms added greedily until no atom correlates with the residual by more than λ,
+    #: least-squares coefficients; sparser at equal fidelity on k-means centroids; not the paper's)
+    coder: str = "lasso"
     debias: bool = True  # least-squares refit on the support Lasso selected (relaxed Lasso)
     #: Lasso on unit-norm atoms (the penalty weighs every concept alike); the stored codes are
     #: still those of the concept vectors themselves
@@ -176,6 +180,9 @@ class Config:
             if stray:
                 problems.append(f"dictionaries={self.dictionaries!r}: keys must be analysed layers; "
                                 f"{', '.join(stray)} not in layers {self.layers}")
+        if not problems and self.coder == "omp" and self.nonnegative:
+            problems.append("coder='omp' with nonnegative=true: OMP codes are signed; use coder: lasso "
+                            "for non-negative codes")
         if problems:
             raise ConfigError("config option " + "; ".join(problems))
 
@@ -223,6 +230,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "min_r2": (_real(0, 1), "an R² between 0 and 1 (exclusive), e.g. 0.9"),
     "min_top1_agreement": (lambda v: _real(0, 1)(v) or v == 1, "a share of images in (0, 1], e.g. 0.95"),
     "front_images": (_int(1), "an integer of at least 1"),
+    "coder": (_one_of("lasso", "omp"), "lasso or omp"),
     "debias": (lambda v: isinstance(v, bool), "true or false"),
     "unit_atoms": (lambda v: isinstance(v, bool), "true or false"),
     "lasso_solver": (_one_of("auto", "lars", "fista"), "auto, lars or fista"),
@@ -258,12 +266,16 @@ STAGE_FIELDS: dict[str, list[str]] = {
     "collect": ["model", "weights", "layers", "images", "max_images", "target", "samples_per_image", "seed"],
     "concepts": ["concepts_per_channel", "min_cluster", "max_concepts", "dictionaries", "seed"],
     "decompose": ["target_rel_error", "min_r2", "min_top1_agreement", "front_images", "debias", "unit_atoms", "nonnegative",
-                  "lasso_solver", "lasso_max_iter", "lasso_tol", "seed"],
+                  "lasso_solver", "lasso_max_iter", "lasso_tol", "seed", "coder"],
     "attribute": ["gig_tol", "gig_max_steps", "n_steps", "quadrature", "top_k"],
     "graph": ["graph_classes", "edges_per_node", "top_k"],
 }
 STAGE_ORDER = ["collect", "concepts", "decompose", "attribute", "graph"]
 
+
+#: Fields added after runs were made, hashed only when they differ from this value (their
+#: value before they existed), so that those runs' stages stay valid.
+HASHED_WHEN_SET: dict[str, Any] = {"coder": "lasso"}
 
 #: Fields the automatic ``samples_per_image`` reads (:func:`resolve_samples_per_image`).
 AUTO_SAMPLE_FIELDS = ["concepts_per_channel", "min_cluster", "calibration_size"]
@@ -274,6 +286,7 @@ def stage_hash(config: Config, stage: str, upstream: str = "") -> str:
     fields = STAGE_FIELDS[stage]
     if stage == "collect" and config.samples_per_image is None:
         fields = fields + AUTO_SAMPLE_FIELDS  # the automatic sample count depends on them
-    data = {name: getattr(config, name) for name in fields}
+    data = {name: getattr(config, name) for name in fields
+            if not (name in HASHED_WHEN_SET and getattr(config, name) == HASHED_WHEN_SET[name])}
     blob = json.dumps(data, sort_keys=True, default=str) + upstream
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -33,6 +33,7 @@ from .errors import RunMismatchError
 from .hooks import ModelHandle
 from .images import ImageSource
 from .lasso import LassoEncoder, lambda_max
+from .omp import OMPEncoder
 from .store import RunStore, load_json, save_json, save_tensors
 
 #: The λ path of the front: λ_max · 2^(−j), j = 1 … FRONT_POINTS.
@@ -48,9 +49,12 @@ EXACT_R2 = 0.9999
 
 
 def encoder_for(config: Config, dictionary: torch.Tensor, alpha: float,
-                device: str | torch.device | None = None) -> LassoEncoder:
-    """The run's encoder for one layer: solver, sign constraint, debiasing and tolerance from the
-    config. Every consumer of a run's codes (this stage, the evaluation) builds it here."""
+                device: str | torch.device | None = None) -> LassoEncoder | OMPEncoder:
+    """The run's encoder for one layer: coder (Lasso or OMP), solver, sign constraint, debiasing
+    and tolerance from the config. Every consumer of a run's codes (this stage, the evaluation)
+    builds it here."""
+    if config.coder == "omp":
+        return OMPEncoder(dictionary, alpha, device=device)
     return LassoEncoder(dictionary, alpha, config.nonnegative, max_iter=config.lasso_max_iter,
                         tol=config.lasso_tol, device=device, solver=config.lasso_solver, debias=config.debias,
                         unit_atoms=config.unit_atoms)
@@ -75,8 +79,10 @@ def alpha_for_l0(X: torch.Tensor, V: torch.Tensor, target_l0: float,
                  make_encoder, n_bisect: int = 16) -> tuple[float, float]:
     """λ whose codes of ``X (N, C)`` on ``V (K, C)`` have l0 ratio ``≈ target_l0`` (at most it);
     ``make_encoder(V, λ)`` builds the encoder. Returns ``(λ, l0 ratio)``. The l0 ratio falls as
-    λ grows, so: bisection in log λ between λ_max·1e-6 and λ_max (where every code is zero)."""
-    top = max(lambda_max(X, V), 1e-30)
+    λ grows, so: bisection in log λ between λ_max·1e-6 and λ_max (where every code is zero; the
+    larger of the atoms' and the unit atoms' λ_max, so it holds for a coder on either)."""
+    unit = V / V.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    top = max(lambda_max(X, V), lambda_max(X, unit), 1e-30)
     lo, hi = top * 1e-6, top
     best = (hi, 0.0)
     for _ in range(n_bisect):
@@ -155,7 +161,8 @@ def sparsity_front(images: FrontImages, layer: str, V: torch.Tensor, handle: Mod
     device = handle.device
     V = V.to(device)
     rows = torch.cat([g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]) for g in images.grids[layer]])
-    atoms = V / V.norm(dim=1, keepdim=True).clamp_min(1e-12) if config.unit_atoms else V
+    unit = config.unit_atoms or config.coder == "omp"  # OMP's λ bounds correlations with unit atoms
+    atoms = V / V.norm(dim=1, keepdim=True).clamp_min(1e-12) if unit else V
     top = lambda_max(rows.to(device), atoms, config.nonnegative)  # the penalty's units
     path = encoder_for(config, V, top, device)  # one Gram matrix for every λ of the walk
     points, init, first_pass = [], None, None
