@@ -12,7 +12,8 @@ For every layer of RUN (its dictionaries and images), on ``--images`` images (ev
   calibration was the earlier stage's fixed cost, as the front is today's);
 * **new**: λ from the layer's sparsity–fidelity front under the current default rule (measured
   here on the run's first ``front_images`` images, and timed), then LARS (if SPAMS is
-  installed) + least-squares refit, and FISTA to its duality-gap certificate + refit.
+  installed) + least-squares refit, and FISTA to its duality-gap certificate + refit; with
+  ``--coder omp``, the OMP coder's own front and λ, then OMP.
 
 Printed per layer: seconds per 1000 positions, l0, R², and the Lasso objective's relative
 excess over the optimum (LARS, exact; FISTA to a 1e-7 gap without SPAMS), on ``--check`` rows, before the refit.
@@ -96,6 +97,8 @@ def main() -> None:
     parser.add_argument("--old-rel-error", type=float,
                         help="calibrate the old λ to this relative error, as the earlier stage did")
     parser.add_argument("--old-max-iter", type=int, default=100, help="the old stage's lasso_max_iter")
+    parser.add_argument("--coder", choices=["lasso", "omp"], default="lasso",
+                        help="the new stage's coder (omp: its own front and λ; no Lasso objective to check)")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -108,6 +111,7 @@ def main() -> None:
                                                     if f.name in ("target_rel_error", "min_r2", "min_top1_agreement",
                                                                   "front_images", "debias", "lasso_solver",
                                                                   "lasso_max_iter", "lasso_tol")})
+    new_config = dataclasses.replace(new_config, coder=args.coder)
     old_max_iter = args.old_max_iter if args.old_rel_error is not None else old_config.lasso_max_iter
     old_alpha, calibration_s = {}, {}
     for layer in old_config.layers:
@@ -156,8 +160,14 @@ def main() -> None:
             return float(ref.objective(Xc, U[check]).sum()) / best - 1
 
         row["old"]["objective_excess"] = excess(old_alpha[layer], U_old)
-        solvers = ["lars", "fista"] if lars_available() else ["fista"]
+        solvers = ["omp"] if args.coder == "omp" else ["lars", "fista"] if lars_available() else ["fista"]
         for solver in solvers:
+            if solver == "omp":  # no Lasso objective, no refit: least squares on the support already
+                U, t_code = timed(lambda: encoder_for(new_config, V, lam).encode(X))
+                row["new"]["omp"] = {"seconds": t_code, "seconds_without_refit": t_code, "objective_excess": None,
+                                     "l0": float((U != 0).float().mean()), "r2": r2(X, U, V),
+                                     "speedup_vs_old": t_old / t_code}
+                continue
             plain = dataclasses.replace(new_config, lasso_solver=solver, debias=False)
             U, t_code = timed(lambda: encoder_for(plain, V, lam).encode(X))
             D, t_refit = timed(lambda: encoder_for(dataclasses.replace(plain, debias=True), V, lam).encode(X))
@@ -168,7 +178,7 @@ def main() -> None:
         report["layers"][layer] = row
         n = X.shape[0] / 1000
         new_line = "  ".join(f"{s} {row['new'][s]['seconds'] / n:.3f} s/1k (×{row['new'][s]['speedup_vs_old']:.1f}, "
-                             f"excess {row['new'][s]['objective_excess']:.1e})" for s in solvers)
+                             f"excess {_sci(row['new'][s]['objective_excess'])})" for s in solvers)
         print(f"{layer}: K {row['K']} C {row['C']} P {row['positions']} | old FISTA-{old_max_iter} "
               f"{t_old / n:.3f} s/1k l0 {row['old']['l0']:.3f} R² {row['old']['r2']:.3f} excess "
               f"{row['old']['objective_excess']:.1e} | new λ {lam:.4g} met {front['met']} front {front_s:.0f} s, "
@@ -180,6 +190,10 @@ def main() -> None:
             json.dump(report, fh, indent=1)
 
 
+def _sci(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
 def whole_stage(report: dict, n_images: int, shared_s: float) -> dict:
     """The whole stage for ``n_images``, old against new, from the rates measured per layer (see
     the module docstring); printed and returned."""
@@ -189,7 +203,7 @@ def whole_stage(report: dict, n_images: int, shared_s: float) -> dict:
              "new": sum(r["front_seconds"] for r in rows)}
     out = {"n_images": n_images, "shared_seconds_per_image": shared_s, "old_calibrated_here":
            all(r["old"]["calibration_seconds"] is not None for r in rows)}
-    for solver in ("lars", "fista"):
+    for solver in ("lars", "fista", "omp"):
         if all(solver in r["new"] for r in rows):
             per_image[solver] = sum(r["new"][solver]["seconds"] for r in rows) / report["images"]
     for name, rate in per_image.items():

@@ -3,6 +3,8 @@ storage, fidelity figures. (The solvers themselves: test_lasso.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from gig.decompose import (FidelityMeter, alpha_for_l0, from_sparse_rows, load_f
 from gig.hooks import ModelHandle
 from gig.images import open_source
 from gig.lasso import LassoEncoder
+from gig.omp import OMPEncoder
 
 
 def test_sparse_rows_round_trip():
@@ -41,13 +44,15 @@ def test_fidelity_meter_merge_equals_one_pass(lasso_problem):
     assert merged["r2"] == pytest.approx(float(1 - resid / total), rel=1e-5)
 
 
-def test_alpha_for_l0_reaches_the_target_sparsity(lasso_problem):
+@pytest.mark.parametrize("coder", [LassoEncoder, OMPEncoder])
+def test_alpha_for_l0_reaches_the_target_sparsity(coder, lasso_problem):
     X, V = lasso_problem(k=24, p=200)
-    alpha, l0 = alpha_for_l0(X, V, 0.1, lambda atoms, lam: LassoEncoder(atoms, lam))
-    measured = float((LassoEncoder(V, alpha).encode(X) != 0).float().mean())
+    V = V * torch.linspace(0.2, 0.6, 24)[:, None]  # short atoms: OMP's λ_max is the unit atoms'
+    alpha, l0 = alpha_for_l0(X, V, 0.1, coder)
+    measured = float((coder(V, alpha).encode(X) != 0).float().mean())
     assert measured == pytest.approx(l0)
     assert 0.07 < l0 <= 0.1
-    assert float((LassoEncoder(V, alpha * 0.7).encode(X) != 0).float().mean()) > l0
+    assert float((coder(V, alpha * 0.7).encode(X) != 0).float().mean()) > l0
 
 
 @pytest.fixture()
@@ -72,8 +77,10 @@ def tiny_front(tiny_bundle, tmp_path):
     return handle, images, V, config, rows
 
 
-def test_front_choice_is_the_largest_lambda_meeting_the_rule(tiny_front):
+@pytest.mark.parametrize("coder", ["lasso", "omp"])
+def test_front_choice_is_the_largest_lambda_meeting_the_rule(coder, tiny_front):
     handle, images, V, config, rows = tiny_front
+    config = dataclasses.replace(config, coder=coder)
     front = sparsity_front(images, "block1", V, handle, config)
     alphas = [p["alpha"] for p in front["points"]]
     assert alphas == sorted(alphas, reverse=True)
@@ -87,12 +94,13 @@ def test_front_choice_is_the_largest_lambda_meeting_the_rule(tiny_front):
     assert all(a <= b + 1e-9 for a, b in zip(l0, l0[1:]))
 
 
-def test_front_figures_match_a_direct_computation(tiny_front):
+@pytest.mark.parametrize("coder", ["lasso", "omp"])
+def test_front_figures_match_a_direct_computation(coder, tiny_front):
     """The chosen point's R², l0 and top-1 agreement recomputed by hand from its codes."""
     handle, images, V, config, rows = tiny_front
-    front = sparsity_front(images, "block1", V, handle, config)
+    front = sparsity_front(images, "block1", V, handle, dataclasses.replace(config, coder=coder))
     chosen = next(p for p in front["points"] if p["alpha"] == front["alpha"])
-    enc = LassoEncoder(V, front["alpha"], debias=True)
+    enc = LassoEncoder(V, front["alpha"], debias=True) if coder == "lasso" else OMPEncoder(V, front["alpha"])
     U = enc.encode(rows)
     X_hat = U @ V
     r2 = 1 - float(((rows - X_hat) ** 2).sum() / ((rows - rows.mean(0)) ** 2).sum())
@@ -122,8 +130,6 @@ def test_rule_with_target_error_picks_the_largest_lambda_below_it(tiny_front):
 def test_front_with_unit_atoms_has_its_grid_in_the_penalty_units(tiny_front):
     """With unit-norm atoms the λ grid is in the normalised atoms' units: its first point
     (λ_max/2) codes something, and the rule still picks the sparsest λ that meets it."""
-    import dataclasses
-
     handle, images, V, config, rows = tiny_front
     config = dataclasses.replace(config, unit_atoms=True)
     front = sparsity_front(images, "block1", V * torch.linspace(0.5, 2.0, V.shape[0])[:, None], handle, config)

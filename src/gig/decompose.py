@@ -62,10 +62,11 @@ def encoder_for(config: Config, dictionary: torch.Tensor, alpha: float,
 
 def rule_text(config: Config) -> str:
     """The λ rule of ``config`` in words."""
+    coder = " (OMP codes)" if config.coder == "omp" else ""
     if config.target_rel_error is not None:
-        return f"largest λ with relative error ≤ {config.target_rel_error}"
+        return f"largest λ with relative error ≤ {config.target_rel_error}{coder}"
     return (f"largest λ (sparsest codes) with R² ≥ {config.min_r2} and top-1 agreement ≥ "
-            f"{config.min_top1_agreement}")
+            f"{config.min_top1_agreement}{coder}")
 
 
 def meets_rule(point: dict, config: Config) -> bool:

@@ -198,10 +198,12 @@ class LassoCoded(ConceptBasis):
 
 
 def coder_settings(config: "Config") -> dict[str, Any]:
-    """The fields of the run's config that its Lasso coder reads (the decompose stage's)."""
-    from ..config import STAGE_FIELDS
+    """The fields of the run's config that its coder reads (the decompose stage's; fields added
+    since, at the value they stand for when absent, left out as in the stage hash)."""
+    from ..config import HASHED_WHEN_SET, STAGE_FIELDS
 
-    return {f: getattr(config, f) for f in STAGE_FIELDS["decompose"]}
+    return {f: getattr(config, f) for f in STAGE_FIELDS["decompose"]
+            if not (f in HASHED_WHEN_SET and getattr(config, f) == HASHED_WHEN_SET[f])}
 
 
 def reconstruction_figures(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> dict[str, float]:

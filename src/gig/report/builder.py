@@ -11,7 +11,7 @@ The page has four parts, all read from the run's artefacts through their owners'
   PFVs as ERF crops (context dimmed), member counts, member classes, strongest parents/children,
   and the user's labels (``RUN/labels.yaml``);
 * **localisation** — for a selection of images, where each top concept sits: its GIG map (or its
-  Lasso coefficient) upsampled to the model's crop, over the image;
+  sparse coefficient) upsampled to the model's crop, over the image;
 * **metrics** — reconstruction figures, completeness residuals, stage timings, and the evaluation
   (``RUN/evaluate/``: summary.json, markdown tables, plots) when it has run.
 

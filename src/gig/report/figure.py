@@ -42,7 +42,7 @@ def reconstruction_figure(rows: list[dict]) -> bytes:
     ax.set_ylim(0, 1.12)
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
-    ax.set_title("Lasso reconstruction of every PFV, per layer", fontsize=9)
+    ax.set_title("Sparse reconstruction of every PFV, per layer", fontsize=9)
     fig.tight_layout()
     return _svg_bytes(fig)
 

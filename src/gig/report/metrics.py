@@ -59,7 +59,8 @@ def metrics_section(store: RunStore, assets: Assets) -> dict:
                                                                       gig.get("tol")))})
     stages = [{"name": k, **v} for k, v in info["stages"].items()]
     return {"layers": rows, "completeness": completeness, "gig": gig, "images": info["images"], "stages": stages,
-            "plots": plots, "rule": rule_text(store.config), "debias": store.config.debias}
+            "plots": plots, "rule": rule_text(store.config),
+            "debias": store.config.debias and store.config.coder == "lasso", "coder": store.config.coder}
 
 
 def ablation_section(store: RunStore, importance: dict[str, torch.Tensor]) -> dict | None:
