@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import gig.pipeline
 from gig.cli import app
-from gig.config import _RULES, Config, ConfigError
+from gig.config import _RULES, Config, ConfigError, stage_hash
 
 #: The bad settings a new user tried (issue 10): each was accepted, or failed hours later.
 BAD = [
@@ -108,3 +108,17 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkey
     assert result.exit_code == 1 and isinstance(result.exception, ValueError)
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "not a gig run directory" in result.output
+
+
+def test_coder_field_keeps_the_hashes_of_runs_made_before_it(monkeypatch):
+    """``coder`` joined the decompose fields later: at its default the stage hash is the one the
+    field list without it gives (earlier runs stay valid); ``omp`` changes it."""
+    import gig.config as config_module
+
+    before = stage_hash(Config(), "decompose", "up")
+    omp = stage_hash(Config(coder="omp"), "decompose", "up")
+    fields = dict(config_module.STAGE_FIELDS)
+    fields["decompose"] = [f for f in fields["decompose"] if f != "coder"]
+    monkeypatch.setattr(config_module, "STAGE_FIELDS", fields)
+    assert stage_hash(Config(), "decompose", "up") == before
+    assert omp != before
