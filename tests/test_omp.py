@@ -82,3 +82,11 @@ def test_config_rejects_omp_with_nonnegative_codes():
         Config(coder="omp", nonnegative=True)
     with pytest.raises(ConfigError, match="coder"):
         Config(coder="k-svd")
+
+
+def test_memory_budget_bounds_the_rows_coded_at_once(lasso_problem):
+    """A budget smaller than 1024 rows' worst case codes fewer rows at a time, with equal codes."""
+    X, V = lasso_problem(k=30, c=10, p=70)
+    small = OMPEncoder(V, 0.3, max_bytes=8 * 10 * 20 * 7)  # room for 7 rows of 10 atoms, C = 10
+    assert small.rows_per_chunk == 7
+    torch.testing.assert_close(small.encode(X), OMPEncoder(V, 0.3).encode(X))

@@ -32,25 +32,28 @@ class OMPEncoder:
     ``encode(X (P, C)) → U (P, K)``: the codes of the original atoms (``U V`` is the least-squares
     fit of each row on its support). Fitted state: ``unit_ (K, C)`` (the atoms at unit norm),
     ``atom_norms_ (K,)``, ``gram_ (K, K)`` (the unit atoms' Gram matrix, float64), ``solver_``
-    ("omp"). ``chunk`` rows are coded at a time (the working memory is about
-    ``chunk · min(K, C) · (C + min(K, C)) · 8`` bytes).
+    ("omp"). Up to ``chunk`` rows are coded at a time, fewer where a row's worst case (a support
+    of ``max_atoms = min(K, C)`` atoms: its Cholesky factor and atoms, ``max_atoms · (max_atoms +
+    C) · 8`` bytes) times the rows would pass ``max_bytes``.
     """
 
     solver_ = "omp"
 
     def __init__(self, dictionary: torch.Tensor, alpha: float, chunk: int = 1024,
-                 device: str | torch.device | None = None, max_atoms: int | None = None):
+                 device: str | torch.device | None = None, max_atoms: int | None = None,
+                 max_bytes: int = 1 << 30):
         if not float(alpha) >= 0:
             raise ValueError(f"alpha must be a number ≥ 0, not {alpha!r}")
         self.V = dictionary.float().to(device) if device is not None else dictionary.float()
         self.alpha = float(alpha)
-        self.chunk = int(chunk)
         self.atom_norms_ = self.V.norm(dim=1).clamp_min(1e-12)
         self.unit_ = (self.V / self.atom_norms_[:, None]).double()
         self.gram_ = self.unit_ @ self.unit_.T
         self._unit32 = self.unit_.float()  # the correlations that choose atoms: float32 is 2× faster
         cap = min(self.V.shape)
         self.max_atoms = cap if max_atoms is None else max(1, min(int(max_atoms), cap))
+        worst_row = 8 * self.max_atoms * (self.max_atoms + self.V.shape[1])
+        self.rows_per_chunk = max(1, min(int(chunk), max_bytes // worst_row))
 
     def with_alpha(self, alpha: float) -> "OMPEncoder":
         """The same encoder at another λ, sharing the unit atoms and their Gram matrix."""
@@ -65,8 +68,8 @@ class OMPEncoder:
         encoder's contract and ignored: OMP's greedy path starts from the empty support."""
         X = X.to(self.V.device)
         U = torch.zeros(X.shape[0], self.V.shape[0], dtype=torch.float32, device=self.V.device)
-        for s in range(0, X.shape[0], self.chunk):
-            rows, cols, coef = self._pursue(X[s : s + self.chunk].double())
+        for s in range(0, X.shape[0], self.rows_per_chunk):
+            rows, cols, coef = self._pursue(X[s : s + self.rows_per_chunk].double())
             U[rows + s, cols] = (coef / self.atom_norms_.double()[cols]).float()
         return U
 
