@@ -3,7 +3,8 @@
 ``u_p = argmin_u ½‖x_p − uV‖² + λ‖u‖₁`` for every position ``p`` of every image (optionally
 ``u ≥ 0``), solved by :class:`gig.lasso.LassoEncoder` (exact LARS on CPU, batched FISTA to a
 duality-gap certificate on GPU), then by default refitted by least squares on the selected
-support (the relaxed Lasso, ``debias``).
+support (the relaxed Lasso, ``debias``). ``coder: omp`` codes by orthogonal matching pursuit
+instead (:class:`gig.omp.OMPEncoder`, λ its correlation stop; not the paper's coder).
 
 λ is chosen per layer from the layer's **sparsity–fidelity front**: on ``front_images`` images,
 every position is coded along a descending λ path (λ_max·2^(−j)) and, at each λ, the relative
