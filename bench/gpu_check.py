@@ -9,7 +9,8 @@ crops, so that any number can be made offline). ResNet-50 has random weights (ti
 Prints one table row per (model, stage): seconds and images per second, the device's peak
 memory; then the agreement of GIG attributions computed on the CPU and on the GPU from the same
 codes: relative L2 difference on a fixed 64-step grid (same nodes on both), with cuDNN's TF32
-convolutions on and off, and of the error-controlled default.
+convolutions on and off, and of the error-controlled default; and the coders' speed on the Lite0
+run's sampled PFVs (FISTA and OMP on the device, OMP and LARS on the CPU; ``coder_timing``).
 """
 
 from __future__ import annotations
@@ -112,6 +113,48 @@ def agreement(device: str) -> dict:
     return out
 
 
+def coder_timing(run: Path, device: str) -> dict:
+    """Seconds per 1000 rows of each coder on a finished run's sampled PFVs, at the λ of the run's
+    decompose stage (Lasso) and at the OMP λ with the same l0: FISTA and OMP on ``device``, OMP
+    and LARS (where SPAMS is installed) on the CPU; and OMP's device-vs-CPU code difference."""
+    from gig.collect import load_samples
+    from gig.concepts import load_dictionary
+    from gig.decompose import alpha_for_l0, run_alpha
+    from gig.lasso import LassoEncoder, lars_available
+    from gig.omp import OMPEncoder
+    from gig.store import RunStore
+
+    def timed(encoder, X):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        U = encoder.encode(X)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return U.cpu(), 1000 * (time.perf_counter() - t0) / X.shape[0]
+
+    store = RunStore.open(run)
+    out = {}
+    for layer in store.config.layers:
+        X, V = load_samples(store, layer)["pfv"].float(), load_dictionary(store, layer)
+        lam = run_alpha(store, layer)
+        U_lasso, fista_s = timed(LassoEncoder(V, lam, device=device, solver="fista"), X.to(device))
+        l0 = float((U_lasso != 0).float().mean())
+        omp_lam, _ = alpha_for_l0(X, V, l0, OMPEncoder)
+        U_dev, omp_dev_s = timed(OMPEncoder(V, omp_lam, device=device), X.to(device))
+        U_cpu, omp_cpu_s = timed(OMPEncoder(V, omp_lam), X)
+        row = {"rows": X.shape[0], "K": V.shape[0], "C": V.shape[1], "l0": l0,
+               f"fista_{device}_s_per_1k": fista_s, f"omp_{device}_s_per_1k": omp_dev_s,
+               "omp_cpu_s_per_1k": omp_cpu_s,
+               "omp_device_vs_cpu_rel_diff": float((U_dev - U_cpu).norm() / U_cpu.norm().clamp_min(1e-30))}
+        if lars_available():
+            row["lars_cpu_s_per_1k"] = timed(LassoEncoder(V, lam, solver="lars"), X)[1]
+        out[layer] = row
+        print(f"  {layer}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in row.items()), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=None, help="default: 64 on a GPU, 2 on the CPU")
@@ -133,6 +176,7 @@ def main() -> None:
     specs = {"lite0": ("efficientnet-lite0", "default", ["_blocks.4", "_blocks.8", "_blocks.11", "_blocks.15"]),
              "resnet50": ("torchvision:resnet50", "none", ["layer1.2", "layer2.3", "layer3.5", "layer4.2"])}
     rows: list[dict] = []
+    coders: dict = {}
     failures: list[str] = []
     try:  # each part on its own: one failure must not cost the others' (scarce) GPU time
         agree = agreement(device)
@@ -154,12 +198,19 @@ def main() -> None:
             print(failures[-1], flush=True)
             continue
         print(f"{model}: {time.perf_counter() - t0:.1f} s", flush=True)
+        if key == "lite0":
+            try:
+                print("coders (seconds per 1000 sampled PFVs):", flush=True)
+                coders = coder_timing(work / f"run-{key}", device)
+            except Exception:  # noqa: BLE001
+                failures.append("coders:\n" + traceback.format_exc())
+                print(failures[-1], flush=True)
         for r in rows:
             if r["model"] == model:
                 print(f"  {r['stage']:10s} {r['seconds']:8.2f} s  {r['images_per_s']:8.2f} img/s  "
                       f"cuda peak {r['cuda_peak_mb']} MB  rss {r['peak_rss_mb']} MB  "
                       f"{json.dumps(r.get('gig', ''))} {r.get('completeness_p95', '')}", flush=True)
-    results = {"device": device, "images": n_images, "stages": rows, "agreement": agree,
+    results = {"device": device, "images": n_images, "stages": rows, "agreement": agree, "coders": coders,
                "failures": failures, "seconds": time.perf_counter() - start}
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"total {results['seconds']:.1f} s; results in {work / 'results.json'}")
