@@ -248,3 +248,14 @@ def test_fitted_bases_are_reused_until_their_settings_change(tiny_run, tmp_path,
     resumable_parts(tmp_path / "p", "x", infos, 2, compute, lambda chunk: None)
     resumable_parts(tmp_path / "p", "x", infos[1:], 2, compute, lambda chunk: None)  # other ids: recomputed
     assert computed == [[0, 1], [2, 3], [4], [1, 2], [3, 4]]
+
+
+@pytest.mark.parametrize("settings, scale", [({}, 3.0), ({"coder": "omp"}, 1.0), ({"unit_atoms": True}, 1.0)])
+def test_dictionary_fit_penalty_is_the_run_lambda_in_unit_atom_units(settings, scale):
+    """The run's λ is in the concept vectors' units for the plain Lasso (divide by the median
+    atom norm, here 3) and already in unit atoms' units for OMP and ``unit_atoms``."""
+    from gig.evaluation.methods.dictionary import unit_atom_scale
+
+    V = torch.randn(9, 4)
+    V = V / V.norm(dim=1, keepdim=True) * torch.linspace(2.0, 4.0, 9)[:, None]
+    assert unit_atom_scale(V, Config(**settings)) == pytest.approx(scale)

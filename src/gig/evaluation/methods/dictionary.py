@@ -14,14 +14,24 @@ import torch
 from ..bases import LassoCoded, LayerContext, coder_settings, register_basis
 
 
+def unit_atom_scale(V: torch.Tensor, config) -> float:
+    """What divides the run's λ into unit-norm atoms' units: the median atom norm of ``V (K, C)``
+    for the Lasso on the atoms themselves; 1 where λ already is in those units (OMP's stop
+    bounds correlations with unit atoms; ``unit_atoms`` penalises the normalised atoms)."""
+    if config.coder == "omp" or config.unit_atoms:
+        return 1.0
+    return float(V.norm(dim=1).median().clamp_min(1e-12))
+
+
 @register_basis
 class DictionaryLearningBasis(LassoCoded):
     """Unit-norm ``MiniBatchDictionaryLearning`` atoms ``(K, C)``; codes by the run's coder at the
     λ whose l0 ratio on ``calibration_size`` fitting rows is ``target_l0``.
 
     ``fit_alpha`` is the sparsity penalty while learning the atoms (the evaluation passes the
-    run's λ rescaled to unit-norm atoms, ``λ / median ‖v_q‖``; ``None``: 5 % of the mean row
-    norm); ``coder``: the run config's decompose fields (:func:`~gig.evaluation.bases.coder_settings`).
+    run's λ in unit-norm atoms' units: ``λ / median ‖v_q‖`` for the Lasso on the concept vectors,
+    λ itself where it already is in those units, OMP's correlation stop or the Lasso with
+    ``unit_atoms``; ``None``: 5 % of the mean row norm); ``coder``: the run config's decompose fields (:func:`~gig.evaluation.bases.coder_settings`).
     """
 
     name = "dictionary"
@@ -41,7 +51,7 @@ class DictionaryLearningBasis(LassoCoded):
     @classmethod
     def for_layer(cls, ctx: LayerContext) -> "DictionaryLearningBasis":
         run = ctx.run_basis
-        fit_alpha = float(run.alpha_ / run.components_.norm(dim=1).median().clamp_min(1e-12))
+        fit_alpha = float(run.alpha_ / unit_atom_scale(run.components_, ctx.config))
         return cls(ctx.K, ctx.run_l0_ratio, coder_settings(ctx.config), fit_alpha, ctx.settings.seed,
                    ctx.config.calibration_size, ctx.settings.dictionary_iter)
 
