@@ -61,6 +61,13 @@ def encoder_for(config: Config, dictionary: torch.Tensor, alpha: float,
                         unit_atoms=config.unit_atoms)
 
 
+def lambda_in_unit_atoms(config: Config) -> bool:
+    """Whether the run's λ is in unit-norm atoms' units: OMP's stop bounds correlations with the
+    unit atoms, and ``unit_atoms`` penalises the normalised atoms; else λ is in the concept
+    vectors' own units."""
+    return config.unit_atoms or config.coder == "omp"
+
+
 def rule_text(config: Config) -> str:
     """The λ rule of ``config`` in words."""
     coder = " (OMP codes)" if config.coder == "omp" else ""
@@ -163,8 +170,7 @@ def sparsity_front(images: FrontImages, layer: str, V: torch.Tensor, handle: Mod
     device = handle.device
     V = V.to(device)
     rows = torch.cat([g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]) for g in images.grids[layer]])
-    unit = config.unit_atoms or config.coder == "omp"  # OMP's λ bounds correlations with unit atoms
-    atoms = V / V.norm(dim=1, keepdim=True).clamp_min(1e-12) if unit else V
+    atoms = V / V.norm(dim=1, keepdim=True).clamp_min(1e-12) if lambda_in_unit_atoms(config) else V
     top = lambda_max(rows.to(device), atoms, config.nonnegative)  # the penalty's units
     path = encoder_for(config, V, top, device)  # one Gram matrix for every λ of the walk
     points, init, first_pass = [], None, None

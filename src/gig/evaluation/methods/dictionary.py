@@ -16,9 +16,11 @@ from ..bases import LassoCoded, LayerContext, coder_settings, register_basis
 
 def unit_atom_scale(V: torch.Tensor, config) -> float:
     """What divides the run's λ into unit-norm atoms' units: the median atom norm of ``V (K, C)``
-    for the Lasso on the atoms themselves; 1 where λ already is in those units (OMP's stop
-    bounds correlations with unit atoms; ``unit_atoms`` penalises the normalised atoms)."""
-    if config.coder == "omp" or config.unit_atoms:
+    for the Lasso on the atoms themselves; 1 where λ already is in those units
+    (:func:`gig.decompose.lambda_in_unit_atoms`)."""
+    from ...decompose import lambda_in_unit_atoms
+
+    if lambda_in_unit_atoms(config):
         return 1.0
     return float(V.norm(dim=1).median().clamp_min(1e-12))
 
