@@ -159,3 +159,36 @@ def test_code_reader_matches_whole_shards(tiny_run) -> None:
             for j, image_id in enumerate(shard_ids):
                 if image_id in got:
                     assert torch.equal(got[image_id], dense[j * per_image : (j + 1) * per_image])
+
+
+def test_stage_with_omp_codes_stores_what_its_coder_gives(tiny_bundle, tmp_path):
+    """The decompose stage with ``coder: omp`` on a tiny network: its stored codes are the OMP
+    codes of every position at the chosen λ (residuals correlate by at most λ with every unit
+    atom), ``encode_pixels`` gives them back, and the recorded l0 is the stored codes' own."""
+    from gig.collect import load_images
+    from gig.concepts import load_dictionary
+    from gig.decompose import CodeReader, encode_pixels, load_fidelity, run_alpha
+    from gig.pipeline import Pipeline
+    from gig.store import RunStore
+
+    config = Config(layers=["block1", "block2"], max_images=5, samples_per_image=8, min_cluster=4, batch_size=5,
+                    coder="omp", min_r2=0.8, min_top1_agreement=0.8)
+    Pipeline(config, tmp_path / "run", model=tiny_bundle, progress=False).run(["collect", "concepts", "decompose"])
+    store = RunStore.open(tmp_path / "run")
+    handle = ModelHandle(tiny_bundle)
+    source = open_source("embedded")
+    by_id = {r.image_id: r for r in source.records}
+    records = [by_id[i["image_id"]] for i in load_images(store)["images"]]
+    pixels = torch.cat([b.pixels for b in iter_image_batches(source, records, handle, 5)])
+    _, grids = handle.capture(pixels, config.layers)
+    _, again = encode_pixels(store, handle, pixels)
+    for layer in config.layers:
+        reader = CodeReader(store, layer)
+        U = torch.cat([reader.codes(r.image_id) for r in records])  # (N·H·W, K)
+        X = grids[layer].permute(0, 2, 3, 1).reshape(-1, grids[layer].shape[1])
+        V = load_dictionary(store, layer)
+        unit = V / V.norm(dim=1, keepdim=True)
+        assert 0 < float((U != 0).float().mean()) < 0.9  # sparse codes, not none
+        assert float(((X - U @ V) @ unit.T).abs().max()) <= run_alpha(store, layer) * (1 + 1e-4)
+        torch.testing.assert_close(again[layer].reshape(-1, V.shape[0]), U, atol=1e-5, rtol=1e-4)
+        assert load_fidelity(store)[layer]["l0_ratio"] == pytest.approx(float((U != 0).float().mean()))
