@@ -217,6 +217,11 @@ def test_user_basis_from_the_command_line(tiny_run, tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "nmff" in bad.output
 
 
+def _with_seed(basis, seed: int):
+    basis.seed = seed
+    return basis
+
+
 def test_fitted_bases_are_reused_until_their_settings_change(tiny_run, tmp_path, monkeypatch):
     from gig.evaluation import evaluate_run
     from gig.evaluation.parts import resumable_parts
@@ -236,6 +241,11 @@ def test_fitted_bases_are_reused_until_their_settings_change(tiny_run, tmp_path,
     assert other["extraction"]["layers"]["block1"]["sae-torch"]["basis"]["k"] == 3
     assert other["extraction"]["layers"]["block1"]["kmeans"]["per_image"] == \
         first["extraction"]["layers"]["block1"]["kmeans"]["per_image"]
+    # a hyper-parameter derived differently from the same settings (a changed for_layer) fits again
+    derive = KMeansBasis.for_layer.__func__
+    monkeypatch.setattr(KMeansBasis, "for_layer", classmethod(lambda cls, ctx: _with_seed(derive(cls, ctx), 7)))
+    with pytest.raises(AssertionError, match="kmeans refitted"):
+        evaluate_run(tiny_run, EvaluationSettings(**base, sae_k=3), model=_tiny_bundle(), out=out, progress=False)
     # the chunk loop: saved parts whose image ids match are loaded, not computed
     infos = [{"image_id": i} for i in range(5)]
     computed: list[list[int]] = []

@@ -102,19 +102,22 @@ def layer_bases(view: RunView, layer: str) -> dict[str, ConceptBasis]:
 
 def fitted_basis(ctx: LayerContext, folder: Path, run_hash: str) -> ConceptBasis:
     """The basis of ``ctx.spec`` on ``ctx.layer``: saved in ``folder`` with a key of what the fit
-    depends on (the run, the settings it :attr:`~ConceptBasis.uses`, user files), and reused
-    while that key holds."""
+    depends on (the run, the settings it :attr:`~ConceptBasis.uses`, user files, and the
+    hyper-parameters :meth:`~ConceptBasis.for_layer` derives from them, so that a change in how
+    they are derived fits again), and reused while that key holds."""
     klass = basis_class(ctx.spec)
     if klass.from_run:
         return klass.for_layer(ctx)
+    basis = klass.for_layer(ctx)  # unfitted: its constructor arguments
     key = stable_hash({"version": SETTINGS_VERSION, "run_hash": run_hash, "method": ctx.spec, "class": klass.identity(),
                  "uses": {f: getattr(ctx.settings, f) for f in klass.uses},
-                 "calibration_size": ctx.config.calibration_size, "files": klass.fingerprint(ctx.spec)})
+                 "calibration_size": ctx.config.calibration_size, "files": klass.fingerprint(ctx.spec),
+                 "params": basis.get_params()})
     path = folder / (method_label(ctx.spec).replace(":", "-") + ".safetensors")
     meta = path.with_suffix(".json")  # written after the tensors: its presence means a complete save
     if meta.is_file() and path.is_file() and load_json(meta).get("fit_key") == key:
         return klass.load(path)
-    basis = klass.for_layer(ctx).fit(ctx.samples)
+    basis.fit(ctx.samples)
     basis.info_["n_fit_samples"] = int(ctx.samples.shape[0])
     basis.save(path, extra={"fit_key": key})
     return basis
