@@ -19,15 +19,17 @@ def _sklearn_omp(X: torch.Tensor, V: torch.Tensor, n_atoms: int) -> torch.Tensor
     return torch.from_numpy(np.asarray(coef).reshape(V.shape[0], -1).T) / norms
 
 
-@pytest.mark.parametrize("k, c", [(24, 10), (60, 20)])
-def test_codes_equal_sklearn_omp_with_the_same_support_size(k, c, lasso_problem):
+@pytest.mark.parametrize("k, c, lam", [(24, 10, 0.5), (60, 20, 0.5), (120, 48, 0.05)])
+def test_codes_equal_sklearn_omp_with_the_same_support_size(k, c, lam, lasso_problem):
     """Row by row, our codes are scikit-learn's OMP run for as many atoms as ours chose (the
-    greedy path is the same up to where we stopped), with atoms of unequal norms."""
+    greedy path is the same up to where we stopped), with atoms of unequal norms; the last case
+    grows the buffers past their first 16 atoms."""
     X, V = lasso_problem(k=k, c=c, p=120)
     V = V * torch.linspace(0.3, 3.0, k)[:, None]
-    U = OMPEncoder(V, 0.5, chunk=50).encode(X)  # several chunks
+    U = OMPEncoder(V, lam, chunk=50).encode(X)  # several chunks
     sizes = (U != 0).sum(1)
     assert sizes.max() > sizes.min() + 2  # the stop varies by row
+    assert c < 48 or sizes.max() > 24
     for n_atoms in sizes.unique().tolist():
         if not n_atoms:
             continue  # no atom correlates by more than λ: zero codes (the next test checks the stop)
@@ -90,3 +92,28 @@ def test_memory_budget_bounds_the_rows_coded_at_once(lasso_problem):
     small = OMPEncoder(V, 0.3, max_bytes=8 * 10 * 20 * 7)  # room for 7 rows of 10 atoms, C = 10
     assert small.rows_per_chunk == 7
     torch.testing.assert_close(small.encode(X), OMPEncoder(V, 0.3).encode(X))
+
+
+@pytest.mark.parametrize("hi, lo", [(2.0, 0.4), (0.4, 0.4), (50.0, 0.0), (0.6, 0.0)])
+def test_resuming_from_sparser_codes_gives_the_codes_from_scratch(hi, lo, lasso_problem):
+    """Codes at λ_lo resumed from those at λ_hi ≥ λ_lo are scikit-learn's OMP for as many atoms
+    (the greedy path does not depend on λ); rows join the pursuit at their own support sizes."""
+    X, V = lasso_problem(k=40, c=12, p=90)
+    V = V * torch.linspace(0.5, 2.0, 40)[:, None]
+    sparser = OMPEncoder(V, hi, chunk=40).encode(X)
+    U = OMPEncoder(V, lo, chunk=40).encode(X, sparser)
+    sizes = (U != 0).sum(1)
+    assert bool(((sparser != 0) <= (U != 0)).all())  # the supports only grow
+    for n_atoms in set(sizes.tolist()) - {0}:
+        rows = torch.nonzero(sizes == n_atoms).flatten()
+        torch.testing.assert_close(U[rows].double(), _sklearn_omp(X[rows], V, n_atoms), rtol=1e-4, atol=1e-5)
+
+
+def test_a_support_omp_cannot_reach_is_not_resumed():
+    """A start on two copies of one atom (singular Gram) restarts that row from scratch."""
+    V = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    X = torch.tensor([[3.0, 2.0, 1.0], [1.0, 0.0, 4.0]])
+    bad = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    U = OMPEncoder(V, 0.0).encode(X, bad)
+    torch.testing.assert_close(U @ V, X)
+    assert int((U[0] != 0).sum()) == 3

@@ -64,73 +64,113 @@ class OMPEncoder:
         return other
 
     def encode(self, X: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tensor:
-        """Codes ``U (P, K)`` (float32) of ``X (P, C)``. ``init`` is accepted for the Lasso
-        encoder's contract and ignored: OMP's greedy path starts from the empty support."""
+        """Codes ``U (P, K)`` (float32) of ``X (P, C)``.
+
+        ``init (P, K)``: codes of the same rows by OMP on this dictionary at a λ **at least** this
+        encoder's (a sparser point of a λ walk, such as the front's). The greedy path does not
+        depend on λ, only where it stops does, so the pursuit resumes from their supports and
+        gives exactly the codes it would from scratch, without repeating the steps to get there.
+        Codes at a smaller λ (a denser point) would already satisfy the stop and come back as
+        they are: pass only sparser ones."""
         X = X.to(self.V.device)
         U = torch.zeros(X.shape[0], self.V.shape[0], dtype=torch.float32, device=self.V.device)
         for s in range(0, X.shape[0], self.rows_per_chunk):
-            rows, cols, coef = self._pursue(X[s : s + self.rows_per_chunk].double())
+            start = None if init is None else init[s : s + self.rows_per_chunk].to(self.V.device) != 0
+            rows, cols, coef = self._pursue(X[s : s + self.rows_per_chunk].double(), start)
             U[rows + s, cols] = (coef / self.atom_norms_.double()[cols]).float()
         return U
 
-    def _pursue(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """OMP of the rows of ``X (P, C)`` on the unit atoms; returns the non-zeros as
-        ``(row, atom, coefficient)`` triples.
+    def _resumed_supports(self, start: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The supports of ``start (P, K)`` (bool) to resume from, by size:
+        ``{t: (row indices (n,), supports S (n, t), inverse Cholesky factors L⁻¹ of G_SS (n, t, t))}``.
+        A support OMP cannot have reached here (more than ``max_atoms`` atoms, or linearly
+        dependent ones) is left out: that row starts afresh."""
+        sizes = start.sum(1)
+        groups = {}
+        for t in sizes[(sizes > 0) & (sizes <= self.max_atoms)].unique().tolist():
+            idx = torch.nonzero(sizes == t).flatten()
+            S = torch.nonzero(start[idx])[:, 1].reshape(-1, t)  # row-major: each row's t atoms
+            L, info = torch.linalg.cholesky_ex(self.gram_[S[:, :, None], S[:, None, :]])
+            ok = info == 0
+            if bool(ok.any()):
+                eye = torch.eye(t, dtype=L.dtype, device=L.device).expand(int(ok.sum()), t, t)
+                groups[t] = (idx[ok], S[ok], torch.linalg.solve_triangular(L[ok], eye, upper=False))
+        return groups
 
-        Every row still running at step ``t`` has exactly ``t`` atoms, so the rows are kept packed:
-        support ``S (R, t)``, lower Cholesky factor ``L (R, t, t)`` of ``G_SS`` and the support's
-        atoms ``D (R, t, C)``, in buffers that double when full. A row that stops is recorded and
-        rides along (its later values are ignored) until a quarter of the pack has stopped, when
-        the pack is compacted. Per step and row: the residual ``x − γ D`` and its correlations
-        with every atom (``C·K``, float32), two triangular solves (float64).
+    def _pursue(self, X: torch.Tensor, start: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """OMP of the rows of ``X (P, C)`` on the unit atoms, resuming rows from the supports in
+        ``start (P, K)`` (bool) where given; returns the non-zeros as ``(row, atom, coefficient)``
+        triples.
+
+        Per row: its support ``S`` (``count`` atoms), the inverse ``M = L⁻¹`` of the lower
+        Cholesky factor of ``G_SS`` and the row's coordinates ``z = M b_S`` in the support's
+        orthonormalised basis, zero-padded in ``(R, m)``, ``(R, m, m)`` and ``(R, m)`` buffers that
+        grow by half when full. Adding atom ``q`` appends a row to ``M`` (``w = M G_Sq``,
+        ``d = √(1 − ‖w‖²)``: ``[−wᵀM/d, 1/d]``) and to ``z``; the least-squares coefficients are
+        ``γ = Mᵀ z``: batched products only, no triangular solve, and rows of different support
+        sizes (resumed ones) step together. A row that stops is recorded and rides along (its later
+        values are ignored) until a tenth of the pack has stopped, when the pack is compacted. Per
+        step and row: the residual ``x − Σ_j γ_j u_{S_j}`` (an ``embedding_bag`` over the unit
+        atoms: no ``(R, t, C)`` copy of the support's atoms) and its correlations with every atom
+        (``C·K``, float32); the rest is ``O(m²)`` in float64.
         """
         unit, G = self.unit_, self.gram_
         n, c = X.shape
-        rows = torch.arange(n, device=X.device)  # each packed row's row in X
+        groups = {} if start is None else self._resumed_supports(start)
+        cap = _capacity(min(16, self.max_atoms), max(groups, default=0) + 1, self.max_atoms)
+        count = torch.zeros(n, dtype=torch.long, device=X.device)  # atoms on each row's support
+        S = torch.zeros(n, cap, dtype=torch.long, device=X.device)
+        M = X.new_zeros(n, cap, cap)
+        Z = X.new_zeros(n, cap)
+        b = X @ unit.T  # (R, K) correlations of the rows with every atom
+        for t, (idx, S_t, M_t) in groups.items():
+            S[idx, :t], M[idx, :t, :t], count[idx] = S_t, M_t, t
+            Z[idx, :t] = torch.bmm(M_t, b[idx].gather(1, S_t)[:, :, None])[:, :, 0]
+        gamma = torch.bmm(Z[:, None, :], M)[:, 0]  # γ = Mᵀ z
+        x, rows = X, torch.arange(n, device=X.device)  # each packed row's row in X
+        corr = (x - _combination(unit, S, gamma)).float() @ self._unit32.T if groups else b.float()
         live = torch.ones(n, dtype=torch.bool, device=X.device)
-        b = X @ unit.T  # (P, K) correlations of the rows with every atom
-        x, corr = X, b.float()
         # Numerical floor for "no atom correlates by more than λ": the correlations of an exact
         # fit are rounding noise of the size of ‖x‖·1e-10, not zero.
-        threshold = (1e-10 * X.norm(dim=1)).clamp_min(self.alpha)
-        cap = min(16, self.max_atoms)
-        S = torch.zeros(n, cap, dtype=torch.long, device=X.device)
-        L = X.new_zeros(n, cap, cap)
-        D = X.new_zeros(n, cap, c)
-        gamma = X.new_zeros(n, 0)
+        threshold = (1e-10 * x.norm(dim=1)).clamp_min(self.alpha)
         found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for t in range(self.max_atoms + 1):
+        while True:
+            m = int(count[live].max()) + 1  # working width: the longest live support and a new atom
             best, q = corr.abs().max(1)
-            stop = live & (best.double() <= threshold)
-            if t == self.max_atoms:
-                stop = live
-            else:
-                # Cholesky update for the new atom: L w = G_Sq, d² = G_qq − ‖w‖² (= 1 − ‖w‖²).
-                w = torch.linalg.solve_triangular(L[:, :t, :t], G[S[:, :t], q[:, None]][:, :, None],
-                                                  upper=False)[:, :, 0]
-                d2 = 1.0 - (w * w).sum(1)
-                stop |= live & (d2 <= 1e-10)  # the atom lies in the support's span: nothing to gain
-            if t and bool(stop.any()):
-                found.append((rows[stop][:, None].expand(-1, t).reshape(-1), S[stop, :t].reshape(-1),
-                              gamma[stop].reshape(-1)))
+            stop = live & ((best.double() <= threshold) | (count >= self.max_atoms))
+            # The new atom against the support: w = L⁻¹ G_Sq, d² = G_qq − ‖w‖² (= 1 − ‖w‖²); the
+            # padding of M zeroes every padded entry of w.
+            w = torch.bmm(M[:, :m, :m], G[S[:, :m], q[:, None]][:, :, None])[:, :, 0]
+            d2 = 1.0 - (w * w).sum(1)
+            stop |= live & (d2 <= 1e-10)  # the atom lies in the support's span: nothing to gain
+            if bool(stop.any()):
+                held = torch.arange(m - 1, device=X.device) < count[stop][:, None]
+                found.append((rows[stop][:, None].expand(-1, m - 1)[held], S[stop, : m - 1][held],
+                              gamma[stop, : m - 1][held]))
             live &= ~stop
             n_live = int(live.sum())
             if not n_live:
                 break
-            if n_live <= 0.75 * live.numel():
+            if n_live <= 0.9 * live.numel():
                 keep = live
-                rows, live, x, b, S, L, D, threshold, q, w, d2 = (
-                    a[keep] for a in (rows, live, x, b, S, L, D, threshold, q, w, d2))
-            if t == cap:
-                cap = min(2 * cap, self.max_atoms)
-                S, L, D = _grown(S, (cap,)), _grown(L, (cap, cap)), _grown(D, (cap, c))
-            S[:, t] = q
-            L[:, t, :t] = w
-            L[:, t, t] = d2.clamp_min(1e-10).sqrt()  # the floor only touches stopped rows
-            D[:, t] = unit[q]
-            gamma = torch.cholesky_solve(b.gather(1, S[:, : t + 1])[:, :, None], L[:, : t + 1, : t + 1],
-                                         upper=False)[:, :, 0]
-            residual = x - torch.bmm(gamma[:, None, :], D[:, : t + 1])[:, 0]
+                rows, live, x, b, S, M, Z, count, gamma, threshold, q, w, d2 = (
+                    a[keep] for a in (rows, live, x, b, S, M, Z, count, gamma, threshold, q, w, d2))
+            top = int(count[live].max())
+            if top >= cap:
+                cap = _capacity(cap, top + 1, self.max_atoms)
+                S, M, Z, w = _grown(S, (cap,)), _grown(M, (cap, cap)), _grown(Z, (cap,)), _grown(w, (cap,))
+            m = top + 1
+            d = d2.clamp_min(1e-10).sqrt()  # the floor only touches stopped rows
+            at = torch.arange(count.numel(), device=X.device)
+            pos = count.clamp_max(cap - 1)  # a stopped row riding along may be full: its values are ignored
+            S[at, pos] = q
+            M[at, pos, :m] = -torch.bmm(w[:, None, :m], M[:, :m, :m])[:, 0] / d[:, None]
+            M[at, pos, pos] = 1.0 / d
+            Z[at, pos] = (b.gather(1, q[:, None])[:, 0] - (w[:, :m] * Z[:, :m]).sum(1)) / d
+            count = count + 1
+            gamma = torch.bmm(Z[:, None, :m], M[:, :m, :m])[:, 0]
+            residual = x - _combination(unit, S[:, :m], gamma)
             # Correlations only choose the next atom and test the stop, so float32 does (its
             # relative rounding, 1e-7, is far below any λ step); least squares stay in float64.
             corr = residual.float() @ self._unit32.T
@@ -138,6 +178,21 @@ class OMPEncoder:
             empty = torch.zeros(0, dtype=torch.long, device=X.device)
             return empty, empty, X.new_zeros(0)
         return tuple(torch.cat(parts) for parts in zip(*found))
+
+
+def _capacity(cap: int, need: int, most: int) -> int:
+    """Buffer width: ``cap`` grown by half (at least one) until it holds ``need``, at most ``most``."""
+    while cap < need:
+        cap = max(cap + 1, cap + cap // 2)
+    return min(cap, most)
+
+
+def _combination(atoms: torch.Tensor, support: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``Σ_j coef[r, j] · atoms[support[r, j]]`` per row: ``(R, C)`` for ``atoms (K, C)``,
+    ``support`` and ``coef (R, t)``, without building the ``(R, t, C)`` gathered atoms."""
+    if support.shape[1] == 0:
+        return atoms.new_zeros(support.shape[0], atoms.shape[1])
+    return torch.nn.functional.embedding_bag(support, atoms, per_sample_weights=coef.to(atoms.dtype), mode="sum")
 
 
 def _grown(buffer: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
