@@ -206,3 +206,70 @@ def test_reused_layer_refused_before_any_image_is_read(tmp_path):
         Pipeline(Config(layers=["layer1.0.relu"], images=str(tmp_path / "missing")), tmp_path / "r",
                  model=bundle, progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def _separate_passes(handle, x, layers, replace):
+    """The reference for run_replacing_each: capture, then one run_from per layer."""
+    logits, grids = handle.capture(x, layers)
+    return logits, {layer: handle.run_from(x, layer, replace(layer, grids[layer])) for layer in layers}
+
+
+def _halved_plus_shift(layer, grid):
+    return 0.5 * grid + 0.1
+
+
+def _counting_forwards(handle):
+    calls = []
+    handle.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_run_replacing_each_equals_separate_passes_in_one_forward(lite0):
+    handle = ModelHandle(lite0)
+    layers = ["_blocks.4", "_blocks.8", "_blocks.15"]
+    x = torch.randn(3, 3, 224, 224)
+    want_logits, want = _separate_passes(handle, x, layers, _halved_plus_shift)
+    assert not torch.allclose(want["_blocks.8"], want_logits)  # the replacement matters
+    forwards = _counting_forwards(handle)
+    for call in range(2):  # the first call checks the shared pass; the second only runs it
+        seen = []
+        logits, got = handle.run_replacing_each(x, layers, lambda l, g: seen.append(l) or _halved_plus_shift(l, g))
+        assert seen == layers  # each replacement asked for once, on the unmodified output
+        torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+        for layer in layers:
+            torch.testing.assert_close(got[layer], want[layer], rtol=1e-4, atol=1e-4)
+    assert len(forwards) - (2 + len(layers)) == 1  # after the check: one forward for every layer
+
+
+class _SkipAroundBlock2(torch.nn.Module):
+    """block2's input is read again after it: a widened batch cannot go through."""
+
+    def __init__(self, mix_batch: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.block1 = torch.nn.Conv2d(6, 6, 3, padding=1)
+        self.block2 = torch.nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6, 3)
+        self.mix_batch = mix_batch
+
+    def forward(self, x):
+        h = self.block1(self.stem(x))
+        if self.mix_batch:  # goes through widened, but each image's output depends on the others
+            return self.fc((self.block2(h) - self.block2(h).mean(0)).mean((2, 3)))
+        return self.fc((self.block2(h) + h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mix_batch", [False, True])
+def test_run_replacing_each_falls_back_where_sharing_is_wrong(mix_batch):
+    handle = ModelHandle(wrap_module(_SkipAroundBlock2(mix_batch), "skip", input_size=16))
+    layers = ["stem", "block1"] if mix_batch else ["block1", "block2"]
+    x = torch.randn(4, 3, 16, 16)
+    want_logits, want = _separate_passes(handle, x, layers, _halved_plus_shift)
+    for call in range(2):
+        seen = []
+        logits, got = handle.run_replacing_each(x, layers, lambda l, g: seen.append(l) or _halved_plus_shift(l, g))
+        assert sorted(seen) == sorted(layers)
+        torch.testing.assert_close(logits, want_logits)
+        for layer in layers:
+            torch.testing.assert_close(got[layer], want[layer])
