@@ -7,15 +7,18 @@ support (the relaxed Lasso, ``debias``). ``coder: omp`` codes by orthogonal matc
 instead (:class:`gig.omp.OMPEncoder`, λ its correlation stop; not the paper's coder).
 
 λ is chosen per layer from the layer's **sparsity–fidelity front**: on ``front_images`` images,
-every position is coded along a descending λ path (λ_max·2^(−j)) and, at each λ, the relative
-error, R², l0 ratio and the model's top-1 agreement (the layer replaced by its reconstruction)
+every position is coded along a descending λ path (λ_max·2^(−j), each λ resuming from the codes
+of the one above) and, at each λ, the relative error, R², l0 ratio and the model's top-1
+agreement (the layer replaced by its reconstruction; several λ per forward, the prefix shared)
 are measured. The default rule keeps the sparsest codes (largest λ) with R² ≥ ``min_r2`` and
-agreement ≥ ``min_top1_agreement``, refined by bisection between grid points;
+agreement ≥ ``min_top1_agreement``, refined between grid points to 2^(1/16) in λ;
 ``target_rel_error`` selects the largest λ whose relative error meets it instead. The front is
 saved (``decompose/front.json``), drawn in the report and printed by ``gig inspect``.
 
-Per layer the stage then reports over all images: relative L2 error ``‖X − X̃‖_F / ‖X‖_F``, R²
-(against the mean PFV), l0 ratio (share of non-zero coefficients), and the top-1 agreement.
+Per layer the stage then codes every image (one forward per batch codes every layer and runs the
+model with each replaced: :meth:`ModelHandle.run_replacing_each`) and reports over all images:
+relative L2 error ``‖X − X̃‖_F / ‖X‖_F``, R² (against the mean PFV), l0 ratio (share of non-zero
+coefficients), and the top-1 agreement.
 """
 
 from __future__ import annotations
@@ -41,8 +44,11 @@ from .store import RunStore, load_json, save_json, save_tensors
 FRONT_POINTS = 20
 #: Grid points measured past the first that meets the rule (the front beyond the choice).
 POINTS_PAST_CHOICE = 1
-#: Bisection steps in log λ between the chosen grid point and the next larger λ (λ to 2^(1/16)).
-REFINE_STEPS = 4
+#: Rounds of refinement between the chosen grid point and the next larger λ, each of
+#: ``REFINE_POINTS`` λ evenly spaced in log λ (two rounds of three: λ to 2^(1/16), as four
+#: bisection steps, in two blocks of forwards instead of four).
+REFINE_ROUNDS = 2
+REFINE_POINTS = 3
 #: The walk stops, even where the rule is not met, once this share of the concepts is active ...
 DENSE_STOP = 0.9
 #: ... or once the reconstruction is exact to this R² (smaller λ cannot change anything).
@@ -132,38 +138,96 @@ def load_front_images(source: ImageSource, records: list, preds: torch.Tensor, h
     return FrontImages(pixels, grids, torch.tensor(kept, dtype=torch.long))
 
 
-def measure_codes(encoder: LassoEncoder, images: FrontImages, layer: str, handle: ModelHandle,
-                  init: list[torch.Tensor] | None = None) -> tuple[dict, list[torch.Tensor]]:
-    """Code every position of ``images`` at ``layer``; returns the fidelity figures (relative
-    error, R², l0 ratio, top-1 agreement) and the codes per batch (warm starts for the next λ)."""
+def code_front_point(encoder: LassoEncoder | OMPEncoder, images: FrontImages, layer: str,
+                     init: list[torch.Tensor] | None = None) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
+    """Code every position of ``images`` at ``layer``: the fidelity figures (``alpha``,
+    ``rel_error``, ``r2``, ``l0_ratio``; the agreement comes from :func:`top1_agreements`), the
+    codes per batch ``(B·H·W, K)`` (warm starts for the next λ) and the reconstructions per batch
+    ``(B, C, H, W)``. ``init``: codes per batch at a larger λ (see ``encode``)."""
     meter = FidelityMeter(encoder.V.shape[1])
-    codes, offset = [], 0
-    for i, (pixels, grid) in enumerate(zip(images.pixels, images.grids[layer])):
+    codes, recons = [], []
+    for i, grid in enumerate(images.grids[layer]):
         b, c, h, w = grid.shape
         X = grid.permute(0, 2, 3, 1).reshape(-1, c)
         U = encoder.encode(X, None if init is None else init[i])
         X_hat = U @ encoder.V
         meter.add(X, X_hat, U)
+        codes.append(U)
+        recons.append(X_hat.reshape(b, h, w, c).permute(0, 3, 1, 2))
+    figures = meter.result()
+    for unmeasured in ("n_positions", "top1_agreement"):
+        figures.pop(unmeasured)
+    return {"alpha": encoder.alpha, **figures}, codes, recons
+
+
+def top1_agreements(images: FrontImages, layer: str, handle: ModelHandle,
+                    recons: list[list[torch.Tensor]]) -> list[float]:
+    """The model's top-1 agreement with ``layer`` replaced by each of ``m`` reconstructions
+    (``recons[j]``: per batch ``(B, C, H, W)``, as :func:`code_front_point` gives them): one
+    forward per batch with every image's ``m`` replacements, its prefix shared
+    (:meth:`ModelHandle.run_from`)."""
+    agree, offset = torch.zeros(len(recons), dtype=torch.long), 0
+    for i, pixels in enumerate(images.pixels):
+        grids = torch.stack([r[i] for r in recons], dim=1).flatten(0, 1)  # image-major
         with torch.no_grad():
-            logits = handle.run_from(pixels, layer, X_hat.reshape(b, h, w, c).permute(0, 3, 1, 2))
+            logits = handle.run_from(pixels, layer, grids)
+        b = pixels.shape[0]
         preds = images.preds[offset : offset + b]
         offset += b
-        meter.agree += int((logits.argmax(1).cpu() == preds).sum())
-        meter.n_images += b
-        codes.append(U)
-    figures = meter.result()
-    figures.pop("n_positions")
-    return {"alpha": encoder.alpha, **figures}, codes
+        agree += (logits.argmax(1).cpu().reshape(b, len(recons)) == preds[:, None]).sum(0)
+    return (agree.double() / max(offset, 1)).tolist()
+
+
+class _FrontWalk:
+    """The points of one layer's front, coded one λ at a time (each resuming from the codes of
+    the λ above) and measured for agreement in blocks (one forward per batch and block)."""
+
+    def __init__(self, path, images: FrontImages, layer: str, handle: ModelHandle, config: Config):
+        self.path, self.images, self.layer, self.handle, self.config = path, images, layer, handle, config
+        self.points: list[dict] = []
+        self.codes: list[list[dict[str, torch.Tensor]]] = []  # per point, per batch: CSR (to_sparse_rows)
+        self._pending: list[tuple[dict, list[torch.Tensor]]] = []
+
+    def code(self, alpha: float, above: int | None) -> dict:
+        """Code λ = ``alpha``, resuming from point ``above`` (a larger λ) where given; its
+        agreement waits for :meth:`measure`."""
+        init = None if above is None else [from_sparse_rows(**c, k=self.path.V.shape[0]) for c in self.codes[above]]
+        point, codes, recons = code_front_point(self.path.with_alpha(alpha), self.images, self.layer, init)
+        self.points.append(point)
+        self.codes.append([to_sparse_rows(U) for U in codes])
+        self._pending.append((point, recons))
+        return point
+
+    def measure(self) -> None:
+        """Top-1 agreement of every point coded since the last call, in one block."""
+        if not self._pending:
+            return
+        agreements = top1_agreements(self.images, self.layer, self.handle, [r for _, r in self._pending])
+        for (point, _), agreement in zip(self._pending, agreements):
+            point["top1_agreement"] = agreement
+            point["meets"] = meets_rule(point, self.config)
+        self._pending = []
+
+
+def _may_meet(point: dict, config: Config) -> bool:
+    """Whether a point without its agreement yet could meet the rule."""
+    if config.target_rel_error is not None:
+        return point["rel_error"] <= config.target_rel_error
+    return point["r2"] >= config.min_r2
 
 
 def sparsity_front(images: FrontImages, layer: str, V: torch.Tensor, handle: ModelHandle, config: Config,
                    ) -> dict:
     """The layer's front and the λ its rule picks.
 
-    Walks λ down the grid λ_max·2^(−j) (warm-starting each λ at the previous codes), stops
-    ``POINTS_PAST_CHOICE`` points after the first that meets the rule (or when the codes turn
-    dense without meeting it), then bisects ``REFINE_STEPS`` times in log λ between that point
-    and the grid point above it. Returns ``{"points": [...] (descending λ), "alpha", "met",
+    Walks λ down the grid λ_max·2^(−j), coding each λ from the codes of the one above (a warm
+    start; OMP resumes its pursuit), until the first point that may meet the rule by its R² (or
+    relative error) and ``POINTS_PAST_CHOICE`` more; then measures their top-1 agreements in one
+    block, and goes on in blocks of ``1 + POINTS_PAST_CHOICE`` points until the first that meets
+    the rule has ``POINTS_PAST_CHOICE`` points after it (or the codes turn dense or exact without
+    meeting it). Then ``REFINE_ROUNDS`` rounds of ``REFINE_POINTS`` λ evenly spaced in log λ
+    between that point and the failing one above it, each round one block, narrow the choice to
+    the largest λ that meets the rule. Returns ``{"points": [...] (descending λ), "alpha", "met",
     "rule"}``; each point is ``{alpha, rel_error, r2, l0_ratio, top1_agreement, meets}``.
     Where no λ meets the rule, the most faithful point measured is chosen and ``met`` is False.
     """
@@ -172,33 +236,47 @@ def sparsity_front(images: FrontImages, layer: str, V: torch.Tensor, handle: Mod
     rows = torch.cat([g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]) for g in images.grids[layer]])
     atoms = V / V.norm(dim=1, keepdim=True).clamp_min(1e-12) if lambda_in_unit_atoms(config) else V
     top = lambda_max(rows.to(device), atoms, config.nonnegative)  # the penalty's units
-    path = encoder_for(config, V, top, device)  # one Gram matrix for every λ of the walk
-    points, init, first_pass = [], None, None
+    walk = _FrontWalk(encoder_for(config, V, top, device), images, layer, handle, config)  # one Gram matrix
+    first_pass, reached, want = None, None, None
     for j in range(1, FRONT_POINTS + 1):
-        point, init = measure_codes(path.with_alpha(top * 2.0 ** -j), images, layer, handle, init)
-        point["meets"] = meets_rule(point, config)
-        points.append(point)
-        if point["meets"] and first_pass is None:
-            first_pass, pass_codes = len(points) - 1, init  # warm start for the bisection
-        if first_pass is not None and len(points) - 1 - first_pass >= POINTS_PAST_CHOICE:
-            break
-        if first_pass is None and (point["l0_ratio"] > DENSE_STOP or point["r2"] >= EXACT_R2):
+        point = walk.code(top * 2.0 ** -j, j - 2 if j > 1 else None)
+        last = j - 1
+        if reached is None and _may_meet(point, config):
+            reached, want = last, last + POINTS_PAST_CHOICE  # measure up to here at once
+        stop = j == FRONT_POINTS or point["l0_ratio"] > DENSE_STOP or point["r2"] >= EXACT_R2
+        if not stop and (want is None or last < want):
+            continue
+        walk.measure()
+        first_pass = next((i for i, p in enumerate(walk.points) if p["meets"]), None)
+        if first_pass is not None:
+            if last - first_pass >= POINTS_PAST_CHOICE:
+                break
+            want = first_pass + POINTS_PAST_CHOICE
+        elif stop:
             break  # dense or exact codes that still miss the rule: it cannot be met on this basis
+        else:
+            want = last + 1 + POINTS_PAST_CHOICE
+    walk.measure()
+    points = walk.points
     if first_pass is None:
         best = max(points, key=lambda p: (p["r2"], p["top1_agreement"]))
         return {"points": points, "alpha": best["alpha"], "met": False, "rule": rule_text(config)}
-    chosen = points[first_pass]
-    if first_pass > 0:  # bisect between the failing λ above and the passing λ
-        hi, lo = points[first_pass - 1]["alpha"], chosen["alpha"]
-        for _ in range(REFINE_STEPS):
-            mid = math.sqrt(hi * lo)
-            point, _ = measure_codes(path.with_alpha(mid), images, layer, handle, pass_codes)
-            point["meets"] = meets_rule(point, config)
-            points.append(point)
-            if point["meets"]:
-                lo, chosen = mid, point
+    chosen, above = points[first_pass], first_pass - 1
+    if above >= 0:  # narrow the choice between the failing λ above and the passing one
+        hi, lo = points[above]["alpha"], chosen["alpha"]
+        for _ in range(REFINE_ROUNDS):
+            start = len(walk.points)
+            for k in range(1, REFINE_POINTS + 1):  # descending λ, each resuming from the one above
+                walk.code(hi * (lo / hi) ** (k / (REFINE_POINTS + 1)), above if k == 1 else len(walk.points) - 1)
+            walk.measure()
+            refined = walk.points[start:]
+            passing = next((i for i, p in enumerate(refined) if p["meets"]), None)
+            if passing is None:
+                hi, above = refined[-1]["alpha"], len(walk.points) - 1
             else:
-                hi = mid
+                lo, chosen = refined[passing]["alpha"], refined[passing]
+                if passing:
+                    hi, above = refined[passing - 1]["alpha"], start + passing - 1
     points.sort(key=lambda p: -p["alpha"])
     return {"points": points, "alpha": chosen["alpha"], "met": True, "rule": rule_text(config)}
 
@@ -333,24 +411,28 @@ def _decompose_shard(store, handle, source, records, preds, encoders, name) -> N
     ids: list[int] = []
     offset = 0
     for batch in iter_image_batches(source, records, handle, config.batch_size, config.loader_workers):
+        n = len(batch.records)
+        batch_preds = preds[offset : offset + n]
+        offset += n
+        ids.extend(r.image_id for r in batch.records)
+
+        def code(layer: str, grid: torch.Tensor) -> torch.Tensor:
+            """The layer's codes (kept) and its reconstruction, which replaces it."""
+            enc = encoders[layer]
+            b, c, h, w = grid.shape
+            X = grid.permute(0, 2, 3, 1).reshape(-1, c)
+            U = enc.encode(X)
+            X_hat = U @ enc.V
+            meters[layer].add(X, X_hat, U)
+            parts[layer].append(to_sparse_rows(U))
+            return X_hat.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
         with torch.no_grad():
-            _, grids = handle.capture(batch.pixels, config.layers)
-            n = len(batch.records)
-            batch_preds = preds[offset : offset + n]
-            offset += n
-            ids.extend(r.image_id for r in batch.records)
-            for layer, enc in encoders.items():
-                grid = grids[layer]
-                b, c, h, w = grid.shape
-                X = grid.permute(0, 2, 3, 1).reshape(-1, c)
-                U = enc.encode(X)
-                X_hat = U @ enc.V
-                meters[layer].add(X, X_hat, U)
-                recon = X_hat.reshape(b, h, w, c).permute(0, 3, 1, 2)
-                logits = handle.run_from(batch.pixels, layer, recon)
-                meters[layer].agree += int((logits.argmax(1).cpu() == batch_preds).sum())
-                meters[layer].n_images += b
-                parts[layer].append(to_sparse_rows(U))
+            # One pass codes every layer and runs the model with each replaced (shared prefixes).
+            _, replaced = handle.run_replacing_each(batch.pixels, list(encoders), code)
+        for layer, logits in replaced.items():
+            meters[layer].agree += int((logits.argmax(1).cpu() == batch_preds).sum())
+            meters[layer].n_images += n
     tensors: dict[str, torch.Tensor] = {"image_id": torch.tensor(ids, dtype=torch.int64)}
     info = {}
     for layer, chunks in parts.items():
