@@ -19,8 +19,9 @@ Printed per layer: seconds per 1000 positions, l0, R², and the Lasso objective'
 excess over the optimum (LARS, exact; FISTA to a 1e-7 gap without SPAMS), on ``--check`` rows, before the refit.
 Ratios (old / new) are of times measured in this one process, one after another. Last, the
 whole stage for the run's image count, old against new: fixed cost (calibration / front) plus
-coding at the measured rates, plus what both stages do alike per image (the capture and the
-top-1 agreement's forward passes, measured here once).
+coding at the measured rates, plus each stage's model passes per image (the capture and the
+top-1 agreement's forward passes: the earlier stage's capture and one ``run_from`` per layer,
+today's one pass with shared prefixes, ``ModelHandle.run_replacing_each``), measured here.
 """
 
 from __future__ import annotations
@@ -76,16 +77,24 @@ def calibrate_old_alpha(store: RunStore, layer: str, V: torch.Tensor, rel_error:
     return lo
 
 
-def shared_seconds(handle: ModelHandle, source, records, layers: list[str], batch_size: int) -> float:
-    """Seconds per image of what the old and the new stage do alike: the capture of every layer
-    and one forward pass per layer from its (here: unchanged) grid for the top-1 agreement."""
-    t0 = time.perf_counter()
-    for batch in iter_image_batches(source, records, handle, batch_size):
-        with torch.no_grad():
-            _, grids = handle.capture(batch.pixels, layers)
-            for layer in layers:
-                handle.run_from(batch.pixels, layer, grids[layer])
-    return (time.perf_counter() - t0) / len(records)
+def model_pass_seconds(handle: ModelHandle, source, records, layers: list[str], batch_size: int) -> dict[str, float]:
+    """Seconds per image of the model passes of either stage (the capture of every layer and,
+    per layer, the network with that layer replaced, for the top-1 agreement), here with every
+    grid replaced by itself: ``old``, the earlier stage's capture and one ``run_from`` per layer;
+    ``new``, today's stage's one pass with shared prefixes (``run_replacing_each``)."""
+    out = {}
+    for name in ("old", "new"):
+        t0 = time.perf_counter()
+        for batch in iter_image_batches(source, records, handle, batch_size):
+            with torch.no_grad():
+                if name == "old":
+                    _, grids = handle.capture(batch.pixels, layers)
+                    for layer in layers:
+                        handle.run_from(batch.pixels, layer, grids[layer])
+                else:
+                    handle.run_replacing_each(batch.pixels, layers, lambda _layer, grid: grid)
+        out[name] = (time.perf_counter() - t0) / len(records)
+    return out
 
 
 def main() -> None:
@@ -183,7 +192,7 @@ def main() -> None:
               f"{t_old / n:.3f} s/1k l0 {row['old']['l0']:.3f} R² {row['old']['r2']:.3f} excess "
               f"{row['old']['objective_excess']:.1e} | new λ {lam:.4g} met {front['met']} front {front_s:.0f} s, "
               f"l0 {row['new'][solvers[0]]['l0']:.3f} R² {row['new'][solvers[0]]['r2']:.3f} | {new_line}", flush=True)
-    report["stage"] = whole_stage(report, len(records), shared_seconds(handle, source, bench, layers,
+    report["stage"] = whole_stage(report, len(records), model_pass_seconds(handle, source, bench, layers,
                                                                        old_config.batch_size))
     if args.out:
         with open(args.out, "w") as fh:
@@ -194,29 +203,31 @@ def _sci(value: float | None) -> str:
     return "-" if value is None else f"{value:.1e}"
 
 
-def whole_stage(report: dict, n_images: int, shared_s: float) -> dict:
+def whole_stage(report: dict, n_images: int, shared_s: dict[str, float]) -> dict:
     """The whole stage for ``n_images``, old against new, from the rates measured per layer (see
     the module docstring); printed and returned."""
     rows = report["layers"].values()
     per_image = {"old": sum(r["old"]["seconds"] for r in rows) / report["images"]}
     fixed = {"old": sum(r["old"]["calibration_seconds"] or 0.0 for r in rows),
              "new": sum(r["front_seconds"] for r in rows)}
-    out = {"n_images": n_images, "shared_seconds_per_image": shared_s, "old_calibrated_here":
+    out = {"n_images": n_images, "model_pass_seconds_per_image": shared_s, "old_calibrated_here":
            all(r["old"]["calibration_seconds"] is not None for r in rows)}
     for solver in ("lars", "fista", "omp"):
         if all(solver in r["new"] for r in rows):
             per_image[solver] = sum(r["new"][solver]["seconds"] for r in rows) / report["images"]
     for name, rate in per_image.items():
-        fixed_s = fixed["old" if name == "old" else "new"]
-        out[name] = {"fixed_seconds": fixed_s, "coding_seconds_per_image": rate,
-                     "total_seconds": fixed_s + n_images * (rate + shared_s)}
+        kind = "old" if name == "old" else "new"
+        out[name] = {"fixed_seconds": fixed[kind], "coding_seconds_per_image": rate,
+                     "model_pass_seconds_per_image": shared_s[kind],
+                     "total_seconds": fixed[kind] + n_images * (rate + shared_s[kind])}
     for name in per_image:
         if name != "old":
             out[name]["speedup_vs_old"] = out["old"]["total_seconds"] / out[name]["total_seconds"]
-    print(f"whole stage, {n_images} images (shared {shared_s:.3f} s/image): " + "; ".join(
+    print(f"whole stage, {n_images} images (model passes: old {shared_s['old']:.3f}, new {shared_s['new']:.3f} "
+          "s/image): " + "; ".join(
         f"{name} {v['fixed_seconds']:.0f} s fixed + {v['coding_seconds_per_image']:.3f} s/image coding = "
         f"{v['total_seconds']:.0f} s" + (f" (×{v['speedup_vs_old']:.2f})" if "speedup_vs_old" in v else "")
-        for name, v in out.items() if isinstance(v, dict)), flush=True)
+        for name, v in out.items() if isinstance(v, dict) and "total_seconds" in v), flush=True)
     return out
 
 

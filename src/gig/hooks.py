@@ -118,7 +118,8 @@ class ModelHandle:
     """A classifier with named-layer access.
 
     ``handle.capture(x, layers)`` returns the logits and each layer's output in grid form;
-    ``handle.run_from(x, layer, grid)`` runs the real network with ``layer``'s output replaced.
+    ``handle.run_from(x, layer, grid)`` runs the real network with ``layer``'s output replaced;
+    ``handle.run_replacing_each(x, layers, replace)`` does both for several layers in one pass.
     """
 
     def __init__(self, bundle: ModelBundle | nn.Module, device: str | torch.device = "cpu"):
