@@ -89,7 +89,7 @@ def test_config_rejects_omp_with_nonnegative_codes():
 def test_memory_budget_bounds_the_rows_coded_at_once(lasso_problem):
     """A budget smaller than 1024 rows' worst case codes fewer rows at a time, with equal codes."""
     X, V = lasso_problem(k=30, c=10, p=70)
-    small = OMPEncoder(V, 0.3, max_bytes=8 * 10 * 20 * 7)  # room for 7 rows of 10 atoms, C = 10
+    small = OMPEncoder(V, 0.3, max_bytes=7 * (8 * 10 * 12 + 4 * 30))  # 7 rows of 10 atoms, K = 30
     assert small.rows_per_chunk == 7
     torch.testing.assert_close(small.encode(X), OMPEncoder(V, 0.3).encode(X))
 

@@ -33,8 +33,9 @@ class OMPEncoder:
     fit of each row on its support). Fitted state: ``unit_ (K, C)`` (the atoms at unit norm),
     ``atom_norms_ (K,)``, ``gram_ (K, K)`` (the unit atoms' Gram matrix, float64), ``solver_``
     ("omp"). Up to ``chunk`` rows are coded at a time, fewer where a row's worst case (a support
-    of ``max_atoms = min(K, C)`` atoms: its Cholesky factor and atoms, ``max_atoms · (max_atoms +
-    C) · 8`` bytes) times the rows would pass ``max_bytes``.
+    of ``max_atoms = min(K, C)`` atoms: its inverse Cholesky factor, support and coordinates,
+    ``8 · max_atoms · (max_atoms + 2)`` bytes, and its correlations with every atom, ``4 K``)
+    times the rows would pass ``max_bytes``.
     """
 
     solver_ = "omp"
@@ -52,7 +53,7 @@ class OMPEncoder:
         self._unit32 = self.unit_.float()  # the correlations that choose atoms: float32 is 2× faster
         cap = min(self.V.shape)
         self.max_atoms = cap if max_atoms is None else max(1, min(int(max_atoms), cap))
-        worst_row = 8 * self.max_atoms * (self.max_atoms + self.V.shape[1])
+        worst_row = 8 * self.max_atoms * (self.max_atoms + 2) + 4 * self.V.shape[0]
         self.rows_per_chunk = max(1, min(int(chunk), max_bytes // worst_row))
 
     def with_alpha(self, alpha: float) -> "OMPEncoder":
@@ -123,13 +124,13 @@ class OMPEncoder:
         S = torch.zeros(n, cap, dtype=torch.long, device=X.device)
         M = X.new_zeros(n, cap, cap)
         Z = X.new_zeros(n, cap)
-        b = X @ unit.T  # (R, K) correlations of the rows with every atom
         for t, (idx, S_t, M_t) in groups.items():
             S[idx, :t], M[idx, :t, :t], count[idx] = S_t, M_t, t
-            Z[idx, :t] = torch.bmm(M_t, b[idx].gather(1, S_t)[:, :, None])[:, :, 0]
+            b_S = (X[idx][:, None, :] * unit[S_t]).sum(-1)  # (n, t) correlations with the support
+            Z[idx, :t] = torch.bmm(M_t, b_S[:, :, None])[:, :, 0]
         gamma = torch.bmm(Z[:, None, :], M)[:, 0]  # γ = Mᵀ z
         x, rows = X, torch.arange(n, device=X.device)  # each packed row's row in X
-        corr = (x - _combination(unit, S, gamma)).float() @ self._unit32.T if groups else b.float()
+        corr = (x - _combination(unit, S, gamma) if groups else x).float() @ self._unit32.T
         live = torch.ones(n, dtype=torch.bool, device=X.device)
         # Numerical floor for "no atom correlates by more than λ": the correlations of an exact
         # fit are rounding noise of the size of ‖x‖·1e-10, not zero.
@@ -137,7 +138,7 @@ class OMPEncoder:
         found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         while True:
             m = int(count[live].max()) + 1  # working width: the longest live support and a new atom
-            best, q = corr.abs().max(1)
+            best, q = corr.abs_().max(1)  # in place: only the choice and the stop read it
             stop = live & ((best.double() <= threshold) | (count >= self.max_atoms))
             # The new atom against the support: w = L⁻¹ G_Sq, d² = G_qq − ‖w‖² (= 1 − ‖w‖²); the
             # padding of M zeroes every padded entry of w.
@@ -154,8 +155,8 @@ class OMPEncoder:
                 break
             if n_live <= 0.9 * live.numel():
                 keep = live
-                rows, live, x, b, S, M, Z, count, gamma, threshold, q, w, d2 = (
-                    a[keep] for a in (rows, live, x, b, S, M, Z, count, gamma, threshold, q, w, d2))
+                rows, live, x, S, M, Z, count, gamma, threshold, q, w, d2 = (
+                    a[keep] for a in (rows, live, x, S, M, Z, count, gamma, threshold, q, w, d2))
             top = int(count[live].max())
             if top >= cap:
                 cap = _capacity(cap, top + 1, self.max_atoms)
@@ -167,7 +168,8 @@ class OMPEncoder:
             S[at, pos] = q
             M[at, pos, :m] = -torch.bmm(w[:, None, :m], M[:, :m, :m])[:, 0] / d[:, None]
             M[at, pos, pos] = 1.0 / d
-            Z[at, pos] = (b.gather(1, q[:, None])[:, 0] - (w[:, :m] * Z[:, :m]).sum(1)) / d
+            b_q = (x * unit[q]).sum(1)  # the row's correlation with the new atom, in float64
+            Z[at, pos] = (b_q - (w[:, :m] * Z[:, :m]).sum(1)) / d
             count = count + 1
             gamma = torch.bmm(Z[:, None, :m], M[:, :m, :m])[:, 0]
             residual = x - _combination(unit, S[:, :m], gamma)
