@@ -100,6 +100,15 @@ def test_vit_tokens_as_grid_with_class_token_apart():
     torch.testing.assert_close(same, logits.repeat_interleave(2, 0), rtol=1e-4, atol=1e-4)
     zero = handle.run_from(x, "blocks.5", torch.zeros_like(grids["blocks.5"]))
     assert not torch.allclose(zero, logits)
+    # Several token layers replaced in one shared pass, class tokens kept: as separate passes.
+    layers = ["blocks.2", "blocks.5"]
+    want_logits, want = _separate_passes(handle, x, layers, _halved_plus_shift)
+    for _ in range(2):
+        got_logits, got = handle.run_replacing_each(x, layers, _halved_plus_shift)
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+        for layer in layers:
+            torch.testing.assert_close(got[layer], want[layer], rtol=1e-4, atol=1e-4)
+    assert handle._shares_prefix[("each", *layers)]  # the shared pass was right, and kept
 
 
 def test_execution_order(lite0_handle):
