@@ -11,8 +11,8 @@ import torch
 
 from gig.collect import iter_image_batches
 from gig.config import Config
-from gig.decompose import (FidelityMeter, alpha_for_l0, from_sparse_rows, load_front_images, meets_rule,
-                           sparsity_front, to_sparse_rows)
+from gig.decompose import (AGREEMENT_BLOCK, FidelityMeter, FrontImages, alpha_for_l0, from_sparse_rows,
+                           load_front_images, meets_rule, sparsity_front, to_sparse_rows, top1_agreements)
 from gig.hooks import ModelHandle
 from gig.images import open_source
 from gig.lasso import LassoEncoder
@@ -118,6 +118,42 @@ def test_front_figures_match_a_direct_computation(coder, tiny_front):
                 logits = model.head(model.block2(part).mean((2, 3)))
             agree += int((logits.argmax(1) == images.preds[start // (h * w) - b : start // (h * w)]).sum())
         assert point["top1_agreement"] == pytest.approx(agree / images.preds.numel())
+
+
+class _LinearProbe(torch.nn.Module):
+    """A 1×1 conv and a linear head on its mean: every replacement can move the prediction."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.block1 = torch.nn.Conv2d(3, 4, 1)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.block1(x).mean((2, 3)))
+
+
+def test_agreements_of_more_reconstructions_than_one_block_match_the_model():
+    """top1_agreements over more reconstructions than one forward takes (two blocks) equals the
+    model's own agreement for each reconstruction, computed one at a time by hand."""
+    from gig.models import wrap_module
+
+    model = _LinearProbe().eval()
+    handle = ModelHandle(wrap_module(model, "probe", input_size=8))
+    g = torch.Generator().manual_seed(1)
+    pixels = [torch.randn(5, 3, 8, 8, generator=g) for _ in range(2)]
+    with torch.no_grad():
+        grids = [model.block1(p) for p in pixels]
+        preds = torch.cat([model(p).argmax(1) for p in pixels])
+    images = FrontImages(pixels, {"block1": grids}, preds)
+    recons = [[grid + torch.randn(grid.shape, generator=g) * 0.3 * k for grid in grids]
+              for k in range(AGREEMENT_BLOCK + 3)]
+    got = top1_agreements(images, "block1", handle, recons)
+    for recon, value in zip(recons, got):
+        with torch.no_grad():
+            agree = torch.cat([model.head(grid.mean((2, 3))).argmax(1) for grid in recon]) == preds
+        assert value == pytest.approx(float(agree.double().mean()))
+    assert got[0] == 1.0 and len(set(got)) > 2  # the noise moves the agreement
 
 
 def test_rule_with_target_error_picks_the_largest_lambda_below_it(tiny_front):

@@ -42,6 +42,9 @@ from .store import RunStore, load_json, save_json, save_tensors
 
 #: The λ path of the front: λ_max · 2^(−j), j = 1 … FRONT_POINTS.
 FRONT_POINTS = 20
+#: Most reconstructions per image in one agreement forward (the batch grows by this factor
+#: after the layer).
+AGREEMENT_BLOCK = 8
 #: Grid points measured past the first that meets the rule (the front beyond the choice).
 POINTS_PAST_CHOICE = 1
 #: Rounds of refinement between the chosen grid point and the next larger λ, each of
@@ -164,18 +167,21 @@ def top1_agreements(images: FrontImages, layer: str, handle: ModelHandle,
                     recons: list[list[torch.Tensor]]) -> list[float]:
     """The model's top-1 agreement with ``layer`` replaced by each of ``m`` reconstructions
     (``recons[j]``: per batch ``(B, C, H, W)``, as :func:`code_front_point` gives them): one
-    forward per batch with every image's ``m`` replacements, its prefix shared
-    (:meth:`ModelHandle.run_from`)."""
-    agree, offset = torch.zeros(len(recons), dtype=torch.long), 0
-    for i, pixels in enumerate(images.pixels):
-        grids = torch.stack([r[i] for r in recons], dim=1).flatten(0, 1)  # image-major
-        with torch.no_grad():
-            logits = handle.run_from(pixels, layer, grids)
-        b = pixels.shape[0]
-        preds = images.preds[offset : offset + b]
-        offset += b
-        agree += (logits.argmax(1).cpu().reshape(b, len(recons)) == preds[:, None]).sum(0)
-    return (agree.double() / max(offset, 1)).tolist()
+    forward per batch and up to ``AGREEMENT_BLOCK`` reconstructions, every image's replacements
+    sharing its prefix (:meth:`ModelHandle.run_from`)."""
+    agree = torch.zeros(len(recons), dtype=torch.long)
+    for start in range(0, len(recons), AGREEMENT_BLOCK):
+        block, offset = recons[start : start + AGREEMENT_BLOCK], 0
+        for i, pixels in enumerate(images.pixels):
+            grids = torch.stack([r[i] for r in block], dim=1).flatten(0, 1)  # image-major
+            with torch.no_grad():
+                logits = handle.run_from(pixels, layer, grids)
+            b = pixels.shape[0]
+            preds = images.preds[offset : offset + b]
+            offset += b
+            hits = logits.argmax(1).cpu().reshape(b, len(block)) == preds[:, None]
+            agree[start : start + len(block)] += hits.sum(0)
+    return (agree.double() / max(images.preds.numel(), 1)).tolist()
 
 
 class _FrontWalk:
