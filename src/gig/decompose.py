@@ -141,6 +141,18 @@ def load_front_images(source: ImageSource, records: list, preds: torch.Tensor, h
     return FrontImages(pixels, grids, torch.tensor(kept, dtype=torch.long))
 
 
+def code_grid(encoder: LassoEncoder | OMPEncoder, grid: torch.Tensor, meter: "FidelityMeter",
+              init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``U (B·H·W, K)`` of every position of ``grid (B, C, H, W)`` (row-major positions)
+    and its reconstruction in grid form ``(B, C, H, W)``; both are added to ``meter``."""
+    b, c, h, w = grid.shape
+    X = grid.permute(0, 2, 3, 1).reshape(-1, c)
+    U = encoder.encode(X, init)
+    X_hat = U @ encoder.V
+    meter.add(X, X_hat, U)
+    return U, X_hat.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
 def code_front_point(encoder: LassoEncoder | OMPEncoder, images: FrontImages, layer: str,
                      init: list[torch.Tensor] | None = None) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
     """Code every position of ``images`` at ``layer``: the fidelity figures (``alpha``,
@@ -150,13 +162,9 @@ def code_front_point(encoder: LassoEncoder | OMPEncoder, images: FrontImages, la
     meter = FidelityMeter(encoder.V.shape[1])
     codes, recons = [], []
     for i, grid in enumerate(images.grids[layer]):
-        b, c, h, w = grid.shape
-        X = grid.permute(0, 2, 3, 1).reshape(-1, c)
-        U = encoder.encode(X, None if init is None else init[i])
-        X_hat = U @ encoder.V
-        meter.add(X, X_hat, U)
+        U, recon = code_grid(encoder, grid, meter, None if init is None else init[i])
         codes.append(U)
-        recons.append(X_hat.reshape(b, h, w, c).permute(0, 3, 1, 2))
+        recons.append(recon)
     figures = meter.result()
     for unmeasured in ("n_positions", "top1_agreement"):
         figures.pop(unmeasured)
@@ -424,14 +432,9 @@ def _decompose_shard(store, handle, source, records, preds, encoders, name) -> N
 
         def code(layer: str, grid: torch.Tensor) -> torch.Tensor:
             """The layer's codes (kept) and its reconstruction, which replaces it."""
-            enc = encoders[layer]
-            b, c, h, w = grid.shape
-            X = grid.permute(0, 2, 3, 1).reshape(-1, c)
-            U = enc.encode(X)
-            X_hat = U @ enc.V
-            meters[layer].add(X, X_hat, U)
+            U, recon = code_grid(encoders[layer], grid, meters[layer])
             parts[layer].append(to_sparse_rows(U))
-            return X_hat.reshape(b, h, w, c).permute(0, 3, 1, 2)
+            return recon
 
         with torch.no_grad():
             # One pass codes every layer and runs the model with each replaced (shared prefixes).
