@@ -133,6 +133,10 @@ class ModelHandle:
         self._modules = dict(self.model.named_modules())
         self._prefix: dict[str, int] = {}
         self._shares_prefix: dict[tuple, bool] = {}  # per run_from / run_replacing_each key
+        #: per run_from key: whether a stand-in input may run the network before the layer
+        self._stand_in: dict[tuple, bool] = {}
+        #: run_from may replace the images by one small stand-in where that is checked to be exact
+        self.stand_in_prefix = True
         #: layout for replacement grids given to :meth:`run_from` (see :meth:`for_gradients`)
         self.memory_format = torch.contiguous_format
         self.folded_batchnorms = 0
@@ -403,7 +407,9 @@ class ModelHandle:
         The network before ``layer`` runs once per image and its output batch is widened at the
         hook (the prefix is shared); this is exact whenever nothing after ``layer`` reads a tensor
         from before it. Where that fails (a skip connection around the layer) the images are
-        repeated instead.
+        repeated instead. Where, moreover, the images' values and size do not matter after the
+        layer (checked on the first call per ``(layer, read)``, see :meth:`_check_stand_in`), one
+        small blank image stands in for them (``stand_in_prefix``).
         """
         x = x.to(self.device)
         if counts is None:
@@ -417,6 +423,41 @@ class ModelHandle:
                 raise ValueError(f"counts {repeats.tolist()} do not split {grid.shape[0]} replacements over "
                                  f"{x.shape[0]} images")
         key = (layer, read)
+        if self.stand_in_prefix and self._stand_in.get(key, True):
+            if key in self._stand_in:
+                return self._run_replaced(self._stand_in_input(), layer, grid, read, grid.new_tensor(
+                    [grid.shape[0]], dtype=torch.long))
+            out = self._run_from_images(x, layer, grid, read, repeats, key)
+            self._check_stand_in(layer, grid, read, key, out)
+            return out
+        return self._run_from_images(x, layer, grid, read, repeats, key)
+
+    #: side of the stand-in image (see :meth:`_check_stand_in`)
+    STAND_IN_SIZE = 32
+
+    def _stand_in_input(self) -> torch.Tensor:
+        return torch.zeros(1, 3, self.STAND_IN_SIZE, self.STAND_IN_SIZE, device=self.device)
+
+    def _check_stand_in(self, layer, grid, read, key, want: torch.Tensor) -> None:
+        """Whether one small blank image may stand in for the images before ``layer``.
+
+        Where the layer's output is replaced whole and nothing after it reads a tensor (or a
+        size) from before it, the images only feed work whose result is thrown away: the network
+        before the layer (for a late layer most of it) then runs once on a 32×32 blank image,
+        widened at the hook to every replacement, instead of once per image. Checked, not
+        assumed: the first call per (layer, read) compares the stand-in's output with the real
+        one (a skip connection around the layer, prefix tokens read from the layer's output, or
+        a head that uses the input's size differ or fail, and keep the real images)."""
+        try:
+            with torch.no_grad():
+                got = self._run_replaced(self._stand_in_input(), layer, grid.detach(), read,
+                                         grid.new_tensor([grid.shape[0]], dtype=torch.long))
+            self._stand_in[key] = _close(want.detach(), got)
+        except Exception:  # noqa: BLE001 — any failure (timm asserts the input size) keeps the images
+            self._stand_in[key] = False
+
+    def _run_from_images(self, x, layer, grid, read, repeats, key) -> torch.Tensor:
+        """:meth:`run_from` with the images themselves run before the layer."""
         widen = bool((repeats > 1).any())
         if widen and self._shares_prefix.get(key, True):
             try:
