@@ -244,8 +244,8 @@ def test_error_control_on_smooth_network_against_fine_reference():
 
 
 def test_results_do_not_depend_on_batching_or_target_grouping():
-    """Batch sizes and the other images of a batch change nothing; the targets of one image share
-    its steps, so attributing a target alone changes its numbers only within the tolerance."""
+    """Batch sizes, the other images of a batch and the other targets of an image change nothing:
+    every (image, target) path refines its own cells."""
     model, x, U, V, X = _kinked_case()
     handle = ModelHandle(wrap_module(model, "kinked", input_size=6))
     target = torch.tensor([[0, 1, 2], [2, 0, 1], [1, 2, 0]])
@@ -259,11 +259,55 @@ def test_results_do_not_depend_on_batching_or_target_grouping():
     one = gig.attribute(x[1:2], U[1:2], target[1:2], internal_batch_size=3)  # an image alone
     torch.testing.assert_close(one.attributions[0], whole.attributions[1], rtol=1e-5, atol=1e-6)
     assert torch.equal(one.n_evaluations[0], whole.n_evaluations[1])
-    for t in range(3):  # each target alone: both within the tolerance of the closed form
+    for t in range(3):  # each target alone: the same numbers, and within the tolerance of the closed form
         alone = gig.attribute(x, U, target[:, t], internal_batch_size=7)
-        for res, col in ((alone, 0), (whole, t)):
-            err = (res.attributions[:, col] - expected[:, t]).norm(dim=-1) / expected[:, t].norm(dim=-1)
-            assert float(err.max()) <= tol, (t, err)
+        torch.testing.assert_close(alone.attributions[:, 0], whole.attributions[:, t], rtol=1e-5, atol=1e-6)
+        assert torch.equal(alone.n_evaluations[:, 0], whole.n_evaluations[:, t])
+        err = (alone.attributions[:, 0] - expected[:, t]).norm(dim=-1) / expected[:, t].norm(dim=-1)
+        assert float(err.max()) <= tol, (t, err)
+
+
+def test_error_control_gradients_give_back_the_attributions():
+    """With error control, the kept integrated gradients (each path's nodes weighted by its own
+    rule) projected on the concepts are the attributions, and the maps sum back to them."""
+    from gig.attribution import project
+
+    model, x, U, V, X = _kinked_case()
+    handle = ModelHandle(wrap_module(model, "kinked", input_size=6))
+    target = torch.tensor([[0, 1, 2], [2, 0, 1], [1, 2, 0]])
+    res = GIG(handle, "body", V, tol=0.003, max_steps=1024, internal_batch_size=8).attribute(
+        x, U, target, return_gradients=True)
+    assert int(res.n_evaluations.max()) > int(res.n_evaluations.min())  # paths refined differently
+    g_bar = res.integrated_gradients.transpose(2, 3).reshape(3, 3, V.shape[1], 6, 6)
+    torch.testing.assert_close(project(U, g_bar, V), res.attributions, rtol=1e-4, atol=1e-5)
+    chosen = res.attributions[:, 0].topk(3).indices
+    maps = gig_maps(U, res.integrated_gradients, V, chosen)
+    torch.testing.assert_close(maps.sum(-1)[:, 0], res.attributions[:, 0].gather(1, chosen), rtol=1e-4, atol=1e-5)
+
+
+def test_host_syncs_per_round_do_not_grow_with_images(monkeypatch):
+    """The refinement state is stepped as tensors: one image and the same image eight times take
+    the same rounds and exactly the same number of host synchronisations."""
+    model, x, U, V, X = _kinked_case(1)
+    handle = ModelHandle(wrap_module(model, "kinked", input_size=6))
+    gig = GIG(handle, "body", V, tol=0.003, max_steps=1024, internal_batch_size=4096)
+    syncs = {"n": 0}
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            syncs["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = []
+    for copies in (1, 8):
+        gig.attribute(x[:1], U[:1], torch.tensor([[0, 1, 2]]))  # warm: the run_from checks
+        syncs["n"] = 0
+        res = gig.attribute(x[:1].repeat(copies, 1, 1, 1), U[:1].repeat(copies, 1, 1), torch.tensor([[0, 1, 2]] * copies))
+        counts.append(syncs["n"])
+        assert int(res.n_evaluations.max()) > 17  # several rounds of refinement
+    assert counts[0] == counts[1], counts
 
 
 def test_fixed_trapezoid_has_a_nested_error_estimate():

@@ -85,6 +85,34 @@ def test_run_from_with_own_output_is_identity(lite0_handle):
         lite0_handle.run_from(x, "_blocks.8", grids["_blocks.8"], read="_blocks.4")
 
 
+def test_run_from_stand_in_is_exact_and_refused_where_the_images_matter(lite0_handle):
+    """After a first checked call, one blank image runs the network before the layer; a skip
+    connection around the layer keeps the real images."""
+    handle = lite0_handle
+    x = torch.randn(2, 3, 224, 224)
+    logits, grids = handle.capture(x, ["_blocks.11"])
+    seen = []
+    hook = handle.module("_conv_stem").register_forward_hook(lambda _m, i, _o: seen.append(tuple(i[0].shape)))
+    try:
+        for _ in range(2):
+            seen.clear()
+            out = handle.run_from(x, "_blocks.11", grids["_blocks.11"].repeat_interleave(2, 0))
+            torch.testing.assert_close(out, logits.repeat_interleave(2, 0), rtol=1e-4, atol=1e-4)
+    finally:
+        hook.remove()
+    assert seen == [(1, 3, 32, 32)]  # the second call: the stand-in alone
+    model = _SkipAroundBlock2()
+    skip = ModelHandle(wrap_module(model, "skip", input_size=16))
+    x = torch.randn(2, 3, 16, 16)
+    grid = torch.randn(4, 6, 16, 16)
+    with torch.no_grad():
+        h = model.block1(model.stem(x)).repeat_interleave(2, 0)
+        want = model.fc((grid + h).mean((2, 3)))  # block2's output replaced, the skip kept
+        for _ in range(2):
+            torch.testing.assert_close(skip.run_from(x, "block2", grid), want)
+    assert skip._stand_in[("block2", None)] is False
+
+
 def test_vit_tokens_as_grid_with_class_token_apart():
     import timm
 
