@@ -341,3 +341,18 @@ def test_readouts_match_their_formulas():
             want = max(float(grid[m, :, i, j] @ v) for i in range(5) for j in range(5)) / float(v.norm())
             assert float(got[m, t]) == pytest.approx(want, rel=1e-5)
     torch.testing.assert_close(concept_readout(grid, vectors[:4]), ConceptReadout("x", vectors).all(grid).diagonal()[:4])
+
+
+def test_progress_reports_every_round_and_adds_up():
+    """The attribute stage's bar moves as attributions finish, not once per batch."""
+    model, x, U, V, X = _kinked_case()
+    handle = ModelHandle(wrap_module(model, "kinked", input_size=6))
+    shares: list[float] = []
+    res = GIG(handle, "body", V, tol=0.003, max_steps=1024).attribute(
+        x, U, torch.tensor([[0, 1, 2], [2, 0, 1], [1, 2, 0]]), progress=shares.append)
+    rounds = int(res.n_evaluations.max() > 17)  # refined beyond the start grid
+    assert rounds and len(shares) > 2 and all(s >= 0 for s in shares)
+    assert sum(shares) == pytest.approx(1.0)
+    fixed: list[float] = []
+    GIG(handle, "body", V, n_steps=8).attribute(x, U, torch.tensor([0, 1, 2]), progress=fixed.append)
+    assert sum(fixed) == pytest.approx(1.0)

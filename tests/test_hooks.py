@@ -144,13 +144,18 @@ def test_execution_order(lite0_handle):
 
 
 def test_gradient_copy_folds_batchnorm_and_keeps_outputs(lite0, lite0_handle):
-    """The copy used for GIG: batch norms folded, channels-last, same layer outputs and logits;
-    the original model is untouched."""
+    """The copy used for GIG: batch norms and symmetric static paddings folded, channels-last,
+    same layer outputs and logits; the original model is untouched."""
     layers = ["_blocks.8", "_blocks.11"]
     fast = lite0_handle.for_gradients(layers)
     assert fast.folded_batchnorms > 40 and fast.memory_format == torch.channels_last
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.model.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in lite0_handle.model.modules())
+    def zero_pads(model):
+        return sum(type(getattr(m, "static_padding", None)) is torch.nn.ZeroPad2d for m in model.modules())
+
+    assert fast.folded_paddings >= 10
+    assert zero_pads(fast.model) == zero_pads(lite0_handle.model) - fast.folded_paddings
     # Seeded: on some inputs a ReLU6 of the folded copy sits within rounding of its clip and
     # flips, moving the gradient at that single point by up to ~1 % (integrated attributions agree
     # far below the GIG tolerance, see test_attribution); elsewhere they agree to ~1e-7.

@@ -13,32 +13,36 @@ Because ``X̃`` is linear in ``U``, ``∂g/∂U[p, q] = ⟨∂g/∂X̃_p, V_q⟩
 for every attribution.
 
 **Error control (the default).** The integrand is not smooth (ReLU6 clipping, the max readout):
-along the path the gradient vector jumps, often at a few values of α that carry most of the
-variation, so high-order rules gain nothing, uniform grids converge like ``1/N``, and paths
-differ widely in difficulty. Each image's path gets its own grid, refined where its
-attributions change: cells ``[a, b]`` of α with their midpoints, integrated by the trapezoid
-rule on both halves; per cell, the difference ``d`` between that and the one-interval trapezoid
-is a local error vector over the concepts. Cells holding most of ``Σ ‖d‖²`` are bisected (two
-new evaluations each) until, for every target,
+along the path the gradient vector is piecewise constant, with hundreds of small switches
+(``bench/quadrature_study.py``), so high-order rules gain nothing, uniform grids converge like
+about ``N^-1.5``, and paths differ widely in difficulty. Every attribution (one image, one target:
+a *path*) gets its own grid, refined where its attribution vector changes: cells ``[a, b]`` of α
+with their midpoints, integrated by the trapezoid rule on both halves; per cell, the difference
+``d`` between that and the one-interval trapezoid is a local error vector over the concepts.
+Cells holding most of ``Σ ‖d‖²`` are bisected (two new evaluations each) until
 
-    ``max(‖Σ_c d_c‖, (Σ_c ‖d_c‖²)^½) / ‖GIG‖₂ ≤ tol``   and   ``|Σ_q GIG[q] − Δg| ≤ (tol/2)·|Δg|``
+    ``0.7 · max(‖Σ_c d_c‖, (Σ_c ‖d_c‖²)^½) / ‖GIG‖₂ ≤ tol``   and   ``|Σ_q GIG[q] − Δg| ≤ (tol/2)·|Δg|``
 
-or until the image has ``max_steps + 1`` evaluations (recorded as unconverged). The first
-quantity is the error estimate stored with every attribution. The targets of one image share its
-grid: one forward per step for all of them, one backward per target still refining; a target's
-numbers therefore depend, within the tolerance, on the targets it is attributed with.
+or until the path has ``max_steps + 1`` evaluations (recorded as unconverged). The first quantity
+is the error estimate stored with every attribution (the factor 0.7: see
+:data:`ESTIMATE_SCALE`). A path's numbers do not depend on the other targets or images it is
+attributed with. Paths of one image that need the same α in a round share its forward pass; each
+target that asked for it gets one backward pass.
 
 With ``n_steps`` set, a fixed grid is used instead (``gauss-legendre``, ``riemann-midpoint`` or
 ``trapezoid``); only the trapezoid rule has a nested half grid and so an error estimate (NaN for
 the others).
 
-Images, steps and targets are batched together (``internal_batch_size`` items per forward);
-the network before ``a`` runs once per image (see ``ModelHandle.run_from``).
+Images, steps and targets are batched together (``internal_batch_size`` items per forward); the
+network before ``a`` runs once per image, or once on a small blank stand-in where that is checked
+to be exact (see ``ModelHandle.run_from``). The refinement state of all paths is kept as padded
+tensors and stepped together: a round costs a fixed number of host synchronisations, whatever the
+number of images and targets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -146,8 +150,12 @@ class GIG:
     def attribute(self, inputs: torch.Tensor, codes: torch.Tensor, target: torch.Tensor,
                   read_layer: str | None = None, read_vectors: torch.Tensor | None = None,
                   readout: Readout | None = None, n_steps: int | None = None, tol: float | None = None,
-                  internal_batch_size: int | None = None, return_gradients: bool = False) -> GIGResult:
+                  internal_batch_size: int | None = None, return_gradients: bool = False,
+                  progress: Callable[[float], None] | None = None) -> GIGResult:
         """Attributions ``(N, T, K)`` of ``codes (N, P, K)`` to ``target (N,)`` or ``(N, T)``.
+
+        ``progress(share)``, if given, is called after every refinement round with the share of
+        the attributions (of all ``N · T``) that finished in it: the shares add up to 1.
 
         ``return_gradients`` also returns the integrated gradients ``Ḡ (N, T, P, C)`` (for
         :func:`gig_maps`); with error control that keeps every step's gradient until the end, so
@@ -171,17 +179,24 @@ class GIG:
         parts = []
         with _full_float32():
             for lo in range(0, n, group):
+                share = min(group, n - lo) / n
+                report = None if progress is None else (lambda done, share=share: progress(done * share))
                 parts.append(self._attribute_group(inputs, codes, target, readout, slice(lo, lo + group), (h, w),
-                                                   ibs, n_steps, tol, return_gradients))
+                                                   ibs, n_steps, tol, return_gradients, report))
         return self._result(parts, n_steps is not None, tol, return_gradients)
 
-    def _attribute_group(self, inputs, codes, target, readout, sl, shape, ibs, n_steps, tol, return_gradients):
+    def _attribute_group(self, inputs, codes, target, readout, sl, shape, ibs, n_steps, tol, return_gradients,
+                         progress):
         device = self.handle.device
         ctx = _Context(self.handle, self.layer, inputs[sl].to(device), codes[sl].float().to(device), self.V,
                        shape, target[sl], readout, ibs)
         if n_steps is None:
-            return ctx.adaptive(tol, self.min_steps, self.max_steps + 1, self.refine_fraction, return_gradients)
-        return ctx.fixed(n_steps, self.quadrature_rule)
+            return ctx.adaptive(tol, self.min_steps, self.max_steps + 1, self.refine_fraction, return_gradients,
+                                progress)
+        out = ctx.fixed(n_steps, self.quadrature_rule)
+        if progress is not None:
+            progress(1.0)
+        return out
 
     @staticmethod
     def _result(parts: list[dict], fixed: bool, tol: float, return_gradients: bool) -> GIGResult:
@@ -384,7 +399,8 @@ class _Context:
         return levels
 
     # ------------------------------------------------------------------ error control
-    def adaptive(self, tol: float, min_cells: int, max_nodes: int, fraction: float, keep_gradients: bool) -> dict:
+    def adaptive(self, tol: float, min_cells: int, max_nodes: int, fraction: float, keep_gradients: bool,
+                 progress: Callable[[float], None] | None = None) -> dict:
         """Every attribution (one image, one target: a *path*) gets its own cells ``[a, b]`` with
         their midpoints ``m`` (the trapezoid rule on ``[a, m]`` and ``[m, b]``), bisected where
         its attribution vector changes most, until its estimate meets the tolerance.
@@ -415,8 +431,13 @@ class _Context:
                        (g1 - g0).reshape(paths), t)
         pieces = [first["G"]] if keep_gradients else None  # every round's gradients, until the end
         state.record_piece(0, torch.arange(n * per, device=dev).view(n, 1, per).expand(n, t, per).reshape(paths, per))
+        reported = 0
         while True:
             chosen = state.round(tol, max_nodes, fraction)
+            if progress is not None:  # one host sync more per round, only when asked
+                finished = paths - int(state.active.sum())
+                progress((finished - reported) / paths)
+                reported = finished
             if chosen is None:
                 break
             path, cell = chosen
@@ -687,7 +708,7 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=N
     with sharded_stage(store, "attribute", ranks) as summary:
         readers = {layer: CodeReader(store, layer) for layer in layers}
         fast = handle.for_gradients(layers)
-        summary["engine"] = {"folded_batchnorms": fast.folded_batchnorms,
+        summary["engine"] = {"folded_batchnorms": fast.folded_batchnorms, "folded_paddings": fast.folded_paddings,
                              "channels_last": fast.memory_format == torch.channels_last}
         gigs = {layer: gig_for(fast, layer, load_dictionary(store, layer), config) for layer in layers}
         loop = ShardLoop(store, "attribute", ranks, records, SHARD_IMAGES, progress)
@@ -695,8 +716,8 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=N
             parts: list[dict[str, torch.Tensor]] = []
             for batch in iter_image_batches(source, shard, handle, config.batch_size, config.loader_workers):
                 ids = [r.image_id for r in batch.records]
-                parts.append(walk(batch.pixels, ids, [target_of[i] for i in ids], layers, readers, gigs, config.top_k))
-                loop.bar.update(len(ids))
+                parts.append(walk(batch.pixels, ids, [target_of[i] for i in ids], layers, readers, gigs, config.top_k,
+                                  progress=_ImageProgress(loop.bar, len(ids))))
             tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             save_tensors(store.shard_path("attribute", name), tensors)
             store.mark_shard("attribute", name, {"n_images": int(tensors["image_id"].numel())})
@@ -709,9 +730,27 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=N
         summary["accuracy"] = accuracy_summary(store, data)
 
 
+class _ImageProgress:
+    """Advances a bar counted in images by whole images as a batch's attributions finish (the bar
+    then moves every few refinement rounds, not once per batch)."""
+
+    def __init__(self, bar, n_images: int):
+        self.bar, self.n_images, self.done, self.shown = bar, n_images, 0.0, 0
+
+    def __call__(self, share: float) -> None:
+        self.done += share * self.n_images
+        whole = min(self.n_images, int(self.done + 1e-6))
+        if whole > self.shown:
+            self.bar.update(whole - self.shown)
+            self.shown = whole
+
+
 def walk(pixels: torch.Tensor, ids: list[int], class_targets: list[int], layers: list[str], readers: dict, gigs: dict,
-         top_k: int) -> dict[str, torch.Tensor]:
+         top_k: int, progress: Callable[[float], None] | None = None) -> dict[str, torch.Tensor]:
     """One batch of images, top layer down.
+
+    ``progress(share)`` is called as attributions finish; the shares add up to 1 for the batch
+    (each of the ``len(layers)`` GIG calls counts ``1 / len(layers)``).
 
     Importances are fractions of the image's class-logit change ``Δz``: at the top layer
     ``I[q] = GIG_class[q] / Δz``; one layer down, the part of each upper target's importance
@@ -722,7 +761,8 @@ def walk(pixels: torch.Tensor, ids: list[int], class_targets: list[int], layers:
     out: dict[str, torch.Tensor] = {"image_id": torch.tensor(ids, dtype=torch.int64)}
     top_layer = layers[-1]
     codes = torch.stack([readers[top_layer].codes(i) for i in ids])
-    res = gigs[top_layer].attribute(pixels, codes, torch.tensor(class_targets), return_gradients=True)
+    step = None if progress is None else (lambda share: progress(share / len(layers)))
+    res = gigs[top_layer].attribute(pixels, codes, torch.tensor(class_targets), return_gradients=True, progress=step)
     out[f"{top_layer}/class_gig"] = res.attributions[:, 0]
     out[f"{top_layer}/class_delta"] = res.output_diff[:, 0]
     out[f"{top_layer}/class_residual"] = res.residual[:, 0]
@@ -748,7 +788,7 @@ def walk(pixels: torch.Tensor, ids: list[int], class_targets: list[int], layers:
         lower = layers[position - 1]
         codes = torch.stack([readers[lower].codes(i) for i in ids])
         res = gigs[lower].attribute(pixels, codes, top.indices, read_layer=layer,
-                                    read_vectors=gigs[layer].V, return_gradients=True)
+                                    read_vectors=gigs[layer].V, return_gradients=True, progress=step)
         out[f"{lower}/targets"] = top.indices
         out[f"{lower}/gig"] = res.attributions  # (N, k, K_lower)
         out[f"{lower}/delta"] = res.output_diff

@@ -109,6 +109,24 @@ def _fold_batchnorms(model: nn.Module, keep: set[str], dummy: torch.Tensor) -> i
     return folded
 
 
+def _fold_zero_padding(model: nn.Module, keep: set[str]) -> int:
+    """Move a symmetric ``ZeroPad2d`` held by a convolution as ``static_padding`` (TensorFlow's
+    'SAME' padding in the EfficientNet ports) into the convolution's own ``padding``, in place;
+    returns how many. The padded copy of the input, and its backward, disappear."""
+    folded = 0
+    for name, mod in model.named_modules():
+        pad = getattr(mod, "static_padding", None)
+        if (name in keep or not isinstance(mod, nn.Conv2d) or type(pad) is not nn.ZeroPad2d
+                or tuple(mod.padding) != (0, 0) or mod.padding_mode != "zeros"):
+            continue
+        left, right, top, bottom = pad.padding
+        if left == right and top == bottom:
+            mod.padding = (top, left)
+            mod.static_padding = nn.Identity()
+            folded += 1
+    return folded
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, module)
@@ -140,6 +158,7 @@ class ModelHandle:
         #: layout for replacement grids given to :meth:`run_from` (see :meth:`for_gradients`)
         self.memory_format = torch.contiguous_format
         self.folded_batchnorms = 0
+        self.folded_paddings = 0
 
     # ------------------------------------------------------------------ fast copy
     def for_gradients(self, layers: list[str], check_input: torch.Tensor | None = None,
@@ -149,6 +168,8 @@ class ModelHandle:
         * every ``BatchNorm2d`` that directly follows a ``Conv2d`` is folded into it (eval mode:
           ``y = γ (conv(x) − μ) / σ + β`` is itself a convolution), unless either module is one
           of ``layers``: the batch norm's forward and backward disappear;
+        * a convolution's symmetric static zero padding becomes its own ``padding`` (no padded
+          copy of the input);
         * parameters and replacement grids use the channels-last layout, which the CPU (oneDNN)
           and GPU (cuDNN) convolutions run fastest in.
 
@@ -165,6 +186,7 @@ class ModelHandle:
         with torch.no_grad():
             want_logits, want = self.capture(x, layers)
         fast.folded_batchnorms = _fold_batchnorms(fast.model, set(layers), fast.dummy_input(1))
+        fast.folded_paddings = _fold_zero_padding(fast.model, set(layers))
         fast.model = fast.model.to(memory_format=torch.channels_last)
         fast._modules = dict(fast.model.named_modules())
         fast.memory_format = torch.channels_last
