@@ -1,6 +1,9 @@
 """GPU check: per-stage throughput of EfficientNet-Lite0 and ResNet-50, and CPU-vs-GPU agreement
 of GIG. Run by ``bench/gpu_check.sh``; on a machine without a GPU it runs the same checks on the
-CPU at a tiny size and exits 0.
+CPU at a tiny size and exits 0. Per model it also profiles the GIG walk of four images
+(``engine``): images per second, the GPU kernels' share of the wall time, host synchronisations
+per refinement round, evaluations per attribution, and the 50 000-image projection from the
+run's per-stage rates.
 
     python bench/gpu_check.py [--images 64] [--out DIR]
 
@@ -113,6 +116,74 @@ def agreement(device: str) -> dict:
     return out
 
 
+def engine_profile(run: Path, device: str, n_images: int = 4) -> dict:
+    """The GIG walk of a finished run's first images, profiled: the device kernels' share of the
+    wall time (CUDA only), host synchronisations and refinement rounds (their ratio must not grow
+    with the images), evaluations per attribution."""
+    import warnings
+
+    import gig.attribution as attribution
+    from gig.collect import iter_image_batches, load_images
+    from gig.concepts import load_dictionary
+    from gig.decompose import CodeReader
+    from gig.pipeline import Pipeline
+
+    pipe = Pipeline.open(run, progress=False)
+    store, config = pipe.store, pipe.store.config
+    layers = config.layers
+    fast = pipe.handle.for_gradients(layers)
+    readers = {layer: CodeReader(store, layer) for layer in layers}
+    gigs = {layer: attribution.gig_for(fast, layer, load_dictionary(store, layer), config) for layer in layers}
+    used = load_images(store)["images"][:n_images]
+    by_id = {r.image_id: r for r in pipe.source.records}
+    batch = next(iter(iter_image_batches(pipe.source, [by_id[i["image_id"]] for i in used], pipe.handle,
+                                         len(used))))
+    ids = [r.image_id for r in batch.records]
+    targets = [i["target"] for i in used]
+    attribution.walk(batch.pixels, ids, targets, layers, readers, gigs, config.top_k)  # warm: checks, plans
+    rounds = {"n": 0}
+    original_round = attribution._Paths.round
+
+    def counted_round(self, *args, **kwargs):
+        rounds["n"] += 1
+        return original_round(self, *args, **kwargs)
+
+    attribution._Paths.round = counted_round
+    cuda = device.startswith("cuda")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("warn")
+            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+            with torch.profiler.profile(activities=activities) as prof:
+                t0 = time.perf_counter()
+                out = attribution.walk(batch.pixels, ids, targets, layers, readers, gigs, config.top_k)
+                if cuda:
+                    torch.cuda.synchronize()
+                wall = time.perf_counter() - t0
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+    finally:
+        attribution._Paths.round = original_round
+    syncs = sum("synchroniz" in str(w.message) for w in caught) if cuda else None
+    kernel_s = (sum(e.self_device_time_total for e in prof.key_averages()) / 1e6) if cuda else None
+    steps = torch.cat([v.float().flatten() for k, v in out.items() if k.endswith("steps")])
+    return {"images": len(ids), "wall_s": wall, "images_per_s": len(ids) / wall,
+            "kernel_share": None if kernel_s is None else kernel_s / wall, "rounds": rounds["n"],
+            "host_syncs": syncs, "syncs_per_round": None if syncs is None else syncs / max(rounds["n"], 1),
+            "evaluations_per_attribution": float(steps.mean())}
+
+
+def projection(rows: list[dict], model: str, n_images: int, target: int = 50_000) -> dict:
+    """Hours for ``target`` images from this run's per-stage rates (concepts counted once: its
+    cost grows with the sampled PFVs, which the run caps); a projection, not a run."""
+    per_image = sum(r["seconds"] for r in rows if r["model"] == model and r["stage"] != "concepts") / n_images
+    fixed = sum(r["seconds"] for r in rows if r["model"] == model and r["stage"] == "concepts")
+    return {"images": target, "hours": (fixed + per_image * target) / 3600, "seconds_per_image": per_image}
+
+
 def coder_timing(run: Path, device: str) -> dict:
     """Seconds per 1000 rows of each coder on a finished run's sampled PFVs, at the λ of the run's
     decompose stage (Lasso) and at the OMP λ with the same l0: FISTA and OMP on ``device``, OMP
@@ -177,6 +248,7 @@ def main() -> None:
              "resnet50": ("torchvision:resnet50", "none", ["layer1.2", "layer2.3", "layer3.5", "layer4.2"])}
     rows: list[dict] = []
     coders: dict = {}
+    engine: dict = {}
     failures: list[str] = []
     try:  # each part on its own: one failure must not cost the others' (scarce) GPU time
         agree = agreement(device)
@@ -198,6 +270,13 @@ def main() -> None:
             print(failures[-1], flush=True)
             continue
         print(f"{model}: {time.perf_counter() - t0:.1f} s", flush=True)
+        try:
+            engine[key] = engine_profile(work / f"run-{key}", device, min(4, n_images))
+            engine[key]["projection"] = projection(rows, model, n_images)
+            print(f"  GIG engine: {json.dumps(engine[key])}", flush=True)
+        except Exception:  # noqa: BLE001
+            failures.append(f"engine {model}:\n" + traceback.format_exc())
+            print(failures[-1], flush=True)
         if key == "lite0":
             try:
                 print("coders (seconds per 1000 sampled PFVs):", flush=True)
@@ -211,6 +290,7 @@ def main() -> None:
                       f"cuda peak {r['cuda_peak_mb']} MB  rss {r['peak_rss_mb']} MB  "
                       f"{json.dumps(r.get('gig', ''))} {r.get('completeness_p95', '')}", flush=True)
     results = {"device": device, "images": n_images, "stages": rows, "agreement": agree, "coders": coders,
+               "engine": engine,
                "failures": failures, "seconds": time.perf_counter() - start}
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"total {results['seconds']:.1f} s; results in {work / 'results.json'}")
