@@ -286,7 +286,8 @@ class _Context:
         dict with ``values (M, T)`` (the readouts), and as asked: ``sums`` — one
         ``(N, T, C, H, W)`` per weight vector of ``weight_sets`` (``Σ_items w · gradient``);
         ``F (M, T, K)`` — each item's gradient projected on the concepts,
-        ``Σ_p U[p,q] ⟨∇g[p], V_q⟩`` (zero where not wanted); ``G (M, T, C, H, W)``."""
+        ``Σ_p U[p,q] ⟨∇g[p], V_q⟩`` (zero where not wanted); ``G (R, C, H, W)``, the gradient of
+        every wanted (item, target), row ``G_row[m, t]`` (``(M, T)``, −1 where not wanted)."""
         m, (n, t) = image.numel(), self.target.shape
         shape = self.recon.shape[1:]
         out = {"values": torch.zeros(m, t, device=self.device)}
@@ -294,7 +295,9 @@ class _Context:
         if per_node:
             out["F"] = torch.zeros(m, t, self.V.shape[0], device=self.device)
         if keep_gradients:
-            out["G"] = torch.zeros(m, t, *shape, device=self.device)
+            out["G_row"] = torch.full((m, t), -1, dtype=torch.long, device=self.device)
+            out["G_row"][wanted] = torch.arange(int(wanted.sum()), device=self.device)
+            out["G"] = torch.zeros(int(wanted.sum()), *shape, device=self.device)
         for lo, hi in self._chunks(wanted):
             img, a = image[lo:hi], alpha[lo:hi]
             uniq, counts = torch.unique_consecutive(img, return_counts=True)
@@ -316,7 +319,8 @@ class _Context:
                 if per_node:
                     out["F"][lo:hi, slot] = self._project_items(uniq, counts, g) * act[:, slot, None]
                 if keep_gradients:
-                    out["G"][lo:hi, slot] = g
+                    asked = act[:, slot]
+                    out["G"][out["G_row"][lo:hi, slot][asked]] = g[asked]
         return out
 
     def _chunks(self, wanted: torch.Tensor) -> list[tuple[int, int]]:
@@ -430,7 +434,9 @@ class _Context:
         state = _Paths(start, first["F"].view(n, per, t, -1).transpose(1, 2).reshape(paths, per, -1), min_cells,
                        (g1 - g0).reshape(paths), t)
         pieces = [first["G"]] if keep_gradients else None  # every round's gradients, until the end
-        state.record_piece(0, torch.arange(n * per, device=dev).view(n, 1, per).expand(n, t, per).reshape(paths, per))
+        if keep_gradients:  # path p = (image i, target j) reads row G_row[i·per + k, j] at node k
+            rows = first["G_row"].view(n, per, t).transpose(1, 2).reshape(paths, per)
+            state.record_piece(0, rows)
         reported = 0
         while True:
             chosen = state.round(tol, max_nodes, fraction)
@@ -447,7 +453,7 @@ class _Context:
             state.add(path, cell, items, out["F"])
             if keep_gradients:
                 pieces.append(out["G"])
-                state.record_piece(len(pieces) - 1, None)
+                state.record_piece(len(pieces) - 1, None, out["G_row"])
         A, estimate, done = state.final(tol)
         g_bar = state.integrated_gradients(pieces) if keep_gradients else None
         return _result(A.view(n, t, -1), g0, g1, state.count.view(n, t).float(), estimate.view(n, t),
@@ -591,15 +597,16 @@ class _Paths:
         self.count += 2 * per_path
         self.n_cells += per_path
 
-    def record_piece(self, piece: int, rows: torch.Tensor | None) -> None:
-        """Which gradient piece holds the nodes just added (``rows (P, nodes)`` for the start)."""
+    def record_piece(self, piece: int, rows: torch.Tensor | None, G_row: torch.Tensor | None = None) -> None:
+        """Which gradient piece and row hold the nodes just added: ``rows (P, nodes)`` for the
+        start grid, else the last :meth:`add`'s nodes through the piece's ``G_row (M, T)``."""
         if rows is not None:
             self.where[:, : rows.shape[1], 0] = piece
             self.where[:, : rows.shape[1], 1] = rows
             return
         path, pos, item_rows = self._last_rows
         self.where[path[:, None], pos, 0] = piece
-        self.where[path[:, None], pos, 1] = item_rows
+        self.where[path[:, None], pos, 1] = G_row[item_rows, (path % self.t)[:, None]]
 
     def _grow(self, nodes: int, cells: int) -> None:
         if nodes > self.alphas.shape[1]:
@@ -629,17 +636,14 @@ class _Paths:
     def integrated_gradients(self, pieces: list[torch.Tensor]) -> torch.Tensor:
         """``Ḡ (P, C, H, W)``: each path's gradients at its nodes, weighted by its rule."""
         w = self.node_weights()
-        slot = torch.arange(len(self.count), device=w.device) % self.t
-        out = pieces[0].new_zeros(len(self.count), *pieces[0].shape[2:])
+        paths = torch.arange(len(self.count), device=w.device)[:, None].expand_as(w)
+        out = pieces[0].new_zeros(len(self.count), pieces[0][0].numel())
         for index, piece in enumerate(pieces):
             mine = (self.where[..., 0] == index) & (w != 0)
             weights = torch.zeros(len(self.count), piece.shape[0], device=w.device)
-            weights.index_put_((torch.arange(len(self.count), device=w.device)[:, None].expand_as(mine)[mine],
-                                self.where[..., 1][mine]), w[mine], accumulate=True)
-            for j in range(self.t):
-                rows = slot == j
-                out[rows] += (weights[rows] @ piece[:, j].flatten(1)).view(-1, *piece.shape[2:])
-        return out
+            weights.index_put_((paths[mine], self.where[..., 1][mine]), w[mine], accumulate=True)
+            out += weights @ piece.flatten(1)
+        return out.view(len(self.count), *pieces[0].shape[1:])
 
 
 def _relative_change(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
