@@ -15,7 +15,7 @@ the targets of one (image, transition) sharing their nodes as in the engine:
 * ``previous``: the engine before per-target cells (8 cells shared by an image's targets,
   fraction 0.3, estimate ``max(‖Σd‖, (Σ‖d‖²)^½)``, completeness within ``tol/2``);
 * ``default``: today's engine (each target its own cells, the estimate scaled by
-  ``gig.attribution.ESTIMATE_SCALE``, fraction 0.5);
+  ``gig.attribution.ESTIMATE_SCALE``);
 * variants that change one thing at a time (``--rules NAME ...``).
 
 Printed per path kind and over all: evaluations (backward passes) per attribution, forwards per
@@ -207,7 +207,7 @@ def summary(rows: list[dict]) -> dict:
 
 RULES = {
     "previous": Rule("previous"),
-    "default": Rule("default", per_target=True, scale=ESTIMATE_SCALE, fraction=0.5),
+    "default": Rule("default", per_target=True, scale=ESTIMATE_SCALE),
     "engine": Rule(),
     "sum": Rule("sum", estimate="sum"),
     "no-completeness": Rule("no-completeness", completeness=0),

@@ -118,7 +118,7 @@ class GIG:
 
     def __init__(self, handle: ModelHandle, layer: str, dictionary: torch.Tensor, n_steps: int | None = None,
                  quadrature_rule: str = "riemann-midpoint", internal_batch_size: int = 64, tol: float = 0.01,
-                 max_steps: int = 512, min_steps: int = 8, refine_fraction: float = 0.5,
+                 max_steps: int = 512, min_steps: int = 8, refine_fraction: float = 0.3,
                  memory_budget: float = 2 * 2**30):
         if quadrature_rule not in RULES:
             raise ConfigError(f"unknown quadrature {quadrature_rule!r}: use one of {', '.join(RULES)}")
@@ -712,7 +712,9 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=N
     with sharded_stage(store, "attribute", ranks) as summary:
         readers = {layer: CodeReader(store, layer) for layer in layers}
         fast = handle.for_gradients(layers)
-        summary["engine"] = {"folded_batchnorms": fast.folded_batchnorms, "folded_paddings": fast.folded_paddings,
+        # What the stored error estimates mean (0.3: per-path cells, the estimate scaled).
+        summary["engine"] = {"cells": "per attribution", "estimate_scale": ESTIMATE_SCALE,
+                             "folded_batchnorms": fast.folded_batchnorms, "folded_paddings": fast.folded_paddings,
                              "channels_last": fast.memory_format == torch.channels_last}
         gigs = {layer: gig_for(fast, layer, load_dictionary(store, layer), config) for layer in layers}
         loop = ShardLoop(store, "attribute", ranks, records, SHARD_IMAGES, progress)
