@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich import box
 from rich.table import Table
 
 from .config import STAGE_ORDER, Config
@@ -315,9 +316,13 @@ def _print_gig_accuracy(out: Console, acc: dict | None) -> None:
         return
     tol = acc.get("tol")
     title = f"GIG accuracy (tolerance {tol})" if tol else "GIG accuracy (fixed grid)"
-    table = Table(title=title)
-    for col in ("path", "attributions", "evals mean", "evals max", "error est. median", "p95", "max", "over tol."):
-        table.add_column(col)
+    # Short headers and a light frame so that the full path names fit 80 columns.
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+                  caption="n: attributions; evals: gradient evaluations per attribution (mean, max); "
+                          "error estimate: median, p95, max; >tol: share not converged")
+    table.add_column("path", no_wrap=True)
+    for col in ("n", "evals", "max", "est. med", "p95", "max", ">tol"):
+        table.add_column(col, justify="right", no_wrap=True)
     g = lambda d, k, f="{:.4f}": "-" if d.get(k) is None else f.format(d[k])  # noqa: E731
     for name, d in list(acc["by_source"].items()) + [("all", acc)]:
         table.add_row(name, str(d["n"]), g(d, "evaluations_mean", "{:.1f}"), g(d, "evaluations_max", "{}"),
