@@ -43,6 +43,27 @@ from gig.decompose import CodeReader
 from gig.pipeline import Pipeline
 
 
+class WalkedRun:
+    """A finished run opened for walking its images as the attribute stage does: the model, its
+    gradient copy, dictionaries, code readers, and the images ``skip … skip + images`` with their
+    targets (shared by the GIG benchmarks)."""
+
+    def __init__(self, run: Path, skip: int, images: int):
+        self.pipe = Pipeline.open(run, progress=False)
+        self.store, self.plain = self.pipe.store, self.pipe.handle
+        self.store.require("decompose")
+        self.layers = self.store.config.layers
+        self.fast = self.plain.for_gradients(self.layers)
+        self.V = {layer: load_dictionary(self.store, layer).float() for layer in self.layers}
+        self.readers = {layer: CodeReader(self.store, layer) for layer in self.layers}
+        self.used = load_images(self.store)["images"][skip : skip + images]
+        self.target_of = {i["image_id"]: i["target"] for i in self.used}
+
+    def batches(self, size: int):
+        by_id = {r.image_id: r for r in self.pipe.source.records}
+        return iter_image_batches(self.pipe.source, [by_id[i["image_id"]] for i in self.used], self.plain, size)
+
+
 def relative_error(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (a - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)
 
@@ -238,18 +259,11 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None, help="keep the reference and uniform grids here")
     args = parser.parse_args()
 
-    pipe = Pipeline.open(args.run, progress=False)
-    store, plain = pipe.store, pipe.handle
-    store.require("decompose")
-    layers = store.config.layers
-    fast = plain.for_gradients(layers)
-    V = {layer: load_dictionary(store, layer).float() for layer in layers}
-    readers = {layer: CodeReader(store, layer) for layer in layers}
-    used = load_images(store)["images"][args.skip : args.skip + args.images]
-    by_id = {r.image_id: r for r in pipe.source.records}
-    target_of = {i["image_id"]: i["target"] for i in used}
+    walked = WalkedRun(args.run, args.skip, args.images)
+    plain, layers, fast, V = walked.plain, walked.layers, walked.fast, walked.V
+    readers, used, target_of = walked.readers, walked.used, walked.target_of
     timer, records = Timer(), []
-    for batch in iter_image_batches(pipe.source, [by_id[i["image_id"]] for i in used], plain, args.batch):
+    for batch in walked.batches(args.batch):
         ids = [r.image_id for r in batch.records]
         codes = {layer: torch.stack([readers[layer].codes(i) for i in ids]) for layer in layers}
         walk(batch.pixels, codes, torch.tensor([target_of[i] for i in ids]), layers, V, fast, plain, args,

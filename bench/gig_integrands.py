@@ -19,6 +19,7 @@ nodes can be replayed without the model (``bench/quadrature_study.py``).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -26,10 +27,9 @@ import torch
 from safetensors.torch import save_file
 
 from gig.attribution import GIG, _Context, quadrature
-from gig.collect import iter_image_batches, load_images
-from gig.concepts import load_dictionary
-from gig.decompose import CodeReader
-from gig.pipeline import Pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gig_accuracy import WalkedRun  # noqa: E402
 
 
 def integrand(gig: GIG, pixels, codes, targets, intervals: int, **read) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,18 +56,11 @@ def main() -> None:
     parser.add_argument("--internal-batch-size", type=int, default=64)
     args = parser.parse_args()
 
-    pipe = Pipeline.open(args.run, progress=False)
-    store, plain = pipe.store, pipe.handle
-    layers = store.config.layers
-    fast = plain.for_gradients(layers)
-    V = {layer: load_dictionary(store, layer).float() for layer in layers}
-    readers = {layer: CodeReader(store, layer) for layer in layers}
-    used = load_images(store)["images"][args.skip : args.skip + args.images]
-    by_id = {r.image_id: r for r in pipe.source.records}
-    target_of = {i["image_id"]: i["target"] for i in used}
+    walked = WalkedRun(args.run, args.skip, args.images)
+    layers, fast, V, readers, target_of = walked.layers, walked.fast, walked.V, walked.readers, walked.target_of
     args.out.mkdir(parents=True, exist_ok=True)
     alphas = quadrature(args.intervals, "trapezoid")[1]
-    for batch in iter_image_batches(pipe.source, [by_id[i["image_id"]] for i in used], plain, 1):
+    for batch in walked.batches(1):
         image_id = batch.records[0].image_id
         path = args.out / f"image_{image_id}.safetensors"
         if path.is_file():
