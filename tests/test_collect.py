@@ -135,3 +135,61 @@ def test_loader_workers_give_the_same_batches(tmp_path, lite0):
         assert torch.equal(a.pixels, b.pixels)
     assert skipped0 == skipped2 and len(skipped0) == 1 and skipped0[0][0].endswith("p2b.png")
     assert any("p2b.png" in w for w in warned2)
+
+
+def _tiny_classifier(classes: int = 4):
+    from gig.models import wrap_module
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.head = torch.nn.Linear(4, classes)
+
+        def forward(self, x):
+            return self.head(self.body(x).mean((2, 3)))
+
+    return wrap_module(Tiny(), "tiny", input_size=32)
+
+
+def test_labels_outside_the_models_classes_are_refused_before_any_image_is_read(tmp_path, monkeypatch):
+    """``target: label`` with a CSV label of 5000 or -1 (issue 25): one line naming the file list
+    and the rows, before compute (it used to be an IndexError from inside the model's batch)."""
+    import pytest
+    from PIL import Image
+
+    from gig.config import Config
+    from gig.errors import InputError
+    from gig.images import CsvSource
+    from gig.pipeline import Pipeline
+
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / name)
+    csv = tmp_path / "list.csv"
+    csv.write_text("file,class_index\na.png,2\nb.png,5000\nc.png,-1\n")
+    reads = []
+    monkeypatch.setattr(CsvSource, "load", lambda self, record: reads.append(record) or Image.new("RGB", (32, 32)))
+    pipe = Pipeline(Config(layers=["body"], images=str(csv), target="label", samples_per_image=2),
+                    tmp_path / "r", model=_tiny_classifier(), progress=False)
+    with pytest.raises(InputError) as info:
+        pipe.collect()
+    message = str(info.value)
+    assert "2 label(s)" in message and str(csv) in message and "b.png: 5000" in message and "c.png: -1" in message
+    assert "0 to 3" in message and "\n" not in message and reads == []
+
+
+def test_no_readable_image_is_one_line_naming_the_source(tmp_path):
+    """A file list whose images all fail to load: one line with the count and an example (it used
+    to be a FileNotFoundError on an internal ``.done.tmp`` file)."""
+    import pytest
+
+    from gig.config import Config
+    from gig.errors import InputError
+    from gig.pipeline import Pipeline
+
+    csv = tmp_path / "list.csv"
+    csv.write_text("file\nmissing1.jpg\nmissing2.jpg\n")
+    pipe = Pipeline(Config(layers=["body"], images=str(csv), samples_per_image=2), tmp_path / "r",
+                    model=_tiny_classifier(), progress=False)
+    with pytest.raises(InputError, match=r"none of the 2 images of .*list\.csv could be read, e\.g\. .*missing1\.jpg"):
+        pipe.collect()

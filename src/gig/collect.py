@@ -10,6 +10,7 @@ generator seeded by ``(seed, i, l)``, so it does not depend on batching or on re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -124,6 +125,8 @@ def collect(store: RunStore, handle: ModelHandle, source: ImageSource, progress:
     records = used_records(source, config.max_images)
     if not records:
         raise InputError(f"no images in {config.images}")
+    if config.target == "label":
+        _check_labels(records, handle, config.images)
     shapes = handle.layer_shapes(layers)
     per_image = {layer: resolve_samples_per_image(config, len(records), c, h * w)
                  for layer, (c, h, w) in shapes.items()}
@@ -134,6 +137,20 @@ def collect(store: RunStore, handle: ModelHandle, source: ImageSource, progress:
             _collect_shard(store, handle, source, shard_records, name, loop.bar, per_image)
         if ranks.is_main:
             _merge(store, loop.n_shards, summary)
+
+
+def _check_labels(records: list[ImageRecord], handle: ModelHandle, images: str) -> None:
+    """With ``target: label`` every known label must be one of the model's classes: refused
+    before any image is read, naming the file list and the first bad rows."""
+    n_classes = len(handle.bundle.class_names)
+    if not n_classes:
+        with torch.no_grad():
+            n_classes = int(handle.model(handle.dummy_input(1)).shape[1])
+    bad = [r for r in records if r.label is not None and not 0 <= r.label < n_classes]
+    if bad:
+        shown = ", ".join(f"{Path(r.path).name}: {r.label}" for r in bad[:3])
+        raise InputError(f"{len(bad)} label(s) in {images} are not classes of the model (0 to {n_classes - 1}), "
+                         f"e.g. {shown}: correct them, or use target: predicted")
 
 
 def _require_finite(logits: torch.Tensor, grids: dict[str, torch.Tensor], records) -> None:
@@ -212,7 +229,8 @@ def _merge(store: RunStore, n_shards: int, summary: dict) -> None:
             for key, value in load_tensors(path).items():
                 merged.setdefault(key, []).append(value)
     if not images:
-        raise InputError("every image was skipped: nothing to analyse (see the warnings above)")
+        example = f", e.g. {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
+        raise InputError(f"none of the {len(skipped)} images of {store.config.images} could be read{example}")
     out = store.root / "collect"
     for layer in layers:
         tensors = {k.split("/", 1)[1]: torch.cat(v) for k, v in merged.items() if k.startswith(layer + "/")}

@@ -276,6 +276,8 @@ class RunStore:
         return path / f"{name}.safetensors"
 
     def mark_shard(self, stage: str, name: str, info: dict[str, Any] | None = None) -> None:
+        # A shard may have no tensors (every image of it unreadable): its folder may not exist yet.
+        (self.root / stage / "shards").mkdir(parents=True, exist_ok=True)
         save_json(self.root / stage / "shards" / f"{name}.done", info or {})
 
     def shard_info(self, stage: str, name: str) -> dict[str, Any]:
