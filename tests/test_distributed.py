@@ -19,7 +19,8 @@ import gig.collect, gig.decompose
 from gig.config import Config
 from gig.pipeline import Pipeline
 
-gig.collect.SHARD_IMAGES = gig.decompose.SHARD_IMAGES = 2   # 6 images: 3 shards per stage
+# 6 images: shards of 2 (3 per stage, dealt to the ranks), or of 8 (one, split by images)
+gig.collect.SHARD_IMAGES = gig.decompose.SHARD_IMAGES = int(sys.argv[2])
 Pipeline(Config(max_images=6, layers=["_blocks.11", "_blocks.15"], gig_tol=0.05, top_k=2, batch_size=2,
                 samples_per_image=6, min_cluster=2, calibration_size=60), sys.argv[1], progress=False).run()
 """
@@ -32,17 +33,17 @@ def test_ranks_split_shards_round_robin():
     assert total == 4 and mine == [("00001", [2, 3]), ("00003", [6])]
 
 
-def _launch(tmp_path, name: str, processes: int):
+def _launch(tmp_path, name: str, processes: int, shard: int = 2):
     script = tmp_path / "run.py"
     script.write_text(_RUN)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     out = tmp_path / name
     if processes == 1:
-        command = [sys.executable, str(script), str(out)]
+        command = [sys.executable, str(script), str(out), str(shard)]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={processes}", str(script), str(out)]
+                   f"--nproc_per_node={processes}", str(script), str(out), str(shard)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
@@ -60,7 +61,27 @@ def test_two_processes_equal_one(tmp_path):
         assert a.keys() == b.keys(), rel
         for key in a:
             assert torch.equal(a[key], b[key]), f"{rel}:{key}"
-    for rel in ["collect/images.json", "concepts/_blocks.15.json", "graph/global.json", "decompose/fidelity.json"]:
+    for rel in ["collect/images.json", "concepts/_blocks.15.json", "graph/global.json", "decompose/fidelity.json",
+                "decompose/front.json"]:
         assert json.loads((one / rel).read_text()) == json.loads((two / rel).read_text()), rel
     manifest = json.loads((two / "manifest.json").read_text())
     assert all(manifest["stages"][s]["status"] == "done" for s in ("collect", "concepts", "decompose", "attribute", "graph"))
+
+
+@pytest.mark.slow
+def test_two_processes_split_a_run_smaller_than_one_shard_per_rank(tmp_path):
+    """One shard for two ranks: the fronts are split by layer, the attribute shard by images, and
+    the run equals one process's (the attributions up to float rounding of other batch sizes: a
+    path's numbers do not depend on the other images of its batch)."""
+    one = _launch(tmp_path, "one", 1, shard=8)
+    two = _launch(tmp_path, "two", 2, shard=8)
+    for rel in ["decompose/front.json", "decompose/fidelity.json", "collect/images.json"]:
+        assert json.loads((one / rel).read_text()) == json.loads((two / rel).read_text()), rel
+    a = load_file(str(one / "attribute/shards/00000.safetensors"))
+    b = load_file(str(two / "attribute/shards/00000.safetensors"))
+    assert a.keys() == b.keys() and a["image_id"].tolist() == list(range(6))
+    assert torch.equal(a["image_id"], b["image_id"])
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=key)
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["stages"]["attribute"]["status"] == "done"

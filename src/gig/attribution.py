@@ -692,14 +692,14 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=N
     target they explain, weighted by the target's own importance; and so on down. Saved per
     image and layer: the full score vector, the top concepts, their GIG maps, every GIG row with
     its output difference and completeness residual. Under torchrun each rank walks its share of
-    the shards (:mod:`gig.distributed`) and rank 0 writes the summary.
+    the shards (:mod:`gig.distributed`); a run with fewer shards than ranks is split by images
+    inside each shard instead, so that every rank works; rank 0 writes the summary.
     """
 
-    from .collect import SHARD_IMAGES, iter_image_batches, load_images
+    from .collect import SHARD_IMAGES, load_images
     from .concepts import load_dictionary
     from .decompose import CodeReader
     from .distributed import Ranks, ShardLoop, sharded_stage
-    from .store import save_tensors
 
     ranks = ranks or Ranks()
 
@@ -718,23 +718,72 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=N
                              "folded_batchnorms": fast.folded_batchnorms, "folded_paddings": fast.folded_paddings,
                              "channels_last": fast.memory_format == torch.channels_last}
         gigs = {layer: gig_for(fast, layer, load_dictionary(store, layer), config) for layer in layers}
+
+        def walk_images(images: list, bar) -> dict[str, torch.Tensor] | None:
+            return _walk_images(source, handle, images, target_of, readers, gigs, config, bar)
+
         loop = ShardLoop(store, "attribute", ranks, records, SHARD_IMAGES, progress)
-        for name, shard in loop:
-            parts: list[dict[str, torch.Tensor]] = []
-            for batch in iter_image_batches(source, shard, handle, config.batch_size, config.loader_workers):
-                ids = [r.image_id for r in batch.records]
-                parts.append(walk(batch.pixels, ids, [target_of[i] for i in ids], layers, readers, gigs, config.top_k,
-                                  progress=_ImageProgress(loop.bar, len(ids))))
+        if ranks.world > 1 and loop.n_shards < ranks.world:
+            loop.bar.close()
+            _attribute_split_shards(store, ranks, records, SHARD_IMAGES, walk_images, progress)
+        else:
+            for name, shard in loop:
+                _save_shard(store, name, walk_images(shard, loop.bar))
+        if ranks.is_main:
+            _summarize(store, summary)
+
+
+def _walk_images(source, handle, images, target_of, readers, gigs, config, bar) -> dict[str, torch.Tensor] | None:
+    """:func:`walk` over ``images`` in batches, concatenated (None for no images)."""
+    from .collect import iter_image_batches
+
+    parts: list[dict[str, torch.Tensor]] = []
+    for batch in iter_image_batches(source, images, handle, config.batch_size, config.loader_workers):
+        ids = [r.image_id for r in batch.records]
+        parts.append(walk(batch.pixels, ids, [target_of[i] for i in ids], config.layers, readers, gigs, config.top_k,
+                          progress=_ImageProgress(bar, len(ids))))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else None
+
+
+def _save_shard(store, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    from .store import save_tensors
+
+    save_tensors(store.shard_path("attribute", name), tensors)
+    store.mark_shard("attribute", name, {"n_images": int(tensors["image_id"].numel())})
+
+
+def _attribute_split_shards(store, ranks, records: list, size: int, walk_images, progress: bool) -> None:
+    """Every shard walked by all ranks, each taking every ``world``-th image of it; the shard's
+    owner (index mod world) gathers the parts, puts them back in the shard's order and writes it.
+    For runs with fewer shards than ranks (a small run would otherwise leave ranks idle)."""
+    from tqdm.auto import tqdm
+
+    from .distributed import Ranks
+
+    every, _ = Ranks().shards(records, size)
+    todo = [(index, name, shard) for index, (name, shard) in enumerate(every)
+            if not store.shard_done("attribute", name)]  # read by every rank before any writes
+    bar = tqdm(total=sum(len(shard[ranks.rank :: ranks.world]) for _, _, shard in todo), desc="attribute",
+               unit="img", disable=not progress or not ranks.is_main)
+    for index, name, shard in todo:
+        parts = [p for p in ranks.gather(walk_images(shard[ranks.rank :: ranks.world], bar)) if p is not None]
+        if index % ranks.world == ranks.rank:
             tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-            save_tensors(store.shard_path("attribute", name), tensors)
-            store.mark_shard("attribute", name, {"n_images": int(tensors["image_id"].numel())})
-        if not ranks.is_main:
-            return
-        data = load_attributions(store, SUMMARY_FIELDS)  # not the maps: memory flat in the images
-        parts = completeness_residuals(store, by_layer=True, data=data)
-        summary["completeness"] = _residual_stats(torch.cat(list(parts.values())))
-        summary["completeness_by_source"] = {name: _residual_stats(r) for name, r in parts.items()}
-        summary["accuracy"] = accuracy_summary(store, data)
+            where = {r.image_id: i for i, r in enumerate(shard)}
+            order = torch.argsort(torch.tensor([where[int(i)] for i in tensors["image_id"]]))
+            _save_shard(store, name, {k: v[order] for k, v in tensors.items()})
+    bar.close()
+    ranks.barrier()  # every shard written before rank 0 summarises
+
+
+def _summarize(store, summary: dict) -> None:
+    """Completeness residuals and accuracy per path kind, from the shards (not the maps: memory
+    stays flat in the images)."""
+    data = load_attributions(store, SUMMARY_FIELDS)
+    parts = completeness_residuals(store, by_layer=True, data=data)
+    summary["completeness"] = _residual_stats(torch.cat(list(parts.values())))
+    summary["completeness_by_source"] = {name: _residual_stats(r) for name, r in parts.items()}
+    summary["accuracy"] = accuracy_summary(store, data)
 
 
 class _ImageProgress:

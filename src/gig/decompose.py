@@ -363,7 +363,8 @@ def from_sparse_rows(indptr: torch.Tensor, indices: torch.Tensor, values: torch.
 def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progress: bool = True,
               ranks: Ranks | None = None) -> None:
     """Stage 4 into ``store/decompose``: sparse codes of all positions, shards of images per layer.
-    Under torchrun rank 0 measures the fronts and picks λ, which it shares; each rank codes its share of the shards."""
+    Under torchrun each rank measures the fronts of its share of the layers and all ranks gather
+    them (every rank then codes with the same λ); each rank codes its share of the shards."""
     ranks = ranks or Ranks()
     store.require("concepts")
     config = store.config
@@ -373,8 +374,7 @@ def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progres
     preds = torch.tensor([i["pred"] for i in used])
     with sharded_stage(store, "decompose", ranks) as summary:
         out = store.stage_dir("decompose")
-        fronts = _fronts(store, handle, source, records, preds, progress) if ranks.is_main else None
-        fronts = ranks.share(fronts)  # one λ per layer for every rank
+        fronts = _fronts(store, handle, source, records, preds, progress, ranks)  # the same on every rank
         encoders = {layer: encoder_for(config, load_dictionary(store, layer), fronts[layer]["alpha"], handle.device)
                     for layer in config.layers}
         summary["alpha"] = {layer: enc.alpha for layer, enc in encoders.items()}
@@ -395,19 +395,30 @@ def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progres
 
 
 def _fronts(store: RunStore, handle: ModelHandle, source: ImageSource, records: list, preds: torch.Tensor,
-            progress: bool) -> dict[str, dict]:
+            progress: bool, ranks: Ranks | None = None) -> dict[str, dict]:
     """Every layer's :func:`sparsity_front`, saved to ``decompose/front.json`` as soon as it is
-    measured (a resumed stage reuses it: the stage directory is wiped when settings change)."""
+    measured (a resumed stage reuses it: the stage directory is wiped when settings change).
+
+    Under torchrun the layers still to measure are dealt out round-robin, each rank measures its
+    own (a front is the same whichever process measures it), and every rank gets all of them."""
+    ranks = ranks or Ranks()
     config = store.config
     path = store.stage_dir("decompose") / "front.json"
     fronts = load_json(path) if path.is_file() else {}
     todo = [layer for layer in config.layers if layer not in fronts]
-    if not todo:
-        return fronts
-    images = load_front_images(source, records, preds, handle, todo, config)
-    for layer in tqdm(todo, desc="sparsity front", disable=not progress):
-        fronts[layer] = sparsity_front(images, layer, load_dictionary(store, layer), handle, config)
-        save_json(path, fronts)
+    mine = ranks.mine(todo)
+    if mine:
+        images = load_front_images(source, records, preds, handle, mine, config)
+        for layer in tqdm(mine, desc="sparsity front", disable=not progress or not ranks.is_main):
+            fronts[layer] = sparsity_front(images, layer, load_dictionary(store, layer), handle, config)
+            if ranks.world == 1:
+                save_json(path, fronts)
+    if ranks.world > 1 and todo:
+        for part in ranks.gather(fronts):
+            fronts.update(part)
+        fronts = {layer: fronts[layer] for layer in config.layers}
+        if ranks.is_main:
+            save_json(path, fronts)
     return fronts
 
 

@@ -48,6 +48,14 @@ class Ranks:
         if self.world > 1:
             dist.barrier()
 
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (a JSON-like object), in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
     def share(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (a JSON-like object), e.g. the λ picked per layer, so that
         every rank codes with exactly the same numbers."""
