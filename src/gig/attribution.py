@@ -722,11 +722,10 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=N
         def walk_images(images: list, bar) -> dict[str, torch.Tensor] | None:
             return _walk_images(source, handle, images, target_of, readers, gigs, config, bar)
 
-        loop = ShardLoop(store, "attribute", ranks, records, SHARD_IMAGES, progress)
-        if ranks.world > 1 and loop.n_shards < ranks.world:
-            loop.bar.close()
+        if ranks.world > 1 and -(-len(records) // SHARD_IMAGES) < ranks.world:  # fewer shards than ranks
             _attribute_split_shards(store, ranks, records, SHARD_IMAGES, walk_images, progress)
         else:
+            loop = ShardLoop(store, "attribute", ranks, records, SHARD_IMAGES, progress)
             for name, shard in loop:
                 _save_shard(store, name, walk_images(shard, loop.bar))
         if ranks.is_main:
