@@ -194,3 +194,26 @@ def test_sigkill_mid_stage_resumes_to_identical_results(stage, uninterrupted, tm
         assert want.keys() == got.keys(), rel
         for key in want:
             assert torch.equal(want[key], got[key]), f"{rel}:{key}"
+
+
+def test_damaged_manifest_config_and_artefact_are_one_line(tmp_path):
+    """A truncated manifest.json, config.yaml or JSON artefact (issue 25): exit 2 with one line
+    naming the file, not a JSONDecodeError traceback or a config read as 'weights: defau'."""
+    run = tmp_path / "r"
+    (run / "collect").mkdir(parents=True)
+    Config(max_images=1).save(run / "config.yaml")
+    (run / "manifest.json").write_text('{"fingerprint": {"images": "ab')  # cut mid-string
+    result = CliRunner().invoke(app, ["inspect", str(run)])
+    assert result.exit_code == 2 and "damaged" in result.output and "manifest.json" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    (run / "manifest.json").unlink()
+    (run / "collect" / "images.json").write_text('{"images": [')
+    from gig.errors import RunMismatchError
+    from gig.store import load_json
+
+    with pytest.raises(RunMismatchError, match=r"damaged artefact .*images\.json \(Expecting value, line 1\)"):
+        load_json(run / "collect" / "images.json")
+    (run / "config.yaml").write_text("model: efficientnet-lite0\nweig")  # cut mid-key
+    result = CliRunner().invoke(app, ["inspect", str(run)])
+    assert result.exit_code == 2 and "not valid YAML at line 2" in result.output and "config.yaml" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

@@ -204,8 +204,14 @@ class Config:
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+        except yaml.YAMLError as exc:  # one line: where and what, not the parser's multi-line report
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ConfigError(f"config {path} is not valid YAML{where} ({problem}): "
+                              "correct it, or restore it from a copy") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a mapping of option: value")
         return cls.from_dict(data)

@@ -91,7 +91,12 @@ def save_json(path: Path, data: Any) -> None:
 def load_json(path: Path) -> Any:
     if not path.is_file():
         raise RunMismatchError(f"missing artefact {path}: run the stage that makes it first")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # truncated or overwritten
+        what = f"{exc.msg}, line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise RunMismatchError(f"damaged artefact {path} ({what}): rerun the stage that writes it "
+                               f"(gig STAGE --force RUN), or the whole run") from exc
 
 
 def _json_default(obj):
@@ -176,7 +181,13 @@ class RunStore:
         return self.root / "manifest.json"
 
     def manifest(self) -> dict[str, Any]:
-        return load_json(self.manifest_path)
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            return load_json(self.manifest_path)  # the one message for a missing artefact
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RunMismatchError(f"damaged {self.manifest_path}: the run's record of its stages and inputs is "
+                                   "lost; restore it from a copy, or rerun into a new directory") from exc
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         save_json(self.manifest_path, manifest)
