@@ -39,6 +39,19 @@ def test_mismatched_weights_are_an_error(tmp_path):
         load_model("efficientnet-lite0", weights=str(tmp_path / "bad.safetensors"))
 
 
+def test_weights_of_another_shape_are_one_line(tmp_path):
+    """The model's own names with a 10-class head (issue 25): one line naming the tensors and
+    both shapes, not load_state_dict's multi-line RuntimeError."""
+    state = {k: v.clone() for k, v in load_model("efficientnet-lite0").model.state_dict().items()}
+    state["_fc.weight"], state["_fc.bias"] = torch.zeros(10, state["_fc.weight"].shape[1]), torch.zeros(10)
+    save_file(state, str(tmp_path / "head10.safetensors"))
+    with pytest.raises(ModelLoadError) as info:
+        load_model("efficientnet-lite0", weights=str(tmp_path / "head10.safetensors"))
+    message = str(info.value)
+    assert "2 tensor(s) of another shape" in message and "_fc.weight (10, 1280) (model (1000, 1280))" in message
+    assert "\n" not in message
+
+
 def test_unknown_models():
     with pytest.raises(ModelLoadError, match="unknown model"):
         load_model("resnet-9000")

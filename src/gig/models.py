@@ -158,6 +158,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    # Names that fit but shapes that do not (another head, another width): one line naming the
+    # first tensors, before load_state_dict's multi-line RuntimeError.
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})" for k, v in state.items()
+             if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise ModelLoadError(f"weights {source} do not fit the model: {len(wrong)} tensor(s) of another shape, "
+                             f"e.g. {', '.join(wrong[:2])}")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ModelLoadError(
