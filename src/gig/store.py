@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -30,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 import psutil
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -72,7 +74,15 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor | np.ndarray]) -> N
     data = {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.contiguous())
             for k, v in tensors.items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(data, str(tmp))
+    try:
+        save_file(data, str(tmp))
+    except SafetensorError as exc:  # its I/O failures are not OSErrors: give them their errno back
+        tmp.unlink(missing_ok=True)
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
     os.replace(tmp, path)
 
 
