@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +224,35 @@ def test_damaged_manifest_config_and_artefact_are_one_line(tmp_path):
     result = CliRunner().invoke(app, ["inspect", str(run)])
     assert result.exit_code == 2 and "not valid YAML at line 2" in result.output and "config.yaml" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_read_only_run_is_read_without_writing_into_it(tiny_run, tmp_path, monkeypatch):
+    """A finished run that cannot be written (a read-only mount; simulated, since the tests may
+    run as root): the report with --out elsewhere and an ablation write nothing into it (issue
+    25: the report wrote ERF crops into the run); what they derive goes to the user's cache."""
+    import shutil
+
+    import gig.store
+    from gig.ablate import ablate
+    from gig.report import ReportOptions, build_report
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    shutil.rmtree(run / "erf", ignore_errors=True)  # the crops must be made anew
+    shutil.rmtree(run / "graph" / "ablation", ignore_errors=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real = gig.store.run_is_writable
+    monkeypatch.setattr(gig.store, "run_is_writable", lambda root: Path(root).resolve() != run.resolve()
+                        and not str(Path(root).resolve()).startswith(str(run.resolve()) + "/") and real(root))
+
+    def listing():
+        return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in run.rglob("*")}
+
+    before = listing()
+    build_report(run, tmp_path / "report", ReportOptions(atlas_per_layer=3, n_images=2, max_classes=1),
+                 model=tiny_run["bundle"])
+    result = ablate(run, "_blocks.15", [0], model=tiny_run["bundle"])
+    assert listing() == before
+    assert (tmp_path / "report" / "index.html").is_file()
+    assert any((tmp_path / "cache" / "gig" / "runs").rglob("s*.png"))
+    assert str(result.path).startswith(str(tmp_path / "cache"))

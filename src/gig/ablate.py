@@ -44,7 +44,7 @@ from .hooks import ModelHandle
 from .labels import check_concepts, check_layer
 from .models import class_name
 from .readouts import ConceptReadout
-from .store import RunStore, layer_key, save_json, save_tensors
+from .store import RunStore, derived_dir, layer_key, save_json, save_tensors
 
 SCHEMA = "gig.ablation/1"
 CORRELATION_SCHEMA = "gig.ablation-correlation/1"
@@ -271,7 +271,7 @@ def ablation_path(store: RunStore, layer: str, concepts: Sequence[int], photos: 
     name = f"{layer_key(layer)}_{'-'.join(str(c) for c in concepts)}"
     if photos is not None:
         name += "_photos-" + hashlib.blake2b("\n".join(map(str, photos)).encode(), digest_size=4).hexdigest()
-    return store.root / "graph" / "ablation" / f"{name}.json"
+    return derived_dir(store, "graph", "ablation") / f"{name}.json"
 
 
 def later_layers(store: RunStore, layer: str, all_layers: bool = False) -> list[str]:
@@ -560,7 +560,7 @@ def load_walk(store: RunStore) -> dict[str, torch.Tensor]:
 
 
 def correlation_path(store: RunStore) -> Path:
-    return store.root / "graph" / "ablation" / "correlation.json"
+    return derived_dir(store, "graph", "ablation") / "correlation.json"
 
 
 def load_correlation(run: str | Path | RunStore) -> dict | None:
@@ -575,8 +575,10 @@ def load_ablations(run: str | Path | RunStore) -> list[dict]:
     """Every saved ablation result of the run (``gig.ablation/1``, :meth:`AblationResult.save`), by file name."""
     from .store import load_json
 
-    folder = as_store(run).root / "graph" / "ablation"
-    found = [load_json(p) for p in sorted(folder.glob("*.json")) if p.name != "correlation.json"] if folder.is_dir() else []
+    store = as_store(run)
+    folders = dict.fromkeys([store.root / "graph" / "ablation", derived_dir(store, "graph", "ablation")])
+    found = [load_json(p) for folder in folders if folder.is_dir()
+             for p in sorted(folder.glob("*.json")) if p.name != "correlation.json"]
     return [r for r in found if r.get("schema") == SCHEMA]
 
 

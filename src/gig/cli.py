@@ -74,7 +74,12 @@ def _fail(exc: Exception) -> None:
 
 def _disk_full(exc: OSError) -> None:
     """A full disk ends in one line: every write is atomic, so the finished shards and
-    artefacts are intact and a rerun resumes from them."""
+    artefacts are intact and a rerun resumes from them. So does a place that cannot be written
+    (a read-only mount, another user's folder)."""
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        _fail(RuntimeError(f"cannot write {exc.filename or 'the run'} ({os.strerror(exc.errno)}): a finished run "
+                           "stays readable (inspect, report --out, explain -o, ablate); computing needs a writable "
+                           "run directory"))
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
         raise exc
     _fail(RuntimeError(f"disk full while writing {exc.filename or 'the run'}: what was finished is kept; "

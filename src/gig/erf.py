@@ -76,10 +76,25 @@ def erf_crop(image: Image.Image, erf: np.ndarray, mass: float = 0.9, margin: flo
 
 
 def erf_dir(store, layer: str) -> Path:
-    """The ERF crop cache of ``layer``: ``RUN/erf/COLLECT_HASH/LAYER``. Keyed by the collect
-    stage's hash (its settings and input fingerprint), so a recomputed collect, whose sample
-    indices name other PFVs, never shows the crops of the old ones."""
+    """Where new ERF crops of ``layer`` are written: ``RUN/erf/COLLECT_HASH/LAYER``. Keyed by the
+    collect stage's hash (its settings and input fingerprint), so a recomputed collect, whose
+    sample indices name other PFVs, never shows the crops of the old ones. A run directory that
+    cannot be written (a read-only mount, another user's run) stays untouched: the crops then go
+    to the user's cache (:func:`gig.store.derived_dir`)."""
+    from .store import derived_dir
+
+    return derived_dir(store, "erf", store.expected_hash("collect"), layer)
+
+
+def _run_erf_dir(store, layer: str) -> Path:
     return store.root / "erf" / store.expected_hash("collect") / layer
+
+
+def crop_path(store, layer: str, sample_index: int) -> Path:
+    """The cached ERF crop of sampled PFV ``sample_index``: the run's own where it has it (also in
+    a read-only run), else where :func:`erf_dir` writes it."""
+    in_run = _run_erf_dir(store, layer) / f"s{sample_index}.png"
+    return in_run if in_run.is_file() else erf_dir(store, layer) / f"s{sample_index}.png"
 
 
 def save_png(image: Image.Image, path: Path) -> None:
@@ -103,7 +118,7 @@ def exemplar_crops(store, handle: ModelHandle, source, layer: str, sample_indice
     from .collect import load_samples
 
     out = erf_dir(store, layer)
-    paths = [out / f"s{i}.png" for i in sample_indices]
+    paths = [crop_path(store, layer, i) for i in sample_indices]
     missing = sorted({i for i, p in zip(sample_indices, paths) if not p.exists()})
     if not missing:
         return paths

@@ -19,13 +19,13 @@ from .concepts import extract_concepts
 from .config import STAGE_ORDER, Config
 from .decompose import decompose
 from .distributed import from_environment
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, RunMismatchError
 from .erf import exemplar_crops
 from .graph import build_graphs
 from .hooks import ModelHandle, resolve_device
 from .images import ImageSource, open_source, used_records
 from .models import ModelBundle, load_model
-from .store import RunStore, run_lock
+from .store import RunStore, run_is_writable, run_lock
 from .labels import node_labels
 from .visual import draw_graph
 
@@ -68,7 +68,12 @@ class Pipeline:
         self.source = source or open_source(self.config.images, class_index=class_index)
         if self.config.target == "label":
             _require_labels(self.source, self.config.max_images)
-        if self.ranks.is_main:
+        if self.ranks.is_main and (Path(out) / "config.yaml").is_file() and not run_is_writable(Path(out)):
+            # A finished run on a read-only mount (or another user's) is read as it is: nothing is
+            # written into it, and its inputs are checked instead of recorded.
+            self.store = RunStore(out, self.config)
+            self._check_inputs()
+        elif self.ranks.is_main:
             with run_lock(Path(out)):  # never rewrite the config of a run another process computes
                 self.store = RunStore.create(out, self.config)
                 self._record_inputs()
@@ -77,10 +82,20 @@ class Pipeline:
             self.store = RunStore(out, self.config)
         self.progress = progress
 
-    def _record_inputs(self) -> None:
+    def _inputs_key(self) -> str:
         records = used_records(self.source, self.config.max_images)
-        inputs = hashlib.blake2b(f"{self.source.fingerprint(records)}:{self.bundle.fingerprint()}".encode(),
-                                 digest_size=8).hexdigest()
+        return hashlib.blake2b(f"{self.source.fingerprint(records)}:{self.bundle.fingerprint()}".encode(),
+                               digest_size=8).hexdigest()
+
+    def _check_inputs(self) -> None:
+        recorded = (self.store.manifest().get("inputs") or {}).get("key")
+        if recorded is not None and recorded != self._inputs_key():
+            raise RunMismatchError(f"{self.store.root}: its images or model weights changed since its stages ran, "
+                                   "and the run directory cannot be written to recompute them; restore the inputs, "
+                                   "or run into a writable directory")
+
+    def _record_inputs(self) -> None:
+        inputs = self._inputs_key()
         if self.store.record_inputs(inputs):
             warnings.warn(f"{self.store.root}: its images or model weights changed since its stages "
                           "ran (same paths, other contents); every stage will be recomputed", stacklevel=3)

@@ -17,6 +17,7 @@ write shards and mark each finished shard, so an interrupted stage resumes at th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -51,6 +52,9 @@ def run_lock(root: Path) -> Iterator[None]:
         return
     root.mkdir(parents=True, exist_ok=True)
     path = root / ".lock"
+    if not run_is_writable(root):  # a read-only run: nobody can compute in it, nothing to guard
+        yield
+        return
     with open(path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -67,6 +71,35 @@ def run_lock(root: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_is_writable(root: Path) -> bool:
+    """Whether this process can write into the run directory ``root`` (not a read-only mount,
+    not another user's run)."""
+    return os.access(root, os.W_OK)
+
+
+def derived_dir(store: "RunStore", *parts: str) -> Path:
+    """Where a command that reads a finished run writes what it derives from it (ERF crops,
+    ablation results): ``RUN/PARTS``, or, where the run directory cannot be written, the same
+    path under the user's cache, ``$XDG_CACHE_HOME/gig/runs/RUN_KEY/PARTS`` (default
+    ``~/.cache``), keyed by the run's resolved path; the run itself is never touched then."""
+    if run_is_writable(store.root) and all(run_is_writable(p) for p in _existing_prefixes(store.root, parts)):
+        return store.root.joinpath(*parts)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gig" / "runs"
+    key = hashlib.sha256(str(store.root.resolve()).encode()).hexdigest()[:16]
+    return cache.joinpath(key, *parts)
+
+
+def _existing_prefixes(root: Path, parts: tuple[str, ...]) -> list[Path]:
+    """The folders of ``root/parts[0]/parts[1]/…`` that already exist (each must be writable)."""
+    out, path = [], root
+    for part in parts:
+        path = path / part
+        if not path.is_dir():
+            break
+        out.append(path)
+    return out
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor | np.ndarray]) -> None:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..access import RunAccess
-from ..erf import erf_dir
+from ..erf import crop_path
 from ..errors import RunMismatchError
 from ..attribution import iter_attributions, load_attributions
 from ..graph import (EDGE_FIELDS, SCORE_FIELDS, EdgeSums, ScoreSums, accumulate, build_graph, build_graph_set,
@@ -354,10 +354,9 @@ def run_panels(store: RunStore, image_ids: list[int], by_image: dict[int, dict],
 def class_figures(store: RunStore, graphs: list[dict], concepts: dict[str, dict], out: Path, assets: Assets) -> list[dict]:
     """The static figure (SVG, PNG) of every class graph, thumbnails the concepts' top-1 crops;
     with links to the graph stage's own figures of the same class."""
-    crop_dirs = {layer: erf_dir(store, layer) for layer in store.config.layers}
     figures = []
     for g in (g for g in graphs if g["mode"] == "class"):
-        thumbs = {node["id"]: crop_dirs[node["layer"]] / f"s{concepts[node['id']]['exemplars'][0]['s']}.png"
+        thumbs = {node["id"]: crop_path(store, node["layer"], concepts[node["id"]]["exemplars"][0]["s"])
                   for node in g["graph"]["nodes"] if concepts.get(node["id"], {}).get("exemplars")}
         stem = out / "figures" / f"class_{g['classes'][0]}"
         stem.parent.mkdir(parents=True, exist_ok=True)
