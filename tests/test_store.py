@@ -256,3 +256,26 @@ def test_a_read_only_run_is_read_without_writing_into_it(tiny_run, tmp_path, mon
     assert (tmp_path / "report" / "index.html").is_file()
     assert any((tmp_path / "cache" / "gig" / "runs").rglob("s*.png"))
     assert str(result.path).startswith(str(tmp_path / "cache"))
+
+
+def test_damaged_shards_are_one_line_naming_the_file(tiny_run, tmp_path):
+    """A cut or overwritten safetensors header in an attribute or decompose shard (issue 25):
+    the readers every command uses raise RunMismatchError naming the file, not SafetensorError."""
+    import shutil
+
+    from gig.attribution import load_attributions
+    from gig.decompose import CodeReader
+    from gig.errors import RunMismatchError
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    store = RunStore.open(run)
+    for stage in ("attribute", "decompose"):
+        shard = sorted((run / stage / "shards").glob("*.safetensors"))[0]
+        data = bytearray(shard.read_bytes())
+        data[8:40] = b"x" * 32  # the header's JSON
+        shard.write_bytes(bytes(data))
+    with pytest.raises(RunMismatchError, match=r"damaged artefact .*attribute/shards/00000\.safetensors"):
+        load_attributions(store)
+    with pytest.raises(RunMismatchError, match=r"damaged artefact .*decompose/shards/00000\.safetensors"):
+        CodeReader(store, store.config.layers[0])

@@ -48,11 +48,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from .errors import ConfigError, RunMismatchError
 from .hooks import ModelHandle
 from .readouts import ClassLogit, ConceptReadout, Readout
+from .store import open_tensors
 
 RULES = ("gauss-legendre", "riemann-midpoint", "trapezoid")
 
@@ -881,7 +881,7 @@ def iter_attributions(store, fields: Collection[str] | None = None,
         raise RunMismatchError(f"no attribution shards in {store.root / 'attribute'}: run `gig attribute` first")
     wanted = None if image_ids is None else torch.tensor(sorted({int(i) for i in image_ids}), dtype=torch.long)
     for path in paths:
-        with safe_open(str(path), framework="pt") as shard:
+        with open_tensors(path) as shard:
             ids = shard.get_tensor("image_id")
             rows = None if wanted is None else torch.isin(ids, wanted).nonzero().flatten()
             if rows is not None and rows.numel() == 0:

@@ -38,7 +38,7 @@ from .hooks import ModelHandle
 from .images import ImageSource
 from .lasso import LassoEncoder, lambda_max
 from .omp import OMPEncoder
-from .store import RunStore, load_json, save_json, save_tensors
+from .store import RunStore, load_json, open_tensors, save_json, save_tensors
 
 #: The λ path of the front: λ_max · 2^(−j), j = 1 … FRONT_POINTS.
 FRONT_POINTS = 20
@@ -475,18 +475,15 @@ class CodeReader:
     """
 
     def __init__(self, store: RunStore, layer: str):
-        from safetensors import safe_open
-
         self.layer = layer
         self.K = int(load_dictionary(store, layer).shape[0])
-        self._open = safe_open
         self._index: dict[int, tuple[str, torch.Tensor, int, int]] = {}
         shard_dir = store.root / "decompose" / "shards"
         paths = sorted(shard_dir.glob("*.safetensors"))
         if not paths:
             raise RunMismatchError(f"no decomposition shards in {shard_dir}: run `gig decompose` first")
         for path in paths:
-            with safe_open(str(path), framework="pt") as f:
+            with open_tensors(path) as f:
                 if f"{layer}/indptr" not in f.keys():
                     raise RunMismatchError(f"{path} holds no codes of layer {layer!r}: run `gig decompose` again")
                 ids = f.get_tensor("image_id").tolist()
@@ -502,7 +499,7 @@ class CodeReader:
         path, indptr, start, n = self._index[image_id]
         ptr = indptr[start : start + n + 1]
         lo, hi = int(ptr[0]), int(ptr[-1])
-        with self._open(path, framework="pt") as f:
+        with open_tensors(path) as f:
             indices = f.get_slice(f"{self.layer}/indices")[lo:hi]
             values = f.get_slice(f"{self.layer}/values")[lo:hi]
         return from_sparse_rows(ptr - lo, indices, values, self.K)

@@ -122,7 +122,27 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor | np.ndarray]) -> N
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise RunMismatchError(f"missing artefact {path}: run the stage that makes it first")
-    return load_file(str(path))
+    with _readable(path):
+        return load_file(str(path))
+
+
+@contextmanager
+def open_tensors(path: str | Path) -> Iterator[Any]:
+    """``safetensors.safe_open`` on an artefact (lazy reads by key and slice), with a damaged
+    file (a cut or overwritten header, a truncated tensor) answered by one line naming it."""
+    from safetensors import safe_open
+
+    with _readable(path), safe_open(str(path), framework="pt") as handle:
+        yield handle
+
+
+@contextmanager
+def _readable(path: str | Path) -> Iterator[None]:
+    try:
+        yield
+    except SafetensorError as exc:
+        raise RunMismatchError(f"damaged artefact {path} ({exc}): rerun the stage that writes it "
+                               "(gig STAGE --force RUN)") from exc
 
 
 def save_json(path: Path, data: Any) -> None:
