@@ -279,3 +279,29 @@ def test_damaged_shards_are_one_line_naming_the_file(tiny_run, tmp_path):
         load_attributions(store)
     with pytest.raises(RunMismatchError, match=r"damaged artefact .*decompose/shards/00000\.safetensors"):
         CodeReader(store, store.config.layers[0])
+
+
+def test_readers_refuse_a_run_whose_photo_was_replaced(tiny_run, tmp_path, monkeypatch):
+    """The report and ablate read a run through RunAccess, which checks the run's images and
+    weights against its fingerprint (issue 25: after a photo was replaced, the report drew the
+    old photo's GIG maps over the new one; after the weights were, ablate ran them with the old
+    dictionaries; both exit 0). The images' fingerprint itself is tested with the pipeline."""
+    import copy
+
+    import gig.images
+    from gig.ablate import ablate
+    from gig.errors import RunMismatchError
+    from gig.report import ReportOptions, build_report
+
+    bundle = tiny_run["bundle"]
+    options = ReportOptions(atlas_per_layer=2, n_images=1, max_classes=1)
+    build_report(tiny_run["run"], tmp_path / "ok", options, model=bundle)  # the same inputs: accepted
+    other = copy.deepcopy(bundle)
+    with torch.no_grad():
+        next(other.model.parameters()).add_(1e-3)  # weights replaced under the same name
+    with pytest.raises(RunMismatchError, match="images or model weights changed"):
+        ablate(tiny_run["run"], "_blocks.15", [0], model=other, save=False)
+    real = gig.images.ImageSource.fingerprint
+    monkeypatch.setattr(gig.images.ImageSource, "fingerprint", lambda self, records=None: "x" + real(self, records))
+    with pytest.raises(RunMismatchError, match="images or model weights changed"):
+        build_report(tiny_run["run"], tmp_path / "changed", options, model=bundle)

@@ -17,6 +17,17 @@ from .errors import InputError, RunMismatchError
 from .store import RunStore
 
 
+def inputs_key(source, bundle, max_images: int | None) -> str:
+    """The fingerprint of a run's inputs, recorded in its manifest: the images it uses (path,
+    size, modification time) and the model's weights (every parameter)."""
+    import hashlib
+
+    from .images import used_records
+
+    records = used_records(source, max_images)
+    return hashlib.blake2b(f"{source.fingerprint(records)}:{bundle.fingerprint()}".encode(), digest_size=8).hexdigest()
+
+
 def as_store(run: str | Path | RunStore) -> RunStore:
     """A :class:`RunStore` from a run directory or a store."""
     return run if isinstance(run, RunStore) else RunStore.open(run)
@@ -68,7 +79,19 @@ class RunAccess:
 
             class_index = self.bundle.class_index if self.bundle.class_names else None
             self._source = open_source(self.store.config.images, class_index=class_index)
+            self._verify_inputs()
         return self._source
+
+    def _verify_inputs(self) -> None:
+        """Is this still the run it claims to be? The run's own images and the model, against the
+        fingerprint its stages were computed from (skipped for runs from before fingerprints,
+        and where images are handed in because the run's moved)."""
+        recorded = self.store.manifest().get("inputs") or {}
+        if not recorded.get("key") or recorded.get("legacy"):
+            return
+        if inputs_key(self._source, self.bundle, self.store.config.max_images) != recorded["key"]:
+            raise RunMismatchError(f"{self.store.root}: its images or model weights changed since its stages ran "
+                                   f"(same paths, other contents): `gig run --out {self.store.root}` recomputes it")
 
     @property
     def class_names(self) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from .concepts import extract_concepts
 from .config import STAGE_ORDER, Config
 from .decompose import decompose
 from .distributed import from_environment
+from .access import inputs_key
 from .errors import ConfigError, InputError, RunMismatchError
 from .erf import exemplar_crops
 from .graph import build_graphs
@@ -83,9 +83,7 @@ class Pipeline:
         self.progress = progress
 
     def _inputs_key(self) -> str:
-        records = used_records(self.source, self.config.max_images)
-        return hashlib.blake2b(f"{self.source.fingerprint(records)}:{self.bundle.fingerprint()}".encode(),
-                               digest_size=8).hexdigest()
+        return inputs_key(self.source, self.bundle, self.config.max_images)
 
     def _check_inputs(self) -> None:
         recorded = (self.store.manifest().get("inputs") or {}).get("key")
