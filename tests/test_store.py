@@ -57,6 +57,39 @@ def test_replaced_photo_recomputes_from_collect(tmp_path):
     assert erf_dir(pipe.store, "_blocks.15") != tmp_path / "r" / "erf" / before / "_blocks.15"
     pipe.collect()
     assert pipe.store.is_done("collect")
+    # Replaced the way `cp -p` or `rsync -a` replaces it: same size, modification time kept.
+    target = photos / "p1.png"
+    stat = target.stat()
+    swapped = bytearray(target.read_bytes())
+    swapped[-20] ^= 0xFF  # inside the last chunk's data: same size, other contents
+    target.write_bytes(bytes(swapped))
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert target.stat().st_size == stat.st_size and target.stat().st_mtime_ns == stat.st_mtime_ns
+    with pytest.warns(UserWarning, match="changed since its stages ran"):
+        assert not Pipeline(config, run, progress=False).store.is_done("collect")
+
+
+def test_a_run_with_a_stat_based_fingerprint_adopts_the_content_one_without_recompute(tmp_path):
+    """Runs made before 0.3 recorded the images by path, size and time: the first run of 0.3
+    on unchanged images keeps their stage hashes and adds the content key."""
+    from gig.access import inputs_key
+
+    photos = _photos(tmp_path / "photos")
+    run = tmp_path / "r"
+    config = Config(images=str(photos), **SMALL)
+    pipe = Pipeline(config, run, progress=False)
+    pipe.collect()
+    old_key = inputs_key(pipe.source, pipe.bundle, config.max_images, content=False)
+    manifest = pipe.store.manifest()
+    manifest["inputs"] = {"key": old_key}  # as 0.2 wrote it
+    save_json(pipe.store.manifest_path, manifest)
+    store = RunStore.open(run)
+    manifest["stages"]["collect"]["hash"] = store.expected_hash("collect")  # collect done under that key
+    save_json(store.manifest_path, manifest)
+    again = Pipeline(config, run, progress=False)
+    assert again.store.is_done("collect")
+    inputs = again.store.manifest()["inputs"]
+    assert inputs["key"] == old_key and inputs["content"] == inputs_key(again.source, again.bundle, config.max_images)
 
 
 def test_run_from_before_fingerprints_is_adopted_without_recompute(tmp_path):
@@ -301,7 +334,8 @@ def test_readers_refuse_a_run_whose_photo_was_replaced(tiny_run, tmp_path, monke
         next(other.model.parameters()).add_(1e-3)  # weights replaced under the same name
     with pytest.raises(RunMismatchError, match="images or model weights changed"):
         ablate(tiny_run["run"], "_blocks.15", [0], model=other, save=False)
-    real = gig.images.ImageSource.fingerprint
-    monkeypatch.setattr(gig.images.ImageSource, "fingerprint", lambda self, records=None: "x" + real(self, records))
+    real = gig.images.ImageSource.content_fingerprint
+    monkeypatch.setattr(gig.images.ImageSource, "content_fingerprint",
+                        lambda self, records=None: "x" + real(self, records))
     with pytest.raises(RunMismatchError, match="images or model weights changed"):
         build_report(tiny_run["run"], tmp_path / "changed", options, model=bundle)

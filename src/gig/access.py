@@ -17,15 +17,27 @@ from .errors import InputError, RunMismatchError
 from .store import RunStore
 
 
-def inputs_key(source, bundle, max_images: int | None) -> str:
-    """The fingerprint of a run's inputs, recorded in its manifest: the images it uses (path,
-    size, modification time) and the model's weights (every parameter)."""
+def inputs_key(source, bundle, max_images: int | None, content: bool = True) -> str:
+    """The fingerprint of a run's inputs, recorded in its manifest: the images it uses (by
+    content; with ``content=False`` by path, size and modification time, as runs before 0.3
+    recorded it) and the model's weights (every parameter)."""
     import hashlib
 
     from .images import used_records
 
     records = used_records(source, max_images)
-    return hashlib.blake2b(f"{source.fingerprint(records)}:{bundle.fingerprint()}".encode(), digest_size=8).hexdigest()
+    images = source.content_fingerprint(records) if content else source.fingerprint(records)
+    return hashlib.blake2b(f"{images}:{bundle.fingerprint()}".encode(), digest_size=8).hexdigest()
+
+
+def inputs_changed(recorded: dict, source, bundle, max_images: int | None) -> tuple[bool, str]:
+    """Whether the inputs differ from the ``recorded`` manifest entry, and the content key of the
+    current ones. An entry from before content keys (no ``content``) is compared by its own,
+    stat-based key."""
+    content = inputs_key(source, bundle, max_images)
+    if "content" in recorded:
+        return recorded["content"] != content, content
+    return recorded.get("key") != inputs_key(source, bundle, max_images, content=False), content
 
 
 def as_store(run: str | Path | RunStore) -> RunStore:
@@ -89,7 +101,7 @@ class RunAccess:
         recorded = self.store.manifest().get("inputs") or {}
         if not recorded.get("key") or recorded.get("legacy"):
             return
-        if inputs_key(self._source, self.bundle, self.store.config.max_images) != recorded["key"]:
+        if inputs_changed(recorded, self._source, self.bundle, self.store.config.max_images)[0]:
             raise RunMismatchError(f"{self.store.root}: its images or model weights changed since its stages ran "
                                    f"(same paths, other contents): `gig run --out {self.store.root}` recomputes it")
 

@@ -18,7 +18,7 @@ from .concepts import extract_concepts
 from .config import STAGE_ORDER, Config
 from .decompose import decompose
 from .distributed import from_environment
-from .access import inputs_key
+from .access import inputs_changed, inputs_key
 from .errors import ConfigError, InputError, RunMismatchError
 from .erf import exemplar_crops
 from .graph import build_graphs
@@ -82,19 +82,21 @@ class Pipeline:
             self.store = RunStore(out, self.config)
         self.progress = progress
 
-    def _inputs_key(self) -> str:
-        return inputs_key(self.source, self.bundle, self.config.max_images)
-
     def _check_inputs(self) -> None:
-        recorded = (self.store.manifest().get("inputs") or {}).get("key")
-        if recorded is not None and recorded != self._inputs_key():
+        recorded = self.store.manifest().get("inputs") or {}
+        if recorded.get("key") and not recorded.get("legacy") and inputs_changed(
+                recorded, self.source, self.bundle, self.config.max_images)[0]:
             raise RunMismatchError(f"{self.store.root}: its images or model weights changed since its stages ran, "
                                    "and the run directory cannot be written to recompute them; restore the inputs, "
                                    "or run into a writable directory")
 
     def _record_inputs(self) -> None:
-        inputs = self._inputs_key()
-        if self.store.record_inputs(inputs):
+        recorded = self.store.manifest().get("inputs")
+        if recorded is None:
+            changed, content = True, inputs_key(self.source, self.bundle, self.config.max_images)
+        else:
+            changed, content = inputs_changed(recorded, self.source, self.bundle, self.config.max_images)
+        if self.store.record_inputs(content if changed else recorded["key"], content):
             warnings.warn(f"{self.store.root}: its images or model weights changed since its stages "
                           "ran (same paths, other contents); every stage will be recomputed", stacklevel=3)
 

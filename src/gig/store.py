@@ -268,17 +268,23 @@ class RunStore:
         inputs = self.manifest().get("inputs", {})
         return "" if inputs.get("legacy") else inputs.get("key", "")
 
-    def record_inputs(self, key: str) -> bool:
+    def record_inputs(self, key: str, content: str | None = None) -> bool:
         """Record the fingerprint of the inputs about to be used; True when it differs from the
         one the finished stages were computed from (they are then no longer done, and recompute).
-        A run from before fingerprints adopts the current one without recomputing."""
+        A run from before fingerprints adopts the current one without recomputing. ``key`` is
+        chained into every stage hash; ``content``, the images' content key, is what later runs
+        compare (a run whose ``key`` is still stat-based keeps it, and gains ``content``)."""
         manifest = self.manifest()
         inputs = manifest.get("inputs")
+        extra = {} if content is None else {"content": content}
         if inputs is not None and inputs.get("key") == key:
+            if extra and inputs.get("content") != content:
+                manifest["inputs"] = {**inputs, **extra}
+                self._write_manifest(manifest)
             return False
         any_done = any(entry.get("status") == "done" for entry in manifest["stages"].values())
         changed = inputs is not None and any_done
-        manifest["inputs"] = {"key": key, **({"legacy": True} if inputs is None and any_done else {})}
+        manifest["inputs"] = {"key": key, **extra, **({"legacy": True} if inputs is None and any_done else {})}
         self._write_manifest(manifest)
         return changed
 
