@@ -273,9 +273,10 @@ class ImageSource:
         warnings.warn(f"skipping {record.path}: {reason}", ImageLoadWarning, stacklevel=3)
 
     def fingerprint(self, records: list[ImageRecord] | None = None) -> str:
-        """A cheap content fingerprint of ``records`` (all by default): path, size and
-        modification time of each file, so a photo replaced under the same name changes it
-        without reading every byte of a large dataset. Embedded photos are fixed by the package."""
+        """A cheap fingerprint of ``records`` (all by default): path, size and modification time
+        of each file, without reading them. Runs before 0.3 recorded their images by it (see
+        :func:`gig.access.inputs_changed`); :meth:`content_fingerprint` is what runs record now.
+        Embedded photos are fixed by the package."""
         digest = hashlib.blake2b(digest_size=16)
         for record in self.records if records is None else records:
             try:
