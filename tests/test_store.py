@@ -332,8 +332,13 @@ def test_readers_refuse_a_run_whose_photo_was_replaced(tiny_run, tmp_path, monke
     other = copy.deepcopy(bundle)
     with torch.no_grad():
         next(other.model.parameters()).add_(1e-3)  # weights replaced under the same name
-    with pytest.raises(RunMismatchError, match="images or model weights changed"):
+    with pytest.raises(RunMismatchError, match="weights changed"):
         ablate(tiny_run["run"], "_blocks.15", [0], model=other, save=False)
+    from gig.access import RunAccess
+
+    with pytest.raises(RunMismatchError, match="the model's weights changed"):
+        RunAccess(tiny_run["run"], model=other).bundle  # what explain of new photos reads alone
+    assert RunAccess(tiny_run["run"], model=bundle).bundle is bundle
     real = gig.images.ImageSource.content_fingerprint
     monkeypatch.setattr(gig.images.ImageSource, "content_fingerprint",
                         lambda self, records=None: "x" + real(self, records))

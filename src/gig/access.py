@@ -60,6 +60,7 @@ class RunAccess:
         self._bundle, self._source, self._handle = model, source, None
         self._device, self._fast = device, fast
         self._records: dict | None = None
+        self._weights_checked = False
         self._dictionaries: dict[str, torch.Tensor] = {}
 
     @property
@@ -72,7 +73,19 @@ class RunAccess:
             from .models import wrap_module
 
             self._bundle = wrap_module(self._bundle)
+        if not self._weights_checked:
+            self._weights_checked = True
+            self._verify_weights()
         return self._bundle
+
+    def _verify_weights(self) -> None:
+        """The model against the weights' fingerprint the run recorded (runs from 0.3 on), so that
+        a reader that never loads the run's images (``gig explain`` of new photos) still refuses
+        weights replaced under the same name."""
+        recorded = (self.store.manifest().get("inputs") or {}).get("weights")
+        if recorded is not None and recorded != self._bundle.fingerprint():
+            raise RunMismatchError(f"{self.store.root}: the model's weights changed since its stages ran (same "
+                                   f"name, other values): `gig run --out {self.store.root}` recomputes it")
 
     @property
     def handle(self):

@@ -96,7 +96,7 @@ class Pipeline:
             changed, content = True, inputs_key(self.source, self.bundle, self.config.max_images)
         else:
             changed, content = inputs_changed(recorded, self.source, self.bundle, self.config.max_images)
-        if self.store.record_inputs(content if changed else recorded["key"], content):
+        if self.store.record_inputs(content if changed else recorded["key"], content, self.bundle.fingerprint()):
             warnings.warn(f"{self.store.root}: its images or model weights changed since its stages "
                           "ran (same paths, other contents); every stage will be recomputed", stacklevel=3)
 

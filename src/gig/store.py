@@ -268,17 +268,19 @@ class RunStore:
         inputs = self.manifest().get("inputs", {})
         return "" if inputs.get("legacy") else inputs.get("key", "")
 
-    def record_inputs(self, key: str, content: str | None = None) -> bool:
+    def record_inputs(self, key: str, content: str | None = None, weights: str | None = None) -> bool:
         """Record the fingerprint of the inputs about to be used; True when it differs from the
         one the finished stages were computed from (they are then no longer done, and recompute).
         A run from before fingerprints adopts the current one without recomputing. ``key`` is
-        chained into every stage hash; ``content``, the images' content key, is what later runs
-        compare (a run whose ``key`` is still stat-based keeps it, and gains ``content``)."""
+        chained into every stage hash; ``content``, the images' and weights' content key, is what
+        later runs compare (a run whose ``key`` is still stat-based keeps it, and gains
+        ``content``); ``weights``, the weights' own fingerprint, lets a reader that loads only the
+        model check it."""
         manifest = self.manifest()
         inputs = manifest.get("inputs")
-        extra = {} if content is None else {"content": content}
+        extra = {k: v for k, v in (("content", content), ("weights", weights)) if v is not None}
         if inputs is not None and inputs.get("key") == key:
-            if extra and inputs.get("content") != content:
+            if any(inputs.get(k) != v for k, v in extra.items()):
                 manifest["inputs"] = {**inputs, **extra}
                 self._write_manifest(manifest)
             return False
