@@ -86,15 +86,13 @@ def erf_dir(store, layer: str) -> Path:
     return derived_dir(store, "erf", store.expected_hash("collect"), layer)
 
 
-def _run_erf_dir(store, layer: str) -> Path:
-    return store.root / "erf" / store.expected_hash("collect") / layer
-
-
-def crop_path(store, layer: str, sample_index: int) -> Path:
-    """The cached ERF crop of sampled PFV ``sample_index``: the run's own where it has it (also in
-    a read-only run), else where :func:`erf_dir` writes it."""
-    in_run = _run_erf_dir(store, layer) / f"s{sample_index}.png"
-    return in_run if in_run.is_file() else erf_dir(store, layer) / f"s{sample_index}.png"
+def crop_paths(store, layer: str, sample_indices: list[int]) -> list[Path]:
+    """The cached ERF crops of sampled PFVs ``sample_indices`` of ``layer``: the run's own where
+    it has them (also in a read-only run), else where :func:`erf_dir` writes them. The folders
+    are worked out once (each asks the manifest for the collect hash), not per crop."""
+    collect = store.expected_hash("collect")
+    in_run, out = store.root / "erf" / collect / layer, erf_dir(store, layer)
+    return [in_run / f"s{i}.png" if (in_run / f"s{i}.png").is_file() else out / f"s{i}.png" for i in sample_indices]
 
 
 def save_png(image: Image.Image, path: Path) -> None:
@@ -118,7 +116,7 @@ def exemplar_crops(store, handle: ModelHandle, source, layer: str, sample_indice
     from .collect import load_samples
 
     out = erf_dir(store, layer)
-    paths = [crop_path(store, layer, i) for i in sample_indices]
+    paths = crop_paths(store, layer, sample_indices)
     missing = sorted({i for i, p in zip(sample_indices, paths) if not p.exists()})
     if not missing:
         return paths

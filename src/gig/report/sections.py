@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..access import RunAccess
-from ..erf import crop_path
+from ..erf import crop_paths
 from ..errors import RunMismatchError
 from ..attribution import iter_attributions, load_attributions
 from ..graph import (EDGE_FIELDS, SCORE_FIELDS, EdgeSums, ScoreSums, accumulate, build_graph, build_graph_set,
@@ -356,8 +356,12 @@ def class_figures(store: RunStore, graphs: list[dict], concepts: dict[str, dict]
     with links to the graph stage's own figures of the same class."""
     figures = []
     for g in (g for g in graphs if g["mode"] == "class"):
-        thumbs = {node["id"]: crop_path(store, node["layer"], concepts[node["id"]]["exemplars"][0]["s"])
-                  for node in g["graph"]["nodes"] if concepts.get(node["id"], {}).get("exemplars")}
+        shown = [node for node in g["graph"]["nodes"] if concepts.get(node["id"], {}).get("exemplars")]
+        thumbs = {}
+        for layer in dict.fromkeys(node["layer"] for node in shown):  # one lookup of the folders per layer
+            nodes = [node for node in shown if node["layer"] == layer]
+            paths = crop_paths(store, layer, [concepts[node["id"]]["exemplars"][0]["s"] for node in nodes])
+            thumbs.update({node["id"]: path for node, path in zip(nodes, paths)})
         stem = out / "figures" / f"class_{g['classes'][0]}"
         stem.parent.mkdir(parents=True, exist_ok=True)
         svg, png = draw_graph(g["graph"], stem, thumbs, labels=node_labels(store, g["graph"]))
