@@ -40,6 +40,15 @@ def inputs_changed(recorded: dict, source, bundle, max_images: int | None) -> tu
     return recorded.get("key") != inputs_key(source, bundle, max_images, content=False), content
 
 
+def inputs_differ(store: RunStore, source, bundle) -> bool:
+    """Whether ``source``'s images or ``bundle``'s weights differ from the fingerprint the run's
+    stages were computed from (False for runs that recorded none, or adopted one as legacy)."""
+    recorded = store.manifest().get("inputs") or {}
+    if not recorded.get("key") or recorded.get("legacy"):
+        return False
+    return inputs_changed(recorded, source, bundle, store.config.max_images)[0]
+
+
 def as_store(run: str | Path | RunStore) -> RunStore:
     """A :class:`RunStore` from a run directory or a store."""
     return run if isinstance(run, RunStore) else RunStore.open(run)
@@ -111,10 +120,7 @@ class RunAccess:
         """Is this still the run it claims to be? The run's own images and the model, against the
         fingerprint its stages were computed from (skipped for runs from before fingerprints,
         and where images are handed in because the run's moved)."""
-        recorded = self.store.manifest().get("inputs") or {}
-        if not recorded.get("key") or recorded.get("legacy"):
-            return
-        if inputs_changed(recorded, self._source, self.bundle, self.store.config.max_images)[0]:
+        if inputs_differ(self.store, self._source, self.bundle):
             raise RunMismatchError(f"{self.store.root}: its images or model weights changed since its stages ran "
                                    f"(same paths, other contents): `gig run --out {self.store.root}` recomputes it")
 

@@ -18,7 +18,7 @@ from .concepts import extract_concepts
 from .config import STAGE_ORDER, Config
 from .decompose import decompose
 from .distributed import from_environment
-from .access import inputs_changed, inputs_key
+from .access import inputs_changed, inputs_differ, inputs_key
 from .errors import ConfigError, InputError, RunMismatchError
 from .erf import exemplar_crops
 from .graph import build_graphs
@@ -83,9 +83,7 @@ class Pipeline:
         self.progress = progress
 
     def _check_inputs(self) -> None:
-        recorded = self.store.manifest().get("inputs") or {}
-        if recorded.get("key") and not recorded.get("legacy") and inputs_changed(
-                recorded, self.source, self.bundle, self.config.max_images)[0]:
+        if inputs_differ(self.store, self.source, self.bundle):
             raise RunMismatchError(f"{self.store.root}: its images or model weights changed since its stages ran, "
                                    "and the run directory cannot be written to recompute them; restore the inputs, "
                                    "or run into a writable directory")
