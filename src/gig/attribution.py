@@ -512,13 +512,16 @@ class _Paths:
         self._last_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ per round
+    def widths(self) -> torch.Tensor:
+        """``(P, cells)`` float64: every cell's width ``b − a``, 0 for padding."""
+        valid = torch.arange(self.cells.shape[1], device=self.cells.device) < self.n_cells[:, None]
+        return (self.alphas.gather(1, self.cells[..., 2]) - self.alphas.gather(1, self.cells[..., 0])) * valid
+
     def state(self):
         """Attributions ``A (P, K)``, scaled estimates ``(P,)``, per-cell scores ``(P, cells)``,
         which cells can be bisected ``(P, cells)``."""
-        valid = torch.arange(self.cells.shape[1], device=self.cells.device) < self.n_cells[:, None]
-        a = self.alphas.gather(1, self.cells[..., 0])
-        b = self.alphas.gather(1, self.cells[..., 2])
-        h = ((b - a) * valid).to(self.F.dtype)[..., None]  # (P, cells, 1); 0 for padding
+        width = self.widths()
+        h = width.to(self.F.dtype)[..., None]  # (P, cells, 1); 0 for padding
         k = self.F.shape[2]
         Fa, Fm, Fb = (self.F.gather(1, self.cells[..., i, None].expand(-1, -1, k)) for i in range(3))
         two = h / 4 * (Fa + 2 * Fm + Fb)
@@ -530,7 +533,7 @@ class _Paths:
         # chance, so it is taken at least as large as their root sum of squares.
         change = torch.maximum(d.sum(1).norm(dim=-1), local.sum(1).sqrt())
         estimate = ESTIMATE_SCALE * change / norm2.sqrt()
-        return A, estimate, local / norm2[:, None], valid & ((b - a) > 1e-9)
+        return A, estimate, local / norm2[:, None], width > 1e-9
 
     def met(self, A: torch.Tensor, estimate: torch.Tensor, tol: float) -> torch.Tensor:
         residual = (A.sum(-1) - self.delta).abs()
@@ -627,8 +630,7 @@ class _Paths:
 
     def node_weights(self) -> torch.Tensor:
         """``(P, cap)``: every node's weight in its path's composite two-interval trapezoid rule."""
-        valid = torch.arange(self.cells.shape[1], device=self.cells.device) < self.n_cells[:, None]
-        h = (self.alphas.gather(1, self.cells[..., 2]) - self.alphas.gather(1, self.cells[..., 0])) * valid
+        h = self.widths()
         w = torch.zeros_like(self.alphas)
         for i, share in enumerate((0.25, 0.5, 0.25)):
             w.scatter_add_(1, self.cells[..., i], share * h)
@@ -722,7 +724,7 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=N
         def walk_images(images: list, bar) -> dict[str, torch.Tensor] | None:
             return _walk_images(source, handle, images, target_of, readers, gigs, config, bar)
 
-        if ranks.world > 1 and -(-len(records) // SHARD_IMAGES) < ranks.world:  # fewer shards than ranks
+        if ranks.shards(records, SHARD_IMAGES)[1] < ranks.world:  # fewer shards than ranks (never in 1 process)
             _attribute_split_shards(store, ranks, records, SHARD_IMAGES, walk_images, progress)
         else:
             loop = ShardLoop(store, "attribute", ranks, records, SHARD_IMAGES, progress)
