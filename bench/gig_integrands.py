@@ -26,23 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gig.attribution import GIG, _Context, quadrature
+from gig.attribution import GIG, quadrature
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gig_accuracy import WalkedRun  # noqa: E402
-
-
-def integrand(gig: GIG, pixels, codes, targets, intervals: int, **read) -> tuple[torch.Tensor, torch.Tensor]:
-    """``F (N, nodes, T, K)`` and ``values (N, nodes, T)`` on the uniform grid."""
-    targets = targets[:, None] if targets.dim() == 1 else targets
-    readout = GIG._readout(read.get("readout"), read.get("read_layer"), read.get("read_vectors"))
-    ctx = _Context(gig.handle, gig.layer, pixels, codes.float(), gig.V, gig.grid_shape(pixels), targets, readout,
-                   gig.internal_batch_size)
-    n, t = targets.shape
-    alphas = quadrature(intervals, "trapezoid")[0].double()
-    image, alpha = ctx._all_items(alphas)
-    out = ctx.evaluate(image, alpha.float(), torch.ones(len(image), t, dtype=torch.bool), per_node=True)
-    return out["F"].view(n, intervals + 1, t, -1), out["values"].view(n, intervals + 1, t)
 
 
 def main() -> None:
@@ -75,7 +62,7 @@ def main() -> None:
             kind = f"{layer}->class" if position == len(layers) - 1 else f"{layer}->{layers[position + 1]}"
             codes = readers[layer].codes(image_id)[None]
             gig = GIG(fast, layer, V[layer], internal_batch_size=args.internal_batch_size)
-            F, values = integrand(gig, batch.pixels, codes, targets, args.intervals, **read)
+            F, values = gig.uniform_integrand(batch.pixels, codes, targets, args.intervals, **read)
             for j, t in enumerate(targets[0].tolist()):
                 tensors[f"{kind}/{t}"] = F[0, :, j].contiguous()
                 tensors[f"{kind}/{t}/values"] = values[0, :, j].contiguous()

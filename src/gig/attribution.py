@@ -222,13 +222,30 @@ class GIG:
         """Attributions on every nested uniform trapezoid grid ``min_steps, 2·min_steps, …,
         max_steps`` intervals, ``{intervals: (N, T, K)}``, at the cost of the finest (for studies
         of what one global step count buys)."""
+        F, _ = self.uniform_integrand(inputs, codes, target, max_steps, **read)
+        levels, steps = {}, min_steps
+        while steps <= max_steps:
+            w = torch.zeros(max_steps + 1, device=F.device)
+            w[:: max_steps // steps] = quadrature(steps, "trapezoid")[1].to(F.device)
+            levels[steps] = torch.einsum("s,nstk->ntk", w, F).cpu()
+            steps *= 2
+        return levels
+
+    def uniform_integrand(self, inputs: torch.Tensor, codes: torch.Tensor, target: torch.Tensor, intervals: int,
+                          **read) -> tuple[torch.Tensor, torch.Tensor]:
+        """The integrand on the uniform grid ``α = i / intervals``: ``F (N, nodes, T, K)``, each
+        node's gradient projected on the concepts, and the readouts ``g(α X̃)`` ``(N, nodes, T)``
+        (for studies of quadrature rules, ``bench/gig_integrands.py``)."""
         target = torch.as_tensor(target, device=self.handle.device)
         target = target[:, None] if target.dim() == 1 else target
         readout = self._readout(read.pop("readout", None), read.pop("read_layer", None), read.pop("read_vectors", None))
         ctx = _Context(self.handle, self.layer, inputs.to(self.handle.device),
                        codes.float().to(self.handle.device), self.V, self.grid_shape(inputs), target, readout,
                        self.internal_batch_size)
-        return ctx.uniform_levels(min_steps, max_steps)
+        (n, t), nodes = target.shape, intervals + 1
+        image, alpha = ctx._all_items(quadrature(intervals, "trapezoid")[0])
+        out = ctx.evaluate(image, alpha, torch.ones(len(image), t, dtype=torch.bool, device=ctx.device), per_node=True)
+        return out["F"].view(n, nodes, t, -1), out["values"].view(n, nodes, t)
 
     @staticmethod
     def _readout(readout, read_layer, read_vectors) -> Readout:
@@ -387,20 +404,6 @@ class _Context:
             estimate = torch.full((n, t), float("nan"), device=self.device)
         evaluations = torch.full((n, t), len(alphas), device=self.device)
         return _result(attributions, g0, g1, evaluations, estimate, None, g_bar)
-
-    def uniform_levels(self, min_steps: int, max_steps: int) -> dict[int, torch.Tensor]:
-        n, t = self.target.shape
-        alphas = quadrature(max_steps, "trapezoid")[0]
-        image, alpha = self._all_items(alphas)
-        active = torch.ones(len(image), t, dtype=torch.bool, device=self.device)
-        F = self.evaluate(image, alpha, active, per_node=True)["F"].view(n, max_steps + 1, t, -1)
-        levels, steps = {}, min_steps
-        while steps <= max_steps:
-            w = torch.zeros(max_steps + 1, device=self.device)
-            w[:: max_steps // steps] = quadrature(steps, "trapezoid")[1].to(self.device)
-            levels[steps] = torch.einsum("s,nstk->ntk", w, F).cpu()
-            steps *= 2
-        return levels
 
     # ------------------------------------------------------------------ error control
     def adaptive(self, tol: float, min_cells: int, max_nodes: int, fraction: float, keep_gradients: bool,
