@@ -169,10 +169,9 @@ def test_labels_outside_the_models_classes_are_refused_before_any_image_is_read(
     csv.write_text("file,class_index\na.png,2\nb.png,5000\nc.png,-1\n")
     reads = []
     monkeypatch.setattr(CsvSource, "load", lambda self, record: reads.append(record) or Image.new("RGB", (32, 32)))
-    pipe = Pipeline(Config(layers=["body"], images=str(csv), target="label", samples_per_image=2),
-                    tmp_path / "r", model=_tiny_classifier(), progress=False)
-    with pytest.raises(InputError) as info:
-        pipe.collect()
+    with pytest.raises(InputError) as info:  # when the run is opened, before any stage
+        Pipeline(Config(layers=["body"], images=str(csv), target="label", samples_per_image=2),
+                 tmp_path / "r", model=_tiny_classifier(), progress=False)
     message = str(info.value)
     assert "2 label(s)" in message and str(csv) in message and "b.png: 5000" in message and "c.png: -1" in message
     assert "0 to 3" in message and "\n" not in message and reads == []

@@ -10,7 +10,6 @@ generator seeded by ``(seed, i, l)``, so it does not depend on batching or on re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -125,8 +124,6 @@ def collect(store: RunStore, handle: ModelHandle, source: ImageSource, progress:
     records = used_records(source, config.max_images)
     if not records:
         raise InputError(f"no images in {config.images}")
-    if config.target == "label":
-        _check_labels(records, handle, config.images)
     shapes = handle.layer_shapes(layers)
     per_image = {layer: resolve_samples_per_image(config, len(records), c, h * w)
                  for layer, (c, h, w) in shapes.items()}
@@ -137,20 +134,6 @@ def collect(store: RunStore, handle: ModelHandle, source: ImageSource, progress:
             _collect_shard(store, handle, source, shard_records, name, loop.bar, per_image)
         if ranks.is_main:
             _merge(store, loop.n_shards, summary)
-
-
-def _check_labels(records: list[ImageRecord], handle: ModelHandle, images: str) -> None:
-    """With ``target: label`` every known label must be one of the model's classes: refused
-    before any image is read, naming the file list and the first bad rows."""
-    n_classes = len(handle.bundle.class_names)
-    if not n_classes:
-        with torch.no_grad():
-            n_classes = int(handle.model(handle.dummy_input(1)).shape[1])
-    bad = [r for r in records if r.label is not None and not 0 <= r.label < n_classes]
-    if bad:
-        shown = ", ".join(f"{Path(r.path).name}: {r.label}" for r in bad[:3])
-        raise InputError(f"{len(bad)} label(s) in {images} are not classes of the model (0 to {n_classes - 1}), "
-                         f"e.g. {shown}: correct them, or use target: predicted")
 
 
 def _require_finite(logits: torch.Tensor, grids: dict[str, torch.Tensor], records) -> None:

@@ -12,6 +12,8 @@ import dataclasses
 import warnings
 from pathlib import Path
 
+import torch
+
 from .attribution import attribute
 from .collect import collect
 from .concepts import extract_concepts
@@ -30,9 +32,9 @@ from .labels import node_labels
 from .visual import draw_graph
 
 
-def _require_labels(source: ImageSource, max_images: int | None) -> None:
+def _require_labels(source: ImageSource, max_images: int | None, handle: ModelHandle, images: str) -> None:
     """``target: label`` needs a model class for every image: refuse before any compute rather
-    than fall back to the prediction for some images."""
+    than fall back to the prediction for some images, or index past the model's classes."""
     records = used_records(source, max_images)
     missing = [r for r in records if r.label is None]
     if missing:
@@ -41,6 +43,15 @@ def _require_labels(source: ImageSource, max_images: int | None) -> None:
             f"target: label, but {len(missing)} of {len(records)} images have no model class "
             f"(e.g. {examples}); name class folders by synset id (n01440764) or class name, give "
             "a CSV 'label' column, or use target: predicted")
+    n_classes = len(handle.bundle.class_names)
+    if not n_classes:
+        with torch.no_grad():
+            n_classes = int(handle.model(handle.dummy_input(1)).shape[1])
+    bad = [r for r in records if not 0 <= r.label < n_classes]
+    if bad:
+        shown = ", ".join(f"{Path(r.path).name}: {r.label}" for r in bad[:3])
+        raise InputError(f"{len(bad)} label(s) in {images} are not classes of the model (0 to {n_classes - 1}), "
+                         f"e.g. {shown}: correct them, or use target: predicted")
 
 
 class Pipeline:
@@ -67,7 +78,7 @@ class Pipeline:
         class_index = self.bundle.class_index if self.bundle.class_names else None
         self.source = source or open_source(self.config.images, class_index=class_index)
         if self.config.target == "label":
-            _require_labels(self.source, self.config.max_images)
+            _require_labels(self.source, self.config.max_images, self.handle, self.config.images)
         if self.ranks.is_main and (Path(out) / "config.yaml").is_file() and not run_is_writable(Path(out)):
             # A finished run on a read-only mount (or another user's) is read as it is: nothing is
             # written into it, and its inputs are checked instead of recorded.
