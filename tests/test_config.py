@@ -24,6 +24,7 @@ BAD = [
     ("dictionaries", ["channels"]), ("concepts_per_channel", 2.5),
     # issue 25: accepted, then refused by scikit-learn after collect, or no progress for days
     ("seed", 2**32), ("n_steps", 10**7), ("gig_max_steps", 10**7),
+    ("max_kl", 0), ("max_kl", -0.1), ("max_kl", "small"),
 ]
 
 
@@ -124,3 +125,24 @@ def test_coder_field_keeps_the_hashes_of_runs_made_before_it(monkeypatch):
     monkeypatch.setattr(config_module, "STAGE_FIELDS", fields)
     assert stage_hash(Config(), "decompose", "up") == before
     assert omp != before
+
+
+def test_a_run_saved_before_max_kl_reads_and_resumes_as_made(tmp_path):
+    """A 0.3 run's config.yaml has no ``max_kl``: read as the run's own config it keeps the earlier
+    agreement rule (``max_kl`` None) and every stage hash 0.3 wrote for the default config (the
+    values below, computed by gig 0.3.0); a new config takes the KL rule, and a new hash."""
+    import yaml
+
+    old_hashes = {"collect": "85e0bac00f58b461", "concepts": "5b94005bae625611", "decompose": "f79bee8707e54d29",
+                  "attribute": "b0c0b0e0316f0365", "graph": "a7fac512e780adaa"}
+    data = Config().to_dict()
+    del data["max_kl"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    saved = Config.load_saved(tmp_path / "config.yaml")
+    assert saved.max_kl is None
+    upstream = ""
+    for stage, want in old_hashes.items():
+        upstream = stage_hash(saved, stage, upstream)
+        assert upstream == want, stage
+    assert Config.load(tmp_path / "config.yaml").max_kl == Config().max_kl is not None
+    assert stage_hash(Config(), "decompose", "x") != stage_hash(saved, "decompose", "x")

@@ -273,6 +273,7 @@ def test_imagefolder_labels_follow_the_model_classes(tmp_path):
 def test_inspect_names_every_missed_target(finished_run, tmp_path):
     """`missed` has one sentence per figure past its threshold, read back from the layer table,
     and one per stage that is not done."""
+    from gig.decompose import check_layer
     from gig.summary import MAX_L0_RATIO, summarize
 
     info = summarize(finished_run)
@@ -280,10 +281,13 @@ def test_inspect_names_every_missed_target(finished_run, tmp_path):
     for layer in info["layers"]:
         dense = any(m.startswith(f"{layer['name']}: dense codes") for m in info["missed"])
         assert dense == (layer["l0_ratio"] > MAX_L0_RATIO)
-        disagree = any(m.startswith(f"{layer['name']}: the model's top-1") for m in info["missed"])
-        assert disagree == (layer["top1_agreement"] < config.min_top1_agreement)
-        poor = any(m.startswith(f"{layer['name']}: R²") for m in info["missed"])
-        assert poor == (layer["r2"] < config.min_r2)
+        # The KL rule: a figure over all images misses only beyond its interval, as the check found.
+        checked = any(m.startswith(f"{layer['name']}: over all 4 images the codes miss the rule") for m in info["missed"])
+        assert checked == bool(layer["check"]["miss"])
+        assert layer["check"]["miss"] == check_layer(
+            {k: layer[k] for k in ("kl", "kl_se", "r2", "top1_agreement", "n_images")},
+            {"alpha": layer["front_alpha"], "points": layer["front"], "met": layer["rule_met"]}, config
+        ) or layer["check"]["steps"] > 0
         unmet = any(m.startswith(f"{layer['name']}: no λ on the sparsity–fidelity front") for m in info["missed"])
         assert unmet == (not layer["rule_met"])
         # The front printed by inspect is the one saved by the stage, chosen λ included.

@@ -49,7 +49,7 @@ def _config(run_dir: Path, config_file: Optional[Path], overrides: dict) -> Conf
     if config_file is not None:
         config = Config.load(config_file)
     elif (run_dir / "config.yaml").is_file():
-        config = Config.load(run_dir / "config.yaml")
+        config = Config.load_saved(run_dir / "config.yaml")
     else:
         config = Config()
     given = {key: value for key, value in overrides.items() if value is not None and value != []}
@@ -279,13 +279,16 @@ def inspect(
     if json_out:
         typer.echo(json.dumps(info, indent=1))
         return
-    table = Table(title=f"{info['run']} ({info['model']})")
-    for col in ("layer", "PFVs", "K", "rel. error", "R²", "l0", "top-1 agr."):
-        table.add_column(col)
+    table = Table(title=f"{info['run']} ({info['model']})", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="over all images; KL: mean KL divergence (nats) of the model's output with the "
+                          "layer replaced, ± its 95 % interval")
+    for col in ("layer", "PFVs", "K", "rel. error", "R²", "l0", "top-1 agr.", "KL"):
+        table.add_column(col, no_wrap=True)
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
     for l in info["layers"]:
+        kl = "-" if l.get("kl") is None else f"{l['kl']:.3f}±{1.96 * l['kl_se']:.3f}"
         table.add_row(l["name"], fmt(l["n_pfv"]), fmt(l["n_concepts"]), fmt(l["rel_error"]), fmt(l["r2"]),
-                      fmt(l["l0_ratio"]), fmt(l["top1_agreement"]))
+                      fmt(l["l0_ratio"]), fmt(l["top1_agreement"]), kl)
     out = Console()
     out.print(table)
     _print_fronts(out, info["layers"])
@@ -298,21 +301,37 @@ def inspect(
         out.print(f"[yellow]{len(info['missed'])} target(s) missed or stages missing:[/yellow]")
         for line in info["missed"]:
             out.print(f"  [yellow]![/yellow] {line}", soft_wrap=True)
+    for line in info.get("notes", []):
+        out.print(f"  note: {line}", soft_wrap=True)
 
 
 def _print_fronts(out: Console, layers: list[dict]) -> None:
-    """Each layer's sparsity–fidelity front (measured on the front images), the chosen λ starred."""
+    """Each layer's sparsity–fidelity front (measured on the front images), the chosen λ starred,
+    then per layer how stable the choice is and what the check over all images did."""
     if not any(l["front"] for l in layers):
         return
-    table = Table(title="sparsity–fidelity front (front images; * chosen λ)")
-    for col in ("layer", "λ", "l0", "R²", "rel. error", "top-1 agr."):
-        table.add_column(col)
+    table = Table(title="sparsity–fidelity front (front images; * chosen λ)", box=box.SIMPLE_HEAD,
+                  pad_edge=False, caption="KL: mean KL divergence (nats), [95 % bootstrap interval]")
+    for col in ("layer", "λ", "l0", "R²", "rel. err.", "top-1 agr.", "KL", "[95 %]"):
+        table.add_column(col, no_wrap=True)
     for l in layers:
         for p in l["front"]:
-            star = " *" if l["alpha"] is not None and math.isclose(p["alpha"], l["alpha"], rel_tol=1e-9) else ""
+            star = " *" if l["front_alpha"] is not None and math.isclose(p["alpha"], l["front_alpha"], rel_tol=1e-9) else ""
+            kl = "-" if p.get("kl") is None else f"{p['kl']:.4f}"
+            ci = "" if p.get("kl_ci") is None else f"[{p['kl_ci'][0]:.4f}, {p['kl_ci'][1]:.4f}]"
             table.add_row(l["name"], f"{p['alpha']:.4g}{star}", f"{p['l0_ratio']:.3f}", f"{p['r2']:.3f}",
-                          f"{p['rel_error']:.3f}", f"{p['top1_agreement']:.3f}")
+                          f"{p['rel_error']:.3f}", f"{p['top1_agreement']:.3f}", kl, ci)
     out.print(table)
+    for l in layers:
+        parts = []
+        if l.get("stability") is not None:
+            parts.append(f"choice repeats in {l['stability']:.0%} of bootstrap resamples of {l['front_images']} images")
+        check = l.get("check")
+        if check:
+            stepped = f"stepped {check['steps']}× to a denser λ, " if check["steps"] else ""
+            parts.append(f"check over all images: {stepped}{'missed' if check['miss'] else 'met'}")
+        if parts:
+            out.print(f"{l['name']}: " + "; ".join(parts), soft_wrap=True)
 
 
 def _print_gig_accuracy(out: Console, acc: dict | None) -> None:

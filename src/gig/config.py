@@ -35,6 +35,9 @@ def _int(low: int | None = None, optional: bool = False, high: int | None = None
 #: Largest GIG grid: 16 384 steps is 16× the accuracy benchmark's 1 024-step reference; a larger
 #: grid (1e7 was accepted) makes the attribute stage run for days without progress.
 MAX_GIG_STEPS = 16384
+#: The λ rule's default bound on the mean KL divergence (nats) of the model's output from the one
+#: with a layer replaced by its reconstruction.
+MAX_KL = 0.1
 
 
 def _real(low: float, high: float):
@@ -138,11 +141,15 @@ class Config:
     dictionaries: dict[str, str] = field(default_factory=dict)
 
     # 4. decompose
-    #: λ rule, default: the sparsest codes with R² ≥ min_r2 and top-1 agreement ≥ min_top1_agreement
-    #: on the sparsity–fidelity front; a number here instead picks the largest λ whose relative
-    #: reconstruction error meets it (the earlier rule)
+    #: λ rule, default: the sparsest codes with R² ≥ min_r2 and mean KL divergence of the model's
+    #: output from the one with the layer replaced ≤ max_kl (nats), on the sparsity–fidelity front;
+    #: a number in target_rel_error instead picks the largest λ whose relative reconstruction error
+    #: meets it (the earlier rule)
     target_rel_error: float | None = None
     min_r2: float = 0.9
+    max_kl: float | None = MAX_KL
+    #: top-1 agreement the coded run is checked against over all its images (and, with max_kl:
+    #: null, the rule of runs made before 0.4: agreement ≥ this on the front images)
     min_top1_agreement: float = 0.95
     front_images: int = 32  # images whose every position measures the front at each λ
     #: "lasso" (the paper: ℓ1-penalised codes, solved exactly) | "omp" (orthogonal matching
@@ -216,6 +223,15 @@ class Config:
             raise ConfigError(f"config {path} must be a mapping of option: value")
         return cls.from_dict(data)
 
+    @classmethod
+    def load_saved(cls, path: str | Path) -> "Config":
+        """A run's own ``config.yaml``: as :meth:`load`, with fields the run predates set to what
+        it was made with (``SAVED_BEFORE``) instead of today's defaults."""
+        config = cls.load(path)
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        missing = {k: v for k, v in SAVED_BEFORE.items() if k not in data}
+        return cls.from_dict({**config.to_dict(), **missing}) if missing else config
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
@@ -240,6 +256,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "target_rel_error": (lambda v: v is None or _real(0, 1)(v),
                          "null (the R²/agreement rule) or a relative reconstruction error between 0 and 1 (exclusive), e.g. 0.1"),
     "min_r2": (_real(0, 1), "an R² between 0 and 1 (exclusive), e.g. 0.9"),
+    "max_kl": (lambda v: v is None or _real(0, math.inf)(v), "a KL divergence in nats above 0, e.g. 0.1, or null (the agreement rule of runs made before 0.4)"),
     "min_top1_agreement": (lambda v: _real(0, 1)(v) or v == 1, "a share of images in (0, 1], e.g. 0.95"),
     "front_images": (_int(1), "an integer of at least 1"),
     "coder": (_one_of("lasso", "omp"), "lasso or omp"),
@@ -278,7 +295,7 @@ def resolve_samples_per_image(config: Config, n_images: int, channels: int, posi
 STAGE_FIELDS: dict[str, list[str]] = {
     "collect": ["model", "weights", "layers", "images", "max_images", "target", "samples_per_image", "seed"],
     "concepts": ["concepts_per_channel", "min_cluster", "max_concepts", "dictionaries", "seed"],
-    "decompose": ["target_rel_error", "min_r2", "min_top1_agreement", "front_images", "debias", "unit_atoms", "nonnegative",
+    "decompose": ["target_rel_error", "min_r2", "max_kl", "min_top1_agreement", "front_images", "debias", "unit_atoms", "nonnegative",
                   "lasso_solver", "lasso_max_iter", "lasso_tol", "seed", "coder"],
     "attribute": ["gig_tol", "gig_max_steps", "n_steps", "quadrature", "top_k"],
     "graph": ["graph_classes", "edges_per_node", "top_k"],
@@ -288,7 +305,11 @@ STAGE_ORDER = ["collect", "concepts", "decompose", "attribute", "graph"]
 
 #: Fields added after runs were made, hashed only when they differ from this value (their
 #: value before they existed), so that those runs' stages stay valid.
-HASHED_WHEN_SET: dict[str, Any] = {"coder": "lasso"}
+HASHED_WHEN_SET: dict[str, Any] = {"coder": "lasso", "max_kl": None}
+
+#: Values that a run's saved ``config.yaml`` without the field was made with (the field did not
+#: exist yet): :meth:`Config.load_saved` fills them in, so such a run reads and resumes as made.
+SAVED_BEFORE: dict[str, Any] = {"max_kl": None}
 
 #: Fields the automatic ``samples_per_image`` reads (:func:`resolve_samples_per_image`).
 AUTO_SAMPLE_FIELDS = ["concepts_per_channel", "min_cluster", "calibration_size"]

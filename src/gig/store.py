@@ -237,7 +237,7 @@ class RunStore:
         root = Path(root)
         if not (root / "config.yaml").is_file():
             raise RunMismatchError(f"{root} is not a gig run directory (no config.yaml)")
-        return cls(root, Config.load(root / "config.yaml"))
+        return cls(root, Config.load_saved(root / "config.yaml"))
 
     @property
     def manifest_path(self) -> Path:

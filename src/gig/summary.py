@@ -37,9 +37,18 @@ def summarize(run_dir: str | Path) -> dict:
             "r2": fig.get("r2"),
             "l0_ratio": fig.get("l0_ratio"),
             "top1_agreement": fig.get("top1_agreement"),
+            "n_images": fig.get("n_images"),
+            "kl": fig.get("kl"),
+            "kl_se": fig.get("kl_se"),
             "alpha": fig.get("alpha"),
             "rule_met": front.get("met"),
-            "front": [{k: p[k] for k in ("alpha", "rel_error", "r2", "l0_ratio", "top1_agreement")}
+            "front_images": front.get("images"),
+            "front_alpha": front.get("alpha"),
+            "stability": front.get("stability"),
+            "decided": front.get("decided"),
+            "front_note": front.get("note"),
+            "check": fig.get("check"),
+            "front": [{k: p.get(k) for k in ("alpha", "rel_error", "r2", "l0_ratio", "top1_agreement", "kl", "kl_ci", "r2_ci")}
                       for p in front.get("points", [])],
         })
     attribute = stages.get("attribute", {}).get("summary", {})
@@ -62,6 +71,7 @@ def summarize(run_dir: str | Path) -> dict:
                    for name, entry in stages.items()},
     }
     out["missed"] = missed_targets(store, out)
+    out["notes"] = [note for layer in layers for note in _notes_for_layer(layer)]
     evaluation = store.root / "evaluate" / "summary.json"
     if evaluation.is_file():
         out["evaluation"] = load_json(evaluation)
@@ -92,13 +102,19 @@ def _missed_for_layer(layer: dict, config) -> list[str]:
     and the paper's K = concepts_per_channel · C."""
     name, out = layer["name"], []
     if layer["rule_met"] is False:
-        out.append(f"{name}: no λ on the sparsity–fidelity front meets the rule; the most faithful "
-                   "point was taken (see the front in `gig inspect --json` or the report)")
+        out.append(f"{name}: no λ on the sparsity–fidelity front meets the rule; the sparsest point not "
+                   "significantly worse than the densest was taken (see the front in `gig inspect --json` "
+                   "or the report)")
     if config.target_rel_error is not None:
         if layer["rel_error"] is not None and layer["rel_error"] > 1.05 * config.target_rel_error:
             out.append(f"{name}: reconstruction error {layer['rel_error']:.3f} above its target "
                        f"{config.target_rel_error}")
-    else:
+    elif config.max_kl is not None and layer.get("check") is not None:
+        miss = layer["check"]["miss"]
+        if miss:
+            out.append(f"{name}: over all {layer['n_images']} images the codes miss the rule beyond its "
+                       f"interval after {layer['check']['steps']} step(s) to a denser λ: {miss}")
+    else:  # runs made before 0.4: the agreement rule, figures without intervals
         if layer["r2"] is not None and layer["r2"] < config.min_r2:
             out.append(f"{name}: R² {layer['r2']:.3f} over all images below min_r2 {config.min_r2}")
         if layer["top1_agreement"] is not None and layer["top1_agreement"] < config.min_top1_agreement:
@@ -114,3 +130,11 @@ def _missed_for_layer(layer: dict, config) -> list[str]:
                    f"{layer['n_pfv']} PFVs allow at most {layer['n_pfv']} // {config.min_cluster}; "
                    "more images (or samples_per_image) raise it")
     return out
+
+
+def _notes_for_layer(layer: dict) -> list[str]:
+    """What qualifies a layer's figures without missing a target: a λ choice that the front's
+    images do not decide (a bootstrap of them moves it)."""
+    if layer.get("decided") is False and layer.get("rule_met"):
+        return [f"{layer['name']}: {layer['front_note']}"]
+    return []

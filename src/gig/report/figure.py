@@ -52,46 +52,54 @@ BASELINE_MARKERS = {"dictionary": "s", "sae": "^", "sae-overcomplete": "v", "kme
 
 
 def front_figure(layers: list[dict], min_r2: float | None = None, min_top1: float | None = None,
-                 baselines: dict[str, dict[str, dict]] | None = None) -> bytes:
-    """Each layer's sparsity–fidelity front (SVG bytes): R² and top-1 agreement against the l0
-    ratio, one line per layer, the chosen λ ringed and the rule's thresholds dashed.
-    ``layers``: ``[{"name", "front": [{l0_ratio, r2, top1_agreement, alpha}], "alpha"}]``;
-    ``baselines``: ``{layer: {method: {l0_ratio, r2, top1_agreement}}}`` from the evaluation
+                 baselines: dict[str, dict[str, dict]] | None = None, max_kl: float | None = None) -> bytes:
+    """Each layer's sparsity–fidelity front (SVG bytes): R², mean KL divergence of the model's
+    output (where measured; log scale) and top-1 agreement against the l0 ratio, one line per
+    layer, the chosen λ ringed and the rule's thresholds dashed. ``layers``: ``[{"name", "front":
+    [{l0_ratio, r2, top1_agreement, kl, alpha}], "alpha"}]``; ``baselines``: ``{layer: {method:
+    {l0_ratio, r2, top1_agreement}}}`` from the evaluation
     (:func:`gig.evaluation.extraction.load_reconstruction`), drawn as markers in the layer's
     colour, so the front is compared with dictionary learning, the SAE and k-means at their l0."""
-    fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.2), sharex=True)
+    with_kl = any(p.get("kl") is not None for l in layers for p in l.get("front") or [])
+    panels = [("r2", "R²", min_r2)] + ([("kl", "mean KL (nats)", max_kl)] if with_kl else []) + [
+        ("top1_agreement", "top-1 agreement", min_top1)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.2), sharex=True)
+    keys = [key for key, _, _ in panels]
     methods_drawn: set[str] = set()
     for i, layer in enumerate(l for l in layers if l.get("front")):
         for method, rec in (baselines or {}).get(layer["name"], {}).items():
             if method == "ours" or not rec.get("l0_ratio"):
                 continue
-            for ax, key in zip(axes, ("r2", "top1_agreement")):
+            for ax, key in zip(axes, keys):
                 if rec.get(key) is not None:
                     ax.plot([rec["l0_ratio"]], [rec[key]], BASELINE_MARKERS.get(method, "d"), ms=6, color=f"C{i}", mfc="none")
             methods_drawn.add(method)
         pts = sorted(layer["front"], key=lambda p: p["l0_ratio"])
         l0 = np.array([p["l0_ratio"] for p in pts])
         colour = f"C{i}"
-        for ax, key in zip(axes, ("r2", "top1_agreement")):
+        chosen_alpha = layer.get("front_alpha", layer.get("alpha"))
+        for ax, key in zip(axes, keys):
             # A zero-width space first: matplotlib drops labels starting with "_" (_blocks.4).
-            ax.plot(l0, [p[key] for p in pts], "o-", ms=3, lw=1.2, color=colour, label="\u200b" + plain_text(layer["name"]))
-            chosen = [p for p in pts if layer.get("alpha") is not None
-                      and np.isclose(p["alpha"], layer["alpha"], rtol=1e-9)]
-            if chosen:
+            values = [np.nan if p.get(key) is None else p[key] for p in pts]
+            ax.plot(l0, values, "o-", ms=3, lw=1.2, color=colour, label="\u200b" + plain_text(layer["name"]))
+            chosen = [p for p in pts if chosen_alpha is not None and np.isclose(p["alpha"], chosen_alpha, rtol=1e-9)]
+            if chosen and chosen[0].get(key) is not None:
                 ax.plot([chosen[0]["l0_ratio"]], [chosen[0][key]], "o", ms=9, mfc="none", color=colour)
-    for ax, key, label, line in ((axes[0], "r2", "R²", min_r2), (axes[1], "top1_agreement", "top-1 agreement", min_top1)):
+    for ax, (key, label, line) in zip(axes, panels):
         if line is not None:
             ax.axhline(line, ls="--", lw=0.8, color="#555")
         ax.set_xscale("log")
+        if key == "kl":
+            ax.set_yscale("log")
         ax.set_xlabel("l0 ratio (share of concepts active per position)", fontsize=8)
         ax.set_ylabel(label, fontsize=8)
         ax.spines[["top", "right"]].set_visible(False)
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7, frameon=False)
     if methods_drawn:  # one legend entry per baseline, in black
-        handles = [axes[1].plot([], [], BASELINE_MARKERS.get(m, "d"), color="k", mfc="none", label=m)[0]
+        handles = [axes[-1].plot([], [], BASELINE_MARKERS.get(m, "d"), color="k", mfc="none", label=m)[0]
                    for m in sorted(methods_drawn)]
-        axes[1].legend(handles=handles, fontsize=7, frameon=False, title="evaluation (its images)", title_fontsize=7)
+        axes[-1].legend(handles=handles, fontsize=7, frameon=False, title="evaluation (its images)", title_fontsize=7)
     fig.suptitle("Sparsity–fidelity front per layer (front images; ringed: chosen λ)", fontsize=9)
     fig.tight_layout()
     return _svg_bytes(fig)

@@ -40,7 +40,7 @@ def metrics_section(store: RunStore, assets: Assets) -> dict:
         plots.append({"title": "Sparsity–fidelity front per layer",
                       "url": assets.add_bytes("img/metrics/front.svg", front_figure(
                           rows, config.min_r2 if rule else None, config.min_top1_agreement if rule else None,
-                          load_reconstruction(store.root / "evaluate")))})
+                          load_reconstruction(store.root / "evaluate"), config.max_kl if rule else None))})
     try:
         residuals = completeness_residuals(store).numpy()
     except RunMismatchError:  # a run without attributions still gets its other metrics
