@@ -146,3 +146,22 @@ def test_a_run_saved_before_max_kl_reads_and_resumes_as_made(tmp_path):
         assert upstream == want, stage
     assert Config.load(tmp_path / "config.yaml").max_kl == Config().max_kl is not None
     assert stage_hash(Config(), "decompose", "x") != stage_hash(saved, "decompose", "x")
+
+
+def test_every_command_answers_a_full_disk_in_one_line(tmp_path, monkeypatch):
+    """One decorator guards every command: each registered callback is wrapped by it, and a full
+    disk where no command caught one before (the report's writes) ends in one line, exit 2."""
+    import errno
+
+    import gig.report
+    from gig.cli import one_line_errors
+
+    guard = one_line_errors(lambda: None).__code__  # every guarded command runs this code
+    for command in app.registered_commands:
+        assert command.callback.__code__ is guard, command.name
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "report" / "index.html"))
+    monkeypatch.setattr(gig.report, "build_report", full)
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "disk full while writing" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1

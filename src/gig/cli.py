@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -67,6 +68,24 @@ def _pipeline(run_dir: Path, config_file, model, weights, images, layers, max_im
     return Pipeline(config, run_dir)
 
 
+def one_line_errors(command):
+    """Every CLI command's error handling, written once: an error the user can cause
+    (:class:`GigError`) ends in one line and exit status 2, and so does a disk that is full or a
+    place that cannot be written (:func:`_disk_full`); anything else is a bug and keeps its
+    traceback."""
+
+    @functools.wraps(command)
+    def guarded(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except GigError as exc:
+            _fail(exc)
+        except OSError as exc:
+            _disk_full(exc)
+
+    return guarded
+
+
 def _fail(exc: Exception) -> None:
     console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
     raise typer.Exit(2)
@@ -87,6 +106,7 @@ def _disk_full(exc: OSError) -> None:
 
 
 @app.command()
+@one_line_errors
 def run(
     out: Path = typer.Option(Path("gig-run"), "--out", "-o", help="Run directory (created or resumed)."),
     config: Optional[Path] = ConfigOpt, model: Optional[str] = ModelOpt, weights: Optional[str] = WeightsOpt,
@@ -95,13 +115,8 @@ def run(
     device: Optional[str] = DeviceOpt,
 ):
     """Run every stage (collect → concepts → decompose → attribute → graph); finished stages are skipped."""
-    try:
-        pipe = _pipeline(out, config, model, weights, images, layer, max_images, gig_tol, device)
-        pipe.run()
-    except GigError as exc:
-        _fail(exc)
-    except OSError as exc:
-        _disk_full(exc)
+    pipe = _pipeline(out, config, model, weights, images, layer, max_images, gig_tol, device)
+    pipe.run()
     _print_done(out)
 
 
@@ -125,13 +140,8 @@ def _stage_command(stage: str):
         device: Optional[str] = DeviceOpt,
         force: bool = typer.Option(False, help="Recompute even if done."),
     ):
-        try:
-            pipe = _pipeline(run_dir, config, model, weights, images, layer, max_images, gig_tol, device)
-            getattr(pipe, stage)(force=force)
-        except GigError as exc:
-            _fail(exc)
-        except OSError as exc:
-            _disk_full(exc)
+        pipe = _pipeline(run_dir, config, model, weights, images, layer, max_images, gig_tol, device)
+        getattr(pipe, stage)(force=force)
         console.print(f"[green]{stage} done[/green] in {run_dir}")
 
     command.__doc__ = f"Run the {stage} stage alone on RUN_DIR (its inputs must exist)."
@@ -139,10 +149,11 @@ def _stage_command(stage: str):
 
 
 for _stage in STAGE_ORDER:
-    app.command(name=_stage)(_stage_command(_stage))
+    app.command(name=_stage)(one_line_errors(_stage_command(_stage)))
 
 
 @app.command()
+@one_line_errors
 def layers(
     model: str = typer.Argument("efficientnet-lite0", help="Model spec."),
     weights: str = typer.Option("none", help="Weights do not change shapes; 'none' avoids loading them."),
@@ -152,10 +163,7 @@ def layers(
     from .hooks import LayerUsageError, ModelHandle
     from .models import load_model
 
-    try:
-        handle = ModelHandle(load_model(model, weights))
-    except GigError as exc:
-        _fail(exc)
+    handle = ModelHandle(load_model(model, weights))
     infos = handle.layer_info()
     try:
         defaults = handle.default_layers()
@@ -176,6 +184,7 @@ def layers(
 
 
 @app.command()
+@one_line_errors
 def graph_image(
     run_dir: Path = typer.Argument(...),
     image_id: int = typer.Argument(..., help="Image id (see RUN/collect/images.json)."),
@@ -185,12 +194,9 @@ def graph_image(
     from .pipeline import Pipeline
     from .store import save_json
 
-    try:
-        pipe = Pipeline.open(run_dir)
-        pipe.store.require("attribute")
-        g = build_graph(pipe.store, "image", image_id=image_id, class_names=pipe.bundle.class_names)
-    except GigError as exc:
-        _fail(exc)
+    pipe = Pipeline.open(run_dir)
+    pipe.store.require("attribute")
+    g = build_graph(pipe.store, "image", image_id=image_id, class_names=pipe.bundle.class_names)
     path = pipe.store.stage_dir("graph") / f"image_{image_id}.json"
     save_json(path, g)
     pipe.draw_graph(pipe.store, g, path.with_suffix(""))
@@ -198,6 +204,7 @@ def graph_image(
 
 
 @app.command()
+@one_line_errors
 def explain(
     run_dir: Path = typer.Argument(..., help="A run whose attribute stage has finished."),
     images: list[Path] = typer.Argument(..., help="Image file(s) to explain (need not be in the run)."),
@@ -214,11 +221,8 @@ def explain(
     from .explain import write_explanations
 
     out = out or run_dir / "explain"
-    try:
-        explanations = explain_images(run_dir, images, target=target)
-        index = write_explanations(run_dir, explanations, out, single_file=single_file)
-    except GigError as exc:
-        _fail(exc)
+    explanations = explain_images(run_dir, images, target=target)
+    index = write_explanations(run_dir, explanations, out, single_file=single_file)
     if as_json:
         print(json.dumps(json.loads((out / "explanations.json").read_text()), indent=1))
         return
@@ -235,6 +239,7 @@ def explain(
 
 
 @app.command()
+@one_line_errors
 def concept(
     run_dir: Path = typer.Argument(...),
     layer: str = typer.Argument(..., help="Layer name."),
@@ -246,16 +251,13 @@ def concept(
     from .pipeline import Pipeline
     from .visual import concept_sheet
 
-    try:
-        pipe = Pipeline.open(run_dir)
-        pipe.store.require("concepts")
-        if layer not in pipe.config.layers:
-            raise ConfigError(f"layer {layer!r} is not analysed in this run; its layers: {pipe.config.layers}")
-        cards = load_concept_cards(pipe.store, layer)["concepts"]
-        if not 0 <= concept_id < len(cards):
-            raise ConfigError(f"{layer} has concepts 0..{len(cards) - 1}, not {concept_id}")
-    except GigError as exc:
-        _fail(exc)
+    pipe = Pipeline.open(run_dir)
+    pipe.store.require("concepts")
+    if layer not in pipe.config.layers:
+        raise ConfigError(f"layer {layer!r} is not analysed in this run; its layers: {pipe.config.layers}")
+    cards = load_concept_cards(pipe.store, layer)["concepts"]
+    if not 0 <= concept_id < len(cards):
+        raise ConfigError(f"{layer} has concepts 0..{len(cards) - 1}, not {concept_id}")
     card = cards[concept_id]
     crops = exemplar_crops(pipe.store, pipe.handle, pipe.source, layer, card["exemplars"])
     classes = ", ".join(f"{pipe.bundle.class_name(c)} ({n})" for c, n in card["top_classes"][:3])
@@ -265,6 +267,7 @@ def concept(
 
 
 @app.command()
+@one_line_errors
 def inspect(
     run_dir: Path = typer.Argument(...),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON summary."),
@@ -272,21 +275,18 @@ def inspect(
     """Summarise a run: per-layer reconstruction, completeness residuals, images, graph."""
     from .summary import summarize
 
-    try:
-        info = summarize(run_dir)
-    except GigError as exc:
-        _fail(exc)
+    info = summarize(run_dir)
     if json_out:
         typer.echo(json.dumps(info, indent=1))
         return
     table = Table(title=f"{info['run']} ({info['model']})", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption="over all images; KL: mean KL divergence (nats) of the model's output with the "
-                          "layer replaced, ± its 95 % interval")
-    for col in ("layer", "PFVs", "K", "rel. error", "R²", "l0", "top-1 agr.", "KL"):
+                  caption="over all images; agr.: top-1 agreement; KL: mean KL divergence (nats) of the "
+                          "model's output with the layer replaced, ± its 95 % interval")
+    for col in ("layer", "PFVs", "K", "rel. err.", "R²", "l0", "agr.", "KL"):
         table.add_column(col, no_wrap=True)
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
     for l in info["layers"]:
-        kl = "-" if l.get("kl") is None else f"{l['kl']:.3f}±{1.96 * l['kl_se']:.3f}"
+        kl = "-" if l.get("kl") is None else f"{l['kl']:.4f} ± {1.96 * l['kl_se']:.4f}"
         table.add_row(l["name"], fmt(l["n_pfv"]), fmt(l["n_concepts"]), fmt(l["rel_error"]), fmt(l["r2"]),
                       fmt(l["l0_ratio"]), fmt(l["top1_agreement"]), kl)
     out = Console()
@@ -311,16 +311,18 @@ def _print_fronts(out: Console, layers: list[dict]) -> None:
     if not any(l["front"] for l in layers):
         return
     table = Table(title="sparsity–fidelity front (front images; * chosen λ)", box=box.SIMPLE_HEAD,
-                  pad_edge=False, caption="KL: mean KL divergence (nats), [95 % bootstrap interval]")
-    for col in ("layer", "λ", "l0", "R²", "rel. err.", "top-1 agr.", "KL", "[95 %]"):
+                  pad_edge=False, caption="agr.: top-1 agreement; KL: mean KL divergence (nats) "
+                                          "[95 % bootstrap interval]")
+    for col in ("layer", "λ", "l0", "R²", "agr.", "KL", "[95 %]"):  # rel. error: --json
         table.add_column(col, no_wrap=True)
     for l in layers:
-        for p in l["front"]:
-            star = " *" if l["front_alpha"] is not None and math.isclose(p["alpha"], l["front_alpha"], rel_tol=1e-9) else ""
+        for i, p in enumerate(l["front"]):
+            star = "*" if l["front_alpha"] is not None and math.isclose(p["alpha"], l["front_alpha"], rel_tol=1e-9) else ""
             kl = "-" if p.get("kl") is None else f"{p['kl']:.4f}"
-            ci = "" if p.get("kl_ci") is None else f"[{p['kl_ci'][0]:.4f}, {p['kl_ci'][1]:.4f}]"
-            table.add_row(l["name"], f"{p['alpha']:.4g}{star}", f"{p['l0_ratio']:.3f}", f"{p['r2']:.3f}",
-                          f"{p['rel_error']:.3f}", f"{p['top1_agreement']:.3f}", kl, ci)
+            ci = "" if p.get("kl_ci") is None else f"{p['kl_ci'][0]:.4f}–{p['kl_ci'][1]:.4f}"
+            table.add_row(l["name"] if i == 0 else "", f"{p['alpha']:.4g}{star}", f"{p['l0_ratio']:.3f}",
+                          f"{p['r2']:.3f}", f"{p['top1_agreement']:.3f}", kl, ci,
+                          end_section=i == len(l["front"]) - 1)
     out.print(table)
     for l in layers:
         parts = []
@@ -355,6 +357,7 @@ def _print_gig_accuracy(out: Console, acc: dict | None) -> None:
 
 
 @app.command()
+@one_line_errors
 def report(
     run_dir: Path = typer.Argument(..., help="Run directory (its graph stage must be done)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/report)."),
@@ -375,14 +378,12 @@ def report(
     options = ReportOptions(atlas_per_layer=atlas_per_layer, exemplars=exemplars, classes=classes or None,
                             max_classes=max_classes, shared_classes=shared_classes, n_images=n_images,
                             image_ids=image_ids or None, single_file=single_file, on_demand=on_demand)
-    try:
-        path = build_report(run_dir, out, options, progress=True)
-    except GigError as exc:
-        _fail(exc)
+    path = build_report(run_dir, out, options, progress=True)
     console.print(f"[green]report[/green]: {path.resolve()}")
 
 
 @app.command()
+@one_line_errors
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A run directory whose decompose stage has finished."),
     extraction_images: int = typer.Option(100, help="Images for concept extraction (C-Deletion/C-Insertion); 0 skips it."),
@@ -410,16 +411,13 @@ def evaluate(
     tune_malloc()
     if threads:
         torch.set_num_threads(threads)
-    try:
-        chosen = {"methods": list(method)} if method else {}  # else the settings' defaults
-        chosen |= {"orderings": list(ordering)} if ordering else {}
-        settings = EvaluationSettings(
-            extraction_images=extraction_images, interlayer_images=interlayer_images, layers=layer or None, seed=seed,
-            n_steps=n_steps, gig_tol=gig_tol, n_random=n_random, sae_k=sae_k, chunk_images=chunk_images,
-            plots=plots, resume=not restart, **chosen)
-        result = evaluate_run(run_dir, settings, out=out, progress=True)
-    except GigError as exc:
-        _fail(exc)
+    chosen = {"methods": list(method)} if method else {}  # else the settings' defaults
+    chosen |= {"orderings": list(ordering)} if ordering else {}
+    settings = EvaluationSettings(
+        extraction_images=extraction_images, interlayer_images=interlayer_images, layers=layer or None, seed=seed,
+        n_steps=n_steps, gig_tol=gig_tol, n_random=n_random, sae_k=sae_k, chunk_images=chunk_images,
+        plots=plots, resume=not restart, **chosen)
+    result = evaluate_run(run_dir, settings, out=out, progress=True)
     term = Console()
     for section, title, what in (("extraction", "concept extraction: AUC ins − del", "method"),
                                  ("interlayer", "inter-layer: AUC ins − del", "ordering")):
@@ -439,6 +437,7 @@ def evaluate(
 
 
 @app.command()
+@one_line_errors
 def ablate(
     run_dir: Path = typer.Argument(..., help="Run directory (its decompose stage must be done)."),
     layer: str = typer.Argument(..., help="Layer whose concepts are removed."),
@@ -455,11 +454,8 @@ def ablate(
     from .ablate import ablate as run_ablation
     from .store import RunStore
 
-    try:
-        result = run_ablation(RunStore.open(run_dir), layer, concepts, image_ids=image_ids or None,
-                              images=images or None, targets=target, all_layers=all_layers, device=device, top=top)
-    except GigError as exc:
-        _fail(exc)
+    result = run_ablation(RunStore.open(run_dir), layer, concepts, image_ids=image_ids or None,
+                          images=images or None, targets=target, all_layers=all_layers, device=device, top=top)
     doc = result.to_dict(top)
     if json_out:
         typer.echo(json.dumps(doc, indent=1))
@@ -469,6 +465,7 @@ def ablate(
 
 
 @app.command("ablation-correlation")
+@one_line_errors
 def ablation_correlation_command(
     run_dir: Path = typer.Argument(..., help="Run directory (its attribute stage must be done)."),
     max_images: Optional[int] = typer.Option(None, help="Use the first N images with attributions (default: all)."),
@@ -482,11 +479,8 @@ def ablation_correlation_command(
     """Does a strong GIG edge mean a strong ablation effect? Spearman ρ per transition, with a random baseline (RUN/graph/ablation/correlation.json)."""
     from .ablate import ablation_correlation
 
-    try:
-        result = ablation_correlation(run_dir, max_images=max_images, top_n=None if all_active else top_n,
-                                      n_others=others, n_random=n_random, device=device, progress=True)
-    except GigError as exc:
-        _fail(exc)
+    result = ablation_correlation(run_dir, max_images=max_images, top_n=None if all_active else top_n,
+                                  n_others=others, n_random=n_random, device=device, progress=True)
     if json_out:
         typer.echo(json.dumps(result, indent=1))
         return
@@ -526,6 +520,7 @@ def _print_ablation(out: Console, doc: dict) -> None:
 
 
 @app.command()
+@one_line_errors
 def label(
     run_dir: Path = typer.Argument(..., help="Run directory."),
     layer: Optional[str] = typer.Argument(None, help="Layer (with --suggest: only this layer)."),
@@ -539,20 +534,17 @@ def label(
     from .labels import load_labels, set_label
     from .store import RunStore
 
-    try:
-        store = RunStore.open(run_dir)
-        if suggest:
-            _print_suggestions(store, layer, json_out)
-            return
-        if layer is not None and concept_id is not None:
-            if name is None:
-                raise ConfigError(f"give the name of {layer} concept {concept_id}: gig label RUN LAYER ID \"name\"")
-            path = set_label(store, layer, concept_id, name, note)
-            console.print(f"labelled {layer} concept {concept_id} {name!r} in {path}")
-            return
-        labels = load_labels(store)
-    except GigError as exc:
-        _fail(exc)
+    store = RunStore.open(run_dir)
+    if suggest:
+        _print_suggestions(store, layer, json_out)
+        return
+    if layer is not None and concept_id is not None:
+        if name is None:
+            raise ConfigError(f"give the name of {layer} concept {concept_id}: gig label RUN LAYER ID \"name\"")
+        path = set_label(store, layer, concept_id, name, note)
+        console.print(f"labelled {layer} concept {concept_id} {name!r} in {path}")
+        return
+    labels = load_labels(store)
     labels = {l: v for l, v in labels.items() if layer is None or l == layer}
     if json_out:
         typer.echo(json.dumps({l: {str(q): e for q, e in v.items()} for l, v in labels.items()}, indent=1))
