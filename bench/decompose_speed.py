@@ -128,7 +128,7 @@ def main() -> None:
     handle = ModelHandle(bundle)
     source = open_source(old_config.images, class_index=bundle.class_index if bundle.class_names else None)
     new_config = dataclasses.replace(old_config, **{f.name: f.default for f in dataclasses.fields(Config)
-                                                    if f.name in ("target_rel_error", "min_r2", "min_top1_agreement",
+                                                    if f.name in ("target_rel_error", "min_r2", "max_kl", "min_top1_agreement",
                                                                   "front_images", "debias", "lasso_solver",
                                                                   "lasso_max_iter", "lasso_tol")})
     new_config = dataclasses.replace(new_config, coder=args.coder)

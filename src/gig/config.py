@@ -37,7 +37,7 @@ def _int(low: int | None = None, optional: bool = False, high: int | None = None
 MAX_GIG_STEPS = 16384
 #: The λ rule's default bound on the mean KL divergence (nats) of the model's output from the one
 #: with a layer replaced by its reconstruction.
-MAX_KL = 0.1
+MAX_KL = 0.02
 
 
 def _real(low: float, high: float):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -235,8 +236,10 @@ class _FrontWalk:
     Each point keeps its images' figures (``_sse``, ``_kl``, ``_agree``, each ``(N,)``) for
     :func:`assess_front`."""
 
-    def __init__(self, path, images: FrontImages, layer: str, handle: ModelHandle, config: Config):
+    def __init__(self, path, images: FrontImages, layer: str, handle: ModelHandle, config: Config,
+                 on_point: Callable[[dict], None] | None = None):
         self.path, self.images, self.layer, self.handle, self.config = path, images, layer, handle, config
+        self.on_point = on_point
         self.points: list[dict] = []
         self.codes: list[list[dict[str, torch.Tensor]]] = []  # per point, per batch: CSR (to_sparse_rows)
         self._pending: list[tuple[dict, list[torch.Tensor]]] = []
@@ -249,6 +252,8 @@ class _FrontWalk:
         self.points.append(point)
         self.codes.append([to_sparse_rows(U) for U in codes])
         self._pending.append((point, recons))
+        if self.on_point is not None:
+            self.on_point(point)
         return point
 
     def measure(self) -> None:
@@ -325,7 +330,7 @@ def _refine(walk: _FrontWalk, first_pass: int) -> None:
 
 
 def sparsity_front(images: FrontImages, layer: str, V: torch.Tensor, handle: ModelHandle, config: Config,
-                   ) -> dict:
+                   on_point: Callable[[dict], None] | None = None) -> dict:
     """The layer's front and the λ its rule picks, with the choice's error bars.
 
     Walks the grid λ_max·2^(−j) (:func:`_walk_grid`), refines between the first point meeting
@@ -333,14 +338,15 @@ def sparsity_front(images: FrontImages, layer: str, V: torch.Tensor, handle: Mod
     front images (:func:`assess_front`). Returns ``{"points": [...] (descending λ), "alpha",
     "met", "rule", "images", "stability", "decided", "note"}``; each point is ``{alpha,
     rel_error, r2, l0_ratio, top1_agreement, kl, kl_ci, r2_ci, meets}``. The choice is the
-    largest λ meeting the rule; where none does, see :func:`assess_front`.
+    largest λ meeting the rule; where none does, see :func:`assess_front`. ``on_point(point)`` is
+    called as each λ is coded (a progress bar's hook).
     """
     device = handle.device
     V = V.to(device)
     rows = torch.cat([g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]) for g in images.grids[layer]])
     atoms = V / V.norm(dim=1, keepdim=True).clamp_min(1e-12) if lambda_in_unit_atoms(config) else V
     top = lambda_max(rows.to(device), atoms, config.nonnegative)  # the penalty's units
-    walk = _FrontWalk(encoder_for(config, V, top, device), images, layer, handle, config)  # one Gram matrix
+    walk = _FrontWalk(encoder_for(config, V, top, device), images, layer, handle, config, on_point)  # one Gram matrix
     first_pass = _walk_grid(walk, top, config)
     if first_pass is not None:
         _refine(walk, first_pass)
@@ -460,7 +466,8 @@ def _decided(front: dict, config: Config) -> tuple[bool, str | None]:
     if front["stability"] >= MIN_STABILITY:
         return True, None
     return False, (f"the choice repeats in {front['stability']:.0%} of bootstrap resamples of the {n} front "
-                   f"images (decided: ≥ {MIN_STABILITY:.0%}): too few images to decide; raise front_images")
+                   f"images (decided: ≥ {MIN_STABILITY:.0%}): too few images to decide it; more front images "
+                   "(front_images; more images where the run has no more) would")
 
 
 class FidelityMeter:
@@ -570,7 +577,7 @@ def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progres
                     for layer in config.layers}
         loop = ShardLoop(store, "decompose", ranks, range(len(records)), SHARD_IMAGES, progress)
         for name, rows in loop:
-            _decompose_shard(store, handle, source, [records[r] for r in rows], preds[rows], encoders, name)
+            _decompose_shard(store, handle, source, [records[r] for r in rows], preds[rows], encoders, name, loop.bar)
         while True:  # re-code what an earlier check stepped, then check
             _recode_stale(store, handle, source, records, preds, encoders, loop.n_shards, ranks, progress)
             steps = _check_all(store, fronts, checks, encoders, loop.n_shards) if ranks.is_main else None
@@ -671,8 +678,12 @@ def _fronts(store: RunStore, handle: ModelHandle, source: ImageSource, records: 
     mine = ranks.mine(todo)
     if mine:
         images = load_front_images(source, records, preds, handle, mine, config)
-        for layer in tqdm(mine, desc="sparsity front", disable=not progress or not ranks.is_main):
-            fronts[layer] = sparsity_front(images, layer, load_dictionary(store, layer), handle, config)
+        bar = tqdm(mine, desc="sparsity front", unit="layer", disable=not progress or not ranks.is_main)
+        for layer in bar:
+            # The bar moves with every λ coded, not only with every layer (a layer can take minutes).
+            def shown(point: dict, layer: str = layer) -> None:
+                bar.set_postfix_str(f"{layer}: λ {point['alpha']:.3g}, l0 {point['l0_ratio']:.3f}, R² {point['r2']:.3f}")
+            fronts[layer] = sparsity_front(images, layer, load_dictionary(store, layer), handle, config, shown)
             if ranks.world == 1:
                 save_json(path, fronts)
     if ranks.world > 1 and todo:
@@ -691,8 +702,9 @@ def load_front(store: RunStore) -> dict[str, dict]:
     return load_json(path) if path.is_file() else {}
 
 
-def _decompose_shard(store, handle, source, records, preds, encoders, name) -> None:
-    """Code every layer of one shard's images (one shared-prefix pass per batch) and write it."""
+def _decompose_shard(store, handle, source, records, preds, encoders, name, bar=None) -> None:
+    """Code every layer of one shard's images (one shared-prefix pass per batch) and write it;
+    ``bar`` (the stage's progress bar) advances per batch."""
     config = store.config
     meters = {layer: FidelityMeter(enc.V.shape[1]) for layer, enc in encoders.items()}
     parts: dict[str, list[dict[str, torch.Tensor]]] = {layer: [] for layer in encoders}
@@ -716,6 +728,8 @@ def _decompose_shard(store, handle, source, records, preds, encoders, name) -> N
         log_probs = base.float().log_softmax(1).cpu()
         for layer, logits in replaced.items():
             meters[layer].add_outputs(logits.argmax(1).cpu() == batch_preds, kl_from_original(log_probs, logits.cpu()))
+        if bar is not None:
+            bar.update(n)
     tensors: dict[str, torch.Tensor] = {"image_id": torch.tensor(ids, dtype=torch.int64)}
     for layer, chunks in parts.items():
         tensors.update(_joined_rows(layer, chunks))
