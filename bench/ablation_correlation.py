@@ -33,9 +33,11 @@ def _fmt(v, spec: str = "+.3f") -> str:
 
 def table(result: dict) -> str:
     """A Markdown table: per transition, GIG vs ablation against the random ordering."""
-    lines = ["| transition | images | groups | concepts/group | ρ per target (mean ± sd) | random | ρ pooled | random "
-             "| ρ edges (n) | random | sign agree | top-5 overlap (random) | Δ check | Σdrop/ΣGIG |",
-             "| --- | " + " | ".join(["---:"] * 13) + " |"]
+    lines = [
+        "| transition | images | groups | concepts/group | ρ per target (mean ± sd) | random | ρ pooled | random "
+        "| ρ edges (n) | random | sign agree | top-5 overlap (random) | Δ check | Σdrop/ΣGIG |",
+        "| --- | " + " | ".join(["---:"] * 13) + " |",
+    ]
     for name, t in result["transitions"].items():
         s, r, c = t["spearman"], t["random"], t["completeness"]
         lines.append(
@@ -45,7 +47,8 @@ def table(result: dict) -> str:
             f"| {_fmt(s['pooled'])} | {_fmt(r['pooled']['mean'])} ± {_fmt(r['pooled']['sd'], '.3f')} "
             f"| {_fmt(s['edges'])} ({s['n_edges']}) | {_fmt(r['edges']['mean'])} ± {_fmt(r['edges']['sd'], '.3f')} "
             f"| {_fmt(t['sign_agreement'], '.3f')} | {_fmt(t['top5_overlap'], '.2f')} ({_fmt(t['top5_overlap_random'], '.2f')}) "
-            f"| {_fmt(c['delta_check_median'], '.1e')} | {_fmt(c['ablation_sum_ratio_median'], '.2f')} |")
+            f"| {_fmt(c['delta_check_median'], '.1e')} | {_fmt(c['ablation_sum_ratio_median'], '.2f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -65,20 +68,31 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = open_run(args.run, device=args.device)
-    result = ablation_correlation(ctx, max_images=args.max_images, top_n=None if args.all_active else args.top_n,
-                                  n_others=args.others, n_random=args.random_seeds, progress=True,
-                                  save=not args.no_save_run)
-    result["machine"] = {"device": str(ctx.handle.device), "threads": torch.get_num_threads(),
-                         "cpu": platform.processor() or platform.machine(),
-                         "gpu": torch.cuda.get_device_name(0) if ctx.handle.device.type == "cuda" else None}
+    result = ablation_correlation(
+        ctx,
+        max_images=args.max_images,
+        top_n=None if args.all_active else args.top_n,
+        n_others=args.others,
+        n_random=args.random_seeds,
+        progress=True,
+        save=not args.no_save_run,
+    )
+    result["machine"] = {
+        "device": str(ctx.handle.device),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name(0) if ctx.handle.device.type == "cuda" else None,
+    }
     RESULTS.mkdir(exist_ok=True)
     tag = args.tag or args.run.resolve().name
     copy = RESULTS / f"ablation_correlation_{tag}.json"
     copy.write_text(json.dumps(result, indent=1))
     text = table(result)
-    copy.with_suffix(".md").write_text(f"# GIG vs ablation: {args.run}\n\n{text}\n\n{result['n_images']} images, "
-                                       f"selection {result['selection']}, {result['seconds']} s on "
-                                       f"{result['machine']['device']}\n")
+    copy.with_suffix(".md").write_text(
+        f"# GIG vs ablation: {args.run}\n\n{text}\n\n{result['n_images']} images, "
+        f"selection {result['selection']}, {result['seconds']} s on "
+        f"{result['machine']['device']}\n"
+    )
     print(text)
     where = "" if args.no_save_run else f"{correlation_path(ctx.store)} and "
     print(f"\n{result['seconds']} s; wrote {where}{copy}", file=sys.stderr)

@@ -26,7 +26,10 @@ def main() -> None:
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
     V = torch.randn(args.k, args.c, generator=g)
-    X = (torch.randn(args.positions, args.k, generator=g).relu() * (torch.rand(args.positions, args.k, generator=g) < 0.05)) @ V
+    X = (
+        torch.randn(args.positions, args.k, generator=g).relu()
+        * (torch.rand(args.positions, args.k, generator=g) < 0.05)
+    ) @ V
     X += 0.1 * torch.randn(X.shape, generator=g)
 
     enc = LassoEncoder(V, args.lam, max_iter=300)
@@ -36,8 +39,13 @@ def main() -> None:
 
     start = time.perf_counter()
     # sparse_encode's lasso_cd minimises 1/(2 C)‖x − uV‖² + α‖u‖₁ per row: α = λ / C.
-    U_sk = sparse_encode(X.numpy().astype(np.float64), V.numpy().astype(np.float64), algorithm="lasso_cd",
-                         alpha=args.lam / args.c, max_iter=1000)
+    U_sk = sparse_encode(
+        X.numpy().astype(np.float64),
+        V.numpy().astype(np.float64),
+        algorithm="lasso_cd",
+        alpha=args.lam / args.c,
+        max_iter=1000,
+    )
     t_sk = time.perf_counter() - start
 
     ours = enc.objective(X, U).mean()
@@ -45,8 +53,10 @@ def main() -> None:
     print(f"problem: {args.positions} positions, K={args.k}, C={args.c}, lambda={args.lam}")
     print(f"sklearn lasso_cd: {t_sk:.2f} s, mean objective {float(theirs):.5f}")
     print(f"gig FISTA:        {t_ours:.2f} s, mean objective {float(ours):.5f}")
-    print(f"speed-up: {t_sk / t_ours:.1f}x; objective gap (ours - sklearn) / sklearn: "
-          f"{float((ours - theirs) / theirs):+.2e}")
+    print(
+        f"speed-up: {t_sk / t_ours:.1f}x; objective gap (ours - sklearn) / sklearn: "
+        f"{float((ours - theirs) / theirs):+.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -44,10 +44,14 @@ def main() -> None:
     args = parser.parse_args()
     name_a, name_b = args.names.split(",")
     ext_a, ext_b = (json.loads((d / "extraction.json").read_text()) for d in (args.a, args.b))
-    print(f"concept extraction, {args.method}: AUC insertion − deletion (mean ± s.e. [95 % bootstrap]); "
-          f"reconstruction l0 / R² / top-1 agreement on the evaluation images")
-    print(f"| layer | {name_a} | {name_b} | {name_b} − {name_a} (win rate) | {name_a} l0 / R² / agr. | "
-          f"{name_b} l0 / R² / agr. |")
+    print(
+        f"concept extraction, {args.method}: AUC insertion − deletion (mean ± s.e. [95 % bootstrap]); "
+        f"reconstruction l0 / R² / top-1 agreement on the evaluation images"
+    )
+    print(
+        f"| layer | {name_a} | {name_b} | {name_b} − {name_a} (win rate) | {name_a} l0 / R² / agr. | "
+        f"{name_b} l0 / R² / agr. |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for layer, methods in ext_a["layers"].items():
         if layer not in ext_b["layers"] or args.method not in methods:
@@ -55,8 +59,10 @@ def main() -> None:
         a, b = methods[args.method], ext_b["layers"][layer][args.method]
         sa, sb, d = paired(a, b, ext_a["image_id"], ext_b["image_id"], "auc_diff")
         rec = lambda r: f"{r['l0_ratio']:.3f} / {r['r2']:.3f} / {r['top1_agreement']:.3f}"  # noqa: E731
-        print(f"| {layer} | {fmt_spread(sa)} | {fmt_spread(sb)} | {fmt_spread(d)} ({d['win_rate']:.2f}, "
-              f"n {d['n']}) | {rec(a['reconstruction'])} | {rec(b['reconstruction'])} |")
+        print(
+            f"| {layer} | {fmt_spread(sa)} | {fmt_spread(sb)} | {fmt_spread(d)} ({d['win_rate']:.2f}, "
+            f"n {d['n']}) | {rec(a['reconstruction'])} | {rec(b['reconstruction'])} |"
+        )
     inter_a, inter_b = (d / "interlayer.json" for d in (args.a, args.b))
     if inter_a.is_file() and inter_b.is_file():
         ia, ib = json.loads(inter_a.read_text()), json.loads(inter_b.read_text())
@@ -66,9 +72,16 @@ def main() -> None:
         for name, t in ia["transitions"].items():
             if name not in ib["transitions"]:
                 continue
-            sa, sb, d = paired(t["orderings"]["gig"], ib["transitions"][name]["orderings"]["gig"],
-                               ia["image_id"], ib["image_id"], "auc_diff")
-            print(f"| {name} | {fmt_spread(sa)} | {fmt_spread(sb)} | {fmt_spread(d)} ({d['win_rate']:.2f}, n {d['n']}) |")
+            sa, sb, d = paired(
+                t["orderings"]["gig"],
+                ib["transitions"][name]["orderings"]["gig"],
+                ia["image_id"],
+                ib["image_id"],
+                "auc_diff",
+            )
+            print(
+                f"| {name} | {fmt_spread(sa)} | {fmt_spread(sb)} | {fmt_spread(d)} ({d['win_rate']:.2f}, n {d['n']}) |"
+            )
 
 
 if __name__ == "__main__":

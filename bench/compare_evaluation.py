@@ -73,8 +73,9 @@ def main() -> int:
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path)
     parser.add_argument("--tol", type=float, default=1e-9, help="largest absolute difference accepted")
-    parser.add_argument("--rename", action="append", default=[], metavar="NEW=OLD",
-                        help="read AFTER's name NEW as OLD (method labels)")
+    parser.add_argument(
+        "--rename", action="append", default=[], metavar="NEW=OLD", help="read AFTER's name NEW as OLD (method labels)"
+    )
     args = parser.parse_args()
     names = dict(r.split("=", 1) for r in args.rename)
     ok = True
@@ -87,8 +88,11 @@ def main() -> int:
             ok = False
             continue
         r = compare(json.loads(pa.read_text()), renamed(json.loads(pb.read_text()), names))
-        print(f"{name}: {r['numbers']} numbers, max |Δ| = {r['max_abs_diff']:.3g}"
-              + (f" at {r['at']}" if r["at"] else "") + f", {len(r['mismatched'])} structural/text differences")
+        print(
+            f"{name}: {r['numbers']} numbers, max |Δ| = {r['max_abs_diff']:.3g}"
+            + (f" at {r['at']}" if r["at"] else "")
+            + f", {len(r['mismatched'])} structural/text differences"
+        )
         for path in r["mismatched"][:20]:
             print(f"    differs: {path}")
         ok &= r["max_abs_diff"] <= args.tol and not r["mismatched"]

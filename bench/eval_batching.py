@@ -36,7 +36,7 @@ def main() -> None:
         logits, grids = handle.capture(pixels, [args.layer])
     n, c, h, w = grids[args.layer].shape
     g = torch.Generator().manual_seed(0)
-    V = torch.randn(args.concepts, c, generator=g) / c ** 0.5
+    V = torch.randn(args.concepts, c, generator=g) / c**0.5
     X = grids[args.layer].permute(0, 2, 3, 1).reshape(n, h * w, c)
     codes = X @ torch.linalg.pinv(V)  # least-squares codes: exact reconstruction
     orders = torch.stack([torch.randperm(args.concepts, generator=g) for _ in range(n)])[:, None]
@@ -62,8 +62,10 @@ def main() -> None:
     t_naive = time.perf_counter() - t0
     err = float((batched - naive).abs().max())
     print(f"layer {args.layer}, {n} images × 42 steps, K = {args.concepts}, torch threads {torch.get_num_threads()}")
-    print(f"batched (wide run_from): {t_batched:.2f} s   one forward per step: {t_naive:.2f} s   "
-          f"speed-up ×{t_naive / t_batched:.2f}   max |difference| {err:.2e}")
+    print(
+        f"batched (wide run_from): {t_batched:.2f} s   one forward per step: {t_naive:.2f} s   "
+        f"speed-up ×{t_naive / t_batched:.2f}   max |difference| {err:.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ def timed(name: str, fn):
         out = fn(*args, **kwargs)
         print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
         return out
+
     return wrapper
 
 

@@ -37,8 +37,9 @@ from gig.omp import OMPEncoder
 from gig.store import RunStore
 
 
-def front(X: torch.Tensor, V: torch.Tensor, debias: bool, points: int = 28,
-          coder: str = "lasso") -> list[tuple[float, float, float]]:
+def front(
+    X: torch.Tensor, V: torch.Tensor, debias: bool, points: int = 28, coder: str = "lasso"
+) -> list[tuple[float, float, float]]:
     """``[(λ, l0, R²)]`` along λ_max·2^(−j/2) until R² ≥ 0.95 (the printed l0 at R² 0.9 and 0.95
     only need the points up to there; denser λ would cost LARS most at K = 8C). ``coder="omp"``:
     OMP codes, λ in the unit atoms' units."""
@@ -89,8 +90,9 @@ def main() -> None:
     parser.add_argument("run")
     parser.add_argument("--layer", action="append")
     parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--variant", action="append",
-                        help="measure only these variants (default: all); e.g. centroids+refit, omp")
+    parser.add_argument(
+        "--variant", action="append", help="measure only these variants (default: all); e.g. centroids+refit, omp"
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
     store = RunStore.open(args.run)
@@ -101,18 +103,27 @@ def main() -> None:
         X_fit, X_test = samples["pfv"][train].float(), samples["pfv"][~train].float()
         V = load_dictionary(store, layer).float()
         wanted = lambda name: args.variant is None or name in args.variant  # noqa: E731
-        variants = {"centroids": lambda: front(X_test, V, False),
-                    "centroids+refit": lambda: front(X_test, V, True),
-                    "unit+refit": lambda: front(X_test, V / V.norm(dim=1, keepdim=True).clamp_min(1e-12), True),
-                    "omp": lambda: front(X_test, V, False, coder="omp"),
-                    f"mod-{args.iters}+refit": lambda: front(X_test, refined(X_fit, V, args.iters), True)}
+        variants = {
+            "centroids": lambda: front(X_test, V, False),
+            "centroids+refit": lambda: front(X_test, V, True),
+            "unit+refit": lambda: front(X_test, V / V.norm(dim=1, keepdim=True).clamp_min(1e-12), True),
+            "omp": lambda: front(X_test, V, False, coder="omp"),
+            f"mod-{args.iters}+refit": lambda: front(X_test, refined(X_fit, V, args.iters), True),
+        }
         curves = {name: make() for name, make in variants.items() if wanted(name)}
-        report[layer] = {name: {"l0_at_r2_0.9": l0_at(c, 0.9), "l0_at_r2_0.95": l0_at(c, 0.95), "curve": c}
-                         for name, c in curves.items()}
+        report[layer] = {
+            name: {"l0_at_r2_0.9": l0_at(c, 0.9), "l0_at_r2_0.95": l0_at(c, 0.95), "curve": c}
+            for name, c in curves.items()
+        }
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        print(f"{layer} (K {V.shape[0]}, C {V.shape[1]}, fit {X_fit.shape[0]}, held out {X_test.shape[0]} PFVs): "
-              + "; ".join(f"{name} l0@R²0.9 {fmt(r['l0_at_r2_0.9'])} @0.95 {fmt(r['l0_at_r2_0.95'])}"
-                          for name, r in report[layer].items()), flush=True)
+        print(
+            f"{layer} (K {V.shape[0]}, C {V.shape[1]}, fit {X_fit.shape[0]}, held out {X_test.shape[0]} PFVs): "
+            + "; ".join(
+                f"{name} l0@R²0.9 {fmt(r['l0_at_r2_0.9'])} @0.95 {fmt(r['l0_at_r2_0.95'])}"
+                for name, r in report[layer].items()
+            ),
+            flush=True,
+        )
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(report, fh, indent=1)

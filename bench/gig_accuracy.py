@@ -82,8 +82,12 @@ class Timer:
 def previous_engine(gig: GIG, pixels, codes, targets, read) -> GIGResult:
     """16 Gauss–Legendre steps, one target at a time (each target its own forwards), as before."""
     parts = [gig.attribute(pixels, codes, targets[:, t : t + 1], n_steps=16, **read) for t in range(targets.shape[1])]
-    return GIGResult(*(torch.cat([getattr(p, f) for p in parts], 1) for f in
-                       ("attributions", "output_diff", "residual", "target_value", "n_evaluations", "error_estimate")))
+    return GIGResult(
+        *(
+            torch.cat([getattr(p, f) for p in parts], 1)
+            for f in ("attributions", "output_diff", "residual", "target_value", "n_evaluations", "error_estimate")
+        )
+    )
 
 
 def cached(args, name: str, compute):
@@ -97,15 +101,25 @@ def cached(args, name: str, compute):
     if path.is_file():
         data = load_file(str(path))
         if "attributions" in data:
-            return GIGResult(data["attributions"], data["output_diff"], data["residual"], data["target_value"],
-                             data["n_evaluations"], data["error_estimate"])
+            return GIGResult(
+                data["attributions"],
+                data["output_diff"],
+                data["residual"],
+                data["target_value"],
+                data["n_evaluations"],
+                data["error_estimate"],
+            )
         return {int(k): v for k, v in data.items()}
     value = compute()
     args.cache.mkdir(parents=True, exist_ok=True)
     if isinstance(value, GIGResult):
-        save_file({f: getattr(value, f).contiguous() for f in ("attributions", "output_diff", "residual",
-                                                                "target_value", "n_evaluations", "error_estimate")},
-                  str(path))
+        save_file(
+            {
+                f: getattr(value, f).contiguous()
+                for f in ("attributions", "output_diff", "residual", "target_value", "n_evaluations", "error_estimate")
+            },
+            str(path),
+        )
     else:
         save_file({str(k): v.contiguous() for k, v in value.items()}, str(path))
     return value
@@ -120,37 +134,71 @@ def walk(pixels, codes, class_targets, layers, V, fast, plain, args, timer, reco
     for position in range(len(layers) - 1, -1, -1):
         layer = layers[position]
         kind = f"{layer}->class" if position == len(layers) - 1 else f"{layer}->{layers[position + 1]}"
-        gig = GIG(fast, layer, V[layer], internal_batch_size=args.internal_batch_size, tol=args.tol,
-                  max_steps=args.max_steps)
-        reference = GIG(fast, layer, V[layer], n_steps=args.reference, quadrature_rule="riemann-midpoint",
-                        internal_batch_size=args.internal_batch_size)
-        ref = cached(args, f"{key}-{layer}-reference", lambda: timer.run(
-            "reference", reference.attribute, pixels, codes[layer], targets, **read))
+        gig = GIG(
+            fast, layer, V[layer], internal_batch_size=args.internal_batch_size, tol=args.tol, max_steps=args.max_steps
+        )
+        reference = GIG(
+            fast,
+            layer,
+            V[layer],
+            n_steps=args.reference,
+            quadrature_rule="riemann-midpoint",
+            internal_batch_size=args.internal_batch_size,
+        )
+        ref = cached(
+            args,
+            f"{key}-{layer}-reference",
+            lambda: timer.run("reference", reference.attribute, pixels, codes[layer], targets, **read),
+        )
         res = timer.run("gig", gig.attribute, pixels, codes[layer], targets, **read)
-        old = timer.run("previous", previous_engine,
-                        GIG(plain, layer, V[layer], quadrature_rule="gauss-legendre",
-                            internal_batch_size=args.internal_batch_size), pixels, codes[layer], targets, read)
-        levels = cached(args, f"{key}-{layer}-uniform", lambda: timer.run(
-            "uniform", gig.uniform_levels, pixels, codes[layer], targets, max_steps=args.uniform_max, min_steps=8,
-            **read))
+        old = timer.run(
+            "previous",
+            previous_engine,
+            GIG(plain, layer, V[layer], quadrature_rule="gauss-legendre", internal_batch_size=args.internal_batch_size),
+            pixels,
+            codes[layer],
+            targets,
+            read,
+        )
+        levels = cached(
+            args,
+            f"{key}-{layer}-uniform",
+            lambda: timer.run(
+                "uniform",
+                gig.uniform_levels,
+                pixels,
+                codes[layer],
+                targets,
+                max_steps=args.uniform_max,
+                min_steps=8,
+                **read,
+            ),
+        )
         true = relative_error(res.attributions, ref.attributions)
         for n in range(pixels.shape[0]):
             for t in range(targets.shape[1]):
-                records.append({
-                    "kind": kind, "target": int(targets[n, t]),
-                    "error": float(true[n, t]), "estimate": float(res.error_estimate[n, t]),
-                    "evaluations": int(res.n_evaluations[n, t]), "converged": bool(res.converged[n, t]),
-                    "residual": float(res.relative_residual[n, t]),
-                    "reference_residual": float(ref.relative_residual[n, t]),
-                    "previous_error": float(relative_error(old.attributions[n, t], ref.attributions[n, t])),
-                    "previous_residual": float(old.relative_residual[n, t]),
-                    "uniform_error": {int(k): float(relative_error(v[n, t], ref.attributions[n, t]))
-                                      for k, v in levels.items()},
-                    "delta": float(ref.output_diff[n, t]),
-                })
+                records.append(
+                    {
+                        "kind": kind,
+                        "target": int(targets[n, t]),
+                        "error": float(true[n, t]),
+                        "estimate": float(res.error_estimate[n, t]),
+                        "evaluations": int(res.n_evaluations[n, t]),
+                        "converged": bool(res.converged[n, t]),
+                        "residual": float(res.relative_residual[n, t]),
+                        "reference_residual": float(ref.relative_residual[n, t]),
+                        "previous_error": float(relative_error(old.attributions[n, t], ref.attributions[n, t])),
+                        "previous_residual": float(old.relative_residual[n, t]),
+                        "uniform_error": {
+                            int(k): float(relative_error(v[n, t], ref.attributions[n, t])) for k, v in levels.items()
+                        },
+                        "delta": float(ref.output_diff[n, t]),
+                    }
+                )
         # Next targets: the reference's top-k concepts of this layer by their flow to the class.
-        share = ref.attributions / ref.output_diff[..., None].where(ref.output_diff[..., None].abs() > 1e-8,
-                                                                    torch.tensor(1e-8))
+        share = ref.attributions / ref.output_diff[..., None].where(
+            ref.output_diff[..., None].abs() > 1e-8, torch.tensor(1e-8)
+        )
         score = (upper_importance[..., None] * share).sum(1)
         top = score.topk(min(top_k, score.shape[1]), dim=1)
         upper_importance, targets = top.values, top.indices
@@ -168,16 +216,23 @@ def summarize(records: list[dict], tol: float, timer: Timer) -> dict:
         ev = np.array([r["evaluations"] for r in rows])
         res = np.array([r["residual"] for r in rows])
         prev = np.array([r["previous_error"] for r in rows])
-        return {"paths": len(rows), "error_p95": float(np.quantile(err, 0.95)), "error_max": float(err.max()),
-                "estimate_honest": float(np.mean(est >= 0.5 * err)),
-                "estimate_over_error_median": float(np.median(est / np.maximum(err, 1e-12))),
-                "unconverged": float(np.mean(est > tol)),
-                "evaluations_mean": float(ev.mean()), "evaluations_max": int(ev.max()),
-                "evaluations_total": int(ev.sum()),
-                "residual_p95": float(np.quantile(res, 0.95)), "residual_max": float(res.max()),
-                "reference_residual_p95": float(np.quantile([r["reference_residual"] for r in rows], 0.95)),
-                "previous_error_p95": float(np.quantile(prev, 0.95)), "previous_error_max": float(prev.max()),
-                "previous_residual_p95": float(np.quantile([r["previous_residual"] for r in rows], 0.95))}
+        return {
+            "paths": len(rows),
+            "error_p95": float(np.quantile(err, 0.95)),
+            "error_max": float(err.max()),
+            "estimate_honest": float(np.mean(est >= 0.5 * err)),
+            "estimate_over_error_median": float(np.median(est / np.maximum(err, 1e-12))),
+            "unconverged": float(np.mean(est > tol)),
+            "evaluations_mean": float(ev.mean()),
+            "evaluations_max": int(ev.max()),
+            "evaluations_total": int(ev.sum()),
+            "residual_p95": float(np.quantile(res, 0.95)),
+            "residual_max": float(res.max()),
+            "reference_residual_p95": float(np.quantile([r["reference_residual"] for r in rows], 0.95)),
+            "previous_error_p95": float(np.quantile(prev, 0.95)),
+            "previous_error_max": float(prev.max()),
+            "previous_residual_p95": float(np.quantile([r["previous_residual"] for r in rows], 0.95)),
+        }
 
     for kind in kinds:
         out["by_kind"][kind] = stats([r for r in records if r["kind"] == kind])
@@ -188,8 +243,11 @@ def summarize(records: list[dict], tol: float, timer: Timer) -> dict:
     uniform_worst = {n: max(r["uniform_error"][n] for r in records) for n in grids}
     uniform_p95 = {n: float(np.quantile([r["uniform_error"][n] for r in records], 0.95)) for n in grids}
     enough = [n for n in grids if uniform_worst[n] <= worst]
-    out["uniform"] = {"worst": uniform_worst, "p95": uniform_p95,
-                      "intervals_for_gig_worst": enough[0] if enough else None}
+    out["uniform"] = {
+        "worst": uniform_worst,
+        "p95": uniform_p95,
+        "intervals_for_gig_worst": enough[0] if enough else None,
+    }
     if enough:
         total = len(records) * (enough[0] + 1)
         out["uniform"]["evaluations_total"] = total
@@ -198,22 +256,48 @@ def summarize(records: list[dict], tol: float, timer: Timer) -> dict:
 
 
 def print_summary(s: dict) -> None:
-    head = ("kind", "paths", "err p95", "err max", "honest", "est/err", "evals mean", "evals max",
-            "resid p95", "prev err p95", "prev err max", "prev resid p95")
+    head = (
+        "kind",
+        "paths",
+        "err p95",
+        "err max",
+        "honest",
+        "est/err",
+        "evals mean",
+        "evals max",
+        "resid p95",
+        "prev err p95",
+        "prev err max",
+        "prev resid p95",
+    )
     print(" | ".join(head))
     for kind, st in list(s["by_kind"].items()) + [("all", s["all"])]:
-        print(" | ".join([kind, str(st["paths"]), f"{st['error_p95']:.4f}", f"{st['error_max']:.4f}",
-                          f"{st['estimate_honest']:.3f}", f"{st['estimate_over_error_median']:.2f}",
-                          f"{st['evaluations_mean']:.1f}", str(st["evaluations_max"]), f"{st['residual_p95']:.4f}",
-                          f"{st['previous_error_p95']:.4f}", f"{st['previous_error_max']:.4f}",
-                          f"{st['previous_residual_p95']:.4f}"]))
+        print(
+            " | ".join(
+                [
+                    kind,
+                    str(st["paths"]),
+                    f"{st['error_p95']:.4f}",
+                    f"{st['error_max']:.4f}",
+                    f"{st['estimate_honest']:.3f}",
+                    f"{st['estimate_over_error_median']:.2f}",
+                    f"{st['evaluations_mean']:.1f}",
+                    str(st["evaluations_max"]),
+                    f"{st['residual_p95']:.4f}",
+                    f"{st['previous_error_p95']:.4f}",
+                    f"{st['previous_error_max']:.4f}",
+                    f"{st['previous_residual_p95']:.4f}",
+                ]
+            )
+        )
     u = s["uniform"]
-    print("uniform trapezoid worst error by intervals:",
-          ", ".join(f"{n}: {e:.4f}" for n, e in u["worst"].items()))
+    print("uniform trapezoid worst error by intervals:", ", ".join(f"{n}: {e:.4f}" for n, e in u["worst"].items()))
     print("uniform trapezoid p95 error by intervals:", ", ".join(f"{n}: {e:.4f}" for n, e in u["p95"].items()))
     if u["intervals_for_gig_worst"]:
-        print(f"one global grid matching gig's worst error: {u['intervals_for_gig_worst']} intervals, "
-              f"{u['evaluations_total']} evaluations = {u['evaluation_ratio']:.2f}x gig's {s['all']['evaluations_total']}")
+        print(
+            f"one global grid matching gig's worst error: {u['intervals_for_gig_worst']} intervals, "
+            f"{u['evaluations_total']} evaluations = {u['evaluation_ratio']:.2f}x gig's {s['all']['evaluations_total']}"
+        )
     else:
         print("no uniform grid up to the largest tried matches gig's worst error")
     sec = s["seconds"]
@@ -241,8 +325,10 @@ def merge(paths: list[Path], out: Path | None) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--merge":
-        merge([Path(p) for p in sys.argv[2:] if not p.startswith("--json=")],
-              next((Path(p[7:]) for p in sys.argv[2:] if p.startswith("--json=")), None))
+        merge(
+            [Path(p) for p in sys.argv[2:] if not p.startswith("--json=")],
+            next((Path(p[7:]) for p in sys.argv[2:] if p.startswith("--json=")), None),
+        )
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
@@ -266,12 +352,29 @@ def main() -> None:
     for batch in walked.batches(args.batch):
         ids = [r.image_id for r in batch.records]
         codes = {layer: torch.stack([readers[layer].codes(i) for i in ids]) for layer in layers}
-        walk(batch.pixels, codes, torch.tensor([target_of[i] for i in ids]), layers, V, fast, plain, args,
-             timer, records, key="-".join(map(str, ids)))
+        walk(
+            batch.pixels,
+            codes,
+            torch.tensor([target_of[i] for i in ids]),
+            layers,
+            V,
+            fast,
+            plain,
+            args,
+            timer,
+            records,
+            key="-".join(map(str, ids)),
+        )
         print(f"{len(records)} paths after {len({*ids})} more images", flush=True)
     summary = summarize(records, args.tol, timer)
-    summary.update({"run": str(args.run), "images": len(used), "folded_batchnorms": fast.folded_batchnorms,
-                    "threads": torch.get_num_threads()})
+    summary.update(
+        {
+            "run": str(args.run),
+            "images": len(used),
+            "folded_batchnorms": fast.folded_batchnorms,
+            "threads": torch.get_num_threads(),
+        }
+    )
     print_summary(summary)
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "paths": records}, indent=1))

@@ -59,8 +59,10 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     m = args.items
     print(f"per item, {m} items a pass, {torch.get_num_threads()} thread(s); times in ms")
-    print("transition | prefix / image | forward only | shared fwd + T bwd | replicated rows | "
-          "bf16 shared fwd + T bwd | bf16 gradient change")
+    print(
+        "transition | prefix / image | forward only | shared fwd + T bwd | replicated rows | "
+        "bf16 shared fwd + T bwd | bf16 gradient change"
+    )
     for lower, upper in zip(LAYERS, LAYERS[1:] + [None]):
         grid = grids[lower].repeat(m, 1, 1, 1).contiguous(memory_format=fast.memory_format)
         if upper is None:
@@ -94,16 +96,21 @@ def main() -> None:
             with torch.no_grad():
                 fast.grid_until(x, lower)
 
-        row = [timed(prefix, args.repeats) * 1e3,
-               timed(lambda: forward(False), args.repeats) / m * 1e3,
-               timed(per_target, args.repeats) / m * 1e3,
-               timed(replicated, args.repeats) / m * 1e3,
-               timed(lambda: per_target(True), args.repeats) / m * 1e3]
+        row = [
+            timed(prefix, args.repeats) * 1e3,
+            timed(lambda: forward(False), args.repeats) / m * 1e3,
+            timed(per_target, args.repeats) / m * 1e3,
+            timed(replicated, args.repeats) / m * 1e3,
+            timed(lambda: per_target(True), args.repeats) / m * 1e3,
+        ]
         full, half = per_target(), per_target(True)
         change = float((half - full).norm() / full.norm())
         print(f"{lower} → {upper or 'class'} | " + " | ".join(f"{v:.2f}" for v in row) + f" | {change:.3f}")
-        print(f"   replicated / shared: {row[3] / row[2]:.2f}x; bf16 / float32: {row[4] / row[2]:.2f}x; "
-              f"forward / (fwd + {t} bwd): {row[1] / row[2]:.2f}", flush=True)
+        print(
+            f"   replicated / shared: {row[3] / row[2]:.2f}x; bf16 / float32: {row[4] / row[2]:.2f}x; "
+            f"forward / (fwd + {t} bwd): {row[1] / row[2]:.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

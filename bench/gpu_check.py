@@ -50,16 +50,27 @@ def make_images(folder: Path, n: int) -> None:
         img.convert("RGB").save(folder / f"img_{i:05d}.jpg", quality=90)
 
 
-def stage_table(model: str, weights: str, layers: list[str], images: Path, out: Path, device: str,
-                n_images: int, tiny: bool) -> list[dict]:
+def stage_table(
+    model: str, weights: str, layers: list[str], images: Path, out: Path, device: str, n_images: int, tiny: bool
+) -> list[dict]:
     from gig.config import Config
     from gig.pipeline import Pipeline
 
     # The tiny CPU size checks that everything runs; the GPU size measures throughput.
-    config = Config(model=model, weights=weights, layers=layers, images=str(images), device=device,
-                    samples_per_image=16, lasso_max_iter=100, batch_size=32, top_k=2 if tiny else 5,
-                    internal_batch_size=32 if tiny else 256, calibration_size=1000,
-                    gig_max_steps=32 if tiny else 512)
+    config = Config(
+        model=model,
+        weights=weights,
+        layers=layers,
+        images=str(images),
+        device=device,
+        samples_per_image=16,
+        lasso_max_iter=100,
+        batch_size=32,
+        top_k=2 if tiny else 5,
+        internal_batch_size=32 if tiny else 256,
+        calibration_size=1000,
+        gig_max_steps=32 if tiny else 512,
+    )
     pipe = Pipeline(config, out, progress=False)
     rows = []
     for stage in ("collect", "concepts", "decompose", "attribute"):
@@ -67,9 +78,16 @@ def stage_table(model: str, weights: str, layers: list[str], images: Path, out: 
             torch.cuda.synchronize()
         getattr(pipe, stage)()
         entry = pipe.store.manifest()["stages"][stage]
-        rows.append({"model": model, "stage": stage, "seconds": entry["seconds"],
-                     "images_per_s": n_images / max(entry["seconds"], 1e-9),
-                     "cuda_peak_mb": entry.get("cuda_peak_mb"), "peak_rss_mb": entry["peak_rss_mb"]})
+        rows.append(
+            {
+                "model": model,
+                "stage": stage,
+                "seconds": entry["seconds"],
+                "images_per_s": n_images / max(entry["seconds"], 1e-9),
+                "cuda_peak_mb": entry.get("cuda_peak_mb"),
+                "peak_rss_mb": entry["peak_rss_mb"],
+            }
+        )
         if stage == "attribute":
             acc = entry["summary"]["accuracy"]
             rows[-1]["gig"] = {k: acc.get(k) for k in ("evaluations_mean", "error_p95", "unconverged")}
@@ -92,8 +110,10 @@ def agreement(device: str) -> dict:
     codes = grids["_blocks.11"].flatten(2).transpose(1, 2)
     V = torch.eye(codes.shape[2])
     Vb = torch.randn(20, grids["_blocks.15"].shape[1], generator=torch.Generator().manual_seed(0))
-    cases = {"class": ({}, logits.argmax(1)),
-             "concept": ({"read_layer": "_blocks.15", "read_vectors": Vb}, torch.tensor([[0, 1, 2], [3, 4, 5]]))}
+    cases = {
+        "class": ({}, logits.argmax(1)),
+        "concept": ({"read_layer": "_blocks.15", "read_vectors": Vb}, torch.tensor([[0, 1, 2], [3, 4, 5]])),
+    }
     out: dict = {}
     gpu_bundle = load_model("efficientnet-lite0")
     gpu = ModelHandle(gpu_bundle, device).for_gradients(["_blocks.11", "_blocks.15"])
@@ -110,8 +130,9 @@ def agreement(device: str) -> dict:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         got = GIG(gpu, "_blocks.11", V).attribute(x, codes, target, **read)
-        out[f"{name}, error control (tol 0.01)"] = float((got.attributions - ref_tol.attributions).norm()
-                                                         / ref_tol.attributions.norm())
+        out[f"{name}, error control (tol 0.01)"] = float(
+            (got.attributions - ref_tol.attributions).norm() / ref_tol.attributions.norm()
+        )
         out[f"{name}, evaluations cpu / gpu"] = [int(ref_tol.n_evaluations.sum()), int(got.n_evaluations.sum())]
     return out
 
@@ -136,8 +157,7 @@ def engine_profile(run: Path, device: str, n_images: int = 4) -> dict:
     gigs = {layer: attribution.gig_for(fast, layer, load_dictionary(store, layer), config) for layer in layers}
     used = load_images(store)["images"][:n_images]
     by_id = {r.image_id: r for r in pipe.source.records}
-    batch = next(iter(iter_image_batches(pipe.source, [by_id[i["image_id"]] for i in used], pipe.handle,
-                                         len(used))))
+    batch = next(iter(iter_image_batches(pipe.source, [by_id[i["image_id"]] for i in used], pipe.handle, len(used))))
     ids = [r.image_id for r in batch.records]
     targets = [i["target"] for i in used]
     attribution.walk(batch.pixels, ids, targets, layers, readers, gigs, config.top_k)  # warm: checks, plans
@@ -156,7 +176,9 @@ def engine_profile(run: Path, device: str, n_images: int = 4) -> dict:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.set_sync_debug_mode("warn")
-            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+            )
             with torch.profiler.profile(activities=activities) as prof:
                 t0 = time.perf_counter()
                 out = attribution.walk(batch.pixels, ids, targets, layers, readers, gigs, config.top_k)
@@ -170,10 +192,16 @@ def engine_profile(run: Path, device: str, n_images: int = 4) -> dict:
     syncs = sum("synchroniz" in str(w.message) for w in caught) if cuda else None
     kernel_s = (sum(e.self_device_time_total for e in prof.key_averages()) / 1e6) if cuda else None
     steps = torch.cat([v.float().flatten() for k, v in out.items() if k.endswith("steps")])
-    return {"images": len(ids), "wall_s": wall, "images_per_s": len(ids) / wall,
-            "kernel_share": None if kernel_s is None else kernel_s / wall, "rounds": rounds["n"],
-            "host_syncs": syncs, "syncs_per_round": None if syncs is None else syncs / max(rounds["n"], 1),
-            "evaluations_per_attribution": float(steps.mean())}
+    return {
+        "images": len(ids),
+        "wall_s": wall,
+        "images_per_s": len(ids) / wall,
+        "kernel_share": None if kernel_s is None else kernel_s / wall,
+        "rounds": rounds["n"],
+        "host_syncs": syncs,
+        "syncs_per_round": None if syncs is None else syncs / max(rounds["n"], 1),
+        "evaluations_per_attribution": float(steps.mean()),
+    }
 
 
 def projection(rows: list[dict], model: str, n_images: int, target: int = 50_000) -> dict:
@@ -214,15 +242,23 @@ def coder_timing(run: Path, device: str) -> dict:
         omp_lam, _ = alpha_for_l0(X, V, l0, OMPEncoder)
         U_dev, omp_dev_s = timed(OMPEncoder(V, omp_lam, device=device), X.to(device))
         U_cpu, omp_cpu_s = timed(OMPEncoder(V, omp_lam), X)
-        row = {"rows": X.shape[0], "K": V.shape[0], "C": V.shape[1], "l0": l0,
-               f"fista_{device}_s_per_1k": fista_s, f"omp_{device}_s_per_1k": omp_dev_s,
-               "omp_cpu_s_per_1k": omp_cpu_s,
-               "omp_device_vs_cpu_rel_diff": float((U_dev - U_cpu).norm() / U_cpu.norm().clamp_min(1e-30))}
+        row = {
+            "rows": X.shape[0],
+            "K": V.shape[0],
+            "C": V.shape[1],
+            "l0": l0,
+            f"fista_{device}_s_per_1k": fista_s,
+            f"omp_{device}_s_per_1k": omp_dev_s,
+            "omp_cpu_s_per_1k": omp_cpu_s,
+            "omp_device_vs_cpu_rel_diff": float((U_dev - U_cpu).norm() / U_cpu.norm().clamp_min(1e-30)),
+        }
         if lars_available():
             row["lars_cpu_s_per_1k"] = timed(LassoEncoder(V, lam, solver="lars"), X)[1]
         out[layer] = row
-        print(f"  {layer}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in row.items()), flush=True)
+        print(
+            f"  {layer}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+            flush=True,
+        )
     return out
 
 
@@ -236,16 +272,21 @@ def main() -> None:
     device = "cuda" if gpu else "cpu"
     n_images = args.images or (64 if gpu else 2)
     work = args.out or Path(tempfile.mkdtemp(prefix="gig-gpu-check-"))
-    print(f"device: {torch.cuda.get_device_name(0) if gpu else 'cpu (no GPU: tiny size)'}; torch {torch.__version__}; "
-          f"{n_images} images", flush=True)
+    print(
+        f"device: {torch.cuda.get_device_name(0) if gpu else 'cpu (no GPU: tiny size)'}; torch {torch.__version__}; "
+        f"{n_images} images",
+        flush=True,
+    )
     if gpu:
         # float32 convolutions and matrix products unless the agreement check below says otherwise
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     start = time.perf_counter()
     make_images(work / "images", n_images)
-    specs = {"lite0": ("efficientnet-lite0", "default", ["_blocks.4", "_blocks.8", "_blocks.11", "_blocks.15"]),
-             "resnet50": ("torchvision:resnet50", "none", ["layer1.2", "layer2.3", "layer3.5", "layer4.2"])}
+    specs = {
+        "lite0": ("efficientnet-lite0", "default", ["_blocks.4", "_blocks.8", "_blocks.11", "_blocks.15"]),
+        "resnet50": ("torchvision:resnet50", "none", ["layer1.2", "layer2.3", "layer3.5", "layer4.2"]),
+    }
     rows: list[dict] = []
     coders: dict = {}
     engine: dict = {}
@@ -263,8 +304,9 @@ def main() -> None:
         model, weights, layers = specs[key]
         t0 = time.perf_counter()
         try:
-            rows += stage_table(model, weights, layers, work / "images", work / f"run-{key}", device, n_images,
-                                tiny=not gpu)
+            rows += stage_table(
+                model, weights, layers, work / "images", work / f"run-{key}", device, n_images, tiny=not gpu
+            )
         except Exception:  # noqa: BLE001
             failures.append(f"{model}:\n" + traceback.format_exc())
             print(failures[-1], flush=True)
@@ -286,12 +328,22 @@ def main() -> None:
                 print(failures[-1], flush=True)
         for r in rows:
             if r["model"] == model:
-                print(f"  {r['stage']:10s} {r['seconds']:8.2f} s  {r['images_per_s']:8.2f} img/s  "
-                      f"cuda peak {r['cuda_peak_mb']} MB  rss {r['peak_rss_mb']} MB  "
-                      f"{json.dumps(r.get('gig', ''))} {r.get('completeness_p95', '')}", flush=True)
-    results = {"device": device, "images": n_images, "stages": rows, "agreement": agree, "coders": coders,
-               "engine": engine,
-               "failures": failures, "seconds": time.perf_counter() - start}
+                print(
+                    f"  {r['stage']:10s} {r['seconds']:8.2f} s  {r['images_per_s']:8.2f} img/s  "
+                    f"cuda peak {r['cuda_peak_mb']} MB  rss {r['peak_rss_mb']} MB  "
+                    f"{json.dumps(r.get('gig', ''))} {r.get('completeness_p95', '')}",
+                    flush=True,
+                )
+    results = {
+        "device": device,
+        "images": n_images,
+        "stages": rows,
+        "agreement": agree,
+        "coders": coders,
+        "engine": engine,
+        "failures": failures,
+        "seconds": time.perf_counter() - start,
+    }
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"total {results['seconds']:.1f} s; results in {work / 'results.json'}")
     if args.out is None:

@@ -26,8 +26,8 @@ import time
 import numpy as np
 import torch
 
-from gig.concepts import load_dictionary
 from gig.collect import load_samples
+from gig.concepts import load_dictionary
 from gig.lasso import LassoEncoder, lars_available
 from gig.store import RunStore
 
@@ -54,8 +54,17 @@ def spams_codes(X: np.ndarray, V: np.ndarray, lam: float, nonnegative: bool, dty
 
     D = np.asfortranarray(V.T.astype(dtype))
     Xf = np.asfortranarray(X.T.astype(dtype))
-    A = spams.lasso(Xf, D=D, Q=np.asfortranarray(D.T @ D), q=np.asfortranarray(D.T @ Xf), lambda1=lam,
-                    mode=2, pos=nonnegative, numThreads=1, max_length_path=4 * min(D.shape))
+    A = spams.lasso(
+        Xf,
+        D=D,
+        Q=np.asfortranarray(D.T @ D),
+        q=np.asfortranarray(D.T @ Xf),
+        lambda1=lam,
+        mode=2,
+        pos=nonnegative,
+        numThreads=1,
+        max_length_path=4 * min(D.shape),
+    )
     return np.asarray(A.todense(), dtype=np.float64).T
 
 
@@ -83,11 +92,14 @@ def main() -> None:
         Vn, Xn = V.double().numpy(), pfv.double().numpy()
         check = Xn[: args.check]
         ref = objective(check, sklearn_reference(check, Vn, lam, nonneg), Vn, lam)
+
         def gig_codes(X: np.ndarray, **kw) -> np.ndarray:
             return LassoEncoder(V, lam, nonneg, **kw).encode(torch.from_numpy(X).float()).double().numpy()
 
-        solvers = {f"FISTA {it}": (lambda X, it=it: gig_codes(X, solver="fista", max_iter=it, tol=0.0))
-                   for it in args.fista_iters}
+        solvers = {
+            f"FISTA {it}": (lambda X, it=it: gig_codes(X, solver="fista", max_iter=it, tol=0.0))
+            for it in args.fista_iters
+        }
         if have_spams:
             solvers["SPAMS LARS float64"] = lambda X: spams_codes(X, Vn, lam, nonneg, np.float64)
             solvers["SPAMS LARS float32"] = lambda X: spams_codes(X, Vn, lam, nonneg, np.float32)
@@ -97,8 +109,11 @@ def main() -> None:
             start = time.perf_counter()
             U = solve(Xn)
             per_1000 = (time.perf_counter() - start) / len(Xn) * 1000
-            print(f"| {layer} | {V.shape[0]}×{V.shape[1]} | {lam:.3g} | {name} | {np.median(gap):.2e} | "
-                  f"{gap.max():.2e} | {per_1000:.2f} | {(U != 0).mean():.3f} |", flush=True)
+            print(
+                f"| {layer} | {V.shape[0]}×{V.shape[1]} | {lam:.3g} | {name} | {np.median(gap):.2e} | "
+                f"{gap.max():.2e} | {per_1000:.2f} | {(U != 0).mean():.3f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -35,22 +35,26 @@ Pipeline(Config(images=sys.argv[2], max_images=int(sys.argv[4]), gig_tol=float(s
 STAGES = ("collect", "decompose", "attribute")
 
 
-def launch(out: Path, images: str, n: int, shard: int, processes: int, threads: int, tol: float,
-           layers: str) -> dict[str, float]:
+def launch(
+    out: Path, images: str, n: int, shard: int, processes: int, threads: int, tol: float, layers: str
+) -> dict[str, float]:
     script = out.parent / "_run.py"
     script.write_text(_RUN)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = str(threads)
     args = [str(script), str(out), images, str(shard), str(n), str(tol), layers]
-    command = ([sys.executable, *args] if processes == 1 else
-               [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *args])
+    command = (
+        [sys.executable, *args]
+        if processes == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *args]
+    )
     subprocess.run(command, check=True, env=env)
     stages = json.loads((out / "manifest.json").read_text())["stages"]
     return {s: float(stages[s]["seconds"]) for s in STAGES}
 
 
 def same_tensors(a: Path, b: Path) -> str:
-    """"equal", or the largest difference relative to a tensor's largest entry: a shard split by
+    """ "equal", or the largest difference relative to a tensor's largest entry: a shard split by
     images across ranks (fewer shards than ranks) batches them differently, which moves floats by
     rounding."""
     import torch
@@ -84,8 +88,10 @@ def main() -> None:
         run = args.out / name.replace(" ", "")
         seconds[name] = launch(run, images, args.images, args.shard, processes, threads, args.gig_tol, args.layers)
     base = sum(seconds["1 process x 1 thread"].values())
-    print(f"{args.images} photos from {images}, {args.shard} per shard, layers {args.layers or 'default'}, "
-          f"gig_tol {args.gig_tol}")
+    print(
+        f"{args.images} photos from {images}, {args.shard} per shard, layers {args.layers or 'default'}, "
+        f"gig_tol {args.gig_tol}"
+    )
     print("| way | " + " | ".join(STAGES) + " | total s | speed-up |")
     print("|---|" + "---|" * (len(STAGES) + 2))
     for name, s in seconds.items():
@@ -93,8 +99,10 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(f"{s[k]:.1f}" for k in STAGES) + f" | {total:.1f} | {base / total:.2f}x |")
     two = base / sum(seconds["2 processes x 1 thread"].values())
     print(f"parallel efficiency of 2 processes: {two / 2:.0%}")
-    print("2-process tensors against 1-process:",
-          same_tensors(args.out / "1processx1thread", args.out / "2processesx1thread"))
+    print(
+        "2-process tensors against 1-process:",
+        same_tensors(args.out / "1processx1thread", args.out / "2processesx1thread"),
+    )
 
 
 if __name__ == "__main__":

@@ -33,9 +33,16 @@ def main() -> None:
     from gig.pipeline import Pipeline
 
     work = Path(tempfile.mkdtemp(prefix="gig-profile-"))
-    config = Config(model=args.model, weights=args.weights, max_images=args.images, device=args.device,
-                    internal_batch_size=args.internal_batch_size, samples_per_image=16, lasso_max_iter=100,
-                    **({"layers": args.layer} if args.layer else {}))
+    config = Config(
+        model=args.model,
+        weights=args.weights,
+        max_images=args.images,
+        device=args.device,
+        internal_batch_size=args.internal_batch_size,
+        samples_per_image=16,
+        lasso_max_iter=100,
+        **({"layers": args.layer} if args.layer else {}),
+    )
     pipe = Pipeline(config, work / "run", progress=False)
     pipe.run(["collect", "concepts", "decompose"])
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
@@ -48,9 +55,11 @@ def main() -> None:
     summary = pipe.store.summary("attribute")["accuracy"]
     key = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
-    print(f"attribute: {seconds:.1f} s for {args.images} images under the profiler "
-          f"({seconds / args.images:.2f} s/image); GIG evaluations {summary['evaluations_total']} "
-          f"(mean {summary['evaluations_mean']:.1f} per attribution)")
+    print(
+        f"attribute: {seconds:.1f} s for {args.images} images under the profiler "
+        f"({seconds / args.images:.2f} s/image); GIG evaluations {summary['evaluations_total']} "
+        f"(mean {summary['evaluations_mean']:.1f} per attribution)"
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,6 @@ import torch
 from safetensors import safe_open
 
 from gig.attribution import ESTIMATE_SCALE
-
 
 #: a forward's cost in backward passes (one target): the attribute stage's profile on Lite0, one CPU thread
 FORWARD_COST = 0.65
@@ -104,8 +103,13 @@ def replay(F: torch.Tensor, g: torch.Tensor, rule: Rule, tol: float) -> dict:
     cells = [(2 * j * step, (2 * j + 1) * step, (2 * j + 2) * step) for j in range(rule.min_cells)]
     delta = g[-1] - g[0]
     active = np.ones(t, bool)
-    out = {"A": torch.zeros(t, F.shape[2], dtype=F.dtype), "est": np.zeros(t), "evals": np.zeros(t, int),
-           "converged": np.zeros(t, bool), "floor": 0}
+    out = {
+        "A": torch.zeros(t, F.shape[2], dtype=F.dtype),
+        "est": np.zeros(t),
+        "evals": np.zeros(t, int),
+        "converged": np.zeros(t, bool),
+        "floor": 0,
+    }
     while active.any():
         c = torch.tensor(cells)
         Fa, Fm, Fb = F[c[:, 0]], F[c[:, 1]], F[c[:, 2]]
@@ -144,7 +148,7 @@ def replay(F: torch.Tensor, g: torch.Tensor, rule: Rule, tol: float) -> dict:
         active &= ~finish
         if not active.any():
             break
-        score = (local / norm ** 2)[:, torch.from_numpy(active)].sum(1).numpy()
+        score = (local / norm**2)[:, torch.from_numpy(active)].sum(1).numpy()
         score = np.where(splittable, score, -1.0)
         order = np.argsort(-score, kind="stable")
         cum = np.cumsum(np.clip(score[order], 0, None))
@@ -173,8 +177,11 @@ def replay(F: torch.Tensor, g: torch.Tensor, rule: Rule, tol: float) -> dict:
 def study(groups: list[dict], rule: Rule, tol: float) -> dict:
     rows = []
     if rule.per_target:
-        groups = [{**grp, "F": grp["F"][:, t : t + 1], "g": grp["g"][:, t : t + 1], "group": i}
-                  for i, grp in enumerate(groups) for t in range(grp["F"].shape[1])]
+        groups = [
+            {**grp, "F": grp["F"][:, t : t + 1], "g": grp["g"][:, t : t + 1], "group": i}
+            for i, grp in enumerate(groups)
+            for t in range(grp["F"].shape[1])
+        ]
     union: dict[int, set] = {}
     for i, grp in enumerate(groups):
         ref = trapezoid(grp["F"])  # (T, K)
@@ -184,10 +191,18 @@ def study(groups: list[dict], rule: Rule, tol: float) -> dict:
         delta = (grp["g"][-1] - grp["g"][0]).numpy()
         ref_resid = np.abs(ref.sum(-1).numpy() - delta) / np.maximum(np.abs(delta), 1e-12)
         for j in range(len(err)):
-            rows.append({"kind": grp["kind"], "error": float(err[j]), "estimate": float(res["est"][j]),
-                         "evals": int(res["evals"][j]), "converged": bool(res["converged"][j]),
-                         "ref_residual": float(ref_resid[j]), "floor": res["floor"],
-                         "group": grp.get("group", i)})
+            rows.append(
+                {
+                    "kind": grp["kind"],
+                    "error": float(err[j]),
+                    "estimate": float(res["est"][j]),
+                    "evals": int(res["evals"][j]),
+                    "converged": bool(res["converged"][j]),
+                    "ref_residual": float(ref_resid[j]),
+                    "floor": res["floor"],
+                    "group": grp.get("group", i),
+                }
+            )
     for r in rows:  # forwards: the group's distinct nodes, shared by its paths
         r["forwards"] = len(union[r["group"]]) / sum(x["group"] == r["group"] for x in rows)
     return rows
@@ -198,12 +213,18 @@ def summary(rows: list[dict]) -> dict:
     est = np.array([r["estimate"] for r in rows])
     ev = np.array([r["evals"] for r in rows])
     fw = np.array([r["forwards"] for r in rows])
-    return {"paths": len(rows), "evals_mean": float(ev.mean()), "forwards_mean": float(fw.mean()),
-            "cost_mean": float(ev.mean() + FORWARD_COST * fw.mean()), "err_p95": float(np.quantile(err, 0.95)),
-            "err_max": float(err.max()), "honest": float(np.mean(est >= 0.5 * err)),
-            "est_over_err": float(np.median(est / np.maximum(err, 1e-12))),
-            "est_over_err_p5": float(np.quantile(est / np.maximum(err, 1e-12), 0.05)),
-            "unconverged": float(np.mean([not r["converged"] for r in rows]))}
+    return {
+        "paths": len(rows),
+        "evals_mean": float(ev.mean()),
+        "forwards_mean": float(fw.mean()),
+        "cost_mean": float(ev.mean() + FORWARD_COST * fw.mean()),
+        "err_p95": float(np.quantile(err, 0.95)),
+        "err_max": float(err.max()),
+        "honest": float(np.mean(est >= 0.5 * err)),
+        "est_over_err": float(np.median(est / np.maximum(err, 1e-12))),
+        "est_over_err_p5": float(np.quantile(est / np.maximum(err, 1e-12), 0.05)),
+        "unconverged": float(np.mean([not r["converged"] for r in rows])),
+    }
 
 
 RULES = {
@@ -245,9 +266,13 @@ def structure(groups: list[dict]) -> dict:
             half.append(int((share < 0.5).sum()) + 1)
             most.append(int((share < 0.9).sum()) + 1)
     q = lambda v: [float(x) for x in np.quantile(v, [0.05, 0.5, 0.95])]  # noqa: E731
-    return {"paths": len(ratio), "intervals": groups[0]["F"].shape[0] - 1,
-            "total_variation_over_norm_p5_p50_p95": q(ratio),
-            "intervals_holding_half_p5_p50_p95": q(half), "intervals_holding_90pct_p5_p50_p95": q(most)}
+    return {
+        "paths": len(ratio),
+        "intervals": groups[0]["F"].shape[0] - 1,
+        "total_variation_over_norm_p5_p50_p95": q(ratio),
+        "intervals_holding_half_p5_p50_p95": q(half),
+        "intervals_holding_90pct_p5_p50_p95": q(most),
+    }
 
 
 def main() -> None:

@@ -25,11 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build(run: Path, out: Path, threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "gig", "report", str(run), "--out", str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gig", "report", str(run), "--out", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     watched, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -41,9 +49,13 @@ def build(run: Path, out: Path, threads: int) -> dict:
     if proc.returncode:
         raise SystemExit(f"gig report {run} failed:\n{output}")
     files = [f for f in out.rglob("*") if f.is_file()]
-    return {"build_s": time.perf_counter() - start, "peak_rss_mb": peak / 2**20,
-            "index_mb": (out / "index.html").stat().st_size / 2**20,
-            "total_mb": sum(f.stat().st_size for f in files) / 2**20, "files": len(files)}
+    return {
+        "build_s": time.perf_counter() - start,
+        "peak_rss_mb": peak / 2**20,
+        "index_mb": (out / "index.html").stat().st_size / 2**20,
+        "total_mb": sum(f.stat().st_size for f in files) / 2**20,
+        "files": len(files),
+    }
 
 
 def open_time(index: Path) -> float | None:
@@ -78,8 +90,12 @@ def main() -> None:
     for run in args.runs:
         images = len(json.loads((run / "collect" / "images.json").read_text())["images"])
         shards = len(list((run / "attribute" / "shards").glob("*.safetensors")))
-        row = {"run": str(run), "images": images, "attribute_shards": shards,
-               **build(run, run / "report-bench", args.threads)}
+        row = {
+            "run": str(run),
+            "images": images,
+            "attribute_shards": shards,
+            **build(run, run / "report-bench", args.threads),
+        }
         row["open_s"] = None if args.no_browser else open_time(run / "report-bench" / "index.html")
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -87,8 +103,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         opened = "-" if r["open_s"] is None else f"{r['open_s']:.2f}"
-        print(f"| {r['images']} | {r['build_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['index_mb']:.2f} | "
-              f"{r['total_mb']:.1f} ({r['files']}) | {opened} |")
+        print(
+            f"| {r['images']} | {r['build_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['index_mb']:.2f} | "
+            f"{r['total_mb']:.1f} ({r['files']}) | {opened} |"
+        )
 
 
 if __name__ == "__main__":

@@ -63,14 +63,22 @@ def run_stages(run: Path, settings: dict, env: dict) -> dict:
     config.write_text(yaml.safe_dump(settings))
     with open(run.parent / f"{run.name}.log", "w") as log:  # the stages' own output and progress bars
         for stage in STAGES:
-            subprocess.run([sys.executable, "-m", "gig", stage, str(run), "--config", str(config)],
-                           check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+            subprocess.run(
+                [sys.executable, "-m", "gig", stage, str(run), "--config", str(config)],
+                check=True,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
     stages = json.loads((run / "manifest.json").read_text())["stages"]
     rows = {}
     for stage in STAGES:
         entry = stages[stage]
-        rows[stage] = {"seconds": float(entry["seconds"]), "peak_rss_mb": entry.get("peak_rss_mb"),
-                       "cuda_peak_mb": entry.get("cuda_peak_mb")}
+        rows[stage] = {
+            "seconds": float(entry["seconds"]),
+            "peak_rss_mb": entry.get("peak_rss_mb"),
+            "cuda_peak_mb": entry.get("cuda_peak_mb"),
+        }
     acc = stages["attribute"].get("summary", {}).get("accuracy", {})
     rows["attribute"]["evaluations_total"] = acc.get("evaluations_total")
     rows["attribute"]["evaluations_mean"] = acc.get("evaluations_mean")
@@ -88,20 +96,31 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def table(rows: list[dict], key: str, label: str) -> str:
-    head = f"| {label} | " + " | ".join(f"{s} s" for s in STAGES) + " | total s | " + \
-           " | ".join(f"{s} MB" for s in STAGES) + " |"
+    head = (
+        f"| {label} | "
+        + " | ".join(f"{s} s" for s in STAGES)
+        + " | total s | "
+        + " | ".join(f"{s} MB" for s in STAGES)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (len(STAGES) * 2 + 2)]
     for r in rows:
         secs = [r["stages"][s]["seconds"] for s in STAGES]
         mem = [r["stages"][s]["peak_rss_mb"] for s in STAGES]
-        lines.append(f"| {r[key]} | " + " | ".join(f"{v:.1f}" for v in secs) + f" | {sum(secs):.1f} | "
-                     + " | ".join(f"{v:.0f}" for v in mem) + " |")
+        lines.append(
+            f"| {r[key]} | "
+            + " | ".join(f"{v:.1f}" for v in secs)
+            + f" | {sum(secs):.1f} | "
+            + " | ".join(f"{v:.0f}" for v in mem)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def cuda_table(rows: list[dict], key: str) -> str:
-    return "\n".join(f"  {r[key]}: " + ", ".join(f"{s} {r['stages'][s]['cuda_peak_mb']} MB" for s in STAGES)
-                     for r in rows)
+    return "\n".join(
+        f"  {r[key]}: " + ", ".join(f"{s} {r['stages'][s]['cuda_peak_mb']} MB" for s in STAGES) for r in rows
+    )
 
 
 def main() -> None:
@@ -114,12 +133,21 @@ def main() -> None:
     parser.add_argument("--model", default="efficientnet-lite0")
     parser.add_argument("--weights", default="default")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other config setting (YAML value), e.g. --set n_steps=8")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other config setting (YAML value), e.g. --set n_steps=8",
+    )
     parser.add_argument("--project", type=int, default=50000, help="images of the projected setting")
     parser.add_argument("--gpus", default="1,8", help="devices of the projection")
-    parser.add_argument("--efficiency", type=float, default=0.95,
-                        help="parallel efficiency of the sharded stages on several devices (a measured figure)")
+    parser.add_argument(
+        "--efficiency",
+        type=float,
+        default=0.95,
+        help="parallel efficiency of the sharded stages on several devices (a measured figure)",
+    )
     args = parser.parse_args()
 
     counts = [int(n) for n in args.images.split(",")]
@@ -131,12 +159,25 @@ def main() -> None:
     env["PYTHONPATH"] = str(BENCH.parent / "src") + os.pathsep + env.get("PYTHONPATH", "")
 
     def settings(n: int, use_layers: list[str], **more) -> dict:
-        return {"model": args.model, "weights": args.weights, "device": args.device, "layers": use_layers,
-                "images": str(image_list(folder, n, args.out / f"images_{n}.csv")), **extra, **more}
+        return {
+            "model": args.model,
+            "weights": args.weights,
+            "device": args.device,
+            "layers": use_layers,
+            "images": str(image_list(folder, n, args.out / f"images_{n}.csv")),
+            **extra,
+            **more,
+        }
 
     start = time.perf_counter()
-    results: dict = {"device": args.device, "model": args.model, "settings": extra, "images": [], "layers": [],
-                     "concepts": []}
+    results: dict = {
+        "device": args.device,
+        "model": args.model,
+        "settings": extra,
+        "images": [],
+        "layers": [],
+        "concepts": [],
+    }
     for n in counts:
         stages = run_stages(args.out / f"images-{n}", settings(n, layers), env)
         results["images"].append({"n_images": n, "n_layers": len(layers), "stages": stages})
@@ -151,8 +192,10 @@ def main() -> None:
         stages = run_stages(args.out / f"concepts-{k}", settings(n0, layers, max_concepts=k), env)
         results["concepts"].append({"max_concepts": k, "n_images": n0, "stages": stages})
 
-    print(f"\n{args.model} on {args.device}, settings {extra or 'default'}; seconds and peak RSS per stage "
-          "(each stage its own process)\n")
+    print(
+        f"\n{args.model} on {args.device}, settings {extra or 'default'}; seconds and peak RSS per stage "
+        "(each stage its own process)\n"
+    )
     print(table(results["images"], "n_images", "images"))
     if args.device.startswith("cuda"):
         print("CUDA peak per stage:\n" + cuda_table(results["images"], "n_images"))
@@ -166,26 +209,34 @@ def main() -> None:
         xs = [r["n_images"] for r in results["images"]]
         lines[s] = fit_line(xs, [r["stages"][s]["seconds"] for r in results["images"]])
     results["lines"] = {s: {"fixed_s": f, "per_image_s": b} for s, (f, b) in lines.items()}
-    per_eval = [r["stages"]["attribute"]["seconds"] / max(r["stages"]["attribute"]["evaluations_total"] or 1, 1)
-                for r in results["images"]]
+    per_eval = [
+        r["stages"]["attribute"]["seconds"] / max(r["stages"]["attribute"]["evaluations_total"] or 1, 1)
+        for r in results["images"]
+    ]
     results["attribute_s_per_evaluation"] = per_eval
-    print("\nper-image cost (least squares over the images sweep): "
-          + ", ".join(f"{s} {b * 1e3:.1f} ms/image + {f:.1f} s" for s, (f, b) in lines.items()))
+    print(
+        "\nper-image cost (least squares over the images sweep): "
+        + ", ".join(f"{s} {b * 1e3:.1f} ms/image + {f:.1f} s" for s, (f, b) in lines.items())
+    )
     print("attribute seconds per GIG evaluation: " + ", ".join(f"{v * 1e3:.2f} ms" for v in per_eval))
     projection = {}
     bent = [s for s, (f, b) in lines.items() if f < -0.05 * max(r["stages"][s]["seconds"] for r in results["images"])]
     if bent:  # a negative fixed cost: the stage is not linear over these counts (e.g. the
         # decompose stage's sparsity front grows with the images up to front_images)
-        print(f"no projection: {', '.join(bent)} not linear in the images over {counts} "
-              "(negative fixed cost); measure at more images")
-    for g in ([] if bent else [int(g) for g in args.gpus.split(",")]):
+        print(
+            f"no projection: {', '.join(bent)} not linear in the images over {counts} "
+            "(negative fixed cost); measure at more images"
+        )
+    for g in [] if bent else [int(g) for g in args.gpus.split(",")]:
         speed = g * args.efficiency if g > 1 else 1.0
         stage_s = {s: f + b * args.project / (speed if s in SHARDED else 1.0) for s, (f, b) in lines.items()}
         projection[g] = stage_s
-        print(f"PROJECTION (not a measurement) for {args.project} images on {g} device(s)"
-              f"{f' at {args.efficiency:.0%} parallel efficiency' if g > 1 else ''}: "
-              + ", ".join(f"{s} {v / 3600:.2f} h" for s, v in stage_s.items())
-              + f"; total {sum(stage_s.values()) / 3600:.2f} h")
+        print(
+            f"PROJECTION (not a measurement) for {args.project} images on {g} device(s)"
+            f"{f' at {args.efficiency:.0%} parallel efficiency' if g > 1 else ''}: "
+            + ", ".join(f"{s} {v / 3600:.2f} h" for s, v in stage_s.items())
+            + f"; total {sum(stage_s.values()) / 3600:.2f} h"
+        )
     results["projection"] = {"n_images": args.project, "efficiency": args.efficiency, "seconds": projection}
     results["seconds"] = time.perf_counter() - start
     (args.out / "scaling.json").write_text(json.dumps(results, indent=1))

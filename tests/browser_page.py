@@ -12,8 +12,16 @@ import pytest
 SCREENSHOTS = Path(os.environ.get("GIG_REPORT_SCREENSHOTS", Path(__file__).parent / "report_browser" / "screenshots"))
 
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _chromium() -> str | None:
@@ -25,8 +33,9 @@ def _chromium() -> str | None:
 
 def launch_browser():
     """Yield a launched Chromium, or skip the test when Playwright or chromium is missing."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (.ci/install-browser)",
-                                   exc_type=ImportError)
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="Playwright is not installed (.ci/install-browser)", exc_type=ImportError
+    )
     executable = _chromium()
     if executable is None:
         pytest.skip("no chromium found (.ci/install-browser installs Debian's)")
@@ -53,8 +62,9 @@ class Page:
         self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
 
     def node_point(self, node_id: str) -> tuple[float, float]:
-        p = self.page.evaluate("""id => { const n = window.gigReport.cy.getElementById(id); const p = n.renderedPosition();
-            const r = document.getElementById('cy').getBoundingClientRect(); return [r.left + p.x, r.top + p.y]; }""", node_id)
+        p = self.page.evaluate(
+            """id => { const n = window.gigReport.cy.getElementById(id); const p = n.renderedPosition();
+            const r = document.getElementById('cy').getBoundingClientRect(); return [r.left + p.x, r.top + p.y]; }""",
+            node_id,
+        )
         return p[0], p[1]
-
-

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 import torch
 from PIL import Image
@@ -63,11 +62,13 @@ def tiny_bundle():
 @pytest.fixture()
 def lasso_problem():
     """``make(k, c, p, seed) → (X (p, c), V (k, c))``: rows built from ~20 % of the atoms plus noise."""
+
     def make(k: int = 24, c: int = 10, p: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
         V = torch.randn(k, c, generator=g)
         U_true = torch.randn(p, k, generator=g) * (torch.rand(p, k, generator=g) < 0.2)
         return U_true @ V + 0.05 * torch.randn(p, c, generator=g), V
+
     return make
 
 
@@ -82,8 +83,12 @@ def browser():
 # --------------------------------------------------------------------- a finished tiny run
 HOSTILE = '<img src=x onerror="window.__xss=1"></script><script>window.__xss=2</script>&amp;'
 #: The last is not valid UTF-8 (byte 0xff), as file names from other systems can be.
-HOSTILE_FILES = ["<svg onload=window.__xss=3>", 'quote" onmouseover="window.__xss=4', "plain & simple",
-                 b"latin\xff1".decode("utf-8", "surrogateescape")]
+HOSTILE_FILES = [
+    "<svg onload=window.__xss=3>",
+    'quote" onmouseover="window.__xss=4',
+    "plain & simple",
+    b"latin\xff1".decode("utf-8", "surrogateescape"),
+]
 LAYERS = ["_blocks.8", "_blocks.15"]
 
 
@@ -108,23 +113,38 @@ def tiny_run(tmp_path_factory) -> dict:
     bundle = load_model("efficientnet-lite0")
     names = [f"{n} {HOSTILE}" for n in bundle.class_names]
     bundle.class_names = names
-    config = Config(images=str(photos), layers=list(LAYERS), n_steps=4, top_k=3, samples_per_image=8,
-                    calibration_size=200, lasso_max_iter=100)
+    config = Config(
+        images=str(photos),
+        layers=list(LAYERS),
+        n_steps=4,
+        top_k=3,
+        samples_per_image=8,
+        calibration_size=200,
+        lasso_max_iter=100,
+    )
     run = root / "run"
     started = time.perf_counter()
     Pipeline(config, run, model=bundle, progress=False).run()
     evaluate = run / "evaluate"
     evaluate.mkdir()
-    (evaluate / "summary.json").write_text(json.dumps(
-        {"c_deletion": {"_blocks.8": {"ours": 0.31, "kmeans": 0.25}, "_blocks.15": {"ours": 0.42, "kmeans": 0.4}},
-         "n_images": 6, "note": HOSTILE}))
-    (evaluate / "tables.md").write_text(f"# Results\n\n| method | AUC |\n| --- | --- |\n| ours | 0.5 |\n| {HOSTILE} | 0.1 |\n")
+    (evaluate / "summary.json").write_text(
+        json.dumps(
+            {
+                "c_deletion": {
+                    "_blocks.8": {"ours": 0.31, "kmeans": 0.25},
+                    "_blocks.15": {"ours": 0.42, "kmeans": 0.4},
+                },
+                "n_images": 6,
+                "note": HOSTILE,
+            }
+        )
+    )
+    (evaluate / "tables.md").write_text(
+        f"# Results\n\n| method | AUC |\n| --- | --- |\n| ours | 0.5 |\n| {HOSTILE} | 0.1 |\n"
+    )
     Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(evaluate / "curve.png")
     (evaluate / "settings.json").write_text(json.dumps({"n_images": 6, "timings": {"total_s": 1.5}}))
     (evaluate / "parts").mkdir()
     (evaluate / "parts" / "00000.json").write_text("{}")
     index = build_report(run, model=bundle)
-    return {"run": run, "index": index, "names": names, "bundle": bundle,
-            "seconds": time.perf_counter() - started}
-
-
+    return {"run": run, "index": index, "names": names, "bundle": bundle, "seconds": time.perf_counter() - started}

@@ -8,22 +8,40 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TinyNet  # stem → block1 (12 ch, 8×8) → block2 (16 ch, 4×4) → mean → linear head
 from typer.testing import CliRunner
 
-from gig.ablate import (AblationResult, ablate, ablate_codes, ablation_correlation, ablation_path, correlation_path,
-                        grid_shape, open_run, run_codes, spearman)
-from gig.decompose import encode_pixels
+from gig.ablate import (
+    AblationResult,
+    ablate,
+    ablate_codes,
+    ablation_correlation,
+    ablation_path,
+    correlation_path,
+    grid_shape,
+    open_run,
+    run_codes,
+    spearman,
+)
 from gig.config import Config
+from gig.decompose import encode_pixels
 from gig.errors import ConfigError
 from gig.models import wrap_module
 from gig.pipeline import Pipeline
 from gig.readouts import ConceptReadout
 from gig.store import RunStore, load_tensors
 
-from conftest import TinyNet  # stem → block1 (12 ch, 8×8) → block2 (16 ch, 4×4) → mean → linear head
-
-SMALL = dict(layers=["block1", "block2"], max_images=4, samples_per_image=8, min_cluster=4, n_steps=4,
-             batch_size=4, internal_batch_size=32, top_k=2, front_images=4)
+SMALL = dict(
+    layers=["block1", "block2"],
+    max_images=4,
+    samples_per_image=8,
+    min_cluster=4,
+    n_steps=4,
+    batch_size=4,
+    internal_batch_size=32,
+    top_k=2,
+    front_images=4,
+)
 
 
 def _bundle():
@@ -34,7 +52,9 @@ def _bundle():
 def run(tmp_path_factory):
     """A finished tiny run (every stage but the graph's pictures) and its context."""
     out = tmp_path_factory.mktemp("ablate") / "run"
-    Pipeline(Config(**SMALL), out, model=_bundle(), progress=False).run(["collect", "concepts", "decompose", "attribute"])
+    Pipeline(Config(**SMALL), out, model=_bundle(), progress=False).run(
+        ["collect", "concepts", "decompose", "attribute"]
+    )
     return out
 
 
@@ -69,15 +89,18 @@ def test_zero_code_changes_nothing_and_all_gives_zero_grid(run, ctx):
     removals = torch.zeros(2, V.shape[0], dtype=torch.bool)
     removals[0, 3] = True
     removals[1] = True  # every concept
-    out = ablate_codes(ctx.handle, "block1", pixels, codes, V, removals, [None, "block2"],
-                       {"block2": ctx.dictionary("block2")})
+    out = ablate_codes(
+        ctx.handle, "block1", pixels, codes, V, removals, [None, "block2"], {"block2": ctx.dictionary("block2")}
+    )
     for read in (None, "block2"):
         assert torch.equal(out[read][:, 1], out[read][:, 0])  # nothing to remove: bit-identical
     c, h, w = grid_shape(ctx.handle, "block1", pixels)
     zero = torch.zeros(2, c, h, w)
     with torch.no_grad():
         torch.testing.assert_close(out[None][:, 2], ctx.handle.run_from(pixels, "block1", zero))
-        readout = ConceptReadout("block2", ctx.dictionary("block2")).all(ctx.handle.run_from(pixels, "block1", zero, read="block2"))
+        readout = ConceptReadout("block2", ctx.dictionary("block2")).all(
+            ctx.handle.run_from(pixels, "block1", zero, read="block2")
+        )
     torch.testing.assert_close(out["block2"][:, 2], readout)
 
 
@@ -103,7 +126,9 @@ def test_ablate_writes_json_and_mean(run, ctx):
     assert doc["readout_layers"] == ["block2"] and doc["n_images"] == 2
     image = doc["images"][0]
     assert image["image_id"] == 1 and set(image["target_logit"]) == {"original", "reconstruction", "ablated", "delta"}
-    assert image["target_prob"]["delta"] == pytest.approx(image["target_prob"]["ablated"] - image["target_prob"]["reconstruction"])
+    assert image["target_prob"]["delta"] == pytest.approx(
+        image["target_prob"]["ablated"] - image["target_prob"]["reconstruction"]
+    )
     K2 = ctx.dictionary("block2").shape[0]
     mean = doc["mean"]
     assert len(mean["readouts"]["block2"]["delta"]) == K2
@@ -198,10 +223,24 @@ def test_cli_ablation_correlation(tiny_run, tmp_path) -> None:
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run["run"], run)
-    result = CliRunner().invoke(app, ["ablation-correlation", str(run), "--max-images", "1", "--top-n", "2",
-                                      "--others", "1", "--n-random", "2", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "ablation-correlation",
+            str(run),
+            "--max-images",
+            "1",
+            "--top-n",
+            "2",
+            "--others",
+            "1",
+            "--n-random",
+            "2",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    printed = json.loads(result.stdout[result.stdout.index("{"):])
+    printed = json.loads(result.stdout[result.stdout.index("{") :])
     assert printed == json.loads((run / "graph" / "ablation" / "correlation.json").read_text())
     assert set(printed["transitions"]) == {"_blocks.8->_blocks.15", "_blocks.15->class"}
     for t in printed["transitions"].values():

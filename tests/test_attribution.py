@@ -8,10 +8,9 @@ import torch
 from torch import nn
 
 from gig.attribution import GIG, gig_maps, quadrature
-from gig.readouts import concept_readout
 from gig.hooks import ModelHandle
 from gig.models import wrap_module
-from gig.readouts import ClassLogit, ClassProbability, ConceptReadout
+from gig.readouts import ClassLogit, ClassProbability, ConceptReadout, concept_readout
 
 
 class QuadraticHead(nn.Module):
@@ -25,7 +24,7 @@ class QuadraticHead(nn.Module):
 
     def forward(self, x):
         h = self.body(x)
-        return torch.einsum("jc,nchw->nj", self.A, h ** 2)
+        return torch.einsum("jc,nchw->nj", self.A, h**2)
 
 
 def test_quadrature_rules_integrate_polynomials():
@@ -230,9 +229,11 @@ def test_error_control_on_smooth_network_against_fine_reference():
     V = torch.randn(K, 5)
     U = torch.randn(2, 64, K) * 2
     Vb = torch.randn(9, 6)
-    cases = [({}, torch.tensor([[0, 3], [1, 2]])),
-             ({"read_layer": "mid", "read_vectors": Vb}, torch.tensor([[0, 4, 8], [1, 2, 3]])),
-             ({"readout": ClassProbability()}, torch.tensor([[1], [2]]))]
+    cases = [
+        ({}, torch.tensor([[0, 3], [1, 2]])),
+        ({"read_layer": "mid", "read_vectors": Vb}, torch.tensor([[0, 4, 8], [1, 2, 3]])),
+        ({"readout": ClassProbability()}, torch.tensor([[1], [2]])),
+    ]
     for read, target in cases:
         ref = GIG(handle, "body", V, n_steps=4096).attribute(x, U, target, **read)
         res = GIG(handle, "body", V, tol=0.005).attribute(x, U, target, **read)
@@ -276,7 +277,8 @@ def test_error_control_gradients_give_back_the_attributions():
     handle = ModelHandle(wrap_module(model, "kinked", input_size=6))
     target = torch.tensor([[0, 1, 2], [2, 0, 1], [1, 2, 0]])
     res = GIG(handle, "body", V, tol=0.003, max_steps=1024, internal_batch_size=8).attribute(
-        x, U, target, return_gradients=True)
+        x, U, target, return_gradients=True
+    )
     assert int(res.n_evaluations.max()) > int(res.n_evaluations.min())  # paths refined differently
     g_bar = res.integrated_gradients.transpose(2, 3).reshape(3, 3, V.shape[1], 6, 6)
     torch.testing.assert_close(project(U, g_bar, V), res.attributions, rtol=1e-4, atol=1e-5)
@@ -304,7 +306,9 @@ def test_host_syncs_per_round_do_not_grow_with_images(monkeypatch):
     for copies in (1, 8):
         gig.attribute(x[:1], U[:1], torch.tensor([[0, 1, 2]]))  # warm: the run_from checks
         syncs["n"] = 0
-        res = gig.attribute(x[:1].repeat(copies, 1, 1, 1), U[:1].repeat(copies, 1, 1), torch.tensor([[0, 1, 2]] * copies))
+        res = gig.attribute(
+            x[:1].repeat(copies, 1, 1, 1), U[:1].repeat(copies, 1, 1), torch.tensor([[0, 1, 2]] * copies)
+        )
         counts.append(syncs["n"])
         assert int(res.n_evaluations.max()) > 17  # several rounds of refinement
     assert counts[0] == counts[1], counts
@@ -330,8 +334,9 @@ def test_readouts_match_their_formulas():
     logits = torch.randn(4, 10)
     index = torch.tensor([[1, 2], [0, 9], [3, 3], [5, 4]])
     torch.testing.assert_close(ClassLogit().values(logits, index), logits.gather(1, index))
-    torch.testing.assert_close(ClassProbability().values(logits, index),
-                               torch.nn.functional.softmax(logits, 1).gather(1, index))
+    torch.testing.assert_close(
+        ClassProbability().values(logits, index), torch.nn.functional.softmax(logits, 1).gather(1, index)
+    )
     grid = torch.randn(4, 3, 5, 5)
     vectors = torch.randn(6, 3)
     got = ConceptReadout("x", vectors).values(grid, index % 6)
@@ -340,7 +345,9 @@ def test_readouts_match_their_formulas():
             v = vectors[int(index[m, t]) % 6]
             want = max(float(grid[m, :, i, j] @ v) for i in range(5) for j in range(5)) / float(v.norm())
             assert float(got[m, t]) == pytest.approx(want, rel=1e-5)
-    torch.testing.assert_close(concept_readout(grid, vectors[:4]), ConceptReadout("x", vectors).all(grid).diagonal()[:4])
+    torch.testing.assert_close(
+        concept_readout(grid, vectors[:4]), ConceptReadout("x", vectors).all(grid).diagonal()[:4]
+    )
 
 
 def test_progress_reports_every_round_and_adds_up():
@@ -349,7 +356,8 @@ def test_progress_reports_every_round_and_adds_up():
     handle = ModelHandle(wrap_module(model, "kinked", input_size=6))
     shares: list[float] = []
     res = GIG(handle, "body", V, tol=0.003, max_steps=1024).attribute(
-        x, U, torch.tensor([[0, 1, 2], [2, 0, 1], [1, 2, 0]]), progress=shares.append)
+        x, U, torch.tensor([[0, 1, 2], [2, 0, 1], [1, 2, 0]]), progress=shares.append
+    )
     assert int(res.n_evaluations.max()) > 17  # refined beyond the start grid
     assert len(shares) > 2 and all(s >= 0 for s in shares)
     assert sum(shares) == pytest.approx(1.0)

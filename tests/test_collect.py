@@ -72,8 +72,12 @@ def test_nan_activations_are_a_clear_error(tmp_path):
 
     from gig.models import wrap_module
 
-    pipe = Pipeline(Config(layers=["body"], max_images=2, samples_per_image=2), tmp_path / "r",
-                    model=wrap_module(Broken(), "broken", input_size=32), progress=False)
+    pipe = Pipeline(
+        Config(layers=["body"], max_images=2, samples_per_image=2),
+        tmp_path / "r",
+        model=wrap_module(Broken(), "broken", input_size=32),
+        progress=False,
+    )
     with pytest.raises(ValueError, match="non-finite .* in logits .*embedded"):
         pipe.collect()
 
@@ -99,8 +103,12 @@ def test_dead_layer_is_a_clear_error(tmp_path):
             s = self.stem(x)
             return self.head(self.dead(s).mean((2, 3)) + s.mean((2, 3)))
 
-    pipe = Pipeline(Config(layers=["stem", "dead"], max_images=3, samples_per_image=4), tmp_path / "r",
-                    model=wrap_module(DeadBranch(), "deadbranch", input_size=32), progress=False)
+    pipe = Pipeline(
+        Config(layers=["stem", "dead"], max_images=3, samples_per_image=4),
+        tmp_path / "r",
+        model=wrap_module(DeadBranch(), "deadbranch", input_size=32),
+        progress=False,
+    )
     assert pipe.store.config.model == "deadbranch"  # the run names the model it analysed
     with pytest.raises(ValueError, match="layer 'dead' is zero at every sampled position"):
         pipe.collect()
@@ -170,8 +178,12 @@ def test_labels_outside_the_models_classes_are_refused_before_any_image_is_read(
     reads = []
     monkeypatch.setattr(CsvSource, "load", lambda self, record: reads.append(record) or Image.new("RGB", (32, 32)))
     with pytest.raises(InputError) as info:  # when the run is opened, before any stage
-        Pipeline(Config(layers=["body"], images=str(csv), target="label", samples_per_image=2),
-                 tmp_path / "r", model=_tiny_classifier(), progress=False)
+        Pipeline(
+            Config(layers=["body"], images=str(csv), target="label", samples_per_image=2),
+            tmp_path / "r",
+            model=_tiny_classifier(),
+            progress=False,
+        )
     message = str(info.value)
     assert "2 label(s)" in message and str(csv) in message and "b.png: 5000" in message and "c.png: -1" in message
     assert "0 to 3" in message and "\n" not in message and reads == []
@@ -188,7 +200,11 @@ def test_no_readable_image_is_one_line_naming_the_source(tmp_path):
 
     csv = tmp_path / "list.csv"
     csv.write_text("file\nmissing1.jpg\nmissing2.jpg\n")
-    pipe = Pipeline(Config(layers=["body"], images=str(csv), samples_per_image=2), tmp_path / "r",
-                    model=_tiny_classifier(), progress=False)
+    pipe = Pipeline(
+        Config(layers=["body"], images=str(csv), samples_per_image=2),
+        tmp_path / "r",
+        model=_tiny_classifier(),
+        progress=False,
+    )
     with pytest.raises(InputError, match=r"none of the 2 images of .*list\.csv could be read, e\.g\. .*missing1\.jpg"):
         pipe.collect()

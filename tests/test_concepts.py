@@ -26,7 +26,8 @@ def test_bisecting_kmeans_finds_planted_clusters():
     assert np.all(d.min(1) < 0.2)
     # Top-1 exemplar has the highest cosine similarity to its concept among all samples.
     cos = (ext.concepts_ / np.linalg.norm(ext.concepts_, axis=1, keepdims=True)) @ (
-        X / np.linalg.norm(X, axis=1, keepdims=True)).T
+        X / np.linalg.norm(X, axis=1, keepdims=True)
+    ).T
     np.testing.assert_array_equal(ext.exemplars_[:, 0], cos.argmax(1))
     assert ext.exemplars_.shape == (4, 10)
 

@@ -14,17 +14,44 @@ from gig.config import _RULES, Config, ConfigError, stage_hash
 
 #: The bad settings a new user tried (issue 10): each was accepted, or failed hours later.
 BAD = [
-    ("n_steps", -4), ("n_steps", "sixteen"), ("top_k", 0), ("target_rel_error", -0.5),
-    ("target_rel_error", 5), ("quadrature", "simpson"), ("layers", "_blocks.8"), ("layers", []),
-    ("layers", ["_blocks.4", "_blocks.4"]), ("max_images", -5), ("max_images", 0), ("batch_size", 0),
-    ("gig_tol", 0), ("gig_tol", True), ("device", "gpu"), ("target", "labels"), ("seed", -1),
-    ("samples_per_image", 0), ("min_cluster", 0), ("max_concepts", 1), ("lasso_max_iter", 0),
-    ("nonnegative", "yes"), ("graph_classes", [-1]), ("graph_classes", 3), ("edges_per_node", 0),
-    ("internal_batch_size", 0), ("gig_max_steps", 8), ("calibration_size", 5), ("model", ""),
-    ("dictionaries", ["channels"]), ("concepts_per_channel", 2.5),
+    ("n_steps", -4),
+    ("n_steps", "sixteen"),
+    ("top_k", 0),
+    ("target_rel_error", -0.5),
+    ("target_rel_error", 5),
+    ("quadrature", "simpson"),
+    ("layers", "_blocks.8"),
+    ("layers", []),
+    ("layers", ["_blocks.4", "_blocks.4"]),
+    ("max_images", -5),
+    ("max_images", 0),
+    ("batch_size", 0),
+    ("gig_tol", 0),
+    ("gig_tol", True),
+    ("device", "gpu"),
+    ("target", "labels"),
+    ("seed", -1),
+    ("samples_per_image", 0),
+    ("min_cluster", 0),
+    ("max_concepts", 1),
+    ("lasso_max_iter", 0),
+    ("nonnegative", "yes"),
+    ("graph_classes", [-1]),
+    ("graph_classes", 3),
+    ("edges_per_node", 0),
+    ("internal_batch_size", 0),
+    ("gig_max_steps", 8),
+    ("calibration_size", 5),
+    ("model", ""),
+    ("dictionaries", ["channels"]),
+    ("concepts_per_channel", 2.5),
     # issue 25: accepted, then refused by scikit-learn after collect, or no progress for days
-    ("seed", 2**32), ("n_steps", 10**7), ("gig_max_steps", 10**7),
-    ("max_kl", 0), ("max_kl", -0.1), ("max_kl", "small"),
+    ("seed", 2**32),
+    ("n_steps", 10**7),
+    ("gig_max_steps", 10**7),
+    ("max_kl", 0),
+    ("max_kl", -0.1),
+    ("max_kl", "small"),
 ]
 
 
@@ -59,8 +86,15 @@ def test_yaml_value_of_wrong_type(tmp_path):
         Config.load(path)
 
 
-@pytest.mark.parametrize("args,field", [(["--max-images", "-5"], "max_images"), (["--max-images", "0"], "max_images"),
-                                        (["--gig-tol", "2"], "gig_tol"), (["--device", "gpu"], "device")])
+@pytest.mark.parametrize(
+    "args,field",
+    [
+        (["--max-images", "-5"], "max_images"),
+        (["--max-images", "0"], "max_images"),
+        (["--gig-tol", "2"], "gig_tol"),
+        (["--device", "gpu"], "device"),
+    ],
+)
 def test_cli_exits_2_before_the_model_loads(tmp_path, monkeypatch, args, field):
     def no_model(*_a, **_k):
         raise AssertionError("the model was loaded")
@@ -133,8 +167,13 @@ def test_a_run_saved_before_max_kl_reads_and_resumes_as_made(tmp_path):
     values below, computed by gig 0.3.0); a new config takes the KL rule, and a new hash."""
     import yaml
 
-    old_hashes = {"collect": "85e0bac00f58b461", "concepts": "5b94005bae625611", "decompose": "f79bee8707e54d29",
-                  "attribute": "b0c0b0e0316f0365", "graph": "a7fac512e780adaa"}
+    old_hashes = {
+        "collect": "85e0bac00f58b461",
+        "concepts": "5b94005bae625611",
+        "decompose": "f79bee8707e54d29",
+        "attribute": "b0c0b0e0316f0365",
+        "graph": "a7fac512e780adaa",
+    }
     data = Config().to_dict()
     del data["max_kl"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
@@ -159,8 +198,10 @@ def test_every_command_answers_a_full_disk_in_one_line(tmp_path, monkeypatch):
     guard = one_line_errors(lambda: None).__code__  # every guarded command runs this code
     for command in app.registered_commands:
         assert command.callback.__code__ is guard, command.name
+
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "report" / "index.html"))
+
     monkeypatch.setattr(gig.report, "build_report", full)
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "disk full while writing" in result.output and "Traceback" not in result.output

@@ -12,8 +12,18 @@ import torch
 
 from gig.collect import iter_image_batches
 from gig.config import Config
-from gig.decompose import (AGREEMENT_BLOCK, FidelityMeter, FrontImages, alpha_for_l0, from_sparse_rows,
-                           load_front_images, meets_rule, output_fidelity, sparsity_front, to_sparse_rows)
+from gig.decompose import (
+    AGREEMENT_BLOCK,
+    FidelityMeter,
+    FrontImages,
+    alpha_for_l0,
+    from_sparse_rows,
+    load_front_images,
+    meets_rule,
+    output_fidelity,
+    sparsity_front,
+    to_sparse_rows,
+)
 from gig.hooks import ModelHandle
 from gig.images import open_source
 from gig.lasso import LassoEncoder
@@ -70,8 +80,9 @@ def tiny_front(tiny_bundle, tmp_path):
     config = Config(layers=["block1"], min_r2=0.8, min_top1_agreement=0.8, front_images=6, batch_size=4)
     records = source.records
     with torch.no_grad():
-        preds = torch.cat([handle.capture(b.pixels, ["block1"])[0].argmax(1)
-                           for b in iter_image_batches(source, records, handle, 4)])
+        preds = torch.cat(
+            [handle.capture(b.pixels, ["block1"])[0].argmax(1) for b in iter_image_batches(source, records, handle, 4)]
+        )
     images = load_front_images(source, records, preds, handle, ["block1"], config)
     rows = torch.cat([g_.permute(0, 2, 3, 1).reshape(-1, g_.shape[1]) for g_ in images.grids["block1"]])
     V = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:36]]
@@ -147,8 +158,9 @@ def test_output_fidelity_of_more_reconstructions_than_one_block_match_the_model(
         grids = [model.block1(p) for p in pixels]
         logits = torch.cat([model(p) for p in pixels])
     images = FrontImages(pixels, {"block1": grids}, logits.argmax(1), logits.log_softmax(1))
-    recons = [[grid + torch.randn(grid.shape, generator=g) * 0.3 * k for grid in grids]
-              for k in range(AGREEMENT_BLOCK + 3)]
+    recons = [
+        [grid + torch.randn(grid.shape, generator=g) * 0.3 * k for grid in grids] for k in range(AGREEMENT_BLOCK + 3)
+    ]
     agree, kl = output_fidelity(images, "block1", handle, recons)
     assert agree.shape == kl.shape == (len(recons), 10)
     for recon, hits, div in zip(recons, agree, kl):
@@ -156,8 +168,9 @@ def test_output_fidelity_of_more_reconstructions_than_one_block_match_the_model(
             replaced = torch.cat([model.head(grid.mean((2, 3))) for grid in recon])
         assert torch.equal(hits, replaced.argmax(1) == logits.argmax(1))
         # KL(p ‖ q) per image by torch: kl_div(log q, log p, log_target) sums p (log p − log q).
-        want = torch.nn.functional.kl_div(replaced.log_softmax(1), logits.log_softmax(1), log_target=True,
-                                          reduction="none").sum(1)
+        want = torch.nn.functional.kl_div(
+            replaced.log_softmax(1), logits.log_softmax(1), log_target=True, reduction="none"
+        ).sum(1)
         torch.testing.assert_close(div.float(), want, rtol=1e-4, atol=1e-6)
     assert bool(agree[0].all()) and float(kl[0].max()) < 1e-6 and float(kl[-1].mean()) > 0.01
 
@@ -215,8 +228,16 @@ def test_stage_with_omp_codes_stores_what_its_coder_gives(tiny_bundle, tmp_path)
     from gig.pipeline import Pipeline
     from gig.store import RunStore
 
-    config = Config(layers=["block1", "block2"], max_images=5, samples_per_image=8, min_cluster=4, batch_size=5,
-                    coder="omp", min_r2=0.8, min_top1_agreement=0.8)
+    config = Config(
+        layers=["block1", "block2"],
+        max_images=5,
+        samples_per_image=8,
+        min_cluster=4,
+        batch_size=5,
+        coder="omp",
+        min_r2=0.8,
+        min_top1_agreement=0.8,
+    )
     Pipeline(config, tmp_path / "run", model=tiny_bundle, progress=False).run(["collect", "concepts", "decompose"])
     store = RunStore.open(tmp_path / "run")
     handle = ModelHandle(tiny_bundle)
@@ -258,7 +279,9 @@ def test_front_intervals_and_stability_match_an_explicit_bootstrap_loop(tiny_fro
     grids = images.grids["block1"]
     front = assess_front(points, image_moments(grids), config)
     # The same resamples, redone one at a time.
-    per_image_rows = [g_.permute(0, 2, 3, 1).reshape(g_.shape[0], -1, g_.shape[1])[i] for g_ in grids for i in range(g_.shape[0])]
+    per_image_rows = [
+        g_.permute(0, 2, 3, 1).reshape(g_.shape[0], -1, g_.shape[1])[i] for g_ in grids for i in range(g_.shape[0])
+    ]
     g = torch.Generator().manual_seed(config.seed)
     draws = torch.randint(n, (BOOTSTRAP, n), generator=g)
     chosen = [p["alpha"] for p in points].index(front["alpha"])
@@ -274,11 +297,18 @@ def test_front_intervals_and_stability_match_an_explicit_bootstrap_loop(tiny_fro
         figures = []
         for j, p in enumerate(points):
             sse = sum(float(((per_image_rows[i] - recon_rows[j][i]).double() ** 2).sum()) for i in idx)
-            figures.append({"r2": 1 - sse / sst, "kl": float(p["_kl"][idx].mean()),
-                            "top1_agreement": float(p["_agree"][idx].double().mean())})
+            figures.append(
+                {
+                    "r2": 1 - sse / sst,
+                    "kl": float(p["_kl"][idx].mean()),
+                    "top1_agreement": float(p["_agree"][idx].double().mean()),
+                }
+            )
         kl_by_resample.append([f["kl"] for f in figures])
         first = next((j for j, f in enumerate(figures) if meets_rule(f, config)), None)
-        same += first is not None and abs(math.log(points[first]["alpha"] / points[chosen]["alpha"])) <= math.log(SAME_CHOICE)
+        same += first is not None and abs(math.log(points[first]["alpha"] / points[chosen]["alpha"])) <= math.log(
+            SAME_CHOICE
+        )
     kl_by_resample = np.array(kl_by_resample)
     for j, p in enumerate(points):
         lo, hi = np.quantile(kl_by_resample[:, j], [0.025, 0.975])
@@ -316,14 +346,27 @@ def test_stage_steps_a_layer_that_misses_over_all_images_and_recodes_it(tiny_bun
     from gig.pipeline import Pipeline
     from gig.store import RunStore, load_json
 
-    monkeypatch.setattr(gig.decompose, "check_layer", lambda figures, front, config: (
-        "forced miss" if figures["alpha"] == front["alpha"] and front is fronts["block1"] else None))
+    monkeypatch.setattr(
+        gig.decompose,
+        "check_layer",
+        lambda figures, front, config: (
+            "forced miss" if figures["alpha"] == front["alpha"] and front is fronts["block1"] else None
+        ),
+    )
     fronts = {}
     measure = gig.decompose.sparsity_front
-    monkeypatch.setattr(gig.decompose, "sparsity_front", lambda images, layer, *a: fronts.setdefault(
-        layer, measure(images, layer, *a)))
-    config = Config(layers=["block1", "block2"], max_images=12, samples_per_image=8, min_cluster=4, batch_size=4,
-                    front_images=6, min_r2=0.5)
+    monkeypatch.setattr(
+        gig.decompose, "sparsity_front", lambda images, layer, *a: fronts.setdefault(layer, measure(images, layer, *a))
+    )
+    config = Config(
+        layers=["block1", "block2"],
+        max_images=12,
+        samples_per_image=8,
+        min_cluster=4,
+        batch_size=4,
+        front_images=6,
+        min_r2=0.5,
+    )
     Pipeline(config, tmp_path / "run", model=tiny_bundle, progress=False).run(["collect", "concepts", "decompose"])
     store = RunStore.open(tmp_path / "run")
     fidelity = load_fidelity(store)["block1"]
@@ -332,8 +375,11 @@ def test_stage_steps_a_layer_that_misses_over_all_images_and_recodes_it(tiny_bun
     assert check["steps"][0]["alpha"] == front["alpha"] and check["steps"][0]["miss"] == "forced miss"
     assert fidelity["check"] == {"steps": 1, "miss": None} and CHECK_STEPS >= 1
     # One step: the largest front point at least CHECK_STEP denser.
-    assert fidelity["alpha"] == check["alpha"] == max(p["alpha"] for p in front["points"]
-                                                      if p["alpha"] <= front["alpha"] / CHECK_STEP)
+    assert (
+        fidelity["alpha"]
+        == check["alpha"]
+        == max(p["alpha"] for p in front["points"] if p["alpha"] <= front["alpha"] / CHECK_STEP)
+    )
     assert load_fidelity(store)["block2"]["alpha"] == load_front(store)["block2"]["alpha"]
     handle = ModelHandle(tiny_bundle)
     source = open_source("embedded")

@@ -42,11 +42,30 @@ def _launch(tmp_path, name: str, processes: int, shard: int = 2):
     if processes == 1:
         command = [sys.executable, str(script), str(out), str(shard)]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={processes}", str(script), str(out), str(shard)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            str(script),
+            str(out),
+            str(shard),
+        ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+def _rounded(value, digits: int = 6):
+    """``value`` (JSON) with every float rounded to ``digits`` significant digits."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value
 
 
 @pytest.mark.slow
@@ -61,11 +80,23 @@ def test_two_processes_equal_one(tmp_path):
         assert a.keys() == b.keys(), rel
         for key in a:
             assert torch.equal(a[key], b[key]), f"{rel}:{key}"
-    for rel in ["collect/images.json", "concepts/_blocks.15.json", "graph/global.json", "decompose/fidelity.json",
-                "decompose/front.json"]:
+    for rel in [
+        "collect/images.json",
+        "concepts/_blocks.15.json",
+        "graph/global.json",
+        "decompose/front.json",
+    ]:
         assert json.loads((one / rel).read_text()) == json.loads((two / rel).read_text()), rel
+    # The KL over all images reads logits of the model with each layer replaced: each rank's first
+    # batch takes the separate passes that check the shared one (run_replacing_each), which round
+    # differently in the last bits; the codes above are equal bit for bit.
+    assert _rounded(json.loads((one / "decompose/fidelity.json").read_text())) == _rounded(
+        json.loads((two / "decompose/fidelity.json").read_text())
+    )
     manifest = json.loads((two / "manifest.json").read_text())
-    assert all(manifest["stages"][s]["status"] == "done" for s in ("collect", "concepts", "decompose", "attribute", "graph"))
+    assert all(
+        manifest["stages"][s]["status"] == "done" for s in ("collect", "concepts", "decompose", "attribute", "graph")
+    )
 
 
 @pytest.mark.slow
@@ -75,8 +106,11 @@ def test_two_processes_split_a_run_smaller_than_one_shard_per_rank(tmp_path):
     path's numbers do not depend on the other images of its batch)."""
     one = _launch(tmp_path, "one", 1, shard=8)
     two = _launch(tmp_path, "two", 2, shard=8)
-    for rel in ["decompose/front.json", "decompose/fidelity.json", "collect/images.json"]:
+    for rel in ["decompose/front.json", "collect/images.json"]:
         assert json.loads((one / rel).read_text()) == json.loads((two / rel).read_text()), rel
+    assert _rounded(json.loads((one / "decompose/fidelity.json").read_text())) == _rounded(
+        json.loads((two / "decompose/fidelity.json").read_text())
+    )
     a = load_file(str(one / "attribute/shards/00000.safetensors"))
     b = load_file(str(two / "attribute/shards/00000.safetensors"))
     assert a.keys() == b.keys() and a["image_id"].tolist() == list(range(6))

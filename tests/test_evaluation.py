@@ -12,17 +12,29 @@ from torch import nn
 from typer.testing import CliRunner
 
 from gig.attribution import GIG
-from gig.readouts import concept_readout
 from gig.config import Config
-from gig.evaluation import (EvaluationSettings, auc, class_probability, concept_value_readout, deletion_insertion,
-                            evaluate_run, grad_x_coef, rank_by_gig, reconstruction_figures, spread, step_counts,
-                            step_fractions, step_outputs)
+from gig.evaluation import (
+    EvaluationSettings,
+    auc,
+    class_probability,
+    concept_value_readout,
+    deletion_insertion,
+    evaluate_run,
+    grad_x_coef,
+    rank_by_gig,
+    reconstruction_figures,
+    spread,
+    step_counts,
+    step_fractions,
+    step_outputs,
+)
+from gig.evaluation.curves import paired_difference
 from gig.evaluation.methods.kmeans import KMeansBasis, hard_codes
 from gig.evaluation.methods.sae import train_sae
-from gig.evaluation.curves import paired_difference
 from gig.hooks import ModelHandle
 from gig.models import wrap_module
 from gig.pipeline import Pipeline
+from gig.readouts import concept_readout
 from gig.store import RunMismatchError
 
 
@@ -119,15 +131,27 @@ def test_all_deleted_is_zero_code_and_all_inserted_is_full_reconstruction(linear
 
 def test_batching_does_not_change_curves(linear_case):
     handle, pixels, codes, V = linear_case
-    orders = torch.stack([torch.stack([torch.randperm(12, generator=torch.Generator().manual_seed(10 * i + j))
-                                       for j in range(3)]) for i in range(2)])  # (2 images, 3 orders, K)
+    orders = torch.stack(
+        [
+            torch.stack([torch.randperm(12, generator=torch.Generator().manual_seed(10 * i + j)) for j in range(3)])
+            for i in range(2)
+        ]
+    )  # (2 images, 3 orders, K)
     readout = class_probability(torch.tensor([1, 0]), torch.tensor([1, 1]))
     one = deletion_insertion(handle, "feat", pixels, codes, V, orders, readout, n_points=5, batch_rows=10)
     many = deletion_insertion(handle, "feat", pixels, codes, V, orders, readout, n_points=5, batch_rows=1000)
     torch.testing.assert_close(one, many)
     # Each row is the image's own: the same codes, orders and readout one image at a time.
-    solo = deletion_insertion(handle, "feat", pixels[1:], codes[1:], V, orders[1:],
-                              class_probability(torch.tensor([0]), torch.tensor([1])), n_points=5)
+    solo = deletion_insertion(
+        handle,
+        "feat",
+        pixels[1:],
+        codes[1:],
+        V,
+        orders[1:],
+        class_probability(torch.tensor([0]), torch.tensor([1])),
+        n_points=5,
+    )
     torch.testing.assert_close(many[1:], solo)
 
 
@@ -141,8 +165,12 @@ def test_planted_ordering_beats_random_and_gig_finds_it(linear_case):
     orders, res = rank_by_gig(GIG(handle, "feat", V, n_steps=4), pixels, codes, target)
     torch.testing.assert_close(res.attributions[:, 0], contribution, atol=1e-5, rtol=1e-4)
     assert torch.equal(orders[:, 0], planted)
-    rand = torch.stack([torch.stack([torch.randperm(12, generator=torch.Generator().manual_seed(100 * i + j))
-                                     for j in range(20)]) for i in range(2)])
+    rand = torch.stack(
+        [
+            torch.stack([torch.randperm(12, generator=torch.Generator().manual_seed(100 * i + j)) for j in range(20)])
+            for i in range(2)
+        ]
+    )
     all_orders = torch.cat([planted[:, None], rand], 1)
     curves = deletion_insertion(handle, "feat", pixels, codes, V, all_orders, class_probability(target, target))
     prob = curves[..., 0].numpy()
@@ -205,8 +233,15 @@ def _small_bundle():
     return wrap_module(TinyNet(), name="small", input_size=32, class_names=list("abcd"))
 
 
-SMALL = dict(layers=["block1", "block2"], max_images=5, samples_per_image=8, min_cluster=4, n_steps=4,
-             batch_size=5, internal_batch_size=32)
+SMALL = dict(
+    layers=["block1", "block2"],
+    max_images=5,
+    samples_per_image=8,
+    min_cluster=4,
+    n_steps=4,
+    batch_size=5,
+    internal_batch_size=32,
+)
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +280,16 @@ def test_evaluate_command_writes_summary(small_run, monkeypatch):
         assert all(isinstance(v, float) and -1 <= v <= 1 for v in layer.values())
     assert list(summary["interlayer"]) == ["block1->block2"]
     assert list(summary["interlayer"]["block1->block2"]) == ["gig", "random", "grad_x_coef", "magnitude"]
-    for name in ("extraction.json", "interlayer.json", "results.md", "settings.json", "extraction_curves.png",
-                 "extraction_auc.png", "interlayer_curves.png", "interlayer_auc.png"):
+    for name in (
+        "extraction.json",
+        "interlayer.json",
+        "results.md",
+        "settings.json",
+        "extraction_curves.png",
+        "extraction_auc.png",
+        "interlayer_curves.png",
+        "interlayer_auc.png",
+    ):
         assert (out / name).is_file(), name
     ext = json.loads((out / "extraction.json").read_text())
     for layer, methods in ext["layers"].items():
@@ -260,15 +303,20 @@ def test_evaluate_command_writes_summary(small_run, monkeypatch):
     info = json.loads(CliRunner().invoke(app, ["inspect", str(small_run), "--json"]).stdout)
     assert info["evaluation"] == summary
     # a second call resumes from the saved parts and gives the same numbers
-    again = evaluate_run(small_run, EvaluationSettings(extraction_images=3, interlayer_images=2, n_random=2),
-                         progress=False, model=_small_bundle())
+    again = evaluate_run(
+        small_run,
+        EvaluationSettings(extraction_images=3, interlayer_images=2, n_random=2),
+        progress=False,
+        model=_small_bundle(),
+    )
     assert again["summary"] == summary
 
 
 def test_ablation_into_another_folder(small_run, tmp_path):
     out = tmp_path / "sae-k2"
-    settings = EvaluationSettings(extraction_images=2, interlayer_images=0, methods=["sae-torch"], orderings=[], sae_k=2,
-                                  plots=False)
+    settings = EvaluationSettings(
+        extraction_images=2, interlayer_images=0, methods=["sae-torch"], orderings=[], sae_k=2, plots=False
+    )
     res = evaluate_run(small_run, settings, progress=False, out=out, model=_small_bundle())
     summary = json.loads((out / "summary.json").read_text())
     assert summary == res["summary"] and summary["interlayer"] == {}

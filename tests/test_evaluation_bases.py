@@ -76,9 +76,13 @@ def test_settings_hash_is_stable_and_reuse_key_ignores_speed_settings():
 def test_user_basis_transform_is_the_documented_formula(tmp_path):
     g = torch.Generator().manual_seed(1)
     K, C = 7, 5
-    t = {"components": torch.randn(K, C, generator=g), "W_enc": torch.randn(C, K, generator=g),
-         "b_enc": torch.randn(K, generator=g), "b_pre": torch.randn(C, generator=g),
-         "threshold": torch.full((K,), 0.3)}
+    t = {
+        "components": torch.randn(K, C, generator=g),
+        "W_enc": torch.randn(C, K, generator=g),
+        "b_enc": torch.randn(K, generator=g),
+        "b_pre": torch.randn(C, generator=g),
+        "threshold": torch.full((K,), 0.3),
+    }
     path = tmp_path / "mine.safetensors"
     save_file(t, str(path), metadata={"top_k": "2"})
     X = torch.randn(40, C, generator=g)
@@ -86,8 +90,10 @@ def test_user_basis_transform_is_the_documented_formula(tmp_path):
     # by hand, row by row: ReLU((x − b_pre) W + b), JumpReLU threshold, keep the 2 largest
     want = torch.zeros(40, K)
     for i, x in enumerate(X):
-        z = [max(0.0, float(sum((x[c] - t["b_pre"][c]) * t["W_enc"][c, q] for c in range(C)) + t["b_enc"][q]))
-             for q in range(K)]
+        z = [
+            max(0.0, float(sum((x[c] - t["b_pre"][c]) * t["W_enc"][c, q] for c in range(C)) + t["b_enc"][q]))
+            for q in range(K)
+        ]
         z = [v if v > 0.3 else 0.0 for v in z]
         for q in sorted(range(K), key=lambda q: -z[q])[:2]:
             want[i, q] = z[q]
@@ -127,18 +133,25 @@ def test_decoder_only_user_basis_uses_the_run_coder_at_the_run_sparsity(tmp_path
 
 def test_dictionary_basis_meets_the_target_sparsity():
     X = _clustered()
-    basis = DictionaryLearningBasis(6, target_l0=0.4, coder=coder_settings(Config(lasso_solver="fista")),
-                                    calibration_size=150, n_iter=2).fit(X)
+    basis = DictionaryLearningBasis(
+        6, target_l0=0.4, coder=coder_settings(Config(lasso_solver="fista")), calibration_size=150, n_iter=2
+    ).fit(X)
     torch.testing.assert_close(basis.components_.norm(dim=1), torch.ones(6))
     assert basis.info_["calibration_l0_ratio"] <= 0.4
     assert basis.transform(X).shape == (300, 6)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: KMeansBasis(5, seed=0),
-    lambda: TopKSAEBasis(6, k=2, seed=0, steps=50),
-    lambda: DictionaryLearningBasis(5, 0.5, coder_settings(Config(lasso_solver="fista")), calibration_size=100, n_iter=1),
-], ids=["kmeans", "sae", "dictionary"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: KMeansBasis(5, seed=0),
+        lambda: TopKSAEBasis(6, k=2, seed=0, steps=50),
+        lambda: DictionaryLearningBasis(
+            5, 0.5, coder_settings(Config(lasso_solver="fista")), calibration_size=100, n_iter=1
+        ),
+    ],
+    ids=["kmeans", "sae", "dictionary"],
+)
 def test_save_load_round_trip(make, tmp_path):
     X = _clustered()
     basis = make().fit(X)
@@ -184,8 +197,15 @@ def _tiny_bundle():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("userbasis") / "run"
-    config = Config(layers=["block1", "block2"], max_images=5, samples_per_image=8, min_cluster=4, n_steps=4,
-                    batch_size=5, internal_batch_size=32)
+    config = Config(
+        layers=["block1", "block2"],
+        max_images=5,
+        samples_per_image=8,
+        min_cluster=4,
+        n_steps=4,
+        batch_size=5,
+        internal_batch_size=32,
+    )
     Pipeline(config, out, model=_tiny_bundle(), progress=False).run(["collect", "concepts", "decompose"])
     return out
 
@@ -199,13 +219,29 @@ def test_user_basis_from_the_command_line(tiny_run, tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(0)
     folder = tmp_path / "my-sae"
     folder.mkdir()
-    save_file({"components": torch.rand(10, 12, generator=g), "W_enc": torch.randn(12, 10, generator=g)},
-              str(folder / "block1.safetensors"), metadata={"top_k": "3"})
+    save_file(
+        {"components": torch.rand(10, 12, generator=g), "W_enc": torch.randn(12, 10, generator=g)},
+        str(folder / "block1.safetensors"),
+        metadata={"top_k": "3"},
+    )
     save_file({"components": torch.rand(9, 16, generator=g)}, str(folder / "block2.safetensors"))
     monkeypatch.setattr(gig.models, "load_model", lambda *a, **k: _tiny_bundle())
     out = tmp_path / "ev"
-    args = ["evaluate", str(tiny_run), "--extraction-images", "2", "--interlayer-images", "0", "-m", "ours",
-            "-m", f"user:{folder}", "--out", str(out), "--no-plots"]
+    args = [
+        "evaluate",
+        str(tiny_run),
+        "--extraction-images",
+        "2",
+        "--interlayer-images",
+        "0",
+        "-m",
+        "ours",
+        "-m",
+        f"user:{folder}",
+        "--out",
+        str(out),
+        "--no-plots",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     ext = json.loads((out / "extraction.json").read_text())
@@ -239,8 +275,10 @@ def test_fitted_bases_are_reused_until_their_settings_change(tiny_run, tmp_path,
     # sae_k is a setting the SAE uses: it alone is fitted again (k-means would raise)
     other = evaluate_run(tiny_run, EvaluationSettings(**base, sae_k=3), model=_tiny_bundle(), out=out, progress=False)
     assert other["extraction"]["layers"]["block1"]["sae-torch"]["basis"]["k"] == 3
-    assert other["extraction"]["layers"]["block1"]["kmeans"]["per_image"] == \
-        first["extraction"]["layers"]["block1"]["kmeans"]["per_image"]
+    assert (
+        other["extraction"]["layers"]["block1"]["kmeans"]["per_image"]
+        == first["extraction"]["layers"]["block1"]["kmeans"]["per_image"]
+    )
     # a hyper-parameter derived differently from the same settings (a changed for_layer) fits again
     derive = KMeansBasis.for_layer.__func__
     monkeypatch.setattr(KMeansBasis, "for_layer", classmethod(lambda cls, ctx: _with_seed(derive(cls, ctx), 7)))

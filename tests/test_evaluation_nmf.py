@@ -37,8 +37,9 @@ def test_nmf_is_sklearn_nmf():
     basis = NMFBasis(4, seed=3).fit(X)
     ref = NMF(4, random_state=3, max_iter=400, tol=1e-4).fit(X.double().numpy())
     np.testing.assert_allclose(basis.components_.numpy(), ref.components_, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(basis.transform(X[:50]).numpy(), ref.transform(X[:50].double().numpy()),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        basis.transform(X[:50]).numpy(), ref.transform(X[:50].double().numpy()), rtol=1e-4, atol=1e-5
+    )
     assert torch.all(basis.components_ >= 0) and torch.all(basis.transform(X) >= 0)
     with pytest.raises(InputError, match="non-negative"):
         basis.fit(X - 0.5)
@@ -53,16 +54,29 @@ def resnet_run(tmp_path_factory):
     torch.manual_seed(0)
     bundle = wrap_module(torchvision.models.resnet18(weights=None), name="resnet18-random", input_size=64)
     out = tmp_path_factory.mktemp("resnet") / "run"
-    config = Config(layers=["layer1", "layer2"], max_images=4, samples_per_image=8, min_cluster=4, n_steps=4,
-                    batch_size=4, internal_batch_size=32)
+    config = Config(
+        layers=["layer1", "layer2"],
+        max_images=4,
+        samples_per_image=8,
+        min_cluster=4,
+        n_steps=4,
+        batch_size=4,
+        internal_batch_size=32,
+    )
     Pipeline(config, out, model=bundle, progress=False).run(["collect", "concepts", "decompose"])
     return out, bundle
 
 
 def test_nmf_end_to_end_on_relu_outputs(resnet_run, tmp_path):
     run, bundle = resnet_run
-    settings = EvaluationSettings(extraction_images=2, interlayer_images=2, methods=["ours", "nmf"],
-                                  orderings=["gig", "random"], n_random=2, plots=False)
+    settings = EvaluationSettings(
+        extraction_images=2,
+        interlayer_images=2,
+        methods=["ours", "nmf"],
+        orderings=["gig", "random"],
+        n_random=2,
+        plots=False,
+    )
     res = evaluate_run(run, settings, model=bundle, out=tmp_path / "ev", progress=False)
     for layer in ("layer1", "layer2"):
         assert set(res["summary"]["extraction"][layer]) == {"ours", "nmf"}
@@ -76,5 +90,3 @@ def test_nmf_end_to_end_on_relu_outputs(resnet_run, tmp_path):
         assert float(X.min()) >= 0  # ReLU outputs
         assert torch.all(basis.components_ >= 0) and torch.all(basis.transform(X) >= 0)
     assert set(res["summary"]["interlayer"]["layer1->layer2"]) == {"gig", "random"}
-
-

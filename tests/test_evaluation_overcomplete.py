@@ -12,8 +12,9 @@ from gig.evaluation import ConceptBasis, EvaluationSettings, basis_class
 from gig.evaluation.methods.overcomplete_sae import OvercompleteTopKSAE
 from gig.evaluation.settings import METHODS, default_methods
 
-needs_overcomplete = pytest.mark.skipif(importlib.util.find_spec("overcomplete") is None,
-                                        reason="optional extra: pip install 'gig[overcomplete]'")
+needs_overcomplete = pytest.mark.skipif(
+    importlib.util.find_spec("overcomplete") is None, reason="optional extra: pip install 'gig[overcomplete]'"
+)
 
 
 def _data(n: int = 400, c: int = 8, k: int = 12, seed: int = 0) -> torch.Tensor:

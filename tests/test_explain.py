@@ -63,7 +63,9 @@ def test_an_image_of_the_run_gets_back_the_runs_codes_walk_and_graph(tiny_run) -
         assert torch.allclose(e.walk[f"{layer}/score"], data[f"{layer}/score"][row], atol=1e-5)
     run_graph = build_graph(store, "image", image_id=first["image_id"], data=data, class_names=tiny_run["names"])
     assert [n["id"] for n in e.graph["nodes"]] == [n["id"] for n in run_graph["nodes"]]
-    assert [(x["source"], x["target"]) for x in e.graph["edges"]] == [(x["source"], x["target"]) for x in run_graph["edges"]]
+    assert [(x["source"], x["target"]) for x in e.graph["edges"]] == [
+        (x["source"], x["target"]) for x in run_graph["edges"]
+    ]
 
 
 def test_a_new_image_targets_its_prediction_and_its_graph_reads_its_walk(explained) -> None:
@@ -129,7 +131,7 @@ def test_cli_explain(tiny_run, new_photo, tmp_path) -> None:
     out = tmp_path / "cli"
     result = CliRunner().invoke(app, ["explain", str(tiny_run["run"]), str(new_photo), "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
-    printed = json.loads(result.stdout[result.stdout.index("{"):])
+    printed = json.loads(result.stdout[result.stdout.index("{") :])
     assert printed == json.loads((out / "explanations.json").read_text())
     assert printed["images"][0]["target"] == printed["images"][0]["pred"]
     assert (out / "index.html").is_file()

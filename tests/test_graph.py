@@ -21,9 +21,14 @@ def _walk(complete: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
     targets = torch.stack([torch.randperm(K_UP, generator=g)[:k] for _ in range(N)])
     gig = torch.randn(N, k, K_LO, generator=g)
     delta = gig.sum(-1) if complete else gig.sum(-1) + 0.3 * torch.randn(N, k, generator=g)
-    return {"low/gig": gig, "low/delta": delta, "low/targets": targets,
-            "high/importance": torch.rand(N, k, generator=g), "high/score": torch.rand(N, K_UP, generator=g),
-            "low/score": torch.rand(N, K_LO, generator=g)}
+    return {
+        "low/gig": gig,
+        "low/delta": delta,
+        "low/targets": targets,
+        "high/importance": torch.rand(N, k, generator=g),
+        "high/score": torch.rand(N, K_UP, generator=g),
+        "low/score": torch.rand(N, K_LO, generator=g),
+    }
 
 
 def _by_loop(data, rows, rule):
@@ -113,8 +118,12 @@ def test_sums_over_shards_equal_the_mean_over_all_images(rule):
     selections = {7: ("classes", {7}), "all": ("all", None), "one": ("image", 13), "both": ("classes", {3, 7})}
     scores = accumulate(iter(shards), {key: ScoreSums(LAYERS) for key in selections}, selections, targets)
     edges = accumulate(iter(shards), {key: EdgeSums(LAYERS) for key in selections}, selections, targets)
-    for key, rows in ((7, torch.tensor([0, 2, 3])), ("all", torch.arange(N)), ("one", torch.tensor([3])),
-                      ("both", torch.arange(N))):
+    for key, rows in (
+        (7, torch.tensor([0, 2, 3])),
+        ("all", torch.arange(N)),
+        ("one", torch.tensor([3])),
+        ("both", torch.arange(N)),
+    ):
         assert scores[key].n == edges[key].n == len(rows)
         assert sorted(scores[key].image_ids) == [10 + int(r) for r in rows]
         torch.testing.assert_close(edges[key].edges(rule)["low"], _by_loop(data, rows, rule))

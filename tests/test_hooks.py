@@ -151,6 +151,7 @@ def test_gradient_copy_folds_batchnorm_and_keeps_outputs(lite0, lite0_handle):
     assert fast.folded_batchnorms > 40 and fast.memory_format == torch.channels_last
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.model.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in lite0_handle.model.modules())
+
     def zero_pads(model):
         return sum(type(getattr(m, "static_padding", None)) is torch.nn.ZeroPad2d for m in model.modules())
 
@@ -201,12 +202,15 @@ def test_gradient_copy_refuses_a_wrong_fold():
     torch.testing.assert_close(fast.capture(x, ["body"])[0], handle.capture(x, ["body"])[0])
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("torchvision:resnet18", ["layer1.1", "layer2.1", "layer3.1", "layer4.1"]),
-    ("torchvision:resnet50", ["layer1.2", "layer2.3", "layer3.5", "layer4.2"]),
-    ("timm:vit_tiny_patch16_224", ["blocks.2", "blocks.5", "blocks.8", "blocks.11"]),
-    ("efficientnet-lite0", ["_blocks.4", "_blocks.8", "_blocks.11", "_blocks.15"]),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("torchvision:resnet18", ["layer1.1", "layer2.1", "layer3.1", "layer4.1"]),
+        ("torchvision:resnet50", ["layer1.2", "layer2.3", "layer3.5", "layer4.2"]),
+        ("timm:vit_tiny_patch16_224", ["blocks.2", "blocks.5", "blocks.8", "blocks.11"]),
+        ("efficientnet-lite0", ["_blocks.4", "_blocks.8", "_blocks.11", "_blocks.15"]),
+    ],
+)
 def test_default_layers_are_the_last_block_of_each_stage(spec, expected):
     """The architecture's own stage ends (ResNet: the last bottleneck of layer1..4; a ViT keeps
     one resolution, so its 12 blocks are spread evenly); lite0 keeps its documented choice."""
@@ -245,8 +249,12 @@ def test_reused_layer_refused_before_any_image_is_read(tmp_path):
 
     bundle = wrap_module(torchvision.models.resnet18(weights=None), "resnet18")
     with pytest.raises(LayerUsageError, match="ran 2 times"):
-        Pipeline(Config(layers=["layer1.0.relu"], images=str(tmp_path / "missing")), tmp_path / "r",
-                 model=bundle, progress=False)
+        Pipeline(
+            Config(layers=["layer1.0.relu"], images=str(tmp_path / "missing")),
+            tmp_path / "r",
+            model=bundle,
+            progress=False,
+        )
     assert not (tmp_path / "r").exists()
 
 

@@ -11,8 +11,17 @@ from typer.testing import CliRunner
 
 from gig.config import Config
 from gig.errors import ConfigError, InputError
-from gig.labels import (build_hierarchy, check_concepts, concept_label, labels_path, load_hierarchy, load_labels,
-                        set_label, shared_ancestor, suggest_labels)
+from gig.labels import (
+    build_hierarchy,
+    check_concepts,
+    concept_label,
+    labels_path,
+    load_hierarchy,
+    load_labels,
+    set_label,
+    shared_ancestor,
+    suggest_labels,
+)
 from gig.models import imagenet_class_names
 from gig.store import RunStore, save_json
 
@@ -51,23 +60,31 @@ def test_round_trip_keeps_comments_and_other_entries(run):
     set_label(run, "_blocks.15", 4, 'clock "hands": 12')  # quotes and a colon survive
     set_label(run, "_blocks.15", 2, "fish")  # renamed; its note is kept
     labels = load_labels(run)
-    assert labels == {"_blocks.15": {2: {"name": "fish", "note": "tench mostly"}, 4: {"name": 'clock "hands": 12'}},
-                      "_blocks.8": {0: {"name": "small dog faces"}}}
+    assert labels == {
+        "_blocks.15": {2: {"name": "fish", "note": "tench mostly"}, 4: {"name": 'clock "hands": 12'}},
+        "_blocks.8": {0: {"name": "small dog faces"}},
+    }
     assert "# my own comment" in path.read_text()
     assert yaml.safe_load(path.read_text())["_blocks.15"][2]["name"] == "fish"
-    assert concept_label(labels, "_blocks.15", 4) == 'clock "hands": 12' and concept_label(labels, "_blocks.8", 3) is None
+    assert (
+        concept_label(labels, "_blocks.15", 4) == 'clock "hands": 12' and concept_label(labels, "_blocks.8", 3) is None
+    )
     assert not list(path.parent.glob("*.tmp"))  # written through a temporary file, then renamed
 
 
 def test_hand_edits_survive(run):
     path = labels_path(run)
-    path.write_text("# notes by Ana\n_blocks.8:\n  # the dogs\n  0: toy dogs\n  1:\n    name: cats\n    seen_by: ana\n"
-                    "_blocks.15: {3: {name: empty}}\n")
+    path.write_text(
+        "# notes by Ana\n_blocks.8:\n  # the dogs\n  0: toy dogs\n  1:\n    name: cats\n    seen_by: ana\n"
+        "_blocks.15: {3: {name: empty}}\n"
+    )
     set_label(run, "_blocks.8", 1, "domestic cats", note="tabby and tiger cat")
     set_label(run, "_blocks.15", 4, "clocks")  # a flow-style layer: the file is rewritten whole
     labels = load_labels(run)
-    assert labels["_blocks.8"] == {0: {"name": "toy dogs"},
-                                   1: {"name": "domestic cats", "seen_by": "ana", "note": "tabby and tiger cat"}}
+    assert labels["_blocks.8"] == {
+        0: {"name": "toy dogs"},
+        1: {"name": "domestic cats", "seen_by": "ana", "note": "tabby and tiger cat"},
+    }
     assert labels["_blocks.15"] == {3: {"name": "empty"}, 4: {"name": "clocks"}}
     assert path.read_text().startswith("# notes by Ana\n")
 
@@ -110,14 +127,21 @@ def test_shared_ancestor_and_hierarchy_builder(tmp_path):
     assert shared_ancestor([(0, 5), (1, 4), (2, 3)], coverage=0.9)["name"] not in ("cyprinid", None)
     # The builder on a two-line WordNet excerpt (wndb format; offsets made up).
     data = tmp_path / "data.noun"
-    data.write_text("  1 licence header\n"
-                    "00000001 03 n 01 thing 0 000 | a thing\n"
-                    "00000002 05 n 02 small_dog 0 toy 0 002 @ 00000001 n 0000 ~ 00000003 n 0000 | a dog\n"
-                    "00000003 05 n 01 chihuahua 0 001 @i 00000002 n 0000 | tiny\n")
+    data.write_text(
+        "  1 licence header\n"
+        "00000001 03 n 01 thing 0 000 | a thing\n"
+        "00000002 05 n 02 small_dog 0 toy 0 002 @ 00000001 n 0000 ~ 00000003 n 0000 | a dog\n"
+        "00000003 05 n 01 chihuahua 0 001 @i 00000002 n 0000 | tiny\n"
+    )
     built = build_hierarchy(data, ["n00000003"])
-    assert built == {"classes": ["n00000003"], "synsets": {
-        "n00000001": {"name": "thing", "parents": []}, "n00000002": {"name": "small dog", "parents": ["n00000001"]},
-        "n00000003": {"name": "chihuahua", "parents": ["n00000002"]}}}
+    assert built == {
+        "classes": ["n00000003"],
+        "synsets": {
+            "n00000001": {"name": "thing", "parents": []},
+            "n00000002": {"name": "small dog", "parents": ["n00000001"]},
+            "n00000003": {"name": "chihuahua", "parents": ["n00000002"]},
+        },
+    }
     with pytest.raises(InputError, match="n00000009"):
         build_hierarchy(data, ["n00000009"])
 

@@ -20,7 +20,9 @@ def test_notebook_runs_top_to_bottom(tiny_run, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("GIG_RUN", str(run))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     outputs = {i: c.get("outputs", []) for i, c in enumerate(nb.cells) if c.cell_type == "code"}
     errors = [o for out in outputs.values() for o in out if o.get("output_type") == "error"]
     assert errors == []

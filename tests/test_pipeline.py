@@ -19,8 +19,16 @@ from gig.config import Config
 from gig.pipeline import Pipeline
 from gig.store import RunStore, load_tensors
 
-SMALL = dict(max_images=4, layers=["_blocks.11", "_blocks.15"], gig_tol=0.05, top_k=3, batch_size=2,
-             internal_batch_size=24, samples_per_image=6, min_cluster=2)
+SMALL = dict(
+    max_images=4,
+    layers=["_blocks.11", "_blocks.15"],
+    gig_tol=0.05,
+    top_k=3,
+    batch_size=2,
+    internal_batch_size=24,
+    samples_per_image=6,
+    min_cluster=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +81,10 @@ def test_graph_json_is_consistent(finished_run):
         levels = {n["layer"]: n["level"] for n in graph["nodes"]}
         for edge in graph["edges"]:  # edges point upwards, one layer at a time
             src, dst = edge["source"], edge["target"]
-            assert levels[dst.rsplit(":", 1)[0] if not dst.startswith(("class:", "logit")) else "classifier"] == \
-                levels[src.rsplit(":", 1)[0]] + 1
+            assert (
+                levels[dst.rsplit(":", 1)[0] if not dst.startswith(("class:", "logit")) else "classifier"]
+                == levels[src.rsplit(":", 1)[0]] + 1
+            )
     for c in index["classes"]:
         assert (finished_run / "graph" / f"class_{c}.png").stat().st_size > 1000
         assert (finished_run / "graph" / f"class_{c}.svg").exists()
@@ -117,7 +127,9 @@ def test_class_graph_edges_are_flows_of_the_logit_change(finished_run):
 
 
 def test_unknown_layer_is_a_clear_cli_error(tmp_path):
-    result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "r"), "--layer", "_blocks.99", "--max-images", "1"])
+    result = CliRunner().invoke(
+        app, ["run", "--out", str(tmp_path / "r"), "--layer", "_blocks.99", "--max-images", "1"]
+    )
     assert result.exit_code == 2
     assert "_blocks.99" in result.output and "closest" in result.output
 
@@ -282,12 +294,19 @@ def test_inspect_names_every_missed_target(finished_run, tmp_path):
         dense = any(m.startswith(f"{layer['name']}: dense codes") for m in info["missed"])
         assert dense == (layer["l0_ratio"] > MAX_L0_RATIO)
         # The KL rule: a figure over all images misses only beyond its interval, as the check found.
-        checked = any(m.startswith(f"{layer['name']}: over all 4 images the codes miss the rule") for m in info["missed"])
+        checked = any(
+            m.startswith(f"{layer['name']}: over all 4 images the codes miss the rule") for m in info["missed"]
+        )
         assert checked == bool(layer["check"]["miss"])
-        assert layer["check"]["miss"] == check_layer(
-            {k: layer[k] for k in ("kl", "kl_se", "r2", "top1_agreement", "n_images")},
-            {"alpha": layer["front_alpha"], "points": layer["front"], "met": layer["rule_met"]}, config
-        ) or layer["check"]["steps"] > 0
+        assert (
+            layer["check"]["miss"]
+            == check_layer(
+                {k: layer[k] for k in ("kl", "kl_se", "r2", "top1_agreement", "n_images")},
+                {"alpha": layer["front_alpha"], "points": layer["front"], "met": layer["rule_met"]},
+                config,
+            )
+            or layer["check"]["steps"] > 0
+        )
         unmet = any(m.startswith(f"{layer['name']}: no λ on the sparsity–fidelity front") for m in info["missed"])
         assert unmet == (not layer["rule_met"])
         # The front printed by inspect is the one saved by the stage, chosen λ included.
@@ -299,5 +318,8 @@ def test_inspect_names_every_missed_target(finished_run, tmp_path):
     Pipeline(Config(**SMALL), partial, progress=False).collect()
     missed = summarize(partial)["missed"]
     assert [m for m in missed if m.startswith("stage ")] == [
-        "stage concepts has not run", "stage decompose has not run", "stage attribute has not run",
-        "stage graph has not run"]
+        "stage concepts has not run",
+        "stage decompose has not run",
+        "stage attribute has not run",
+        "stage graph has not run",
+    ]

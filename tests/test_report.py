@@ -15,12 +15,11 @@ import re
 from pathlib import Path
 
 import pytest
-
 from browser_page import Page
+from conftest import HOSTILE, LAYERS
+
 from gig.report import ReportOptions, markdown_blocks, safe_json
 from gig.report.metrics import evaluation_section as _evaluation
-
-from conftest import HOSTILE, LAYERS
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -90,8 +89,9 @@ def test_graph_json_is_embedded_verbatim(tiny_run, page_data) -> None:
     assert images, "single-image graphs are included"
     store = RunStore.open(run)
     first = images[0]
-    assert first["graph"] == _listed(json.loads(json.dumps(build_graph(store, "image", image_id=first["image_id"],
-                                                                       class_names=tiny_run["names"]))))
+    assert first["graph"] == _listed(
+        json.loads(json.dumps(build_graph(store, "image", image_id=first["image_id"], class_names=tiny_run["names"])))
+    )
     # every concept node of every graph has a card with its exemplar crops
     for g in page_data["graphs"]:
         for node in g["graph"]["nodes"]:
@@ -162,8 +162,22 @@ def single_file_report(tiny_run, tmp_path_factory) -> Path:
     from gig.cli import app
 
     out = tmp_path_factory.mktemp("single")
-    result = CliRunner().invoke(app, ["report", str(tiny_run["run"]), "--out", str(out), "--atlas-per-layer", "2",
-                                      "--n-images", "1", "--shared-classes", "0", "--single-file"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "report",
+            str(tiny_run["run"]),
+            "--out",
+            str(out),
+            "--atlas-per-layer",
+            "2",
+            "--n-images",
+            "1",
+            "--shared-classes",
+            "0",
+            "--single-file",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out / "index.html"
 
@@ -223,8 +237,10 @@ def test_browser_click_pins_card_with_exemplars(page, page_data) -> None:
     try:
         page.page.wait_for_function("() => document.querySelector('#card .pin-note')", timeout=10000)
     except Exception as exc:  # noqa: BLE001 - say what the page shows instead
-        state = page.page.evaluate("(() => ({card: document.getElementById('card').textContent.slice(0, 200), "
-                                   "graph: window.gigReport.current(), y: window.scrollY}))()")
+        state = page.page.evaluate(
+            "(() => ({card: document.getElementById('card').textContent.slice(0, 200), "
+            "graph: window.gigReport.current(), y: window.scrollY}))()"
+        )
         pytest.fail(f"no pinned card after clicking {node['id']} at {(x, y)}: {state} ({exc})")
     card = page.page.evaluate("""() => ({node: document.getElementById('card').getAttribute('data-node'),
         title: document.querySelector('#card .card-title').textContent,
@@ -235,8 +251,10 @@ def test_browser_click_pins_card_with_exemplars(page, page_data) -> None:
     assert card["imgs"][: 1 + len(want)] == want[:1] + want
     n_edges = sum(1 for e in first["graph"]["edges"] if node["id"] in (e["source"], e["target"]))
     assert card["edges"] == n_edges > 0
-    page.page.wait_for_function("() => Array.from(document.querySelectorAll('#card img')).every(i => i.complete && i.naturalWidth > 0)",
-                                timeout=10000)
+    page.page.wait_for_function(
+        "() => Array.from(document.querySelectorAll('#card img')).every(i => i.complete && i.naturalWidth > 0)",
+        timeout=10000,
+    )
     page.shot("02_pinned")
     page.page.mouse.click(*_background_point(page))
     assert page.page.evaluate("document.querySelectorAll('#card .pin-note').length") == 0
@@ -244,7 +262,9 @@ def test_browser_click_pins_card_with_exemplars(page, page_data) -> None:
 
 
 def _background_point(page) -> tuple[float, float]:
-    r = page.page.evaluate("(() => { const r = document.getElementById('cy').getBoundingClientRect(); return [r.left, r.top]; })()")
+    r = page.page.evaluate(
+        "(() => { const r = document.getElementById('cy').getBoundingClientRect(); return [r.left, r.top]; })()"
+    )
     return r[0] + 5, r[1] + 5
 
 
@@ -253,7 +273,9 @@ def test_browser_switching_class_and_modes(page, page_data) -> None:
     assert len(classes) >= 2
     page.page.click("button[data-mode=class]")
     page.page.select_option("#class-select", classes[1]["key"])
-    page.page.wait_for_function("key => document.getElementById('cy').getAttribute('data-graph') === key", arg=classes[1]["key"])
+    page.page.wait_for_function(
+        "key => document.getElementById('cy').getAttribute('data-graph') === key", arg=classes[1]["key"]
+    )
     ids = page.page.evaluate("window.gigReport.cy.nodes().map(n => n.id()).sort()")
     assert ids == sorted(n["id"] for n in classes[1]["graph"]["nodes"])
     page.page.click("button[data-mode=global]")
@@ -282,9 +304,13 @@ def test_browser_hostile_labels_stay_text(page, page_data) -> None:
     page.page.evaluate("id => window.gigReport.pin(id)", head["id"])
     assert page.page.evaluate("document.querySelector('#card .card-title').textContent") == head["name"]
     assert HOSTILE in head["name"]
-    options = page.page.evaluate("Array.from(document.querySelectorAll('#class-select option')).map(o => o.textContent)")
+    options = page.page.evaluate(
+        "Array.from(document.querySelectorAll('#class-select option')).map(o => o.textContent)"
+    )
     assert any(HOSTILE in o for o in options)
-    assert page.page.evaluate("document.querySelectorAll('img[src=x], svg[onload], [onmouseover], [onerror]').length") == 0
+    assert (
+        page.page.evaluate("document.querySelectorAll('img[src=x], svg[onload], [onmouseover], [onerror]').length") == 0
+    )
     assert page.page.evaluate("document.scripts.length") == 3
     page.page.evaluate("document.getElementById('localisation').scrollIntoView()")
     page.page.wait_for_timeout(300)
@@ -307,7 +333,9 @@ def test_browser_single_file_report(browser, single_file_report) -> None:
             p.page.evaluate("key => window.gigReport.draw(key)", entry["key"])
             counts = p.page.evaluate("window.gigReport.counts()")
             assert (counts["nodes"], counts["edges"]) == (len(entry["graph"]["nodes"]), len(entry["graph"]["edges"]))
-        p.page.wait_for_function("() => Array.from(document.images).filter(i => i.loading !== 'lazy').every(i => i.complete)")
+        p.page.wait_for_function(
+            "() => Array.from(document.images).filter(i => i.loading !== 'lazy').every(i => i.complete)"
+        )
         broken = p.page.evaluate("Array.from(document.images).filter(i => i.complete && i.naturalWidth === 0).length")
         assert broken == 0
         p.shot("07_single_file")
@@ -323,14 +351,18 @@ def on_demand_report(tiny_run, tmp_path_factory) -> Path:
     from gig.report import build_report
 
     out = tmp_path_factory.mktemp("on-demand") / "report"
-    return build_report(tiny_run["run"], out, ReportOptions(max_classes=1, shared_classes=0, n_images=1,
-                                                            atlas_per_layer=2), model=tiny_run["bundle"])
+    return build_report(
+        tiny_run["run"],
+        out,
+        ReportOptions(max_classes=1, shared_classes=0, n_images=1, atlas_per_layer=2),
+        model=tiny_run["bundle"],
+    )
 
 
 def _on_demand_payload(path: Path) -> dict:
     text = path.read_text(encoding="utf-8")
     assert text.startswith("window.gigOnDemand(") and text.endswith(");\n")
-    return json.loads(text[len("window.gigOnDemand("):-3])
+    return json.loads(text[len("window.gigOnDemand(") : -3])
 
 
 def test_other_classes_are_written_for_loading_on_demand(tiny_run, on_demand_report) -> None:
@@ -343,8 +375,10 @@ def test_other_classes_are_written_for_loading_on_demand(tiny_run, on_demand_rep
     inline = [c for g in data["graphs"] if g["mode"] == "class" for c in g["classes"]]
     store = RunStore.open(tiny_run["run"])
     walk = load_attributions(store)
-    targets = {int(i["image_id"]): int(i["target"]) for i in json.loads(
-        (tiny_run["run"] / "collect" / "images.json").read_text())["images"]}
+    targets = {
+        int(i["image_id"]): int(i["target"])
+        for i in json.loads((tiny_run["run"] / "collect" / "images.json").read_text())["images"]
+    }
     every = {targets[int(i)] for i in walk["image_id"]}
     assert len(data["onDemand"]) == len(every) - len(inline) >= 1
     assert {int(m["key"].split(":")[1]) for m in data["onDemand"]} | set(inline) == every
@@ -353,7 +387,10 @@ def test_other_classes_are_written_for_loading_on_demand(tiny_run, on_demand_rep
         c = payload["entry"]["classes"][0]
         # the same graph as one built from the whole walk in memory, in one piece
         whole = build_graph(store, "class", [c], class_names=tiny_run["names"], data=walk)
-        assert payload["entry"]["graph"]["nodes"] == whole["nodes"] and payload["entry"]["graph"]["edges"] == whole["edges"]
+        assert (
+            payload["entry"]["graph"]["nodes"] == whole["nodes"]
+            and payload["entry"]["graph"]["edges"] == whole["edges"]
+        )
         concept_ids = {n["id"] for n in whole["nodes"] if n["layer"] != "classifier"}
         assert concept_ids <= set(payload["concepts"]) | set(data["concepts"])
         for card in payload["concepts"].values():
@@ -367,16 +404,22 @@ def test_browser_loads_a_class_on_demand(browser, on_demand_report) -> None:
         menu = p.page.evaluate("window.gigReport.data.onDemand")
         assert p.page.evaluate("document.scripts.length") == 3  # nothing loaded before it is chosen
         p.page.select_option("#class-select", menu[0]["key"])
-        p.page.wait_for_function("key => document.getElementById('cy').getAttribute('data-graph') === key",
-                                 arg=menu[0]["key"], timeout=15000)
+        p.page.wait_for_function(
+            "key => document.getElementById('cy').getAttribute('data-graph') === key", arg=menu[0]["key"], timeout=15000
+        )
         graph = _on_demand_payload(on_demand_report.parent / menu[0]["file"])["entry"]["graph"]
         ids = p.page.evaluate("window.gigReport.cy.nodes().map(n => n.id()).sort()")
         assert ids == sorted(n["id"] for n in graph["nodes"])
         node = next(n for n in graph["nodes"] if n["layer"] == LAYERS[-1])
         p.page.evaluate("id => window.gigReport.pin(id)", node["id"])
-        assert p.page.evaluate("document.querySelector('#card .card-title').textContent") == f"concept #{node['concept']}"
-        p.page.wait_for_function("() => { const i = Array.from(document.querySelectorAll('#card img'));"
-                                 " return i.length > 0 && i.every(x => x.complete && x.naturalWidth > 0); }", timeout=10000)
+        assert (
+            p.page.evaluate("document.querySelector('#card .card-title').textContent") == f"concept #{node['concept']}"
+        )
+        p.page.wait_for_function(
+            "() => { const i = Array.from(document.querySelectorAll('#card img'));"
+            " return i.length > 0 && i.every(x => x.complete && x.naturalWidth > 0); }",
+            timeout=10000,
+        )
         p.shot("08_on_demand")
         assert p.page.evaluate("window.__xss") is None
         assert p.errors == []
@@ -413,10 +456,27 @@ def test_ablation_section_shows_saved_ablations_beside_their_gig_share(tiny_run,
 def test_front_figure_marks_the_evaluations_baselines() -> None:
     from gig.report.figure import front_figure
 
-    layers = [{"name": "a", "alpha": 1.0, "front": [{"alpha": 2.0, "l0_ratio": 0.01, "r2": 0.5, "top1_agreement": 0.8},
-                                                      {"alpha": 1.0, "l0_ratio": 0.1, "r2": 0.95, "top1_agreement": 1.0}]}]
+    layers = [
+        {
+            "name": "a",
+            "alpha": 1.0,
+            "front": [
+                {"alpha": 2.0, "l0_ratio": 0.01, "r2": 0.5, "top1_agreement": 0.8},
+                {"alpha": 1.0, "l0_ratio": 0.1, "r2": 0.95, "top1_agreement": 1.0},
+            ],
+        }
+    ]
     plain = front_figure(layers, 0.9, 0.95).decode()
-    marked = front_figure(layers, 0.9, 0.95, {"a": {"ours": {"l0_ratio": 0.1, "r2": 0.95, "top1_agreement": 1.0},
-                                                    "sae": {"l0_ratio": 0.05, "r2": 0.7, "top1_agreement": 0.9}}}).decode()
+    marked = front_figure(
+        layers,
+        0.9,
+        0.95,
+        {
+            "a": {
+                "ours": {"l0_ratio": 0.1, "r2": 0.95, "top1_agreement": 1.0},
+                "sae": {"l0_ratio": 0.05, "r2": 0.7, "top1_agreement": 0.9},
+            }
+        },
+    ).decode()
     assert "sae" in marked and "sae" not in plain
     assert "ours" not in marked  # the run's own point is the ringed front point, not a marker

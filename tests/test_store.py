@@ -131,8 +131,9 @@ def test_png_written_atomically_on_a_full_disk(tmp_path, monkeypatch):
 def test_full_disk_is_one_line_and_keeps_finished_work(tmp_path, monkeypatch, library):
     """``library``: the error safetensors really raises on a full disk (a SafetensorError that is
     no OSError, measured on a 64 kB tmpfs), which used to escape as a traceback."""
-    import gig.store
     from safetensors import SafetensorError
+
+    import gig.store
 
     run = tmp_path / "r"
     assert CliRunner().invoke(app, ["collect", str(run), "--max-images", "2", "--layer", "_blocks.15"]).exit_code == 0
@@ -168,8 +169,16 @@ def mark_then_die(self, name, shard, info=None):
 gig.store.RunStore.mark_shard = mark_then_die
 Pipeline(Config(**{config!r}), out, progress=False).run()
 """
-KILL_CONFIG = dict(max_images=4, layers=["_blocks.15"], gig_tol=0.05, top_k=2, batch_size=2,
-                   samples_per_image=6, min_cluster=2, calibration_size=40)
+KILL_CONFIG = dict(
+    max_images=4,
+    layers=["_blocks.15"],
+    gig_tol=0.05,
+    top_k=2,
+    batch_size=2,
+    samples_per_image=6,
+    min_cluster=2,
+    calibration_size=40,
+)
 
 
 @contextmanager
@@ -195,7 +204,8 @@ def uninterrupted(tmp_path_factory):
     try:
         with _one_thread():
             Pipeline(Config(**KILL_CONFIG), root / "r", progress=False).run(
-                ["collect", "concepts", "decompose", "attribute"])
+                ["collect", "concepts", "decompose", "attribute"]
+            )
     finally:
         gig.collect.SHARD_IMAGES, gig.decompose.SHARD_IMAGES = saved
     return root / "r"
@@ -208,9 +218,10 @@ def test_sigkill_mid_stage_resumes_to_identical_results(stage, uninterrupted, tm
     import subprocess
     import sys
 
+    from safetensors.torch import load_file
+
     import gig.collect
     import gig.decompose
-    from safetensors.torch import load_file
 
     run = tmp_path / "r"
     script = _KILLED_RUN.replace("{config!r}", repr(KILL_CONFIG))
@@ -275,15 +286,23 @@ def test_a_read_only_run_is_read_without_writing_into_it(tiny_run, tmp_path, mon
     shutil.rmtree(run / "graph" / "ablation", ignore_errors=True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     real = gig.store.run_is_writable
-    monkeypatch.setattr(gig.store, "run_is_writable", lambda root: Path(root).resolve() != run.resolve()
-                        and not str(Path(root).resolve()).startswith(str(run.resolve()) + "/") and real(root))
+    monkeypatch.setattr(
+        gig.store,
+        "run_is_writable",
+        lambda root: (
+            Path(root).resolve() != run.resolve()
+            and not str(Path(root).resolve()).startswith(str(run.resolve()) + "/")
+            and real(root)
+        ),
+    )
 
     def listing():
         return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in run.rglob("*")}
 
     before = listing()
-    build_report(run, tmp_path / "report", ReportOptions(atlas_per_layer=3, n_images=2, max_classes=1),
-                 model=tiny_run["bundle"])
+    build_report(
+        run, tmp_path / "report", ReportOptions(atlas_per_layer=3, n_images=2, max_classes=1), model=tiny_run["bundle"]
+    )
     result = ablate(run, "_blocks.15", [0], model=tiny_run["bundle"])
     assert listing() == before
     assert (tmp_path / "report" / "index.html").is_file()
@@ -340,7 +359,8 @@ def test_readers_refuse_a_run_whose_photo_was_replaced(tiny_run, tmp_path, monke
         RunAccess(tiny_run["run"], model=other).bundle  # what explain of new photos reads alone
     assert RunAccess(tiny_run["run"], model=bundle).bundle is bundle
     real = gig.images.ImageSource.content_fingerprint
-    monkeypatch.setattr(gig.images.ImageSource, "content_fingerprint",
-                        lambda self, records=None: "x" + real(self, records))
+    monkeypatch.setattr(
+        gig.images.ImageSource, "content_fingerprint", lambda self, records=None: "x" + real(self, records)
+    )
     with pytest.raises(RunMismatchError, match="images or model weights changed"):
         build_report(tiny_run["run"], tmp_path / "changed", options, model=bundle)

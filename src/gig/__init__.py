@@ -10,8 +10,18 @@ fields), :mod:`gig.concepts` (bisecting k-means), :mod:`gig.decompose` (Lasso),
 
 __version__ = "0.3.0"
 
-__all__ = ["Config", "Pipeline", "GIG", "ModelHandle", "load_model", "wrap_module", "open_source", "open", "Run",
-           "__version__"]
+__all__ = [
+    "Config",
+    "Pipeline",
+    "GIG",
+    "ModelHandle",
+    "load_model",
+    "wrap_module",
+    "open_source",
+    "open",
+    "Run",
+    "__version__",
+]
 
 _EXPORTS = {
     "Config": "gig.config",

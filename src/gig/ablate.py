@@ -74,8 +74,14 @@ def run_codes(store: RunStore, layer: str, image_ids: Sequence[int]) -> torch.Te
 
 
 # ---------------------------------------------------------------------------- the core
-def _read(handle: ModelHandle, pixels: torch.Tensor, layer: str, grid: torch.Tensor, read: str | None,
-          vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+def _read(
+    handle: ModelHandle,
+    pixels: torch.Tensor,
+    layer: str,
+    grid: torch.Tensor,
+    read: str | None,
+    vectors: dict[str, torch.Tensor],
+) -> torch.Tensor:
     """Logits ``(M, classes)`` (``read`` None) or every concept readout ``(M, K_b)`` of layer ``read``."""
     out = handle.run_from(pixels, layer, grid.to(memory_format=handle.memory_format), read=read)
     if read is None:
@@ -83,7 +89,9 @@ def _read(handle: ModelHandle, pixels: torch.Tensor, layer: str, grid: torch.Ten
     return ConceptReadout(read, vectors[read]).all(out.float()).cpu()
 
 
-def _variant_grids(codes: torch.Tensor, V: torch.Tensor, keep: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+def _variant_grids(
+    codes: torch.Tensor, V: torch.Tensor, keep: torch.Tensor, shape: tuple[int, int, int]
+) -> torch.Tensor:
     """Grids ``(N·(1+M), C, H, W)``, image-major: the reconstruction of ``codes (N, P, K)``, then
     one with each row of ``keep (M, K)`` (1 = kept) applied to the coefficients."""
     c, h, w = shape
@@ -92,10 +100,18 @@ def _variant_grids(codes: torch.Tensor, V: torch.Tensor, keep: torch.Tensor, sha
     return x.reshape(-1, h, w, c).permute(0, 3, 1, 2).contiguous()
 
 
-def ablate_codes(handle: ModelHandle, layer: str, pixels: torch.Tensor, codes: torch.Tensor, dictionary: torch.Tensor,
-                 removals: torch.Tensor, reads: Sequence[str | None],
-                 read_vectors: dict[str, torch.Tensor] | None = None, max_batch: int = 64,
-                 shape: tuple[int, int, int] | None = None) -> dict[str | None, torch.Tensor]:
+def ablate_codes(
+    handle: ModelHandle,
+    layer: str,
+    pixels: torch.Tensor,
+    codes: torch.Tensor,
+    dictionary: torch.Tensor,
+    removals: torch.Tensor,
+    reads: Sequence[str | None],
+    read_vectors: dict[str, torch.Tensor] | None = None,
+    max_batch: int = 64,
+    shape: tuple[int, int, int] | None = None,
+) -> dict[str | None, torch.Tensor]:
     """The network's outputs with ``layer`` replaced by the reconstruction and by ablations of it.
 
     ``pixels (N, 3, S, S)``, ``codes (N, P, K)``, ``dictionary V (K, C)``, ``removals (M, K)``
@@ -114,18 +130,18 @@ def ablate_codes(handle: ModelHandle, layer: str, pixels: torch.Tensor, codes: t
         if variants <= max_batch:  # several images per forward, all variants of each
             step = max(1, max_batch // variants)
             for lo in range(0, n, step):
-                grids = _variant_grids(codes[lo:lo + step], dictionary, keep, shape).to(handle.device)
+                grids = _variant_grids(codes[lo : lo + step], dictionary, keep, shape).to(handle.device)
                 for r in reads:
-                    values = _read(handle, pixels[lo:lo + step], layer, grids, r, read_vectors)
+                    values = _read(handle, pixels[lo : lo + step], layer, grids, r, read_vectors)
                     out[r].append(values.reshape(-1, variants, values.shape[-1]))
         else:  # one image at a time, its variants in chunks
             for i in range(n):
-                grids = _variant_grids(codes[i:i + 1], dictionary, keep, shape)
+                grids = _variant_grids(codes[i : i + 1], dictionary, keep, shape)
                 parts = {r: [] for r in reads}
                 for lo in range(0, variants, max_batch):
-                    chunk = grids[lo:lo + max_batch].to(handle.device)
+                    chunk = grids[lo : lo + max_batch].to(handle.device)
                     for r in reads:
-                        parts[r].append(_read(handle, pixels[i:i + 1], layer, chunk, r, read_vectors))
+                        parts[r].append(_read(handle, pixels[i : i + 1], layer, chunk, r, read_vectors))
                 for r in reads:
                     out[r].append(torch.cat(parts[r])[None])
     return {r: torch.cat(v) for r, v in out.items()}
@@ -181,30 +197,51 @@ class AblationResult:
     def to_dict(self, top: int = 5) -> dict:
         """The JSON form (schema ``gig.ablation/1``, see docs/ablation-and-labels.md)."""
         return {
-            "schema": SCHEMA, "run": self.run, "layer": self.layer, "concepts": self.concepts,
-            "source": self.source, "n_images": len(self.image_ids), "readout_layers": list(self.readouts),
+            "schema": SCHEMA,
+            "run": self.run,
+            "layer": self.layer,
+            "concepts": self.concepts,
+            "source": self.source,
+            "n_images": len(self.image_ids),
+            "readout_layers": list(self.readouts),
             "convention": "delta = ablated − reconstruction (U·V); probabilities are softmax of the logits",
             "mean": self._mean_dict(top),
             "images": [self._image_dict(i, top) for i in range(len(self.image_ids))],
         }
 
     def _values(self, what: torch.Tensor, i: int, c: int) -> dict:
-        return {"reconstruction": float(what[i, 0, c]), "ablated": float(what[i, 1, c]),
-                "delta": float(what[i, 1, c] - what[i, 0, c])}
+        return {
+            "reconstruction": float(what[i, 0, c]),
+            "ablated": float(what[i, 1, c]),
+            "delta": float(what[i, 1, c] - what[i, 0, c]),
+        }
 
     def _image_dict(self, i: int, top: int) -> dict:
         t = int(self.targets[i])
         probs, d = self.probs, self.delta_probs[i]
         changed = d.abs().topk(min(top, d.numel())).indices.tolist()
         return {
-            "image_id": self.image_ids[i], "path": self.paths[i], "target": t, "target_name": self.class_name(t),
+            "image_id": self.image_ids[i],
+            "path": self.paths[i],
+            "target": t,
+            "target_name": self.class_name(t),
             "removed_mass": float(self.removed_mass[i]),
-            "pred": {"original": int(self.original_logits[i].argmax()), "reconstruction": int(self.logits[i, 0].argmax()),
-                     "ablated": int(self.logits[i, 1].argmax())},
+            "pred": {
+                "original": int(self.original_logits[i].argmax()),
+                "reconstruction": int(self.logits[i, 0].argmax()),
+                "ablated": int(self.logits[i, 1].argmax()),
+            },
             "target_logit": {"original": float(self.original_logits[i, t]), **self._values(self.logits, i, t)},
             "target_prob": {"original": float(self.original_logits[i].softmax(-1)[t]), **self._values(probs, i, t)},
-            "classes": [{"class": c, "name": self.class_name(c), "delta_prob": float(d[c]),
-                         "delta_logit": float(self.delta_logits[i, c])} for c in changed],
+            "classes": [
+                {
+                    "class": c,
+                    "name": self.class_name(c),
+                    "delta_prob": float(d[c]),
+                    "delta_logit": float(self.delta_logits[i, c]),
+                }
+                for c in changed
+            ],
             "readouts": {b: _top_readouts(v[i], self.delta_readouts(b)[i], top) for b, v in self.readouts.items()},
         }
 
@@ -214,17 +251,31 @@ class AblationResult:
         logit, prob = self.logits[idx, :, t], self.probs[idx, :, t]  # (N, 2)
         dp, dl = self.delta_probs.mean(0), self.delta_logits.mean(0)
         changed = dp.abs().topk(min(top, dp.numel())).indices.tolist()
-        mean_of = lambda v: {"reconstruction": float(v[:, 0].mean()), "ablated": float(v[:, 1].mean()),  # noqa: E731
-                             "delta": float((v[:, 1] - v[:, 0]).mean()), "delta_sd": _sd(v[:, 1] - v[:, 0])}
+
+        def mean_of(v: torch.Tensor) -> dict:
+            return {
+                "reconstruction": float(v[:, 0].mean()),
+                "ablated": float(v[:, 1].mean()),
+                "delta": float((v[:, 1] - v[:, 0]).mean()),
+                "delta_sd": _sd(v[:, 1] - v[:, 0]),
+            }
+
         return {
-            "target_logit": mean_of(logit), "target_prob": mean_of(prob),
+            "target_logit": mean_of(logit),
+            "target_prob": mean_of(prob),
             "prediction_changed": float((self.logits[:, 0].argmax(-1) != self.logits[:, 1].argmax(-1)).float().mean()),
             "removed_mass": float(self.removed_mass.mean()),
-            "classes": [{"class": c, "name": self.class_name(c), "delta_prob": float(dp[c]), "delta_logit": float(dl[c])}
-                        for c in changed],
-            "readouts": {b: {**_top_readouts(v.mean(0), self.delta_readouts(b).mean(0), top),
-                             "delta": [round(float(x), 6) for x in self.delta_readouts(b).mean(0)]}
-                         for b, v in self.readouts.items()},
+            "classes": [
+                {"class": c, "name": self.class_name(c), "delta_prob": float(dp[c]), "delta_logit": float(dl[c])}
+                for c in changed
+            ],
+            "readouts": {
+                b: {
+                    **_top_readouts(v.mean(0), self.delta_readouts(b).mean(0), top),
+                    "delta": [round(float(x), 6) for x in self.delta_readouts(b).mean(0)],
+                }
+                for b, v in self.readouts.items()
+            },
         }
 
     def _repr_html_(self) -> str:
@@ -233,21 +284,41 @@ class AblationResult:
         import html
 
         doc = self.to_dict()
-        head = (f"<p><b>{html.escape(self.layer)}</b> without concept(s) {', '.join(map(str, self.concepts))}: "
-                f"{len(self.image_ids)} image(s); Δ = ablated − reconstruction</p>")
+        head = (
+            f"<p><b>{html.escape(self.layer)}</b> without concept(s) {', '.join(map(str, self.concepts))}: "
+            f"{len(self.image_ids)} image(s); Δ = ablated − reconstruction</p>"
+        )
         cells = lambda row: "".join(f"<td>{html.escape(str(c))}</td>" for c in row)  # noqa: E731
-        rows = [cells([im["image_id"] if im["image_id"] is not None else Path(im["path"]).name, im["target_name"],
-                       f"{im['target_prob']['reconstruction']:.3f}", f"{im['target_prob']['ablated']:.3f}",
-                       f"{im['target_prob']['delta']:+.3f}"]) for im in doc["images"]]
+        rows = [
+            cells(
+                [
+                    im["image_id"] if im["image_id"] is not None else Path(im["path"]).name,
+                    im["target_name"],
+                    f"{im['target_prob']['reconstruction']:.3f}",
+                    f"{im['target_prob']['ablated']:.3f}",
+                    f"{im['target_prob']['delta']:+.3f}",
+                ]
+            )
+            for im in doc["images"]
+        ]
         m = doc["mean"]["target_prob"]
         rows.append(cells(["mean", "", f"{m['reconstruction']:.3f}", f"{m['ablated']:.3f}", f"{m['delta']:+.3f}"]))
-        return (head + "<table><tr><th>image</th><th>target</th><th>p reconstruction</th><th>p ablated</th><th>Δp</th></tr>"
-                + "".join(f"<tr>{r}</tr>" for r in rows) + "</table>")
+        return (
+            head
+            + "<table><tr><th>image</th><th>target</th><th>p reconstruction</th><th>p ablated</th><th>Δp</th></tr>"
+            + "".join(f"<tr>{r}</tr>" for r in rows)
+            + "</table>"
+        )
 
     def save(self, path: str | Path | None = None, top: int = 5) -> Path:
         """Write :meth:`to_dict` (atomically) to ``path``, default :func:`ablation_path`."""
-        path = Path(path) if path is not None else ablation_path(RunStore.open(self.run), self.layer, self.concepts,
-                                                                   None if self.source == "run" else self.paths)
+        path = (
+            Path(path)
+            if path is not None
+            else ablation_path(
+                RunStore.open(self.run), self.layer, self.concepts, None if self.source == "run" else self.paths
+            )
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         save_json(path, self.to_dict(top))
         self.path = path
@@ -261,8 +332,17 @@ def _sd(x: torch.Tensor) -> float:
 def _top_readouts(values: torch.Tensor, delta: torch.Tensor, top: int) -> dict:
     """The ``top`` concepts whose readout changed most: ``values (2, K_b)``, ``delta (K_b,)``."""
     order = delta.abs().topk(min(top, delta.numel())).indices.tolist()
-    return {"top": [{"concept": r, "reconstruction": float(values[0, r]), "ablated": float(values[1, r]),
-                     "delta": float(delta[r])} for r in order]}
+    return {
+        "top": [
+            {
+                "concept": r,
+                "reconstruction": float(values[0, r]),
+                "ablated": float(values[1, r]),
+                "delta": float(delta[r]),
+            }
+            for r in order
+        ]
+    }
 
 
 def ablation_path(store: RunStore, layer: str, concepts: Sequence[int], photos: Sequence[str] | None = None) -> Path:
@@ -277,15 +357,27 @@ def ablation_path(store: RunStore, layer: str, concepts: Sequence[int], photos: 
 def later_layers(store: RunStore, layer: str, all_layers: bool = False) -> list[str]:
     """The analysed layers after ``layer``: the next one, or every later one."""
     layers = list(store.config.layers)
-    after = layers[layers.index(layer) + 1:]
+    after = layers[layers.index(layer) + 1 :]
     return after if all_layers else after[:1]
 
 
-def ablate(run: str | Path | RunStore | RunAccess, layer: str, concepts: Sequence[int],
-           image_ids: Sequence[int] | None = None, images: Sequence[str | Path] | None = None, *,
-           targets: int | Sequence[int] | None = None, all_layers: bool = False, model=None, device: str | None = None,
-           batch_size: int = 16, max_batch: int = 64, save: bool = True, top: int = 5,
-           progress: bool = False) -> AblationResult:
+def ablate(
+    run: str | Path | RunStore | RunAccess,
+    layer: str,
+    concepts: Sequence[int],
+    image_ids: Sequence[int] | None = None,
+    images: Sequence[str | Path] | None = None,
+    *,
+    targets: int | Sequence[int] | None = None,
+    all_layers: bool = False,
+    model=None,
+    device: str | None = None,
+    batch_size: int = 16,
+    max_batch: int = 64,
+    save: bool = True,
+    top: int = 5,
+    progress: bool = False,
+) -> AblationResult:
     """Remove ``concepts`` of ``layer`` from the reconstruction of each image and measure.
 
     Images: ``image_ids`` of the run (default: every image of the run), or ``images``, paths of
@@ -314,24 +406,38 @@ def ablate(run: str | Path | RunStore | RunAccess, layer: str, concepts: Sequenc
     parts: dict[str, list[torch.Tensor]] = {}
     shape = None
     for lo in tqdm(range(0, len(infos), batch_size), desc="ablate", unit="batch", disable=not progress):
-        chunk = infos[lo:lo + batch_size]
+        chunk = infos[lo : lo + batch_size]
         pixels, codes = _pixels_and_codes(ctx, layer, chunk, images is not None)
         shape = shape or grid_shape(ctx.handle, layer, pixels)
         with torch.no_grad():
             original = ctx.handle.model(pixels.to(ctx.handle.device)).float().cpu()
         out = ablate_codes(ctx.handle, layer, pixels, codes, V, removal, reads, vectors, max_batch, shape)
-        _append(parts, {"original": original, "mass": codes[:, :, concepts].abs().sum((1, 2)),
-                        **{("logits" if r is None else f"read:{r}"): v for r, v in out.items()}})
+        _append(
+            parts,
+            {
+                "original": original,
+                "mass": codes[:, :, concepts].abs().sum((1, 2)),
+                **{("logits" if r is None else f"read:{r}"): v for r, v in out.items()},
+            },
+        )
         for info, row in zip(chunk, original):
             if info["target"] is None:
                 info["target"] = int(row.argmax())
     cat = {k: torch.cat(v) for k, v in parts.items()}
     result = AblationResult(
-        run=str(store.root), layer=layer, concepts=concepts, image_ids=[i["image_id"] for i in infos],
-        paths=[i["path"] for i in infos], targets=torch.tensor([i["target"] for i in infos]),
-        logits=cat["logits"], original_logits=cat["original"],
-        readouts={r: cat[f"read:{r}"] for r in reads if r is not None}, removed_mass=cat["mass"],
-        class_names=ctx.class_names, source="run" if images is None else "photos")
+        run=str(store.root),
+        layer=layer,
+        concepts=concepts,
+        image_ids=[i["image_id"] for i in infos],
+        paths=[i["path"] for i in infos],
+        targets=torch.tensor([i["target"] for i in infos]),
+        logits=cat["logits"],
+        original_logits=cat["original"],
+        readouts={r: cat[f"read:{r}"] for r in reads if r is not None},
+        removed_mass=cat["mass"],
+        class_names=ctx.class_names,
+        source="run" if images is None else "photos",
+    )
     if save:
         result.save(top=top)
     return result
@@ -353,8 +459,9 @@ def _image_infos(ctx: RunAccess, image_ids, images, targets) -> list[dict]:
         ids = list(known) if image_ids is None else [int(i) for i in image_ids]
         unknown = [i for i in ids if i not in known]
         if unknown:
-            raise ConfigError(f"image id(s) {unknown[:5]} are not in this run ({len(known)} images, "
-                              f"ids {min(known)}..{max(known)})")
+            raise ConfigError(
+                f"image id(s) {unknown[:5]} are not in this run ({len(known)} images, ids {min(known)}..{max(known)})"
+            )
         infos = [{"image_id": i, "path": known[i]["path"], "target": known[i]["target"]} for i in ids]
     if targets is not None:
         targets = [targets] * len(infos) if isinstance(targets, int) else list(targets)
@@ -390,14 +497,23 @@ def _walk_rows(data: dict[str, torch.Tensor], row: int, lower: str, upper: str |
     """What the walk stored for one image and transition: upper ``targets (k,)``, predicted GIG
     ``(k, K_lower)``, the targets' importance ``(k,)`` and readout change ``Δg (k,)``."""
     if upper is None:
-        return (torch.tensor([target_class]), data[f"{lower}/class_gig"][row][None],
-                torch.ones(1), data[f"{lower}/class_delta"][row].reshape(1))
-    return (data[f"{lower}/targets"][row], data[f"{lower}/gig"][row], data[f"{upper}/importance"][row],
-            data[f"{lower}/delta"][row])
+        return (
+            torch.tensor([target_class]),
+            data[f"{lower}/class_gig"][row][None],
+            torch.ones(1),
+            data[f"{lower}/class_delta"][row].reshape(1),
+        )
+    return (
+        data[f"{lower}/targets"][row],
+        data[f"{lower}/gig"][row],
+        data[f"{upper}/importance"][row],
+        data[f"{lower}/delta"][row],
+    )
 
 
-def _candidates(codes: torch.Tensor, predicted: torch.Tensor, top_n: int | None, n_others: int,
-                generator: torch.Generator) -> torch.Tensor:
+def _candidates(
+    codes: torch.Tensor, predicted: torch.Tensor, top_n: int | None, n_others: int, generator: torch.Generator
+) -> torch.Tensor:
     """Lower concepts to ablate for one image: its ``top_n`` active concepts by ``Σ_t |GIG_t|``
     plus ``n_others`` drawn at random from its other active ones (``top_n`` None: every active
     one). Concepts with no coefficient in the image have GIG 0 and no effect: left out, since
@@ -412,9 +528,21 @@ def _candidates(codes: torch.Tensor, predicted: torch.Tensor, top_n: int | None,
     return active[torch.cat([order[:top_n], picked]).sort().values]
 
 
-def measure_transition(ctx: RunAccess, data: dict[str, torch.Tensor], row: int, lower: str, upper: str | None,
-                       pixels: torch.Tensor, codes: torch.Tensor, target_class: int, top_n: int | None,
-                       n_others: int, seed: int, max_batch: int = 64, shape=None) -> dict[str, torch.Tensor]:
+def measure_transition(
+    ctx: RunAccess,
+    data: dict[str, torch.Tensor],
+    row: int,
+    lower: str,
+    upper: str | None,
+    pixels: torch.Tensor,
+    codes: torch.Tensor,
+    target_class: int,
+    top_n: int | None,
+    n_others: int,
+    seed: int,
+    max_batch: int = 64,
+    shape=None,
+) -> dict[str, torch.Tensor]:
     """One image, one transition: each candidate lower concept ablated alone, and all at once.
 
     Returns ``concepts (M,)``, ``predicted (k, M)`` the stored GIG ``GIG_t[q]``, ``measured (k, M)``
@@ -431,12 +559,30 @@ def measure_transition(ctx: RunAccess, data: dict[str, torch.Tensor], row: int, 
     removals[torch.arange(chosen.numel()), chosen] = True
     removals[-1] = True  # every concept: the zero grid, the GIG path's start
     vectors = {upper: ctx.dictionary(upper)} if upper is not None else {}
-    out = ablate_codes(ctx.handle, lower, pixels[None], codes[None], ctx.dictionary(lower), removals,
-                       [upper], vectors, max_batch, shape)[upper][0]  # (1 + M + 1, D)
+    out = ablate_codes(
+        ctx.handle,
+        lower,
+        pixels[None],
+        codes[None],
+        ctx.dictionary(lower),
+        removals,
+        [upper],
+        vectors,
+        max_batch,
+        shape,
+    )[upper][0]  # (1 + M + 1, D)
     values = out[:, targets]  # (1 + M + 1, k)
-    return {"image_id": torch.full((targets.numel(),), image_id), "targets": targets, "concepts": chosen,
-            "predicted": gig[:, chosen], "measured": (values[0] - values[1:-1]).T, "importance": importance,
-            "delta": delta, "delta_check": values[0] - values[-1], "gig_sum": gig.sum(-1)}
+    return {
+        "image_id": torch.full((targets.numel(),), image_id),
+        "targets": targets,
+        "concepts": chosen,
+        "predicted": gig[:, chosen],
+        "measured": (values[0] - values[1:-1]).T,
+        "importance": importance,
+        "delta": delta,
+        "delta_check": values[0] - values[-1],
+        "gig_sum": gig.sum(-1),
+    }
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -458,8 +604,14 @@ def _groups(measures: list[dict]) -> list[dict]:
     for m in measures:
         for j, t in enumerate(m["targets"].tolist()):
             scale = float(m["importance"][j]) / _nonzero(float(m["delta"][j]))
-            groups.append({"x": m["predicted"][j].double().numpy(), "y": m["measured"][j].double().numpy(),
-                           "scale": scale, "keys": [(t, q) for q in m["concepts"].tolist()]})
+            groups.append(
+                {
+                    "x": m["predicted"][j].double().numpy(),
+                    "y": m["measured"][j].double().numpy(),
+                    "scale": scale,
+                    "keys": [(t, q) for q in m["concepts"].tolist()],
+                }
+            )
     return groups
 
 
@@ -492,8 +644,12 @@ def _stats(values: Sequence[float]) -> dict:
     v = v[~np.isnan(v)]
     if not v.size:
         return {"mean": None, "sd": None, "median": None, "n": 0}
-    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-            "median": float(np.median(v)), "n": int(v.size)}
+    return {
+        "mean": float(v.mean()),
+        "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+        "median": float(np.median(v)),
+        "n": int(v.size),
+    }
 
 
 def _top_overlap(groups: list[dict], k: int = 5, rng: np.random.Generator | None = None) -> float | None:
@@ -521,8 +677,9 @@ def transition_summary(measures: list[dict], n_random: int = 20, seed: int = 0) 
     groups = _groups(measures)
     real = _correlations(groups)
     randoms = [_correlations(groups, np.random.default_rng([seed, s])) for s in range(n_random)]
-    per_random = [float(np.nanmean(r["per_target"])) if np.isfinite(r["per_target"]).any() else math.nan
-                  for r in randoms]
+    per_random = [
+        float(np.nanmean(r["per_target"])) if np.isfinite(r["per_target"]).any() else math.nan for r in randoms
+    ]
     x = np.concatenate([g["x"] for g in groups]) if groups else np.zeros(0)
     y = np.concatenate([g["y"] for g in groups]) if groups else np.zeros(0)
     signed = np.abs(x) > 1e-12
@@ -532,18 +689,31 @@ def transition_summary(measures: list[dict], n_random: int = 20, seed: int = 0) 
     sums = [(g["y"].sum() / g["x"].sum()) for g in groups if abs(g["x"].sum()) > 1e-12]
     rel = lambda a: (a.abs() / delta.abs().clamp_min(1e-8)).median().item()  # noqa: E731
     return {
-        "n_images": len(measures), "n_targets": len(groups), "n_pairs": int(x.size),
+        "n_images": len(measures),
+        "n_targets": len(groups),
+        "n_pairs": int(x.size),
         "concepts_per_target": float(np.mean([g["x"].size for g in groups])) if groups else 0.0,
-        "spearman": {"per_target": _stats(real["per_target"]), "pooled": _nan_none(real["pooled"]),
-                     "edges": _nan_none(real["edges"]), "n_edges": real["n_edges"]},
-        "random": {"per_target": _stats(per_random), "pooled": _stats([r["pooled"] for r in randoms]),
-                   "edges": _stats([r["edges"] for r in randoms]), "n_seeds": n_random},
+        "spearman": {
+            "per_target": _stats(real["per_target"]),
+            "pooled": _nan_none(real["pooled"]),
+            "edges": _nan_none(real["edges"]),
+            "n_edges": real["n_edges"],
+        },
+        "random": {
+            "per_target": _stats(per_random),
+            "pooled": _stats([r["pooled"] for r in randoms]),
+            "edges": _stats([r["edges"] for r in randoms]),
+            "n_seeds": n_random,
+        },
         "sign_agreement": float((np.sign(x[signed]) == np.sign(y[signed])).mean()) if signed.any() else None,
         "top5_overlap": _top_overlap(groups),
         "top5_overlap_random": _top_overlap(groups, rng=np.random.default_rng([seed, 10**6])),
-        "completeness": {"stored_residual_median": rel(gig_sum - delta), "delta_check_median": rel(check - delta),
-                         "delta_check_max": float((check - delta).abs().div(delta.abs().clamp_min(1e-8)).max()),
-                         "ablation_sum_ratio_median": float(np.median(sums)) if sums else None},
+        "completeness": {
+            "stored_residual_median": rel(gig_sum - delta),
+            "delta_check_median": rel(check - delta),
+            "delta_check_max": float((check - delta).abs().div(delta.abs().clamp_min(1e-8)).max()),
+            "ablation_sum_ratio_median": float(np.median(sums)) if sums else None,
+        },
     }
 
 
@@ -556,7 +726,9 @@ def load_walk(store: RunStore) -> dict[str, torch.Tensor]:
     unfinished: a shard is only ever written whole), without the maps, which ablation never reads."""
     from .attribution import load_attributions
 
-    return load_attributions(store, ("gig", "targets", "importance", "delta", "class_gig", "class_delta", "score", "top"))
+    return load_attributions(
+        store, ("gig", "targets", "importance", "delta", "class_gig", "class_delta", "score", "top")
+    )
 
 
 def correlation_path(store: RunStore) -> Path:
@@ -577,15 +749,32 @@ def load_ablations(run: str | Path | RunStore) -> list[dict]:
 
     store = as_store(run)
     folders = dict.fromkeys([store.root / "graph" / "ablation", derived_dir(store, "graph", "ablation")])
-    found = [load_json(p) for folder in folders if folder.is_dir()
-             for p in sorted(folder.glob("*.json")) if p.name != "correlation.json"]
+    found = [
+        load_json(p)
+        for folder in folders
+        if folder.is_dir()
+        for p in sorted(folder.glob("*.json"))
+        if p.name != "correlation.json"
+    ]
     return [r for r in found if r.get("schema") == SCHEMA]
 
 
-def ablation_correlation(run: str | Path | RunStore | RunAccess, *, image_ids: Sequence[int] | None = None,
-                         max_images: int | None = None, top_n: int | None = 16, n_others: int = 16,
-                         n_random: int = 20, seed: int = 0, model=None, device: str | None = None,
-                         max_batch: int = 64, chunk: int = 8, save: bool = True, progress: bool = False) -> dict:
+def ablation_correlation(
+    run: str | Path | RunStore | RunAccess,
+    *,
+    image_ids: Sequence[int] | None = None,
+    max_images: int | None = None,
+    top_n: int | None = 16,
+    n_others: int = 16,
+    n_random: int = 20,
+    seed: int = 0,
+    model=None,
+    device: str | None = None,
+    max_batch: int = 64,
+    chunk: int = 8,
+    save: bool = True,
+    progress: bool = False,
+) -> dict:
     """GIG edge weight vs measured ablation effect, per transition of the run's walk.
 
     For each attributed image (``image_ids``, else the first ``max_images``, else all) and each
@@ -609,20 +798,36 @@ def ablation_correlation(run: str | Path | RunStore | RunAccess, *, image_ids: S
     shapes: dict[str, tuple[int, int, int]] = {}
     bar = tqdm(total=len(rows), desc="ablation vs GIG", unit="img", disable=not progress)
     for lo in range(0, len(rows), chunk):
-        part = rows[lo:lo + chunk]
+        part = rows[lo : lo + chunk]
         ids = [int(data["image_id"][r]) for r in part]
         pixels = ctx.run_pixels(ids)
         for lower, upper in steps:
             shapes.setdefault(lower, grid_shape(ctx.handle, lower, pixels))
             codes = run_codes(store, lower, ids)
             for j, r in enumerate(part):
-                measures[transition_name(lower, upper)].append(measure_transition(
-                    ctx, data, r, lower, upper, pixels[j], codes[j], targets[ids[j]], top_n, n_others, seed,
-                    max_batch, shapes[lower]))
+                measures[transition_name(lower, upper)].append(
+                    measure_transition(
+                        ctx,
+                        data,
+                        r,
+                        lower,
+                        upper,
+                        pixels[j],
+                        codes[j],
+                        targets[ids[j]],
+                        top_n,
+                        n_others,
+                        seed,
+                        max_batch,
+                        shapes[lower],
+                    )
+                )
         bar.update(len(part))
     bar.close()
     result = {
-        "schema": CORRELATION_SCHEMA, "run": str(store.root), "n_images": len(rows),
+        "schema": CORRELATION_SCHEMA,
+        "run": str(store.root),
+        "n_images": len(rows),
         "image_ids": [int(data["image_id"][r]) for r in rows],
         "selection": {"top_n": top_n, "n_others": n_others, "seed": seed, "n_random": n_random},
         "attribute_stage": store.stage_state("attribute"),
@@ -657,9 +862,17 @@ def _save_correlation(store: RunStore, result: dict, measures: dict[str, list[di
         for m in ms:
             k, n = m["predicted"].shape
             scale = m["importance"] / torch.tensor([_nonzero(float(d)) for d in m["delta"]])
-            _append(cols, {"image_id": m["image_id"][:, None].expand(k, n), "target": m["targets"][:, None].expand(k, n),
-                           "concept": m["concepts"][None].expand(k, n), "predicted": m["predicted"],
-                           "measured": m["measured"], "scale": scale[:, None].expand(k, n)})
+            _append(
+                cols,
+                {
+                    "image_id": m["image_id"][:, None].expand(k, n),
+                    "target": m["targets"][:, None].expand(k, n),
+                    "concept": m["concepts"][None].expand(k, n),
+                    "predicted": m["predicted"],
+                    "measured": m["measured"],
+                    "scale": scale[:, None].expand(k, n),
+                },
+            )
         for key, parts in cols.items():
             tensors[f"{name}/{key}"] = torch.cat([p.reshape(-1) for p in parts]).contiguous()
     save_tensors(path.with_name("correlation_pairs.safetensors"), tensors)

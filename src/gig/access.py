@@ -63,8 +63,9 @@ class RunAccess:
     folds batch norms as the attribute stage does (:meth:`gig.hooks.ModelHandle.for_gradients`),
     for many gradient or ablation passes."""
 
-    def __init__(self, run: str | Path | RunStore, model=None, source=None, device: str | None = None,
-                 fast: bool = False):
+    def __init__(
+        self, run: str | Path | RunStore, model=None, source=None, device: str | None = None, fast: bool = False
+    ):
         self.store = as_store(run)
         self._bundle, self._source, self._handle = model, source, None
         self._device, self._fast = device, fast
@@ -93,8 +94,10 @@ class RunAccess:
         weights replaced under the same name."""
         recorded = (self.store.manifest().get("inputs") or {}).get("weights")
         if recorded is not None and recorded != self._bundle.fingerprint():
-            raise RunMismatchError(f"{self.store.root}: the model's weights changed since its stages ran (same "
-                                   f"name, other values): `gig run --out {self.store.root}` recomputes it")
+            raise RunMismatchError(
+                f"{self.store.root}: the model's weights changed since its stages ran (same "
+                f"name, other values): `gig run --out {self.store.root}` recomputes it"
+            )
 
     @property
     def handle(self):
@@ -121,8 +124,10 @@ class RunAccess:
         fingerprint its stages were computed from (skipped for runs from before fingerprints,
         and where images are handed in because the run's moved)."""
         if inputs_differ(self.store, self._source, self.bundle):
-            raise RunMismatchError(f"{self.store.root}: its images or model weights changed since its stages ran "
-                                   f"(same paths, other contents): `gig run --out {self.store.root}` recomputes it")
+            raise RunMismatchError(
+                f"{self.store.root}: its images or model weights changed since its stages ran "
+                f"(same paths, other contents): `gig run --out {self.store.root}` recomputes it"
+            )
 
     @property
     def class_names(self) -> list[str]:
@@ -150,8 +155,9 @@ class RunAccess:
             self._records = {r.image_id: r for r in self.source.records}
         missing = [i for i in image_ids if i not in self._records]
         if missing:
-            raise RunMismatchError(f"image id(s) {missing[:5]} are not in the run's image source "
-                                   f"{self.store.config.images}")
+            raise RunMismatchError(
+                f"image id(s) {missing[:5]} are not in the run's image source {self.store.config.images}"
+            )
         return [self._records[i] for i in image_ids]
 
     def display_image(self, image_id: int) -> Image.Image:

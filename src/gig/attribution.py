@@ -116,10 +116,20 @@ class GIG:
     ``n_steps`` switches to a fixed grid of ``quadrature_rule``.
     """
 
-    def __init__(self, handle: ModelHandle, layer: str, dictionary: torch.Tensor, n_steps: int | None = None,
-                 quadrature_rule: str = "riemann-midpoint", internal_batch_size: int = 64, tol: float = 0.01,
-                 max_steps: int = 512, min_steps: int = 8, refine_fraction: float = 0.3,
-                 memory_budget: float = 2 * 2**30):
+    def __init__(
+        self,
+        handle: ModelHandle,
+        layer: str,
+        dictionary: torch.Tensor,
+        n_steps: int | None = None,
+        quadrature_rule: str = "riemann-midpoint",
+        internal_batch_size: int = 64,
+        tol: float = 0.01,
+        max_steps: int = 512,
+        min_steps: int = 8,
+        refine_fraction: float = 0.3,
+        memory_budget: float = 2 * 2**30,
+    ):
         if quadrature_rule not in RULES:
             raise ConfigError(f"unknown quadrature {quadrature_rule!r}: use one of {', '.join(RULES)}")
         if not 0 < tol < 1:
@@ -147,11 +157,20 @@ class GIG:
         return self._shape
 
     # ------------------------------------------------------------------ public
-    def attribute(self, inputs: torch.Tensor, codes: torch.Tensor, target: torch.Tensor,
-                  read_layer: str | None = None, read_vectors: torch.Tensor | None = None,
-                  readout: Readout | None = None, n_steps: int | None = None, tol: float | None = None,
-                  internal_batch_size: int | None = None, return_gradients: bool = False,
-                  progress: Callable[[float], None] | None = None) -> GIGResult:
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        codes: torch.Tensor,
+        target: torch.Tensor,
+        read_layer: str | None = None,
+        read_vectors: torch.Tensor | None = None,
+        readout: Readout | None = None,
+        n_steps: int | None = None,
+        tol: float | None = None,
+        internal_batch_size: int | None = None,
+        return_gradients: bool = False,
+        progress: Callable[[float], None] | None = None,
+    ) -> GIGResult:
         """Attributions ``(N, T, K)`` of ``codes (N, P, K)`` to ``target (N,)`` or ``(N, T)``.
 
         ``progress(share)``, if given, is called after every refinement round with the share of
@@ -181,18 +200,42 @@ class GIG:
             for lo in range(0, n, group):
                 share = min(group, n - lo) / n
                 report = None if progress is None else (lambda done, share=share: progress(done * share))
-                parts.append(self._attribute_group(inputs, codes, target, readout, slice(lo, lo + group), (h, w),
-                                                   ibs, n_steps, tol, return_gradients, report))
+                parts.append(
+                    self._attribute_group(
+                        inputs,
+                        codes,
+                        target,
+                        readout,
+                        slice(lo, lo + group),
+                        (h, w),
+                        ibs,
+                        n_steps,
+                        tol,
+                        return_gradients,
+                        report,
+                    )
+                )
         return self._result(parts, n_steps is not None, tol, return_gradients)
 
-    def _attribute_group(self, inputs, codes, target, readout, sl, shape, ibs, n_steps, tol, return_gradients,
-                         progress):
+    def _attribute_group(
+        self, inputs, codes, target, readout, sl, shape, ibs, n_steps, tol, return_gradients, progress
+    ):
         device = self.handle.device
-        ctx = _Context(self.handle, self.layer, inputs[sl].to(device), codes[sl].float().to(device), self.V,
-                       shape, target[sl], readout, ibs)
+        ctx = _Context(
+            self.handle,
+            self.layer,
+            inputs[sl].to(device),
+            codes[sl].float().to(device),
+            self.V,
+            shape,
+            target[sl],
+            readout,
+            ibs,
+        )
         if n_steps is None:
-            return ctx.adaptive(tol, self.min_steps, self.max_steps + 1, self.refine_fraction, return_gradients,
-                                progress)
+            return ctx.adaptive(
+                tol, self.min_steps, self.max_steps + 1, self.refine_fraction, return_gradients, progress
+            )
         out = ctx.fixed(n_steps, self.quadrature_rule)
         if progress is not None:
             progress(1.0)
@@ -201,8 +244,9 @@ class GIG:
     @staticmethod
     def _result(parts: list[dict], fixed: bool, tol: float, return_gradients: bool) -> GIGResult:
         """The groups' results concatenated into one :class:`GIGResult` (on the CPU)."""
-        fields = {k: (torch.cat([p[k] for p in parts]).detach().cpu() if parts[0][k] is not None else None)
-                  for k in parts[0]}
+        fields = {
+            k: (torch.cat([p[k] for p in parts]).detach().cpu() if parts[0][k] is not None else None) for k in parts[0]
+        }
         g_bar = fields["g_bar"]
         attributions, diff = fields["attributions"], fields["g1"] - fields["g0"]
         return GIGResult(
@@ -217,8 +261,15 @@ class GIG:
             converged=None if fixed else fields["converged"],
         )
 
-    def uniform_levels(self, inputs: torch.Tensor, codes: torch.Tensor, target: torch.Tensor,
-                       max_steps: int, min_steps: int = 2, **read) -> dict[int, torch.Tensor]:
+    def uniform_levels(
+        self,
+        inputs: torch.Tensor,
+        codes: torch.Tensor,
+        target: torch.Tensor,
+        max_steps: int,
+        min_steps: int = 2,
+        **read,
+    ) -> dict[int, torch.Tensor]:
         """Attributions on every nested uniform trapezoid grid ``min_steps, 2·min_steps, …,
         max_steps`` intervals, ``{intervals: (N, T, K)}``, at the cost of the finest (for studies
         of what one global step count buys)."""
@@ -231,17 +282,26 @@ class GIG:
             steps *= 2
         return levels
 
-    def uniform_integrand(self, inputs: torch.Tensor, codes: torch.Tensor, target: torch.Tensor, intervals: int,
-                          **read) -> tuple[torch.Tensor, torch.Tensor]:
+    def uniform_integrand(
+        self, inputs: torch.Tensor, codes: torch.Tensor, target: torch.Tensor, intervals: int, **read
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The integrand on the uniform grid ``α = i / intervals``: ``F (N, nodes, T, K)``, each
         node's gradient projected on the concepts, and the readouts ``g(α X̃)`` ``(N, nodes, T)``
         (for studies of quadrature rules, ``bench/gig_integrands.py``)."""
         target = torch.as_tensor(target, device=self.handle.device)
         target = target[:, None] if target.dim() == 1 else target
         readout = self._readout(read.pop("readout", None), read.pop("read_layer", None), read.pop("read_vectors", None))
-        ctx = _Context(self.handle, self.layer, inputs.to(self.handle.device),
-                       codes.float().to(self.handle.device), self.V, self.grid_shape(inputs), target, readout,
-                       self.internal_batch_size)
+        ctx = _Context(
+            self.handle,
+            self.layer,
+            inputs.to(self.handle.device),
+            codes.float().to(self.handle.device),
+            self.V,
+            self.grid_shape(inputs),
+            target,
+            readout,
+            self.internal_batch_size,
+        )
         (n, t), nodes = target.shape, intervals + 1
         image, alpha = ctx._all_items(quadrature(intervals, "trapezoid")[0])
         out = ctx.evaluate(image, alpha, torch.ones(len(image), t, dtype=torch.bool, device=ctx.device), per_node=True)
@@ -292,8 +352,15 @@ class _Context:
         self.device = inputs.device
 
     # ------------------------------------------------------------------ evaluations
-    def evaluate(self, image: torch.Tensor, alpha: torch.Tensor, wanted: torch.Tensor,
-                 weight_sets: list[torch.Tensor] = (), per_node: bool = False, keep_gradients: bool = False):
+    def evaluate(
+        self,
+        image: torch.Tensor,
+        alpha: torch.Tensor,
+        wanted: torch.Tensor,
+        weight_sets: list[torch.Tensor] = (),
+        per_node: bool = False,
+        keep_gradients: bool = False,
+    ):
         """Gradients of the wanted targets at items ``(image (M,), alpha (M,))``.
 
         Items of one image must be consecutive (the network before the layer then runs once per
@@ -318,7 +385,7 @@ class _Context:
         for lo, hi in self._chunks(wanted):
             img, a = image[lo:hi], alpha[lo:hi]
             uniq, counts = torch.unique_consecutive(img, return_counts=True)
-            grid = (self.recon[img] * a.to(self.recon.dtype).view(-1, 1, 1, 1))
+            grid = self.recon[img] * a.to(self.recon.dtype).view(-1, 1, 1, 1)
             grid = grid.contiguous(memory_format=self.handle.memory_format).requires_grad_(True)
             res = self.handle.run_from(self.inputs[uniq], self.layer, grid, read=self.readout.layer, counts=counts)
             r = self.readout.values(res, self.target[img])  # (m_c, T)
@@ -346,8 +413,11 @@ class _Context:
         m = wanted.shape[0]
         change = (wanted[1:] != wanted[:-1]).any(1).nonzero().flatten() + 1
         bounds = [0, *change.tolist(), m]
-        return [(lo, min(lo + self.ibs, hi)) for start, hi in zip(bounds[:-1], bounds[1:])
-                for lo in range(start, hi, self.ibs)]
+        return [
+            (lo, min(lo + self.ibs, hi))
+            for start, hi in zip(bounds[:-1], bounds[1:])
+            for lo in range(start, hi, self.ibs)
+        ]
 
     def _project_items(self, images: torch.Tensor, counts: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``Σ_p U[n,p,q] ⟨g_m[p], V_q⟩`` per item ``m`` (consecutive runs of ``counts`` items of
@@ -357,8 +427,9 @@ class _Context:
         lo = 0
         for n, count in zip(images.tolist(), counts.tolist()):
             # (K, P) @ (m, P, C) → (m, K, C), then ⟨·, V_q⟩ over C
-            out[lo : lo + count] = (torch.matmul(self.codes[n].T, flat[lo : lo + count].transpose(1, 2))
-                                    * self.V).sum(-1)
+            out[lo : lo + count] = (torch.matmul(self.codes[n].T, flat[lo : lo + count].transpose(1, 2)) * self.V).sum(
+                -1
+            )
             lo += count
         return out
 
@@ -406,8 +477,15 @@ class _Context:
         return _result(attributions, g0, g1, evaluations, estimate, None, g_bar)
 
     # ------------------------------------------------------------------ error control
-    def adaptive(self, tol: float, min_cells: int, max_nodes: int, fraction: float, keep_gradients: bool,
-                 progress: Callable[[float], None] | None = None) -> dict:
+    def adaptive(
+        self,
+        tol: float,
+        min_cells: int,
+        max_nodes: int,
+        fraction: float,
+        keep_gradients: bool,
+        progress: Callable[[float], None] | None = None,
+    ) -> dict:
         """Every attribution (one image, one target: a *path*) gets its own cells ``[a, b]`` with
         their midpoints ``m`` (the trapezoid rule on ``[a, m]`` and ``[m, b]``), bisected where
         its attribution vector changes most, until its estimate meets the tolerance.
@@ -430,12 +508,22 @@ class _Context:
         start = torch.linspace(0, 1, 2 * min_cells + 1, dtype=torch.float64, device=dev)
         per = len(start)
         image, alpha = self._all_items(start)
-        first = self.evaluate(image, alpha.float(), torch.ones(n * per, t, dtype=torch.bool, device=dev),
-                              per_node=True, keep_gradients=keep_gradients)
+        first = self.evaluate(
+            image,
+            alpha.float(),
+            torch.ones(n * per, t, dtype=torch.bool, device=dev),
+            per_node=True,
+            keep_gradients=keep_gradients,
+        )
         values = first["values"].view(n, per, t)
         g0, g1 = values[:, 0], values[:, -1]
-        state = _Paths(start, first["F"].view(n, per, t, -1).transpose(1, 2).reshape(paths, per, -1), min_cells,
-                       (g1 - g0).reshape(paths), t)
+        state = _Paths(
+            start,
+            first["F"].view(n, per, t, -1).transpose(1, 2).reshape(paths, per, -1),
+            min_cells,
+            (g1 - g0).reshape(paths),
+            t,
+        )
         pieces = [first["G"]] if keep_gradients else None  # every round's gradients, until the end
         if keep_gradients:  # path p = (image i, target j) reads row G_row[i·per + k, j] at node k
             rows = first["G_row"].view(n, per, t).transpose(1, 2).reshape(paths, per)
@@ -451,16 +539,24 @@ class _Context:
                 break
             path, cell = chosen
             items = state.requests(path, cell)
-            out = self.evaluate(items.image, items.alpha.float(), items.wanted, per_node=True,
-                                keep_gradients=keep_gradients)
+            out = self.evaluate(
+                items.image, items.alpha.float(), items.wanted, per_node=True, keep_gradients=keep_gradients
+            )
             state.add(path, cell, items, out["F"])
             if keep_gradients:
                 pieces.append(out["G"])
                 state.record_piece(len(pieces) - 1, None, out["G_row"])
         A, estimate, done = state.final(tol)
         g_bar = state.integrated_gradients(pieces) if keep_gradients else None
-        return _result(A.view(n, t, -1), g0, g1, state.count.view(n, t).float(), estimate.view(n, t),
-                       done.view(n, t), None if g_bar is None else g_bar.view(n, t, *g_bar.shape[1:]))
+        return _result(
+            A.view(n, t, -1),
+            g0,
+            g1,
+            state.count.view(n, t).float(),
+            estimate.view(n, t),
+            done.view(n, t),
+            None if g_bar is None else g_bar.view(n, t, *g_bar.shape[1:]),
+        )
 
 
 #: The trapezoid rule's error estimate, scaled: ``max(‖Σ_c d_c‖, (Σ_c ‖d_c‖²)^½)`` compares the
@@ -555,8 +651,9 @@ class _Paths:
         cumulative = score.gather(1, order).clamp_min(0).cumsum(1)
         wanted = (cumulative < fraction * cumulative[:, -1:]).sum(1) + 1
         wanted = torch.minimum(wanted, room).clamp_min(1)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
-                                                 .expand_as(order).contiguous())
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(order.shape[1], device=order.device).expand_as(order).contiguous()
+        )
         chosen = (rank < wanted[:, None]) & splittable & self.active[:, None]
         return chosen.nonzero(as_tuple=True)
 
@@ -658,12 +755,20 @@ def _relative_change(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
 
 
 def _result(attributions, g0, g1, evaluations, estimate, converged, g_bar) -> dict:
-    return {"attributions": attributions, "g0": g0, "g1": g1, "evaluations": evaluations,
-            "estimate": estimate, "converged": converged, "g_bar": g_bar}
+    return {
+        "attributions": attributions,
+        "g0": g0,
+        "g1": g1,
+        "evaluations": evaluations,
+        "estimate": estimate,
+        "converged": converged,
+        "g_bar": g_bar,
+    }
 
 
-def gig_maps(codes: torch.Tensor, integrated_gradients: torch.Tensor, dictionary: torch.Tensor,
-             concepts: torch.Tensor) -> torch.Tensor:
+def gig_maps(
+    codes: torch.Tensor, integrated_gradients: torch.Tensor, dictionary: torch.Tensor, concepts: torch.Tensor
+) -> torch.Tensor:
     """Spatial GIG maps: where each chosen concept drives each target.
 
     ``codes (N, P, K)``, ``integrated_gradients (N, T, P, C)``, ``dictionary (K, C)``,
@@ -684,9 +789,16 @@ def _safe(d: torch.Tensor) -> torch.Tensor:
 
 def gig_for(handle: ModelHandle, layer: str, dictionary: torch.Tensor, config) -> GIG:
     """The GIG of ``layer`` with a run configuration's step settings."""
-    return GIG(handle, layer, dictionary, n_steps=config.n_steps, quadrature_rule=config.quadrature,
-               internal_batch_size=config.internal_batch_size, tol=config.gig_tol,
-               max_steps=config.gig_max_steps)
+    return GIG(
+        handle,
+        layer,
+        dictionary,
+        n_steps=config.n_steps,
+        quadrature_rule=config.quadrature,
+        internal_batch_size=config.internal_batch_size,
+        tol=config.gig_tol,
+        max_steps=config.gig_max_steps,
+    )
 
 
 def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=None) -> None:
@@ -719,9 +831,13 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=N
         readers = {layer: CodeReader(store, layer) for layer in layers}
         fast = handle.for_gradients(layers)
         # What the stored error estimates mean (0.3: per-path cells, the estimate scaled).
-        summary["engine"] = {"cells": "per attribution", "estimate_scale": ESTIMATE_SCALE,
-                             "folded_batchnorms": fast.folded_batchnorms, "folded_paddings": fast.folded_paddings,
-                             "channels_last": fast.memory_format == torch.channels_last}
+        summary["engine"] = {
+            "cells": "per attribution",
+            "estimate_scale": ESTIMATE_SCALE,
+            "folded_batchnorms": fast.folded_batchnorms,
+            "folded_paddings": fast.folded_paddings,
+            "channels_last": fast.memory_format == torch.channels_last,
+        }
         gigs = {layer: gig_for(fast, layer, load_dictionary(store, layer), config) for layer in layers}
 
         def walk_images(images: list, bar) -> dict[str, torch.Tensor] | None:
@@ -744,8 +860,18 @@ def _walk_images(source, handle, images, target_of, readers, gigs, config, bar) 
     parts: list[dict[str, torch.Tensor]] = []
     for batch in iter_image_batches(source, images, handle, config.batch_size, config.loader_workers):
         ids = [r.image_id for r in batch.records]
-        parts.append(walk(batch.pixels, ids, [target_of[i] for i in ids], config.layers, readers, gigs, config.top_k,
-                          progress=_ImageProgress(bar, len(ids))))
+        parts.append(
+            walk(
+                batch.pixels,
+                ids,
+                [target_of[i] for i in ids],
+                config.layers,
+                readers,
+                gigs,
+                config.top_k,
+                progress=_ImageProgress(bar, len(ids)),
+            )
+        )
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else None
 
 
@@ -765,10 +891,15 @@ def _attribute_split_shards(store, ranks, records: list, size: int, walk_images,
     from .distributed import Ranks
 
     every, _ = Ranks().shards(records, size)
-    todo = [(index, name, shard) for index, (name, shard) in enumerate(every)
-            if not store.shard_done("attribute", name)]  # read by every rank before any writes
-    bar = tqdm(total=sum(len(shard[ranks.rank :: ranks.world]) for _, _, shard in todo), desc="attribute",
-               unit="img", disable=not progress or not ranks.is_main)
+    todo = [
+        (index, name, shard) for index, (name, shard) in enumerate(every) if not store.shard_done("attribute", name)
+    ]  # read by every rank before any writes
+    bar = tqdm(
+        total=sum(len(shard[ranks.rank :: ranks.world]) for _, _, shard in todo),
+        desc="attribute",
+        unit="img",
+        disable=not progress or not ranks.is_main,
+    )
     for index, name, shard in todo:
         parts = [p for p in ranks.gather(walk_images(shard[ranks.rank :: ranks.world], bar)) if p is not None]
         if index % ranks.world == ranks.rank:
@@ -805,8 +936,16 @@ class _ImageProgress:
             self.shown = whole
 
 
-def walk(pixels: torch.Tensor, ids: list[int], class_targets: list[int], layers: list[str], readers: dict, gigs: dict,
-         top_k: int, progress: Callable[[float], None] | None = None) -> dict[str, torch.Tensor]:
+def walk(
+    pixels: torch.Tensor,
+    ids: list[int],
+    class_targets: list[int],
+    layers: list[str],
+    readers: dict,
+    gigs: dict,
+    top_k: int,
+    progress: Callable[[float], None] | None = None,
+) -> dict[str, torch.Tensor]:
     """One batch of images, top layer down.
 
     ``progress(share)`` is called as attributions finish; the shares add up to 1 for the batch
@@ -847,8 +986,15 @@ def walk(pixels: torch.Tensor, ids: list[int], class_targets: list[int], layers:
             break
         lower = layers[position - 1]
         codes = torch.stack([readers[lower].codes(i) for i in ids])
-        res = gigs[lower].attribute(pixels, codes, top.indices, read_layer=layer,
-                                    read_vectors=gigs[layer].V, return_gradients=True, progress=step)
+        res = gigs[lower].attribute(
+            pixels,
+            codes,
+            top.indices,
+            read_layer=layer,
+            read_vectors=gigs[layer].V,
+            return_gradients=True,
+            progress=step,
+        )
         out[f"{lower}/targets"] = top.indices
         out[f"{lower}/gig"] = res.attributions  # (N, k, K_lower)
         out[f"{lower}/delta"] = res.output_diff
@@ -871,12 +1017,23 @@ def _converged(res: GIGResult) -> torch.Tensor:
 
 
 #: The per-image records of an attribution's path (no maps, no GIG vectors): what the summaries read.
-SUMMARY_FIELDS = ("class_residual", "class_delta", "residual", "delta", "class_steps", "class_error",
-                  "class_converged", "steps", "error", "converged")
+SUMMARY_FIELDS = (
+    "class_residual",
+    "class_delta",
+    "residual",
+    "delta",
+    "class_steps",
+    "class_error",
+    "class_converged",
+    "steps",
+    "error",
+    "converged",
+)
 
 
-def iter_attributions(store, fields: Collection[str] | None = None,
-                      image_ids: Collection[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def iter_attributions(
+    store, fields: Collection[str] | None = None, image_ids: Collection[int] | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
     """The attribute shards one at a time, in order: keys as in :func:`walk`, first axis = that
     shard's images. ``fields`` keeps only the keys ``LAYER/FIELD`` with those FIELDs (and
     ``image_id``); ``image_ids`` only those images' rows. Only what is kept is read from disk, so
@@ -891,8 +1048,7 @@ def iter_attributions(store, fields: Collection[str] | None = None,
             rows = None if wanted is None else torch.isin(ids, wanted).nonzero().flatten()
             if rows is not None and rows.numel() == 0:
                 continue
-            keys = [k for k in shard.keys()
-                    if k == "image_id" or fields is None or k.rsplit("/", 1)[-1] in fields]
+            keys = [k for k in shard.keys() if k == "image_id" or fields is None or k.rsplit("/", 1)[-1] in fields]
             part = {}
             for key in keys:
                 if rows is None:
@@ -903,8 +1059,9 @@ def iter_attributions(store, fields: Collection[str] | None = None,
             yield part
 
 
-def load_attributions(store, fields: Collection[str] | None = None,
-                      image_ids: Collection[int] | None = None) -> dict[str, torch.Tensor]:
+def load_attributions(
+    store, fields: Collection[str] | None = None, image_ids: Collection[int] | None = None
+) -> dict[str, torch.Tensor]:
     """The attribute shards concatenated (see :func:`iter_attributions` for ``fields`` and
     ``image_ids``): keys as in :func:`walk`, first axis = images."""
     parts = list(iter_attributions(store, fields, image_ids))
@@ -914,8 +1071,12 @@ def load_attributions(store, fields: Collection[str] | None = None,
 
 
 def _residual_stats(residuals: torch.Tensor) -> dict[str, float]:
-    return {"median": float(residuals.median()), "p95": float(residuals.quantile(0.95)),
-            "max": float(residuals.max()), "n": int(residuals.numel())}
+    return {
+        "median": float(residuals.median()),
+        "p95": float(residuals.quantile(0.95)),
+        "max": float(residuals.max()),
+        "n": int(residuals.numel()),
+    }
 
 
 def completeness_residuals(store, by_layer: bool = False, data: dict[str, torch.Tensor] | None = None):
@@ -928,8 +1089,9 @@ def completeness_residuals(store, by_layer: bool = False, data: dict[str, torch.
     top = layers[-1]
     parts = {f"{top}->class": data[f"{top}/class_residual"].abs() / data[f"{top}/class_delta"].abs().clamp_min(1e-8)}
     for lower, upper in zip(layers[:-1], layers[1:]):
-        parts[f"{lower}->{upper}"] = (data[f"{lower}/residual"].abs()
-                                      / data[f"{lower}/delta"].abs().clamp_min(1e-8)).flatten()
+        parts[f"{lower}->{upper}"] = (
+            data[f"{lower}/residual"].abs() / data[f"{lower}/delta"].abs().clamp_min(1e-8)
+        ).flatten()
     return parts if by_layer else torch.cat(list(parts.values()))
 
 
@@ -964,8 +1126,11 @@ def accuracy_summary(store, data: dict[str, torch.Tensor] | None = None) -> dict
     for name, (steps_key, error_key, done_key) in _path_keys(config.layers).items():
         if steps_key not in data:  # a run attributed before error control: nothing recorded
             continue
-        columns = (data[steps_key].flatten().double(), data[error_key].flatten().double(),
-                   data[done_key].flatten().bool() if done_key in data else None)
+        columns = (
+            data[steps_key].flatten().double(),
+            data[error_key].flatten().double(),
+            data[done_key].flatten().bool() if done_key in data else None,
+        )
         every.append(columns)
         out["by_source"][name] = _accuracy_stats(*columns, tol)
     if every:
@@ -974,15 +1139,25 @@ def accuracy_summary(store, data: dict[str, torch.Tensor] | None = None) -> dict
     return out
 
 
-def _accuracy_stats(steps: torch.Tensor, error: torch.Tensor, converged: torch.Tensor | None,
-                    tol: float | None) -> dict:
-    stats = {"n": int(steps.numel()), "evaluations_total": int(steps.sum()),
-             "evaluations_mean": float(steps.mean()), "evaluations_median": float(steps.median()),
-             "evaluations_max": int(steps.max())}
+def _accuracy_stats(
+    steps: torch.Tensor, error: torch.Tensor, converged: torch.Tensor | None, tol: float | None
+) -> dict:
+    stats = {
+        "n": int(steps.numel()),
+        "evaluations_total": int(steps.sum()),
+        "evaluations_mean": float(steps.mean()),
+        "evaluations_median": float(steps.median()),
+        "evaluations_max": int(steps.max()),
+    }
     known = error[~error.isnan()]
     if known.numel():
-        stats.update({"error_median": float(known.median()), "error_p95": float(known.quantile(0.95)),
-                      "error_max": float(known.max())})
+        stats.update(
+            {
+                "error_median": float(known.median()),
+                "error_p95": float(known.quantile(0.95)),
+                "error_max": float(known.max()),
+            }
+        )
         if tol is not None:
             flags = ~converged if converged is not None else (error > tol)
             stats["unconverged"] = float(flags.double().mean())

@@ -11,15 +11,19 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich import box
+from rich.console import Console
 from rich.table import Table
 
 from .config import STAGE_ORDER, Config
 from .errors import ConfigError, GigError
 
-app = typer.Typer(add_completion=False, help="Dataset-wide mechanistic interpretability with GIG.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    add_completion=False,
+    help="Dataset-wide mechanistic interpretability with GIG.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 console = Console(stderr=True)
 
 
@@ -32,9 +36,13 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print gig's version and exit.")) -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print gig's version and exit."
+    ),
+) -> None:
     """Dataset-wide mechanistic interpretability with GIG."""
+
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see docs/guide.md).")
 ModelOpt = typer.Option(None, help="efficientnet-lite0 | torchvision:NAME | timm:NAME")
@@ -62,9 +70,19 @@ def _config(run_dir: Path, config_file: Optional[Path], overrides: dict) -> Conf
 def _pipeline(run_dir: Path, config_file, model, weights, images, layers, max_images, gig_tol=None, device=None):
     from .pipeline import Pipeline
 
-    config = _config(run_dir, config_file, {"model": model, "weights": weights, "images": images,
-                                            "layers": layers, "max_images": max_images, "gig_tol": gig_tol,
-                                            "device": device})
+    config = _config(
+        run_dir,
+        config_file,
+        {
+            "model": model,
+            "weights": weights,
+            "images": images,
+            "layers": layers,
+            "max_images": max_images,
+            "gig_tol": gig_tol,
+            "device": device,
+        },
+    )
     return Pipeline(config, run_dir)
 
 
@@ -96,22 +114,34 @@ def _disk_full(exc: OSError) -> None:
     artefacts are intact and a rerun resumes from them. So does a place that cannot be written
     (a read-only mount, another user's folder)."""
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        _fail(RuntimeError(f"cannot write {exc.filename or 'the run'} ({os.strerror(exc.errno)}): a finished run "
-                           "stays readable (inspect, report --out, explain -o, ablate); computing needs a writable "
-                           "run directory"))
+        _fail(
+            RuntimeError(
+                f"cannot write {exc.filename or 'the run'} ({os.strerror(exc.errno)}): a finished run "
+                "stays readable (inspect, report --out, explain -o, ablate); computing needs a writable "
+                "run directory"
+            )
+        )
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
         raise exc
-    _fail(RuntimeError(f"disk full while writing {exc.filename or 'the run'}: what was finished is kept; "
-                       "free space and rerun the same command to resume"))
+    _fail(
+        RuntimeError(
+            f"disk full while writing {exc.filename or 'the run'}: what was finished is kept; "
+            "free space and rerun the same command to resume"
+        )
+    )
 
 
 @app.command()
 @one_line_errors
 def run(
     out: Path = typer.Option(Path("gig-run"), "--out", "-o", help="Run directory (created or resumed)."),
-    config: Optional[Path] = ConfigOpt, model: Optional[str] = ModelOpt, weights: Optional[str] = WeightsOpt,
-    images: Optional[str] = ImagesOpt, layer: Optional[list[str]] = LayersOpt,
-    max_images: Optional[int] = MaxImagesOpt, gig_tol: Optional[float] = GigTolOpt,
+    config: Optional[Path] = ConfigOpt,
+    model: Optional[str] = ModelOpt,
+    weights: Optional[str] = WeightsOpt,
+    images: Optional[str] = ImagesOpt,
+    layer: Optional[list[str]] = LayersOpt,
+    max_images: Optional[int] = MaxImagesOpt,
+    gig_tol: Optional[float] = GigTolOpt,
     device: Optional[str] = DeviceOpt,
 ):
     """Run every stage (collect → concepts → decompose → attribute → graph); finished stages are skipped."""
@@ -134,9 +164,13 @@ def _print_done(out: Path) -> None:
 def _stage_command(stage: str):
     def command(
         run_dir: Path = typer.Argument(..., help="Run directory."),
-        config: Optional[Path] = ConfigOpt, model: Optional[str] = ModelOpt, weights: Optional[str] = WeightsOpt,
-        images: Optional[str] = ImagesOpt, layer: Optional[list[str]] = LayersOpt,
-        max_images: Optional[int] = MaxImagesOpt, gig_tol: Optional[float] = GigTolOpt,
+        config: Optional[Path] = ConfigOpt,
+        model: Optional[str] = ModelOpt,
+        weights: Optional[str] = WeightsOpt,
+        images: Optional[str] = ImagesOpt,
+        layer: Optional[list[str]] = LayersOpt,
+        max_images: Optional[int] = MaxImagesOpt,
+        gig_tol: Optional[float] = GigTolOpt,
         device: Optional[str] = DeviceOpt,
         force: bool = typer.Option(False, help="Recompute even if done."),
     ):
@@ -170,9 +204,22 @@ def layers(
     except LayerUsageError:
         defaults = []
     if json_out:
-        typer.echo(json.dumps([{"name": i.name, "type": i.type, "shape": list(i.shape), "grid": list(i.grid),
-                                "prefix_tokens": i.prefix_tokens, "default": i.name in defaults}
-                               for i in infos], indent=1))
+        typer.echo(
+            json.dumps(
+                [
+                    {
+                        "name": i.name,
+                        "type": i.type,
+                        "shape": list(i.shape),
+                        "grid": list(i.grid),
+                        "prefix_tokens": i.prefix_tokens,
+                        "default": i.name in defaults,
+                    }
+                    for i in infos
+                ],
+                indent=1,
+            )
+        )
         return
     title = f"{model}: {len(infos)} analysable layers; default (*): {', '.join(defaults) or 'none, name them'}"
     table = Table(title=title)
@@ -208,8 +255,9 @@ def graph_image(
 def explain(
     run_dir: Path = typer.Argument(..., help="A run whose attribute stage has finished."),
     images: list[Path] = typer.Argument(..., help="Image file(s) to explain (need not be in the run)."),
-    target: Optional[int] = typer.Option(None, "--target", "-t",
-                                         help="Class to explain for every image (default: each image's prediction)."),
+    target: Optional[int] = typer.Option(
+        None, "--target", "-t", help="Class to explain for every image (default: each image's prediction)."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/explain)."),
     single_file: bool = typer.Option(False, help="Inline every image and script into index.html."),
     as_json: bool = typer.Option(False, "--json", help="Print explanations.json to stdout."),
@@ -279,16 +327,28 @@ def inspect(
     if json_out:
         typer.echo(json.dumps(info, indent=1))
         return
-    table = Table(title=f"{info['run']} ({info['model']})", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption="over all images; agr.: top-1 agreement; KL: mean KL divergence (nats) of the "
-                          "model's output with the layer replaced, ± its 95 % interval")
+    table = Table(
+        title=f"{info['run']} ({info['model']})",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        caption="over all images; agr.: top-1 agreement; KL: mean KL divergence (nats) of the "
+        "model's output with the layer replaced, ± its 95 % interval",
+    )
     for col in ("layer", "PFVs", "K", "rel. err.", "R²", "l0", "agr.", "KL"):
         table.add_column(col, no_wrap=True)
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
     for l in info["layers"]:
         kl = "-" if l.get("kl") is None else f"{l['kl']:.4f} ± {1.96 * l['kl_se']:.4f}"
-        table.add_row(l["name"], fmt(l["n_pfv"]), fmt(l["n_concepts"]), fmt(l["rel_error"]), fmt(l["r2"]),
-                      fmt(l["l0_ratio"]), fmt(l["top1_agreement"]), kl)
+        table.add_row(
+            l["name"],
+            fmt(l["n_pfv"]),
+            fmt(l["n_concepts"]),
+            fmt(l["rel_error"]),
+            fmt(l["r2"]),
+            fmt(l["l0_ratio"]),
+            fmt(l["top1_agreement"]),
+            kl,
+        )
     out = Console()
     out.print(table)
     _print_fronts(out, info["layers"])
@@ -310,19 +370,31 @@ def _print_fronts(out: Console, layers: list[dict]) -> None:
     then per layer how stable the choice is and what the check over all images did."""
     if not any(l["front"] for l in layers):
         return
-    table = Table(title="sparsity–fidelity front (front images; * chosen λ)", box=box.SIMPLE_HEAD,
-                  pad_edge=False, caption="agr.: top-1 agreement; KL: mean KL divergence (nats) "
-                                          "[95 % bootstrap interval]")
+    table = Table(
+        title="sparsity–fidelity front (front images; * chosen λ)",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        caption="agr.: top-1 agreement; KL: mean KL divergence (nats) [95 % bootstrap interval]",
+    )
     for col in ("layer", "λ", "l0", "R²", "agr.", "KL", "[95 %]"):  # rel. error: --json
         table.add_column(col, no_wrap=True)
     for l in layers:
         for i, p in enumerate(l["front"]):
-            star = "*" if l["front_alpha"] is not None and math.isclose(p["alpha"], l["front_alpha"], rel_tol=1e-9) else ""
+            star = (
+                "*" if l["front_alpha"] is not None and math.isclose(p["alpha"], l["front_alpha"], rel_tol=1e-9) else ""
+            )
             kl = "-" if p.get("kl") is None else f"{p['kl']:.4f}"
             ci = "" if p.get("kl_ci") is None else f"{p['kl_ci'][0]:.4f}–{p['kl_ci'][1]:.4f}"
-            table.add_row(l["name"] if i == 0 else "", f"{p['alpha']:.4g}{star}", f"{p['l0_ratio']:.3f}",
-                          f"{p['r2']:.3f}", f"{p['top1_agreement']:.3f}", kl, ci,
-                          end_section=i == len(l["front"]) - 1)
+            table.add_row(
+                l["name"] if i == 0 else "",
+                f"{p['alpha']:.4g}{star}",
+                f"{p['l0_ratio']:.3f}",
+                f"{p['r2']:.3f}",
+                f"{p['top1_agreement']:.3f}",
+                kl,
+                ci,
+                end_section=i == len(l["front"]) - 1,
+            )
     out.print(table)
     for l in layers:
         parts = []
@@ -343,16 +415,29 @@ def _print_gig_accuracy(out: Console, acc: dict | None) -> None:
     tol = acc.get("tol")
     title = f"GIG accuracy (tolerance {tol})" if tol else "GIG accuracy (fixed grid)"
     # Short headers and a light frame so that the full path names fit 80 columns.
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
-                  caption="n: attributions; evals: gradient evaluations per attribution (mean, max); "
-                          "error estimate: median, p95, max; >tol: share not converged")
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        caption="n: attributions; evals: gradient evaluations per attribution (mean, max); "
+        "error estimate: median, p95, max; >tol: share not converged",
+    )
     table.add_column("path", no_wrap=True)
     for col in ("n", "evals", "max", "est. med", "p95", "max", ">tol"):
         table.add_column(col, justify="right", no_wrap=True)
     g = lambda d, k, f="{:.4f}": "-" if d.get(k) is None else f.format(d[k])  # noqa: E731
     for name, d in list(acc["by_source"].items()) + [("all", acc)]:
-        table.add_row(name, str(d["n"]), g(d, "evaluations_mean", "{:.1f}"), g(d, "evaluations_max", "{}"),
-                      g(d, "error_median"), g(d, "error_p95"), g(d, "error_max"), g(d, "unconverged", "{:.1%}"))
+        table.add_row(
+            name,
+            str(d["n"]),
+            g(d, "evaluations_mean", "{:.1f}"),
+            g(d, "evaluations_max", "{}"),
+            g(d, "error_median"),
+            g(d, "error_p95"),
+            g(d, "error_max"),
+            g(d, "unconverged", "{:.1%}"),
+        )
     out.print(table)
 
 
@@ -363,8 +448,11 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/report)."),
     atlas_per_layer: int = typer.Option(30, help="Concepts per layer in the atlas, most important first; 0 = all."),
     exemplars: int = typer.Option(10, help="Nearest PFVs shown per concept (top-1 first)."),
-    classes: Optional[list[int]] = typer.Option(None, "--class", help="Class with a class graph (repeat); "
-                                                 "default: the run's graph classes, then the most frequent."),
+    classes: Optional[list[int]] = typer.Option(
+        None,
+        "--class",
+        help="Class with a class graph (repeat); default: the run's graph classes, then the most frequent.",
+    ),
     max_classes: int = typer.Option(8, help="Class graphs when --class is not given."),
     shared_classes: int = typer.Option(4, help="The first N classes get a shared graph for every subset of 2+."),
     n_images: int = typer.Option(12, help="Images with a single-image graph and a localisation panel."),
@@ -375,9 +463,17 @@ def report(
     """Write the offline HTML report of RUN_DIR (graph viewer, concept atlas, localisation, metrics)."""
     from .report import ReportOptions, build_report
 
-    options = ReportOptions(atlas_per_layer=atlas_per_layer, exemplars=exemplars, classes=classes or None,
-                            max_classes=max_classes, shared_classes=shared_classes, n_images=n_images,
-                            image_ids=image_ids or None, single_file=single_file, on_demand=on_demand)
+    options = ReportOptions(
+        atlas_per_layer=atlas_per_layer,
+        exemplars=exemplars,
+        classes=classes or None,
+        max_classes=max_classes,
+        shared_classes=shared_classes,
+        n_images=n_images,
+        image_ids=image_ids or None,
+        single_file=single_file,
+        on_demand=on_demand,
+    )
     path = build_report(run_dir, out, options, progress=True)
     console.print(f"[green]report[/green]: {path.resolve()}")
 
@@ -386,18 +482,35 @@ def report(
 @one_line_errors
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A run directory whose decompose stage has finished."),
-    extraction_images: int = typer.Option(100, help="Images for concept extraction (C-Deletion/C-Insertion); 0 skips it."),
+    extraction_images: int = typer.Option(
+        100, help="Images for concept extraction (C-Deletion/C-Insertion); 0 skips it."
+    ),
     interlayer_images: int = typer.Option(20, help="Images for inter-layer insertion/deletion; 0 skips it."),
-    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="ours | dictionary | sae | sae-torch | kmeans | nmf | … (any registered method) | user:PATH (your basis: a .safetensors file or a folder of LAYER.safetensors, see docs/evaluation.md). Repeat; default ours, dictionary, sae (sae-torch without gig[overcomplete]), kmeans."),
-    ordering: Optional[list[str]] = typer.Option(None, "--ordering", help="gig | random | grad_x_coef | magnitude (repeat; default all)."),
+    method: Optional[list[str]] = typer.Option(
+        None,
+        "--method",
+        "-m",
+        help="ours | dictionary | sae | sae-torch | kmeans | nmf | … (any registered method) | user:PATH (your basis: a .safetensors file or a folder of LAYER.safetensors, see docs/evaluation.md). Repeat; default ours, dictionary, sae (sae-torch without gig[overcomplete]), kmeans.",
+    ),
+    ordering: Optional[list[str]] = typer.Option(
+        None, "--ordering", help="gig | random | grad_x_coef | magnitude (repeat; default all)."
+    ),
     layer: Optional[list[str]] = LayersOpt,
     seed: int = typer.Option(0, help="Seed for image choice, baselines and random orders."),
-    n_steps: Optional[int] = typer.Option(None, help="A fixed number of GIG steps for the rankings (default: the run's setting)."),
-    gig_tol: Optional[float] = typer.Option(None, "--gig-tol", help="GIG tolerance for the rankings (default: the run's)."),
+    n_steps: Optional[int] = typer.Option(
+        None, help="A fixed number of GIG steps for the rankings (default: the run's setting)."
+    ),
+    gig_tol: Optional[float] = typer.Option(
+        None, "--gig-tol", help="GIG tolerance for the rankings (default: the run's)."
+    ),
     n_random: int = typer.Option(5, help="Random orders per image (averaged)."),
-    sae_k: Optional[int] = typer.Option(None, help="Active latents of the TopK SAEs (default: the run's mean active concepts per PFV)."),
+    sae_k: Optional[int] = typer.Option(
+        None, help="Active latents of the TopK SAEs (default: the run's mean active concepts per PFV)."
+    ),
     chunk_images: int = typer.Option(10, help="Images per saved part (an interruption loses at most one)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/evaluate; only that one is read by inspect)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Output folder (default RUN_DIR/evaluate; only that one is read by inspect)."
+    ),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     restart: bool = typer.Option(False, help="Discard saved partial results and fitted baselines."),
     plots: bool = typer.Option(True, help="Write the PNG plots."),
@@ -414,13 +527,25 @@ def evaluate(
     chosen = {"methods": list(method)} if method else {}  # else the settings' defaults
     chosen |= {"orderings": list(ordering)} if ordering else {}
     settings = EvaluationSettings(
-        extraction_images=extraction_images, interlayer_images=interlayer_images, layers=layer or None, seed=seed,
-        n_steps=n_steps, gig_tol=gig_tol, n_random=n_random, sae_k=sae_k, chunk_images=chunk_images,
-        plots=plots, resume=not restart, **chosen)
+        extraction_images=extraction_images,
+        interlayer_images=interlayer_images,
+        layers=layer or None,
+        seed=seed,
+        n_steps=n_steps,
+        gig_tol=gig_tol,
+        n_random=n_random,
+        sae_k=sae_k,
+        chunk_images=chunk_images,
+        plots=plots,
+        resume=not restart,
+        **chosen,
+    )
     result = evaluate_run(run_dir, settings, out=out, progress=True)
     term = Console()
-    for section, title, what in (("extraction", "concept extraction: AUC ins − del", "method"),
-                                 ("interlayer", "inter-layer: AUC ins − del", "ordering")):
+    for section, title, what in (
+        ("extraction", "concept extraction: AUC ins − del", "method"),
+        ("interlayer", "inter-layer: AUC ins − del", "ordering"),
+    ):
         rows = result["summary"][section]
         if not rows:
             continue
@@ -432,8 +557,10 @@ def evaluate(
         for key, vals in rows.items():
             table.add_row(key, *[("-" if vals.get(n) is None else f"{vals[n]:.3f}") for n in names])
         term.print(table)
-    console.print(f"[green]evaluate done[/green] in {result['seconds']:.0f} s: {out or Path(run_dir) / 'evaluate'} "
-                  f"(results.md, summary.json, plots)")
+    console.print(
+        f"[green]evaluate done[/green] in {result['seconds']:.0f} s: {out or Path(run_dir) / 'evaluate'} "
+        f"(results.md, summary.json, plots)"
+    )
 
 
 @app.command()
@@ -442,10 +569,18 @@ def ablate(
     run_dir: Path = typer.Argument(..., help="Run directory (its decompose stage must be done)."),
     layer: str = typer.Argument(..., help="Layer whose concepts are removed."),
     concepts: list[int] = typer.Argument(..., help="Concept id(s) of LAYER, removed together."),
-    images: Optional[list[Path]] = typer.Option(None, "--images", "-i", help="A photo outside the run (repeat); default: the run's images."),
-    image_ids: Optional[list[int]] = typer.Option(None, "--image-id", help="A run image (repeat); default: all of them."),
-    target: Optional[int] = typer.Option(None, "--target", "-t", help="Class followed for every image (default: the run's target; a photo's prediction)."),
-    all_layers: bool = typer.Option(False, "--all-layers", help="Read the concepts of every later layer, not only the next one."),
+    images: Optional[list[Path]] = typer.Option(
+        None, "--images", "-i", help="A photo outside the run (repeat); default: the run's images."
+    ),
+    image_ids: Optional[list[int]] = typer.Option(
+        None, "--image-id", help="A run image (repeat); default: all of them."
+    ),
+    target: Optional[int] = typer.Option(
+        None, "--target", "-t", help="Class followed for every image (default: the run's target; a photo's prediction)."
+    ),
+    all_layers: bool = typer.Option(
+        False, "--all-layers", help="Read the concepts of every later layer, not only the next one."
+    ),
     top: int = typer.Option(5, help="Changed classes and concepts listed."),
     device: Optional[str] = DeviceOpt,
     json_out: bool = typer.Option(False, "--json", help="Print the JSON result."),
@@ -454,8 +589,17 @@ def ablate(
     from .ablate import ablate as run_ablation
     from .store import RunStore
 
-    result = run_ablation(RunStore.open(run_dir), layer, concepts, image_ids=image_ids or None,
-                          images=images or None, targets=target, all_layers=all_layers, device=device, top=top)
+    result = run_ablation(
+        RunStore.open(run_dir),
+        layer,
+        concepts,
+        image_ids=image_ids or None,
+        images=images or None,
+        targets=target,
+        all_layers=all_layers,
+        device=device,
+        top=top,
+    )
     doc = result.to_dict(top)
     if json_out:
         typer.echo(json.dumps(doc, indent=1))
@@ -479,8 +623,15 @@ def ablation_correlation_command(
     """Does a strong GIG edge mean a strong ablation effect? Spearman ρ per transition, with a random baseline (RUN/graph/ablation/correlation.json)."""
     from .ablate import ablation_correlation
 
-    result = ablation_correlation(run_dir, max_images=max_images, top_n=None if all_active else top_n,
-                                  n_others=others, n_random=n_random, device=device, progress=True)
+    result = ablation_correlation(
+        run_dir,
+        max_images=max_images,
+        top_n=None if all_active else top_n,
+        n_others=others,
+        n_random=n_random,
+        device=device,
+        progress=True,
+    )
     if json_out:
         typer.echo(json.dumps(result, indent=1))
         return
@@ -489,34 +640,57 @@ def ablation_correlation_command(
         table.add_column(col)
     for name, t in result["transitions"].items():
         rho, rnd = t["spearman"]["per_target"], t["random"]["per_target"]
-        table.add_row(name, f"{rho['mean']:+.3f} ± {rho['sd']:.3f}", f"{rnd['mean']:+.3f} ± {rnd['sd']:.3f}",
-                      f"{t['sign_agreement']:.3f}", f"{t['top5_overlap']:.2f} ({t['top5_overlap_random']:.2f})")
+        table.add_row(
+            name,
+            f"{rho['mean']:+.3f} ± {rho['sd']:.3f}",
+            f"{rnd['mean']:+.3f} ± {rnd['sd']:.3f}",
+            f"{t['sign_agreement']:.3f}",
+            f"{t['top5_overlap']:.2f} ({t['top5_overlap_random']:.2f})",
+        )
     Console().print(table)
 
 
 def _print_ablation(out: Console, doc: dict) -> None:
     """Per image and on average: the target's probability and logit, with and without the concepts."""
     first = doc["readout_layers"][0] if doc["readout_layers"] else None
-    table = Table(title=f"{doc['layer']} without concept(s) {', '.join(map(str, doc['concepts']))}: "
-                        f"{doc['n_images']} image(s); Δ = ablated − reconstruction")
+    table = Table(
+        title=f"{doc['layer']} without concept(s) {', '.join(map(str, doc['concepts']))}: "
+        f"{doc['n_images']} image(s); Δ = ablated − reconstruction"
+    )
     for col in ("image", "target", "p recon.", "p ablated", "Δp", "Δ logit", "pred recon. → ablated") + (
-            (f"largest Δ readout at {first}",) if first else ()):
+        (f"largest Δ readout at {first}",) if first else ()
+    ):
         table.add_column(col)
     for im in doc["images"]:
         p, z = im["target_prob"], im["target_logit"]
         name = str(im["image_id"]) if im["image_id"] is not None else Path(im["path"]).name
-        row = [name, im["target_name"], f"{p['reconstruction']:.3f}", f"{p['ablated']:.3f}", f"{p['delta']:+.3f}",
-               f"{z['delta']:+.3f}", f"{im['pred']['reconstruction']} → {im['pred']['ablated']}"]
+        row = [
+            name,
+            im["target_name"],
+            f"{p['reconstruction']:.3f}",
+            f"{p['ablated']:.3f}",
+            f"{p['delta']:+.3f}",
+            f"{z['delta']:+.3f}",
+            f"{im['pred']['reconstruction']} → {im['pred']['ablated']}",
+        ]
         if first:
             row.append(", ".join(f"#{r['concept']} {r['delta']:+.2f}" for r in im["readouts"][first]["top"][:3]))
         table.add_row(*row)
     m = doc["mean"]
-    table.add_row("mean", "", f"{m['target_prob']['reconstruction']:.3f}", f"{m['target_prob']['ablated']:.3f}",
-                  f"{m['target_prob']['delta']:+.3f}", f"{m['target_logit']['delta']:+.3f}",
-                  f"{m['prediction_changed']:.0%} changed",
-                  *([", ".join(f"#{r['concept']} {r['delta']:+.2f}" for r in m["readouts"][first]["top"][:3])] if first else []))
+    table.add_row(
+        "mean",
+        "",
+        f"{m['target_prob']['reconstruction']:.3f}",
+        f"{m['target_prob']['ablated']:.3f}",
+        f"{m['target_prob']['delta']:+.3f}",
+        f"{m['target_logit']['delta']:+.3f}",
+        f"{m['prediction_changed']:.0%} changed",
+        *([", ".join(f"#{r['concept']} {r['delta']:+.2f}" for r in m["readouts"][first]["top"][:3])] if first else []),
+    )
     out.print(table)
-    out.print("most changed classes (mean Δp): " + ", ".join(f"{c['name']} {c['delta_prob']:+.3f}" for c in m["classes"]))
+    out.print(
+        "most changed classes (mean Δp): " + ", ".join(f"{c['name']} {c['delta_prob']:+.3f}" for c in m["classes"])
+    )
 
 
 @app.command()
@@ -540,7 +714,7 @@ def label(
         return
     if layer is not None and concept_id is not None:
         if name is None:
-            raise ConfigError(f"give the name of {layer} concept {concept_id}: gig label RUN LAYER ID \"name\"")
+            raise ConfigError(f'give the name of {layer} concept {concept_id}: gig label RUN LAYER ID "name"')
         path = set_label(store, layer, concept_id, name, note)
         console.print(f"labelled {layer} concept {concept_id} {name!r} in {path}")
         return
@@ -574,8 +748,14 @@ def _print_suggestions(store, layer: Optional[str], json_out: bool) -> None:
     for l, suggestions in found.items():
         for q, s in suggestions.items():
             a = s["ancestor"]
-            table.add_row(l, str(q), s["name"] or "-", ", ".join(f"{c} ({n})" for c, n in s["classes"]),
-                          f"{a['name']} ({a['share']:.0%})" if a else "-", concept_label(labels, l, q) or "")
+            table.add_row(
+                l,
+                str(q),
+                s["name"] or "-",
+                ", ".join(f"{c} ({n})" for c, n in s["classes"]),
+                f"{a['name']} ({a['share']:.0%})" if a else "-",
+                concept_label(labels, l, q) or "",
+            )
     Console().print(table)
 
 

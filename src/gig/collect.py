@@ -32,7 +32,10 @@ class ImageBatch:
 
 
 def iter_image_batches(
-    source: ImageSource, records: list[ImageRecord], handle: ModelHandle, batch_size: int,
+    source: ImageSource,
+    records: list[ImageRecord],
+    handle: ModelHandle,
+    batch_size: int,
     workers: int = 0,
 ) -> Iterator[ImageBatch]:
     """Load, preprocess and batch images in order; unreadable ones are skipped (``source.skipped``).
@@ -71,8 +74,12 @@ def _decoded(source, records, handle, workers: int) -> Iterator[tuple[ImageRecor
         for record, image in source.iter_loaded(records):
             yield record, handle.bundle.preprocess(image)
         return
-    loader = torch.utils.data.DataLoader(_Decode(source, records, handle.bundle.preprocess), batch_size=None,
-                                         num_workers=min(workers, len(records)), prefetch_factor=4)
+    loader = torch.utils.data.DataLoader(
+        _Decode(source, records, handle.bundle.preprocess),
+        batch_size=None,
+        num_workers=min(workers, len(records)),
+        prefetch_factor=4,
+    )
     for i, pixels, reason in loader:  # in record order
         if pixels is None:
             source.note_skipped(records[i], reason)
@@ -82,9 +89,7 @@ def _decoded(source, records, handle, workers: int) -> Iterator[tuple[ImageRecor
 
 def contribution_scores(grids: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``(N, C, H, W)`` activations and gradients → ``(N, H·W)`` clipped contribution scores."""
-    return {
-        name: (grids[name] * grads[name]).sum(dim=1).clamp_min(0).flatten(1) for name in grids
-    }
+    return {name: (grids[name] * grads[name]).sum(dim=1).clamp_min(0).flatten(1) for name in grids}
 
 
 def sample_positions(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -113,8 +118,9 @@ def select_targets(logits: torch.Tensor, records: list[ImageRecord], mode: str) 
     return torch.tensor(labels, dtype=torch.long)
 
 
-def collect(store: RunStore, handle: ModelHandle, source: ImageSource, progress: bool = True,
-            ranks: Ranks | None = None) -> None:
+def collect(
+    store: RunStore, handle: ModelHandle, source: ImageSource, progress: bool = True, ranks: Ranks | None = None
+) -> None:
     """Run stage 1 into ``store/collect``; resumes at the first unfinished shard. Under torchrun
     each rank computes its share of the shards (:mod:`gig.distributed`) and rank 0 merges."""
     ranks = ranks or Ranks()
@@ -125,8 +131,9 @@ def collect(store: RunStore, handle: ModelHandle, source: ImageSource, progress:
     if not records:
         raise InputError(f"no images in {config.images}")
     shapes = handle.layer_shapes(layers)
-    per_image = {layer: resolve_samples_per_image(config, len(records), c, h * w)
-                 for layer, (c, h, w) in shapes.items()}
+    per_image = {
+        layer: resolve_samples_per_image(config, len(records), c, h * w) for layer, (c, h, w) in shapes.items()
+    }
     with sharded_stage(store, "collect", ranks) as summary:
         summary["samples_per_image"] = per_image
         loop = ShardLoop(store, "collect", ranks, records, SHARD_IMAGES, progress)
@@ -143,14 +150,18 @@ def _require_finite(logits: torch.Tensor, grids: dict[str, torch.Tensor], record
         bad = ~torch.isfinite(values.detach()).flatten(1).all(dim=1)
         if bool(bad.any()):
             paths = [records[i].path for i in torch.nonzero(bad.cpu()).flatten().tolist()]
-            raise InputError(f"non-finite (NaN or infinite) values in {name} for {len(paths)} image(s), "
-                             f"e.g. {paths[0]}: check the weights and the preprocessing")
+            raise InputError(
+                f"non-finite (NaN or infinite) values in {name} for {len(paths)} image(s), "
+                f"e.g. {paths[0]}: check the weights and the preprocessing"
+            )
 
 
 def _collect_shard(store, handle, source, records, name, bar, per_image: dict[str, int]) -> None:
     config = store.config
     layers = config.layers
-    per_layer: dict[str, dict[str, list]] = {l: {"pfv": [], "image_id": [], "pos": [], "target": [], "score": []} for l in layers}
+    per_layer: dict[str, dict[str, list]] = {
+        l: {"pfv": [], "image_id": [], "pos": [], "target": [], "score": []} for l in layers
+    }
     images: list[dict] = []
     source.skipped.clear()
     for batch in iter_image_batches(source, records, handle, config.batch_size, config.loader_workers):
@@ -163,11 +174,17 @@ def _collect_shard(store, handle, source, records, name, bar, per_image: dict[st
         scores = contribution_scores(values, grads)
         probs = logits.detach().softmax(dim=1)
         for i, record in enumerate(batch.records):
-            images.append({
-                "image_id": record.image_id, "path": record.path, "label": record.label,
-                "label_name": record.label_name, "pred": int(probs[i].argmax()),
-                "target": int(targets[i]), "target_prob": float(probs[i, targets[i]]),
-            })
+            images.append(
+                {
+                    "image_id": record.image_id,
+                    "path": record.path,
+                    "label": record.label,
+                    "label_name": record.label_name,
+                    "pred": int(probs[i].argmax()),
+                    "target": int(targets[i]),
+                    "target_prob": float(probs[i, targets[i]]),
+                }
+            )
         for li, layer in enumerate(layers):
             c, h, w = values[layer].shape[1:]
             score = scores[layer].cpu().numpy()
@@ -220,15 +237,19 @@ def _merge(store: RunStore, n_shards: int, summary: dict) -> None:
         if not bool(tensors["pfv"].any()):
             # Zero everywhere (a dead layer, or one cut off by its biases): its concepts would be
             # copies of the zero vector with no members, and its graph nodes empty.
-            raise InputError(f"layer {layer!r} is zero at every sampled position of all {len(images)} images: "
-                             "nothing to decompose; analyse another layer (see `gig layers`)")
+            raise InputError(
+                f"layer {layer!r} is zero at every sampled position of all {len(images)} images: "
+                "nothing to decompose; analyse another layer (see `gig layers`)"
+            )
         save_tensors(out / f"{layer}.safetensors", tensors)
     save_json(out / "images.json", {"images": images, "skipped": skipped})
-    summary.update({
-        "images_used": len(images),
-        "images_skipped": len(skipped),
-        "pfv_per_layer": {l: int(torch.cat(merged[f"{l}/pfv"]).shape[0]) for l in layers},
-    })
+    summary.update(
+        {
+            "images_used": len(images),
+            "images_skipped": len(skipped),
+            "pfv_per_layer": {l: int(torch.cat(merged[f"{l}/pfv"]).shape[0]) for l in layers},
+        }
+    )
 
 
 def load_samples(store: RunStore, layer: str) -> dict[str, torch.Tensor]:

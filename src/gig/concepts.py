@@ -23,8 +23,9 @@ from .errors import InputError
 from .store import RunStore, load_json, load_tensors, save_json, save_tensors
 
 
-def n_concepts_for(n_samples: int, channels: int, per_channel: int = 8, min_cluster: int = 5,
-                   max_concepts: int | None = None) -> int:
+def n_concepts_for(
+    n_samples: int, channels: int, per_channel: int = 8, min_cluster: int = 5, max_concepts: int | None = None
+) -> int:
     """``K = min(per_channel · C, N // min_cluster)``, at least 2, at most ``max_concepts``."""
     k = min(per_channel * channels, n_samples // max(min_cluster, 1))
     if max_concepts:
@@ -32,8 +33,9 @@ def n_concepts_for(n_samples: int, channels: int, per_channel: int = 8, min_clus
     return max(2, min(k, n_samples))
 
 
-def nearest_by_cosine(vectors: torch.Tensor, samples: torch.Tensor, k: int = 10,
-                      chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_by_cosine(
+    vectors: torch.Tensor, samples: torch.Tensor, k: int = 10, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row of ``vectors (K, C)``, the ``k`` most cosine-similar ``samples (N, C)``.
 
     Returns ``(indices (K, k), similarities (K, k))``; chunked over K to bound memory.
@@ -60,8 +62,15 @@ class ConceptExtractor:
       (``exemplars_[:, 0]`` is the top-1 PFV), ``exemplar_similarity_`` their cosines.
     """
 
-    def __init__(self, n_concepts: int | None = None, concepts_per_channel: int = 8, min_cluster: int = 5,
-                 max_concepts: int | None = None, n_exemplars: int = 10, random_state: int = 0):
+    def __init__(
+        self,
+        n_concepts: int | None = None,
+        concepts_per_channel: int = 8,
+        min_cluster: int = 5,
+        max_concepts: int | None = None,
+        n_exemplars: int = 10,
+        random_state: int = 0,
+    ):
         self.n_concepts = n_concepts
         self.concepts_per_channel = concepts_per_channel
         self.min_cluster = min_cluster
@@ -73,8 +82,9 @@ class ConceptExtractor:
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[0] < 2:
             raise InputError(f"need a (N >= 2, C) matrix of PFVs, got shape {X.shape}")
-        k = self.n_concepts or n_concepts_for(X.shape[0], X.shape[1], self.concepts_per_channel,
-                                              self.min_cluster, self.max_concepts)
+        k = self.n_concepts or n_concepts_for(
+            X.shape[0], X.shape[1], self.concepts_per_channel, self.min_cluster, self.max_concepts
+        )
         km = BisectingKMeans(n_clusters=k, bisecting_strategy="biggest_inertia", random_state=self.random_state)
         km.fit(X)
         self.concepts_ = km.cluster_centers_.astype(np.float32)
@@ -89,8 +99,10 @@ class ConceptExtractor:
         if V.ndim != 2 or V.shape[1] != X.shape[1]:
             raise InputError(f"dictionary shape {V.shape} does not fit PFVs with {X.shape[1]} channels")
         self.concepts_ = V
-        sim = torch.nn.functional.normalize(torch.from_numpy(X), dim=1) @ torch.nn.functional.normalize(
-            torch.from_numpy(V), dim=1).T
+        sim = (
+            torch.nn.functional.normalize(torch.from_numpy(X), dim=1)
+            @ torch.nn.functional.normalize(torch.from_numpy(V), dim=1).T
+        )
         self.labels_ = sim.argmax(dim=1).numpy().astype(np.int64)
         self._finish(X)
         return self
@@ -129,8 +141,11 @@ def extract_concepts(store: RunStore, progress: bool = True) -> None:
             samples = load_samples(store, layer)
             X = samples["pfv"].numpy()
             extractor = ConceptExtractor(
-                concepts_per_channel=config.concepts_per_channel, min_cluster=config.min_cluster,
-                max_concepts=config.max_concepts, random_state=config.seed)
+                concepts_per_channel=config.concepts_per_channel,
+                min_cluster=config.min_cluster,
+                max_concepts=config.max_concepts,
+                random_state=config.seed,
+            )
             if layer in config.dictionaries:
                 V, kind = read_dictionary(config.dictionaries[layer], X.shape[1])
                 extractor.fit_dictionary(X, V)
@@ -141,20 +156,34 @@ def extract_concepts(store: RunStore, progress: bool = True) -> None:
             cards = []
             for q in range(extractor.concepts_.shape[0]):
                 members = targets[extractor.labels_ == q]
-                cards.append({
-                    "id": q,
-                    "count": int(extractor.counts_[q]),
-                    "top_classes": [[int(c), int(n)] for c, n in Counter(members.tolist()).most_common(5)],
-                    "exemplars": extractor.exemplars_[q].tolist(),
-                    "exemplar_similarity": [round(float(s), 4) for s in extractor.exemplar_similarity_[q]],
-                })
-            save_tensors(out / f"{layer}.safetensors", {
-                "V": torch.from_numpy(extractor.concepts_),
-                "labels": torch.from_numpy(extractor.labels_),
-                "exemplars": torch.from_numpy(extractor.exemplars_.astype(np.int64)),
-            })
-            save_json(out / f"{layer}.json", {"layer": layer, "source": kind, "K": int(extractor.concepts_.shape[0]),
-                                              "C": int(X.shape[1]), "n_samples": int(X.shape[0]), "concepts": cards})
+                cards.append(
+                    {
+                        "id": q,
+                        "count": int(extractor.counts_[q]),
+                        "top_classes": [[int(c), int(n)] for c, n in Counter(members.tolist()).most_common(5)],
+                        "exemplars": extractor.exemplars_[q].tolist(),
+                        "exemplar_similarity": [round(float(s), 4) for s in extractor.exemplar_similarity_[q]],
+                    }
+                )
+            save_tensors(
+                out / f"{layer}.safetensors",
+                {
+                    "V": torch.from_numpy(extractor.concepts_),
+                    "labels": torch.from_numpy(extractor.labels_),
+                    "exemplars": torch.from_numpy(extractor.exemplars_.astype(np.int64)),
+                },
+            )
+            save_json(
+                out / f"{layer}.json",
+                {
+                    "layer": layer,
+                    "source": kind,
+                    "K": int(extractor.concepts_.shape[0]),
+                    "C": int(X.shape[1]),
+                    "n_samples": int(X.shape[0]),
+                    "concepts": cards,
+                },
+            )
             summary[layer] = {"K": int(extractor.concepts_.shape[0]), "C": int(X.shape[1]), "source": kind}
 
 

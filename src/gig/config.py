@@ -27,8 +27,13 @@ def _int(low: int | None = None, optional: bool = False, high: int | None = None
     def ok(value) -> bool:
         if value is None:
             return optional
-        return (isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
-                and (high is None or value <= high))
+        return (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and (low is None or value >= low)
+            and (high is None or value <= high)
+        )
+
     return ok
 
 
@@ -42,9 +47,15 @@ MAX_KL = 0.02
 
 def _real(low: float, high: float):
     """A number strictly between ``low`` and ``high``."""
+
     def ok(value) -> bool:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                and math.isfinite(value) and low < value < high)
+        return (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and low < value < high
+        )
+
     return ok
 
 
@@ -57,8 +68,7 @@ def _one_of(*choices: str):
 
 
 def _names(value) -> bool:
-    return (isinstance(value, list) and len(value) > 0 and all(_text(v) for v in value)
-            and len(set(value)) == len(value))
+    return isinstance(value, list) and len(value) > 0 and all(_text(v) for v in value) and len(set(value)) == len(value)
 
 
 def _device(value) -> bool:
@@ -75,8 +85,11 @@ def _dictionaries(value) -> bool:
 
 def field_problems(settings: Any, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> list[str]:
     """``"name=value: allowed"`` for each field of the dataclass ``settings`` its rule refuses."""
-    return [f"{name}={getattr(settings, name)!r}: {allowed}"
-            for name, (ok, allowed) in rules.items() if not ok(getattr(settings, name))]
+    return [
+        f"{name}={getattr(settings, name)!r}: {allowed}"
+        for name, (ok, allowed) in rules.items()
+        if not ok(getattr(settings, name))
+    ]
 
 
 def check_fields(settings: Any, rules: dict[str, tuple[Callable[[Any], bool], str]], what: str) -> None:
@@ -191,11 +204,14 @@ class Config:
         if not problems and self.dictionaries and self.layers is not None:
             stray = sorted(set(self.dictionaries) - set(self.layers))
             if stray:
-                problems.append(f"dictionaries={self.dictionaries!r}: keys must be analysed layers; "
-                                f"{', '.join(stray)} not in layers {self.layers}")
+                problems.append(
+                    f"dictionaries={self.dictionaries!r}: keys must be analysed layers; "
+                    f"{', '.join(stray)} not in layers {self.layers}"
+                )
         if not problems and self.coder == "omp" and self.nonnegative:
-            problems.append("coder='omp' with nonnegative=true: OMP codes are signed; use coder: lasso "
-                            "for non-negative codes")
+            problems.append(
+                "coder='omp' with nonnegative=true: OMP codes are signed; use coder: lasso for non-negative codes"
+            )
         if problems:
             raise ConfigError("config option " + "; ".join(problems))
 
@@ -217,8 +233,9 @@ class Config:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             problem = getattr(exc, "problem", None) or type(exc).__name__
-            raise ConfigError(f"config {path} is not valid YAML{where} ({problem}): "
-                              "correct it, or restore it from a copy") from exc
+            raise ConfigError(
+                f"config {path} is not valid YAML{where} ({problem}): correct it, or restore it from a copy"
+            ) from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a mapping of option: value")
         return cls.from_dict(data)
@@ -240,7 +257,10 @@ class Config:
 _RULES: dict[str, tuple[Any, str]] = {
     "model": (_text, "a model name: efficientnet-lite0/1/2, torchvision:NAME or timm:NAME"),
     "weights": (_text, "default, none, or the path of a state dict"),
-    "layers": (lambda v: v is None or _names(v), "null (the model's defaults) or a non-empty list of distinct layer names (YAML: one per line with '- ')"),
+    "layers": (
+        lambda v: v is None or _names(v),
+        "null (the model's defaults) or a non-empty list of distinct layer names (YAML: one per line with '- ')",
+    ),
     "device": (_device, "cpu, cuda or cuda:N"),
     "batch_size": (_int(1), "an integer of at least 1"),
     "loader_workers": (_int(0), "an integer of at least 0"),
@@ -253,10 +273,15 @@ _RULES: dict[str, tuple[Any, str]] = {
     "min_cluster": (_int(1), "an integer of at least 1"),
     "max_concepts": (_int(2, optional=True), "an integer of at least 2, or null"),
     "dictionaries": (_dictionaries, "a mapping layer: safetensors file or 'channels'"),
-    "target_rel_error": (lambda v: v is None or _real(0, 1)(v),
-                         "null (the R²/agreement rule) or a relative reconstruction error between 0 and 1 (exclusive), e.g. 0.1"),
+    "target_rel_error": (
+        lambda v: v is None or _real(0, 1)(v),
+        "null (the R²/agreement rule) or a relative reconstruction error between 0 and 1 (exclusive), e.g. 0.1",
+    ),
     "min_r2": (_real(0, 1), "an R² between 0 and 1 (exclusive), e.g. 0.9"),
-    "max_kl": (lambda v: v is None or _real(0, math.inf)(v), "a KL divergence in nats above 0, e.g. 0.1, or null (the agreement rule of runs made before 0.4)"),
+    "max_kl": (
+        lambda v: v is None or _real(0, math.inf)(v),
+        "a KL divergence in nats above 0, e.g. 0.1, or null (the agreement rule of runs made before 0.4)",
+    ),
     "min_top1_agreement": (lambda v: _real(0, 1)(v) or v == 1, "a share of images in (0, 1], e.g. 0.95"),
     "front_images": (_int(1), "an integer of at least 1"),
     "coder": (_one_of("lasso", "omp"), "lasso or omp"),
@@ -269,10 +294,14 @@ _RULES: dict[str, tuple[Any, str]] = {
     "calibration_size": (_int(10), "an integer of at least 10"),
     "gig_tol": (_real(0, 1), "a relative tolerance between 0 and 1 (exclusive), e.g. 0.01"),
     "gig_max_steps": (_int(16, high=MAX_GIG_STEPS), f"an integer from 16 to {MAX_GIG_STEPS}"),
-    "n_steps": (_int(1, optional=True, high=MAX_GIG_STEPS),
-                f"an integer from 1 to {MAX_GIG_STEPS}, or null for error control"),
-    "quadrature": (_one_of("riemann-midpoint", "gauss-legendre", "trapezoid"),
-                   "riemann-midpoint, gauss-legendre or trapezoid"),
+    "n_steps": (
+        _int(1, optional=True, high=MAX_GIG_STEPS),
+        f"an integer from 1 to {MAX_GIG_STEPS}, or null for error control",
+    ),
+    "quadrature": (
+        _one_of("riemann-midpoint", "gauss-legendre", "trapezoid"),
+        "riemann-midpoint, gauss-legendre or trapezoid",
+    ),
     "internal_batch_size": (_int(1), "an integer of at least 1"),
     "top_k": (_int(1), "an integer of at least 1"),
     "graph_classes": (_class_ids, "a list of class indices (integers of at least 0)"),
@@ -295,8 +324,21 @@ def resolve_samples_per_image(config: Config, n_images: int, channels: int, posi
 STAGE_FIELDS: dict[str, list[str]] = {
     "collect": ["model", "weights", "layers", "images", "max_images", "target", "samples_per_image", "seed"],
     "concepts": ["concepts_per_channel", "min_cluster", "max_concepts", "dictionaries", "seed"],
-    "decompose": ["target_rel_error", "min_r2", "max_kl", "min_top1_agreement", "front_images", "debias", "unit_atoms", "nonnegative",
-                  "lasso_solver", "lasso_max_iter", "lasso_tol", "seed", "coder"],
+    "decompose": [
+        "target_rel_error",
+        "min_r2",
+        "max_kl",
+        "min_top1_agreement",
+        "front_images",
+        "debias",
+        "unit_atoms",
+        "nonnegative",
+        "lasso_solver",
+        "lasso_max_iter",
+        "lasso_tol",
+        "seed",
+        "coder",
+    ],
     "attribute": ["gig_tol", "gig_max_steps", "n_steps", "quadrature", "top_k"],
     "graph": ["graph_classes", "edges_per_node", "top_k"],
 }
@@ -320,7 +362,10 @@ def stage_hash(config: Config, stage: str, upstream: str = "") -> str:
     fields = STAGE_FIELDS[stage]
     if stage == "collect" and config.samples_per_image is None:
         fields = fields + AUTO_SAMPLE_FIELDS  # the automatic sample count depends on them
-    data = {name: getattr(config, name) for name in fields
-            if not (name in HASHED_WHEN_SET and getattr(config, name) == HASHED_WHEN_SET[name])}
+    data = {
+        name: getattr(config, name)
+        for name in fields
+        if not (name in HASHED_WHEN_SET and getattr(config, name) == HASHED_WHEN_SET[name])
+    }
     blob = json.dumps(data, sort_keys=True, default=str) + upstream
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -67,16 +67,25 @@ DENSE_STOP = 0.9
 EXACT_R2 = 0.9999
 
 
-def encoder_for(config: Config, dictionary: torch.Tensor, alpha: float,
-                device: str | torch.device | None = None) -> LassoEncoder | OMPEncoder:
+def encoder_for(
+    config: Config, dictionary: torch.Tensor, alpha: float, device: str | torch.device | None = None
+) -> LassoEncoder | OMPEncoder:
     """The run's encoder for one layer: coder (Lasso or OMP), solver, sign constraint, debiasing
     and tolerance from the config. Every consumer of a run's codes (this stage, the evaluation)
     builds it here."""
     if config.coder == "omp":
         return OMPEncoder(dictionary, alpha, device=device)
-    return LassoEncoder(dictionary, alpha, config.nonnegative, max_iter=config.lasso_max_iter,
-                        tol=config.lasso_tol, device=device, solver=config.lasso_solver, debias=config.debias,
-                        unit_atoms=config.unit_atoms)
+    return LassoEncoder(
+        dictionary,
+        alpha,
+        config.nonnegative,
+        max_iter=config.lasso_max_iter,
+        tol=config.lasso_tol,
+        device=device,
+        solver=config.lasso_solver,
+        debias=config.debias,
+        unit_atoms=config.unit_atoms,
+    )
 
 
 def lambda_in_unit_atoms(config: Config) -> bool:
@@ -92,10 +101,14 @@ def rule_text(config: Config) -> str:
     if config.target_rel_error is not None:
         return f"largest λ with relative error ≤ {config.target_rel_error}{coder}"
     if config.max_kl is None:  # runs made before 0.4
-        return (f"largest λ (sparsest codes) with R² ≥ {config.min_r2} and top-1 agreement ≥ "
-                f"{config.min_top1_agreement}{coder}")
-    return (f"largest λ (sparsest codes) with R² ≥ {config.min_r2} and mean KL(model ‖ replaced) ≤ "
-            f"{config.max_kl} nats{coder}")
+        return (
+            f"largest λ (sparsest codes) with R² ≥ {config.min_r2} and top-1 agreement ≥ "
+            f"{config.min_top1_agreement}{coder}"
+        )
+    return (
+        f"largest λ (sparsest codes) with R² ≥ {config.min_r2} and mean KL(model ‖ replaced) ≤ "
+        f"{config.max_kl} nats{coder}"
+    )
 
 
 def meets_rule(point: dict, config: Config) -> bool:
@@ -113,8 +126,9 @@ def _meets(figures: dict, config: Config):
     return r2 & (torch.as_tensor(figures["kl"]) <= config.max_kl)
 
 
-def alpha_for_l0(X: torch.Tensor, V: torch.Tensor, target_l0: float,
-                 make_encoder, n_bisect: int = 16) -> tuple[float, float]:
+def alpha_for_l0(
+    X: torch.Tensor, V: torch.Tensor, target_l0: float, make_encoder, n_bisect: int = 16
+) -> tuple[float, float]:
     """λ whose codes of ``X (N, C)`` on ``V (K, C)`` have l0 ratio ``≈ target_l0`` (at most it);
     ``make_encoder(V, λ)`` builds the encoder. Returns ``(λ, l0 ratio)``. The l0 ratio falls as
     λ grows, so: bisection in log λ between λ_max·1e-6 and λ_max (where every code is zero; the
@@ -145,8 +159,9 @@ class FrontImages:
     log_probs: torch.Tensor
 
 
-def load_front_images(source: ImageSource, records: list, preds: torch.Tensor, handle: ModelHandle,
-                      layers: list[str], config: Config) -> FrontImages:
+def load_front_images(
+    source: ImageSource, records: list, preds: torch.Tensor, handle: ModelHandle, layers: list[str], config: Config
+) -> FrontImages:
     """Capture ``layers`` on the first ``front_images`` of ``records`` in a seeded random order."""
     g = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(records), generator=g)[: config.front_images].sort().values.tolist()
@@ -171,8 +186,9 @@ def kl_from_original(log_probs: torch.Tensor, logits: torch.Tensor) -> torch.Ten
     return (log_probs.exp() * (log_probs - q)).sum(1).clamp_min(0.0)
 
 
-def code_grid(encoder: LassoEncoder | OMPEncoder, grid: torch.Tensor, meter: "FidelityMeter",
-              init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def code_grid(
+    encoder: LassoEncoder | OMPEncoder, grid: torch.Tensor, meter: "FidelityMeter", init: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes ``U (B·H·W, K)`` of every position of ``grid (B, C, H, W)`` (row-major positions)
     and its reconstruction in grid form ``(B, C, H, W)``; both are added to ``meter``."""
     b, c, h, w = grid.shape
@@ -183,8 +199,9 @@ def code_grid(encoder: LassoEncoder | OMPEncoder, grid: torch.Tensor, meter: "Fi
     return U, X_hat.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
-def code_front_point(encoder: LassoEncoder | OMPEncoder, images: FrontImages, layer: str,
-                     init: list[torch.Tensor] | None = None) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
+def code_front_point(
+    encoder: LassoEncoder | OMPEncoder, images: FrontImages, layer: str, init: list[torch.Tensor] | None = None
+) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
     """Code every position of ``images`` at ``layer``: the fidelity figures (``alpha``,
     ``rel_error``, ``r2``, ``l0_ratio``; the model's output figures come from
     :func:`output_fidelity`) with each image's squared error under ``"_sse"`` ``(N,)``, the codes
@@ -203,8 +220,9 @@ def code_front_point(encoder: LassoEncoder | OMPEncoder, images: FrontImages, la
     return {"alpha": encoder.alpha, **figures, "_sse": torch.cat(sse)}, codes, recons
 
 
-def output_fidelity(images: FrontImages, layer: str, handle: ModelHandle,
-                    recons: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def output_fidelity(
+    images: FrontImages, layer: str, handle: ModelHandle, recons: list[list[torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The model with ``layer`` replaced by each of ``m`` reconstructions (``recons[j]``: per batch
     ``(B, C, H, W)``, as :func:`code_front_point` gives them), per image: whether its top-1 class
     stays, ``(m, N)`` bool, and the KL divergence of the original output from the replaced one,
@@ -236,8 +254,15 @@ class _FrontWalk:
     Each point keeps its images' figures (``_sse``, ``_kl``, ``_agree``, each ``(N,)``) for
     :func:`assess_front`."""
 
-    def __init__(self, path, images: FrontImages, layer: str, handle: ModelHandle, config: Config,
-                 on_point: Callable[[dict], None] | None = None):
+    def __init__(
+        self,
+        path,
+        images: FrontImages,
+        layer: str,
+        handle: ModelHandle,
+        config: Config,
+        on_point: Callable[[dict], None] | None = None,
+    ):
         self.path, self.images, self.layer, self.handle, self.config = path, images, layer, handle, config
         self.on_point = on_point
         self.points: list[dict] = []
@@ -285,7 +310,7 @@ def _walk_grid(walk: _FrontWalk, top: float, config: Config) -> int | None:
     ``1 + POINTS_PAST_CHOICE`` at a time. Returns the index of the first point meeting the rule."""
     first_pass, reached, want = None, None, None
     for j in range(1, FRONT_POINTS + 1):
-        point = walk.code(top * 2.0 ** -j, j - 2 if j > 1 else None)
+        point = walk.code(top * 2.0**-j, j - 2 if j > 1 else None)
         last = j - 1
         if reached is None and _may_meet(point, config):
             reached, want = last, last + POINTS_PAST_CHOICE  # measure up to here at once
@@ -329,8 +354,14 @@ def _refine(walk: _FrontWalk, first_pass: int) -> None:
                 hi, above = refined[passing - 1]["alpha"], start + passing - 1
 
 
-def sparsity_front(images: FrontImages, layer: str, V: torch.Tensor, handle: ModelHandle, config: Config,
-                   on_point: Callable[[dict], None] | None = None) -> dict:
+def sparsity_front(
+    images: FrontImages,
+    layer: str,
+    V: torch.Tensor,
+    handle: ModelHandle,
+    config: Config,
+    on_point: Callable[[dict], None] | None = None,
+) -> dict:
     """The layer's front and the λ its rule picks, with the choice's error bars.
 
     Walks the grid λ_max·2^(−j) (:func:`_walk_grid`), refines between the first point meeting
@@ -377,8 +408,11 @@ def image_moments(grids: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"sum_sq": sum_sq, "sum": sums, "n": n}
 
 
-def weighted_figures(points: list[dict], moments: dict[str, torch.Tensor], weights: torch.Tensor,
-                     ) -> dict[str, torch.Tensor]:
+def weighted_figures(
+    points: list[dict],
+    moments: dict[str, torch.Tensor],
+    weights: torch.Tensor,
+) -> dict[str, torch.Tensor]:
     """Each point's ``r2``, ``rel_error``, ``kl`` and ``top1_agreement`` over the images weighted by
     each row of ``weights (B, N)`` (bootstrap counts; a row of ones gives the points' own figures):
     ``(B, P)`` each. R² as :class:`FidelityMeter` computes it, from the images' moments."""
@@ -413,7 +447,9 @@ def assess_front(points: list[dict], moments: dict[str, torch.Tensor], config: C
     n = int(moments["n"].numel())
     g = torch.Generator().manual_seed(config.seed)
     draws = torch.randint(n, (BOOTSTRAP, n), generator=g)
-    counts = torch.zeros(BOOTSTRAP, n, dtype=torch.float64).scatter_add_(1, draws, torch.ones(BOOTSTRAP, n, dtype=torch.float64))
+    counts = torch.zeros(BOOTSTRAP, n, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(BOOTSTRAP, n, dtype=torch.float64)
+    )
     boot = weighted_figures(points, moments, counts)
     for j, point in enumerate(points):
         point["kl_ci"] = _percentiles(boot["kl"][:, j])
@@ -461,13 +497,17 @@ def _decided(front: dict, config: Config) -> tuple[bool, str | None]:
     refinement step, in at least ``MIN_STABILITY`` of the bootstrap resamples; if not, why."""
     n = front["images"]
     if not front["met"]:
-        return False, (f"no λ on the front meets the rule on its {n} images; the sparsest point not "
-                       "significantly worse than the densest was taken")
+        return False, (
+            f"no λ on the front meets the rule on its {n} images; the sparsest point not "
+            "significantly worse than the densest was taken"
+        )
     if front["stability"] >= MIN_STABILITY:
         return True, None
-    return False, (f"the choice repeats in {front['stability']:.0%} of bootstrap resamples of the {n} front "
-                   f"images (decided: ≥ {MIN_STABILITY:.0%}): too few images to decide it; more front images "
-                   "(front_images; more images where the run has no more) would")
+    return False, (
+        f"the choice repeats in {front['stability']:.0%} of bootstrap resamples of the {n} front "
+        f"images (decided: ≥ {MIN_STABILITY:.0%}): too few images to decide it; more front images "
+        "(front_images; more images where the run has no more) would"
+    )
 
 
 class FidelityMeter:
@@ -517,7 +557,7 @@ class FidelityMeter:
         return meter
 
     def result(self) -> dict[str, float]:
-        sst = self.sum_sq - float((self.sum ** 2).sum()) / max(self.n, 1)
+        sst = self.sum_sq - float((self.sum**2).sum()) / max(self.n, 1)
         m = max(self.n_images, 1)
         kl = self.kl_sum / m
         return {
@@ -551,8 +591,9 @@ def from_sparse_rows(indptr: torch.Tensor, indices: torch.Tensor, values: torch.
     return dense
 
 
-def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progress: bool = True,
-              ranks: Ranks | None = None) -> None:
+def decompose(
+    store: RunStore, handle: ModelHandle, source: ImageSource, progress: bool = True, ranks: Ranks | None = None
+) -> None:
     """Stage 4 into ``store/decompose``: sparse codes of all positions, shards of images per layer.
 
     The λ of each layer comes from its front (:func:`sparsity_front`); once every image is coded,
@@ -573,8 +614,10 @@ def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progres
         fronts = _fronts(store, handle, source, records, preds, progress, ranks)  # the same on every rank
         checks = ranks.share(load_json(out / "check.json") if (out / "check.json").is_file() else {})
         alphas = {layer: checks.get(layer, {}).get("alpha", fronts[layer]["alpha"]) for layer in config.layers}
-        encoders = {layer: encoder_for(config, load_dictionary(store, layer), alphas[layer], handle.device)
-                    for layer in config.layers}
+        encoders = {
+            layer: encoder_for(config, load_dictionary(store, layer), alphas[layer], handle.device)
+            for layer in config.layers
+        }
         loop = ShardLoop(store, "decompose", ranks, range(len(records)), SHARD_IMAGES, progress)
         for name, rows in loop:
             _decompose_shard(store, handle, source, [records[r] for r in rows], preds[rows], encoders, name, loop.bar)
@@ -600,7 +643,7 @@ def decompose(store: RunStore, handle: ModelHandle, source: ImageSource, progres
 CHECK_STEPS = 3
 #: Each step makes λ at least this factor smaller (a quarter of the front's grid step), so that one
 #: re-coding pass moves the figures by more than their noise.
-CHECK_STEP = 2.0 ** 0.25
+CHECK_STEP = 2.0**0.25
 
 
 def check_layer(figures: dict, front: dict, config: Config) -> str | None:
@@ -621,7 +664,9 @@ def check_layer(figures: dict, front: dict, config: Config) -> str | None:
         misses.append(f"R² {figures['r2']:.3f} < {r2_low:.3f}")
     a, m = figures["top1_agreement"], max(figures.get("n_images", 0), 1)
     if a + 1.96 * math.sqrt(a * (1 - a) / m) < config.min_top1_agreement:
-        misses.append(f"top-1 agreement {a:.3f} ± {1.96 * math.sqrt(a * (1 - a) / m):.3f} < {config.min_top1_agreement}")
+        misses.append(
+            f"top-1 agreement {a:.3f} ± {1.96 * math.sqrt(a * (1 - a) / m):.3f} < {config.min_top1_agreement}"
+        )
     return "; ".join(misses) or None
 
 
@@ -642,8 +687,9 @@ def _check_all(store: RunStore, fronts: dict, checks: dict, encoders: dict, n_sh
         if record["steps"] and record["steps"][-1]["alpha"] == encoder.alpha:
             continue  # checked already (a resumed stage)
         miss = check_layer(result, fronts[layer], store.config)
-        record["steps"].append({k: result[k] for k in ("alpha", "r2", "kl", "kl_se", "top1_agreement", "l0_ratio")}
-                               | {"miss": miss})
+        record["steps"].append(
+            {k: result[k] for k in ("alpha", "r2", "kl", "kl_se", "top1_agreement", "l0_ratio")} | {"miss": miss}
+        )
         if miss and len(record["steps"]) <= CHECK_STEPS:
             denser = [p["alpha"] for p in fronts[layer]["points"] if p["alpha"] <= encoder.alpha / CHECK_STEP]
             steps[layer] = record["alpha"] = max(denser, default=encoder.alpha / CHECK_STEP)
@@ -656,15 +702,25 @@ def _figures(store: RunStore, encoders: dict, n_shards: int, fronts: dict, check
     figures = {}
     for layer, encoder in encoders.items():
         steps = checks.get(layer, {}).get("steps", [])
-        figures[layer] = {**_layer_meter(store, layer, n_shards).result(), "K": int(encoder.V.shape[0]),
-                          "alpha": encoder.alpha, "front_alpha": fronts[layer]["alpha"],
-                          "check": {"steps": len(steps) - 1 if steps else 0,
-                                    "miss": steps[-1]["miss"] if steps else None}}
+        figures[layer] = {
+            **_layer_meter(store, layer, n_shards).result(),
+            "K": int(encoder.V.shape[0]),
+            "alpha": encoder.alpha,
+            "front_alpha": fronts[layer]["alpha"],
+            "check": {"steps": len(steps) - 1 if steps else 0, "miss": steps[-1]["miss"] if steps else None},
+        }
     return figures
 
 
-def _fronts(store: RunStore, handle: ModelHandle, source: ImageSource, records: list, preds: torch.Tensor,
-            progress: bool, ranks: Ranks | None = None) -> dict[str, dict]:
+def _fronts(
+    store: RunStore,
+    handle: ModelHandle,
+    source: ImageSource,
+    records: list,
+    preds: torch.Tensor,
+    progress: bool,
+    ranks: Ranks | None = None,
+) -> dict[str, dict]:
     """Every layer's :func:`sparsity_front`, saved to ``decompose/front.json`` as soon as it is
     measured (a resumed stage reuses it: the stage directory is wiped when settings change).
 
@@ -682,7 +738,10 @@ def _fronts(store: RunStore, handle: ModelHandle, source: ImageSource, records: 
         for layer in bar:
             # The bar moves with every λ coded, not only with every layer (a layer can take minutes).
             def shown(point: dict, layer: str = layer) -> None:
-                bar.set_postfix_str(f"{layer}: λ {point['alpha']:.3g}, l0 {point['l0_ratio']:.3f}, R² {point['r2']:.3f}")
+                bar.set_postfix_str(
+                    f"{layer}: λ {point['alpha']:.3g}, l0 {point['l0_ratio']:.3f}, R² {point['r2']:.3f}"
+                )
+
             fronts[layer] = sparsity_front(images, layer, load_dictionary(store, layer), handle, config, shown)
             if ranks.world == 1:
                 save_json(path, fronts)
@@ -734,20 +793,24 @@ def _decompose_shard(store, handle, source, records, preds, encoders, name, bar=
     for layer, chunks in parts.items():
         tensors.update(_joined_rows(layer, chunks))
     save_tensors(store.shard_path("decompose", name), tensors)
-    store.mark_shard("decompose", name, {layer: {**meters[layer].state(), "alpha": encoders[layer].alpha}
-                                         for layer in encoders})
+    store.mark_shard(
+        "decompose", name, {layer: {**meters[layer].state(), "alpha": encoders[layer].alpha} for layer in encoders}
+    )
 
 
 def _joined_rows(layer: str, chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The CSR pieces of a shard's batches (:func:`to_sparse_rows`) as one CSR, keyed by layer."""
     offsets = torch.cumsum(torch.tensor([0] + [int(c["indptr"][-1]) for c in chunks[:-1]]), 0)
-    return {f"{layer}/indptr": torch.cat([chunks[0]["indptr"][:1]] + [c["indptr"][1:] + o for c, o in zip(chunks, offsets)]),
-            f"{layer}/indices": torch.cat([c["indices"] for c in chunks]),
-            f"{layer}/values": torch.cat([c["values"] for c in chunks])}
+    return {
+        f"{layer}/indptr": torch.cat(
+            [chunks[0]["indptr"][:1]] + [c["indptr"][1:] + o for c, o in zip(chunks, offsets)]
+        ),
+        f"{layer}/indices": torch.cat([c["indices"] for c in chunks]),
+        f"{layer}/values": torch.cat([c["values"] for c in chunks]),
+    }
 
 
-def _recode_stale(store, handle, source, records, preds, encoders, n_shards: int, ranks: Ranks,
-                  progress: bool) -> None:
+def _recode_stale(store, handle, source, records, preds, encoders, n_shards: int, ranks: Ranks, progress: bool) -> None:
     """Code again, with today's λ, every layer of every shard coded with another (a layer the check
     stepped); each rank its share of those shards."""
     stale: dict[str, list[str]] = {}
@@ -759,8 +822,15 @@ def _recode_stale(store, handle, source, records, preds, encoders, n_shards: int
     mine = ranks.mine(sorted(stale))
     for name in tqdm(mine, desc="decompose: check", unit="shard", disable=not progress or not ranks.is_main):
         rows = range(int(name) * SHARD_IMAGES, min((int(name) + 1) * SHARD_IMAGES, len(records)))
-        _recode_shard(store, handle, source, [records[r] for r in rows], preds[list(rows)],
-                      {layer: encoders[layer] for layer in stale[name]}, name)
+        _recode_shard(
+            store,
+            handle,
+            source,
+            [records[r] for r in rows],
+            preds[list(rows)],
+            {layer: encoders[layer] for layer in stale[name]},
+            name,
+        )
     ranks.barrier()
 
 
@@ -843,8 +913,9 @@ def run_alpha(store: RunStore, layer: str) -> float:
     return float(fidelity[layer]["alpha"])
 
 
-def encode_pixels(store: RunStore, handle: ModelHandle, pixels: torch.Tensor,
-                  layers: list[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def encode_pixels(
+    store: RunStore, handle: ModelHandle, pixels: torch.Tensor, layers: list[str] | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Codes of images that need not be the run's, as the stage codes the run's own: logits
     ``(N, classes)`` and ``{layer: (N, H·W, K)}`` for ``pixels (N, 3, S, S)``, with the run's
     dictionaries, λ and encoder settings (:func:`encoder_for`). ``layers``: default all of the run's."""
@@ -855,10 +926,11 @@ def encode_pixels(store: RunStore, handle: ModelHandle, pixels: torch.Tensor,
     for layer in layers:
         n, c = grids[layer].shape[:2]
         encoder = encoder_for(store.config, load_dictionary(store, layer), run_alpha(store, layer), handle.device)
-        codes[layer] = encoder.encode(grids[layer].permute(0, 2, 3, 1).reshape(-1, c)).reshape(n, -1, encoder.V.shape[0]).cpu()
+        codes[layer] = (
+            encoder.encode(grids[layer].permute(0, 2, 3, 1).reshape(-1, c)).reshape(n, -1, encoder.V.shape[0]).cpu()
+        )
     return logits.cpu(), codes
 
 
 def load_fidelity(store: RunStore) -> dict:
     return load_json(store.root / "decompose" / "fidelity.json")
-

@@ -116,14 +116,16 @@ class ShardLoop(Generic[T]):
     The body may advance :attr:`bar` itself within a shard (per batch); whatever it did not
     count is counted when the shard ends."""
 
-    def __init__(self, store, stage: str, ranks: Ranks, items: Sequence[T], size: int, progress: bool,
-                 unit: str = "img"):
+    def __init__(
+        self, store, stage: str, ranks: Ranks, items: Sequence[T], size: int, progress: bool, unit: str = "img"
+    ):
         from tqdm.auto import tqdm
 
         self.store, self.stage, self.ranks = store, stage, ranks
         self.mine, self.n_shards = ranks.shards(items, size)
-        self.bar = tqdm(total=sum(len(s) for _, s in self.mine), desc=stage, unit=unit,
-                        disable=not progress or not ranks.is_main)
+        self.bar = tqdm(
+            total=sum(len(s) for _, s in self.mine), desc=stage, unit=unit, disable=not progress or not ranks.is_main
+        )
 
     def __iter__(self) -> Iterator[tuple[str, list[T]]]:
         for name, shard in self.mine:

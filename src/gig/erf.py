@@ -19,8 +19,9 @@ from PIL import Image
 from .hooks import ModelHandle
 
 
-def erf_maps(handle: ModelHandle, pixels: torch.Tensor, layer: str, positions: torch.Tensor,
-             batch_size: int = 16) -> torch.Tensor:
+def erf_maps(
+    handle: ModelHandle, pixels: torch.Tensor, layer: str, positions: torch.Tensor, batch_size: int = 16
+) -> torch.Tensor:
     """ERFs of one PFV per item: ``pixels (M, 3, S, S)``, ``positions (M, 2)`` as (h, w) → ``(M, S, S)``.
     The forward pass stops at ``layer`` (:meth:`ModelHandle.grid_until`): the ERF only needs the
     network below it."""
@@ -57,8 +58,9 @@ def erf_box(erf: np.ndarray, mass: float = 0.9) -> tuple[int, int, int, int]:
     return 0, 0, w, h
 
 
-def erf_crop(image: Image.Image, erf: np.ndarray, mass: float = 0.9, margin: float = 0.5,
-             dim: float = 0.35, size: int = 96) -> Image.Image:
+def erf_crop(
+    image: Image.Image, erf: np.ndarray, mass: float = 0.9, margin: float = 0.5, dim: float = 0.35, size: int = 96
+) -> Image.Image:
     """The ERF box widened by ``margin`` (share of its size) on the model's view of the image.
 
     Pixels outside the ERF box are dimmed to ``dim`` brightness, so the context stays visible.
@@ -107,8 +109,16 @@ def save_png(image: Image.Image, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def exemplar_crops(store, handle: ModelHandle, source, layer: str, sample_indices: list[int],
-                   mass: float = 0.9, margin: float = 0.5, batch_size: int = 16) -> list[Path]:
+def exemplar_crops(
+    store,
+    handle: ModelHandle,
+    source,
+    layer: str,
+    sample_indices: list[int],
+    mass: float = 0.9,
+    margin: float = 0.5,
+    batch_size: int = 16,
+) -> list[Path]:
     """PNG ERF crops of sampled PFVs of ``layer`` (indices into the collect arrays), cached in
     :func:`erf_dir` as ``s{index}.png``. Only the missing ones are computed, in batches of PFVs
     grouped by image, so each image is read and preprocessed once however many of its PFVs are

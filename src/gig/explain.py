@@ -105,9 +105,14 @@ def _targets(given: list[int | None], preds: torch.Tensor, n_classes: int) -> li
     return [int(p) if t is None else int(t) for t, p in zip(given, preds.tolist())]
 
 
-def explain(run_dir: str | Path | RunStore, images: Sequence[str | Path | Image.Image],
-            target: int | Sequence[int] | None = None, model=None, class_names: list[str] | None = None,
-            handle=None) -> list[Explanation]:
+def explain(
+    run_dir: str | Path | RunStore,
+    images: Sequence[str | Path | Image.Image],
+    target: int | Sequence[int] | None = None,
+    model=None,
+    class_names: list[str] | None = None,
+    handle=None,
+) -> list[Explanation]:
     """Explain ``images`` (files or PIL images, not necessarily of the run) with the run's
     concepts: codes, the GIG walk and the single-image graph of each (see the module docstring).
 
@@ -136,20 +141,35 @@ def explain(run_dir: str | Path | RunStore, images: Sequence[str | Path | Image.
         logits, codes = encode_pixels(store, handle, pixels)
         targets = _targets(targets_given[start : start + step], logits.argmax(1), logits.shape[1])
         ids = [start + i for i in range(len(batch))]  # image ids of the explanation: 0, 1, ... over all images
-        readers = {layer: _MemoryCodes({image_id: codes[layer][i] for i, image_id in enumerate(ids)}) for layer in layers}
+        readers = {
+            layer: _MemoryCodes({image_id: codes[layer][i] for i, image_id in enumerate(ids)}) for layer in layers
+        }
         data = walk(pixels, ids, targets, layers, readers, gigs, store.config.top_k)
         for i, (name, image) in enumerate(batch):
-            graph = build_graph(store, "image", image_id=ids[i], data=data, targets=dict(zip(ids, targets)),
-                                class_names=names)
+            graph = build_graph(
+                store, "image", image_id=ids[i], data=data, targets=dict(zip(ids, targets)), class_names=names
+            )
             pred = int(logits[i].argmax())
-            out.append(Explanation(name, image, pred, targets[i], logits[i].softmax(0), graph,
-                                   {k: v[i] for k, v in data.items()}, {layer: codes[layer][i] for layer in layers},
-                                   class_name(pred), class_name(targets[i])))
+            out.append(
+                Explanation(
+                    name,
+                    image,
+                    pred,
+                    targets[i],
+                    logits[i].softmax(0),
+                    graph,
+                    {k: v[i] for k, v in data.items()},
+                    {layer: codes[layer][i] for layer in layers},
+                    class_name(pred),
+                    class_name(targets[i]),
+                )
+            )
     return out
 
 
-def own_erf_crops(handle, bundle, explanation: Explanation, pixels: torch.Tensor, layers: list[str],
-                  size: int = 96) -> dict[str, Image.Image]:
+def own_erf_crops(
+    handle, bundle, explanation: Explanation, pixels: torch.Tensor, layers: list[str], size: int = 96
+) -> dict[str, Image.Image]:
     """``{"LAYER:q": crop}``: for each top concept of each layer, the image's own ERF crop at the
     position where the concept's GIG map peaks (where it adds most to the target), else where
     its coefficient is largest."""
@@ -167,10 +187,17 @@ def own_erf_crops(handle, bundle, explanation: Explanation, pixels: torch.Tensor
     return crops
 
 
-def write_explanations(run_dir: str | Path, explanations: list[Explanation], out: str | Path,
-                       model=None, class_names: list[str] | None = None, heatmap_size: int = 160,
-                       exemplars: int = 10, single_file: bool = False,
-                       log: Callable[[str], None] = lambda msg: None) -> Path:
+def write_explanations(
+    run_dir: str | Path,
+    explanations: list[Explanation],
+    out: str | Path,
+    model=None,
+    class_names: list[str] | None = None,
+    heatmap_size: int = 160,
+    exemplars: int = 10,
+    single_file: bool = False,
+    log: Callable[[str], None] = lambda msg: None,
+) -> Path:
     """Write ``explanations`` to ``out`` (see the module docstring); returns ``index.html``."""
     from .report import sections as sec
     from .report.viewer import write_viewer
@@ -179,16 +206,35 @@ def write_explanations(run_dir: str | Path, explanations: list[Explanation], out
     out = Path(out)
     access = RunAccess(store, model)
     names = list(class_names) if class_names is not None else list(access.bundle.class_names)
-    graphs = [sec.graph_entry(f"image:{i}", "image", [e.target], f"{Path(e.name).name} → {e.target_name or e.target}"
-                              + ("" if e.target == e.pred else f" (predicted: {e.pred_name or e.pred})"), e.graph,
-                              image_id=i) for i, e in enumerate(explanations)]
+    graphs = [
+        sec.graph_entry(
+            f"image:{i}",
+            "image",
+            [e.target],
+            f"{Path(e.name).name} → {e.target_name or e.target}"
+            + ("" if e.target == e.pred else f" (predicted: {e.pred_name or e.pred})"),
+            e.graph,
+            image_id=i,
+        )
+        for i, e in enumerate(explanations)
+    ]
     out.mkdir(parents=True, exist_ok=True)
     summary = []
     for i, e in enumerate(explanations):
         save_json(out / f"image_{i}.json", e.graph)
-        summary.append({"index": i, "file": e.name, "pred": e.pred, "pred_name": e.pred_name, "target": e.target,
-                        "target_name": e.target_name, "target_prob": float(e.probabilities[e.target]),
-                        "pred_prob": float(e.probabilities[e.pred]), "graph": f"image_{i}.json"})
+        summary.append(
+            {
+                "index": i,
+                "file": e.name,
+                "pred": e.pred,
+                "pred_name": e.pred_name,
+                "target": e.target,
+                "target_name": e.target_name,
+                "target_prob": float(e.probabilities[e.target]),
+                "pred_prob": float(e.probabilities[e.pred]),
+                "graph": f"image_{i}.json",
+            }
+        )
     save_json(out / "explanations.json", {"schema": SCHEMA, "run": str(store.root), "images": summary})
 
     def panels(concepts: dict, assets) -> dict:
@@ -198,17 +244,33 @@ def write_explanations(run_dir: str | Path, explanations: list[Explanation], out
             pixels = access.bundle.preprocess(e.image)[None]
             crops = own_erf_crops(access.handle, access.bundle, e, pixels, list(store.config.layers))
             erf_urls = {node: assets.add_image(f"img/own/{i}/{sec.slug(node)}.jpg", c) for node, c in crops.items()}
-            entry = {"id": i, "path": e.name, "label": None, "label_name": None, "pred": e.pred, "target": e.target,
-                     "target_prob": float(e.probabilities[e.target])}
-            out_panels[str(i)] = sec.localisation_panel(entry, access.bundle.display_image(e.image),
-                                                        list(store.config.layers), e.walk, e.codes, concepts, assets,
-                                                        heatmap_size, erf_urls)
+            entry = {
+                "id": i,
+                "path": e.name,
+                "label": None,
+                "label_name": None,
+                "pred": e.pred,
+                "target": e.target,
+                "target_prob": float(e.probabilities[e.target]),
+            }
+            out_panels[str(i)] = sec.localisation_panel(
+                entry,
+                access.bundle.display_image(e.image),
+                list(store.config.layers),
+                e.walk,
+                e.codes,
+                concepts,
+                assets,
+                heatmap_size,
+                erf_urls,
+            )
             thumbs = {n: _png(out / "img" / "own" / str(i), n, c) for n, c in crops.items()}
             draw_graph(e.graph, out / f"image_{i}", thumbs, labels=node_labels(store, e.graph))
         return out_panels
 
-    return write_viewer(store, access, graphs, out, names, panels, single_file, exemplars, "explain",
-                        len(explanations), log)
+    return write_viewer(
+        store, access, graphs, out, names, panels, single_file, exemplars, "explain", len(explanations), log
+    )
 
 
 def _png(folder: Path, node: str, crop: Image.Image) -> Path:

@@ -57,9 +57,14 @@ SCORE_FIELDS = ("score",)
 EDGE_FIELDS = ("score", "gig", "delta", "importance", "targets")
 
 
-def edge_sums(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list[str], rule: str = "flow",
-              upper_ids: dict[str, list[int]] | None = None,
-              lower_ids: dict[str, list[int]] | None = None) -> dict[str, torch.Tensor]:
+def edge_sums(
+    data: dict[str, torch.Tensor],
+    rows: torch.Tensor,
+    layers: list[str],
+    rule: str = "flow",
+    upper_ids: dict[str, list[int]] | None = None,
+    lower_ids: dict[str, list[int]] | None = None,
+) -> dict[str, torch.Tensor]:
     """Summed edge weights over the images ``rows``: ``{lower: (K_upper, K_lower)}``; an image adds
     0 to edges into targets it did not reach. ``upper_ids[lower]`` / ``lower_ids[lower]`` keep only
     those upper (rows) / lower (columns) concepts, in that order, so that a graph's sums hold its
@@ -92,8 +97,9 @@ def edge_sums(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list[st
     return edges
 
 
-def edge_weights(data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list[str],
-                 rule: str = "flow") -> dict[str, torch.Tensor]:
+def edge_weights(
+    data: dict[str, torch.Tensor], rows: torch.Tensor, layers: list[str], rule: str = "flow"
+) -> dict[str, torch.Tensor]:
     """Mean edge weights over the images ``rows``: ``{lower: (K_upper, K_lower)}`` (:func:`edge_sums`
     over the number of images)."""
     return {lower: total / max(len(rows), 1) for lower, total in edge_sums(data, rows, layers, rule).items()}
@@ -145,8 +151,13 @@ class EdgeSums:
     """Edge-weight sums of one group of images under each of ``rules``, restricted to the upper
     and lower concepts named (see :func:`edge_sums`), added shard by shard."""
 
-    def __init__(self, layers: list[str], rules: tuple[str, ...] = EDGE_RULES,
-                 upper_ids: dict[str, list[int]] | None = None, lower_ids: dict[str, list[int]] | None = None):
+    def __init__(
+        self,
+        layers: list[str],
+        rules: tuple[str, ...] = EDGE_RULES,
+        upper_ids: dict[str, list[int]] | None = None,
+        lower_ids: dict[str, list[int]] | None = None,
+    ):
         self.layers, self.rules, self.upper_ids, self.lower_ids = layers, rules, upper_ids, lower_ids
         self.n = 0
         self.totals: dict[str, dict[str, torch.Tensor]] = {rule: {} for rule in rules}
@@ -186,8 +197,9 @@ def accumulate(parts: Iterable[dict[str, torch.Tensor]], sums: dict, selections:
     return sums
 
 
-def _shown_edges(kept: dict[str, list[int]], edges: dict[str, torch.Tensor], layers: list[str],
-                 edges_per_node: int) -> list[tuple[str, int, int, float]]:
+def _shown_edges(
+    kept: dict[str, list[int]], edges: dict[str, torch.Tensor], layers: list[str], edges_per_node: int
+) -> list[tuple[str, int, int, float]]:
     """The ``edges_per_node`` strongest non-zero edges into every kept upper node:
     ``(lower layer, lower concept, upper concept, weight)``. ``edges[lower]`` is
     ``(len(kept[upper]), len(kept[lower]))`` in the kept lists' order."""
@@ -201,8 +213,9 @@ def _shown_edges(kept: dict[str, list[int]], edges: dict[str, torch.Tensor], lay
     return shown
 
 
-def rule_agreement(edges: EdgeSums, layers: list[str], kept: dict[str, list[int]],
-                   edges_per_node: int) -> dict[str, float]:
+def rule_agreement(
+    edges: EdgeSums, layers: list[str], kept: dict[str, list[int]], edges_per_node: int
+) -> dict[str, float]:
     """For each alternative edge rule: the fraction of the shown ``flow`` edges it would show too
     (same nodes, same pruning); 1.0 means the picture does not depend on the choice."""
     base = {(l, q, t) for l, q, t, _ in _shown_edges(kept, edges.edges(), layers, edges_per_node)}
@@ -238,8 +251,9 @@ def _shared_tops(per_class: dict[int, ScoreSums], layers: list[str], top_k: int)
     return in_top_of
 
 
-def _concept_nodes(store: RunStore, scores: dict[str, torch.Tensor], in_top_of: dict, top_k: int,
-                   shared_kind: bool) -> tuple[dict[str, list[int]], list[dict]]:
+def _concept_nodes(
+    store: RunStore, scores: dict[str, torch.Tensor], in_top_of: dict, top_k: int, shared_kind: bool
+) -> tuple[dict[str, list[int]], list[dict]]:
     """The kept concepts per layer (top-k by mean importance, plus every shared one in a shared
     graph) and their nodes."""
     kept: dict[str, list[int]] = {}
@@ -250,29 +264,67 @@ def _concept_nodes(store: RunStore, scores: dict[str, torch.Tensor], in_top_of: 
         if shared_kind:  # every concept shared by two or more classes is kept too
             chosen += [q for (l, q), cs in in_top_of.items() if l == layer and len(cs) > 1 and q not in chosen]
         kept[layer] = chosen
-        nodes += [{"id": f"{layer}:{q}", "layer": layer, "level": level, "concept": q,
-                   "importance": float(scores[layer][q]), "count": cards[q]["count"],
-                   "top_classes": cards[q]["top_classes"], "exemplars": cards[q]["exemplars"],
-                   "shared": len(in_top_of.get((layer, q), [])) > 1, "in_top_of": in_top_of.get((layer, q), [])}
-                  for q in chosen]
+        nodes += [
+            {
+                "id": f"{layer}:{q}",
+                "layer": layer,
+                "level": level,
+                "concept": q,
+                "importance": float(scores[layer][q]),
+                "count": cards[q]["count"],
+                "top_classes": cards[q]["top_classes"],
+                "exemplars": cards[q]["exemplars"],
+                "shared": len(in_top_of.get((layer, q), [])) > 1,
+                "in_top_of": in_top_of.get((layer, q), []),
+            }
+            for q in chosen
+        ]
     return kept, nodes
 
 
-def _head(per_class: dict[int, ScoreSums], kept_top: list[int], top_layer: str, scores_top: torch.Tensor,
-          names: list[str], edges_per_node: int, global_kind: bool) -> tuple[list[dict], list[dict]]:
+def _head(
+    per_class: dict[int, ScoreSums],
+    kept_top: list[int],
+    top_layer: str,
+    scores_top: torch.Tensor,
+    names: list[str],
+    edges_per_node: int,
+    global_kind: bool,
+) -> tuple[list[dict], list[dict]]:
     """The classifier row (one node per class, or one "target logit" node) and its edges."""
     top_ids = [f"{top_layer}:{q}" for q in kept_top]
     if global_kind:
-        head = [{"id": "logit", "layer": "classifier", "level": None, "class": None,
-                 "name": "target logit", "importance": 1.0}]
-        return head, [{"source": s, "target": "logit", "weight": float(scores_top[q])} for s, q in zip(top_ids, kept_top)]
+        head = [
+            {
+                "id": "logit",
+                "layer": "classifier",
+                "level": None,
+                "class": None,
+                "name": "target logit",
+                "importance": 1.0,
+            }
+        ]
+        return head, [
+            {"source": s, "target": "logit", "weight": float(scores_top[q])} for s, q in zip(top_ids, kept_top)
+        ]
     head, edges = [], []
     for c, group in per_class.items():
         class_score = group.scores()[top_layer]
-        head.append({"id": f"class:{c}", "layer": "classifier", "level": None, "class": c,
-                     "name": class_name(names, c), "importance": 1.0, "n_images": group.n})
+        head.append(
+            {
+                "id": f"class:{c}",
+                "layer": "classifier",
+                "level": None,
+                "class": c,
+                "name": class_name(names, c),
+                "importance": 1.0,
+                "n_images": group.n,
+            }
+        )
         ranked = sorted(kept_top, key=lambda q: -float(class_score[q]))[:edges_per_node]
-        edges += [{"source": f"{top_layer}:{q}", "target": f"class:{c}", "weight": float(class_score[q])} for q in ranked]
+        edges += [
+            {"source": f"{top_layer}:{q}", "target": f"class:{c}", "weight": float(class_score[q])} for q in ranked
+        ]
     return head, edges
 
 
@@ -287,9 +339,16 @@ class GraphPlan:
     is then the image's target; ``{"all": sums}`` for the global graph), and what the edge pass
     must add (:meth:`edge_sums`, :meth:`selection`); :meth:`finish` turns its edges into the graph."""
 
-    def __init__(self, store: RunStore, kind: str, sums: dict, top_k: int | None = None,
-                 edges_per_node: int | None = None, class_names: list[str] | None = None,
-                 image_id: int | None = None):
+    def __init__(
+        self,
+        store: RunStore,
+        kind: str,
+        sums: dict,
+        top_k: int | None = None,
+        edges_per_node: int | None = None,
+        class_names: list[str] | None = None,
+        image_id: int | None = None,
+    ):
         config = store.config
         self.store, self.kind, self.layers, self.image_id = store, kind, list(config.layers), image_id
         self.top_k = top_k or config.top_k
@@ -303,8 +362,9 @@ class GraphPlan:
         in_top_of = _shared_tops(self.per_class, self.layers, self.top_k) if kind == "shared" else {}
         self.kept, self.nodes = _concept_nodes(store, scores, in_top_of, self.top_k, kind == "shared")
         top = self.layers[-1]
-        self.head, self.head_edges = _head(self.per_class, self.kept[top], top, scores[top], self.names,
-                                           self.edges_per_node, kind == "global")
+        self.head, self.head_edges = _head(
+            self.per_class, self.kept[top], top, scores[top], self.names, self.edges_per_node, kind == "global"
+        )
         for node in self.head:
             node["level"] = len(self.layers)
 
@@ -319,28 +379,49 @@ class GraphPlan:
     def edge_sums(self) -> EdgeSums:
         """Empty sums over the kept nodes' edges (every rule, for the rule agreement)."""
         pairs = list(zip(self.layers[:-1], self.layers[1:]))
-        return EdgeSums(self.layers, EDGE_RULES, upper_ids={lo: self.kept[up] for lo, up in pairs},
-                        lower_ids={lo: self.kept[lo] for lo, _ in pairs})
+        return EdgeSums(
+            self.layers,
+            EDGE_RULES,
+            upper_ids={lo: self.kept[up] for lo, up in pairs},
+            lower_ids={lo: self.kept[lo] for lo, _ in pairs},
+        )
 
     def finish(self, edges: EdgeSums) -> dict:
         layers = self.layers
         out_edges = self.head_edges + [
             {"source": f"{lower}:{q}", "target": f"{layers[layers.index(lower) + 1]}:{t}", "weight": w}
-            for lower, q, t, w in _shown_edges(self.kept, edges.edges(), layers, self.edges_per_node)]
-        return with_positions({
-            "schema": SCHEMA, "kind": self.kind, "model": self.store.config.model, "layers": layers,
-            "classes": [{"index": c, "name": class_name(self.names, c)} for c in self.per_class],
-            "image_ids": self.group.image_ids, "n_images": self.group.n,
-            "top_k": self.top_k, "edges_per_node": self.edges_per_node, "edge_rule": "flow",
-            "edge_rule_agreement": rule_agreement(edges, layers, self.kept, self.edges_per_node),
-            "nodes": self.nodes + self.head, "edges": out_edges,
-        })
+            for lower, q, t, w in _shown_edges(self.kept, edges.edges(), layers, self.edges_per_node)
+        ]
+        return with_positions(
+            {
+                "schema": SCHEMA,
+                "kind": self.kind,
+                "model": self.store.config.model,
+                "layers": layers,
+                "classes": [{"index": c, "name": class_name(self.names, c)} for c in self.per_class],
+                "image_ids": self.group.image_ids,
+                "n_images": self.group.n,
+                "top_k": self.top_k,
+                "edges_per_node": self.edges_per_node,
+                "edge_rule": "flow",
+                "edge_rule_agreement": rule_agreement(edges, layers, self.kept, self.edges_per_node),
+                "nodes": self.nodes + self.head,
+                "edges": out_edges,
+            }
+        )
 
 
-def build_graph(store: RunStore, kind: str = "class", classes: list[int] | None = None,
-                image_id: int | None = None, top_k: int | None = None,
-                edges_per_node: int | None = None, class_names: list[str] | None = None,
-                data: dict[str, torch.Tensor] | None = None, targets: dict[int, int] | None = None) -> dict:
+def build_graph(
+    store: RunStore,
+    kind: str = "class",
+    classes: list[int] | None = None,
+    image_id: int | None = None,
+    top_k: int | None = None,
+    edges_per_node: int | None = None,
+    class_names: list[str] | None = None,
+    data: dict[str, torch.Tensor] | None = None,
+    targets: dict[int, int] | None = None,
+) -> dict:
     """Build one graph as a JSON-able dict (see the module docstring for the schema).
 
     ``data``: attributions if already loaded (:func:`load_attributions`), or the walk of images
@@ -349,8 +430,9 @@ def build_graph(store: RunStore, kind: str = "class", classes: list[int] | None 
     the attributions are read shard by shard in two passes (importances, then the kept nodes'
     edges), only the graph's images and never the maps."""
     spec = (kind, image_id if kind == "image" else classes)
-    return build_graph_set(store, {"graph": spec}, class_names, top_k=top_k, edges_per_node=edges_per_node,
-                           data=data, targets=targets)["graph"]
+    return build_graph_set(
+        store, {"graph": spec}, class_names, top_k=top_k, edges_per_node=edges_per_node, data=data, targets=targets
+    )["graph"]
 
 
 def _barycentre_rows(graph: dict) -> dict[int, list[dict]]:
@@ -370,8 +452,7 @@ def _barycentre_rows(graph: dict) -> dict[int, list[dict]]:
         if not links:
             return (1, -float(node.get("importance") or 0.0))
         total = sum(w for _, w in links)
-        centre = (sum(px * w for px, w in links) / total if total > 0
-                  else sum(px for px, _ in links) / len(links))
+        centre = sum(px * w for px, w in links) / total if total > 0 else sum(px for px, _ in links) / len(links)
         return (0, centre, -float(node.get("importance") or 0.0))
 
     for level in sorted(rows, reverse=True):
@@ -409,9 +490,16 @@ def default_classes(store: RunStore, n: int = 3) -> list[int]:
     return [c for c, _ in counts.most_common(n)]
 
 
-def build_graph_set(store: RunStore, specs: dict, class_names: list[str] | None = None, progress: bool = False,
-                    top_k: int | None = None, edges_per_node: int | None = None,
-                    data: dict[str, torch.Tensor] | None = None, targets: dict[int, int] | None = None) -> dict:
+def build_graph_set(
+    store: RunStore,
+    specs: dict,
+    class_names: list[str] | None = None,
+    progress: bool = False,
+    top_k: int | None = None,
+    edges_per_node: int | None = None,
+    data: dict[str, torch.Tensor] | None = None,
+    targets: dict[int, int] | None = None,
+) -> dict:
     """Many graphs in the same two passes over the attributions (importances, then the kept
     nodes' edges): ``specs`` is ``{key: (kind, classes)}``, or ``("image", image id)``; the result
     ``{key: graph}``. The attributions are the run's shards, read one at a time and only the
@@ -441,15 +529,21 @@ def build_graph_set(store: RunStore, specs: dict, class_names: list[str] | None 
             own = {targets[int(value)]: sums[("image", value)]}
         else:
             own = {"all": sums["all"]} if kind == "global" else {c: sums[c] for c in value}
-        plans[key] = GraphPlan(store, kind, own, top_k, edges_per_node, class_names,
-                               image_id=value if kind == "image" else None)
-    edges = accumulate(parts(EDGE_FIELDS, "graph: edges"), {key: p.edge_sums() for key, p in plans.items()},
-                       {key: p.selection() for key, p in plans.items()}, targets)
+        plans[key] = GraphPlan(
+            store, kind, own, top_k, edges_per_node, class_names, image_id=value if kind == "image" else None
+        )
+    edges = accumulate(
+        parts(EDGE_FIELDS, "graph: edges"),
+        {key: p.edge_sums() for key, p in plans.items()},
+        {key: p.selection() for key, p in plans.items()},
+        targets,
+    )
     return {key: plan.finish(edges[key]) for key, plan in plans.items()}
 
 
-def build_graphs(store: RunStore, class_names: list[str], progress: bool = True,
-                 figure: bool = True, figure_fn=None) -> None:
+def build_graphs(
+    store: RunStore, class_names: list[str], progress: bool = True, figure: bool = True, figure_fn=None
+) -> None:
     """Stage 6 into ``store/graph``: class graphs, the shared graph, the global graph, an index."""
     store.require("attribute")
     with store.stage("graph") as summary:

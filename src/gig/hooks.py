@@ -88,11 +88,13 @@ def _fold_batchnorms(model: nn.Module, keep: set[str], dummy: torch.Tensor) -> i
     handles = []
     for name, mod in modules.items():
         if isinstance(mod, nn.Conv2d) and name not in keep:
-            handles.append(mod.register_forward_hook(
-                lambda _m, _i, out, name=name: made_by.__setitem__(id(out), name)))
+            handles.append(mod.register_forward_hook(lambda _m, _i, out, name=name: made_by.__setitem__(id(out), name)))
         elif type(mod) is nn.BatchNorm2d and name not in keep and mod.track_running_stats:
-            handles.append(mod.register_forward_pre_hook(
-                lambda _m, inp, name=name: pairs.append((made_by.get(id(inp[0]), ""), name))))
+            handles.append(
+                mod.register_forward_pre_hook(
+                    lambda _m, inp, name=name: pairs.append((made_by.get(id(inp[0]), ""), name))
+                )
+            )
     try:
         with torch.no_grad():
             model(dummy)
@@ -116,8 +118,13 @@ def _fold_zero_padding(model: nn.Module, keep: set[str]) -> int:
     folded = 0
     for name, mod in model.named_modules():
         pad = getattr(mod, "static_padding", None)
-        if (name in keep or not isinstance(mod, nn.Conv2d) or type(pad) is not nn.ZeroPad2d
-                or tuple(mod.padding) != (0, 0) or mod.padding_mode != "zeros"):
+        if (
+            name in keep
+            or not isinstance(mod, nn.Conv2d)
+            or type(pad) is not nn.ZeroPad2d
+            or tuple(mod.padding) != (0, 0)
+            or mod.padding_mode != "zeros"
+        ):
             continue
         left, right, top, bottom = pad.padding
         if left == right and top == bottom:
@@ -161,8 +168,9 @@ class ModelHandle:
         self.folded_paddings = 0
 
     # ------------------------------------------------------------------ fast copy
-    def for_gradients(self, layers: list[str], check_input: torch.Tensor | None = None,
-                      rtol: float = 1e-4) -> "ModelHandle":
+    def for_gradients(
+        self, layers: list[str], check_input: torch.Tensor | None = None, rtol: float = 1e-4
+    ) -> "ModelHandle":
         """A handle on a copy of the model prepared for many gradient evaluations (GIG).
 
         * every ``BatchNorm2d`` that directly follows a ``Conv2d`` is folded into it (eval mode:
@@ -181,8 +189,13 @@ class ModelHandle:
         """
         fast = ModelHandle(dataclasses.replace(self.bundle, model=copy.deepcopy(self.model)), self.device)
         fast._prefix = dict(self._prefix)
-        x = check_input if check_input is not None else torch.randn(
-            2, 3, self.bundle.input_size, self.bundle.input_size, generator=torch.Generator().manual_seed(0))
+        x = (
+            check_input
+            if check_input is not None
+            else torch.randn(
+                2, 3, self.bundle.input_size, self.bundle.input_size, generator=torch.Generator().manual_seed(0)
+            )
+        )
         with torch.no_grad():
             want_logits, want = self.capture(x, layers)
         fast.folded_batchnorms = _fold_batchnorms(fast.model, set(layers), fast.dummy_input(1))
@@ -239,12 +252,16 @@ class ModelHandle:
         candidates = {name for name in infos if self._is_block(name) and min(infos[name].grid[1:]) >= 2}
         # The outermost block only: a block's own sub-blocks (MobileNet's ``features.2.block.0``)
         # are parts of one stage step.
-        blocks = [name for name in infos if name in candidates
-                  and not any(name.startswith(outer + ".") for outer in candidates)]
+        blocks = [
+            name
+            for name in infos
+            if name in candidates and not any(name.startswith(outer + ".") for outer in candidates)
+        ]
         if not blocks:
             raise LayerUsageError(
                 f"{self.bundle.name} has no repeated blocks to pick default layers from; name the "
-                f"layers to analyse (--layer, config 'layers'; see `gig layers {self.bundle.name}`)")
+                f"layers to analyse (--layer, config 'layers'; see `gig layers {self.bundle.name}`)"
+            )
         stages: list[list[str]] = []
         for name in blocks:
             if stages and infos[stages[-1][-1]].grid[1:] == infos[name].grid[1:]:
@@ -299,9 +316,7 @@ class ModelHandle:
                 except LayerUsageError:
                     continue
                 side = math.isqrt(tokens - extra)
-                infos.append(
-                    LayerInfo(name, type(self._modules[name]).__name__, shape, (channels, side, side), extra)
-                )
+                infos.append(LayerInfo(name, type(self._modules[name]).__name__, shape, (channels, side, side), extra))
         return infos
 
     def dummy_input(self, n: int) -> torch.Tensor:
@@ -442,13 +457,15 @@ class ModelHandle:
         else:
             repeats = torch.as_tensor(counts, dtype=torch.long, device=self.device)
             if repeats.numel() != x.shape[0] or int(repeats.sum()) != grid.shape[0] or bool((repeats < 1).any()):
-                raise ValueError(f"counts {repeats.tolist()} do not split {grid.shape[0]} replacements over "
-                                 f"{x.shape[0]} images")
+                raise ValueError(
+                    f"counts {repeats.tolist()} do not split {grid.shape[0]} replacements over {x.shape[0]} images"
+                )
         key = (layer, read)
         if self.stand_in_prefix and self._stand_in.get(key, True):
             if key in self._stand_in:
-                return self._run_replaced(self._stand_in_input(), layer, grid, read, grid.new_tensor(
-                    [grid.shape[0]], dtype=torch.long))
+                return self._run_replaced(
+                    self._stand_in_input(), layer, grid, read, grid.new_tensor([grid.shape[0]], dtype=torch.long)
+                )
             out = self._run_from_images(x, layer, grid, read, repeats, key)
             self._check_stand_in(layer, grid, read, key, out)
             return out
@@ -472,8 +489,13 @@ class ModelHandle:
         a head that uses the input's size differ or fail, and keep the real images)."""
         try:
             with torch.no_grad():
-                got = self._run_replaced(self._stand_in_input(), layer, grid.detach(), read,
-                                         grid.new_tensor([grid.shape[0]], dtype=torch.long))
+                got = self._run_replaced(
+                    self._stand_in_input(),
+                    layer,
+                    grid.detach(),
+                    read,
+                    grid.new_tensor([grid.shape[0]], dtype=torch.long),
+                )
             self._stand_in[key] = _close(want.detach(), got)
         except Exception:  # noqa: BLE001 — any failure (timm asserts the input size) keeps the images
             self._stand_in[key] = False
@@ -492,8 +514,12 @@ class ModelHandle:
             x = x.repeat_interleave(repeats, dim=0)
         return self._run_replaced(x, layer, grid, read, None)
 
-    def run_replacing_each(self, x: torch.Tensor, layers: list[str], replace,
-                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def run_replacing_each(
+        self,
+        x: torch.Tensor,
+        layers: list[str],
+        replace,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The network on ``x (N, 3, S, S)`` as it is, and with each of ``layers`` replaced in turn.
 
         ``replace(layer, grid) → grid``: called exactly once per layer, with the layer's output on
@@ -528,8 +554,11 @@ class ModelHandle:
                 # The first call: the grids it coded and the logits it gave, against separate passes.
                 plain_logits, grids = self.capture(x, layers)
                 separate = {layer: self.run_from(x, layer, recon[layer]) for layer in layers}
-                pairs = [(logits, plain_logits)] + [(seen[l], grids[l]) for l in layers] + [
-                    (replaced[l], separate[l]) for l in layers]
+                pairs = (
+                    [(logits, plain_logits)]
+                    + [(seen[l], grids[l]) for l in layers]
+                    + [(replaced[l], separate[l]) for l in layers]
+                )
                 self._shares_prefix[key] = all(_close(a, b) for a, b in pairs)
                 return plain_logits, separate  # right either way
         # Separate passes; layers the failed shared pass already replaced keep that replacement.

@@ -45,9 +45,7 @@ __all__ = [
     "open_source",
 ]
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-)
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
 
 class ImageLoadWarning(UserWarning):
@@ -172,9 +170,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         if im.width == 0 or im.height == 0 or _is_constant(im) or not _has_scan_data(p):
             # The tolerant decoder fills missing data with one grey/black value, so a uniform
             # result (or a JPEG cut before its scan data) means no real pixels were recovered.
-            raise ImageLoadError(
-                p, f"truncated image, no pixel data decoded ({first_error})"
-            ) from None
+            raise ImageLoadError(p, f"truncated image, no pixel data decoded ({first_error})") from None
         warnings.warn(
             f"{p}: image is truncated or corrupt ({first_error}); using the partly decoded pixels",
             ImageLoadWarning,
@@ -254,9 +250,7 @@ class ImageSource:
         """Return the record's image as 8-bit RGB; raises :class:`ImageLoadError`."""
         return load_rgb(record.path)
 
-    def iter_loaded(
-        self, records: Iterable[ImageRecord] | None = None
-    ) -> Iterator[tuple[ImageRecord, Image.Image]]:
+    def iter_loaded(self, records: Iterable[ImageRecord] | None = None) -> Iterator[tuple[ImageRecord, Image.Image]]:
         """Yield ``(record, image)`` for every loadable record, warning about and recording
         (in :attr:`skipped`) each file that fails, so one bad file never stops a run."""
         for record in self.records if records is None else records:
@@ -326,8 +320,12 @@ class FolderSource(ImageSource):
 
     kind = "folder"
 
-    def __init__(self, root: str | os.PathLike, class_to_idx: dict[str, int] | None = None,
-                 class_index: Callable[[str], int | None] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        class_to_idx: dict[str, int] | None = None,
+        class_index: Callable[[str], int | None] | None = None,
+    ) -> None:
         root_path = Path(root)
         if not root_path.is_dir():
             raise InputError(f"image folder {os.fspath(root)!r} is not a directory")
@@ -381,9 +379,7 @@ class FolderSource(ImageSource):
             for i, f in enumerate(sorted(top_files, key=lambda f: f.name)):
                 records.append(ImageRecord(i, os.path.abspath(f), None, None))
         if not records:
-            raise InputError(
-                f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {root_path}"
-            )
+            raise InputError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {root_path}")
         self.class_to_idx = class_to_idx
         super().__init__(records, os.path.abspath(root_path))
 
@@ -410,9 +406,7 @@ class CsvSource(ImageSource):
 
     kind = "csv"
 
-    def __init__(
-        self, csv_path: str | os.PathLike, class_to_idx: dict[str, int] | None = None
-    ) -> None:
+    def __init__(self, csv_path: str | os.PathLike, class_to_idx: dict[str, int] | None = None) -> None:
         path = Path(csv_path)
         if not path.is_file():
             raise InputError(f"CSV file list {os.fspath(csv_path)!r} does not exist")
@@ -528,9 +522,7 @@ class EmbeddedSource(ImageSource):
             self.files[name] = os.fspath(pkg_dir / rel)
             records.append(ImageRecord(len(records), f"embedded:{name}", label, label_name))
         if not records:
-            raise InputError(
-                "no embedded photos found: install scikit-image, scikit-learn or matplotlib"
-            )
+            raise InputError("no embedded photos found: install scikit-image, scikit-learn or matplotlib")
         super().__init__(records, "embedded")
 
     def load(self, record: ImageRecord) -> Image.Image:
@@ -554,7 +546,8 @@ def skip_reason(exc: Exception) -> str:
 
 
 def open_source(
-    spec: str | os.PathLike | None, class_to_idx: dict[str, int] | None = None,
+    spec: str | os.PathLike | None,
+    class_to_idx: dict[str, int] | None = None,
     class_index: Callable[[str], int | None] | None = None,
 ) -> ImageSource:
     """Open an image source: ``None``/``"embedded"`` -> :class:`EmbeddedSource`, a ``.csv``
@@ -568,8 +561,7 @@ def open_source(
     if path.is_dir():
         return FolderSource(path, class_to_idx=class_to_idx, class_index=class_index)
     raise InputError(
-        f"image source {os.fspath(spec)!r} is neither 'embedded', an existing .csv file list "
-        "nor a directory"
+        f"image source {os.fspath(spec)!r} is neither 'embedded', an existing .csv file list nor a directory"
     )
 
 
@@ -578,9 +570,7 @@ def open_source(
 # --------------------------------------------------------------------------------------------
 
 
-def crop_box(
-    img_size: tuple[int, int], size: int, crop_fraction: float
-) -> tuple[int, int, int, int]:
+def crop_box(img_size: tuple[int, int], size: int, crop_fraction: float) -> tuple[int, int, int, int]:
     """Box ``(left, top, right, bottom)`` of the centred square crop that
     :func:`center_crop_resize` takes from an image of ``img_size`` = (width, height), so that
     maps computed on the ``size`` x ``size`` model input can be placed back on the photo.

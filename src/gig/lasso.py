@@ -55,10 +55,19 @@ class LassoEncoder:
     problem's.
     """
 
-    def __init__(self, dictionary: torch.Tensor, alpha: float, nonnegative: bool = False,
-                 max_iter: int = 1000, tol: float = 1e-3, chunk: int = 8192,
-                 device: str | torch.device | None = None, solver: str = "auto", debias: bool = False,
-                 unit_atoms: bool = False):
+    def __init__(
+        self,
+        dictionary: torch.Tensor,
+        alpha: float,
+        nonnegative: bool = False,
+        max_iter: int = 1000,
+        tol: float = 1e-3,
+        chunk: int = 8192,
+        device: str | torch.device | None = None,
+        solver: str = "auto",
+        debias: bool = False,
+        unit_atoms: bool = False,
+    ):
         if not float(alpha) >= 0:
             raise ValueError(f"alpha must be a number ≥ 0, not {alpha!r}")
         self.V = dictionary.float().to(device) if device is not None else dictionary.float()
@@ -76,8 +85,9 @@ class LassoEncoder:
         self._unit: LassoEncoder | None = None  # the same problem on unit-norm atoms
         if unit_atoms:
             self.atom_norms_ = self.V.norm(dim=1).clamp_min(1e-12)
-            self._unit = LassoEncoder(self.V / self.atom_norms_[:, None], alpha, nonnegative, max_iter, tol, chunk,
-                                      solver=solver)
+            self._unit = LassoEncoder(
+                self.V / self.atom_norms_[:, None], alpha, nonnegative, max_iter, tol, chunk, solver=solver
+            )
 
     @property
     def lipschitz_(self) -> float:
@@ -136,8 +146,8 @@ class LassoEncoder:
         worst = corr.clamp_min(0).amax(1) if self.nonnegative else corr.abs().amax(1)
         scale = torch.clamp(worst / max(self.alpha, 1e-300), min=1.0)
         theta = R / scale[:, None]
-        primal = 0.5 * (R ** 2).sum(1) + self.alpha * U.abs().sum(1)
-        dual = 0.5 * (X ** 2).sum(1) - 0.5 * ((X - theta) ** 2).sum(1)
+        primal = 0.5 * (R**2).sum(1) + self.alpha * U.abs().sum(1)
+        dual = 0.5 * (X**2).sum(1) - 0.5 * ((X - theta) ** 2).sum(1)
         return (primal - dual).clamp_min(0)
 
     # ------------------------------------------------------------------ solvers
@@ -171,13 +181,22 @@ class LassoEncoder:
             self._spams_gram[dtype] = (np.asfortranarray(Vn.T), np.asfortranarray(Vn @ Vn.T))
         D, Q = self._spams_gram[dtype]
         Xf = np.asfortranarray(X.double().cpu().numpy().T.astype(dtype))  # (C, P): SPAMS takes columns
-        A = spams.lasso(Xf, D=D, Q=Q, q=np.asfortranarray(D.T @ Xf), lambda1=self.alpha, mode=2,
-                        pos=self.nonnegative, numThreads=torch.get_num_threads(),
-                        max_length_path=4 * min(D.shape))
+        A = spams.lasso(
+            Xf,
+            D=D,
+            Q=Q,
+            q=np.asfortranarray(D.T @ Xf),
+            lambda1=self.alpha,
+            mode=2,
+            pos=self.nonnegative,
+            numThreads=torch.get_num_threads(),
+            max_length_path=4 * min(D.shape),
+        )
         A = A.tocoo()  # (K, P) sparse
         U = torch.zeros(X.shape[0], self.V.shape[0], dtype=torch.float32)
-        U[torch.from_numpy(A.col.astype(np.int64)), torch.from_numpy(A.row.astype(np.int64))] = \
-            torch.from_numpy(A.data.astype(np.float32))
+        U[torch.from_numpy(A.col.astype(np.int64)), torch.from_numpy(A.row.astype(np.int64))] = torch.from_numpy(
+            A.data.astype(np.float32)
+        )
         return U.to(self.V.device)
 
     def _shrink(self, z: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -216,8 +235,14 @@ class LassoEncoder:
         return u
 
 
-def refit_on_support(U: torch.Tensor, X: torch.Tensor, V: torch.Tensor, nonnegative: bool = False,
-                     rtol: float = 1e-6, max_bytes: int = 1 << 27) -> torch.Tensor:
+def refit_on_support(
+    U: torch.Tensor,
+    X: torch.Tensor,
+    V: torch.Tensor,
+    nonnegative: bool = False,
+    rtol: float = 1e-6,
+    max_bytes: int = 1 << 27,
+) -> torch.Tensor:
     """Least-squares coefficients on each row's support: ``argmin ‖x − uV‖²`` over ``u`` with the
     zeros of ``U (P, K)`` kept (``u ≥ 0`` as well when ``nonnegative``).
 
@@ -261,8 +286,16 @@ def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _refit_group(out: torch.Tensor, mask: torch.Tensor, sizes: torch.Tensor, s: int, G: torch.Tensor,
-                 b: torch.Tensor, ridge: float, max_bytes: int) -> None:
+def _refit_group(
+    out: torch.Tensor,
+    mask: torch.Tensor,
+    sizes: torch.Tensor,
+    s: int,
+    G: torch.Tensor,
+    b: torch.Tensor,
+    ridge: float,
+    max_bytes: int,
+) -> None:
     """Least squares for the rows whose support has ``s`` atoms, written into ``out``."""
     if s == 0:
         return
@@ -276,8 +309,9 @@ def _refit_group(out: torch.Tensor, mask: torch.Tensor, sizes: torch.Tensor, s: 
         out[r[:, None], idx] = torch.linalg.solve(Gs, b[r[:, None], idx])
 
 
-def _nonnegative_refit(u: torch.Tensor, G: torch.Tensor, b: torch.Tensor, mask: torch.Tensor,
-                       rtol: float, max_iter: int) -> torch.Tensor:
+def _nonnegative_refit(
+    u: torch.Tensor, G: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, rtol: float, max_iter: int
+) -> torch.Tensor:
     """Accelerated projected gradient with adaptive restart for ``min ‖x − uV‖²``, ``u ≥ 0`` on
     the support; stops when the projected-gradient optimality residual is below ``rtol``."""
     step = 1.0 / float(torch.linalg.eigvalsh(G).max().clamp_min(1e-12))

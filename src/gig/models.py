@@ -161,11 +161,16 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     # Names that fit but shapes that do not (another head, another width): one line naming the
     # first tensors, before load_state_dict's multi-line RuntimeError.
     own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})" for k, v in state.items()
-             if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    wrong = [
+        f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
+    ]
     if wrong:
-        raise ModelLoadError(f"weights {source} do not fit the model: {len(wrong)} tensor(s) of another shape, "
-                             f"e.g. {', '.join(wrong[:2])}")
+        raise ModelLoadError(
+            f"weights {source} do not fit the model: {len(wrong)} tensor(s) of another shape, "
+            f"e.g. {', '.join(wrong[:2])}"
+        )
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ModelLoadError(
@@ -233,8 +238,12 @@ def _torchvision(name: str, weights: str) -> ModelBundle:
         ) from exc
     if weights not in ("default", "none"):
         _load_into(model, read_state_dict(weights), weights)
-    return ModelBundle(model=model.eval(), name=f"torchvision:{name}", class_names=imagenet_class_names(),
-                       **_torchvision_preprocessing(name))
+    return ModelBundle(
+        model=model.eval(),
+        name=f"torchvision:{name}",
+        class_names=imagenet_class_names(),
+        **_torchvision_preprocessing(name),
+    )
 
 
 def _torchvision_preprocessing(name: str) -> dict:
@@ -248,8 +257,13 @@ def _torchvision_preprocessing(name: str) -> dict:
     except (ValueError, AttributeError):  # a builder without registered weights
         return {}
     crop, resize = int(transforms.crop_size[0]), int(transforms.resize_size[0])
-    return {"input_size": crop, "crop_fraction": crop / resize, "mean": tuple(transforms.mean),
-            "std": tuple(transforms.std), "interpolation": transforms.interpolation.value}
+    return {
+        "input_size": crop,
+        "crop_fraction": crop / resize,
+        "mean": tuple(transforms.mean),
+        "std": tuple(transforms.std),
+        "interpolation": transforms.interpolation.value,
+    }
 
 
 def _timm(name: str, weights: str) -> ModelBundle:
@@ -318,4 +332,3 @@ def wrap_module(
         std=tuple(std),
         class_names=list(class_names or []),
     )
-

@@ -40,9 +40,15 @@ class OMPEncoder:
 
     solver_ = "omp"
 
-    def __init__(self, dictionary: torch.Tensor, alpha: float, chunk: int = 1024,
-                 device: str | torch.device | None = None, max_atoms: int | None = None,
-                 max_bytes: int = 1 << 30):
+    def __init__(
+        self,
+        dictionary: torch.Tensor,
+        alpha: float,
+        chunk: int = 1024,
+        device: str | torch.device | None = None,
+        max_atoms: int | None = None,
+        max_bytes: int = 1 << 30,
+    ):
         if not float(alpha) >= 0:
             raise ValueError(f"alpha must be a number ≥ 0, not {alpha!r}")
         self.V = dictionary.float().to(device) if device is not None else dictionary.float()
@@ -98,8 +104,11 @@ class OMPEncoder:
                 groups[t] = (idx[ok], S[ok], torch.linalg.solve_triangular(L[ok], eye, upper=False))
         return groups
 
-    def _pursue(self, X: torch.Tensor, start: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _pursue(
+        self,
+        X: torch.Tensor,
+        start: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """OMP of the rows of ``X (P, C)`` on the unit atoms, resuming rows from the supports in
         ``start (P, K)`` (bool) where given; returns the non-zeros as ``(row, atom, coefficient)``
         triples.
@@ -147,8 +156,9 @@ class OMPEncoder:
             stop |= live & (d2 <= 1e-10)  # the atom lies in the support's span: nothing to gain
             if bool(stop.any()):
                 held = torch.arange(m - 1, device=X.device) < count[stop][:, None]
-                found.append((rows[stop][:, None].expand(-1, m - 1)[held], S[stop, : m - 1][held],
-                              gamma[stop, : m - 1][held]))
+                found.append(
+                    (rows[stop][:, None].expand(-1, m - 1)[held], S[stop, : m - 1][held], gamma[stop, : m - 1][held])
+                )
             live &= ~stop
             n_live = int(live.sum())
             if not n_live:
@@ -156,7 +166,8 @@ class OMPEncoder:
             if n_live <= 0.9 * live.numel():
                 keep = live
                 rows, live, x, S, M, Z, count, gamma, threshold, q, w, d2 = (
-                    a[keep] for a in (rows, live, x, S, M, Z, count, gamma, threshold, q, w, d2))
+                    a[keep] for a in (rows, live, x, S, M, Z, count, gamma, threshold, q, w, d2)
+                )
             top = int(count[live].max())
             if top >= cap:
                 cap = _capacity(cap, top + 1, self.max_atoms)

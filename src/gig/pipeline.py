@@ -14,21 +14,21 @@ from pathlib import Path
 
 import torch
 
+from .access import inputs_changed, inputs_differ, inputs_key
 from .attribution import attribute
 from .collect import collect
 from .concepts import extract_concepts
 from .config import STAGE_ORDER, Config
 from .decompose import decompose
 from .distributed import from_environment
-from .access import inputs_changed, inputs_differ, inputs_key
-from .errors import ConfigError, InputError, RunMismatchError
 from .erf import exemplar_crops
+from .errors import ConfigError, InputError, RunMismatchError
 from .graph import build_graphs
 from .hooks import ModelHandle, resolve_device
 from .images import ImageSource, open_source, used_records
+from .labels import node_labels
 from .models import ModelBundle, load_model
 from .store import RunStore, run_is_writable, run_lock
-from .labels import node_labels
 from .visual import draw_graph
 
 
@@ -42,7 +42,8 @@ def _require_labels(source: ImageSource, max_images: int | None, handle: ModelHa
         raise InputError(
             f"target: label, but {len(missing)} of {len(records)} images have no model class "
             f"(e.g. {examples}); name class folders by synset id (n01440764) or class name, give "
-            "a CSV 'label' column, or use target: predicted")
+            "a CSV 'label' column, or use target: predicted"
+        )
     n_classes = len(handle.bundle.class_names)
     if not n_classes:
         with torch.no_grad():
@@ -50,8 +51,10 @@ def _require_labels(source: ImageSource, max_images: int | None, handle: ModelHa
     bad = [r for r in records if not 0 <= r.label < n_classes]
     if bad:
         shown = ", ".join(f"{Path(r.path).name}: {r.label}" for r in bad[:3])
-        raise InputError(f"{len(bad)} label(s) in {images} are not classes of the model (0 to {n_classes - 1}), "
-                         f"e.g. {shown}: correct them, or use target: predicted")
+        raise InputError(
+            f"{len(bad)} label(s) in {images} are not classes of the model (0 to {n_classes - 1}), "
+            f"e.g. {shown}: correct them, or use target: predicted"
+        )
 
 
 class Pipeline:
@@ -61,8 +64,14 @@ class Pipeline:
     otherwise ``config.model`` is loaded. ``source`` likewise overrides ``config.images``.
     """
 
-    def __init__(self, config: Config, out: str | Path, model: ModelBundle | None = None,
-                 source: ImageSource | None = None, progress: bool = True):
+    def __init__(
+        self,
+        config: Config,
+        out: str | Path,
+        model: ModelBundle | None = None,
+        source: ImageSource | None = None,
+        progress: bool = True,
+    ):
         self.ranks, device_name = from_environment(config.device)  # torchrun: rank, world, device
         device = resolve_device(device_name)  # before the model loads
         self.bundle = model or load_model(config.model, config.weights)
@@ -73,8 +82,9 @@ class Pipeline:
         layers = config.layers if config.layers is not None else self.handle.default_layers()
         # A model handed in from Python is recorded under its own name, so graphs, reports and
         # a reopened run never claim it is the config's default model.
-        self.config = dataclasses.replace(config, layers=self.handle.execution_order(list(layers)),
-                                          model=self.bundle.name)
+        self.config = dataclasses.replace(
+            config, layers=self.handle.execution_order(list(layers)), model=self.bundle.name
+        )
         class_index = self.bundle.class_index if self.bundle.class_names else None
         self.source = source or open_source(self.config.images, class_index=class_index)
         if self.config.target == "label":
@@ -95,9 +105,11 @@ class Pipeline:
 
     def _check_inputs(self) -> None:
         if inputs_differ(self.store, self.source, self.bundle):
-            raise RunMismatchError(f"{self.store.root}: its images or model weights changed since its stages ran, "
-                                   "and the run directory cannot be written to recompute them; restore the inputs, "
-                                   "or run into a writable directory")
+            raise RunMismatchError(
+                f"{self.store.root}: its images or model weights changed since its stages ran, "
+                "and the run directory cannot be written to recompute them; restore the inputs, "
+                "or run into a writable directory"
+            )
 
     def _record_inputs(self) -> None:
         recorded = self.store.manifest().get("inputs")
@@ -106,8 +118,11 @@ class Pipeline:
         else:
             changed, content = inputs_changed(recorded, self.source, self.bundle, self.config.max_images)
         if self.store.record_inputs(content if changed else recorded["key"], content, self.bundle.fingerprint()):
-            warnings.warn(f"{self.store.root}: its images or model weights changed since its stages "
-                          "ran (same paths, other contents); every stage will be recomputed", stacklevel=3)
+            warnings.warn(
+                f"{self.store.root}: its images or model weights changed since its stages "
+                "ran (same paths, other contents); every stage will be recomputed",
+                stacklevel=3,
+            )
 
     def _lock(self):
         """The run's lock, held by rank 0 for the whole launch's ranks."""

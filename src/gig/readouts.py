@@ -76,4 +76,3 @@ def concept_readout(grid: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """``max_p ⟨x_p, v⟩ / ‖v‖`` for ``grid (M, C, H, W)`` and one vector per item ``(M, C)`` → ``(M,)``."""
     index = torch.arange(grid.shape[0], device=grid.device)[:, None]
     return ConceptReadout(None, vectors).values(grid, index)[:, 0]
-

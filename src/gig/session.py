@@ -27,8 +27,8 @@ from PIL import Image
 from .access import RunAccess
 from .concepts import load_concept_cards, load_dictionary
 from .config import Config
-from .errors import ConfigError, LayerNotFoundError
 from .decompose import encode_pixels
+from .errors import ConfigError, LayerNotFoundError
 from .explain import Explanation, explain, write_explanations
 from .graph import build_graph
 from .models import class_name
@@ -38,8 +38,10 @@ from .store import RunStore, save_json
 def _iframe(index: Path, height: int) -> str:
     """A self-contained page (``single_file``) as an iframe for a notebook cell."""
     page = index.read_text(encoding="utf-8")
-    return (f'<iframe srcdoc="{html.escape(page, quote=True)}" style="width:100%;height:{height}px;border:1px solid #ddd" '
-            'sandbox="allow-scripts"></iframe>')
+    return (
+        f'<iframe srcdoc="{html.escape(page, quote=True)}" style="width:100%;height:{height}px;border:1px solid #ddd" '
+        'sandbox="allow-scripts"></iframe>'
+    )
 
 
 def _data_uri(image: Image.Image) -> str:
@@ -92,27 +94,55 @@ class Run:
         _, codes = encode_pixels(self.store, self._access.handle, pixels, [self._layer(layer)] if layer else None)
         return codes[layer] if layer is not None else codes
 
-    def explain(self, images: str | Path | Image.Image | Sequence[str | Path | Image.Image],
-                target: int | Sequence[int] | None = None) -> "Explanations":
+    def explain(
+        self,
+        images: str | Path | Image.Image | Sequence[str | Path | Image.Image],
+        target: int | Sequence[int] | None = None,
+    ) -> "Explanations":
         """Explain new images (:func:`gig.explain.explain`); one image or a list."""
         single = isinstance(images, (str, Path, Image.Image))
-        found = explain(self.store, [images] if single else list(images), target=target,
-                        model=self._access.bundle, handle=self._access.handle)
+        found = explain(
+            self.store,
+            [images] if single else list(images),
+            target=target,
+            model=self._access.bundle,
+            handle=self._access.handle,
+        )
         return Explanations(self, found)
 
-    def graph(self, kind: str = "class", classes: Sequence[int] | None = None, image_id: int | None = None) -> "GraphView":
+    def graph(
+        self, kind: str = "class", classes: Sequence[int] | None = None, image_id: int | None = None
+    ) -> "GraphView":
         """A graph of the run (:func:`gig.graph.build_graph`): ``class``, ``shared``, ``global`` or ``image``."""
-        g = build_graph(self.store, kind, classes=list(classes) if classes else None, image_id=image_id,
-                        class_names=self.class_names)
+        g = build_graph(
+            self.store,
+            kind,
+            classes=list(classes) if classes else None,
+            image_id=image_id,
+            class_names=self.class_names,
+        )
         return GraphView(self, g)
 
-    def ablate(self, layer: str, concepts: Sequence[int], image_ids: Sequence[int] | None = None,
-               images: Sequence[str | Path] | None = None, **kwargs):
+    def ablate(
+        self,
+        layer: str,
+        concepts: Sequence[int],
+        image_ids: Sequence[int] | None = None,
+        images: Sequence[str | Path] | None = None,
+        **kwargs,
+    ):
         """Remove concepts from ``layer``'s reconstruction and measure the change (:func:`gig.ablate.ablate`)."""
         from .ablate import ablate
 
-        return ablate(self.store, self._layer(layer), list(concepts), image_ids=image_ids, images=images,
-                      model=self._access.bundle, **kwargs)
+        return ablate(
+            self.store,
+            self._layer(layer),
+            list(concepts),
+            image_ids=image_ids,
+            images=images,
+            model=self._access.bundle,
+            **kwargs,
+        )
 
     def label(self, layer: str, concept: int, name: str, note: str | None = None) -> None:
         """Name a concept (written to ``RUN/labels.yaml``; :func:`gig.labels.set_label`)."""
@@ -172,11 +202,16 @@ class ConceptSet:
             card = self.cards[q]
             classes = ", ".join(f"{class_name(names, c)} ({k})" for c, k in card["top_classes"][:3])
             image = f'<img src="{_data_uri(top1[q])}" width="64">' if q in top1 else ""
-            rows.append(f"<tr><td>{q}</td><td>{image}</td><td>{html.escape(labels.get(q, {}).get('name', ''))}</td>"
-                        f"<td>{card['count']}</td><td>{html.escape(classes)}</td></tr>")
-        return (f"<p><b>{html.escape(self.layer)}</b>: {len(self.cards)} concepts (the {len(order)} largest shown)</p>"
-                "<table><tr><th>concept</th><th>top-1</th><th>label</th><th>PFVs</th><th>member classes</th></tr>"
-                + "".join(rows) + "</table>")
+            rows.append(
+                f"<tr><td>{q}</td><td>{image}</td><td>{html.escape(labels.get(q, {}).get('name', ''))}</td>"
+                f"<td>{card['count']}</td><td>{html.escape(classes)}</td></tr>"
+            )
+        return (
+            f"<p><b>{html.escape(self.layer)}</b>: {len(self.cards)} concepts (the {len(order)} largest shown)</p>"
+            "<table><tr><th>concept</th><th>top-1</th><th>label</th><th>PFVs</th><th>member classes</th></tr>"
+            + "".join(rows)
+            + "</table>"
+        )
 
 
 class GraphView:
@@ -201,10 +236,24 @@ class GraphView:
         from .report.sections import graph_entry
         from .report.viewer import write_viewer
 
-        entry = graph_entry(f"{self.data['kind']}:view", self.data["kind"], [c["index"] for c in self.data["classes"]],
-                            f"{self.data['kind']} graph", self.data, image_id=(self.data["image_ids"] or [None])[0])
-        return write_viewer(self.run.store, self.run._access, [entry], Path(out), self.run.class_names,
-                            single_file=single_file, heading="graph", n_images=self.data["n_images"])
+        entry = graph_entry(
+            f"{self.data['kind']}:view",
+            self.data["kind"],
+            [c["index"] for c in self.data["classes"]],
+            f"{self.data['kind']} graph",
+            self.data,
+            image_id=(self.data["image_ids"] or [None])[0],
+        )
+        return write_viewer(
+            self.run.store,
+            self.run._access,
+            [entry],
+            Path(out),
+            self.run.class_names,
+            single_file=single_file,
+            heading="graph",
+            n_images=self.data["n_images"],
+        )
 
     def _repr_html_(self) -> str:
         with tempfile.TemporaryDirectory() as tmp:
@@ -220,8 +269,9 @@ class Explanations(list):
 
     def save(self, out: str | Path, single_file: bool = False) -> Path:
         """The explain page and files (:func:`gig.explain.write_explanations`)."""
-        return write_explanations(self.run.store.root, list(self), out, model=self.run._access.bundle,
-                                  single_file=single_file)
+        return write_explanations(
+            self.run.store.root, list(self), out, model=self.run._access.bundle, single_file=single_file
+        )
 
     def figure(self, i: int = 0):
         """The single-image graph of the ``i``-th image as a matplotlib figure."""

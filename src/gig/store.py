@@ -61,8 +61,9 @@ def run_lock(root: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise RunBusyError(f"{root} is in use by {holder}; wait for it to finish or use another "
-                               "--out directory") from None
+            raise RunBusyError(
+                f"{root} is in use by {holder}; wait for it to finish or use another --out directory"
+            ) from None
         try:
             handle.seek(0)
             handle.truncate()
@@ -104,8 +105,10 @@ def _existing_prefixes(root: Path, parts: tuple[str, ...]) -> list[Path]:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor | np.ndarray]) -> None:
     """Write tensors atomically (a crash never leaves a half-written file under the real name)."""
-    data = {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.contiguous())
-            for k, v in tensors.items()}
+    data = {
+        k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.contiguous())
+        for k, v in tensors.items()
+    }
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
         save_file(data, str(tmp))
@@ -141,8 +144,9 @@ def _readable(path: str | Path) -> Iterator[None]:
     try:
         yield
     except SafetensorError as exc:
-        raise RunMismatchError(f"damaged artefact {path} ({exc}): rerun the stage that writes it "
-                               "(gig STAGE --force RUN)") from exc
+        raise RunMismatchError(
+            f"damaged artefact {path} ({exc}): rerun the stage that writes it (gig STAGE --force RUN)"
+        ) from exc
 
 
 def save_json(path: Path, data: Any) -> None:
@@ -158,8 +162,10 @@ def load_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # truncated or overwritten
         what = f"{exc.msg}, line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
-        raise RunMismatchError(f"damaged artefact {path} ({what}): rerun the stage that writes it "
-                               f"(gig STAGE --force RUN), or the whole run") from exc
+        raise RunMismatchError(
+            f"damaged artefact {path} ({what}): rerun the stage that writes it "
+            f"(gig STAGE --force RUN), or the whole run"
+        ) from exc
 
 
 def _json_default(obj):
@@ -209,8 +215,11 @@ class PeakMemory:
         self._thread.join()
         self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
         # CUDA's own peak (allocated tensors), where the stage ran on a GPU.
-        self.cuda_peak_mb = (torch.cuda.max_memory_allocated() / 2**20
-                             if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+        self.cuda_peak_mb = (
+            torch.cuda.max_memory_allocated() / 2**20
+            if torch.cuda.is_available() and torch.cuda.is_initialized()
+            else None
+        )
 
 
 class RunStore:
@@ -249,8 +258,10 @@ class RunStore:
         except FileNotFoundError:
             return load_json(self.manifest_path)  # the one message for a missing artefact
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RunMismatchError(f"damaged {self.manifest_path}: the run's record of its stages and inputs is "
-                                   "lost; restore it from a copy, or rerun into a new directory") from exc
+            raise RunMismatchError(
+                f"damaged {self.manifest_path}: the run's record of its stages and inputs is "
+                "lost; restore it from a copy, or rerun into a new directory"
+            ) from exc
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         save_json(self.manifest_path, manifest)
@@ -307,8 +318,11 @@ class RunStore:
         if self.is_done(stage):
             return "done"
         entry = self.manifest()["stages"].get(stage)
-        return "has not run" if entry is None else (
-            "did not finish" if entry.get("status") != "done" else "ran with other settings")
+        return (
+            "has not run"
+            if entry is None
+            else ("did not finish" if entry.get("status") != "done" else "ran with other settings")
+        )
 
     def require(self, stage: str) -> "RunStore":
         """Raise unless ``stage`` finished with the current settings; returns the store."""

@@ -28,29 +28,36 @@ def summarize(run_dir: str | Path) -> dict:
     for layer in store.config.layers:
         fig = fidelity.get(layer, {})
         front = fronts.get(layer, {})
-        layers.append({
-            "name": layer,
-            "n_pfv": collect.get("pfv_per_layer", {}).get(layer),
-            "n_concepts": concepts.get(layer, {}).get("K"),
-            "channels": concepts.get(layer, {}).get("C"),
-            "rel_error": fig.get("rel_error"),
-            "r2": fig.get("r2"),
-            "l0_ratio": fig.get("l0_ratio"),
-            "top1_agreement": fig.get("top1_agreement"),
-            "n_images": fig.get("n_images"),
-            "kl": fig.get("kl"),
-            "kl_se": fig.get("kl_se"),
-            "alpha": fig.get("alpha"),
-            "rule_met": front.get("met"),
-            "front_images": front.get("images"),
-            "front_alpha": front.get("alpha"),
-            "stability": front.get("stability"),
-            "decided": front.get("decided"),
-            "front_note": front.get("note"),
-            "check": fig.get("check"),
-            "front": [{k: p.get(k) for k in ("alpha", "rel_error", "r2", "l0_ratio", "top1_agreement", "kl", "kl_ci", "r2_ci")}
-                      for p in front.get("points", [])],
-        })
+        layers.append(
+            {
+                "name": layer,
+                "n_pfv": collect.get("pfv_per_layer", {}).get(layer),
+                "n_concepts": concepts.get(layer, {}).get("K"),
+                "channels": concepts.get(layer, {}).get("C"),
+                "rel_error": fig.get("rel_error"),
+                "r2": fig.get("r2"),
+                "l0_ratio": fig.get("l0_ratio"),
+                "top1_agreement": fig.get("top1_agreement"),
+                "n_images": fig.get("n_images"),
+                "kl": fig.get("kl"),
+                "kl_se": fig.get("kl_se"),
+                "alpha": fig.get("alpha"),
+                "rule_met": front.get("met"),
+                "front_images": front.get("images"),
+                "front_alpha": front.get("alpha"),
+                "stability": front.get("stability"),
+                "decided": front.get("decided"),
+                "front_note": front.get("note"),
+                "check": fig.get("check"),
+                "front": [
+                    {
+                        k: p.get(k)
+                        for k in ("alpha", "rel_error", "r2", "l0_ratio", "top1_agreement", "kl", "kl_ci", "r2_ci")
+                    }
+                    for p in front.get("points", [])
+                ],
+            }
+        )
     attribute = stages.get("attribute", {}).get("summary", {})
     completeness = attribute.get("completeness", {})
     graph_index = store.root / "graph" / "index.json"
@@ -67,8 +74,9 @@ def summarize(run_dir: str | Path) -> dict:
         "gig": attribute.get("accuracy"),
         "images": {"used": collect.get("images_used"), "skipped": collect.get("images_skipped")},
         "graph": graph_path,
-        "stages": {name: {k: entry.get(k) for k in ("status", "seconds", "peak_rss_mb")}
-                   for name, entry in stages.items()},
+        "stages": {
+            name: {k: entry.get(k) for k in ("status", "seconds", "peak_rss_mb")} for name, entry in stages.items()
+        },
     }
     out["missed"] = missed_targets(store, out)
     out["notes"] = [note for layer in layers for note in _notes_for_layer(layer)]
@@ -82,8 +90,7 @@ def missed_targets(store: RunStore, info: dict) -> list[str]:
     """Every figure of ``info`` (from :func:`summarize`) that misses its target, and every stage
     that is not done, as sentences: nothing is left for the reader to notice alone."""
     config = store.config
-    missed = [f"stage {stage} {state}" for stage in STAGE_ORDER
-              if (state := store.stage_state(stage)) != "done"]
+    missed = [f"stage {stage} {state}" for stage in STAGE_ORDER if (state := store.stage_state(stage)) != "done"]
     for layer in info["layers"]:
         missed.extend(_missed_for_layer(layer, config))
     p95 = info["completeness"]["p95"]
@@ -92,8 +99,10 @@ def missed_targets(store: RunStore, info: dict) -> list[str]:
         missed.append(f"GIG completeness residual p95 {p95:.4f} above the tolerance {tol}")
     unconverged = (info.get("gig") or {}).get("unconverged")
     if unconverged:
-        missed.append(f"{unconverged:.1%} of GIG attributions hit the step cap ({config.gig_max_steps}) "
-                      "before reaching the tolerance")
+        missed.append(
+            f"{unconverged:.1%} of GIG attributions hit the step cap ({config.gig_max_steps}) "
+            "before reaching the tolerance"
+        )
     return missed
 
 
@@ -102,33 +111,49 @@ def _missed_for_layer(layer: dict, config) -> list[str]:
     and the paper's K = concepts_per_channel · C."""
     name, out = layer["name"], []
     if layer["rule_met"] is False:
-        out.append(f"{name}: no λ on the sparsity–fidelity front meets the rule; the sparsest point not "
-                   "significantly worse than the densest was taken (see the front in `gig inspect --json` "
-                   "or the report)")
+        out.append(
+            f"{name}: no λ on the sparsity–fidelity front meets the rule; the sparsest point not "
+            "significantly worse than the densest was taken (see the front in `gig inspect --json` "
+            "or the report)"
+        )
     if config.target_rel_error is not None:
         if layer["rel_error"] is not None and layer["rel_error"] > 1.05 * config.target_rel_error:
-            out.append(f"{name}: reconstruction error {layer['rel_error']:.3f} above its target "
-                       f"{config.target_rel_error}")
+            out.append(
+                f"{name}: reconstruction error {layer['rel_error']:.3f} above its target {config.target_rel_error}"
+            )
     elif config.max_kl is not None and layer.get("check") is not None:
         miss = layer["check"]["miss"]
         if miss:
-            out.append(f"{name}: over all {layer['n_images']} images the codes miss the rule beyond its "
-                       f"interval after {layer['check']['steps']} step(s) to a denser λ: {miss}")
+            out.append(
+                f"{name}: over all {layer['n_images']} images the codes miss the rule beyond its "
+                f"interval after {layer['check']['steps']} step(s) to a denser λ: {miss}"
+            )
     else:  # runs made before 0.4: the agreement rule, figures without intervals
         if layer["r2"] is not None and layer["r2"] < config.min_r2:
             out.append(f"{name}: R² {layer['r2']:.3f} over all images below min_r2 {config.min_r2}")
         if layer["top1_agreement"] is not None and layer["top1_agreement"] < config.min_top1_agreement:
-            out.append(f"{name}: the model's top-1 on the reconstruction agrees on {layer['top1_agreement']:.1%} "
-                       f"of images (min_top1_agreement {config.min_top1_agreement:.0%})")
+            out.append(
+                f"{name}: the model's top-1 on the reconstruction agrees on {layer['top1_agreement']:.1%} "
+                f"of images (min_top1_agreement {config.min_top1_agreement:.0%})"
+            )
     if layer["l0_ratio"] is not None and layer["l0_ratio"] > MAX_L0_RATIO:
-        out.append(f"{name}: dense codes, {layer['l0_ratio']:.0%} of the concepts active per position "
-                   f"(sparse: at most {MAX_L0_RATIO:.0%})")
+        out.append(
+            f"{name}: dense codes, {layer['l0_ratio']:.0%} of the concepts active per position "
+            f"(sparse: at most {MAX_L0_RATIO:.0%})"
+        )
     wanted = config.concepts_per_channel * layer["channels"] if layer["channels"] else None
-    if (wanted and layer["n_concepts"] is not None and layer["n_concepts"] < wanted
-            and config.max_concepts is None and name not in config.dictionaries):
-        out.append(f"{name}: K = {layer['n_concepts']} concepts, below {config.concepts_per_channel}·C = {wanted}: "
-                   f"{layer['n_pfv']} PFVs allow at most {layer['n_pfv']} // {config.min_cluster}; "
-                   "more images (or samples_per_image) raise it")
+    if (
+        wanted
+        and layer["n_concepts"] is not None
+        and layer["n_concepts"] < wanted
+        and config.max_concepts is None
+        and name not in config.dictionaries
+    ):
+        out.append(
+            f"{name}: K = {layer['n_concepts']} concepts, below {config.concepts_per_channel}·C = {wanted}: "
+            f"{layer['n_pfv']} PFVs allow at most {layer['n_pfv']} // {config.min_cluster}; "
+            "more images (or samples_per_image) raise it"
+        )
     return out
 
 

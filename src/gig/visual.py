@@ -15,8 +15,8 @@ import textwrap
 from pathlib import Path
 
 import matplotlib
-from matplotlib.cm import ScalarMappable
 import numpy as np
+from matplotlib.cm import ScalarMappable
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
@@ -24,7 +24,6 @@ from matplotlib.patches import FancyBboxPatch
 from PIL import Image
 
 from .graph import node_rows
-
 
 #: SVG output that depends only on the figure: no date, element ids from a fixed salt, so a
 #: figure drawn twice from the same graph is byte-identical (the before/after checks rely on it).
@@ -47,8 +46,16 @@ def _draw_edges(ax, graph: dict, pos: dict[str, tuple[float, float]], top: float
         w = float(edge["weight"] or 0.0)
         s = abs(w) / top
         cmap = blues if w >= 0 else reds
-        ax.plot([x0, x1], [y0, y1], color=cmap(0.3 + 0.7 * s), lw=0.4 + 5.0 * s, zorder=1,
-                solid_capstyle="round", ls="-" if w >= 0 else (0, (3, 2)), alpha=0.95)
+        ax.plot(
+            [x0, x1],
+            [y0, y1],
+            color=cmap(0.3 + 0.7 * s),
+            lw=0.4 + 5.0 * s,
+            zorder=1,
+            solid_capstyle="round",
+            ls="-" if w >= 0 else (0, (3, 2)),
+            alpha=0.95,
+        )
 
 
 def _draw_node(ax, node: dict, x: float, y: float, thumb: Path | None, label: str | None = None) -> None:
@@ -56,23 +63,54 @@ def _draw_node(ax, node: dict, x: float, y: float, thumb: Path | None, label: st
     label (``RUN/labels.yaml``) when it has one, and importance."""
     if node["layer"] == "classifier":
         label = "\n".join(textwrap.wrap(plain_text(node.get("name") or "target"), 16)[:3])
-        ax.add_patch(FancyBboxPatch((x - 0.42, y - 0.22), 0.84, 0.44, boxstyle="round,pad=0.02,rounding_size=0.08",
-                                    fc="#fff4d6", ec="#7a5c00", lw=1.2, zorder=3))
+        ax.add_patch(
+            FancyBboxPatch(
+                (x - 0.42, y - 0.22),
+                0.84,
+                0.44,
+                boxstyle="round,pad=0.02,rounding_size=0.08",
+                fc="#fff4d6",
+                ec="#7a5c00",
+                lw=1.2,
+                zorder=3,
+            )
+        )
         ax.text(x, y, label, ha="center", va="center", fontsize=8.5, zorder=4, fontweight="bold")
         return
     shared = bool(node.get("shared"))
     if thumb is not None and Path(thumb).exists():
         with Image.open(thumb) as im:
             image = np.asarray(im.convert("RGB").resize((96, 96)))
-        ax.add_artist(AnnotationBbox(OffsetImage(image, zoom=0.62), (x, y), frameon=True, pad=0.12, zorder=3,
-                                     bboxprops={"edgecolor": "#ff8c00" if shared else "#333333",
-                                                "linewidth": 2.6 if shared else 0.8}))
+        ax.add_artist(
+            AnnotationBbox(
+                OffsetImage(image, zoom=0.62),
+                (x, y),
+                frameon=True,
+                pad=0.12,
+                zorder=3,
+                bboxprops={"edgecolor": "#ff8c00" if shared else "#333333", "linewidth": 2.6 if shared else 0.8},
+            )
+        )
     else:
-        ax.scatter([x], [y], s=700, c="#ffd08a" if shared else "#f2f2f2",
-                   edgecolors="#ff8c00" if shared else "#333333", zorder=3)
+        ax.scatter(
+            [x],
+            [y],
+            s=700,
+            c="#ffd08a" if shared else "#f2f2f2",
+            edgecolors="#ff8c00" if shared else "#333333",
+            zorder=3,
+        )
     name = f" {plain_text(textwrap.shorten(label, 18, placeholder='…'))}" if label else ""
-    ax.text(x, y - 0.40, f"#{node['concept']}{name}  {float(node.get('importance') or 0.0):.2f}", ha="center",
-            va="top", fontsize=7, zorder=4, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
+    ax.text(
+        x,
+        y - 0.40,
+        f"#{node['concept']}{name}  {float(node.get('importance') or 0.0):.2f}",
+        ha="center",
+        va="top",
+        fontsize=7,
+        zorder=4,
+        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
+    )
 
 
 def _decorate(fig, ax, graph: dict, rows: dict[int, list[dict]], top: float, title: str | None) -> None:
@@ -89,20 +127,39 @@ def _decorate(fig, ax, graph: dict, rows: dict[int, list[dict]], top: float, tit
         ax.spines[side].set_visible(False)
     names = ", ".join(c["name"] for c in graph.get("classes", [])) or "all images"
     n = graph["n_images"]
-    ax.set_title(plain_text(title or f"{graph['kind']} graph: {names}  ({n} image{'' if n == 1 else 's'}, "
-                            f"top-{graph.get('top_k', '?')} concepts per layer)"), fontsize=10)
+    ax.set_title(
+        plain_text(
+            title
+            or f"{graph['kind']} graph: {names}  ({n} image{'' if n == 1 else 's'}, "
+            f"top-{graph.get('top_k', '?')} concepts per layer)"
+        ),
+        fontsize=10,
+    )
     shown_blues = ListedColormap(matplotlib.colormaps["Blues"](np.linspace(0.3, 1.0, 256)))
-    bar = fig.colorbar(ScalarMappable(cmap=shown_blues, norm=Normalize(0, top)), ax=ax, fraction=0.025,
-                       pad=0.01, shrink=0.5)
+    bar = fig.colorbar(
+        ScalarMappable(cmap=shown_blues, norm=Normalize(0, top)), ax=ax, fraction=0.025, pad=0.01, shrink=0.5
+    )
     bar.set_label("share of the class-logit change (edge weight)", fontsize=8)
     bar.ax.tick_params(labelsize=7)
     if any(node.get("shared") for node in graph["nodes"]):
-        ax.text(1.0, -0.02, "orange frame: shared concept", transform=ax.transAxes, ha="right", va="top",
-                fontsize=7, color="#ff8c00")
+        ax.text(
+            1.0,
+            -0.02,
+            "orange frame: shared concept",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=7,
+            color="#ff8c00",
+        )
 
 
-def graph_figure(graph: dict, thumbnails: dict[str, Path] | None = None, title: str | None = None,
-                 labels: dict[str, str] | None = None):
+def graph_figure(
+    graph: dict,
+    thumbnails: dict[str, Path] | None = None,
+    title: str | None = None,
+    labels: dict[str, str] | None = None,
+):
     """``graph`` (gig.graph/1) as a matplotlib :class:`~matplotlib.figure.Figure` (no pyplot: any
     backend, nothing to close; Jupyter shows it inline). Nodes sit in the row
     slots of :func:`gig.graph.node_rows` (the viewer's order too); ``thumbnails``: ``{node id:
@@ -112,8 +169,11 @@ def graph_figure(graph: dict, thumbnails: dict[str, Path] | None = None, title: 
     widest = max((len(r) for r in rows.values()), default=1)
     fig = Figure(figsize=(max(7.5, 1.2 * widest + 2.6), 1.45 * (len(graph["layers"]) + 1) + 1.0))
     ax = fig.subplots()
-    pos = {node["id"]: (i - (len(nodes) - 1) / 2, float(level)) for level, nodes in rows.items()
-           for i, node in enumerate(nodes)}
+    pos = {
+        node["id"]: (i - (len(nodes) - 1) / 2, float(level))
+        for level, nodes in rows.items()
+        for i, node in enumerate(nodes)
+    }
     top = max([abs(float(e["weight"] or 0.0)) for e in graph["edges"]] or [1.0]) or 1.0
     _draw_edges(ax, graph, pos, top)
     for node in graph["nodes"]:
@@ -123,8 +183,14 @@ def graph_figure(graph: dict, thumbnails: dict[str, Path] | None = None, title: 
     return fig
 
 
-def draw_graph(graph: dict, out_stem: Path, thumbnails: dict[str, Path] | None = None,
-               title: str | None = None, dpi: int = 130, labels: dict[str, str] | None = None) -> tuple[Path, Path]:
+def draw_graph(
+    graph: dict,
+    out_stem: Path,
+    thumbnails: dict[str, Path] | None = None,
+    title: str | None = None,
+    dpi: int = 130,
+    labels: dict[str, str] | None = None,
+) -> tuple[Path, Path]:
     """Draw ``graph`` (:func:`graph_figure`) to ``out_stem.svg`` and ``out_stem.png``; returns both paths."""
     fig = graph_figure(graph, thumbnails, title, labels)
     svg, png = Path(f"{out_stem}.svg"), Path(f"{out_stem}.png")

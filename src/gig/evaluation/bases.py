@@ -126,9 +126,18 @@ class ConceptBasis:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors, values = self._learned()
         save_tensors(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-        save_json(path.with_suffix(".json"), {"format": FORMAT, "method": self.name, "class": self.identity(),
-                                              "params": self.get_params(), "values": values,
-                                              "info": getattr(self, "info_", {}), **(extra or {})})
+        save_json(
+            path.with_suffix(".json"),
+            {
+                "format": FORMAT,
+                "method": self.name,
+                "class": self.identity(),
+                "params": self.get_params(),
+                "values": values,
+                "info": getattr(self, "info_", {}),
+                **(extra or {}),
+            },
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> "ConceptBasis":
@@ -202,8 +211,11 @@ def coder_settings(config: "Config") -> dict[str, Any]:
     since, at the value they stand for when absent, left out as in the stage hash)."""
     from ..config import HASHED_WHEN_SET, STAGE_FIELDS
 
-    return {f: getattr(config, f) for f in STAGE_FIELDS["decompose"]
-            if not (f in HASHED_WHEN_SET and getattr(config, f) == HASHED_WHEN_SET[f])}
+    return {
+        f: getattr(config, f)
+        for f in STAGE_FIELDS["decompose"]
+        if not (f in HASHED_WHEN_SET and getattr(config, f) == HASHED_WHEN_SET[f])
+    }
 
 
 def reconstruction_figures(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> dict[str, float]:
@@ -257,15 +269,17 @@ def basis_class(spec: str) -> type[ConceptBasis]:
     name = "user" if spec.startswith(USER_PREFIX) else spec
     if name not in known or (name == "user" and not spec.startswith(USER_PREFIX)):
         choices = ", ".join(n for n in known if n != "user")
-        raise ConfigError(f"unknown method {spec!r}: registered methods are {choices}, or user:PATH for a "
-                          "basis of your own (a .safetensors file or a folder of LAYER.safetensors)")
+        raise ConfigError(
+            f"unknown method {spec!r}: registered methods are {choices}, or user:PATH for a "
+            "basis of your own (a .safetensors file or a folder of LAYER.safetensors)"
+        )
     return known[name]
 
 
 def method_label(spec: str) -> str:
     """How results name a method: the name itself, ``user:STEM`` for ``user:PATH``."""
     if spec.startswith(USER_PREFIX):
-        return USER_PREFIX + Path(spec[len(USER_PREFIX):]).stem
+        return USER_PREFIX + Path(spec[len(USER_PREFIX) :]).stem
     return spec
 
 
@@ -275,8 +289,8 @@ def method_problem(spec: str) -> str | None:
         klass = basis_class(spec)
     except ConfigError as exc:
         return str(exc)
-    if spec.startswith(USER_PREFIX) and not Path(spec[len(USER_PREFIX):]).exists():
-        return f"{spec!r}: no file or folder {spec[len(USER_PREFIX):]}"
+    if spec.startswith(USER_PREFIX) and not Path(spec[len(USER_PREFIX) :]).exists():
+        return f"{spec!r}: no file or folder {spec[len(USER_PREFIX) :]}"
     return klass.problem()
 
 
@@ -326,4 +340,3 @@ class LayerContext:
         from ..decompose import encoder_for
 
         return encoder_for(self.config, V, alpha)
-

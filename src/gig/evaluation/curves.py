@@ -54,8 +54,7 @@ def spread(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> di
     rng = np.random.default_rng(seed)
     boots = v[rng.integers(0, n, size=(n_boot, n))].mean(1) if n > 1 else np.full(1, mean)
     lo, hi = np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return {"mean": mean, "se": se, "ci_low": float(lo), "ci_high": float(hi), "std": std, "n": n,
-            "n_nan": n_nan}
+    return {"mean": mean, "se": se, "ci_low": float(lo), "ci_high": float(hi), "std": std, "n": n, "n_nan": n_nan}
 
 
 def paired_difference(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -110,9 +109,15 @@ def markdown_tables(extraction: dict | None, interlayer: dict | None) -> str:
                     f"| {layer} | {name} | {r['K']} | {fmt_spread(r['auc_diff'])} | {_num(r['auc_insertion']['mean'])} | "
                     f"{_num(r['auc_deletion']['mean'])} | {_num(r['prob_full']['mean'])} | {_num(rec['rel_error'])} | "
                     f"{_num(rec['r2'])} | {_num(rec['l0_ratio'])} | {_num(rec['active_per_position'], 1)} | "
-                    f"{_num(rec['top1_agreement'])} |")
-        lines += ["", "Paired differences, ours − baseline (AUC ins − del, same images):", "",
-                  "| layer | vs | mean ± s.e. [95 % CI] | ours better on |", "| --- | --- | --- | --- |"]
+                    f"{_num(rec['top1_agreement'])} |"
+                )
+        lines += [
+            "",
+            "Paired differences, ours − baseline (AUC ins − del, same images):",
+            "",
+            "| layer | vs | mean ± s.e. [95 % CI] | ours better on |",
+            "| --- | --- | --- | --- |",
+        ]
         for layer, methods in extraction["layers"].items():
             for name, r in methods.items():
                 if "vs_ours" in r:
@@ -137,7 +142,8 @@ def markdown_tables(extraction: dict | None, interlayer: dict | None) -> str:
                 lines.append(
                     f"| {tr} | {name} | {fmt_spread(r['auc_diff'])} | {_num(r['auc_insertion']['mean'])} | "
                     f"{_num(r['auc_deletion']['mean'])} | {fmt_spread(d) if d else '–'} | "
-                    f"{_num(d.get('win_rate'), 2) if d else '–'} |")
+                    f"{_num(d.get('win_rate'), 2) if d else '–'} |"
+                )
         lines.append("")
     return "\n".join(lines)
 

@@ -71,10 +71,19 @@ def _groups(n_images: int, n_orders: int, per_order: int, batch_rows: int):
 
 
 @torch.no_grad()
-def deletion_insertion(handle, layer: str, pixels: torch.Tensor, codes: torch.Tensor, V: torch.Tensor,
-                       orders: torch.Tensor, readout: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                       read: str | None = None, n_points: int = 21, batch_rows: int = 126,
-                       grid_shape: tuple[int, int] | None = None) -> torch.Tensor:
+def deletion_insertion(
+    handle,
+    layer: str,
+    pixels: torch.Tensor,
+    codes: torch.Tensor,
+    V: torch.Tensor,
+    orders: torch.Tensor,
+    readout: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    read: str | None = None,
+    n_points: int = 21,
+    batch_rows: int = 126,
+    grid_shape: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """Run every deletion and insertion step of every order through the real network.
 
     ``pixels (N, 3, S, S)``, ``codes (N, P, K)``, ``V (K, C)``, ``orders (N, O, K)`` (a
@@ -148,8 +157,12 @@ def extraction_chunk(view: "RunView", infos: list[dict], bases: dict[str, dict[s
     with torch.no_grad():
         logits, grids = view.handle.capture(pixels, view.plan.layers)
     readout = class_probability(targets, preds)
-    rec: dict = {"image_id": ids, "target": targets.tolist(),
-                 "p_original": readout(logits, torch.arange(len(ids)))[:, 0].tolist(), "layers": {}}
+    rec: dict = {
+        "image_id": ids,
+        "target": targets.tolist(),
+        "p_original": readout(logits, torch.arange(len(ids)))[:, 0].tolist(),
+        "layers": {},
+    }
     for layer in view.plan.layers:
         n, c, h, w = grids[layer].shape
         X = grids[layer].permute(0, 2, 3, 1).reshape(n * h * w, c)  # (n·H·W, C): every position
@@ -160,8 +173,17 @@ def extraction_chunk(view: "RunView", infos: list[dict], bases: dict[str, dict[s
     return rec
 
 
-def method_curves(view: "RunView", layer: str, basis: "ConceptBasis", X: torch.Tensor, shape: tuple[int, int, int],
-                  ids: list[int], pixels: torch.Tensor, targets: torch.Tensor, readout) -> dict:
+def method_curves(
+    view: "RunView",
+    layer: str,
+    basis: "ConceptBasis",
+    X: torch.Tensor,
+    shape: tuple[int, int, int],
+    ids: list[int],
+    pixels: torch.Tensor,
+    targets: torch.Tensor,
+    readout,
+) -> dict:
     """One method on one layer of a chunk: its codes of ``X (n·H·W, C)``, the GIG ranking to the
     target class, the deletion / insertion curves and the reconstruction totals (a meter state)."""
     t0 = time.perf_counter()
@@ -173,32 +195,57 @@ def method_curves(view: "RunView", layer: str, basis: "ConceptBasis", X: torch.T
     meter.add(X, flat @ V, flat)
     orders, res = rank_by_gig(view.gig(layer, V), pixels, codes, targets)
     s = view.plan.settings
-    curves = deletion_insertion(view.handle, layer, pixels, codes, V, orders, readout,
-                                n_points=s.n_points, batch_rows=s.batch_rows, grid_shape=(h, w))
+    curves = deletion_insertion(
+        view.handle,
+        layer,
+        pixels,
+        codes,
+        V,
+        orders,
+        readout,
+        n_points=s.n_points,
+        batch_rows=s.batch_rows,
+        grid_shape=(h, w),
+    )
     prob = curves[:, 0, :, :, 0].double().numpy()  # (n, 2, S): target-class probability
     meter.agree += int(curves[:, 0, DELETION, 0, 1].sum())  # full reconstruction keeps the prediction
     meter.n_images += n
     x = step_fractions(V.shape[0], s.n_points)
-    return {"deletion": prob[:, DELETION].tolist(), "insertion": prob[:, INSERTION].tolist(),
-            "auc_deletion": auc(prob[:, DELETION], x).tolist(), "auc_insertion": auc(prob[:, INSERTION], x).tolist(),
-            "gig_rel_residual": res.relative_residual[:, 0].tolist(), "gig_delta": res.output_diff[:, 0].tolist(),
-            "meter": meter.state(), "seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "deletion": prob[:, DELETION].tolist(),
+        "insertion": prob[:, INSERTION].tolist(),
+        "auc_deletion": auc(prob[:, DELETION], x).tolist(),
+        "auc_insertion": auc(prob[:, INSERTION], x).tolist(),
+        "gig_rel_residual": res.relative_residual[:, 0].tolist(),
+        "gig_delta": res.output_diff[:, 0].tolist(),
+        "meter": meter.state(),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def aggregate_extraction(parts: list[dict], bases: dict[str, dict[str, "ConceptBasis"]], plan) -> dict:
     """``extraction.json``: the chunks' records merged into spreads, mean curves and paired
     differences per layer and method."""
     s = plan.settings
-    result: dict = {"settings": {"n_points": s.n_points, "n_steps": plan.n_steps, "quadrature": plan.quadrature,
-                                 "gig_tol": plan.gig_tol, "seed": s.seed,
-                                 "methods": [label for label in next(iter(bases.values()))]},
-                    "layers": {}}
+    result: dict = {
+        "settings": {
+            "n_points": s.n_points,
+            "n_steps": plan.n_steps,
+            "quadrature": plan.quadrature,
+            "gig_tol": plan.gig_tol,
+            "seed": s.seed,
+            "methods": [label for label in next(iter(bases.values()))],
+        },
+        "layers": {},
+    }
     result["settings"]["n_images"] = sum(len(p["image_id"]) for p in parts)
     result["image_id"] = [i for p in parts for i in p["image_id"]]
     result["p_original"] = spread([v for p in parts for v in p["p_original"]], s.n_boot, s.seed)
     for layer, layer_bases in bases.items():
-        entries = {label: method_entry([p["layers"][layer][label] for p in parts], basis, s)
-                   for label, basis in layer_bases.items()}
+        entries = {
+            label: method_entry([p["layers"][layer][label] for p in parts], basis, s)
+            for label, basis in layer_bases.items()
+        }
         diffs = {label: entry.pop("_diff") for label, entry in entries.items()}
         if "ours" in diffs:  # paired over the same images: ours − method
             for label, entry in entries.items():
@@ -228,9 +275,13 @@ def method_entry(rows: list[dict], basis: "ConceptBasis", s) -> dict:
         "prob_zero": spread(dele[:, -1], s.n_boot, s.seed),
         "reconstruction": fig,
         "gig_rel_residual_median": float(np.nanmedian(cat("gig_rel_residual"))),
-        "curves": {"x": step_fractions(K, s.n_points).tolist(),
-                   "deletion": dele.mean(0).tolist(), "deletion_se": se(dele).tolist(),
-                   "insertion": ins.mean(0).tolist(), "insertion_se": se(ins).tolist()},
+        "curves": {
+            "x": step_fractions(K, s.n_points).tolist(),
+            "deletion": dele.mean(0).tolist(),
+            "deletion_se": se(dele).tolist(),
+            "insertion": ins.mean(0).tolist(),
+            "insertion_se": se(ins).tolist(),
+        },
         "per_image": {"auc_insertion": a_ins.tolist(), "auc_deletion": a_del.tolist()},
         "basis": dict(basis.info_),
         "seconds": round(sum(r["seconds"] for r in rows), 1),
@@ -249,5 +300,7 @@ def load_reconstruction(folder) -> dict[str, dict[str, dict]]:
     if not path.is_file():
         return {}
     layers = load_json(path).get("layers", {})
-    return {layer: {m: e["reconstruction"] for m, e in methods.items() if isinstance(e, dict) and "reconstruction" in e}
-            for layer, methods in layers.items()}
+    return {
+        layer: {m: e["reconstruction"] for m, e in methods.items() if isinstance(e, dict) and "reconstruction" in e}
+        for layer, methods in layers.items()
+    }

@@ -50,9 +50,18 @@ def concept_value_readout(targets: torch.Tensor, read_vectors: torch.Tensor):
     return readout
 
 
-def grad_x_coef(handle, layer: str, read_layer: str, pixels: torch.Tensor, codes: torch.Tensor,
-                V: torch.Tensor, read_vectors: torch.Tensor, targets: torch.Tensor,
-                grid_shape: tuple[int, int], batch_rows: int = 64) -> torch.Tensor:
+def grad_x_coef(
+    handle,
+    layer: str,
+    read_layer: str,
+    pixels: torch.Tensor,
+    codes: torch.Tensor,
+    V: torch.Tensor,
+    read_vectors: torch.Tensor,
+    targets: torch.Tensor,
+    grid_shape: tuple[int, int],
+    batch_rows: int = 64,
+) -> torch.Tensor:
     """One-step attribution ``Σ_p U[p,q] ⟨∇_{X̃_p} g_t(X̃), V_q⟩`` at the full reconstruction:
     ``codes (N, P, K)``, ``targets (N, T)`` → ``(N, T, K)``."""
     device = handle.device
@@ -110,20 +119,43 @@ def interlayer_chunk(view: "RunView", t_index: int, a: str, b: str, infos: list[
     T = min(s.n_targets, Vb.shape[0])
     _, res_b = rank_by_gig(view.gig(b, Vb), pixels, Ub, torch.tensor([i["target"] for i in infos]))
     top = res_b.attributions[:, 0].topk(T, dim=1).indices  # (n, T): targets = top concepts → class at b
-    rec: dict = {"image_id": ids, "targets": top.tolist(),
-                 "target_class_gig": res_b.attributions[:, 0].gather(1, top).tolist()}
+    rec: dict = {
+        "image_id": ids,
+        "targets": top.tolist(),
+        "target_class_gig": res_b.attributions[:, 0].gather(1, top).tolist(),
+    }
     grid_a = view.gig(a, Va).grid_shape(pixels)
     blocks, orders = ordering_blocks(view, t_index, a, b, pixels, Ua, top, grid_a, ids, rec)
-    curves = deletion_insertion(view.handle, a, pixels, Ua, Va, orders, concept_value_readout(top, Vb), read=b,
-                                n_points=s.n_points, batch_rows=s.batch_rows, grid_shape=grid_a)
+    curves = deletion_insertion(
+        view.handle,
+        a,
+        pixels,
+        Ua,
+        Va,
+        orders,
+        concept_value_readout(top, Vb),
+        read=b,
+        n_points=s.n_points,
+        batch_rows=s.batch_rows,
+        grid_shape=grid_a,
+    )
     rec.update(ordering_curves(curves.double(), blocks, Va.shape[0], s.n_points))
     bar.update(len(ids))
     return rec
 
 
-def ordering_blocks(view: "RunView", t_index: int, a: str, b: str, pixels: torch.Tensor, Ua: torch.Tensor,
-                    top: torch.Tensor, grid_a: tuple[int, int], ids: list[int],
-                    rec: dict) -> tuple[dict[str, tuple[int, int]], torch.Tensor]:
+def ordering_blocks(
+    view: "RunView",
+    t_index: int,
+    a: str,
+    b: str,
+    pixels: torch.Tensor,
+    Ua: torch.Tensor,
+    top: torch.Tensor,
+    grid_a: tuple[int, int],
+    ids: list[int],
+    rec: dict,
+) -> tuple[dict[str, tuple[int, int]], torch.Tensor]:
     """Every chosen ordering's concept orders of layer ``a`` (codes ``Ua (n, P, K)``, grid
     ``grid_a``) for the targets ``top (n, T)`` at ``b``, stacked ``(n, O, K)``, and where each
     ordering's block starts and how many orders it has (``{name: (start, count)}``); the GIG
@@ -148,8 +180,9 @@ def ordering_blocks(view: "RunView", t_index: int, a: str, b: str, pixels: torch
     if "magnitude" in s.orderings:
         add("magnitude", descending(magnitude_scores(Ua))[:, None], 1)
     if "random" in s.orderings:
-        add("random", torch.stack([random_orders(Va.shape[0], s.n_random, s.seed, i, t_index) for i in ids]),
-            s.n_random)
+        add(
+            "random", torch.stack([random_orders(Va.shape[0], s.n_random, s.seed, i, t_index) for i in ids]), s.n_random
+        )
     return blocks, torch.cat(orders, 1)
 
 
@@ -169,10 +202,12 @@ def ordering_curves(curves: torch.Tensor, blocks: dict[str, tuple[int, int]], K:
         else:  # every order read for every target
             c = norm[:, start : start + count].permute(0, 1, 4, 2, 3)  # (n, R, T, 2, S)
         mean_c = c.mean(1).numpy()  # (n, T, 2, S)
-        out["orderings"][name] = {"auc_deletion": auc(c[:, :, :, DELETION].numpy(), x).mean(1).tolist(),
-                                  "auc_insertion": auc(c[:, :, :, INSERTION].numpy(), x).mean(1).tolist(),
-                                  "deletion": mean_c[:, :, DELETION].tolist(),
-                                  "insertion": mean_c[:, :, INSERTION].tolist()}
+        out["orderings"][name] = {
+            "auc_deletion": auc(c[:, :, :, DELETION].numpy(), x).mean(1).tolist(),
+            "auc_insertion": auc(c[:, :, :, INSERTION].numpy(), x).mean(1).tolist(),
+            "deletion": mean_c[:, :, DELETION].tolist(),
+            "insertion": mean_c[:, :, INSERTION].tolist(),
+        }
     return out
 
 
@@ -180,21 +215,29 @@ def aggregate_transition(parts: list[dict], a: str, b: str, K_source: int, s) ->
     """One transition of ``interlayer.json``: the chunks merged into spreads over images (an
     image's value is the mean over its valid targets), mean curves and paired GIG − ordering."""
     valid = np.concatenate([np.asarray(p["valid"], dtype=bool) for p in parts])  # (n, T)
-    out: dict = {"source": a, "target_layer": b, "K_source": K_source,
-                 "n_images": int(valid.shape[0]), "n_targets_valid": int(valid.sum()),
-                 "n_targets_total": int(valid.size), "orderings": {}}
+    out: dict = {
+        "source": a,
+        "target_layer": b,
+        "K_source": K_source,
+        "n_images": int(valid.shape[0]),
+        "n_targets_valid": int(valid.sum()),
+        "n_targets_total": int(valid.size),
+        "orderings": {},
+    }
     if any("gig_rel_residual" in p for p in parts):
         r = np.concatenate([np.asarray(p["gig_rel_residual"], dtype=np.float64) for p in parts])
         out["gig_rel_residual_median"] = float(np.nanmedian(np.where(valid, r, np.nan))) if valid.any() else None
     per_image_diff = {}
     for name in s.orderings:
-        out["orderings"][name], per_image_diff[name] = ordering_entry([p["orderings"][name] for p in parts],
-                                                                      valid, K_source, s)
+        out["orderings"][name], per_image_diff[name] = ordering_entry(
+            [p["orderings"][name] for p in parts], valid, K_source, s
+        )
     if "gig" in per_image_diff:
         for name in s.orderings:
             if name != "gig":
                 out["orderings"][name]["gig_minus"] = paired_difference(
-                    per_image_diff["gig"], per_image_diff[name], s.n_boot, s.seed)
+                    per_image_diff["gig"], per_image_diff[name], s.n_boot, s.seed
+                )
     return out
 
 
@@ -217,9 +260,13 @@ def ordering_entry(rows: list[dict], valid: np.ndarray, K_source: int, s) -> tup
         "auc_diff": spread(img_ins - img_del, s.n_boot, s.seed),
         "auc_insertion": spread(img_ins, s.n_boot, s.seed),
         "auc_deletion": spread(img_del, s.n_boot, s.seed),
-        "curves": {"x": step_fractions(K_source, s.n_points).tolist(),
-                   "deletion": img_dele[ok].mean(0).tolist(), "deletion_se": se(img_dele).tolist(),
-                   "insertion": img_insc[ok].mean(0).tolist(), "insertion_se": se(img_insc).tolist()},
+        "curves": {
+            "x": step_fractions(K_source, s.n_points).tolist(),
+            "deletion": img_dele[ok].mean(0).tolist(),
+            "deletion_se": se(img_dele).tolist(),
+            "insertion": img_insc[ok].mean(0).tolist(),
+            "insertion_se": se(img_insc).tolist(),
+        },
         "per_image": {"auc_insertion": img_ins.tolist(), "auc_deletion": img_del.tolist()},
     }
     return entry, img_ins - img_del

@@ -23,8 +23,14 @@ def chunked(items: Sequence[dict], size: int) -> list[list[dict]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def resumable_parts(folder: Path, name: str, infos: Sequence[dict], size: int,
-                    compute: Callable[[list[dict]], dict], reused: Callable[[list[dict]], None]) -> list[dict]:
+def resumable_parts(
+    folder: Path,
+    name: str,
+    infos: Sequence[dict],
+    size: int,
+    compute: Callable[[list[dict]], dict],
+    reused: Callable[[list[dict]], None],
+) -> list[dict]:
     """``compute(chunk) → part`` for every chunk of ``size`` image records ``infos`` (dicts with
     ``image_id``), each saved as ``folder/NAME_IIII.json``; a saved part whose ``image_id`` list
     matches its chunk is loaded instead, and ``reused(chunk)`` called (progress accounting)."""

@@ -109,10 +109,18 @@ def fitted_basis(ctx: LayerContext, folder: Path, run_hash: str) -> ConceptBasis
     if klass.from_run:
         return klass.for_layer(ctx)
     basis = klass.for_layer(ctx)  # unfitted: its constructor arguments
-    key = stable_hash({"version": SETTINGS_VERSION, "run_hash": run_hash, "method": ctx.spec, "class": klass.identity(),
-                 "uses": {f: getattr(ctx.settings, f) for f in klass.uses},
-                 "calibration_size": ctx.config.calibration_size, "files": klass.fingerprint(ctx.spec),
-                 "params": basis.get_params()})
+    key = stable_hash(
+        {
+            "version": SETTINGS_VERSION,
+            "run_hash": run_hash,
+            "method": ctx.spec,
+            "class": klass.identity(),
+            "uses": {f: getattr(ctx.settings, f) for f in klass.uses},
+            "calibration_size": ctx.config.calibration_size,
+            "files": klass.fingerprint(ctx.spec),
+            "params": basis.get_params(),
+        }
+    )
     path = folder / (method_label(ctx.spec).replace(":", "-") + ".safetensors")
     meta = path.with_suffix(".json")  # written after the tensors: its presence means a complete save
     if meta.is_file() and path.is_file() and load_json(meta).get("fit_key") == key:
@@ -129,9 +137,14 @@ def run_extraction(view: RunView, bar) -> dict:
     plan = view.plan
     bases = {layer: layer_bases(view, layer) for layer in plan.layers}
     per_image = len(plan.layers) * len(plan.methods)
-    parts = resumable_parts(view.out / "parts", "extraction", plan.extraction_images, plan.settings.chunk_images,
-                            lambda chunk: extraction_chunk(view, chunk, bases, bar),
-                            lambda chunk: bar.update(len(chunk) * per_image))
+    parts = resumable_parts(
+        view.out / "parts",
+        "extraction",
+        plan.extraction_images,
+        plan.settings.chunk_images,
+        lambda chunk: extraction_chunk(view, chunk, bases, bar),
+        lambda chunk: bar.update(len(chunk) * per_image),
+    )
     return aggregate_extraction(parts, bases, plan)
 
 
@@ -139,15 +152,31 @@ def run_interlayer(view: RunView, bar) -> dict:
     """Protocol 2 over the plan's inter-layer images, per transition and chunk (resumable)."""
     plan, s = view.plan, view.plan.settings
     infos = plan.interlayer_images
-    result: dict = {"settings": {"n_points": s.n_points, "n_steps": plan.n_steps, "quadrature": plan.quadrature,
-                                 "gig_tol": plan.gig_tol, "seed": s.seed, "orderings": s.orderings,
-                                 "n_targets": s.n_targets, "n_random": s.n_random, "n_images": len(infos),
-                                 "target_rule": "concept → class GIG at the upper layer"},
-                    "image_id": [i["image_id"] for i in infos], "transitions": {}}
+    result: dict = {
+        "settings": {
+            "n_points": s.n_points,
+            "n_steps": plan.n_steps,
+            "quadrature": plan.quadrature,
+            "gig_tol": plan.gig_tol,
+            "seed": s.seed,
+            "orderings": s.orderings,
+            "n_targets": s.n_targets,
+            "n_random": s.n_random,
+            "n_images": len(infos),
+            "target_rule": "concept → class GIG at the upper layer",
+        },
+        "image_id": [i["image_id"] for i in infos],
+        "transitions": {},
+    }
     for t_index, (a, b) in enumerate(zip(plan.layers[:-1], plan.layers[1:])):
-        parts = resumable_parts(view.out / "parts", f"interlayer_{t_index:02d}", infos, s.chunk_images,
-                                lambda chunk: interlayer_chunk(view, t_index, a, b, chunk, bar),
-                                lambda chunk: bar.update(len(chunk)))
+        parts = resumable_parts(
+            view.out / "parts",
+            f"interlayer_{t_index:02d}",
+            infos,
+            s.chunk_images,
+            lambda chunk: interlayer_chunk(view, t_index, a, b, chunk, bar),
+            lambda chunk: bar.update(len(chunk)),
+        )
         K_source = view.run_bases[a].n_components_
         result["transitions"][f"{a}->{b}"] = aggregate_transition(parts, a, b, K_source, s)
     return result
@@ -170,10 +199,14 @@ def prepare_folder(out: Path, plan: EvaluationPlan) -> None:
 def summarise(extraction: dict | None, interlayer: dict | None) -> dict:
     """``summary.json``: mean AUC difference per layer and method, per transition and ordering."""
     return {
-        "extraction": {layer: {m: r["auc_diff"]["mean"] for m, r in ms.items()}
-                       for layer, ms in (extraction or {}).get("layers", {}).items()},
-        "interlayer": {tr: {o: r["auc_diff"]["mean"] for o, r in v["orderings"].items()}
-                       for tr, v in (interlayer or {}).get("transitions", {}).items()},
+        "extraction": {
+            layer: {m: r["auc_diff"]["mean"] for m, r in ms.items()}
+            for layer, ms in (extraction or {}).get("layers", {}).items()
+        },
+        "interlayer": {
+            tr: {o: r["auc_diff"]["mean"] for o, r in v["orderings"].items()}
+            for tr, v in (interlayer or {}).get("transitions", {}).items()
+        },
     }
 
 
@@ -201,8 +234,15 @@ def _timed(timings: dict, name: str) -> Iterator[None]:
     timings[name] = round(time.perf_counter() - t0, 1)
 
 
-def evaluate_run(run_dir: str | Path, settings: EvaluationSettings | None = None, *, model=None, source=None,
-                 out: str | Path | None = None, progress: bool = True) -> dict:
+def evaluate_run(
+    run_dir: str | Path,
+    settings: EvaluationSettings | None = None,
+    *,
+    model=None,
+    source=None,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
     """Run the concept-extraction and inter-layer protocols on ``run_dir`` with ``settings``
     (default :class:`EvaluationSettings`); write ``out`` (default ``RUN/evaluate``).
 
@@ -223,8 +263,9 @@ def evaluate_run(run_dir: str | Path, settings: EvaluationSettings | None = None
     out = Path(out) if out is not None else run_dir / "evaluate"
     prepare_folder(out, plan)
     view = RunView(RunAccess(store, model=model, source=source), plan, out)
-    total = (len(plan.extraction_images) * len(plan.layers) * len(plan.methods)
-             + len(plan.interlayer_images) * (len(plan.layers) - 1))
+    total = len(plan.extraction_images) * len(plan.layers) * len(plan.methods) + len(plan.interlayer_images) * (
+        len(plan.layers) - 1
+    )
     bar = tqdm(total=total, desc="evaluate", unit="img", disable=not progress, smoothing=0.05)
     timings: dict = {}
     with _timed(timings, "extraction_s"):
@@ -242,16 +283,44 @@ def _plots(out: Path, extraction: dict | None, interlayer: dict | None) -> list[
     files = []
     if extraction:
         panels = {layer: {m: r["curves"] for m, r in ms.items()} for layer, ms in extraction["layers"].items()}
-        files.append(plot_curves(panels, out / "extraction_curves.png", "target-class probability",
-                                 "C-Insertion (solid) / C-Deletion (dashed), ranked by concept → class GIG"))
+        files.append(
+            plot_curves(
+                panels,
+                out / "extraction_curves.png",
+                "target-class probability",
+                "C-Insertion (solid) / C-Deletion (dashed), ranked by concept → class GIG",
+            )
+        )
         groups = {layer: {m: r["auc_diff"] for m, r in ms.items()} for layer, ms in extraction["layers"].items()}
-        files.append(plot_auc_bars(groups, out / "extraction_auc.png", "AUC insertion − deletion",
-                                   "Concept extraction (95 % bootstrap interval)"))
+        files.append(
+            plot_auc_bars(
+                groups,
+                out / "extraction_auc.png",
+                "AUC insertion − deletion",
+                "Concept extraction (95 % bootstrap interval)",
+            )
+        )
     if interlayer:
-        panels = {tr: {o: r["curves"] for o, r in v["orderings"].items()} for tr, v in interlayer["transitions"].items()}
-        files.append(plot_curves(panels, out / "interlayer_curves.png", "target readout / full value",
-                                 "Inter-layer insertion (solid) / deletion (dashed)"))
-        groups = {tr: {o: r["auc_diff"] for o, r in v["orderings"].items()} for tr, v in interlayer["transitions"].items()}
-        files.append(plot_auc_bars(groups, out / "interlayer_auc.png", "AUC insertion − deletion",
-                                   "Inter-layer orderings (95 % bootstrap interval)"))
+        panels = {
+            tr: {o: r["curves"] for o, r in v["orderings"].items()} for tr, v in interlayer["transitions"].items()
+        }
+        files.append(
+            plot_curves(
+                panels,
+                out / "interlayer_curves.png",
+                "target readout / full value",
+                "Inter-layer insertion (solid) / deletion (dashed)",
+            )
+        )
+        groups = {
+            tr: {o: r["auc_diff"] for o, r in v["orderings"].items()} for tr, v in interlayer["transitions"].items()
+        }
+        files.append(
+            plot_auc_bars(
+                groups,
+                out / "interlayer_auc.png",
+                "AUC insertion − deletion",
+                "Inter-layer orderings (95 % bootstrap interval)",
+            )
+        )
     return files

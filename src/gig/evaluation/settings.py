@@ -82,8 +82,10 @@ class EvaluationSettings:
             problems += [f"methods={self.methods!r}: {p}" for p in map(method_problem, self.methods) if p]
             labels = [method_label(m) for m in self.methods]
             if len(set(labels)) < len(labels):
-                problems.append(f"methods={self.methods!r}: two methods would share the name in the results "
-                                f"({', '.join(labels)}); rename one user file")
+                problems.append(
+                    f"methods={self.methods!r}: two methods would share the name in the results "
+                    f"({', '.join(labels)}); rename one user file"
+                )
             if self.batch_rows < 2 * self.n_points:
                 problems.append(f"batch_rows={self.batch_rows!r}: at least 2·n_points = {2 * self.n_points}")
         if problems:
@@ -158,11 +160,18 @@ class EvaluationPlan:
 
     def resolved(self) -> dict[str, Any]:
         """The run-dependent values, as ``settings.json`` records them."""
-        return {"version": SETTINGS_VERSION, "run_hash": self.run_hash, "layers": self.layers,
-                "n_steps": self.n_steps, "quadrature": self.quadrature, "gig_tol": self.gig_tol,
-                "gig_max_steps": self.gig_max_steps, "internal_batch_size": self.internal_batch_size,
-                "extraction_images": [i["image_id"] for i in self.extraction_images],
-                "interlayer_images": [i["image_id"] for i in self.interlayer_images]}
+        return {
+            "version": SETTINGS_VERSION,
+            "run_hash": self.run_hash,
+            "layers": self.layers,
+            "n_steps": self.n_steps,
+            "quadrature": self.quadrature,
+            "gig_tol": self.gig_tol,
+            "gig_max_steps": self.gig_max_steps,
+            "internal_batch_size": self.internal_batch_size,
+            "extraction_images": [i["image_id"] for i in self.extraction_images],
+            "interlayer_images": [i["image_id"] for i in self.interlayer_images],
+        }
 
     def key(self) -> str:
         """Fingerprint of everything the results depend on: saved parts are reused only while it
@@ -171,13 +180,18 @@ class EvaluationPlan:
         files = {m: f for m in self.methods if (f := basis_class(m).fingerprint(m))}  # user files' hashes
         # the class behind each name too: a name that changes its method must not reuse parts
         classes = {m: basis_class(m).identity() for m in self.methods}
-        return stable_hash({"settings": chosen, "resolved": self.resolved(), "classes": classes,
-                      **({"files": files} if files else {})})
+        return stable_hash(
+            {"settings": chosen, "resolved": self.resolved(), "classes": classes, **({"files": files} if files else {})}
+        )
 
     def record(self) -> dict[str, Any]:
         """What ``settings.json`` holds (with the timings added by the runner)."""
-        return {"settings": self.settings.to_dict(), "settings_hash": self.settings.hash(),
-                "resolved": self.resolved(), "key": self.key()}
+        return {
+            "settings": self.settings.to_dict(),
+            "settings_hash": self.settings.hash(),
+            "resolved": self.resolved(),
+            "key": self.key(),
+        }
 
 
 def resolve_layers(wanted: list[str] | None, run_layers: list[str]) -> list[str]:
@@ -186,8 +200,9 @@ def resolve_layers(wanted: list[str] | None, run_layers: list[str]) -> list[str]
         return list(run_layers)
     bad = [l for l in wanted if l not in run_layers]
     if bad:
-        raise ConfigError(f"evaluation setting layers={wanted!r}: {bad} are not layers of the run "
-                          f"({', '.join(run_layers)})")
+        raise ConfigError(
+            f"evaluation setting layers={wanted!r}: {bad} are not layers of the run ({', '.join(run_layers)})"
+        )
     return [l for l in run_layers if l in wanted]
 
 
@@ -207,10 +222,17 @@ def make_plan(settings: EvaluationSettings, store, config, used: list[dict]) -> 
     if s.interlayer_images > 0 and len(layers) < 2 and s.orderings:
         raise ConfigError("the inter-layer protocol needs at least two layers (interlayer_images=0 skips it)")
     return EvaluationPlan(
-        s, store.expected_hash("decompose"), layers, s.n_steps or config.n_steps, config.quadrature,
-        float(s.gig_tol or config.gig_tol), config.gig_max_steps, config.internal_batch_size,
+        s,
+        store.expected_hash("decompose"),
+        layers,
+        s.n_steps or config.n_steps,
+        config.quadrature,
+        float(s.gig_tol or config.gig_tol),
+        config.gig_max_steps,
+        config.internal_batch_size,
         pick_images(used, s.extraction_images, s.seed, 1) if s.methods else [],
-        pick_images(used, s.interlayer_images, s.seed, 2) if s.orderings and len(layers) > 1 else [])
+        pick_images(used, s.interlayer_images, s.seed, 2) if s.orderings and len(layers) > 1 else [],
+    )
 
 
 def save_settings(path: Path, settings: EvaluationSettings) -> None:

@@ -27,11 +27,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..access import RunAccess
 from ..attribution import iter_attributions
 from ..collect import load_images, load_samples
 from ..concepts import load_concept_cards
 from ..config import _class_ids, _int, check_fields, settings_hash
-from ..access import RunAccess
 from ..store import RunStore, load_json
 from . import sections as sec
 from .metrics import ablation_section, evaluation_section, metrics_section
@@ -96,8 +96,15 @@ def _fresh_output(out: Path) -> None:
             shutil.rmtree(out / sub)
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None, options: ReportOptions | None = None,
-                 model=None, source=None, class_names: list[str] | None = None, progress: bool = False) -> Path:
+def build_report(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    options: ReportOptions | None = None,
+    model=None,
+    source=None,
+    class_names: list[str] | None = None,
+    progress: bool = False,
+) -> Path:
     """Write the report of ``run_dir`` to ``out`` (default ``RUN/report``); returns ``index.html``'s
     path. ``model`` (a :class:`gig.models.ModelBundle`), ``source`` and ``class_names`` override
     the run's model, images and class names (as for :class:`gig.pipeline.Pipeline`)."""
@@ -115,16 +122,21 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
     by_image = {int(i["image_id"]): i for i in images_info}
     targets = {i: int(info["target"]) for i, info in by_image.items()}
     attributed = {int(i) for part in iter_attributions(store, fields=()) for i in part["image_id"].tolist()}
-    classes = sec.report_classes(store, load_json(store.root / "graph" / "index.json"), targets,
-                                 opts.max_classes, opts.classes)
+    classes = sec.report_classes(
+        store, load_json(store.root / "graph" / "index.json"), targets, opts.max_classes, opts.classes
+    )
     image_ids = sec.choose_images(images_info, classes, attributed, opts.n_images, opts.image_ids)
-    graphs = (sec.run_graphs(store, classes, opts.shared_classes, names)
-              + sec.image_graphs(store, image_ids, by_image, names))
+    graphs = sec.run_graphs(store, classes, opts.shared_classes, names) + sec.image_graphs(
+        store, image_ids, by_image, names
+    )
     log(f"{len(graphs)} graphs")
 
     inline = [c for g in graphs if g["mode"] == "class" for c in g["classes"]]
-    extra = (sec.on_demand_graphs(store, {i: targets[i] for i in attributed}, inline, names, progress)
-             if opts.on_demand and not opts.single_file else [])
+    extra = (
+        sec.on_demand_graphs(store, {i: targets[i] for i in attributed}, inline, names, progress)
+        if opts.on_demand and not opts.single_file
+        else []
+    )
     log(f"{len(extra)} more class graphs, loaded on demand")
 
     cards = {layer: load_concept_cards(store, layer) for layer in layers}
@@ -133,8 +145,12 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
     importance = neighbours.importance
     atlas_ids = sec.atlas_order(importance, opts.atlas_per_layer)
     shown = sec.concepts_shown(atlas_ids, graphs)
-    extra_shown = {layer: ids - shown[layer] for layer, ids in sec.concepts_shown({l: [] for l in layers}, extra).items()}
-    neighbours.read_edges(store, {layer: shown[layer] | extra_shown[layer] for layer in layers}, targets)  # a second pass
+    extra_shown = {
+        layer: ids - shown[layer] for layer, ids in sec.concepts_shown({l: [] for l in layers}, extra).items()
+    }
+    neighbours.read_edges(
+        store, {layer: shown[layer] | extra_shown[layer] for layer in layers}, targets
+    )  # a second pass
     urls = sec.exemplar_urls(access, assets, cards, shown, max(1, opts.exemplars), log)
     concepts = sec.concept_cards(store, cards, samples, shown, urls, importance, neighbours, max(1, opts.exemplars))
     extra_urls = sec.exemplar_urls(access, assets, cards, extra_shown, 1, log)  # top-1 crops only
@@ -144,22 +160,52 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
     log(f"localisation: {len(images)} images")
 
     name = sec.class_namer(names)
-    run = {"path": str(store.root), "model": store.config.model, "layers": layers, "n_images": len(images_info),
-           "top_k": store.config.top_k, "edges_per_node": store.config.edges_per_node,
-           "K": {layer: len(cards[layer]["concepts"]) for layer in layers},
-           "options": {**opts.to_dict(), "hash": settings_hash(opts)}}
+    run = {
+        "path": str(store.root),
+        "model": store.config.model,
+        "layers": layers,
+        "n_images": len(images_info),
+        "top_k": store.config.top_k,
+        "edges_per_node": store.config.edges_per_node,
+        "K": {layer: len(cards[layer]["concepts"]) for layer in layers},
+        "options": {**opts.to_dict(), "hash": settings_hash(opts)},
+    }
     referenced = sec.referenced_classes(graphs, concepts, images, neighbours.class_ids)
-    page_data = sec.viewer_data(run, graphs, concepts, images, {str(c): name(c) for c in sorted(referenced)},
-                                classes[: max(0, opts.shared_classes)], on_demand)
-    atlas = [{"layer": layer, "K": run["K"][layer], "concepts": [concepts[f"{layer}:{q}"] for q in atlas_ids[layer]]}
-             for layer in reversed(layers)]
-    index = render_page(out, assets, {
-        "page_data": page_data, "run": run, "atlas": atlas, "images": list(images.values()), "graphs": graphs,
-        "figures": sec.class_figures(store, graphs, concepts, out, assets), "metrics": metrics_section(store, assets),
-        "evaluation": evaluation_section(store.root / "evaluate", assets), "ablation": ablation_section(store, importance),
-        "atlas_cap": opts.atlas_per_layer, "atlas_ids": {f"{layer}:{q}" for layer in layers for q in atlas_ids[layer]},
-        "build_seconds": round(time.perf_counter() - started, 1)}, name)
+    page_data = sec.viewer_data(
+        run,
+        graphs,
+        concepts,
+        images,
+        {str(c): name(c) for c in sorted(referenced)},
+        classes[: max(0, opts.shared_classes)],
+        on_demand,
+    )
+    atlas = [
+        {"layer": layer, "K": run["K"][layer], "concepts": [concepts[f"{layer}:{q}"] for q in atlas_ids[layer]]}
+        for layer in reversed(layers)
+    ]
+    index = render_page(
+        out,
+        assets,
+        {
+            "page_data": page_data,
+            "run": run,
+            "atlas": atlas,
+            "images": list(images.values()),
+            "graphs": graphs,
+            "figures": sec.class_figures(store, graphs, concepts, out, assets),
+            "metrics": metrics_section(store, assets),
+            "evaluation": evaluation_section(store.root / "evaluate", assets),
+            "ablation": ablation_section(store, importance),
+            "atlas_cap": opts.atlas_per_layer,
+            "atlas_ids": {f"{layer}:{q}" for layer in layers for q in atlas_ids[layer]},
+            "build_seconds": round(time.perf_counter() - started, 1),
+        },
+        name,
+    )
     size = output_size(out)
-    log(f"wrote {index} in {time.perf_counter() - started:.1f} s: index.html {size['index_mb']} MB, "
-        f"{size['total_mb']} MB in {size['files']} files")
+    log(
+        f"wrote {index} in {time.perf_counter() - started:.1f} s: index.html {size['index_mb']} MB, "
+        f"{size['total_mb']} MB in {size['files']} files"
+    )
     return index

@@ -25,7 +25,12 @@ def _svg_bytes(fig) -> bytes:
 
 def reconstruction_figure(rows: list[dict]) -> bytes:
     """Bars per layer: relative L2 error, R², l0 ratio, top-1 agreement (SVG bytes)."""
-    keys = [("rel_error", "rel. L2 error"), ("r2", "R²"), ("l0_ratio", "l0 ratio"), ("top1_agreement", "top-1 agreement")]
+    keys = [
+        ("rel_error", "rel. L2 error"),
+        ("r2", "R²"),
+        ("l0_ratio", "l0 ratio"),
+        ("top1_agreement", "top-1 agreement"),
+    ]
     names = [plain_text(r["name"]) for r in rows]
     fig, ax = plt.subplots(figsize=(7.5, 3.2))
     width = 0.8 / len(keys)
@@ -51,8 +56,13 @@ def reconstruction_figure(rows: list[dict]) -> bytes:
 BASELINE_MARKERS = {"dictionary": "s", "sae": "^", "sae-overcomplete": "v", "kmeans": "x", "nmf": "P"}
 
 
-def front_figure(layers: list[dict], min_r2: float | None = None, min_top1: float | None = None,
-                 baselines: dict[str, dict[str, dict]] | None = None, max_kl: float | None = None) -> bytes:
+def front_figure(
+    layers: list[dict],
+    min_r2: float | None = None,
+    min_top1: float | None = None,
+    baselines: dict[str, dict[str, dict]] | None = None,
+    max_kl: float | None = None,
+) -> bytes:
     """Each layer's sparsity–fidelity front (SVG bytes): R², mean KL divergence of the model's
     output (where measured; log scale) and top-1 agreement against the l0 ratio, one line per
     layer, the chosen λ ringed and the rule's thresholds dashed. ``layers``: ``[{"name", "front":
@@ -61,8 +71,11 @@ def front_figure(layers: list[dict], min_r2: float | None = None, min_top1: floa
     (:func:`gig.evaluation.extraction.load_reconstruction`), drawn as markers in the layer's
     colour, so the front is compared with dictionary learning, the SAE and k-means at their l0."""
     with_kl = any(p.get("kl") is not None for l in layers for p in l.get("front") or [])
-    panels = [("r2", "R²", min_r2)] + ([("kl", "mean KL (nats)", max_kl)] if with_kl else []) + [
-        ("top1_agreement", "top-1 agreement", min_top1)]
+    panels = (
+        [("r2", "R²", min_r2)]
+        + ([("kl", "mean KL (nats)", max_kl)] if with_kl else [])
+        + [("top1_agreement", "top-1 agreement", min_top1)]
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.2), sharex=True)
     keys = [key for key, _, _ in panels]
     methods_drawn: set[str] = set()
@@ -72,7 +85,14 @@ def front_figure(layers: list[dict], min_r2: float | None = None, min_top1: floa
                 continue
             for ax, key in zip(axes, keys):
                 if rec.get(key) is not None:
-                    ax.plot([rec["l0_ratio"]], [rec[key]], BASELINE_MARKERS.get(method, "d"), ms=6, color=f"C{i}", mfc="none")
+                    ax.plot(
+                        [rec["l0_ratio"]],
+                        [rec[key]],
+                        BASELINE_MARKERS.get(method, "d"),
+                        ms=6,
+                        color=f"C{i}",
+                        mfc="none",
+                    )
             methods_drawn.add(method)
         pts = sorted(layer["front"], key=lambda p: p["l0_ratio"])
         l0 = np.array([p["l0_ratio"] for p in pts])
@@ -97,16 +117,19 @@ def front_figure(layers: list[dict], min_r2: float | None = None, min_top1: floa
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7, frameon=False)
     if methods_drawn:  # one legend entry per baseline, in black
-        handles = [axes[-1].plot([], [], BASELINE_MARKERS.get(m, "d"), color="k", mfc="none", label=m)[0]
-                   for m in sorted(methods_drawn)]
+        handles = [
+            axes[-1].plot([], [], BASELINE_MARKERS.get(m, "d"), color="k", mfc="none", label=m)[0]
+            for m in sorted(methods_drawn)
+        ]
         axes[-1].legend(handles=handles, fontsize=7, frameon=False, title="evaluation (its images)", title_fontsize=7)
     fig.suptitle("Sparsity–fidelity front per layer (front images; ringed: chosen λ)", fontsize=9)
     fig.tight_layout()
     return _svg_bytes(fig)
 
 
-def completeness_figure(residuals: np.ndarray, xlabel: str = "relative completeness residual",
-                        tol: float | None = None) -> bytes:
+def completeness_figure(
+    residuals: np.ndarray, xlabel: str = "relative completeness residual", tol: float | None = None
+) -> bytes:
     """Histogram of relative figures on a log axis (SVG bytes): completeness residuals
     |Σ GIG − Δg| / |Δg| by default, or GIG error estimates with their tolerance marked."""
     r = np.asarray(residuals, dtype=float)

@@ -32,35 +32,67 @@ def metrics_section(store: RunStore, assets: Assets) -> dict:
         rows.append({**entry, "n_positions": extra.get("n_positions")})
     plots = []
     if any(r["rel_error"] is not None for r in rows):
-        plots.append({"title": "Reconstruction per layer",
-                      "url": assets.add_bytes("img/metrics/reconstruction.svg", reconstruction_figure(rows))})
+        plots.append(
+            {
+                "title": "Reconstruction per layer",
+                "url": assets.add_bytes("img/metrics/reconstruction.svg", reconstruction_figure(rows)),
+            }
+        )
     if any(r["front"] for r in rows):
         config = store.config
         rule = config.target_rel_error is None
-        plots.append({"title": "Sparsity–fidelity front per layer",
-                      "url": assets.add_bytes("img/metrics/front.svg", front_figure(
-                          rows, config.min_r2 if rule else None, config.min_top1_agreement if rule else None,
-                          load_reconstruction(store.root / "evaluate"), config.max_kl if rule else None))})
+        plots.append(
+            {
+                "title": "Sparsity–fidelity front per layer",
+                "url": assets.add_bytes(
+                    "img/metrics/front.svg",
+                    front_figure(
+                        rows,
+                        config.min_r2 if rule else None,
+                        config.min_top1_agreement if rule else None,
+                        load_reconstruction(store.root / "evaluate"),
+                        config.max_kl if rule else None,
+                    ),
+                ),
+            }
+        )
     try:
         residuals = completeness_residuals(store).numpy()
     except RunMismatchError:  # a run without attributions still gets its other metrics
         residuals = None
     completeness = dict(store.summary("attribute").get("completeness", {}))
     if residuals is not None and residuals.size:
-        plots.append({"title": "GIG completeness residuals",
-                      "url": assets.add_bytes("img/metrics/completeness.svg", completeness_figure(residuals))})
+        plots.append(
+            {
+                "title": "GIG completeness residuals",
+                "url": assets.add_bytes("img/metrics/completeness.svg", completeness_figure(residuals)),
+            }
+        )
     gig = info.get("gig")
     if gig and gig.get("by_source"):
         estimates = load_error_estimates(store)
         if estimates.numel():
-            plots.append({"title": "GIG error estimates",
-                          "url": assets.add_bytes("img/metrics/gig_error.svg",
-                                                  completeness_figure(estimates.numpy(), "relative error estimate",
-                                                                      gig.get("tol")))})
+            plots.append(
+                {
+                    "title": "GIG error estimates",
+                    "url": assets.add_bytes(
+                        "img/metrics/gig_error.svg",
+                        completeness_figure(estimates.numpy(), "relative error estimate", gig.get("tol")),
+                    ),
+                }
+            )
     stages = [{"name": k, **v} for k, v in info["stages"].items()]
-    return {"layers": rows, "completeness": completeness, "gig": gig, "images": info["images"], "stages": stages,
-            "plots": plots, "rule": rule_text(store.config),
-            "debias": store.config.debias and store.config.coder == "lasso", "coder": store.config.coder}
+    return {
+        "layers": rows,
+        "completeness": completeness,
+        "gig": gig,
+        "images": info["images"],
+        "stages": stages,
+        "plots": plots,
+        "rule": rule_text(store.config),
+        "debias": store.config.debias and store.config.coder == "lasso",
+        "coder": store.config.coder,
+    }
 
 
 def ablation_section(store: RunStore, importance: dict[str, torch.Tensor]) -> dict | None:
@@ -75,14 +107,35 @@ def ablation_section(store: RunStore, importance: dict[str, torch.Tensor]) -> di
     rows = []
     for name, t in (correlation or {}).get("transitions", {}).items():
         rho, rnd = t["spearman"]["per_target"], t["random"]["per_target"]
-        rows.append({"transition": name, "rho": rho["mean"], "rho_sd": rho["sd"], "n": rho["n"],
-                     "random": rnd["mean"], "random_sd": rnd["sd"], "sign": t.get("sign_agreement"),
-                     "top5": t.get("top5_overlap"), "top5_random": t.get("top5_overlap_random"),
-                     "sum_ratio": t.get("completeness", {}).get("ablation_sum_ratio_median")})
-    results = [{"layer": r["layer"], "concepts": r["concepts"], "n_images": r["n_images"], "source": r.get("source"),
-                "gig_share": float(sum(float(importance[r["layer"]][q]) for q in r["concepts"])) if r["layer"] in importance else None,
-                "delta_prob": r["mean"]["target_prob"]["delta"], "delta_logit": r["mean"]["target_logit"]["delta"],
-                "changed": r["mean"]["prediction_changed"]} for r in ablations]
+        rows.append(
+            {
+                "transition": name,
+                "rho": rho["mean"],
+                "rho_sd": rho["sd"],
+                "n": rho["n"],
+                "random": rnd["mean"],
+                "random_sd": rnd["sd"],
+                "sign": t.get("sign_agreement"),
+                "top5": t.get("top5_overlap"),
+                "top5_random": t.get("top5_overlap_random"),
+                "sum_ratio": t.get("completeness", {}).get("ablation_sum_ratio_median"),
+            }
+        )
+    results = [
+        {
+            "layer": r["layer"],
+            "concepts": r["concepts"],
+            "n_images": r["n_images"],
+            "source": r.get("source"),
+            "gig_share": float(sum(float(importance[r["layer"]][q]) for q in r["concepts"]))
+            if r["layer"] in importance
+            else None,
+            "delta_prob": r["mean"]["target_prob"]["delta"],
+            "delta_logit": r["mean"]["target_logit"]["delta"],
+            "changed": r["mean"]["prediction_changed"],
+        }
+        for r in ablations
+    ]
     return {"correlation": rows, "n_images": (correlation or {}).get("n_images"), "results": results}
 
 
@@ -123,7 +176,9 @@ def _json_tables(data: Any, title: str = "summary") -> list[dict]:
     tables: list[dict] = []
 
     def scalar(v):
-        return not isinstance(v, (dict, list)) or (isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v) and len(v) <= 8)
+        return not isinstance(v, (dict, list)) or (
+            isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v) and len(v) <= 8
+        )
 
     def show(v):
         if isinstance(v, list):
@@ -135,13 +190,21 @@ def _json_tables(data: Any, title: str = "summary") -> list[dict]:
             scalars = {k: v for k, v in node.items() if scalar(v)}
             nested = {k: v for k, v in node.items() if not scalar(v)}
             if scalars:
-                tables.append({"title": name, "columns": ["key", "value"],
-                               "rows": [[k, show(v)] for k, v in scalars.items()]})
-            records = {k: v for k, v in nested.items() if isinstance(v, dict) and v and all(scalar(x) for x in v.values())}
+                tables.append(
+                    {"title": name, "columns": ["key", "value"], "rows": [[k, show(v)] for k, v in scalars.items()]}
+                )
+            records = {
+                k: v for k, v in nested.items() if isinstance(v, dict) and v and all(scalar(x) for x in v.values())
+            }
             if len(records) >= 2:
                 cols = list(dict.fromkeys(c for v in records.values() for c in v))
-                tables.append({"title": name, "columns": [""] + cols,
-                               "rows": [[k] + [show(v.get(c)) for c in cols] for k, v in records.items()]})
+                tables.append(
+                    {
+                        "title": name,
+                        "columns": [""] + cols,
+                        "rows": [[k] + [show(v.get(c)) for c in cols] for k, v in records.items()],
+                    }
+                )
                 nested = {k: v for k, v in nested.items() if k not in records}
             for k, v in nested.items():
                 walk(v, f"{name} › {k}")

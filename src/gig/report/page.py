@@ -38,8 +38,13 @@ def safe_json(data: Any) -> Markup:
     """JSON for a ``<script type="application/json">`` block: ``<``, ``>``, ``&``, U+2028/9
     escaped so that no string inside can close the element or open markup; NaN/inf → null."""
     text = json.dumps(_finite(data), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    for char, esc in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"),
-                      ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+    for char, esc in (
+        ("&", "\\u0026"),
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
         text = text.replace(char, esc)
     return Markup(text)
 
@@ -77,8 +82,14 @@ def _script_safe(code: str) -> str:
 class Assets:
     """Files of the report: written under ``out`` (relative URLs) or inlined as data URIs."""
 
-    MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
-            ".gif": "image/gif", ".webp": "image/webp"}
+    MIME = {
+        ".png": "image/png",
+        ".jpg": "image/jpeg",
+        ".jpeg": "image/jpeg",
+        ".svg": "image/svg+xml",
+        ".gif": "image/gif",
+        ".webp": "image/webp",
+    }
 
     def __init__(self, out: Path, inline: bool):
         self.out = out
@@ -159,19 +170,28 @@ def fmt_value(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
-        if value != 0 and (abs(value) < 10 ** -digits or abs(value) >= 10**6):
+        if value != 0 and (abs(value) < 10**-digits or abs(value) >= 10**6):
             return f"{value:.{digits}g}"
         return f"{value:.{digits}f}"
     return str(value)
 
 
-def render_page(out: Path, assets: Assets, context: dict[str, Any], class_name: Callable[[int], str],
-                template: str = "report.html.j2") -> Path:
+def render_page(
+    out: Path,
+    assets: Assets,
+    context: dict[str, Any],
+    class_name: Callable[[int], str],
+    template: str = "report.html.j2",
+) -> Path:
     """Write ``out/index.html`` from ``template`` with ``context`` (which holds ``page_data``, the
     page's JSON block) and the bundled viewer (cytoscape.js, report.js, report.css: copied under
     ``static/`` or inlined when ``assets.inline``). Returns the path of ``index.html``."""
-    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html", "j2"]),
-                      trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=FileSystemLoader(str(TEMPLATES)),
+        autoescape=select_autoescape(["html", "j2"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["fmt"] = fmt_value
     env.filters["slug"] = slug
     env.globals["cname"] = class_name
@@ -184,8 +204,13 @@ def render_page(out: Path, assets: Assets, context: dict[str, Any], class_name: 
             if name == "cytoscape.min.js":
                 assets.add_file("static/cytoscape.LICENSE", STATIC / "cytoscape.LICENSE")
     html = env.get_template(template).render(
-        data_json=safe_json(context["page_data"]), single_file=assets.inline, nonce=secrets.token_urlsafe(18),
-        static=static, generated=time.strftime("%Y-%m-%d %H:%M"), **context)
+        data_json=safe_json(context["page_data"]),
+        single_file=assets.inline,
+        nonce=secrets.token_urlsafe(18),
+        static=static,
+        generated=time.strftime("%Y-%m-%d %H:%M"),
+        **context,
+    )
     index_path = out / "index.html"
     # A file name that is not valid UTF-8 reaches Python as lone surrogates (PEP 383); shown
     # with U+FFFD in its place rather than failing the whole page.
@@ -196,5 +221,8 @@ def render_page(out: Path, assets: Assets, context: dict[str, Any], class_name: 
 def output_size(out: Path) -> dict[str, float]:
     """The size of a written page: ``index.html`` and the whole folder in MB, and its file count."""
     files = [f for f in out.rglob("*") if f.is_file()]
-    return {"index_mb": round((out / "index.html").stat().st_size / 2**20, 2),
-            "total_mb": round(sum(f.stat().st_size for f in files) / 2**20, 2), "files": len(files)}
+    return {
+        "index_mb": round((out / "index.html").stat().st_size / 2**20, 2),
+        "total_mb": round(sum(f.stat().st_size for f in files) / 2**20, 2),
+        "files": len(files),
+    }

@@ -21,11 +21,20 @@ import torch
 from PIL import Image
 
 from ..access import RunAccess
+from ..attribution import iter_attributions, load_attributions
 from ..erf import crop_paths
 from ..errors import RunMismatchError
-from ..attribution import iter_attributions, load_attributions
-from ..graph import (EDGE_FIELDS, SCORE_FIELDS, EdgeSums, ScoreSums, accumulate, build_graph, build_graph_set,
-                     default_classes, with_positions)
+from ..graph import (
+    EDGE_FIELDS,
+    SCORE_FIELDS,
+    EdgeSums,
+    ScoreSums,
+    accumulate,
+    build_graph,
+    build_graph_set,
+    default_classes,
+    with_positions,
+)
 from ..labels import load_labels, node_labels
 from ..models import class_name
 from ..store import RunStore, load_json
@@ -44,16 +53,19 @@ def short_path(path: str) -> str:
 
 def class_namer(names: list[str]) -> Callable[[int | None], str]:
     """``c → name`` (``class c`` past the list, ``target logit`` for ``None``)."""
+
     def name(c: int | None) -> str:
         if c is None:
             return "target logit"
         return class_name(names, c)
+
     return name
 
 
 # ------------------------------------------------------------------------------------ graphs
-def report_classes(store: RunStore, index: dict, targets: dict[int, int], max_classes: int,
-                   explicit: list[int] | None) -> list[int]:
+def report_classes(
+    store: RunStore, index: dict, targets: dict[int, int], max_classes: int, explicit: list[int] | None
+) -> list[int]:
     """The classes with a class graph: explicit ones, else the run's graph classes then the most
     frequent targets, ``max_classes`` in all; only classes some image has as target."""
     run_classes = [int(c) for c in index.get("classes", [])]
@@ -66,8 +78,9 @@ def report_classes(store: RunStore, index: dict, targets: dict[int, int], max_cl
     return [c for c in classes if c in present]
 
 
-def graph_entry(key: str, mode: str, classes: list[int], label: str, graph: dict, file: str | None = None,
-                **extra: Any) -> dict:
+def graph_entry(
+    key: str, mode: str, classes: list[int], label: str, graph: dict, file: str | None = None, **extra: Any
+) -> dict:
     """One graph of the viewer's menus; the graph gets its nodes' row positions (:func:`gig.graph.with_positions`).
     Its list of image ids stays in the graph's own file: the page would otherwise grow with the
     run (50 000 ids in a global graph) for a list the viewer never shows."""
@@ -85,16 +98,25 @@ def run_graphs(store: RunStore, classes: list[int], shared_classes: int, names: 
     for c in classes:
         file = index["files"]["class"].get(str(c))
         graph = load_json(graph_dir / file) if file else build_graph(store, "class", [c], class_names=names)
-        entries.append(graph_entry(f"class:{c}", "class", [c], f"{name(c)} ({n_images_text(graph['n_images'])})",
-                                   graph, file))
+        entries.append(
+            graph_entry(f"class:{c}", "class", [c], f"{name(c)} ({n_images_text(graph['n_images'])})", graph, file)
+        )
     run_shared = index["files"].get("shared")
     run_classes = sorted(int(c) for c in index.get("classes", []))
     pool = classes[: max(0, shared_classes)]
     for combo in (list(c) for size in range(2, len(pool) + 1) for c in itertools.combinations(pool, size)):
         file = run_shared if run_shared and sorted(combo) == run_classes else None
         graph = load_json(graph_dir / file) if file else build_graph(store, "shared", combo, class_names=names)
-        entries.append(graph_entry("shared:" + ",".join(map(str, sorted(combo))), "shared", sorted(combo),
-                                   " + ".join(name(c) for c in sorted(combo)), graph, file))
+        entries.append(
+            graph_entry(
+                "shared:" + ",".join(map(str, sorted(combo))),
+                "shared",
+                sorted(combo),
+                " + ".join(name(c) for c in sorted(combo)),
+                graph,
+                file,
+            )
+        )
     if index["files"].get("global"):
         file = index["files"]["global"]
         graph = load_json(graph_dir / file)
@@ -102,8 +124,9 @@ def run_graphs(store: RunStore, classes: list[int], shared_classes: int, names: 
     return entries
 
 
-def on_demand_graphs(store: RunStore, attributed_targets: dict[int, int], inline: list[int],
-                     names: list[str], progress: bool = False) -> list[dict]:
+def on_demand_graphs(
+    store: RunStore, attributed_targets: dict[int, int], inline: list[int], names: list[str], progress: bool = False
+) -> list[dict]:
     """The class graph of every target class of the run's attributed images that the page does
     not carry inline (most images first), built in one two-pass read of the shards
     (:func:`gig.graph.build_graph_set`); each is written to its own file and loaded when chosen."""
@@ -113,8 +136,10 @@ def on_demand_graphs(store: RunStore, attributed_targets: dict[int, int], inline
         return []
     name = class_namer(names)
     graphs = build_graph_set(store, {c: ("class", [c]) for c in classes}, names, progress)
-    return [graph_entry(f"class:{c}", "class", [c], f"{name(c)} ({n_images_text(graphs[c]['n_images'])})", graphs[c])
-            for c in classes]
+    return [
+        graph_entry(f"class:{c}", "class", [c], f"{name(c)} ({n_images_text(graphs[c]['n_images'])})", graphs[c])
+        for c in classes
+    ]
 
 
 def write_on_demand(out: Path, entries: list[dict], concepts: dict[str, dict], names: list[str]) -> list[dict]:
@@ -136,8 +161,9 @@ def write_on_demand(out: Path, entries: list[dict], concepts: dict[str, dict], n
     return menu
 
 
-def choose_images(images_info: list[dict], classes: list[int], attributed: set[int], n_images: int,
-                  explicit: list[int] | None) -> list[int]:
+def choose_images(
+    images_info: list[dict], classes: list[int], attributed: set[int], n_images: int, explicit: list[int] | None
+) -> list[int]:
     """Explicit ids, else up to two images per report class (most confident first), then the
     most confident of the rest, ``n_images`` in all."""
     if explicit:
@@ -145,8 +171,9 @@ def choose_images(images_info: list[dict], classes: list[int], attributed: set[i
         if missing:
             raise RunMismatchError(f"image id(s) {missing} have no attribution in this run")
         return list(dict.fromkeys(int(i) for i in explicit))
-    ranked = sorted((i for i in images_info if int(i["image_id"]) in attributed),
-                    key=lambda i: -(i.get("target_prob") or 0.0))
+    ranked = sorted(
+        (i for i in images_info if int(i["image_id"]) in attributed), key=lambda i: -(i.get("target_prob") or 0.0)
+    )
     chosen: list[int] = []
     for c in classes:
         chosen += [int(i["image_id"]) for i in ranked if int(i["target"]) == c][:2]
@@ -154,17 +181,23 @@ def choose_images(images_info: list[dict], classes: list[int], attributed: set[i
     return list(dict.fromkeys(chosen))[: max(0, n_images)]
 
 
-def image_graphs(store: RunStore, image_ids: list[int], by_image: dict[int, dict],
-                 names: list[str]) -> list[dict]:
+def image_graphs(store: RunStore, image_ids: list[int], by_image: dict[int, dict], names: list[str]) -> list[dict]:
     """The single-image graph of each of ``image_ids`` (images of the run)."""
     name = class_namer(names)
     entries = []
     for image_id in image_ids:
         info = by_image[image_id]
         graph = build_graph(store, "image", image_id=image_id, class_names=names)
-        entries.append(graph_entry(f"image:{image_id}", "image", [int(info["target"])],
-                                   f"#{image_id} {short_path(info['path'])} → {name(int(info['target']))}",
-                                   graph, image_id=image_id))
+        entries.append(
+            graph_entry(
+                f"image:{image_id}",
+                "image",
+                [int(info["target"])],
+                f"#{image_id} {short_path(info['path'])} → {name(int(info['target']))}",
+                graph,
+                image_id=image_id,
+            )
+        )
     return entries
 
 
@@ -189,15 +222,23 @@ def concepts_shown(atlas_ids: dict[str, list[int]], graphs: list[dict]) -> dict[
     return shown
 
 
-def exemplar_urls(access: RunAccess, assets: Assets, cards: dict[str, dict], shown: dict[str, set[int]],
-                  n_exemplars: int, log: Callable[[str], None] = lambda msg: None) -> dict[str, dict[int, str]]:
+def exemplar_urls(
+    access: RunAccess,
+    assets: Assets,
+    cards: dict[str, dict],
+    shown: dict[str, set[int]],
+    n_exemplars: int,
+    log: Callable[[str], None] = lambda msg: None,
+) -> dict[str, dict[int, str]]:
     """``{layer: {sample index: url}}``: the ERF crops of the first ``n_exemplars`` exemplars of
     every concept shown, one batched pass per layer (JPEG assets)."""
     urls: dict[str, dict[int, str]] = {}
     for layer, ids in shown.items():
         wanted = sorted({s for q in ids for s in cards[layer]["concepts"][q]["exemplars"][:n_exemplars]})
         paths = access.crops(layer, wanted)
-        urls[layer] = {s: assets.add_bytes(f"img/erf/{slug(layer)}/s{s}.jpg", jpeg_bytes(p)) for s, p in zip(wanted, paths)}
+        urls[layer] = {
+            s: assets.add_bytes(f"img/erf/{slug(layer)}/s{s}.jpg", jpeg_bytes(p)) for s, p in zip(wanted, paths)
+        }
         log(f"{layer}: {len(ids)} concepts, {len(wanted)} ERF crops")
     return urls
 
@@ -248,8 +289,10 @@ class RunNeighbours:
         layers = self.layers
         self.shown = {layer: sorted(shown.get(layer, ())) for layer in layers}
         pairs = list(zip(layers[:-1], layers[1:]))
-        sums = {"parents": EdgeSums(layers, ("flow",), upper_ids={lo: self.shown[up] for lo, up in pairs}),
-                "children": EdgeSums(layers, ("flow",), lower_ids={lo: self.shown[lo] for lo, _ in pairs})}
+        sums = {
+            "parents": EdgeSums(layers, ("flow",), upper_ids={lo: self.shown[up] for lo, up in pairs}),
+            "children": EdgeSums(layers, ("flow",), lower_ids={lo: self.shown[lo] for lo, _ in pairs}),
+        }
         accumulate(iter_attributions(store, EDGE_FIELDS), sums, {key: ("all", None) for key in sums}, targets)
         self.parents, self.children = sums["parents"], sums["children"]
         return self
@@ -260,18 +303,28 @@ class RunNeighbours:
         lower = self.layers[position - 1] if position > 0 else None
         upper = self.layers[position + 1] if position + 1 < len(self.layers) else None
         slot = self.shown[layer].index(q)
-        parents = (_top_pairs(self.parents.edges()[lower][slot], [f"{lower}:{p}" for p in range(K[lower])])
-                   if lower else [])
+        parents = (
+            _top_pairs(self.parents.edges()[lower][slot], [f"{lower}:{p}" for p in range(K[lower])]) if lower else []
+        )
         if upper:
             children = _top_pairs(self.children.edges()[layer][:, slot], [f"{upper}:{p}" for p in range(K[upper])])
         else:
-            children = _top_pairs(self.class_matrix[:, q], [f"class:{c}" for c in self.class_ids]) if self.class_ids else []
+            children = (
+                _top_pairs(self.class_matrix[:, q], [f"class:{c}" for c in self.class_ids]) if self.class_ids else []
+            )
         return parents, children
 
 
-def concept_cards(store: RunStore, cards: dict[str, dict], samples: dict[str, dict], shown: dict[str, set[int]],
-                  urls: dict[str, dict[int, str]], importance: dict[str, torch.Tensor], neighbours: RunNeighbours,
-                  n_exemplars: int) -> dict[str, dict]:
+def concept_cards(
+    store: RunStore,
+    cards: dict[str, dict],
+    samples: dict[str, dict],
+    shown: dict[str, set[int]],
+    urls: dict[str, dict[int, str]],
+    importance: dict[str, torch.Tensor],
+    neighbours: RunNeighbours,
+    n_exemplars: int,
+) -> dict[str, dict]:
     """``{"LAYER:q": card}`` for every concept shown: exemplars (crop url, image, class, cosine),
     members, classes, parents, children, importance and rank, and the user's label if any."""
     labels = load_labels(store)
@@ -282,22 +335,44 @@ def concept_cards(store: RunStore, cards: dict[str, dict], samples: dict[str, di
         for q in sorted(ids):
             card = cards[layer]["concepts"][q]
             sims = card.get("exemplar_similarity", [])
-            exemplars = [{"s": int(s), "url": urls[layer].get(int(s)), "image": int(samples[layer]["image_id"][s]),
-                          "cls": int(samples[layer]["target"][s]), "sim": sims[j] if j < len(sims) else None}
-                         for j, s in enumerate(card["exemplars"][:n_exemplars])]
+            exemplars = [
+                {
+                    "s": int(s),
+                    "url": urls[layer].get(int(s)),
+                    "image": int(samples[layer]["image_id"][s]),
+                    "cls": int(samples[layer]["target"][s]),
+                    "sim": sims[j] if j < len(sims) else None,
+                }
+                for j, s in enumerate(card["exemplars"][:n_exemplars])
+            ]
             parents, children = neighbours.of(layer, q, K)
             out[f"{layer}:{q}"] = {
-                "layer": layer, "concept": q, "count": card["count"], "importance": float(importance[layer][q]),
-                "rank": rank[q], "top_classes": card["top_classes"], "exemplars": exemplars,
-                "parents": parents, "children": children, **labels.get(layer, {}).get(q, {}),
+                "layer": layer,
+                "concept": q,
+                "count": card["count"],
+                "importance": float(importance[layer][q]),
+                "rank": rank[q],
+                "top_classes": card["top_classes"],
+                "exemplars": exemplars,
+                "parents": parents,
+                "children": children,
+                **labels.get(layer, {}).get(q, {}),
             }
     return out
 
 
 # ------------------------------------------------------------------------------ localisation
-def localisation_panel(entry: dict, view: Image.Image, layers: list[str], walk_row: dict[str, Any],
-                       codes: dict[str, torch.Tensor], concepts: dict[str, dict], assets: Assets, size: int,
-                       erf_crops: dict[str, str] | None = None) -> dict:
+def localisation_panel(
+    entry: dict,
+    view: Image.Image,
+    layers: list[str],
+    walk_row: dict[str, Any],
+    codes: dict[str, torch.Tensor],
+    concepts: dict[str, dict],
+    assets: Assets,
+    size: int,
+    erf_crops: dict[str, str] | None = None,
+) -> dict:
     """One image's localisation panel: per layer (top first) its top concepts with their GIG map
     and |coefficient| map over the image (and the image's own ERF crop of the concept, when given).
 
@@ -305,8 +380,11 @@ def localisation_panel(entry: dict, view: Image.Image, layers: list[str], walk_r
     this image (a row of the attribute stage, or of :func:`gig.explain.explain`); ``codes``:
     ``{layer: (H·W, K)}``; ``entry``: the image's fields (id, path, classes, ...)."""
     key = str(entry["id"])
-    entry = {**entry, "url": assets.add_image(f"img/images/{slug(key)}.jpg",
-                                              view.resize((2 * size, 2 * size), Image.BICUBIC)), "layers": []}
+    entry = {
+        **entry,
+        "url": assets.add_image(f"img/images/{slug(key)}.jpg", view.resize((2 * size, 2 * size), Image.BICUBIC)),
+        "layers": [],
+    }
     for layer in reversed(layers):
         maps = np.asarray(walk_row[f"{layer}/maps"])  # (k, H, W)
         h, w = maps.shape[1:]
@@ -315,20 +393,31 @@ def localisation_panel(entry: dict, view: Image.Image, layers: list[str], walk_r
             stem = f"img/loc/{slug(key)}/{slug(layer)}_{q}"
             coef = codes[layer][:, q].abs().reshape(h, w).numpy()
             node = f"{layer}:{q}"
-            cells.append({
-                "concept": q, "id": node, "importance": imp,
-                "gig": assets.add_image(f"{stem}_gig.jpg", heatmap_overlay(view, maps[j], size)),
-                "coef": assets.add_image(f"{stem}_coef.jpg", heatmap_overlay(view, coef, size)),
-                "erf": (erf_crops or {}).get(node),
-                "top1": concepts.get(node, {}).get("exemplars", [{}])[0].get("url"),
-                "name": concepts.get(node, {}).get("name"),
-            })
+            cells.append(
+                {
+                    "concept": q,
+                    "id": node,
+                    "importance": imp,
+                    "gig": assets.add_image(f"{stem}_gig.jpg", heatmap_overlay(view, maps[j], size)),
+                    "coef": assets.add_image(f"{stem}_coef.jpg", heatmap_overlay(view, coef, size)),
+                    "erf": (erf_crops or {}).get(node),
+                    "top1": concepts.get(node, {}).get("exemplars", [{}])[0].get("url"),
+                    "name": concepts.get(node, {}).get("name"),
+                }
+            )
         entry["layers"].append({"layer": layer, "cells": cells})
     return entry
 
 
-def run_panels(store: RunStore, image_ids: list[int], by_image: dict[int, dict],
-               access: RunAccess, concepts: dict[str, dict], assets: Assets, size: int) -> dict[str, dict]:
+def run_panels(
+    store: RunStore,
+    image_ids: list[int],
+    by_image: dict[int, dict],
+    access: RunAccess,
+    concepts: dict[str, dict],
+    assets: Assets,
+    size: int,
+) -> dict[str, dict]:
     """The localisation panels of some of the run's images (their rows of the attribute stage,
     codes through :class:`gig.decompose.CodeReader`): ``{str(image id): panel}``."""
     from ..decompose import CodeReader
@@ -345,13 +434,22 @@ def run_panels(store: RunStore, image_ids: list[int], by_image: dict[int, dict],
         info, row = by_image[image_id], row_of[image_id]
         walk_row = {k: v[row] for k, v in data.items() if k.endswith(("/top", "/importance", "/maps"))}
         panels[str(image_id)] = localisation_panel(
-            {"id": image_id, **{k: info.get(k) for k in fields}}, access.display_image(image_id), layers, walk_row,
-            {layer: readers[layer].codes(image_id) for layer in layers}, concepts, assets, size)
+            {"id": image_id, **{k: info.get(k) for k in fields}},
+            access.display_image(image_id),
+            layers,
+            walk_row,
+            {layer: readers[layer].codes(image_id) for layer in layers},
+            concepts,
+            assets,
+            size,
+        )
     return panels
 
 
 # ----------------------------------------------------------------------------------- figures
-def class_figures(store: RunStore, graphs: list[dict], concepts: dict[str, dict], out: Path, assets: Assets) -> list[dict]:
+def class_figures(
+    store: RunStore, graphs: list[dict], concepts: dict[str, dict], out: Path, assets: Assets
+) -> list[dict]:
     """The static figure (SVG, PNG) of every class graph, thumbnails the concepts' top-1 crops;
     with links to the graph stage's own figures of the same class."""
     figures = []
@@ -365,23 +463,30 @@ def class_figures(store: RunStore, graphs: list[dict], concepts: dict[str, dict]
         stem = out / "figures" / f"class_{g['classes'][0]}"
         stem.parent.mkdir(parents=True, exist_ok=True)
         svg, png = draw_graph(g["graph"], stem, thumbs, labels=node_labels(store, g["graph"]))
-        fig = {"label": g["label"], "svg": assets.add_file(f"figures/{svg.name}", svg),
-               "png": assets.add_file(f"figures/{png.name}", png), "pipeline": []}
+        fig = {
+            "label": g["label"],
+            "svg": assets.add_file(f"figures/{svg.name}", svg),
+            "png": assets.add_file(f"figures/{png.name}", png),
+            "pipeline": [],
+        }
         if assets.inline:  # figures/ then only holds what index.html already inlines
             svg.unlink()
             png.unlink()
         for ext in ("svg", "png"):
             original = store.root / "graph" / f"class_{g['classes'][0]}.{ext}"
             if original.is_file():
-                fig["pipeline"].append({"ext": ext, "url": assets.add_file(f"figures/pipeline_{original.name}", original)})
+                fig["pipeline"].append(
+                    {"ext": ext, "url": assets.add_file(f"figures/pipeline_{original.name}", original)}
+                )
         figures.append(fig)
     if assets.inline and (out / "figures").is_dir() and not any((out / "figures").iterdir()):
         (out / "figures").rmdir()
     return figures
 
 
-def referenced_classes(graphs: list[dict], concepts: dict[str, dict], images: dict[str, dict],
-                       extra: list[int]) -> set[int]:
+def referenced_classes(
+    graphs: list[dict], concepts: dict[str, dict], images: dict[str, dict], extra: list[int]
+) -> set[int]:
     """Every class id the page mentions (its names go into the page's data)."""
     referenced = set(extra)
     for g in graphs:
@@ -398,15 +503,32 @@ def referenced_classes(graphs: list[dict], concepts: dict[str, dict], images: di
     return referenced
 
 
-def viewer_data(run: dict, graphs: list[dict], concepts: dict[str, dict], images: dict[str, dict],
-                class_names: dict[str, str], shared_pool: list[int], on_demand: list[dict] | None = None) -> dict:
+def viewer_data(
+    run: dict,
+    graphs: list[dict],
+    concepts: dict[str, dict],
+    images: dict[str, dict],
+    class_names: dict[str, str],
+    shared_pool: list[int],
+    on_demand: list[dict] | None = None,
+) -> dict:
     """The page's JSON block (``gig.report/1``): what report.js reads; ``onDemand`` lists the
     graphs in files of their own (:func:`write_on_demand`)."""
     return {
-        "schema": "gig.report/1", "run": run, "classNames": class_names, "graphs": graphs,
+        "schema": "gig.report/1",
+        "run": run,
+        "classNames": class_names,
+        "graphs": graphs,
         "onDemand": on_demand or [],
-        "sharedPool": shared_pool, "concepts": concepts,
+        "sharedPool": shared_pool,
+        "concepts": concepts,
         "images": {k: {kk: vv for kk, vv in v.items() if kk != "layers"} for k, v in images.items()},
-        "localised": {k: {c["id"]: {m: c[m] for m in ("gig", "coef", "erf") if c.get(m)}
-                          for layer in v["layers"] for c in layer["cells"]} for k, v in images.items()},
+        "localised": {
+            k: {
+                c["id"]: {m: c[m] for m in ("gig", "coef", "erf") if c.get(m)}
+                for layer in v["layers"]
+                for c in layer["cells"]
+            }
+            for k, v in images.items()
+        },
     }

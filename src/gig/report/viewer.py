@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..access import RunAccess
 from ..collect import load_images, load_samples
 from ..concepts import load_concept_cards
-from ..access import RunAccess
 from ..store import RunStore
 from . import sections as sec
 from .page import Assets, render_page
@@ -20,10 +20,19 @@ from .page import Assets, render_page
 PanelMaker = Callable[[dict, Assets], dict]
 
 
-def write_viewer(store: RunStore, access: RunAccess, graphs: list[dict], out: Path, names: list[str],
-                 panels: PanelMaker | None = None, single_file: bool = False, exemplars: int = 10,
-                 heading: str = "explanation", n_images: int | None = None,
-                 log: Callable[[str], None] = lambda msg: None) -> Path:
+def write_viewer(
+    store: RunStore,
+    access: RunAccess,
+    graphs: list[dict],
+    out: Path,
+    names: list[str],
+    panels: PanelMaker | None = None,
+    single_file: bool = False,
+    exemplars: int = 10,
+    heading: str = "explanation",
+    n_images: int | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+) -> Path:
     """Write ``out/index.html`` showing ``graphs`` (viewer entries, :func:`sections.graph_entry`)
     with their concepts' cards and the localisation ``panels``; returns its path."""
     started = time.perf_counter()
@@ -37,19 +46,48 @@ def write_viewer(store: RunStore, access: RunAccess, graphs: list[dict], out: Pa
     urls = sec.exemplar_urls(access, assets, cards, shown, exemplars, log)
     neighbours = sec.RunNeighbours.of_run(store, targets).read_edges(store, shown, targets)
     importance = neighbours.importance
-    concepts = sec.concept_cards(store, cards, {layer: load_samples(store, layer) for layer in layers}, shown, urls,
-                                 importance, neighbours, exemplars)
+    concepts = sec.concept_cards(
+        store,
+        cards,
+        {layer: load_samples(store, layer) for layer in layers},
+        shown,
+        urls,
+        importance,
+        neighbours,
+        exemplars,
+    )
     images = panels(concepts, assets) if panels else {}
-    run = {"path": str(store.root), "model": store.config.model, "layers": layers,
-           "n_images": n_images if n_images is not None else len(images),
-           "top_k": store.config.top_k, "edges_per_node": store.config.edges_per_node,
-           "K": {layer: len(cards[layer]["concepts"]) for layer in layers}}
+    run = {
+        "path": str(store.root),
+        "model": store.config.model,
+        "layers": layers,
+        "n_images": n_images if n_images is not None else len(images),
+        "top_k": store.config.top_k,
+        "edges_per_node": store.config.edges_per_node,
+        "K": {layer: len(cards[layer]["concepts"]) for layer in layers},
+    }
     referenced = sec.referenced_classes(graphs, concepts, images, [])
     page_data = sec.viewer_data(run, graphs, concepts, images, {str(c): name(c) for c in sorted(referenced)}, [])
-    atlas = [{"layer": layer, "K": run["K"][layer], "concepts": [concepts[f"{layer}:{q}"] for q in sorted(shown[layer])]}
-             for layer in reversed(layers)]
-    return render_page(out, assets, {
-        "page_data": page_data, "run": run, "atlas": atlas, "images": list(images.values()), "graphs": graphs,
-        "figures": None, "metrics": None, "evaluation": None, "atlas_cap": 0, "page_kind": heading,
-        "atlas_ids": {f"{layer}:{q}" for layer in layers for q in shown[layer]},
-        "build_seconds": round(time.perf_counter() - started, 1)}, name)
+    atlas = [
+        {"layer": layer, "K": run["K"][layer], "concepts": [concepts[f"{layer}:{q}"] for q in sorted(shown[layer])]}
+        for layer in reversed(layers)
+    ]
+    return render_page(
+        out,
+        assets,
+        {
+            "page_data": page_data,
+            "run": run,
+            "atlas": atlas,
+            "images": list(images.values()),
+            "graphs": graphs,
+            "figures": None,
+            "metrics": None,
+            "evaluation": None,
+            "atlas_cap": 0,
+            "page_kind": heading,
+            "atlas_ids": {f"{layer}:{q}" for layer in layers for q in shown[layer]},
+            "build_seconds": round(time.perf_counter() - started, 1),
+        },
+        name,
+    )

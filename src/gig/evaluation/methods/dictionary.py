@@ -39,8 +39,17 @@ class DictionaryLearningBasis(LassoCoded):
     name = "dictionary"
     uses = ("seed", "dictionary_iter")
 
-    def __init__(self, n_components: int, target_l0: float, coder: dict[str, Any], fit_alpha: float | None = None,
-                 seed: int = 0, calibration_size: int = 2000, n_iter: int = 5, batch_size: int = 256):
+    def __init__(
+        self,
+        n_components: int,
+        target_l0: float,
+        coder: dict[str, Any],
+        fit_alpha: float | None = None,
+        seed: int = 0,
+        calibration_size: int = 2000,
+        n_iter: int = 5,
+        batch_size: int = 256,
+    ):
         self.n_components = n_components
         self.target_l0 = target_l0
         self.coder = coder
@@ -54,8 +63,15 @@ class DictionaryLearningBasis(LassoCoded):
     def for_layer(cls, ctx: LayerContext) -> "DictionaryLearningBasis":
         run = ctx.run_basis
         fit_alpha = float(run.alpha_ / unit_atom_scale(run.components_, ctx.config))
-        return cls(ctx.K, ctx.run_l0_ratio, coder_settings(ctx.config), fit_alpha, ctx.settings.seed,
-                   ctx.config.calibration_size, ctx.settings.dictionary_iter)
+        return cls(
+            ctx.K,
+            ctx.run_l0_ratio,
+            coder_settings(ctx.config),
+            fit_alpha,
+            ctx.settings.seed,
+            ctx.config.calibration_size,
+            ctx.settings.dictionary_iter,
+        )
 
     def fit(self, X: torch.Tensor) -> "DictionaryLearningBasis":
         from sklearn.decomposition import MiniBatchDictionaryLearning
@@ -66,18 +82,29 @@ class DictionaryLearningBasis(LassoCoded):
         fit_alpha = self.fit_alpha
         if fit_alpha is None:  # in the data's units: a small share of the typical row norm
             fit_alpha = 0.05 * float(np.linalg.norm(Xn, axis=1).mean())
-        dl = MiniBatchDictionaryLearning(n_components=self.n_components, alpha=fit_alpha,
-                                         batch_size=min(self.batch_size, X.shape[0]), max_iter=self.n_iter,
-                                         random_state=self.seed, fit_algorithm="cd",
-                                         positive_code=self.coder["nonnegative"])
+        dl = MiniBatchDictionaryLearning(
+            n_components=self.n_components,
+            alpha=fit_alpha,
+            batch_size=min(self.batch_size, X.shape[0]),
+            max_iter=self.n_iter,
+            random_state=self.seed,
+            fit_algorithm="cd",
+            positive_code=self.coder["nonnegative"],
+        )
         with warnings.catch_warnings():  # coordinate descent inside the fit warns at every batch
             warnings.simplefilter("ignore", ConvergenceWarning)
             dl.fit(Xn)
         V = torch.from_numpy(dl.components_).float()
         self.components_ = V / V.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.alpha_, l0 = self.calibrate(X, self.target_l0, self.seed, self.calibration_size)
-        self.info_ = {"kind": "sklearn MiniBatchDictionaryLearning + the run's encoder", "fit_alpha": fit_alpha,
-                      "fit_iter": self.n_iter, "alpha": self.alpha_, "nonnegative": self.coder["nonnegative"],
-                      "calibration_l0_ratio": l0, "target_l0_ratio": self.target_l0,
-                      "fit_seconds": round(time.perf_counter() - t0, 2)}
+        self.info_ = {
+            "kind": "sklearn MiniBatchDictionaryLearning + the run's encoder",
+            "fit_alpha": fit_alpha,
+            "fit_iter": self.n_iter,
+            "alpha": self.alpha_,
+            "nonnegative": self.coder["nonnegative"],
+            "calibration_l0_ratio": l0,
+            "target_l0_ratio": self.target_l0,
+            "fit_seconds": round(time.perf_counter() - t0, 2),
+        }
         return self

@@ -41,8 +41,11 @@ class KMeansBasis(ConceptBasis):
         t0 = time.perf_counter()
         km = KMeans(n_clusters=self.n_components, n_init=1, random_state=self.seed).fit(X.double().numpy())
         self.components_ = torch.from_numpy(km.cluster_centers_).float()
-        self.info_ = {"kind": "sklearn KMeans, hard nearest-centroid code with projection coefficient",
-                      "inertia": float(km.inertia_), "fit_seconds": round(time.perf_counter() - t0, 2)}
+        self.info_ = {
+            "kind": "sklearn KMeans, hard nearest-centroid code with projection coefficient",
+            "inertia": float(km.inertia_),
+            "fit_seconds": round(time.perf_counter() - t0, 2),
+        }
         return self
 
     def transform(self, X: torch.Tensor) -> torch.Tensor:

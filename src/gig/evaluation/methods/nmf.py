@@ -20,8 +20,10 @@ def _non_negative(X: torch.Tensor) -> np.ndarray:
     """``X`` as float64 numpy; InputError when it has negative entries (NMF cannot code them)."""
     low = float(X.min()) if X.numel() else 0.0
     if low < 0:
-        raise InputError(f"nmf needs non-negative activations, but the layer output has values down to {low:.3g}: "
-                         "use it on a post-ReLU layer, or the 'dictionary' method on signed layers")
+        raise InputError(
+            f"nmf needs non-negative activations, but the layer output has values down to {low:.3g}: "
+            "use it on a post-ReLU layer, or the 'dictionary' method on signed layers"
+        )
     return X.double().numpy()
 
 
@@ -51,9 +53,12 @@ class NMFBasis(ConceptBasis):
             warnings.simplefilter("ignore", ConvergenceWarning)
             model.fit(_non_negative(X))
         self._set_H(torch.from_numpy(model.components_))
-        self.info_ = {"kind": "sklearn NMF (cd, Frobenius)", "n_iter": int(model.n_iter_),
-                      "reconstruction_err": float(model.reconstruction_err_),
-                      "fit_seconds": round(time.perf_counter() - t0, 2)}
+        self.info_ = {
+            "kind": "sklearn NMF (cd, Frobenius)",
+            "n_iter": int(model.n_iter_),
+            "reconstruction_err": float(model.reconstruction_err_),
+            "fit_seconds": round(time.perf_counter() - t0, 2),
+        }
         return self
 
     def transform(self, X: torch.Tensor) -> torch.Tensor:
@@ -64,9 +69,15 @@ class NMFBasis(ConceptBasis):
             return X.new_zeros(0, self.n_components_)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            W, _, _ = non_negative_factorization(_non_negative(X), H=self.H_, n_components=self.n_components_,
-                                                 update_H=False, max_iter=self.max_iter, tol=self.tol,
-                                                 random_state=self.seed)
+            W, _, _ = non_negative_factorization(
+                _non_negative(X),
+                H=self.H_,
+                n_components=self.n_components_,
+                update_H=False,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                random_state=self.seed,
+            )
         return torch.from_numpy(W).float()
 
     def _set_H(self, H: torch.Tensor) -> None:

@@ -39,7 +39,11 @@ class RunDictionary(LassoCoded):
         self.coder = coder_settings(store.config)
         self.components_ = load_dictionary(store, self.layer).float()
         self.alpha_ = float(alpha)
-        self.info_ = {"kind": "bisecting k-means + " + ("OMP" if self.coder.get("coder") == "omp" else "Lasso"), "alpha": self.alpha_, "debias": self.coder["debias"]}
+        self.info_ = {
+            "kind": "bisecting k-means + " + ("OMP" if self.coder.get("coder") == "omp" else "Lasso"),
+            "alpha": self.alpha_,
+            "debias": self.coder["debias"],
+        }
         return self
 
     def stored_codes(self, image_ids: list[int]) -> torch.Tensor:

@@ -59,8 +59,10 @@ class OvercompleteTopKSAE(TopKSAEBasis):
     @classmethod
     def problem(cls) -> str | None:
         if importlib.util.find_spec("overcomplete") is None:
-            return ("sae (Overcomplete's TopK SAE) needs the optional package overcomplete: "
-                    "pip install 'gig[overcomplete]'; sae-torch is the hand-written TopK SAE without it")
+            return (
+                "sae (Overcomplete's TopK SAE) needs the optional package overcomplete: "
+                "pip install 'gig[overcomplete]'; sae-torch is the hand-written TopK SAE without it"
+            )
         return None
 
     def _model(self, channels: int):
@@ -79,15 +81,23 @@ class OvercompleteTopKSAE(TopKSAEBasis):
         with torch.random.fork_rng():  # Overcomplete initialises from the global generator: seed it, leave it
             torch.manual_seed(self.seed)
             self.model_ = self._model(X.shape[1])
-            loader = torch.utils.data.DataLoader(X / self.scale_, batch_size=batch, shuffle=True,
-                                                 generator=torch.Generator().manual_seed(self.seed))
+            loader = torch.utils.data.DataLoader(
+                X / self.scale_, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(self.seed)
+            )
             opt = torch.optim.Adam(self.model_.parameters(), lr=self.lr)
             train(self.model_, loader, _mse, opt, nb_epochs=epochs, monitoring=0)  # 0: no printing
         self._finish()
-        self.info_ = {"kind": "Overcomplete TopKSAE (train_sae)", "epochs": epochs, "steps": epochs * len(loader),
-                      "lr": self.lr, "batch_size": batch, "k": self.model_.top_k, "scale": self.scale_,
-                      **code_figures(self.transform(X), self.components_, X),
-                      "fit_seconds": round(time.perf_counter() - t0, 2)}
+        self.info_ = {
+            "kind": "Overcomplete TopKSAE (train_sae)",
+            "epochs": epochs,
+            "steps": epochs * len(loader),
+            "lr": self.lr,
+            "batch_size": batch,
+            "k": self.model_.top_k,
+            "scale": self.scale_,
+            **code_figures(self.transform(X), self.components_, X),
+            "fit_seconds": round(time.perf_counter() - t0, 2),
+        }
         return self
 
     def _finish(self) -> None:

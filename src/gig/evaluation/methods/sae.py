@@ -45,8 +45,12 @@ class TopKSAE(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes ``(N, K)`` of ``x (N, C)`` in the data's units (chunks of 8192 rows)."""
         with torch.no_grad():
-            return torch.cat([self.encode_scaled(x[s : s + 8192].float()) for s in range(0, x.shape[0], 8192)]) \
-                * self.scale if x.shape[0] else x.new_zeros(0, self.W_dec.shape[0])
+            return (
+                torch.cat([self.encode_scaled(x[s : s + 8192].float()) for s in range(0, x.shape[0], 8192)])
+                * self.scale
+                if x.shape[0]
+                else x.new_zeros(0, self.W_dec.shape[0])
+            )
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:
@@ -70,14 +74,17 @@ def code_figures(Z: torch.Tensor, V: torch.Tensor, X: torch.Tensor) -> dict[str,
     """Relative error of ``Z (N, K) @ V (K, C)`` against ``X (N, C)``, the share of dead latents
     and the number of always-on (dense) ones: an SAE's training figures."""
     active = (Z != 0).float().mean(0)
-    return {"train_rel_error": float((Z @ V - X).norm() / X.norm()),
-            "dead_fraction": float((active == 0).float().mean()),
-            # always-on latents: a dense basis inside the sparse code
-            "dense_latents": int((active > 0.5).sum())}
+    return {
+        "train_rel_error": float((Z @ V - X).norm() / X.norm()),
+        "dead_fraction": float((active == 0).float().mean()),
+        # always-on latents: a dense basis inside the sparse code
+        "dense_latents": int((active > 0.5).sum()),
+    }
 
 
-def train_sae(X: torch.Tensor, K: int, k: int, seed: int = 0, steps: int = 1500, batch_size: int = 256,
-              lr: float = 2e-3) -> tuple[TopKSAE, dict]:
+def train_sae(
+    X: torch.Tensor, K: int, k: int, seed: int = 0, steps: int = 1500, batch_size: int = 256, lr: float = 2e-3
+) -> tuple[TopKSAE, dict]:
     """Train a TopK SAE with ``K`` latents, ``k`` active, on ``X (N, C)`` (seeded, CPU, seconds).
     Decoder rows renormalised after every step, and the gradient component along them removed
     (as in Gao et al. 2024). Returns the SAE and its training figures."""
@@ -104,8 +111,16 @@ def train_sae(X: torch.Tensor, K: int, k: int, seed: int = 0, steps: int = 1500,
             losses.append(float(loss.detach()))
     with torch.no_grad():
         figures = code_figures(sae.encode(X), sae.W_dec, X)
-    return sae, {"steps": steps, "lr": lr, "batch_size": batch_size, "k": sae.k, "scale": sae.scale,
-                 "final_loss": losses[-1], **figures, "fit_seconds": round(time.perf_counter() - t0, 2)}
+    return sae, {
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "k": sae.k,
+        "scale": sae.scale,
+        "final_loss": losses[-1],
+        **figures,
+        "fit_seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 @register_basis
@@ -115,8 +130,9 @@ class TopKSAEBasis(ConceptBasis):
     name = "sae-torch"
     uses = ("seed", "sae_k", "sae_steps")
 
-    def __init__(self, n_components: int, k: int, seed: int = 0, steps: int = 1500, batch_size: int = 256,
-                 lr: float = 2e-3):
+    def __init__(
+        self, n_components: int, k: int, seed: int = 0, steps: int = 1500, batch_size: int = 256, lr: float = 2e-3
+    ):
         self.n_components = n_components
         self.k = k
         self.seed = seed
@@ -138,8 +154,10 @@ class TopKSAEBasis(ConceptBasis):
         return self.sae_.encode(X)
 
     def _learned(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return ({name: p.detach() for name, p in self.sae_.named_parameters()},
-                {"k": self.sae_.k, "scale": self.sae_.scale})
+        return (
+            {name: p.detach() for name, p in self.sae_.named_parameters()},
+            {"k": self.sae_.k, "scale": self.sae_.scale},
+        )
 
     def _restore(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
         W_dec = tensors["W_dec"].float()

@@ -57,11 +57,15 @@ def read_basis_file(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
         meta = f.metadata() or {}
     unknown = sorted(set(tensors) - set(KEYS))
     if "components" not in tensors or unknown:
-        raise InputError(f"{path}: a user basis holds 'components' (K, C) and optionally W_enc, b_enc, b_pre, "
-                         f"threshold; found {sorted(tensors)}")
+        raise InputError(
+            f"{path}: a user basis holds 'components' (K, C) and optionally W_enc, b_enc, b_pre, "
+            f"threshold; found {sorted(tensors)}"
+        )
     K, C = tensors["components"].shape
     want = {"W_enc": (C, K), "b_enc": (K,), "b_pre": (C,), "threshold": (K,)}
-    bad = [f"{k} {tuple(v.shape)} (want {want[k]})" for k, v in tensors.items() if k in want and tuple(v.shape) != want[k]]
+    bad = [
+        f"{k} {tuple(v.shape)} (want {want[k]})" for k, v in tensors.items() if k in want and tuple(v.shape) != want[k]
+    ]
     if bad or (set(tensors) & {"b_enc", "b_pre", "threshold"} and "W_enc" not in tensors):
         raise InputError(f"{path}: components are {(K, C)}; " + ("; ".join(bad) or "encoder terms need W_enc"))
     top_k = meta.get("top_k")
@@ -77,8 +81,15 @@ class UserBasis(LassoCoded):
 
     name = "user"
 
-    def __init__(self, path: str, layer: str | None = None, target_l0: float | None = None,
-                 coder: dict[str, Any] | None = None, seed: int = 0, calibration_size: int = 2000):
+    def __init__(
+        self,
+        path: str,
+        layer: str | None = None,
+        target_l0: float | None = None,
+        coder: dict[str, Any] | None = None,
+        seed: int = 0,
+        calibration_size: int = 2000,
+    ):
         self.path = str(path)
         self.layer = layer
         self.target_l0 = target_l0
@@ -88,7 +99,7 @@ class UserBasis(LassoCoded):
 
     @classmethod
     def for_layer(cls, ctx: LayerContext) -> "UserBasis":
-        path = ctx.spec[len(USER_PREFIX):]
+        path = ctx.spec[len(USER_PREFIX) :]
         tensors, _ = read_basis_file(basis_file(path, ctx.layer))
         # only a decoder-only basis needs the run's sparsity (costs coding the samples once)
         target = None if "W_enc" in tensors else ctx.run_l0_ratio
@@ -97,7 +108,7 @@ class UserBasis(LassoCoded):
     @classmethod
     def fingerprint(cls, spec: str) -> dict[str, Any]:
         """SHA-256 of the user's file(s): a changed file is read again."""
-        path = Path(spec[len(USER_PREFIX):])
+        path = Path(spec[len(USER_PREFIX) :])
         files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
         return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()}
 
@@ -106,17 +117,26 @@ class UserBasis(LassoCoded):
         self.tensors_, self.top_k_ = read_basis_file(file)
         self.components_ = self.tensors_["components"]
         if X is not None and X.shape[1] != self.components_.shape[1]:
-            raise InputError(f"{file}: components have {self.components_.shape[1]} channels, layer "
-                             f"{self.layer!r} has {X.shape[1]}")
+            raise InputError(
+                f"{file}: components have {self.components_.shape[1]} channels, layer {self.layer!r} has {X.shape[1]}"
+            )
         self.alpha_ = 0.0
-        info: dict[str, Any] = {"kind": "user basis", "file": str(file), "encoder": "W_enc" in self.tensors_,
-                                "top_k": self.top_k_}
+        info: dict[str, Any] = {
+            "kind": "user basis",
+            "file": str(file),
+            "encoder": "W_enc" in self.tensors_,
+            "top_k": self.top_k_,
+        }
         if "W_enc" not in self.tensors_:
             if self.target_l0 is None or self.coder is None or X is None:
                 raise InputError(f"{file} has no encoder (W_enc): its codes need the run's coder and samples")
             self.alpha_, l0 = self.calibrate(X, self.target_l0, self.seed, self.calibration_size)
-            info.update(kind="user dictionary + the run's encoder", alpha=self.alpha_, calibration_l0_ratio=l0,
-                        target_l0_ratio=self.target_l0)
+            info.update(
+                kind="user dictionary + the run's encoder",
+                alpha=self.alpha_,
+                calibration_l0_ratio=l0,
+                target_l0_ratio=self.target_l0,
+            )
         self.info_ = info
         return self
 
