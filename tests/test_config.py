@@ -148,23 +148,25 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkey
 
 
 def test_coder_field_keeps_the_hashes_of_runs_made_before_it(monkeypatch):
-    """``coder`` joined the decompose fields later: at its default the stage hash is the one the
-    field list without it gives (earlier runs stay valid); ``omp`` changes it."""
+    """``coder`` joined the decompose fields later: at the value runs had before it (lasso) the
+    stage hash is the one the field list without it gives (earlier runs stay valid); ``omp``
+    (today's default) changes it."""
     import gig.config as config_module
 
-    before = stage_hash(Config(), "decompose", "up")
+    before = stage_hash(Config(coder="lasso"), "decompose", "up")
     omp = stage_hash(Config(coder="omp"), "decompose", "up")
     fields = dict(config_module.STAGE_FIELDS)
     fields["decompose"] = [f for f in fields["decompose"] if f != "coder"]
     monkeypatch.setattr(config_module, "STAGE_FIELDS", fields)
-    assert stage_hash(Config(), "decompose", "up") == before
+    assert stage_hash(Config(coder="lasso"), "decompose", "up") == before
     assert omp != before
 
 
 def test_a_run_saved_before_max_kl_reads_and_resumes_as_made(tmp_path):
     """A 0.3 run's config.yaml has no ``max_kl``: read as the run's own config it keeps the earlier
     agreement rule (``max_kl`` None) and every stage hash 0.3 wrote for the default config (the
-    values below, computed by gig 0.3.0); a new config takes the KL rule, and a new hash."""
+    values below, computed by gig 0.3.0); a new config takes the KL rule and the OMP coder, and a
+    new hash."""
     import yaml
 
     old_hashes = {
@@ -174,16 +176,20 @@ def test_a_run_saved_before_max_kl_reads_and_resumes_as_made(tmp_path):
         "attribute": "b0c0b0e0316f0365",
         "graph": "a7fac512e780adaa",
     }
-    data = Config().to_dict()
+    data = Config(coder="lasso").to_dict()  # 0.3's default coder, saved by 0.3 in every run
     del data["max_kl"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
     saved = Config.load_saved(tmp_path / "config.yaml")
-    assert saved.max_kl is None
+    assert saved.max_kl is None and saved.coder == "lasso"
+    del data["coder"]  # a run made before the coder could be chosen was coded by Lasso
+    (tmp_path / "older.yaml").write_text(yaml.safe_dump(data))
+    assert Config.load_saved(tmp_path / "older.yaml").coder == "lasso"
     upstream = ""
     for stage, want in old_hashes.items():
         upstream = stage_hash(saved, stage, upstream)
         assert upstream == want, stage
-    assert Config.load(tmp_path / "config.yaml").max_kl == Config().max_kl is not None
+    assert Config.load(tmp_path / "older.yaml").max_kl == Config().max_kl is not None
+    assert Config.load(tmp_path / "older.yaml").coder == Config().coder == "omp"
     assert stage_hash(Config(), "decompose", "x") != stage_hash(saved, "decompose", "x")
 
 

@@ -117,17 +117,19 @@ def test_user_basis_file_is_checked(tmp_path):
         UserBasis(str(ok)).fit(torch.zeros(2, 6))
 
 
-def test_decoder_only_user_basis_uses_the_run_coder_at_the_run_sparsity(tmp_path):
+@pytest.mark.parametrize("coder", ["lasso", "omp"])
+def test_decoder_only_user_basis_uses_the_run_coder_at_the_run_sparsity(tmp_path, coder):
     from gig.decompose import encoder_for
 
     X = _clustered()
     V = KMeansBasis(6, seed=0).fit(X).components_
     path = tmp_path / "decoder.safetensors"
     save_file({"components": V}, str(path))
-    config = Config(lasso_solver="fista")
+    config = Config(lasso_solver="fista", coder=coder)
     basis = UserBasis(str(path), target_l0=0.3, coder=coder_settings(config), calibration_size=200).fit(X)
     U = basis.transform(X)
-    assert 0 < float((U != 0).float().mean()) <= 0.3 + 1e-9
+    # λ is calibrated to l0 0.3 on 200 of the 300 rows: the others may exceed it a little.
+    assert 0 < float((U != 0).float().mean()) <= 0.3 + 0.01
     torch.testing.assert_close(U, encoder_for(config, V, basis.alpha_).encode(X))
 
 
@@ -298,7 +300,10 @@ def test_fitted_bases_are_reused_until_their_settings_change(tiny_run, tmp_path,
     assert computed == [[0, 1], [2, 3], [4], [1, 2], [3, 4]]
 
 
-@pytest.mark.parametrize("settings, scale", [({}, 3.0), ({"coder": "omp"}, 1.0), ({"unit_atoms": True}, 1.0)])
+@pytest.mark.parametrize(
+    "settings, scale",
+    [({"coder": "lasso"}, 3.0), ({"coder": "omp"}, 1.0), ({"coder": "lasso", "unit_atoms": True}, 1.0)],
+)
 def test_dictionary_fit_penalty_is_the_run_lambda_in_unit_atom_units(settings, scale):
     """The run's λ is in the concept vectors' units for the plain Lasso (divide by the median
     atom norm, here 3) and already in unit atoms' units for OMP and ``unit_atoms``."""

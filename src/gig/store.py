@@ -13,6 +13,8 @@ Layout::
 
 Artefacts are safetensors (tensors) and JSON (everything else); nothing is pickled. Long stages
 write shards and mark each finished shard, so an interrupted stage resumes at the next shard.
+Every tensor file carries a checksum of its content in its header (:func:`tensors_checksum`),
+checked when it is read: flipped bits end in one line naming the file, not in other numbers.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 import psutil
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import __version__
 from .config import STAGE_ORDER, Config, stage_hash
@@ -103,15 +105,31 @@ def _existing_prefixes(root: Path, parts: tuple[str, ...]) -> list[Path]:
     return out
 
 
+#: The safetensors metadata key that holds a file's :func:`tensors_checksum`.
+CHECKSUM_KEY = "gig_blake2b"
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """BLAKE2b-128 of every tensor's name, dtype, shape and bytes, in name order: the content of
+    a tensor file, whatever its layout on disk."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor | np.ndarray]) -> None:
-    """Write tensors atomically (a crash never leaves a half-written file under the real name)."""
+    """Write tensors atomically (a crash never leaves a half-written file under the real name),
+    with their checksum in the file's header."""
     data = {
         k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.contiguous())
         for k, v in tensors.items()
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
-        save_file(data, str(tmp))
+        save_file(data, str(tmp), metadata={CHECKSUM_KEY: tensors_checksum(data)})
     except SafetensorError as exc:  # its I/O failures are not OSErrors: give them their errno back
         tmp.unlink(missing_ok=True)
         found = re.search(r"os error (\d+)", str(exc))
@@ -123,20 +141,49 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor | np.ndarray]) -> N
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an artefact, its checksum verified."""
+    from safetensors import safe_open
+
     if not path.is_file():
         raise RunMismatchError(f"missing artefact {path}: run the stage that makes it first")
-    with _readable(path):
-        return load_file(str(path))
+    with _readable(path), safe_open(str(path), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        written = (handle.metadata() or {}).get(CHECKSUM_KEY)
+    _compare_checksum(path, tensors, written)
+    return tensors
 
 
 @contextmanager
 def open_tensors(path: str | Path) -> Iterator[Any]:
     """``safetensors.safe_open`` on an artefact (lazy reads by key and slice), with a damaged
-    file (a cut or overwritten header, a truncated tensor) answered by one line naming it."""
+    file (a cut or overwritten header, a truncated tensor, content that does not match its
+    checksum) answered by one line naming it. The checksum is verified the first time this
+    process opens the file (as it is now: a rewritten file is verified again)."""
     from safetensors import safe_open
 
     with _readable(path), safe_open(str(path), framework="pt") as handle:
+        stat = os.stat(path)
+        key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _VERIFIED:
+            written = (handle.metadata() or {}).get(CHECKSUM_KEY)
+            if written is not None:
+                _compare_checksum(path, {k: handle.get_tensor(k) for k in handle.keys()}, written)
+            _VERIFIED.add(key)
         yield handle
+
+
+#: Tensor files verified by this process: (resolved path, size, modification time in ns).
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def _compare_checksum(path: str | Path, tensors: dict[str, torch.Tensor], written: str | None) -> None:
+    """Raise where ``tensors`` (read from ``path``) do not match the checksum written with them.
+    Files written before checksums (gig < 0.4) have none and are read as they are."""
+    if written is not None and tensors_checksum(tensors) != written:
+        raise RunMismatchError(
+            f"damaged artefact {path}: its content does not match the checksum written with it (flipped "
+            "bits or an edited file); rerun the stage that writes it (gig STAGE --force RUN)"
+        )
 
 
 @contextmanager

@@ -184,10 +184,9 @@ class LassoCoded(ConceptBasis):
 
     def make_encoder(self, V: torch.Tensor, alpha: float) -> "LassoEncoder":
         """The coder of this basis on atoms ``V (K, C)`` at ``λ = alpha``."""
-        from ..config import Config
         from ..decompose import encoder_for
 
-        return encoder_for(Config(**self.coder), V, alpha)
+        return encoder_for(config_of_coder(self.coder), V, alpha)
 
     def calibrate(self, X: torch.Tensor, target_l0: float, seed: int, size: int) -> tuple[float, float]:
         """``(λ, l0 ratio)``: the λ whose codes of ``size`` rows of ``X (N, C)`` (drawn with
@@ -216,6 +215,15 @@ def coder_settings(config: "Config") -> dict[str, Any]:
         for f in STAGE_FIELDS["decompose"]
         if not (f in HASHED_WHEN_SET and getattr(config, f) == HASHED_WHEN_SET[f])
     }
+
+
+def config_of_coder(settings: dict[str, Any]) -> "Config":
+    """The config :func:`coder_settings` came from, as far as the coder reads it: the fields it
+    left out stand for the values they had before they existed (``HASHED_WHEN_SET``), not for
+    today's defaults (a Lasso run's settings without ``coder`` are a Lasso run's)."""
+    from ..config import HASHED_WHEN_SET, Config
+
+    return Config(**{**HASHED_WHEN_SET, **settings})
 
 
 def reconstruction_figures(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> dict[str, float]:
