@@ -26,7 +26,7 @@ from gig.decompose import (
 )
 from gig.hooks import ModelHandle
 from gig.images import open_source
-from gig.lasso import LassoEncoder
+from gig.lasso import LassoEncoder, lars_available
 from gig.omp import OMPEncoder
 
 
@@ -111,16 +111,24 @@ def test_front_figures_match_a_direct_computation(coder, tiny_front):
     """Every point's R², l0 and top-1 agreement recomputed by hand from codes made from scratch
     (the front resumes each λ from the one above and measures agreements in blocks)."""
     handle, images, V, config, rows = tiny_front
-    front = sparsity_front(images, "block1", V, handle, dataclasses.replace(config, coder=coder))
+    # Without SPAMS the Lasso is FISTA, exact to its duality-gap tolerance (1e-6 here): codes
+    # resumed along the front and codes made from scratch agree to that, OMP's exactly.
+    config = dataclasses.replace(config, coder=coder, lasso_tol=1e-6, lasso_max_iter=20000)
+    exact = coder == "omp" or lars_available()
+    front = sparsity_front(images, "block1", V, handle, config)
     assert len(front["points"]) >= 6
     model = handle.bundle.model
     for point in front["points"]:
-        enc = LassoEncoder(V, point["alpha"], debias=True) if coder == "lasso" else OMPEncoder(V, point["alpha"])
+        enc = (
+            LassoEncoder(V, point["alpha"], debias=True, tol=1e-6, max_iter=20000)
+            if coder == "lasso"
+            else OMPEncoder(V, point["alpha"])
+        )
         U = enc.encode(rows)
         X_hat = U @ V
         r2 = 1 - float(((rows - X_hat) ** 2).sum() / ((rows - rows.mean(0)) ** 2).sum())
-        assert point["r2"] == pytest.approx(r2, rel=1e-4, abs=1e-6)
-        assert point["l0_ratio"] == pytest.approx(float((U != 0).float().mean()), rel=1e-6)
+        assert point["r2"] == pytest.approx(r2, rel=1e-4 if exact else 2e-3, abs=1e-6)
+        assert point["l0_ratio"] == pytest.approx(float((U != 0).float().mean()), rel=1e-6 if exact else 0.02)
         agree, start = 0, 0
         for pixels, grid in zip(images.pixels, images.grids["block1"]):
             b, c, h, w = grid.shape
@@ -374,11 +382,11 @@ def test_stage_steps_a_layer_that_misses_over_all_images_and_recodes_it(tiny_bun
     front = load_front(store)["block1"]
     assert check["steps"][0]["alpha"] == front["alpha"] and check["steps"][0]["miss"] == "forced miss"
     assert fidelity["check"] == {"steps": 1, "miss": None} and CHECK_STEPS >= 1
-    # One step: the largest front point at least CHECK_STEP denser.
+    # One step: the largest front point at least CHECK_STEP denser (to rounding: refined points lie exactly that apart).
     assert (
         fidelity["alpha"]
         == check["alpha"]
-        == max(p["alpha"] for p in front["points"] if p["alpha"] <= front["alpha"] / CHECK_STEP)
+        == max(p["alpha"] for p in front["points"] if p["alpha"] <= front["alpha"] / CHECK_STEP * (1 + 1e-6))
     )
     assert load_fidelity(store)["block2"]["alpha"] == load_front(store)["block2"]["alpha"]
     handle = ModelHandle(tiny_bundle)

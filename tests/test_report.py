@@ -225,6 +225,16 @@ def test_browser_loads_without_errors_and_draws_the_json(page, page_data) -> Non
         assert drawn["counts"] == {"nodes": len(g["nodes"]), "edges": len(g["edges"]), "visibleEdges": len(g["edges"])}
         assert drawn["nodes"] == sorted(n["id"] for n in g["nodes"])
         assert drawn["edges"] == sorted(e["source"] + ">" + e["target"] for e in g["edges"])
+        # Edges whose 95 % interval contains 0 are drawn dotted, and the info line counts them.
+        dotted = page.page.evaluate(
+            "() => window.gigReport.cy.edges('.uncertain').map(e => e.source().id() + '>' + e.target().id()).sort()"
+        )
+        want = sorted(
+            e["source"] + ">" + e["target"] for e in g["edges"] if e.get("ci") and e["ci"][0] <= 0 <= e["ci"][1]
+        )
+        assert dotted == want
+        if g.get("intervals"):
+            assert f"dotted: {len(want)} edge(s)" in page.page.inner_text("#edges-uncertain")
     assert page.errors == []
 
 

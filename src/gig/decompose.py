@@ -691,7 +691,9 @@ def _check_all(store: RunStore, fronts: dict, checks: dict, encoders: dict, n_sh
             {k: result[k] for k in ("alpha", "r2", "kl", "kl_se", "top1_agreement", "l0_ratio")} | {"miss": miss}
         )
         if miss and len(record["steps"]) <= CHECK_STEPS:
-            denser = [p["alpha"] for p in fronts[layer]["points"] if p["alpha"] <= encoder.alpha / CHECK_STEP]
+            # The refined points lie exactly CHECK_STEP apart: a rounding margin keeps the next one.
+            bound = encoder.alpha / CHECK_STEP * (1 + 1e-6)
+            denser = [p["alpha"] for p in fronts[layer]["points"] if p["alpha"] <= bound]
             steps[layer] = record["alpha"] = max(denser, default=encoder.alpha / CHECK_STEP)
     save_json(store.stage_dir("decompose") / "check.json", checks)
     return steps

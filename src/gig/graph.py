@@ -64,9 +64,11 @@ def edge_sums(
     rule: str = "flow",
     upper_ids: dict[str, list[int]] | None = None,
     lower_ids: dict[str, list[int]] | None = None,
+    power: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Summed edge weights over the images ``rows``: ``{lower: (K_upper, K_lower)}``; an image adds
-    0 to edges into targets it did not reach. ``upper_ids[lower]`` / ``lower_ids[lower]`` keep only
+    0 to edges into targets it did not reach. ``power=2`` sums their squares instead (an image
+    reaches each upper concept at most once, so its row is its own edge weights). ``upper_ids[lower]`` / ``lower_ids[lower]`` keep only
     those upper (rows) / lower (columns) concepts, in that order, so that a graph's sums hold its
     kept nodes' edges, not ``K_upper × K_lower`` (704 MB a transition for ResNet-50 at K = 8C).
     Never materialises ``(images, K_upper, K_lower)``."""
@@ -83,6 +85,8 @@ def edge_sums(
         if rule != "share":
             per_image = per_image * data[f"{upper}/importance"][rows][..., None]
         flat, targets = per_image.flatten(0, 1), data[f"{lower}/targets"][rows].flatten()  # (n·k, K_lo), (n·k,)
+        if power != 1:
+            flat = flat**power
         if lower_ids and lower in lower_ids:
             flat = flat[:, torch.tensor(lower_ids[lower], dtype=torch.long)]
         n_upper = data[f"{upper}/score"].shape[1]
@@ -113,23 +117,64 @@ def _add_into(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> N
     sums[key] = sums[key] + value if key in sums else value.clone()
 
 
+#: Poisson-bootstrap resamples of the images behind every node's selection frequency.
+BOOTSTRAP = 200
+
+
+def poisson_weights(image_ids: torch.Tensor, resamples: int = BOOTSTRAP) -> torch.Tensor:
+    """``(n, resamples)`` Poisson(1) weights of the images ``image_ids (n,)``: each image's own
+    draws, seeded by its id, so a resample does not depend on how the images are sharded or
+    ordered (the online bootstrap: a weight is how often the image is drawn)."""
+    out = torch.empty(len(image_ids), resamples)
+    for row, image_id in enumerate(image_ids.tolist()):
+        g = torch.Generator().manual_seed(0x9E3779B1 + int(image_id))
+        out[row] = torch.poisson(torch.ones(resamples), generator=g)
+    return out
+
+
+def mean_interval(total: torch.Tensor, squares: torch.Tensor, n: int, level: float = 0.95) -> dict[str, torch.Tensor]:
+    """The mean over ``n`` images of values whose sum is ``total`` and sum of squares ``squares``
+    (same shape), its standard error and its ``level`` t-interval: ``{"mean", "se", "lo", "hi"}``
+    (``se``, ``lo``, ``hi`` NaN where ``n < 2``)."""
+    from scipy.stats import t as student_t
+
+    mean = total / max(n, 1)
+    if n < 2:
+        nan = torch.full_like(mean, float("nan"))
+        return {"mean": mean, "se": nan, "lo": nan, "hi": nan}
+    variance = ((squares - n * mean**2) / (n - 1)).clamp_min(0.0)
+    se = (variance / n).sqrt()
+    half = float(student_t.ppf(0.5 + level / 2, n - 1)) * se
+    return {"mean": mean, "se": se, "lo": mean - half, "hi": mean + half}
+
+
 class ScoreSums:
     """Node-importance sums of one group of images (a class, all images, one image), added shard
-    by shard: ``(K,)`` per layer, never the images' attributions."""
+    by shard: per layer ``(K,)`` sums and sums of squares (for intervals), and ``(BOOTSTRAP, K)``
+    Poisson-weighted sums (for how often a node stays in the top-k), never the images' attributions."""
 
     def __init__(self, layers: list[str]):
         self.layers = layers
         self.n = 0
         self.image_ids: list[int] = []
         self.score_sums: dict[str, torch.Tensor] = {}
+        self.square_sums: dict[str, torch.Tensor] = {}
+        self.boot_sums: dict[str, torch.Tensor] = {}
+        self.boot_n = torch.zeros(BOOTSTRAP)
 
     def add(self, data: dict[str, torch.Tensor], rows: torch.Tensor) -> None:
         if rows.numel() == 0:
             return
         self.n += int(rows.numel())
-        self.image_ids += [int(i) for i in data["image_id"][rows]]
+        ids = data["image_id"][rows]
+        self.image_ids += [int(i) for i in ids]
+        weights = poisson_weights(ids).T  # (B, n)
+        self.boot_n += weights.sum(1)
         for layer in self.layers:
-            _add_into(self.score_sums, layer, data[f"{layer}/score"][rows].sum(0))
+            scores = data[f"{layer}/score"][rows].float()
+            _add_into(self.score_sums, layer, scores.sum(0))
+            _add_into(self.square_sums, layer, (scores**2).sum(0))
+            _add_into(self.boot_sums, layer, weights @ scores)
 
     @classmethod
     def merged(cls, groups: list["ScoreSums"]) -> "ScoreSums":
@@ -137,14 +182,28 @@ class ScoreSums:
         for g in groups:
             out.n += g.n
             out.image_ids += g.image_ids
-            for layer, v in g.score_sums.items():
-                _add_into(out.score_sums, layer, v)
+            out.boot_n += g.boot_n
+            for name in ("score_sums", "square_sums", "boot_sums"):
+                for layer, v in getattr(g, name).items():
+                    _add_into(getattr(out, name), layer, v)
         out.image_ids.sort()
         return out
 
     def scores(self) -> dict[str, torch.Tensor]:
         """Mean node importances ``{layer: (K,)}``."""
         return {layer: v / max(self.n, 1) for layer, v in self.score_sums.items()}
+
+    def intervals(self, layer: str) -> dict[str, torch.Tensor]:
+        """The layer's mean importances with standard errors and 95 % intervals (:func:`mean_interval`)."""
+        return mean_interval(self.score_sums[layer], self.square_sums[layer], self.n)
+
+    def selection_frequency(self, layer: str, top_k: int) -> torch.Tensor:
+        """``(K,)``: the share of bootstrap resamples of the images in which each concept is among
+        the layer's ``top_k`` by mean importance."""
+        means = self.boot_sums[layer] / self.boot_n.clamp_min(1e-12)[:, None]  # (B, K)
+        top = means.topk(min(top_k, means.shape[1]), dim=1).indices
+        counts = torch.zeros(means.shape[1]).index_add_(0, top.flatten(), torch.ones(top.numel()))
+        return counts / means.shape[0]
 
 
 class EdgeSums:
@@ -161,6 +220,7 @@ class EdgeSums:
         self.layers, self.rules, self.upper_ids, self.lower_ids = layers, rules, upper_ids, lower_ids
         self.n = 0
         self.totals: dict[str, dict[str, torch.Tensor]] = {rule: {} for rule in rules}
+        self.squares: dict[str, torch.Tensor] = {}  # the flow rule's, for intervals
 
     def add(self, data: dict[str, torch.Tensor], rows: torch.Tensor) -> None:
         if rows.numel() == 0:
@@ -169,10 +229,18 @@ class EdgeSums:
         for rule in self.rules:
             for lower, total in edge_sums(data, rows, self.layers, rule, self.upper_ids, self.lower_ids).items():
                 _add_into(self.totals[rule], lower, total)
+        squares = edge_sums(data, rows, self.layers, "flow", self.upper_ids, self.lower_ids, power=2)
+        for lower, total in squares.items():
+            _add_into(self.squares, lower, total)
 
     def edges(self, rule: str = "flow") -> dict[str, torch.Tensor]:
         """Mean edge weights ``{lower: (upper kept, lower kept)}`` under ``rule``."""
         return {lower: v / max(self.n, 1) for lower, v in self.totals[rule].items()}
+
+    def intervals(self, lower: str) -> dict[str, torch.Tensor]:
+        """The ``flow`` edges out of ``lower``: means, standard errors and 95 % intervals over the
+        images (:func:`mean_interval`), each ``(upper kept, lower kept)``."""
+        return mean_interval(self.totals["flow"][lower], self.squares[lower], self.n)
 
 
 def _rows(selection: tuple, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -322,10 +390,36 @@ def _head(
             }
         )
         ranked = sorted(kept_top, key=lambda q: -float(class_score[q]))[:edges_per_node]
+        interval = group.intervals(top_layer)
         edges += [
-            {"source": f"{top_layer}:{q}", "target": f"class:{c}", "weight": float(class_score[q])} for q in ranked
+            {
+                "source": f"{top_layer}:{q}",
+                "target": f"class:{c}",
+                "weight": float(class_score[q]),
+                **interval_fields(interval, q),
+            }
+            for q in ranked
         ]
     return head, edges
+
+
+def interval_fields(interval: dict[str, torch.Tensor], index) -> dict:
+    """A node's or an edge's ``se`` and 95 % interval ``ci`` ([low, high]) from
+    :func:`mean_interval`'s tensors at ``index``; ``None`` both where its graph has one image."""
+    se = float(interval["se"][index])
+    if se != se:  # NaN: one image
+        return {"se": None, "ci": None}
+    return {"se": se, "ci": [float(interval["lo"][index]), float(interval["hi"][index])]}
+
+
+#: What a graph's ``se``, ``ci`` and ``selection_frequency`` are (stored in every graph).
+INTERVALS = {
+    "level": 0.95,
+    "ci": "Student-t interval of the mean over the graph's images (each image's weight, 0 where it "
+    "did not reach the node or edge); null for a one-image graph",
+    "selection_frequency": f"share of {BOOTSTRAP} Poisson-bootstrap resamples of the graph's images in which "
+    "the node is among its layer's top_k by mean importance",
+}
 
 
 def run_targets(store: RunStore) -> dict[int, int]:
@@ -367,6 +461,21 @@ class GraphPlan:
         )
         for node in self.head:
             node["level"] = len(self.layers)
+        self._add_node_intervals()
+
+    def _add_node_intervals(self) -> None:
+        """Every concept node's ``se`` and ``ci`` and its ``selection_frequency`` (the share of
+        bootstrap resamples of the graph's images that keep it in its layer's top-k); in the
+        global graph, the top concepts' edges into the logit get the intervals of their importance."""
+        intervals = {layer: self.group.intervals(layer) for layer in self.layers}
+        frequency = {layer: self.group.selection_frequency(layer, self.top_k) for layer in self.layers}
+        for node in self.nodes:
+            layer, q = node["layer"], node["concept"]
+            node.update(interval_fields(intervals[layer], q), selection_frequency=float(frequency[layer][q]))
+        if self.kind == "global":
+            top = self.layers[-1]
+            for edge, q in zip(self.head_edges, self.kept[top]):
+                edge.update(interval_fields(intervals[top], q))
 
     def selection(self) -> tuple:
         """The rows of this graph's images (see :func:`accumulate`)."""
@@ -388,9 +497,16 @@ class GraphPlan:
 
     def finish(self, edges: EdgeSums) -> dict:
         layers = self.layers
+        intervals = {lower: edges.intervals(lower) for lower in layers[:-1]}
         out_edges = self.head_edges + [
-            {"source": f"{lower}:{q}", "target": f"{layers[layers.index(lower) + 1]}:{t}", "weight": w}
+            {
+                "source": f"{lower}:{q}",
+                "target": f"{upper}:{t}",
+                "weight": w,
+                **interval_fields(intervals[lower], (self.kept[upper].index(t), self.kept[lower].index(q))),
+            }
             for lower, q, t, w in _shown_edges(self.kept, edges.edges(), layers, self.edges_per_node)
+            for upper in [layers[layers.index(lower) + 1]]
         ]
         return with_positions(
             {
@@ -405,6 +521,7 @@ class GraphPlan:
                 "edges_per_node": self.edges_per_node,
                 "edge_rule": "flow",
                 "edge_rule_agreement": rule_agreement(edges, layers, self.kept, self.edges_per_node),
+                "intervals": INTERVALS,
                 "nodes": self.nodes + self.head,
                 "edges": out_edges,
             }

@@ -37,7 +37,8 @@ def plain_text(text: str) -> str:
 
 
 def _draw_edges(ax, graph: dict, pos: dict[str, tuple[float, float]], top: float) -> None:
-    """Edges weakest first (strong ones on top): blue for positive weights, dashed red for negative."""
+    """Edges weakest first (strong ones on top): blue for positive weights, dashed red for negative,
+    dotted and faint where the edge's 95 % interval over the images contains 0."""
     blues, reds = matplotlib.colormaps["Blues"], matplotlib.colormaps["Reds"]
     for edge in sorted(graph["edges"], key=lambda e: abs(float(e["weight"] or 0.0))):
         if edge["source"] not in pos or edge["target"] not in pos:
@@ -46,6 +47,7 @@ def _draw_edges(ax, graph: dict, pos: dict[str, tuple[float, float]], top: float
         w = float(edge["weight"] or 0.0)
         s = abs(w) / top
         cmap = blues if w >= 0 else reds
+        uncertain = interval_contains_zero(edge)
         ax.plot(
             [x0, x1],
             [y0, y1],
@@ -53,9 +55,15 @@ def _draw_edges(ax, graph: dict, pos: dict[str, tuple[float, float]], top: float
             lw=0.4 + 5.0 * s,
             zorder=1,
             solid_capstyle="round",
-            ls="-" if w >= 0 else (0, (3, 2)),
-            alpha=0.95,
+            ls=":" if uncertain else ("-" if w >= 0 else (0, (3, 2))),
+            alpha=0.5 if uncertain else 0.95,
         )
+
+
+def interval_contains_zero(edge: dict) -> bool:
+    """Whether an edge's 95 % interval (``ci``, graphs since 0.4) contains 0."""
+    ci = edge.get("ci")
+    return bool(ci) and ci[0] <= 0 <= ci[1]
 
 
 def _draw_node(ax, node: dict, x: float, y: float, thumb: Path | None, label: str | None = None) -> None:
@@ -141,6 +149,17 @@ def _decorate(fig, ax, graph: dict, rows: dict[int, list[dict]], top: float, tit
     )
     bar.set_label("share of the class-logit change (edge weight)", fontsize=8)
     bar.ax.tick_params(labelsize=7)
+    if "intervals" in graph:
+        uncertain = sum(interval_contains_zero(e) for e in graph["edges"])
+        ax.text(
+            0.0,
+            -0.02,
+            f"dotted: {uncertain} edge(s) whose 95 % interval over the images contains 0",
+            transform=ax.transAxes,
+            ha="left",
+            va="top",
+            fontsize=7,
+        )
     if any(node.get("shared") for node in graph["nodes"]):
         ax.text(
             1.0,

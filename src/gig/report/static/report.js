@@ -126,6 +126,8 @@
         'width': 'data(width)', 'line-color': 'data(color)', 'curve-style': 'straight', 'opacity': 0.9,
         'z-index': 'data(z)' } },
       { selector: 'edge.neg', style: { 'line-style': 'dashed' } },
+      // an edge whose 95 % interval over the graph's images contains 0 (docs/graph-schema.md)
+      { selector: 'edge.uncertain', style: { 'line-style': 'dotted', 'opacity': 0.7 } },
       { selector: 'node.pinned', style: { 'border-color': '#d62728', 'border-width': 5 } },
       { selector: '.faded', style: { 'opacity': 0.22 } },
       { selector: 'edge.in, edge.out', style: {
@@ -198,9 +200,12 @@
     graph.edges.forEach(function (e, i) {
       if (!ids[e.source] || !ids[e.target]) { bad++; return; }
       var w = e.weight || 0, t = Math.abs(w) / maxW;
-      elements.push({ group: 'edges', classes: w < 0 ? 'neg' : '', data: {
+      var edgeClasses = [];
+      if (w < 0) edgeClasses.push('neg');
+      if (containsZero(e.ci)) edgeClasses.push('uncertain');
+      elements.push({ group: 'edges', classes: edgeClasses.join(' '), data: {
         id: 'e' + i, source: e.source, target: e.target, weight: w, rel: t, rank: rank[i],
-        width: 0.8 + 8 * t, z: Math.round(t * 100), wlabel: fmt(w, 3),
+        width: 0.8 + 8 * t, z: Math.round(t * 100), wlabel: fmt(w, 3) + intervalText(e.ci),
         color: ramp(w < 0 ? REDS : BLUES, 0.15 + 0.85 * t) } });
     });
     cy.batch(function () {
@@ -228,6 +233,11 @@
     return true;
   }
 
+  // A node's or an edge's 95 % interval (graphs since gig 0.4; null on one image).
+  function hasInterval(ci) { return Array.isArray(ci) && ci.length === 2 && typeof ci[0] === 'number' && typeof ci[1] === 'number'; }
+  function containsZero(ci) { return hasInterval(ci) && ci[0] <= 0 && ci[1] >= 0; }
+  function intervalText(ci) { return hasInterval(ci) ? ' [' + fmt(ci[0], 3) + ', ' + fmt(ci[1], 3) + ']' : ''; }
+
   function info(entry, bad) {
     var g = entry.graph, box = document.getElementById('graph-info');
     box.textContent = '';
@@ -244,6 +254,12 @@
       var agree = el('span', 'rule-agreement', ' · edges: flow of the class-logit change; shown edges also shown under ' + parts.join(', '));
       agree.id = 'edge-rule-agreement';
       box.appendChild(agree);
+    }
+    var uncertain = g.edges.filter(function (e) { return containsZero(e.ci); }).length;
+    if (g.intervals) {
+      var iv = el('span', 'intervals', ' · dotted: ' + uncertain + ' edge(s) whose 95 % interval over the images contains 0');
+      iv.id = 'edges-uncertain';
+      box.appendChild(iv);
     }
     var shown = el('span', 'shown');
     shown.id = 'edges-shown';
@@ -311,7 +327,7 @@
       btn.setAttribute('data-node', other);
       btn.addEventListener('click', function () { pin(other); });
       li.appendChild(btn);
-      li.appendChild(el('span', 'w', ' ' + fmt(e.weight, 3)));
+      li.appendChild(el('span', 'w', ' ' + fmt(e.weight, 3) + intervalText(e.ci) + (containsZero(e.ci) ? ' (interval contains 0)' : '')));
       list.appendChild(li);
     });
     box.appendChild(list);
@@ -353,7 +369,9 @@
     var c = DATA.concepts[id] || null;
     head.appendChild(el('h3', 'card-title', 'concept #' + node.concept + (c && c.name ? ' · ' + c.name : '')));
     if (c && c.note) head.appendChild(el('p', 'card-note', String(c.note)));
-    head.appendChild(el('p', 'muted', node.layer + ' · share in this graph ' + fmt(node.importance, 3) +
+    head.appendChild(el('p', 'muted', node.layer + ' · share in this graph ' + fmt(node.importance, 3) + intervalText(node.ci) +
+      (typeof node.selection_frequency === 'number' ? ' · in the top-' + entry.graph.top_k + ' of ' +
+        Math.round(100 * node.selection_frequency) + ' % of bootstrap resamples' : '') +
       (c && c.rank ? ' · dataset rank ' + c.rank + ' of ' + DATA.run.K[node.layer] : '')));
     panel.appendChild(head);
     if (node.shared || (node.in_top_of && node.in_top_of.length > 1)) {
