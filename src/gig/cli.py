@@ -695,6 +695,40 @@ def _print_ablation(out: Console, doc: dict) -> None:
 
 @app.command()
 @one_line_errors
+def stability(
+    run_dir: Path = typer.Argument(..., help="A run whose concepts stage has finished."),
+    seeds: int = typer.Option(3, help="Refits of every layer's concepts, each with its own seed."),
+    fraction: float = typer.Option(0.8, help="Share of the run's images each refit clusters."),
+    threshold: float = typer.Option(0.9, help="Mean matched cosine at which a concept counts as found again."),
+    layer: Optional[list[str]] = LayersOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON result."),
+):
+    """Refit each layer's concepts with other seeds on other image subsets and match them to the run's (RUN/stability/)."""
+    from .stability import concept_stability
+
+    result = concept_stability(run_dir, seeds, fraction, threshold, layer or None)
+    if json_out:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    table = Table(
+        title=f"concept stability: {seeds} refits on {fraction:.0%} of the images, Hungarian matching",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        caption=f"matched: mean cosine of a concept's match over the refits ≥ {threshold}",
+    )
+    for col in ("layer", "K", "matched", "median cos.", "matched per refit"):
+        table.add_column(col, no_wrap=True)
+    for name, figures in result["layers"].items():
+        per_refit = " ".join(f"{v:.2f}" for v in figures["share_matched_per_refit"])
+        table.add_row(
+            name, str(figures["K"]), f"{figures['share_matched']:.2f}", f"{figures['median_similarity']:.3f}", per_refit
+        )
+    Console().print(table)
+    console.print(f"[green]stability[/green]: {run_dir / 'stability' / 'stability.json'}")
+
+
+@app.command()
+@one_line_errors
 def label(
     run_dir: Path = typer.Argument(..., help="Run directory."),
     layer: Optional[str] = typer.Argument(None, help="Layer (with --suggest: only this layer)."),
