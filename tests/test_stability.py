@@ -77,3 +77,26 @@ def test_command_writes_the_figures_of_every_layer(tiny_run, tmp_path):
         concept_stability(run, fraction=1.5, progress=False)
     bad = CliRunner().invoke(app, ["stability", str(run), "--layer", "nope"])
     assert bad.exit_code == 2 and "not analysed" in bad.output
+
+
+def test_report_cards_carry_each_concepts_stability(tiny_run, tmp_path):
+    """After `gig stability`, the report's concept cards hold each concept's mean matched cosine,
+    read from stability.json."""
+    import re
+    import shutil
+
+    from gig.report import ReportOptions, build_report
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    saved = concept_stability(run, seeds=2, progress=False)
+    index = build_report(
+        run, tmp_path / "report", ReportOptions(atlas_per_layer=3, n_images=1, max_classes=1), model=tiny_run["bundle"]
+    )
+    text = index.read_text(encoding="utf-8")
+    data = json.loads(re.search(r'<script type="application/json" id="gig-data">(.*?)</script>', text, re.S).group(1))
+    cards = data["concepts"]
+    assert cards
+    for key, card in cards.items():
+        layer, q = key.rsplit(":", 1)
+        assert card["stability"] == saved["layers"][layer]["similarity"][int(q)]

@@ -327,7 +327,10 @@ def concept_cards(
 ) -> dict[str, dict]:
     """``{"LAYER:q": card}`` for every concept shown: exemplars (crop url, image, class, cosine),
     members, classes, parents, children, importance and rank, and the user's label if any."""
+    from ..stability import load_stability
+
     labels = load_labels(store)
+    stability = (load_stability(store) or {}).get("layers", {})
     K = {layer: len(c["concepts"]) for layer, c in cards.items()}
     out: dict[str, dict] = {}
     for layer, ids in shown.items():
@@ -356,9 +359,17 @@ def concept_cards(
                 "exemplars": exemplars,
                 "parents": parents,
                 "children": children,
+                **_stability_of(stability.get(layer), q),
                 **labels.get(layer, {}).get(q, {}),
             }
     return out
+
+
+def _stability_of(layer: dict | None, q: int) -> dict:
+    """A concept's mean matched cosine over the refits of ``gig stability`` (none where not run)."""
+    if not layer or q >= len(layer["similarity"]):
+        return {}
+    return {"stability": layer["similarity"][q]}
 
 
 # ------------------------------------------------------------------------------ localisation

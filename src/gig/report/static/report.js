@@ -405,7 +405,9 @@
         panel.appendChild(lf);
       }
     }
-    var facts = el('p', 'facts', (c ? c.count : node.count) + ' sampled PFVs in the cluster');
+    var facts = el('p', 'facts', (c ? c.count : node.count) + ' sampled PFVs in the cluster' +
+      (c && typeof c.stability === 'number' ? ' · found again by refits with other seeds and images at cosine ' +
+        fmt(c.stability, 2) + ' (gig stability)' : ''));
     panel.appendChild(facts);
     panel.appendChild(tagList('member classes', node.top_classes, className));
     panel.appendChild(edgeList('in this graph: from (lower layer)', incoming, function (e) { return e.source; }));
