@@ -121,13 +121,19 @@ def test_page_loads_in_chromium_without_errors(explained, tiny_run, tmp_path, br
         page.page.close()
 
 
-def test_cli_explain(tiny_run, new_photo, tmp_path) -> None:
+def test_cli_explain(tiny_run, new_photo, tmp_path, monkeypatch) -> None:
     from typer.testing import CliRunner
 
+    import gig.models
     from gig.cli import app
+
+    loads = []
+    real_load = gig.models.load_model
+    monkeypatch.setattr(gig.models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
 
     missing = CliRunner().invoke(app, ["explain", str(tiny_run["run"]), str(tmp_path / "gone.png")])
     assert missing.exit_code == 2 and "gone.png" in " ".join(missing.output.split())
+    assert loads == []  # refused before the model loads
     out = tmp_path / "cli"
     result = CliRunner().invoke(app, ["explain", str(tiny_run["run"]), str(new_photo), "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
@@ -135,3 +141,4 @@ def test_cli_explain(tiny_run, new_photo, tmp_path) -> None:
     assert printed == json.loads((out / "explanations.json").read_text())
     assert printed["images"][0]["target"] == printed["images"][0]["pred"]
     assert (out / "index.html").is_file()
+    assert len(loads) == 1  # the model is loaded once for the explanations and their page (issue 25)

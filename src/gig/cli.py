@@ -265,12 +265,14 @@ def explain(
     """Explain new images with the run's concepts: single-image graphs, localisation, one HTML page (DIR/index.html)."""
     import json
 
+    from .access import RunAccess
     from .explain import explain as explain_images
     from .explain import write_explanations
 
     out = out or run_dir / "explain"
-    explanations = explain_images(run_dir, images, target=target)
-    index = write_explanations(run_dir, explanations, out, single_file=single_file)
+    access = RunAccess(run_dir)  # one model load for the explanations and their page
+    explanations = explain_images(run_dir, images, target=target, access=access)
+    index = write_explanations(run_dir, explanations, out, single_file=single_file, access=access)
     if as_json:
         print(json.dumps(json.loads((out / "explanations.json").read_text()), indent=1))
         return

@@ -112,21 +112,23 @@ def explain(
     model=None,
     class_names: list[str] | None = None,
     handle=None,
+    access: RunAccess | None = None,
 ) -> list[Explanation]:
     """Explain ``images`` (files or PIL images, not necessarily of the run) with the run's
     concepts: codes, the GIG walk and the single-image graph of each (see the module docstring).
 
     ``target``: a class for every image, one class per image, or ``None`` for each image's
     predicted class. ``model``: a :class:`gig.models.ModelBundle` when the run was made from
-    Python with a user model; by default the run's configured model is loaded. Images are
-    processed ``batch_size`` (the run's) at a time."""
+    Python with a user model; by default the run's configured model is loaded. ``access``: an
+    opened run (:class:`gig.access.RunAccess`) to reuse with :func:`write_explanations`, so the
+    model is loaded once. Images are processed ``batch_size`` (the run's) at a time."""
     from .report.sections import class_namer
 
-    store = run_dir if isinstance(run_dir, RunStore) else RunStore.open(run_dir)
+    access = access or RunAccess(run_dir, model)
+    store = access.store
     store.require("attribute")
-    access = RunAccess(store, model)
+    loaded = _as_images(images)  # a missing or unreadable file fails before the model loads
     handle = handle or access.handle
-    loaded = _as_images(images)
     layers = list(store.config.layers)
     fast = handle.for_gradients(layers)
     gigs = {layer: gig_for(fast, layer, load_dictionary(store, layer), store.config) for layer in layers}
@@ -197,14 +199,16 @@ def write_explanations(
     exemplars: int = 10,
     single_file: bool = False,
     log: Callable[[str], None] = lambda msg: None,
+    access: RunAccess | None = None,
 ) -> Path:
-    """Write ``explanations`` to ``out`` (see the module docstring); returns ``index.html``."""
+    """Write ``explanations`` to ``out`` (see the module docstring); returns ``index.html``.
+    ``access``: the opened run :func:`explain` used (its model is not loaded again)."""
     from .report import sections as sec
     from .report.viewer import write_viewer
 
-    store = RunStore.open(run_dir)
+    access = access or RunAccess(run_dir, model)
+    store = access.store
     out = Path(out)
-    access = RunAccess(store, model)
     names = list(class_names) if class_names is not None else list(access.bundle.class_names)
     graphs = [
         sec.graph_entry(
