@@ -402,3 +402,49 @@ def test_stage_steps_a_layer_that_misses_over_all_images_and_recodes_it(tiny_bun
     got = torch.cat([reader.codes(r.image_id) for r in records])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert fidelity["l0_ratio"] == pytest.approx(float((got != 0).float().mean()))
+
+
+def test_a_stage_killed_while_recoding_resumes_to_the_same_codes(tiny_bundle, tmp_path, monkeypatch):
+    """The check steps a layer (made to miss, as above) and the stage dies after re-coding one of
+    three shards: run again, it re-codes only what is left and ends with the shards and figures
+    of a stage that was never interrupted."""
+    import gig.decompose
+    from gig.pipeline import Pipeline
+    from gig.store import load_json, load_tensors
+
+    fronts = {}
+    measure = gig.decompose.sparsity_front
+    monkeypatch.setattr(gig.decompose, "SHARD_IMAGES", 4)
+    monkeypatch.setattr(
+        gig.decompose, "sparsity_front", lambda images, layer, *a: fronts.setdefault(layer, measure(images, layer, *a))
+    )
+    monkeypatch.setattr(
+        gig.decompose,
+        "check_layer",
+        lambda figures, front, config: "forced miss" if figures["alpha"] == front["alpha"] else None,
+    )
+    config = Config(layers=["block1"], max_images=12, samples_per_image=8, min_cluster=4, batch_size=4, front_images=6)
+    Pipeline(config, tmp_path / "whole", model=tiny_bundle, progress=False).run(["collect", "concepts", "decompose"])
+
+    recode, calls = gig.decompose._recode_shard, []
+
+    def dies_on_the_second(*args, **kwargs):
+        calls.append(args[-1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return recode(*args, **kwargs)
+
+    monkeypatch.setattr(gig.decompose, "_recode_shard", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(config, tmp_path / "killed", model=tiny_bundle, progress=False).run(
+            ["collect", "concepts", "decompose"]
+        )
+    monkeypatch.setattr(gig.decompose, "_recode_shard", recode)
+    Pipeline(config, tmp_path / "killed", model=tiny_bundle, progress=False).run(["decompose"])
+    for name in ("00000", "00001", "00002"):
+        a = load_tensors(tmp_path / "whole" / "decompose" / "shards" / f"{name}.safetensors")
+        b = load_tensors(tmp_path / "killed" / "decompose" / "shards" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    whole = load_json(tmp_path / "whole" / "decompose" / "fidelity.json")
+    assert load_json(tmp_path / "killed" / "decompose" / "fidelity.json") == whole
+    assert whole["block1"]["check"] == {"steps": 1, "miss": None}
