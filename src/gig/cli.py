@@ -718,12 +718,17 @@ def stability(
         pad_edge=False,
         caption=f"matched: mean cosine of a concept's match over the refits ≥ {threshold}",
     )
-    for col in ("layer", "K", "matched", "median cos.", "matched per refit"):
+    for col in ("layer", "K", "matched", "median cos.", "per refit", "random PFVs: cos."):
         table.add_column(col, no_wrap=True)
     for name, figures in result["layers"].items():
         per_refit = " ".join(f"{v:.2f}" for v in figures["share_matched_per_refit"])
         table.add_row(
-            name, str(figures["K"]), f"{figures['share_matched']:.2f}", f"{figures['median_similarity']:.3f}", per_refit
+            name,
+            str(figures["K"]),
+            f"{figures['share_matched']:.2f}",
+            f"{figures['median_similarity']:.3f}",
+            per_refit,
+            f"{figures['baseline_median_similarity']:.3f}",
         )
     Console().print(table)
     console.print(f"[green]stability[/green]: {run_dir / 'stability' / 'stability.json'}")

@@ -12,7 +12,9 @@ Figures (``RUN/stability/stability.json``, ``gig stability RUN``):
 
 * per concept: its matched cosine in each refit and their mean (``similarity``);
 * per layer: the share of concepts whose mean matched cosine is at least ``threshold``
-  (``share_matched``), its median, and per refit the share matched in that refit alone.
+  (``share_matched``), its median, and per refit the share matched in that refit alone; and, as a
+  reference without cluster structure, the same figures for the run's concepts matched to ``K``
+  sampled PFVs drawn at random (``baseline_*``).
 
 A concept with a high matched similarity is found again by a fresh clustering of other images;
 a low one is an accident of this seed and these images. The matching is by vectors, which is
@@ -81,10 +83,17 @@ def layer_stability(
         per_refit.append(similarity)
     sims = np.stack(per_refit)  # (seeds, K)
     mean = sims.mean(0)
+    # A reference without cluster structure: the run's concepts matched to K sampled PFVs drawn at
+    # random (what a "refit" that only picked data points would give).
+    rng = np.random.default_rng(store.config.seed + 7919 * base_seed)
+    drawn = pfv[rng.choice(len(pfv), size=min(V.shape[0], len(pfv)), replace=False)]
+    _, baseline = match_concepts(V, torch.from_numpy(drawn.astype(np.float32)))
     return {
         "K": int(V.shape[0]),
         "share_matched": float((mean >= threshold).mean()),
         "median_similarity": float(np.median(mean)),
+        "baseline_median_similarity": float(np.median(baseline)),
+        "baseline_share_matched": float((baseline >= threshold).mean()),
         "share_matched_per_refit": [float((s >= threshold).mean()) for s in sims],
         "similarity": [round(float(s), 4) for s in mean],
         "similarity_per_refit": [[round(float(v), 4) for v in s] for s in sims],
