@@ -87,9 +87,8 @@ def test_two_processes_equal_one(tmp_path):
         "decompose/front.json",
     ]:
         assert json.loads((one / rel).read_text()) == json.loads((two / rel).read_text()), rel
-    # The KL over all images reads logits of the model with each layer replaced: each rank's first
-    # batch takes the separate passes that check the shared one (run_replacing_each), which round
-    # differently in the last bits; the codes above are equal bit for bit.
+    # The KL over all images reads logits of the model with each layer replaced, from batches that
+    # may round differently in the last bits on another rank; the codes above are equal bit for bit.
     assert _rounded(json.loads((one / "decompose/fidelity.json").read_text())) == _rounded(
         json.loads((two / "decompose/fidelity.json").read_text())
     )

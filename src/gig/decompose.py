@@ -20,8 +20,8 @@ front images gives every point's 95 % intervals and the choice's stability (the 
 resamples that choose the same λ). The front is saved (``decompose/front.json``), drawn in the
 report and printed by ``gig inspect``.
 
-Per layer the stage then codes every image (one forward per batch codes every layer and runs the
-model with each replaced: :meth:`ModelHandle.run_replacing_each`) and reports over all images:
+Per layer the stage then codes every image (a capture per batch, then the model run from each
+layer with that layer replaced: :func:`_code_batch`) and reports over all images:
 relative L2 error ``‖X − X̃‖_F / ‖X‖_F``, R² (against the mean PFV), l0 ratio (share of non-zero
 coefficients), top-1 agreement and mean KL with its standard error. These are checked against
 the rule (:func:`check_layer`): a layer that misses it beyond the interval is stepped to a
@@ -764,8 +764,8 @@ def load_front(store: RunStore) -> dict[str, dict]:
 
 
 def _decompose_shard(store, handle, source, records, preds, encoders, name, bar=None) -> None:
-    """Code every layer of one shard's images (one shared-prefix pass per batch) and write it;
-    ``bar`` (the stage's progress bar) advances per batch."""
+    """Code every layer of one shard's images and write it; ``bar`` (the stage's progress bar)
+    advances per batch."""
     config = store.config
     meters = {layer: FidelityMeter(enc.V.shape[1]) for layer, enc in encoders.items()}
     parts: dict[str, list[dict[str, torch.Tensor]]] = {layer: [] for layer in encoders}
@@ -773,22 +773,9 @@ def _decompose_shard(store, handle, source, records, preds, encoders, name, bar=
     offset = 0
     for batch in iter_image_batches(source, records, handle, config.batch_size, config.loader_workers):
         n = len(batch.records)
-        batch_preds = preds[offset : offset + n]
+        _code_batch(handle, batch.pixels, preds[offset : offset + n], encoders, meters, parts)
         offset += n
         ids.extend(r.image_id for r in batch.records)
-
-        def code(layer: str, grid: torch.Tensor) -> torch.Tensor:
-            """The layer's codes (kept) and its reconstruction, which replaces it."""
-            U, recon = code_grid(encoders[layer], grid, meters[layer])
-            parts[layer].append(to_sparse_rows(U))
-            return recon
-
-        with torch.no_grad():
-            # One pass codes every layer and runs the model with each replaced (shared prefixes).
-            base, replaced = handle.run_replacing_each(batch.pixels, list(encoders), code)
-        log_probs = base.float().log_softmax(1).cpu()
-        for layer, logits in replaced.items():
-            meters[layer].add_outputs(logits.argmax(1).cpu() == batch_preds, kl_from_original(log_probs, logits.cpu()))
         if bar is not None:
             bar.update(n)
     tensors: dict[str, torch.Tensor] = {"image_id": torch.tensor(ids, dtype=torch.int64)}
@@ -798,6 +785,23 @@ def _decompose_shard(store, handle, source, records, preds, encoders, name, bar=
     store.mark_shard(
         "decompose", name, {layer: {**meters[layer].state(), "alpha": encoders[layer].alpha} for layer in encoders}
     )
+
+
+def _code_batch(handle, pixels, preds, encoders, meters, parts) -> None:
+    """Code one batch ``pixels (B, 3, S, S)`` at every layer of ``encoders`` and run the model with
+    each layer replaced by its reconstruction: codes into ``parts``, figures into ``meters``.
+
+    A capture, then one :meth:`ModelHandle.run_from` per layer (which reuses a stand-in for the
+    network below the layer): 1.4x faster on Lite0's four layers than the one shared-prefix pass
+    of :meth:`ModelHandle.run_replacing_each` (16 images, one thread: 0.73 s against 1.00 s)."""
+    with torch.no_grad():
+        base, grids = handle.capture(pixels, list(encoders))
+        log_probs = base.float().log_softmax(1).cpu()
+        for layer, encoder in encoders.items():
+            U, recon = code_grid(encoder, grids[layer], meters[layer])
+            parts[layer].append(to_sparse_rows(U))
+            logits = handle.run_from(pixels, layer, recon).cpu()
+            meters[layer].add_outputs(logits.argmax(1) == preds, kl_from_original(log_probs, logits))
 
 
 def _joined_rows(layer: str, chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -846,16 +850,9 @@ def _recode_shard(store, handle, source, records, preds, encoders, name) -> None
     ids, offset = [], 0
     for batch in iter_image_batches(source, records, handle, config.batch_size, config.loader_workers):
         n = len(batch.records)
-        batch_preds, offset = preds[offset : offset + n], offset + n
+        _code_batch(handle, batch.pixels, preds[offset : offset + n], encoders, meters, parts)
+        offset += n
         ids.extend(r.image_id for r in batch.records)
-        with torch.no_grad():
-            base, grids = handle.capture(batch.pixels, list(encoders))
-            log_probs = base.float().log_softmax(1).cpu()
-            for layer, encoder in encoders.items():
-                U, recon = code_grid(encoder, grids[layer], meters[layer])
-                parts[layer].append(to_sparse_rows(U))
-                logits = handle.run_from(batch.pixels, layer, recon).cpu()
-                meters[layer].add_outputs(logits.argmax(1) == batch_preds, kl_from_original(log_probs, logits))
     if ids != tensors["image_id"].tolist():
         raise RunMismatchError(f"{path} holds other images than its shard now reads: run `gig decompose --force`")
     for layer, chunks in parts.items():
