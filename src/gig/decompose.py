@@ -467,7 +467,7 @@ def assess_front(points: list[dict], moments: dict[str, torch.Tensor], config: C
         chosen = _not_worse_than_densest(points, boot, config)
         front["stability"] = None
     front["alpha"] = points[chosen]["alpha"]
-    front["decided"], front["note"] = _decided(front, config)
+    front["decided"], front["note"] = _decided(front)
     return front
 
 
@@ -492,7 +492,7 @@ def _not_worse_than_densest(points: list[dict], boot: dict[str, torch.Tensor], c
     return faithful
 
 
-def _decided(front: dict, config: Config) -> tuple[bool, str | None]:
+def _decided(front: dict) -> tuple[bool, str | None]:
     """Whether the front's images decide the choice: it met the rule and repeats, within one
     refinement step, in at least ``MIN_STABILITY`` of the bootstrap resamples; if not, why."""
     n = front["images"]
@@ -628,7 +628,7 @@ def decompose(
             if not steps:
                 break
             for layer, alpha in steps.items():
-                encoders[layer] = encoder_for(config, encoders[layer].V.cpu(), alpha, handle.device)
+                encoders[layer] = encoders[layer].with_alpha(alpha)  # the same Gram matrix
         if not ranks.is_main:
             return
         figures = _figures(store, encoders, loop.n_shards, fronts, checks)
@@ -670,10 +670,11 @@ def check_layer(figures: dict, front: dict, config: Config) -> str | None:
     return "; ".join(misses) or None
 
 
-def _layer_meter(store: RunStore, layer: str, n_shards: int) -> FidelityMeter:
-    """The layer's figures summed over the stage's shards (a resumed stage reports the same)."""
+def _layer_figures(store: RunStore, layers, n_shards: int) -> dict[str, dict]:
+    """Each layer's figures (:meth:`FidelityMeter.result`) summed over the stage's shards, every
+    shard's record read once (a resumed stage reports the same)."""
     infos = [store.shard_info("decompose", f"{i:05d}") for i in range(n_shards)]
-    return FidelityMeter.merge([info[layer] for info in infos if layer in info])
+    return {layer: FidelityMeter.merge([info[layer] for info in infos if layer in info]).result() for layer in layers}
 
 
 def _check_all(store: RunStore, fronts: dict, checks: dict, encoders: dict, n_shards: int) -> dict[str, float]:
@@ -681,8 +682,9 @@ def _check_all(store: RunStore, fronts: dict, checks: dict, encoders: dict, n_sh
     is recorded in ``checks`` and saved (``decompose/check.json``) before any re-coding, so an
     interrupted stage resumes with the same λ."""
     steps = {}
+    figures = _layer_figures(store, encoders, n_shards)
     for layer, encoder in encoders.items():
-        result = {**_layer_meter(store, layer, n_shards).result(), "alpha": encoder.alpha}
+        result = {**figures[layer], "alpha": encoder.alpha}
         record = checks.setdefault(layer, {"alpha": encoder.alpha, "steps": []})
         if record["steps"] and record["steps"][-1]["alpha"] == encoder.alpha:
             continue  # checked already (a resumed stage)
@@ -701,11 +703,11 @@ def _check_all(store: RunStore, fronts: dict, checks: dict, encoders: dict, n_sh
 
 def _figures(store: RunStore, encoders: dict, n_shards: int, fronts: dict, checks: dict) -> dict[str, dict]:
     """Per layer the stage's figures over all images, its λ and K, and the check's outcome."""
-    figures = {}
+    figures, merged = {}, _layer_figures(store, encoders, n_shards)
     for layer, encoder in encoders.items():
         steps = checks.get(layer, {}).get("steps", [])
         figures[layer] = {
-            **_layer_meter(store, layer, n_shards).result(),
+            **merged[layer],
             "K": int(encoder.V.shape[0]),
             "alpha": encoder.alpha,
             "front_alpha": fronts[layer]["alpha"],
