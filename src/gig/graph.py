@@ -28,6 +28,7 @@ JSON schema ``gig.graph/1`` (see docs/graph-schema.md)::
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable
 
@@ -64,17 +65,30 @@ def edge_sums(
     rule: str = "flow",
     upper_ids: dict[str, list[int]] | None = None,
     lower_ids: dict[str, list[int]] | None = None,
-    power: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Summed edge weights over the images ``rows``: ``{lower: (K_upper, K_lower)}``; an image adds
-    0 to edges into targets it did not reach. ``power=2`` sums their squares instead (an image
-    reaches each upper concept at most once, so its row is its own edge weights). ``upper_ids[lower]`` / ``lower_ids[lower]`` keep only
+    0 to edges into targets it did not reach. ``upper_ids[lower]`` / ``lower_ids[lower]`` keep only
     those upper (rows) / lower (columns) concepts, in that order, so that a graph's sums hold its
     kept nodes' edges, not ``K_upper × K_lower`` (704 MB a transition for ResNet-50 at K = 8C).
     Never materialises ``(images, K_upper, K_lower)``."""
+    return edge_power_sums(data, rows, layers, rule, upper_ids, lower_ids, (1,))[0]
+
+
+def edge_power_sums(
+    data: dict[str, torch.Tensor],
+    rows: torch.Tensor,
+    layers: list[str],
+    rule: str,
+    upper_ids: dict[str, list[int]] | None,
+    lower_ids: dict[str, list[int]] | None,
+    powers: tuple[int, ...],
+) -> list[dict[str, torch.Tensor]]:
+    """:func:`edge_sums` of the edge weights raised to each of ``powers`` (1: the sums, 2: the
+    sums of squares, for intervals), from one pass: an image reaches each upper concept at most
+    once, so its row is its own edge weights."""
     if rule not in EDGE_RULES:
         raise ConfigError(f"unknown edge rule {rule!r}: use one of {', '.join(EDGE_RULES)}")
-    edges = {}
+    out: list[dict[str, torch.Tensor]] = [{} for _ in powers]
     for position, lower in enumerate(layers[:-1]):
         upper = layers[position + 1]
         gig = data[f"{lower}/gig"][rows]  # (n, k, K_lo)
@@ -85,8 +99,6 @@ def edge_sums(
         if rule != "share":
             per_image = per_image * data[f"{upper}/importance"][rows][..., None]
         flat, targets = per_image.flatten(0, 1), data[f"{lower}/targets"][rows].flatten()  # (n·k, K_lo), (n·k,)
-        if power != 1:
-            flat = flat**power
         if lower_ids and lower in lower_ids:
             flat = flat[:, torch.tensor(lower_ids[lower], dtype=torch.long)]
         n_upper = data[f"{upper}/score"].shape[1]
@@ -95,10 +107,11 @@ def edge_sums(
             slot[torch.tensor(upper_ids[lower], dtype=torch.long)] = torch.arange(len(upper_ids[lower]))
             targets = slot[targets]
             flat, targets, n_upper = flat[targets >= 0], targets[targets >= 0], len(upper_ids[lower])
-        total = torch.zeros(n_upper, flat.shape[1])
-        total.index_add_(0, targets, flat)
-        edges[lower] = total
-    return edges
+        for totals, power in zip(out, powers):
+            total = torch.zeros(n_upper, flat.shape[1])
+            total.index_add_(0, targets, flat if power == 1 else flat**power)
+            totals[lower] = total
+    return out
 
 
 def edge_weights(
@@ -125,11 +138,17 @@ def poisson_weights(image_ids: torch.Tensor, resamples: int = BOOTSTRAP) -> torc
     """``(n, resamples)`` Poisson(1) weights of the images ``image_ids (n,)``: each image's own
     draws, seeded by its id, so a resample does not depend on how the images are sharded or
     ordered (the online bootstrap: a weight is how often the image is drawn)."""
-    out = torch.empty(len(image_ids), resamples)
-    for row, image_id in enumerate(image_ids.tolist()):
-        g = torch.Generator().manual_seed(0x9E3779B1 + int(image_id))
-        out[row] = torch.poisson(torch.ones(resamples), generator=g)
-    return out
+    if len(image_ids) == 0:
+        return torch.empty(0, resamples)
+    return torch.stack([_image_poisson(int(i), resamples) for i in image_ids.tolist()])
+
+
+@functools.lru_cache(maxsize=4096)
+def _image_poisson(image_id: int, resamples: int) -> torch.Tensor:
+    """One image's Poisson(1) draws; cached, as an image is in several groups of one graph pass
+    (its class's, the global graph's)."""
+    g = torch.Generator().manual_seed(0x9E3779B1 + image_id)
+    return torch.poisson(torch.ones(resamples), generator=g)
 
 
 def mean_interval(total: torch.Tensor, squares: torch.Tensor, n: int, level: float = 0.95) -> dict[str, torch.Tensor]:
@@ -227,11 +246,16 @@ class EdgeSums:
             return
         self.n += int(rows.numel())
         for rule in self.rules:
-            for lower, total in edge_sums(data, rows, self.layers, rule, self.upper_ids, self.lower_ids).items():
+            powers = (1, 2) if rule == "flow" else (1,)  # the flow rule's squares give the intervals
+            sums = edge_power_sums(data, rows, self.layers, rule, self.upper_ids, self.lower_ids, powers)
+            for lower, total in sums[0].items():
                 _add_into(self.totals[rule], lower, total)
-        squares = edge_sums(data, rows, self.layers, "flow", self.upper_ids, self.lower_ids, power=2)
-        for lower, total in squares.items():
-            _add_into(self.squares, lower, total)
+            for lower, total in (sums[1] if rule == "flow" else {}).items():
+                _add_into(self.squares, lower, total)
+        if "flow" not in self.rules:
+            squares = edge_power_sums(data, rows, self.layers, "flow", self.upper_ids, self.lower_ids, (2,))[0]
+            for lower, total in squares.items():
+                _add_into(self.squares, lower, total)
 
     def edges(self, rule: str = "flow") -> dict[str, torch.Tensor]:
         """Mean edge weights ``{lower: (upper kept, lower kept)}`` under ``rule``."""
