@@ -19,9 +19,9 @@ Printed per layer: seconds per 1000 positions, l0, R², and the Lasso objective'
 excess over the optimum (LARS, exact; FISTA to a 1e-7 gap without SPAMS), on ``--check`` rows, before the refit.
 Ratios (old / new) are of times measured in this one process, one after another. Last, the
 whole stage for the run's image count, old against new: fixed cost (calibration / front) plus
-coding at the measured rates, plus each stage's model passes per image (the capture and the
-top-1 agreement's forward passes: the earlier stage's capture and one ``run_from`` per layer,
-today's one pass with shared prefixes, ``ModelHandle.run_replacing_each``), measured here.
+coding at the measured rates, plus each stage's model passes per image (a capture and one
+``run_from`` per layer in both since 0.4; the shared-prefix pass of 0.3's stage,
+``ModelHandle.run_replacing_each``, measured beside them for reference).
 """
 
 from __future__ import annotations
@@ -80,30 +80,31 @@ def calibrate_old_alpha(
 
 def model_pass_seconds(handle: ModelHandle, source, records, layers: list[str], batch_size: int) -> dict[str, float]:
     """Seconds per image of the model passes of either stage (the capture of every layer and,
-    per layer, the network with that layer replaced, for the top-1 agreement), here with every
-    grid replaced by itself: ``old``, the earlier stage's capture and one ``run_from`` per layer;
-    ``new``, today's stage's one pass with shared prefixes (``run_replacing_each``), after its
-    one-time check against separate passes (made here untimed on the first batch; the stage makes
-    it once, which :func:`whole_stage` charges to the new stage's fixed cost)."""
+    per layer, the network with that layer replaced, for the output figures), here with every
+    grid replaced by itself: ``old`` and ``new``, a capture and one ``run_from`` per layer (what
+    both stages do since 0.4: ``run_from`` reuses a stand-in for the network below the layer);
+    ``shared``, for reference, the one pass with shared prefixes (``run_replacing_each``, today's
+    stage until 0.4), after its one-time check against separate passes (made here untimed)."""
 
-    def old(pixels):
+    def separate(pixels):
         _, grids = handle.capture(pixels, layers)
         for layer in layers:
             handle.run_from(pixels, layer, grids[layer])
 
-    def new(pixels):
+    def shared(pixels):
         handle.run_replacing_each(pixels, layers, lambda _layer, grid: grid)
 
     batches = list(iter_image_batches(source, records, handle, batch_size))
     out = {}
     with torch.no_grad():
-        for name, passes in (("old", old), ("new", new)):
+        for name, passes in (("old", separate), ("shared", shared)):
             passes(batches[0].pixels)  # warm-up (and the shared pass's check)
             t0 = time.perf_counter()
             for batch in batches:
                 passes(batch.pixels)
             out[name] = (time.perf_counter() - t0) / len(records)
-    out["check_seconds"] = batch_size * out["old"]  # the stage's one check: the separate passes, once
+    out["new"] = out["old"]  # the same passes
+    out["check_seconds"] = 0.0  # the separate passes need no check
     return out
 
 
@@ -315,8 +316,8 @@ def whole_stage(report: dict, n_images: int, shared_s: dict[str, float]) -> dict
         if name != "old":
             out[name]["speedup_vs_old"] = out["old"]["total_seconds"] / out[name]["total_seconds"]
     print(
-        f"whole stage, {n_images} images (model passes: old {shared_s['old']:.3f}, new {shared_s['new']:.3f} "
-        "s/image): "
+        f"whole stage, {n_images} images (model passes: {shared_s['new']:.3f} s/image, the shared-prefix pass "
+        f"{shared_s['shared']:.3f}): "
         + "; ".join(
             f"{name} {v['fixed_seconds']:.0f} s fixed + {v['coding_seconds_per_image']:.3f} s/image coding = "
             f"{v['total_seconds']:.0f} s" + (f" (×{v['speedup_vs_old']:.2f})" if "speedup_vs_old" in v else "")

@@ -794,8 +794,11 @@ def _code_batch(handle, pixels, preds, encoders, meters, parts) -> None:
     each layer replaced by its reconstruction: codes into ``parts``, figures into ``meters``.
 
     A capture, then one :meth:`ModelHandle.run_from` per layer (which reuses a stand-in for the
-    network below the layer): 1.4x faster on Lite0's four layers than the one shared-prefix pass
-    of :meth:`ModelHandle.run_replacing_each` (16 images, one thread: 0.73 s against 1.00 s)."""
+    network below the layer). At the default batch of 16 this is faster on Lite0's four layers
+    than the one shared-prefix pass of :meth:`ModelHandle.run_replacing_each`, whose batch grows
+    five-fold: the 800-photo stage took 206 s against 224 s, side by side, identical codes
+    (``bench/decompose_speed.py`` prints both passes' seconds per image at the run's batch; at a
+    batch of 4 the shared pass is the faster one)."""
     with torch.no_grad():
         base, grids = handle.capture(pixels, list(encoders))
         log_probs = base.float().log_softmax(1).cpu()

@@ -526,10 +526,10 @@ class ModelHandle:
         the unmodified images in grid form ``(N, C, H, W)``, returns its replacement (same shape).
         Returns the logits ``(N, classes)`` of the unmodified network and ``{layer: logits (N,
         classes)}`` with only that layer replaced: what :meth:`capture` followed by one
-        :meth:`run_from` per layer gives, in one pass. (It was 2.6× less work on
-        EfficientNet-Lite0's four default layers before :meth:`run_from` reused a stand-in for the
-        network below the layer; since then the separate passes are faster there, 0.73 s
-        against 1.00 s for 16 images, and the decompose stage takes them.)
+        :meth:`run_from` per layer gives, in one pass. Since :meth:`run_from` reuses a stand-in for
+        the network below the layer, which of the two is faster depends on the batch: on
+        EfficientNet-Lite0's four default layers the separate passes are faster at a batch of 16
+        (the decompose stage takes them), this pass at a batch of 4 (``bench/decompose_speed.py``).
 
         One forward pass shares every prefix: at each layer (in execution order) the batch is
         widened by the replacement of that layer's unmodified rows, so the network before the
