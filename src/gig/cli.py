@@ -736,6 +736,51 @@ def stability(
 
 @app.command()
 @one_line_errors
+def compare(
+    run_a: Path = typer.Argument(..., help="The first run (A); its decompose stage must have finished."),
+    run_b: Path = typer.Argument(..., help="The second run (B), on the same images."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for compare.json and index.html."),
+    pair: Optional[list[str]] = typer.Option(
+        None, "--pair", help="LAYER_A=LAYER_B to compare (repeat; default: the runs' layers in order)."
+    ),
+    max_images: int = typer.Option(200, help="Shared images read per layer pair (a seeded draw when more)."),
+    min_similarity: float = typer.Option(0.5, help="Lowest response correlation that counts as a counterpart."),
+    seed: int = typer.Option(0, help="Seed of the image draw."),
+    page: bool = typer.Option(True, help="Write the offline page index.html."),
+):
+    """Compare two runs on the same images: concepts matched by response, graphs diffed (OUT/)."""
+    from .compare import compare_runs
+
+    result = compare_runs(run_a, run_b, out, pair or None, max_images, min_similarity, seed, page)
+    table = Table(
+        title=f"{result['run_a']['model']} (A) against {result['run_b']['model']} (B), "
+        f"{len(result['image_ids'])} shared images",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        caption="matched one to one by the correlation of their codes; chance: B's images shifted by one",
+    )
+    for col in ("A", "B", "K A/B", "median r", "chance p95", "counterparts"):
+        table.add_column(col, no_wrap=True)
+    for l in result["layers"]:
+        table.add_row(
+            l["layer_a"],
+            l["layer_b"],
+            f"{l['K_a']}/{l['K_b']}",
+            "–" if l["median_similarity"] is None else f"{l['median_similarity']:.3f}",
+            "–" if l["chance_p95"] is None else f"{l['chance_p95']:.3f}",
+            f"{l['share_matched']:.0%} of {l['active_a']} active",
+        )
+    Console().print(table)
+    for name, diff in result["graphs"].items():
+        console.print(
+            f"{name}: nodes kept {len(diff['nodes']['kept'])}, lost {len(diff['nodes']['lost'])}, "
+            f"gained {len(diff['nodes']['gained'])}; edges kept {len(diff['edges']['kept'])}"
+        )
+    console.print(f"[green]compare[/green]: {out / 'compare.json'}" + (f", {out / 'index.html'}" if page else ""))
+
+
+@app.command()
+@one_line_errors
 def label(
     run_dir: Path = typer.Argument(..., help="Run directory."),
     layer: Optional[str] = typer.Argument(None, help="Layer (with --suggest: only this layer)."),

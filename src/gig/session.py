@@ -150,6 +150,15 @@ class Run:
 
         set_label(self.store, self._layer(layer), concept, name, note)
 
+    def compare(self, other: "Run", out: str | Path | None = None, **options) -> dict:
+        """This run (A) compared with ``other`` (B) on their shared images: concepts matched by
+        response, graphs diffed (:func:`gig.compare.compare_runs`; ``options`` are its keywords)."""
+        from .compare import compare_runs
+
+        return compare_runs(
+            self.store, other.store, out, model_a=self._access.bundle, model_b=other._access.bundle, **options
+        )
+
     def report(self, **options) -> Path:
         """Build the HTML report (:func:`gig.report.build_report`); keyword options as :class:`gig.report.ReportOptions`."""
         from .report import ReportOptions, build_report
