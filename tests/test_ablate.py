@@ -29,7 +29,7 @@ from gig.errors import ConfigError
 from gig.models import wrap_module
 from gig.pipeline import Pipeline
 from gig.readouts import ConceptReadout
-from gig.store import RunStore, load_tensors
+from gig.store import RunStore, load_json, load_tensors
 
 SMALL = dict(
     layers=["block1", "block2"],
@@ -121,7 +121,7 @@ def test_remove_every_concept_reproduces_the_stored_walk(run, ctx):
 def test_ablate_writes_json_and_mean(run, ctx):
     result = ablate(ctx, "block1", [0, 2], image_ids=[1, 3])
     assert isinstance(result, AblationResult) and result.path == ablation_path(RunStore.open(run), "block1", [0, 2])
-    doc = json.loads(result.path.read_text())
+    doc = load_json(result.path)
     assert doc["schema"] == "gig.ablation/1" and doc["layer"] == "block1" and doc["concepts"] == [0, 2]
     assert doc["readout_layers"] == ["block2"] and doc["n_images"] == 2
     image = doc["images"][0]
@@ -193,7 +193,7 @@ def test_gig_and_ablation_agree_where_the_head_is_linear(run, ctx):
     assert -1 <= conv["spearman"]["per_target"]["mean"] <= 1
     assert conv["completeness"]["delta_check_median"] < 1e-4
     store = RunStore.open(result["run"])
-    saved = json.loads(correlation_path(store).read_text())["transitions"]["block2->class"]
+    saved = load_json(correlation_path(store))["transitions"]["block2->class"]
     assert saved["spearman"] == linear["spearman"] and saved["n_pairs"] == linear["n_pairs"]
     pairs = load_tensors(correlation_path(store).with_name("correlation_pairs.safetensors"))
     assert pairs["block2->class/predicted"].numel() == linear["n_pairs"]
@@ -241,7 +241,7 @@ def test_cli_ablation_correlation(tiny_run, tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout[result.stdout.index("{") :])
-    assert printed == json.loads((run / "graph" / "ablation" / "correlation.json").read_text())
+    assert printed == load_json(run / "graph" / "ablation" / "correlation.json")
     assert set(printed["transitions"]) == {"_blocks.8->_blocks.15", "_blocks.15->class"}
     for t in printed["transitions"].values():
         assert -1.0 <= t["spearman"]["per_target"]["mean"] <= 1.0

@@ -6,7 +6,6 @@ another random model (chance level); runs on other images refused; the command a
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
 
 import numpy as np
@@ -20,6 +19,7 @@ from gig.compare import ResponseMoments, compare_runs, match_by_response, pooled
 from gig.config import Config
 from gig.errors import ConfigError, RunMismatchError
 from gig.models import wrap_module
+from gig.store import load_json
 
 
 def _bundle(net: nn.Module):
@@ -193,7 +193,7 @@ def test_command_writes_the_json_and_an_offline_page(tiny_runs, tmp_path, browse
     monkeypatch.setattr(compare_module, "compare_runs", with_models)
     result = CliRunner().invoke(app, ["compare", str(tiny_runs["a"][0]), str(tiny_runs["b"][0]), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    saved = json.loads((out / "compare.json").read_text())
+    saved = load_json(out / "compare.json")
     assert saved["schema"] == "gig.compare/1" and len(saved["layers"]) == 2
     assert "100% of" in result.output
     page = browser.new_page()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from gig.distributed import Ranks
+from gig.store import load_json
 
 _RUN = """
 import sys
@@ -86,13 +86,11 @@ def test_two_processes_equal_one(tmp_path):
         "graph/global.json",
         "decompose/front.json",
     ]:
-        assert json.loads((one / rel).read_text()) == json.loads((two / rel).read_text()), rel
+        assert load_json(one / rel) == load_json(two / rel), rel
     # The KL over all images reads logits of the model with each layer replaced, from batches that
     # may round differently in the last bits on another rank; the codes above are equal bit for bit.
-    assert _rounded(json.loads((one / "decompose/fidelity.json").read_text())) == _rounded(
-        json.loads((two / "decompose/fidelity.json").read_text())
-    )
-    manifest = json.loads((two / "manifest.json").read_text())
+    assert _rounded(load_json(one / "decompose/fidelity.json")) == _rounded(load_json(two / "decompose/fidelity.json"))
+    manifest = load_json(two / "manifest.json")
     assert all(
         manifest["stages"][s]["status"] == "done" for s in ("collect", "concepts", "decompose", "attribute", "graph")
     )
@@ -106,15 +104,13 @@ def test_two_processes_split_a_run_smaller_than_one_shard_per_rank(tmp_path):
     one = _launch(tmp_path, "one", 1, shard=8)
     two = _launch(tmp_path, "two", 2, shard=8)
     for rel in ["decompose/front.json", "collect/images.json"]:
-        assert json.loads((one / rel).read_text()) == json.loads((two / rel).read_text()), rel
-    assert _rounded(json.loads((one / "decompose/fidelity.json").read_text())) == _rounded(
-        json.loads((two / "decompose/fidelity.json").read_text())
-    )
+        assert load_json(one / rel) == load_json(two / rel), rel
+    assert _rounded(load_json(one / "decompose/fidelity.json")) == _rounded(load_json(two / "decompose/fidelity.json"))
     a = load_file(str(one / "attribute/shards/00000.safetensors"))
     b = load_file(str(two / "attribute/shards/00000.safetensors"))
     assert a.keys() == b.keys() and a["image_id"].tolist() == list(range(6))
     assert torch.equal(a["image_id"], b["image_id"])
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=key)
-    manifest = json.loads((two / "manifest.json").read_text())
+    manifest = load_json(two / "manifest.json")
     assert manifest["stages"]["attribute"]["status"] == "done"

@@ -35,7 +35,7 @@ from gig.hooks import ModelHandle
 from gig.models import wrap_module
 from gig.pipeline import Pipeline
 from gig.readouts import concept_readout
-from gig.store import RunMismatchError
+from gig.store import RunMismatchError, load_json
 
 
 # ------------------------------------------------------------------------------ curves
@@ -272,7 +272,7 @@ def test_evaluate_command_writes_summary(small_run, monkeypatch):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     out = small_run / "evaluate"
-    summary = json.loads((out / "summary.json").read_text())
+    summary = load_json(out / "summary.json")
     assert set(summary) == {"extraction", "interlayer"}
     assert list(summary["extraction"]) == ["block1", "block2"]
     for layer in summary["extraction"].values():
@@ -291,7 +291,7 @@ def test_evaluate_command_writes_summary(small_run, monkeypatch):
         "interlayer_auc.png",
     ):
         assert (out / name).is_file(), name
-    ext = json.loads((out / "extraction.json").read_text())
+    ext = load_json(out / "extraction.json")
     for layer, methods in ext["layers"].items():
         for name, r in methods.items():
             assert r["auc_diff"]["n"] == 3 and r["auc_diff"]["se"] >= 0
@@ -318,9 +318,9 @@ def test_ablation_into_another_folder(small_run, tmp_path):
         extraction_images=2, interlayer_images=0, methods=["sae-torch"], orderings=[], sae_k=2, plots=False
     )
     res = evaluate_run(small_run, settings, progress=False, out=out, model=_small_bundle())
-    summary = json.loads((out / "summary.json").read_text())
+    summary = load_json(out / "summary.json")
     assert summary == res["summary"] and summary["interlayer"] == {}
     assert list(summary["extraction"]["block1"]) == ["sae-torch"]
-    ext = json.loads((out / "extraction.json").read_text())
+    ext = load_json(out / "extraction.json")
     assert ext["layers"]["block2"]["sae-torch"]["basis"]["k"] == 2
     assert ext["layers"]["block2"]["sae-torch"]["reconstruction"]["active_per_position"] <= 2

@@ -22,6 +22,7 @@ from gig.evaluation.methods.user import UserBasis
 from gig.evaluation.settings import EvaluationPlan
 from gig.models import wrap_module
 from gig.pipeline import Pipeline
+from gig.store import load_json
 
 
 def _clustered(n: int = 300, c: int = 8, k: int = 5, seed: int = 0) -> torch.Tensor:
@@ -158,7 +159,7 @@ def test_save_load_round_trip(make, tmp_path):
     X = _clustered()
     basis = make().fit(X)
     basis.save(tmp_path / "b.safetensors")
-    meta = json.loads((tmp_path / "b.json").read_text())
+    meta = load_json(tmp_path / "b.json")
     assert meta["method"] == basis.name and meta["params"] == basis.get_params()
     back = ConceptBasis.load(tmp_path / "b.safetensors")
     assert type(back) is type(basis) and back.info_ == basis.info_
@@ -170,7 +171,7 @@ def test_a_saved_basis_names_its_class(tmp_path):
     """A method name that comes to mean another implementation (``sae`` did) never loads the
     old fit as the new class."""
     KMeansBasis(3, seed=0).fit(_clustered()).save(tmp_path / "b.safetensors")
-    meta = json.loads((tmp_path / "b.json").read_text())
+    meta = load_json(tmp_path / "b.json")
     assert meta["class"] == "gig.evaluation.methods.kmeans.KMeansBasis"
     (tmp_path / "b.json").write_text(json.dumps({**meta, "class": "elsewhere.OldKMeans"}))
     with pytest.raises(InputError, match="was saved by elsewhere.OldKMeans"):
@@ -246,7 +247,7 @@ def test_user_basis_from_the_command_line(tiny_run, tmp_path, monkeypatch):
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    ext = json.loads((out / "extraction.json").read_text())
+    ext = load_json(out / "extraction.json")
     b1, b2 = ext["layers"]["block1"]["user:my-sae"], ext["layers"]["block2"]["user:my-sae"]
     assert b1["K"] == 10 and b1["reconstruction"]["active_per_position"] <= 3 and b1["basis"]["encoder"]
     assert b2["K"] == 9 and b2["basis"]["kind"] == "user dictionary + the run's encoder"

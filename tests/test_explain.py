@@ -19,12 +19,12 @@ from gig.decompose import CodeReader
 from gig.errors import ImageLoadError
 from gig.explain import explain, write_explanations
 from gig.graph import build_graph
-from gig.store import RunStore
+from gig.store import RunStore, load_json
 
 
 def _run_photo(tiny_run, image_id: int) -> Path:
     """The file of one of the run's images."""
-    info = json.loads((tiny_run["run"] / "collect" / "images.json").read_text())
+    info = load_json(tiny_run["run"] / "collect" / "images.json")
     path = next(i["path"] for i in info["images"] if i["image_id"] == image_id)
     return Path(path)
 
@@ -48,7 +48,7 @@ def explained(tiny_run, new_photo):
 
 def test_an_image_of_the_run_gets_back_the_runs_codes_walk_and_graph(tiny_run) -> None:
     store = RunStore.open(tiny_run["run"])
-    images = json.loads((tiny_run["run"] / "collect" / "images.json").read_text())["images"]
+    images = load_json(tiny_run["run"] / "collect" / "images.json")["images"]
     first = images[0]
     (e,) = explain(store, [_run_photo(tiny_run, first["image_id"])], target=first["target"], model=tiny_run["bundle"])
     for layer in store.config.layers:
@@ -103,9 +103,9 @@ def test_page_loads_in_chromium_without_errors(explained, tiny_run, tmp_path, br
     from browser_page import Page
 
     index = write_explanations(tiny_run["run"], explained, tmp_path / "explain", model=tiny_run["bundle"])
-    summary = json.loads((tmp_path / "explain" / "explanations.json").read_text())
+    summary = load_json(tmp_path / "explain" / "explanations.json")
     assert summary["images"][0]["graph"] == "image_0.json"
-    graph = json.loads((tmp_path / "explain" / "image_0.json").read_text())
+    graph = load_json(tmp_path / "explain" / "image_0.json")
     assert graph == json.loads(json.dumps(explained[0].graph))
     assert (tmp_path / "explain" / "image_0.svg").is_file() and (tmp_path / "explain" / "image_0.png").is_file()
     page = Page(browser, index)
@@ -138,7 +138,7 @@ def test_cli_explain(tiny_run, new_photo, tmp_path, monkeypatch) -> None:
     result = CliRunner().invoke(app, ["explain", str(tiny_run["run"]), str(new_photo), "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout[result.stdout.index("{") :])
-    assert printed == json.loads((out / "explanations.json").read_text())
+    assert printed == load_json(out / "explanations.json")
     assert printed["images"][0]["target"] == printed["images"][0]["pred"]
     assert (out / "index.html").is_file()
     assert len(loads) == 1  # the model is loaded once for the explanations and their page (issue 25)

@@ -17,7 +17,7 @@ import gig.decompose
 from gig.cli import app
 from gig.config import Config
 from gig.pipeline import Pipeline
-from gig.store import RunStore, load_tensors
+from gig.store import RunStore, load_json, load_tensors
 
 SMALL = dict(
     max_images=4,
@@ -70,9 +70,9 @@ def test_inspect_json_keys(finished_run):
 
 
 def test_graph_json_is_consistent(finished_run):
-    index = json.loads((finished_run / "graph" / "index.json").read_text())
+    index = load_json(finished_run / "graph" / "index.json")
     for name in list(index["files"]["class"].values()) + [index["files"]["global"]]:
-        graph = json.loads((finished_run / "graph" / name).read_text())
+        graph = load_json(finished_run / "graph" / name)
         assert graph["schema"] == "gig.graph/1"
         ids = {n["id"] for n in graph["nodes"]}
         assert len(ids) == len(graph["nodes"])

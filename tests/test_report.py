@@ -20,6 +20,7 @@ from conftest import HOSTILE, LAYERS
 
 from gig.report import ReportOptions, markdown_blocks, safe_json
 from gig.report.metrics import evaluation_section as _evaluation
+from gig.store import load_json
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -72,19 +73,19 @@ def _listed(graph: dict) -> dict:
 
 def test_graph_json_is_embedded_verbatim(tiny_run, page_data) -> None:
     from gig.graph import build_graph
-    from gig.store import RunStore
+    from gig.store import RunStore, load_json
 
     run = tiny_run["run"]
-    index = json.loads((run / "graph" / "index.json").read_text())
+    index = load_json(run / "graph" / "index.json")
     by_key = {g["key"]: g for g in page_data["graphs"]}
     for c, file in index["files"]["class"].items():
         entry = by_key[f"class:{c}"]
         assert entry["file"] == file
-        assert entry["graph"] == _listed(json.loads((run / "graph" / file).read_text()))
-    assert by_key["global"]["graph"] == _listed(json.loads((run / "graph" / "global.json").read_text()))
+        assert entry["graph"] == _listed(load_json(run / "graph" / file))
+    assert by_key["global"]["graph"] == _listed(load_json(run / "graph" / "global.json"))
     if index["files"]["shared"]:
         shared = [g for g in page_data["graphs"] if g["file"] == index["files"]["shared"]]
-        assert shared and shared[0]["graph"] == _listed(json.loads((run / "graph" / "shared.json").read_text()))
+        assert shared and shared[0]["graph"] == _listed(load_json(run / "graph" / "shared.json"))
     images = [g for g in page_data["graphs"] if g["mode"] == "image"]
     assert images, "single-image graphs are included"
     store = RunStore.open(run)
@@ -386,8 +387,7 @@ def test_other_classes_are_written_for_loading_on_demand(tiny_run, on_demand_rep
     store = RunStore.open(tiny_run["run"])
     walk = load_attributions(store)
     targets = {
-        int(i["image_id"]): int(i["target"])
-        for i in json.loads((tiny_run["run"] / "collect" / "images.json").read_text())["images"]
+        int(i["image_id"]): int(i["target"]) for i in load_json(tiny_run["run"] / "collect" / "images.json")["images"]
     }
     every = {targets[int(i)] for i in walk["image_id"]}
     assert len(data["onDemand"]) == len(every) - len(inline) >= 1

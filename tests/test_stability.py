@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from gig.errors import ConfigError
 from gig.stability import THRESHOLD, concept_stability, match_concepts, refit_concepts
+from gig.store import load_json
 
 
 def test_matching_is_the_best_one_to_one_assignment_by_brute_force():
@@ -67,7 +68,7 @@ def test_command_writes_the_figures_of_every_layer(tiny_run, tmp_path):
     shutil.copytree(tiny_run["run"], run)
     result = CliRunner().invoke(app, ["stability", str(run), "--seeds", "2", "--fraction", "0.75", "--json"])
     assert result.exit_code == 0, result.output
-    saved = json.loads((run / "stability" / "stability.json").read_text())
+    saved = load_json(run / "stability" / "stability.json")
     assert saved == json.loads(result.stdout)
     for layer, figures in saved["layers"].items():
         assert len(figures["similarity"]) == figures["K"] and len(figures["share_matched_per_refit"]) == 2

@@ -412,3 +412,66 @@ def test_flipped_bits_in_a_shard_are_caught_on_every_read(tiny_run, tmp_path):
         line.startswith("error: damaged artefact") and "shards/00000.safetensors: its content" in line
         for line in result.output.splitlines()
     )
+
+
+def test_json_artefacts_carry_a_checksum_verified_on_every_read(tmp_path):
+    """save_json adds BLAKE2b-128 of the object's compact JSON (computed here by hand) as one more
+    key; load_json checks it and gives back the object as written (numpy numbers, tuples, int keys
+    and NaN included); one changed digit is refused naming the file; files from before checksums
+    and non-objects are read as they are."""
+    import hashlib
+    import json
+    import math
+
+    import numpy as np
+
+    from gig.errors import RunMismatchError
+    from gig.store import JSON_CHECKSUM_KEY, load_json, save_json
+
+    data = {"w": np.float32(0.1), "pair": (1, 2), 3: "three", "nan": float("nan"), "n": np.int64(7), "é": [0.25]}
+    path = tmp_path / "a.json"
+    save_json(path, data)
+    raw = json.loads(path.read_text())
+    written = raw.pop(JSON_CHECKSUM_KEY)
+    compact = json.dumps(raw, separators=(",", ":"))
+    assert written == hashlib.blake2b(compact.encode(), digest_size=16).hexdigest()
+    back = load_json(path)
+    assert JSON_CHECKSUM_KEY not in back and list(back) == ["w", "pair", "3", "nan", "n", "é"]
+    assert back["w"] == float(np.float32(0.1)) and back["pair"] == [1, 2] and math.isnan(back["nan"])
+    save_json(path, back)  # saving what was read gives the same file
+    assert json.loads(path.read_text())[JSON_CHECKSUM_KEY] == written
+
+    path.write_text(path.read_text().replace('"n": 7', '"n": 8'))
+    with pytest.raises(RunMismatchError, match=r"a\.json: its content does not match the checksum"):
+        load_json(path)
+    old = tmp_path / "old.json"
+    old.write_text('{"n": 7}')
+    assert load_json(old) == {"n": 7}
+    save_json(tmp_path / "list.json", [1, 2])
+    assert load_json(tmp_path / "list.json") == [1, 2]
+
+
+def test_an_edited_front_or_manifest_is_refused_in_one_line(tiny_run, tmp_path):
+    import re
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from gig.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    front = run / "decompose" / "front.json"
+    text = front.read_text()
+    # one digit of the first number changed: still valid JSON, another value
+    edited = re.sub(r"(\d)(,\n)", lambda m: f"{(int(m.group(1)) + 1) % 10}{m.group(2)}", text, count=1)
+    assert edited != text
+    front.write_text(edited)
+    result = CliRunner().invoke(app, ["inspect", str(run)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "front.json: its content does not match the checksum" in result.output
+    front.write_text(text)
+    manifest = run / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"done"', '"dome"', 1))
+    result = CliRunner().invoke(app, ["inspect", str(run)])
+    assert result.exit_code == 2 and "damaged" in result.output and "manifest.json" in result.output

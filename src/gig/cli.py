@@ -274,7 +274,9 @@ def explain(
     explanations = explain_images(run_dir, images, target=target, access=access)
     index = write_explanations(run_dir, explanations, out, single_file=single_file, access=access)
     if as_json:
-        print(json.dumps(json.loads((out / "explanations.json").read_text()), indent=1))
+        from .store import load_json
+
+        print(json.dumps(load_json(out / "explanations.json"), indent=1))
         return
     term = Console()
     table = Table(title="explained")

@@ -196,23 +196,54 @@ def _readable(path: str | Path) -> Iterator[None]:
         ) from exc
 
 
+#: The key under which :func:`save_json` writes a JSON object's :func:`json_checksum`.
+JSON_CHECKSUM_KEY = "gig_blake2b"
+
+
+def json_checksum(data: Any) -> str:
+    """BLAKE2b-128 of ``data`` written as compact JSON (keys in their order). A value read back
+    from the file gives the same text (floats round-trip exactly, key order is kept), so the
+    checksum of what :func:`load_json` parses equals the one written."""
+    text = json.dumps(data, separators=(",", ":"), default=_json_default)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 def save_json(path: Path, data: Any) -> None:
+    """Write JSON atomically; an object gets its :func:`json_checksum` as one more key
+    (:data:`JSON_CHECKSUM_KEY`, last), verified and removed again by :func:`load_json`."""
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k != JSON_CHECKSUM_KEY}
+        data[JSON_CHECKSUM_KEY] = json_checksum(data)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=_json_default))
     os.replace(tmp, path)
 
 
 def load_json(path: Path) -> Any:
+    """A JSON artefact, its checksum verified where it has one (files written before gig 0.5
+    have none and are read as they are); a damaged file is one line naming it."""
     if not path.is_file():
         raise RunMismatchError(f"missing artefact {path}: run the stage that makes it first")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # truncated or overwritten
         what = f"{exc.msg}, line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
         raise RunMismatchError(
             f"damaged artefact {path} ({what}): rerun the stage that writes it "
             f"(gig STAGE --force RUN), or the whole run"
         ) from exc
+    return _verified_json(path, data)
+
+
+def _verified_json(path: Path, data: Any) -> Any:
+    if isinstance(data, dict) and JSON_CHECKSUM_KEY in data:
+        written = data.pop(JSON_CHECKSUM_KEY)
+        if json_checksum(data) != written:
+            raise RunMismatchError(
+                f"damaged artefact {path}: its content does not match the checksum written with it "
+                "(flipped bits or an edited file); rerun the stage that writes it (gig STAGE --force RUN)"
+            )
+    return data
 
 
 def _json_default(obj):
@@ -301,10 +332,10 @@ class RunStore:
 
     def manifest(self) -> dict[str, Any]:
         try:
-            return json.loads(self.manifest_path.read_text())
+            return _verified_json(self.manifest_path, json.loads(self.manifest_path.read_text()))
         except FileNotFoundError:
             return load_json(self.manifest_path)  # the one message for a missing artefact
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RunMismatchError) as exc:  # cut, or not as written
             raise RunMismatchError(
                 f"damaged {self.manifest_path}: the run's record of its stages and inputs is "
                 "lost; restore it from a copy, or rerun into a new directory"

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import _int, _real, field_problems, fields_from_dict, stable_hash
-from ..errors import ConfigError
+from ..errors import ConfigError, RunMismatchError
 from .bases import basis_class, method_label, method_problem
 from .interlayer import ORDERINGS
 
@@ -242,8 +242,10 @@ def save_settings(path: Path, settings: EvaluationSettings) -> None:
 
 def load_settings(path: Path) -> EvaluationSettings:
     """Settings from a JSON file of fields, or from an evaluation's ``settings.json``."""
+    from ..store import load_json
+
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
+        data = load_json(Path(path))
+    except (OSError, ValueError, RunMismatchError) as exc:
         raise ConfigError(f"cannot read evaluation settings {path}: {exc}") from exc
     return EvaluationSettings.from_dict(data.get("settings", data) if isinstance(data, dict) else data)

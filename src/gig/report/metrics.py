@@ -4,7 +4,6 @@ folder (``RUN/evaluate/``) shown as tables, safe markdown and plots."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from ..attribution import completeness_residuals, load_error_estimates
 from ..decompose import load_fidelity, rule_text
 from ..errors import RunMismatchError
 from ..evaluation.extraction import load_reconstruction
-from ..store import RunStore
+from ..store import RunStore, load_json
 from ..summary import summarize
 from .figure import completeness_figure, front_figure, reconstruction_figure
 from .page import Assets, fmt_value, slug
@@ -147,8 +146,8 @@ def evaluation_section(folder: Path, assets: Assets) -> dict | None:
     summary = folder / "summary.json"
     if summary.is_file():
         try:
-            out["summary"] = _json_tables(json.loads(summary.read_text()))
-        except (OSError, ValueError) as exc:
+            out["summary"] = _json_tables(load_json(summary))
+        except (OSError, ValueError, RunMismatchError) as exc:
             out["summary"] = [{"title": "summary.json", "error": str(exc)}]
     for path in sorted(folder.iterdir()):  # top level only (bases/, parts/ are working files)
         rel = path.name
@@ -162,8 +161,8 @@ def evaluation_section(folder: Path, assets: Assets) -> dict | None:
             out["plots"].append({"name": rel, "url": assets.add_file(f"eval/{slug(rel)}", path)})
         elif suffix == ".json" and rel != "summary.json" and path.stat().st_size <= 64 * 1024:
             try:
-                out["json"].append({"name": rel, "tables": _json_tables(json.loads(path.read_text()), rel)})
-            except (OSError, ValueError):
+                out["json"].append({"name": rel, "tables": _json_tables(load_json(path), rel)})
+            except (OSError, ValueError, RunMismatchError):
                 out["other"].append(rel)
         elif rel != "summary.json":
             out["other"].append(rel)
