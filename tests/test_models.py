@@ -106,3 +106,149 @@ def test_random_weights_are_the_same_in_every_process():
     b = load_model("torchvision:resnet18", "none").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(after, expected_next)
+
+
+# ---------------------------------------------------------------------------- a probe as the head
+def _probe_file(path, outputs: int, features: int, names: list[str] | None = None, seed: int = 0):
+    import json
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"weight": torch.randn(outputs, features, generator=g), "bias": torch.randn(outputs, generator=g)}
+    save_file(tensors, str(path), metadata={"names": json.dumps(names)} if names else None)
+    return tensors
+
+
+def test_a_probe_head_equals_the_model_with_the_probe_as_its_classifier(tmp_path, tiny_bundle):
+    """TinyNet's classifier (``head``, Linear(16, 4)) replaced by a probe file: the same outputs as
+    TinyNet built with that Linear(16, 3) in its place, the probe's names as class names; the
+    original bundle is left as it was."""
+    from gig.models import with_head
+
+    probe = _probe_file(tmp_path / "probe.safetensors", 3, 16, ["cat", "dog", "other"])
+    got = with_head(tiny_bundle, tmp_path / "probe.safetensors")
+    want = tiny_bundle.model.__class__()
+    want.head = torch.nn.Linear(16, 3)
+    with torch.no_grad():
+        want.head.weight.copy_(probe["weight"])
+        want.head.bias.copy_(probe["bias"])
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(got.model(x), want.eval()(x))
+        assert tiny_bundle.model(x).shape == (5, 4)
+    assert got.class_names == ["cat", "dog", "other"] and got.name == "tiny"
+    assert got.fingerprint() != tiny_bundle.fingerprint()
+
+
+def test_a_probe_after_a_backbone_without_classifier(tmp_path, tiny_bundle):
+    """A backbone whose output is its pooled features gets the probe after it (forward hook): the
+    model's layer names stay as they were; outputs are named ``output I`` without names."""
+    from torch import nn
+
+    from gig.models import with_head, wrap_module
+
+    class Backbone(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.stem, self.block1, self.block2 = net.stem, net.block1, net.block2
+
+        def forward(self, x):
+            return self.block2(self.block1(self.stem(x))).mean((2, 3))
+
+    backbone = wrap_module(Backbone(tiny_bundle.model), name="bb", input_size=32)
+    probe = _probe_file(tmp_path / "p.safetensors", 2, 16)
+    got = with_head(backbone, tmp_path / "p.safetensors")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(got.model(x), backbone.model(x) @ probe["weight"].T + probe["bias"])
+    assert got.class_names == ["output 0", "output 1"]
+    assert {n for n, _ in backbone.model.named_modules()} <= {n for n, _ in got.model.named_modules()}
+
+
+def test_a_head_that_does_not_fit_is_refused_before_compute(tmp_path, tiny_bundle):
+    from gig.models import with_head
+
+    _probe_file(tmp_path / "wide.safetensors", 3, 17)
+    with pytest.raises(ModelLoadError, match="gives|does not fit"):
+        with_head(tiny_bundle, tmp_path / "wide.safetensors")
+    with pytest.raises(ModelLoadError, match="reads 17 features, but 'head' of tiny takes 16"):
+        with_head(tiny_bundle, tmp_path / "wide.safetensors", at="head")
+    _probe_file(tmp_path / "p.safetensors", 3, 16)
+    with pytest.raises(ModelLoadError, match="head_at 'nope': no such module in tiny"):
+        with_head(tiny_bundle, tmp_path / "p.safetensors", at="nope")
+    _probe_file(tmp_path / "named.safetensors", 3, 16, ["a", "b"])
+    with pytest.raises(ModelLoadError, match="2 names for 3 outputs"):
+        with_head(tiny_bundle, tmp_path / "named.safetensors")
+    with pytest.raises(ModelLoadError, match="head file not found"):
+        with_head(tiny_bundle, tmp_path / "missing.safetensors")
+
+
+def test_a_run_with_a_probe_head_ends_at_the_probes_outputs(tmp_path):
+    """``head:`` in the config: Lite0 with a 2-output probe in place of its classifier runs every
+    stage, the report and explain; every class graph's top node is one of the probe's named
+    outputs, and the run's targets are the probe's argmax."""
+    from typer.testing import CliRunner
+
+    from gig.cli import app
+    from gig.config import Config
+    from gig.pipeline import Pipeline
+    from gig.store import load_json
+
+    _probe_file(tmp_path / "probe.safetensors", 2, 1280, ["animal", "thing"], seed=1)
+    config = Config(
+        head=str(tmp_path / "probe.safetensors"),
+        layers=["_blocks.11", "_blocks.15"],
+        max_images=4,
+        n_steps=4,
+        top_k=2,
+        samples_per_image=8,
+        calibration_size=200,
+    )
+    run = tmp_path / "run"
+    Pipeline(config, run, progress=False).run()
+    graphs = sorted((run / "graph").glob("class_*.json"))
+    assert graphs
+    for path in graphs:
+        top = [n for n in load_json(path)["nodes"] if n.get("concept") is None]
+        assert len(top) == 1 and top[0]["name"] in ("animal", "thing")
+    targets = {i["target"] for i in load_json(run / "collect" / "images.json")["images"]}
+    assert targets <= {0, 1}
+    result = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
+    assert "animal" in page or "thing" in page
+    from gig.images import EmbeddedSource
+
+    embedded = EmbeddedSource()
+    embedded.load(embedded.records[0]).save(tmp_path / "photo.png")
+    result = CliRunner().invoke(app, ["explain", str(run), str(tmp_path / "photo.png"), "--out", str(tmp_path / "ex")])
+    assert result.exit_code == 0, result.output
+
+
+def test_the_probe_example_trains_a_head_that_its_config_reads_from_any_directory(tmp_path, monkeypatch):
+    """docs/examples: train_probe.py writes a head of two named outputs on Lite0's 1280 pooled
+    features; probe-head.yaml names it by a path relative to itself, which Config.load resolves
+    from another working directory; the head then loads onto Lite0."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from gig.config import Config
+    from gig.models import load_run_model, read_head
+
+    examples = Path(__file__).resolve().parents[1] / "docs" / "examples"
+    folder = tmp_path / "examples"
+    shutil.copytree(examples, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    spec = importlib.util.spec_from_file_location("train_probe", folder / "train_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr("sys.argv", ["train_probe.py", "--out", str(folder / "probe.safetensors")])
+    module.main()
+    weight, bias, names = read_head(folder / "probe.safetensors")
+    assert weight.shape == (2, 1280) and bias.shape == (2,) and names == ["animal", "thing"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = Config.load(folder / "probe-head.yaml")
+    assert Path(config.head) == (folder / "probe.safetensors").resolve()
+    bundle = load_run_model(config)
+    assert bundle.class_names == ["animal", "thing"] and bundle.model._fc.out_features == 2

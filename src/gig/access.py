@@ -76,9 +76,9 @@ class RunAccess:
     @property
     def bundle(self):
         if self._bundle is None:
-            from .models import load_model
+            from .models import load_run_model
 
-            self._bundle = load_model(self.store.config.model, self.store.config.weights)
+            self._bundle = load_run_model(self.store.config)
         elif isinstance(self._bundle, torch.nn.Module):
             from .models import wrap_module
 

@@ -127,6 +127,11 @@ class Config:
     # model
     model: str = DEFAULT_MODEL
     weights: str = "default"  # "default" | "none" | path to a state dict (.pt/.pth/.safetensors)
+    #: a linear probe as the model's output (``.safetensors``: weight (outputs, features), bias,
+    #: names in its metadata): the graphs' top nodes are its outputs (:func:`gig.models.with_head`)
+    head: str | None = None
+    #: the module the probe replaces; None: the last ``nn.Linear`` that fits, else after the output
+    head_at: str | None = None
     #: None: the model's default layers (lite0: _blocks.4/8/11/15; others: the last block of each
     #: of the last four stages), resolved and saved when the run is made (``gig layers MODEL``)
     layers: list[str] | None = None
@@ -239,6 +244,9 @@ class Config:
             ) from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a mapping of option: value")
+        if isinstance(data.get("head"), str) and data["head"].strip() and not Path(data["head"]).is_absolute():
+            # a head file is read beside the config that names it, from whatever directory
+            data["head"] = str((path.resolve().parent / data["head"]).resolve())
         return cls.from_dict(data)
 
     @classmethod
@@ -258,6 +266,8 @@ class Config:
 _RULES: dict[str, tuple[Any, str]] = {
     "model": (_text, "a model name: efficientnet-lite0/1/2, torchvision:NAME or timm:NAME"),
     "weights": (_text, "default, none, or the path of a state dict"),
+    "head": (lambda v: v is None or _text(v), "null or the path of a .safetensors linear head (weight, bias)"),
+    "head_at": (lambda v: v is None or _text(v), "null (automatic) or the name of the module the head replaces"),
     "layers": (
         lambda v: v is None or _names(v),
         "null (the model's defaults) or a non-empty list of distinct layer names (YAML: one per line with '- ')",
@@ -323,7 +333,18 @@ def resolve_samples_per_image(config: Config, n_images: int, channels: int, posi
 
 
 STAGE_FIELDS: dict[str, list[str]] = {
-    "collect": ["model", "weights", "layers", "images", "max_images", "target", "samples_per_image", "seed"],
+    "collect": [
+        "model",
+        "weights",
+        "head",
+        "head_at",
+        "layers",
+        "images",
+        "max_images",
+        "target",
+        "samples_per_image",
+        "seed",
+    ],
     "concepts": ["concepts_per_channel", "min_cluster", "max_concepts", "dictionaries", "seed"],
     "decompose": [
         "target_rel_error",
@@ -348,11 +369,11 @@ STAGE_ORDER = ["collect", "concepts", "decompose", "attribute", "graph"]
 
 #: Fields added after runs were made, hashed only when they differ from this value (their
 #: value before they existed), so that those runs' stages stay valid.
-HASHED_WHEN_SET: dict[str, Any] = {"coder": "lasso", "max_kl": None}
+HASHED_WHEN_SET: dict[str, Any] = {"coder": "lasso", "max_kl": None, "head": None, "head_at": None}
 
 #: Values that a run's saved ``config.yaml`` without the field was made with (the field did not
 #: exist yet): :meth:`Config.load_saved` fills them in, so such a run reads and resumes as made.
-SAVED_BEFORE: dict[str, Any] = {"max_kl": None, "coder": "lasso"}
+SAVED_BEFORE: dict[str, Any] = {"max_kl": None, "coder": "lasso", "head": None, "head_at": None}
 
 #: Fields the automatic ``samples_per_image`` reads (:func:`resolve_samples_per_image`).
 AUTO_SAMPLE_FIELDS = ["concepts_per_channel", "min_cluster", "calibration_size"]

@@ -400,9 +400,11 @@ def run_class_names(store: RunStore) -> list[str]:
     """The class names of the run's model (its weights are not loaded); [] where the model cannot
     be built by name (a user module)."""
     from .errors import GigError
-    from .models import load_model
+    from .models import load_model, read_head
 
     try:
+        if store.config.head:
+            return read_head(store.config.head)[2]
         return list(load_model(store.config.model, "none").class_names)
     except (GigError, ImportError, RuntimeError, ValueError):
         return []

@@ -15,6 +15,8 @@ or a ``.pt``/``.pth`` read with ``weights_only=True``).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import importlib
 from dataclasses import dataclass, field
@@ -311,6 +313,104 @@ def _build(spec: str, weights: str) -> ModelBundle:
     raise ModelLoadError(
         f"unknown model {spec!r}: use one of {sorted(LITE_RESOLUTION)}, 'torchvision:NAME' or 'timm:NAME'"
     )
+
+
+# ---------------------------------------------------------------------------- a probe as the head
+#: safetensors metadata key of a head file's output names (a JSON list of strings)
+HEAD_NAMES_KEY = "names"
+
+
+def read_head(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A linear head from ``path`` (``.safetensors``): ``weight (O, D)``, ``bias (O,)`` (zeros
+    where the file has none) and the outputs' names (the file's ``names`` metadata, a JSON list;
+    ``output I`` where absent). Every fault is one :class:`ModelLoadError` naming the file."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"head file not found: {path}")
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(f"head {path}: write it as .safetensors (weight (outputs, features), bias (outputs,))")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+    except SafetensorError as exc:
+        raise ModelLoadError(f"cannot read head {path}: {exc}") from exc
+    weight = tensors.get("weight")
+    if weight is None or weight.dim() != 2 or not weight.is_floating_point():
+        raise ModelLoadError(f"head {path}: needs a float tensor 'weight' of shape (outputs, features)")
+    bias = tensors.get("bias", torch.zeros(weight.shape[0]))
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ModelLoadError(f"head {path}: bias {tuple(bias.shape)} does not fit weight {tuple(weight.shape)}")
+    names = [f"output {i}" for i in range(weight.shape[0])]
+    if HEAD_NAMES_KEY in meta:
+        try:
+            names = [str(n) for n in json.loads(meta[HEAD_NAMES_KEY])]
+        except ValueError as exc:
+            raise ModelLoadError(f"head {path}: its 'names' metadata is not a JSON list") from exc
+        if len(names) != weight.shape[0]:
+            raise ModelLoadError(f"head {path}: {len(names)} names for {weight.shape[0]} outputs")
+    return weight.float(), bias.float(), names
+
+
+def _head_output(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of a model whose output feeds a probe appended by :func:`with_head`."""
+    return module.gig_head(output.flatten(1))
+
+
+def with_head(bundle: ModelBundle, path: str | Path, at: str | None = None) -> ModelBundle:
+    """``bundle`` with a linear probe (:func:`read_head`) as its output: the graph's top nodes
+    become the probe's outputs, named by the file. ``at``: the module the probe replaces (the
+    classifier, whose input are the pooled features); default the model's last ``nn.Linear``
+    when its input width is the probe's, else the probe reads the model's own output (a
+    backbone without classifier, such as ``timm:NAME`` with ``num_classes=0``)."""
+    weight, bias, names = read_head(path)
+    outputs, features = weight.shape
+    probe = nn.Linear(features, outputs)
+    with torch.no_grad():
+        probe.weight.copy_(weight)
+        probe.bias.copy_(bias)
+    model = copy.deepcopy(bundle.model)
+    modules = dict(model.named_modules())
+    if at is None:
+        linears = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
+        at = linears[-1] if linears and modules[linears[-1]].in_features == features else ""
+    if at:
+        old = modules.get(at)
+        if old is None:
+            raise ModelLoadError(f"head_at {at!r}: no such module in {bundle.name} (see `gig layers`)")
+        if isinstance(old, nn.Linear) and old.in_features != features:
+            raise ModelLoadError(
+                f"head {path} reads {features} features, but {at!r} of {bundle.name} takes {old.in_features}"
+            )
+        parent, _, child = at.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, probe)
+    else:
+        model.add_module("gig_head", probe)
+        model.register_forward_hook(_head_output)
+    model.eval()
+    with torch.no_grad():
+        x = torch.zeros(1, 3, bundle.input_size, bundle.input_size)
+        try:
+            out = model(x)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"head {path} does not fit {bundle.name}'s features: {exc}") from exc
+    if tuple(out.shape) != (1, outputs):
+        raise ModelLoadError(f"head {path}: {bundle.name} with it gives {tuple(out.shape)}, not (N, {outputs})")
+    # The name stays the model spec: runs record it as `model` (the head is its own field).
+    return dataclasses.replace(bundle, model=model, class_names=names)
+
+
+def load_run_model(config) -> ModelBundle:
+    """The model a :class:`gig.config.Config` names: ``model`` with ``weights``, and its ``head``
+    (at ``head_at``) where one is given."""
+    bundle = load_model(config.model, config.weights)
+    if getattr(config, "head", None):
+        bundle = with_head(bundle, config.head, getattr(config, "head_at", None))
+    return bundle
 
 
 def wrap_module(

@@ -27,7 +27,7 @@ from .graph import build_graphs
 from .hooks import ModelHandle, resolve_device
 from .images import ImageSource, open_source, used_records
 from .labels import node_labels
-from .models import ModelBundle, load_model
+from .models import ModelBundle, load_run_model
 from .store import RunStore, run_is_writable, run_lock
 from .visual import draw_graph
 
@@ -74,7 +74,7 @@ class Pipeline:
     ):
         self.ranks, device_name = from_environment(config.device)  # torchrun: rank, world, device
         device = resolve_device(device_name)  # before the model loads
-        self.bundle = model or load_model(config.model, config.weights)
+        self.bundle = model or load_run_model(config)
         self.handle = ModelHandle(self.bundle, device)
         # Layers checked on a dummy image before any real one is read; the run saves them
         # resolved (the model's defaults where none were named) and in forward order. The
@@ -83,7 +83,11 @@ class Pipeline:
         # A model handed in from Python is recorded under its own name, so graphs, reports and
         # a reopened run never claim it is the config's default model.
         self.config = dataclasses.replace(
-            config, layers=self.handle.execution_order(list(layers)), model=self.bundle.name
+            config,
+            layers=self.handle.execution_order(list(layers)),
+            model=self.bundle.name,
+            # the run's later commands read the head from any directory
+            head=str(Path(config.head).resolve()) if config.head else None,
         )
         class_index = self.bundle.class_index if self.bundle.class_names else None
         self.source = source or open_source(self.config.images, class_index=class_index)
