@@ -99,7 +99,7 @@ def test_cli_exits_2_before_the_model_loads(tmp_path, monkeypatch, args, field):
     def no_model(*_a, **_k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(gig.pipeline, "load_model", no_model)
+    monkeypatch.setattr(gig.pipeline, "load_run_model", no_model)
     result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "r"), *args])
     assert result.exit_code == 2 and f"config option {field}=" in result.output
     assert not (tmp_path / "r").exists()
