@@ -759,18 +759,18 @@ def compare(
         f"{len(result['image_ids'])} shared images",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
-        caption="matched one to one by the correlation of their codes; chance: B's images shifted by one",
+        caption="matched one to one by the correlation of their codes; chance: B's images shifted by one; "
+        "> chance: share of A's active concepts above chance p95; counterparts: above it and min_similarity",
     )
-    for col in ("A", "B", "K A/B", "median r", "chance p95", "counterparts"):
+    for col in ("A ↔ B", "median r", "chance p95", "> chance", "counterparts"):
         table.add_column(col, no_wrap=True)
     for l in result["layers"]:
         table.add_row(
-            l["layer_a"],
-            l["layer_b"],
-            f"{l['K_a']}/{l['K_b']}",
+            f"{l['layer_a']} ↔ {l['layer_b']}",
             "–" if l["median_similarity"] is None else f"{l['median_similarity']:.3f}",
             "–" if l["chance_p95"] is None else f"{l['chance_p95']:.3f}",
-            f"{l['share_matched']:.0%} of {l['active_a']} active",
+            f"{l['share_above_chance']:.0%}",
+            f"{l['share_matched']:.0%} of {l['active_a']}",
         )
     Console().print(table)
     for name, diff in result["graphs"].items():

@@ -217,7 +217,8 @@ def compare_layers(
     R, R_chance, active_a, active_b = moments.correlations()
     matching = match_by_response(R)
     chance = match_by_response(R_chance).similarity[active_a.numpy()]
-    threshold = max(min_similarity, float(np.percentile(chance, 95)) if len(chance) else 1.0)
+    chance_p95 = float(np.percentile(chance, 95)) if len(chance) else None
+    threshold = max(min_similarity, chance_p95 if chance_p95 is not None else 1.0)
     act_a = active_a.numpy()
     counterpart = (matching.similarity > threshold) & act_a & (matching.match >= 0)
     matched_b = set(matching.match[counterpart].tolist())
@@ -256,11 +257,17 @@ def compare_layers(
         "n_cells": int(moments.n),
         "active_a": int(act_a.sum()),
         "active_b": int(act_b.sum()),
-        "chance_p95": round(float(np.percentile(chance, 95)), 6) if len(chance) else None,
+        "chance_p95": None if chance_p95 is None else round(chance_p95, 6),
         "chance_median": round(float(np.median(chance)), 6) if len(chance) else None,
         "threshold": round(threshold, 6),
         "median_similarity": round(float(np.median(active_sims)), 6) if len(active_sims) else None,
         "share_matched": round(float(counterpart.sum() / max(int(act_a.sum()), 1)), 6),
+        # related beyond chance, whether or not strongly enough to count as the same concept
+        "share_above_chance": round(
+            float(((matching.similarity > (chance_p95 if chance_p95 is not None else 1.0)) & act_a).sum())
+            / max(int(act_a.sum()), 1),
+            6,
+        ),
         "unmatched_a": [q for q in range(len(act_a)) if act_a[q] and not counterpart[q]],
         "unmatched_b": [r for r in range(len(act_b)) if act_b[r] and r not in matched_b],
         "concepts": concepts,
