@@ -208,3 +208,22 @@ def test_command_writes_the_json_and_an_offline_page(tiny_runs, tmp_path, browse
     assert not errors, errors
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
     shutil.rmtree(out)
+
+
+def test_runs_on_different_images_compare_on_a_s_images(tiny_runs):
+    """``on="a"``: B's concepts coded on A's images by B's own model and λ. A against itself
+    this way matches every concept to itself at r = 1 (the stored codes are the encoder's); a
+    run of 6 photos compared on A's 19 reads all 19 (it is refused with the runs' own codes), and
+    the same network's concepts find counterparts there."""
+    result = _compare(tiny_runs, "a", "a", on="a")
+    for pair in result["layers"]:
+        for c in pair["concepts"]:
+            if c["active"]:
+                assert c["match"] == c["concept"] and c["similarity"] == pytest.approx(1.0, abs=1e-6)
+    few = _compare(tiny_runs, "a", "few", on="a")
+    assert len(few["image_ids"]) == 19 and few["layers"][0]["n_images"] == 19
+    for pair in few["layers"]:  # B's fewer concepts (6 photos' PFVs), coded on A's 19 photos
+        assert pair["K_b"] < pair["K_a"] and pair["n_cells"] == 19 * pair["pooled_grid"][0] * pair["pooled_grid"][1]
+        assert 1 <= sum(c["counterpart"] for c in pair["concepts"]) <= pair["K_b"]
+    with pytest.raises(ConfigError, match="on must be"):
+        _compare(tiny_runs, "a", "few", on="b")

@@ -749,11 +749,14 @@ def compare(
     min_similarity: float = typer.Option(0.5, help="Lowest response correlation that counts as a counterpart."),
     seed: int = typer.Option(0, help="Seed of the image draw."),
     page: bool = typer.Option(True, help="Write the offline page index.html."),
+    on: str = typer.Option(
+        "shared", help="shared: the images both runs analysed | a: A's images, B's concepts coded on them."
+    ),
 ):
-    """Compare two runs on the same images: concepts matched by response, graphs diffed (OUT/)."""
+    """Compare two runs: concepts matched by response on the same images, graphs diffed (OUT/)."""
     from .compare import compare_runs
 
-    result = compare_runs(run_a, run_b, out, pair or None, max_images, min_similarity, seed, page)
+    result = compare_runs(run_a, run_b, out, pair or None, max_images, min_similarity, seed, page, on=on)
     table = Table(
         title=f"{result['run_a']['model']} (A) against {result['run_b']['model']} (B), "
         f"{len(result['image_ids'])} shared images",

@@ -2,7 +2,10 @@
 
 ``gig compare RUN_A RUN_B --out DIR`` (Python: ``gig.open(A).compare(gig.open(B), out=DIR)``)
 compares two runs made on the same images: two models, two checkpoints of one model, or one
-model analysed twice (other seeds, other settings).
+model analysed twice (other seeds, other settings). With ``--on a`` the runs may have analysed
+different images (one model on two data sets, or two models on theirs): run B's concepts are
+then coded on run A's images by B's own model, dictionaries and λ (:class:`EncodedCodes`), and
+the responses compared there.
 
 **Matching by response, not by vector.** Two separately fitted dictionaries of two models live
 in two feature spaces, and even in one space vectors can look alike while they respond to
@@ -112,6 +115,57 @@ def layer_pairs(a: RunStore, b: RunStore, pairs: Sequence[str] | None) -> list[t
 
 
 # ---------------------------------------------------------------------------- responses
+class StoredCodes:
+    """A run's own codes of its images (:class:`gig.decompose.CodeReader` per layer)."""
+
+    def __init__(self, store: RunStore):
+        self.store = store
+        self._readers: dict = {}
+
+    def K(self, layer: str) -> int:
+        return self._reader(layer).K
+
+    def codes(self, layer: str, image_id: int) -> torch.Tensor:
+        return self._reader(layer).codes(image_id)
+
+    def _reader(self, layer: str):
+        from .decompose import CodeReader
+
+        if layer not in self._readers:
+            self._readers[layer] = CodeReader(self.store, layer)
+        return self._readers[layer]
+
+
+class EncodedCodes:
+    """Run B's codes of run A's images: A's photos read from A's image source, preprocessed as
+    B's model wants, coded at ``layers`` with B's dictionaries, λ and coder
+    (:func:`gig.decompose.encode_pixels`), ``batch`` images at a time; kept sparse."""
+
+    def __init__(self, access_b: RunAccess, access_a: RunAccess, image_ids: list[int], layers: list[str], batch=16):
+        from .decompose import encode_pixels
+
+        self._codes: dict[tuple[str, int], torch.Tensor] = {}
+        self._K = {layer: int(access_b.dictionary(layer).shape[0]) for layer in layers}
+        records = {r.image_id: r for r in access_a.source.records}
+        missing = [i for i in image_ids if i not in records]
+        if missing:
+            raise RunMismatchError(f"image id(s) {missing[:5]} are not in {access_a.store.root}'s image source")
+        bundle = access_b.bundle
+        for lo in range(0, len(image_ids), batch):
+            ids = image_ids[lo : lo + batch]
+            pixels = torch.stack([bundle.preprocess(access_a.source.load(records[i])) for i in ids])
+            _, codes = encode_pixels(access_b.store, access_b.handle, pixels, layers)
+            for layer, U in codes.items():
+                for i, image_id in enumerate(ids):
+                    self._codes[(layer, image_id)] = U[i].to_sparse()
+
+    def K(self, layer: str) -> int:
+        return self._K[layer]
+
+    def codes(self, layer: str, image_id: int) -> torch.Tensor:
+        return self._codes[(layer, image_id)].to_dense()
+
+
 def pooled_codes(codes: torch.Tensor, grid: tuple[int, int], to: tuple[int, int]) -> torch.Tensor:
     """Codes ``(H·W, K)`` of one image pooled to the grid ``to`` by area averages: ``(h·w, K)``."""
     h, w = grid
@@ -199,18 +253,21 @@ def compare_layers(
     image_ids: list[int],
     min_similarity: float = MIN_SIMILARITY,
     bar=None,
+    codes_a=None,
+    codes_b=None,
 ) -> dict:
-    """The matching of the concepts of ``la`` (run A) and ``lb`` (run B) on ``image_ids``."""
-    from .decompose import CodeReader
-
+    """The matching of the concepts of ``la`` (run A) and ``lb`` (run B) on ``image_ids``;
+    ``codes_a`` / ``codes_b``: where each run's codes come from (default: the runs' own,
+    :class:`StoredCodes`; :class:`EncodedCodes` for B's concepts on A's images)."""
+    codes_a = codes_a or StoredCodes(access_a.store)
+    codes_b = codes_b or StoredCodes(access_b.store)
     grid_a = access_a.handle.layer_shapes([la])[la][1:]
     grid_b = access_b.handle.layer_shapes([lb])[lb][1:]
     to = (min(grid_a[0], grid_b[0]), min(grid_a[1], grid_b[1]))
-    reader_a, reader_b = CodeReader(access_a.store, la), CodeReader(access_b.store, lb)
-    moments = ResponseMoments(reader_a.K, reader_b.K)
+    moments = ResponseMoments(codes_a.K(la), codes_b.K(lb))
     for image_id in image_ids:
         moments.add(
-            pooled_codes(reader_a.codes(image_id), grid_a, to), pooled_codes(reader_b.codes(image_id), grid_b, to)
+            pooled_codes(codes_a.codes(la, image_id), grid_a, to), pooled_codes(codes_b.codes(lb, image_id), grid_b, to)
         )
         if bar is not None:
             bar.update(1)
@@ -248,8 +305,8 @@ def compare_layers(
     return {
         "layer_a": la,
         "layer_b": lb,
-        "K_a": int(reader_a.K),
-        "K_b": int(reader_b.K),
+        "K_a": codes_a.K(la),
+        "K_b": codes_b.K(lb),
         "grid_a": list(grid_a),
         "grid_b": list(grid_b),
         "pooled_grid": list(to),
@@ -375,13 +432,17 @@ def compare_runs(
     progress: bool = True,
     model_a=None,
     model_b=None,
+    on: str = "shared",
 ) -> dict:
     """Compare two runs on the same images (see the module docstring); written to
     ``out/compare.json`` (and ``out/index.html`` with ``page``) when ``out`` is given, and returned.
 
     ``pairs``: ``"LAYER_A=LAYER_B"`` strings (default: the layers in order); ``max_images``:
     shared images read per layer pair (a seeded draw when there are more); ``model_a`` /
-    ``model_b``: the models of runs made from Python with a user module."""
+    ``model_b``: the models of runs made from Python with a user module; ``on``: ``"shared"``
+    (the runs' own codes of the images both analysed; runs on other images are refused) or
+    ``"a"`` (A's images, B's concepts coded on them by B's model, dictionaries and λ: runs on
+    different image sets, or a model compared on another data set)."""
     started = time.perf_counter()
     access_a = RunAccess(run_a, model=model_a)
     access_b = RunAccess(run_b, model=model_b)
@@ -392,20 +453,33 @@ def compare_runs(
         raise ConfigError(f"max_images must be an integer of at least 2, not {max_images!r}")
     if not 0 <= min_similarity < 1:
         raise ConfigError(f"min_similarity must lie in [0, 1), not {min_similarity!r}")
+    if on not in ("shared", "a"):
+        raise ConfigError(f"on must be 'shared' or 'a', not {on!r}")
     chosen_pairs = layer_pairs(a, b, pairs)
-    ids = shared_image_ids(a, b)
+    if on == "shared":
+        ids = shared_image_ids(a, b)
+    else:
+        from .collect import load_images
+
+        ids = sorted(int(i["image_id"]) for i in load_images(a)["images"])
     if len(ids) < 2:
-        raise RunMismatchError("the runs share one image: the chance reference needs at least two")
+        raise RunMismatchError("the comparison has one image: the chance reference needs at least two")
     if len(ids) > max_images:
         ids = sorted(np.random.default_rng(seed).choice(ids, size=max_images, replace=False).tolist())
+    codes_b = EncodedCodes(access_b, access_a, ids, [lb for _, lb in chosen_pairs]) if on == "a" else None
     bar = tqdm(total=len(ids) * len(chosen_pairs), desc="compare", unit="img", disable=not progress)
-    layers = [compare_layers(access_a, access_b, la, lb, ids, min_similarity, bar) for la, lb in chosen_pairs]
+    layers = [
+        compare_layers(access_a, access_b, la, lb, ids, min_similarity, bar, codes_b=codes_b) for la, lb in chosen_pairs
+    ]
     bar.close()
     result = {
         "schema": "gig.compare/1",
         "run_a": {"path": str(a.root), "model": a.config.model, "layers": list(a.config.layers)},
         "run_b": {"path": str(b.root), "model": b.config.model, "layers": list(b.config.layers)},
         "image_ids": ids,
+        "on": "the images both runs analysed, each run's own codes"
+        if on == "shared"
+        else "run A's images; run B's concepts coded on them by B's model, dictionaries and λ",
         "seed": seed,
         "min_similarity": min_similarity,
         "matching": "Hungarian assignment on the Pearson correlation of the codes over shared images and positions",
