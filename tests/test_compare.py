@@ -227,3 +227,13 @@ def test_runs_on_different_images_compare_on_a_s_images(tiny_runs):
         assert 1 <= sum(c["counterpart"] for c in pair["concepts"]) <= pair["K_b"]
     with pytest.raises(ConfigError, match="on must be"):
         _compare(tiny_runs, "a", "few", on="b")
+
+
+def test_the_notebook_api_compares_two_opened_runs(tiny_runs, tmp_path):
+    import gig
+
+    (path_a, bundle_a), (path_b, bundle_b) = tiny_runs["a"], tiny_runs["b"]
+    result = gig.open(path_a, model=bundle_a).compare(gig.open(path_b, model=bundle_b), out=tmp_path / "c", page=False)
+    assert [p["share_matched"] for p in result["layers"]] == [1.0, 1.0]
+    assert load_json(tmp_path / "c" / "compare.json")["layers"][0]["layer_b"] == "block1"
+    assert not (tmp_path / "c" / "index.html").exists()
