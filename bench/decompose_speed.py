@@ -82,14 +82,18 @@ def model_pass_seconds(handle: ModelHandle, source, records, layers: list[str], 
     """Seconds per image of the model passes of either stage (the capture of every layer and,
     per layer, the network with that layer replaced, for the output figures), here with every
     grid replaced by itself: ``old`` and ``new``, a capture and one ``run_from`` per layer (what
-    both stages do since 0.4: ``run_from`` reuses a stand-in for the network below the layer);
+    both stages do since 0.4: ``run_from`` reuses a stand-in for the network below the layer;
+    since 0.5 the stage runs them through the batch-norm-folded copy, ``ModelHandle.measuring``);
     ``shared``, for reference, the one pass with shared prefixes (``run_replacing_each``, today's
     stage until 0.4), after its one-time check against separate passes (made here untimed)."""
 
-    def separate(pixels):
-        _, grids = handle.capture(pixels, layers)
-        for layer in layers:
-            handle.run_from(pixels, layer, grids[layer])
+    def separate(measure: ModelHandle):
+        def passes(pixels):
+            _, grids = handle.capture(pixels, layers)
+            for layer in layers:
+                measure.run_from(pixels, layer, grids[layer])
+
+        return passes
 
     def shared(pixels):
         handle.run_replacing_each(pixels, layers, lambda _layer, grid: grid)
@@ -97,13 +101,14 @@ def model_pass_seconds(handle: ModelHandle, source, records, layers: list[str], 
     batches = list(iter_image_batches(source, records, handle, batch_size))
     out = {}
     with torch.no_grad():
-        for name, passes in (("old", separate), ("shared", shared)):
+        # new: the replaced passes through the batch-norm-folded copy (ModelHandle.measuring, 0.5)
+        kinds = (("old", separate(handle)), ("new", separate(handle.measuring(layers))), ("shared", shared))
+        for name, passes in kinds:
             passes(batches[0].pixels)  # warm-up (and the shared pass's check)
             t0 = time.perf_counter()
             for batch in batches:
                 passes(batch.pixels)
             out[name] = (time.perf_counter() - t0) / len(records)
-    out["new"] = out["old"]  # the same passes
     out["check_seconds"] = 0.0  # the separate passes need no check
     return out
 

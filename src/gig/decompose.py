@@ -238,7 +238,7 @@ def output_fidelity(
         for i, pixels in enumerate(images.pixels):
             grids = torch.stack([r[i] for r in block], dim=1).flatten(0, 1)  # image-major
             with torch.no_grad():
-                logits = handle.run_from(pixels, layer, grids).cpu()
+                logits = handle.measuring(list(images.grids)).run_from(pixels, layer, grids).cpu()
             b = pixels.shape[0]
             rows = slice(offset, offset + b)
             offset += b
@@ -806,7 +806,7 @@ def _code_batch(handle, pixels, preds, encoders, meters, parts) -> None:
         for layer, encoder in encoders.items():
             U, recon = code_grid(encoder, grids[layer], meters[layer])
             parts[layer].append(to_sparse_rows(U))
-            logits = handle.run_from(pixels, layer, recon).cpu()
+            logits = handle.measuring(list(encoders)).run_from(pixels, layer, recon).cpu()
             meters[layer].add_outputs(logits.argmax(1) == preds, kl_from_original(log_probs, logits))
 
 

@@ -210,6 +210,18 @@ class ModelHandle:
             fast = ModelHandle(self.bundle, self.device)  # unchanged model: exact by construction
         return fast
 
+    def measuring(self, layers: list[str]) -> "ModelHandle":
+        """:meth:`for_gradients` of ``layers``, made once per set of layers and kept: the copy
+        that passes measuring the model's output with a layer replaced (the decompose stage's
+        agreement and KL) run through, about 2× faster on the CPU. The captures that give the
+        codes stay on this handle, so codes are unchanged; the copy's outputs match this
+        handle's within the check of :meth:`for_gradients`."""
+        key = tuple(layers)
+        cache = self.__dict__.setdefault("_measuring", {})
+        if key not in cache:
+            cache[key] = self.for_gradients(list(layers))
+        return cache[key]
+
     # ------------------------------------------------------------------ names
     def module(self, name: str) -> nn.Module:
         """The module called ``name``; unknown names raise with the closest valid names."""
