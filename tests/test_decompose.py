@@ -448,3 +448,31 @@ def test_a_stage_killed_while_recoding_resumes_to_the_same_codes(tiny_bundle, tm
     whole = load_json(tmp_path / "whole" / "decompose" / "fidelity.json")
     assert load_json(tmp_path / "killed" / "decompose" / "fidelity.json") == whole
     assert whole["block1"]["check"] == {"steps": 1, "miss": None}
+
+
+def test_output_figures_through_the_folded_copy_equal_the_models_own(lite0):
+    """The fronts' agreement and KL run through ``ModelHandle.measuring`` (batch norms folded,
+    channels-last): on real photos and reconstructions at three distances from the grid, they
+    equal the unmodified model's ``run_from`` with ``kl_from_original`` computed here, and the
+    copy is made once per set of layers."""
+    from gig.decompose import FrontImages, kl_from_original, output_fidelity
+
+    handle = ModelHandle(lite0)
+    source = open_source("embedded")
+    pixels = next(iter(iter_image_batches(source, source.records[:4], handle, 4))).pixels
+    layers = ["_blocks.8", "_blocks.15"]
+    with torch.no_grad():
+        logits, grids = handle.capture(pixels, layers)
+    images = FrontImages([pixels], {k: [v] for k, v in grids.items()}, logits.argmax(1), logits.log_softmax(1))
+    g = torch.Generator().manual_seed(0)
+    for layer in layers:
+        grid = grids[layer]
+        recons = [[grid + s * grid.std() * torch.randn(grid.shape, generator=g)] for s in (0.0, 0.3, 1.0)]
+        agree, kl = output_fidelity(images, layer, handle, recons)
+        for j, (recon,) in enumerate(recons):
+            with torch.no_grad():
+                want = handle.run_from(pixels, layer, recon)
+            assert torch.equal(agree[j], want.argmax(1) == images.preds)
+            torch.testing.assert_close(kl[j].float(), kl_from_original(images.log_probs, want), atol=2e-5, rtol=1e-3)
+        assert kl[0].abs().max() < 1e-4 and kl[2].mean() > kl[1].mean() > kl[0].mean()
+    assert handle.measuring(layers) is handle.measuring(layers)

@@ -318,6 +318,15 @@ def concept(
     typer.echo(str(out))
 
 
+def _narrow_table(title: str, caption: str, columns: tuple[str, ...]) -> Table:
+    """A table with a light frame and no edge padding (so that it fits 80 columns), its columns
+    never wrapped."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, caption=caption)
+    for col in columns:
+        table.add_column(col, no_wrap=True)
+    return table
+
+
 @app.command()
 @one_line_errors
 def inspect(
@@ -331,15 +340,12 @@ def inspect(
     if json_out:
         typer.echo(json.dumps(info, indent=1))
         return
-    table = Table(
-        title=f"{info['run']} ({info['model']})",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        caption="over all images; agr.: top-1 agreement; KL: mean KL divergence (nats) of the "
+    table = _narrow_table(
+        f"{info['run']} ({info['model']})",
+        "over all images; agr.: top-1 agreement; KL: mean KL divergence (nats) of the "
         "model's output with the layer replaced, ± its 95 % interval",
+        ("layer", "PFVs", "K", "rel. err.", "R²", "l0", "agr.", "KL"),
     )
-    for col in ("layer", "PFVs", "K", "rel. err.", "R²", "l0", "agr.", "KL"):
-        table.add_column(col, no_wrap=True)
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
     for l in info["layers"]:
         kl = "-" if l.get("kl") is None else f"{l['kl']:.4f} ± {1.96 * l['kl_se']:.4f}"
@@ -374,14 +380,11 @@ def _print_fronts(out: Console, layers: list[dict]) -> None:
     then per layer how stable the choice is and what the check over all images did."""
     if not any(l["front"] for l in layers):
         return
-    table = Table(
-        title="sparsity–fidelity front (front images; * chosen λ)",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        caption="agr.: top-1 agreement; KL: mean KL divergence (nats) [95 % bootstrap interval]",
+    table = _narrow_table(
+        "sparsity–fidelity front (front images; * chosen λ)",
+        "agr.: top-1 agreement; KL: mean KL divergence (nats) [95 % bootstrap interval]",
+        ("layer", "λ", "l0", "R²", "agr.", "KL", "[95 %]"),  # rel. error: --json
     )
-    for col in ("layer", "λ", "l0", "R²", "agr.", "KL", "[95 %]"):  # rel. error: --json
-        table.add_column(col, no_wrap=True)
     for l in layers:
         for i, p in enumerate(l["front"]):
             star = (
@@ -714,14 +717,11 @@ def stability(
     if json_out:
         typer.echo(json.dumps(result, indent=1))
         return
-    table = Table(
-        title=f"concept stability: {seeds} refits on {fraction:.0%} of the images, Hungarian matching",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        caption=f"matched: mean cosine of a concept's match over the refits ≥ {threshold}",
+    table = _narrow_table(
+        f"concept stability: {seeds} refits on {fraction:.0%} of the images, Hungarian matching",
+        f"matched: mean cosine of a concept's match over the refits ≥ {threshold}",
+        ("layer", "K", "matched", "median cos.", "per refit", "random PFVs: cos."),
     )
-    for col in ("layer", "K", "matched", "median cos.", "per refit", "random PFVs: cos."):
-        table.add_column(col, no_wrap=True)
     for name, figures in result["layers"].items():
         per_refit = " ".join(f"{v:.2f}" for v in figures["share_matched_per_refit"])
         table.add_row(
@@ -757,16 +757,12 @@ def compare(
     from .compare import compare_runs
 
     result = compare_runs(run_a, run_b, out, pair or None, max_images, min_similarity, seed, page, on=on)
-    table = Table(
-        title=f"{result['run_a']['model']} (A) against {result['run_b']['model']} (B), "
-        f"{len(result['image_ids'])} shared images",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        caption="matched one to one by the correlation of their codes; chance: B's images shifted by one; "
+    table = _narrow_table(
+        f"{result['run_a']['model']} (A) against {result['run_b']['model']} (B), {len(result['image_ids'])} images",
+        "matched one to one by the correlation of their codes; chance: B's images shifted by one; "
         "> chance: share of A's active concepts above chance p95; counterparts: above it and min_similarity",
+        ("A ↔ B", "median r", "chance p95", "> chance", "counterparts"),
     )
-    for col in ("A ↔ B", "median r", "chance p95", "> chance", "counterparts"):
-        table.add_column(col, no_wrap=True)
     for l in result["layers"]:
         table.add_row(
             f"{l['layer_a']} ↔ {l['layer_b']}",

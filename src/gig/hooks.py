@@ -166,6 +166,7 @@ class ModelHandle:
         self.memory_format = torch.contiguous_format
         self.folded_batchnorms = 0
         self.folded_paddings = 0
+        self._measuring: dict[tuple[str, ...], "ModelHandle"] = {}  # see measuring()
 
     # ------------------------------------------------------------------ fast copy
     def for_gradients(
@@ -217,10 +218,9 @@ class ModelHandle:
         codes stay on this handle, so codes are unchanged; the copy's outputs match this
         handle's within the check of :meth:`for_gradients`."""
         key = tuple(layers)
-        cache = self.__dict__.setdefault("_measuring", {})
-        if key not in cache:
-            cache[key] = self.for_gradients(list(layers))
-        return cache[key]
+        if key not in self._measuring:
+            self._measuring[key] = self.for_gradients(list(layers))
+        return self._measuring[key]
 
     # ------------------------------------------------------------------ names
     def module(self, name: str) -> nn.Module:

@@ -24,10 +24,9 @@ def _crops(access: RunAccess, layer: str, concepts: list[int], assets: Assets, t
     if not concepts:
         return {}
     cards = {c["id"]: c for c in load_concept_cards(access.store, layer)["concepts"]}
-    samples = [int(cards[q]["exemplars"][0]) for q in concepts if cards.get(q, {}).get("exemplars")]
-    wanted = [q for q in concepts if cards.get(q, {}).get("exemplars")]
-    paths = access.crops(layer, samples)
-    return {q: assets.add_file(f"crops/{tag}/{layer}/s{s}.png", p) for q, s, p in zip(wanted, samples, paths)}
+    top1 = {q: int(cards[q]["exemplars"][0]) for q in concepts if cards.get(q, {}).get("exemplars")}
+    paths = access.crops(layer, list(top1.values()))
+    return {q: assets.add_file(f"crops/{tag}/{layer}/s{s}.png", p) for (q, s), p in zip(top1.items(), paths)}
 
 
 def _layer_view(pair: dict, access_a: RunAccess, access_b: RunAccess, assets: Assets) -> dict:
