@@ -364,3 +364,99 @@ def test_progress_reports_every_round_and_adds_up():
     fixed: list[float] = []
     GIG(handle, "body", V, n_steps=8).attribute(x, U, torch.tensor([0, 1, 2]), progress=fixed.append)
     assert sum(fixed) == pytest.approx(1.0)
+
+
+def test_directions_ride_along_without_changing_the_concepts():
+    """Directions attributed along the concepts' paths: the concepts' grids and numbers are the
+    same with and without them; each direction's attribution matches its closed form ``Σ_p ⟨X_p, r̂⟩ ⟨Ḡ_p, r̂⟩``;
+    over an orthonormal basis of the channels they add up to the concepts' total (completeness)."""
+    from gig.attribution import random_directions
+
+    model, x, U, V, X = _kinked_case()
+    handle = ModelHandle(wrap_module(model, "kinked", input_size=6))
+    target = torch.tensor([[0, 1], [2, 0], [1, 2]])
+    gig = GIG(handle, "body", V, tol=0.002, max_steps=8192, internal_batch_size=256)
+    plain = gig.attribute(x, U, target)
+    dirs = random_directions([5, 6, 7], "body", 4, V.shape[1])
+    assert torch.equal(dirs, random_directions([5, 6, 7], "body", 4, V.shape[1]))  # seeded per image
+    assert not torch.equal(dirs[0], random_directions([6], "body", 4, V.shape[1])[0])
+    res = gig.attribute(x, U, target, directions=dirs)
+    # the same grids, so the same numbers up to the order of float sums
+    torch.testing.assert_close(res.n_evaluations, plain.n_evaluations, rtol=0, atol=0)
+    torch.testing.assert_close(res.attributions, plain.attributions, rtol=1e-6, atol=1e-6)
+    # closed form: the kinked network's integrated gradient is known exactly
+    B, W = model.B, model.W.detach()[target]
+    ratio = B / torch.where(X == 0, torch.full_like(X, 1e-30), X)
+    length = torch.where(X > 0, (1 - ratio).clamp(0, 1), torch.where(B < 0, ratio.clamp(0, 1), torch.zeros_like(X)))
+    g_bar = (W * length[:, None]).flatten(3)  # (N, T, C, P)
+    unit = torch.nn.functional.normalize(dirs, dim=-1)
+    flat = X.flatten(2).transpose(1, 2)  # (N, P, C)
+    expected = torch.einsum("npm,ntcp,nmc->ntm", flat @ unit.transpose(1, 2), g_bar, unit)
+    scale = expected.abs().amax(-1, keepdim=True)
+    assert float(((res.direction_attributions - expected).abs() / scale).max()) < 0.02
+    # an orthonormal basis of the channels (Q from a QR) accounts for the whole change
+    basis = torch.linalg.qr(torch.randn(V.shape[1], V.shape[1]))[0].T.expand(3, -1, -1)
+    full = gig.attribute(x, U, target, directions=basis.contiguous())
+    torch.testing.assert_close(full.direction_attributions.sum(-1), full.attributions.sum(-1), rtol=1e-4, atol=1e-5)
+    fixed = GIG(handle, "body", V, n_steps=64, quadrature_rule="trapezoid").attribute(
+        x, U, target, directions=basis.contiguous()
+    )
+    torch.testing.assert_close(fixed.direction_attributions.sum(-1), fixed.attributions.sum(-1), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="directions"):
+        gig.attribute(x, U, target, directions=torch.randn(3, 2, V.shape[1] + 1))
+
+
+def test_gig_from_a_decoder_bias_matches_closed_form_and_captum():
+    """A basis with a decoder bias ``b``: paths run from the zero-code reconstruction ``b``.
+    Closed form on the quadratic network (``GIG[q] = Σ_p U[p,q] Σ_c A_c (2 b_c + X_pc) V_qc``),
+    completeness against ``z(b + UV) − z(b)``, and Captum's integrated gradients on the codes of a
+    ReLU head written out by hand (an independent implementation of the same integral)."""
+    from captum.attr import IntegratedGradients
+
+    model = QuadraticHead()
+    handle = ModelHandle(wrap_module(model, "quad", input_size=8))
+    x = torch.randn(2, 3, 8, 8)
+    K, C, P = 7, 5, 64
+    torch.manual_seed(2)
+    V, b = torch.randn(K, C), torch.randn(C)
+    U = torch.randn(2, P, K).relu()
+    X = U @ V  # (N, P, C)
+    target = torch.tensor([0, 2])
+    res = GIG(handle, "body", V, n_steps=3, quadrature_rule="gauss-legendre", bias=b).attribute(x, U, target)
+    A = model.A.detach()[target]  # (N, C)
+    expected = torch.einsum("npq,npc,nc,qc->nq", U, 2 * b + X, A, V)
+    torch.testing.assert_close(res.attributions[:, 0], expected, rtol=1e-4, atol=1e-4)
+    z = lambda h: torch.einsum("nc,npc->n", A, h**2)  # noqa: E731  (the head on (N, P, C))
+    torch.testing.assert_close(res.output_diff[:, 0], z(b + X) - z(b.expand_as(X)), rtol=1e-4, atol=1e-4)
+    assert res.relative_residual.max() < 1e-4
+    with pytest.raises(Exception, match="decoder bias"):
+        GIG(handle, "body", V, bias=torch.zeros(C + 1))
+
+    # A ReLU head: conv, ReLU, mean, linear; Captum integrates over the codes directly.
+    torch.manual_seed(5)
+    net = nn.Sequential()
+    net.body = nn.Conv2d(3, C, 3, padding=1)
+    net.conv = nn.Conv2d(C, 6, 3, padding=1)
+    net.act = nn.ReLU()
+    net.pool = nn.AdaptiveAvgPool2d(1)
+    net.flat = nn.Flatten(1)
+    net.fc = nn.Linear(6, 3)
+    net.eval()
+    handle = ModelHandle(wrap_module(net, "relu-head", input_size=8))
+    gig = GIG(handle, "body", V, tol=0.002, max_steps=8192, bias=b).attribute(x, U, target)
+
+    def head_from_codes(codes: torch.Tensor) -> torch.Tensor:  # (N, P, K) -> logits (N, 3)
+        h = (codes @ V + b).transpose(1, 2).reshape(codes.shape[0], C, 8, 8)
+        return net.fc(net.flat(net.pool(net.act(net.conv(h)))))
+
+    reference = IntegratedGradients(head_from_codes).attribute(
+        U, baselines=torch.zeros_like(U), target=target, n_steps=4000, method="riemann_trapezoid"
+    )  # (N, P, K): per position and concept
+    want = reference.sum(1)
+    error = (gig.attributions[:, 0] - want).norm(dim=-1) / want.norm(dim=-1)
+    assert float(error.max()) < 0.01, error
+    with torch.no_grad():
+        delta = head_from_codes(U).gather(1, target[:, None]) - head_from_codes(torch.zeros_like(U)).gather(
+            1, target[:, None]
+        )
+    torch.testing.assert_close(gig.output_diff, delta, rtol=1e-4, atol=1e-5)

@@ -177,10 +177,10 @@ def test_a_run_saved_before_max_kl_reads_and_resumes_as_made(tmp_path):
         "graph": "a7fac512e780adaa",
     }
     data = Config(coder="lasso").to_dict()  # 0.3's default coder, saved by 0.3 in every run
-    del data["max_kl"]
+    del data["max_kl"], data["null_directions"]  # fields that 0.3 did not have
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
     saved = Config.load_saved(tmp_path / "config.yaml")
-    assert saved.max_kl is None and saved.coder == "lasso"
+    assert saved.max_kl is None and saved.coder == "lasso" and saved.null_directions == 0
     del data["coder"]  # a run made before the coder could be chosen was coded by Lasso
     (tmp_path / "older.yaml").write_text(yaml.safe_dump(data))
     assert Config.load_saved(tmp_path / "older.yaml").coder == "lasso"

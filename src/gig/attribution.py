@@ -12,6 +12,11 @@ Because ``X̃`` is linear in ``U``, ``∂g/∂U[p, q] = ⟨∂g/∂X̃_p, V_q⟩
 ``Σ_q GIG[q] = g(F(X̃)) − g(F(0))``, holds up to the quadrature error; its residual is recorded
 for every attribution.
 
+A basis whose decoder carries a bias ``b (C,)`` (a sparse autoencoder's, or a user basis's)
+reconstructs ``X̃ = U V + b``; its zero code stands for ``b``, so its paths run ``α ↦ b + α U V``
+(``GIG(..., bias=b)``) and completeness reads ``Σ_q GIG[q] = g(F(b + U V)) − g(F(b))``. The
+gradients with respect to the codes are the same ``⟨∂g/∂X̃_p, V_q⟩``.
+
 **Error control (the default).** The integrand is not smooth (ReLU6 clipping, the max readout):
 along the path the gradient vector is piecewise constant, with hundreds of small switches
 (``bench/quadrature_study.py``), so high-order rules gain nothing, uniform grids converge like
@@ -42,6 +47,7 @@ number of images and targets.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -93,6 +99,8 @@ class GIGResult:
     tol: float | None = None  # the tolerance asked for (None: fixed grid)
     #: (N, T) bool: both stopping criteria met before the cap (None: fixed grid)
     converged: torch.Tensor | None = None
+    #: (N, T, M) attributions to the ``directions`` passed (None: none passed); see :meth:`GIG.attribute`
+    direction_attributions: torch.Tensor | None = None
 
     @property
     def relative_residual(self) -> torch.Tensor:
@@ -129,6 +137,7 @@ class GIG:
         min_steps: int = 8,
         refine_fraction: float = 0.3,
         memory_budget: float = 2 * 2**30,
+        bias: torch.Tensor | None = None,
     ):
         if quadrature_rule not in RULES:
             raise ConfigError(f"unknown quadrature {quadrature_rule!r}: use one of {', '.join(RULES)}")
@@ -139,6 +148,12 @@ class GIG:
         self.handle = handle
         self.layer = layer
         self.V = dictionary.float().to(handle.device)
+        if bias is not None and tuple(bias.shape) != (self.V.shape[1],):
+            raise ConfigError(
+                f"the decoder bias of {layer} must have shape ({self.V.shape[1]},), got {tuple(bias.shape)}"
+            )
+        #: a basis's decoder bias ``b (C,)``: paths then run from the zero-code reconstruction ``b``
+        self.bias = None if bias is None else bias.float().to(handle.device)
         self.n_steps = n_steps
         self.quadrature_rule = quadrature_rule
         self.internal_batch_size = internal_batch_size
@@ -170,8 +185,18 @@ class GIG:
         internal_batch_size: int | None = None,
         return_gradients: bool = False,
         progress: Callable[[float], None] | None = None,
+        directions: torch.Tensor | None = None,
     ) -> GIGResult:
         """Attributions ``(N, T, K)`` of ``codes (N, P, K)`` to ``target (N,)`` or ``(N, T)``.
+
+        ``directions (N, M, C)``, if given, are also attributed along the same paths and grids
+        (``direction_attributions (N, T, M)``): direction ``r`` of image ``n`` with the
+        least-squares code of the reconstruction on it, ``Σ_p ⟨X̃_p, r̂⟩ ⟨Ḡ_p, r̂⟩`` (``r̂ = r/‖r‖``,
+        so a direction's norm does not matter). They ride along: the grid is refined for the
+        concepts' attributions alone, so the concepts' grids are the same with or without
+        them (and their numbers, up to the order of float sums).
+        Over an orthonormal basis of the ``C`` channels they add up to ``Σ_q GIG[q]``; the graph
+        stage's significance test compares edges with random ones (:func:`random_directions`).
 
         ``progress(share)``, if given, is called after every refinement round with the share of
         the attributions (of all ``N · T``) that finished in it: the shares add up to 1.
@@ -189,6 +214,10 @@ class GIG:
         n = target.shape[0]
         if codes.shape[0] != n or codes.shape[2] != self.V.shape[0]:
             raise ValueError(f"codes {tuple(codes.shape)} do not fit {n} images and K={self.V.shape[0]}")
+        if directions is not None and (
+            directions.dim() != 3 or directions.shape[0] != n or directions.shape[2] != self.V.shape[1]
+        ):
+            raise ValueError(f"directions {tuple(directions.shape)} do not fit {n} images and C={self.V.shape[1]}")
         readout = self._readout(readout, read_layer, read_vectors)
         h, w = self.grid_shape(inputs)
         group = n
@@ -213,12 +242,13 @@ class GIG:
                         tol,
                         return_gradients,
                         report,
+                        directions,
                     )
                 )
-        return self._result(parts, n_steps is not None, tol, return_gradients)
+        return self._result(parts, n_steps is not None, tol, return_gradients, self.V.shape[0])
 
     def _attribute_group(
-        self, inputs, codes, target, readout, sl, shape, ibs, n_steps, tol, return_gradients, progress
+        self, inputs, codes, target, readout, sl, shape, ibs, n_steps, tol, return_gradients, progress, directions
     ):
         device = self.handle.device
         ctx = _Context(
@@ -231,6 +261,8 @@ class GIG:
             target[sl],
             readout,
             ibs,
+            None if directions is None else directions[sl].float().to(device),
+            self.bias,
         )
         if n_steps is None:
             return ctx.adaptive(
@@ -242,13 +274,15 @@ class GIG:
         return out
 
     @staticmethod
-    def _result(parts: list[dict], fixed: bool, tol: float, return_gradients: bool) -> GIGResult:
-        """The groups' results concatenated into one :class:`GIGResult` (on the CPU)."""
+    def _result(parts: list[dict], fixed: bool, tol: float, return_gradients: bool, k: int) -> GIGResult:
+        """The groups' results concatenated into one :class:`GIGResult` (on the CPU); columns
+        past the ``k`` concepts are the directions' attributions."""
         fields = {
             k: (torch.cat([p[k] for p in parts]).detach().cpu() if parts[0][k] is not None else None) for k in parts[0]
         }
         g_bar = fields["g_bar"]
-        attributions, diff = fields["attributions"], fields["g1"] - fields["g0"]
+        every, diff = fields["attributions"], fields["g1"] - fields["g0"]
+        attributions = every[..., :k]
         return GIGResult(
             attributions=attributions,
             output_diff=diff,
@@ -259,6 +293,7 @@ class GIG:
             integrated_gradients=g_bar.flatten(3).transpose(2, 3) if return_gradients else None,
             tol=None if fixed else tol,
             converged=None if fixed else fields["converged"],
+            direction_attributions=every[..., k:] if every.shape[-1] > k else None,
         )
 
     def uniform_levels(
@@ -301,6 +336,7 @@ class GIG:
             target,
             readout,
             self.internal_batch_size,
+            bias=self.bias,
         )
         (n, t), nodes = target.shape, intervals + 1
         image, alpha = ctx._all_items(quadrature(intervals, "trapezoid")[0])
@@ -338,18 +374,28 @@ def project(codes: torch.Tensor, g_bar: torch.Tensor, V: torch.Tensor) -> torch.
 
 
 class _Context:
-    """Gradient evaluations along ``α ↦ α·X̃`` for a batch of images and their targets.
+    """Gradient evaluations along ``α ↦ b + α·X̃`` (``b``: a basis's decoder bias, else 0) for a
+    batch of images and their targets.
 
     An *item* is one (image, α) pair: one forward pass, shared by the image's targets, and one
     backward pass per target still refining. Items of several images go through one forward
     (``internal_batch_size`` at a time) with the network before the layer run once per image."""
 
-    def __init__(self, handle, layer, inputs, codes, V, shape, target, readout, ibs):
+    def __init__(self, handle, layer, inputs, codes, V, shape, target, readout, ibs, directions=None, bias=None):
         self.handle, self.layer, self.inputs, self.codes, self.V = handle, layer, inputs, codes, V
         self.target, self.readout, self.ibs = target, readout, ibs
         n = codes.shape[0]
-        self.recon = (codes @ V).transpose(1, 2).reshape(n, -1, *shape)  # (N, C, H, W)
+        flat = codes @ V  # (N, P, C)
+        self.recon = flat.transpose(1, 2).reshape(n, -1, *shape)  # (N, C, H, W)
+        # The path's start, the zero-code reconstruction: 0, or a basis's decoder bias at every position.
+        self.base = None if bias is None else bias.view(1, -1, 1, 1)
         self.device = inputs.device
+        self.k = V.shape[0]
+        # Directions ride along as extra columns of the integrand: unit vectors (N, M, C) and the
+        # reconstruction's least-squares code on each (N, P, M).
+        self.directions = None if directions is None else torch.nn.functional.normalize(directions, dim=-1)
+        self.direction_codes = None if directions is None else flat @ self.directions.transpose(1, 2)
+        self.width = self.k + (0 if directions is None else directions.shape[1])
 
     # ------------------------------------------------------------------ evaluations
     def evaluate(
@@ -377,7 +423,7 @@ class _Context:
         out = {"values": torch.zeros(m, t, device=self.device)}
         out["sums"] = [torch.zeros(n, t, *shape, device=self.device) for _ in weight_sets]
         if per_node:
-            out["F"] = torch.zeros(m, t, self.V.shape[0], device=self.device)
+            out["F"] = torch.zeros(m, t, self.width, device=self.device)
         if keep_gradients:
             out["G_row"] = torch.full((m, t), -1, dtype=torch.long, device=self.device)
             out["G_row"][wanted] = torch.arange(int(wanted.sum()), device=self.device)
@@ -386,6 +432,8 @@ class _Context:
             img, a = image[lo:hi], alpha[lo:hi]
             uniq, counts = torch.unique_consecutive(img, return_counts=True)
             grid = self.recon[img] * a.to(self.recon.dtype).view(-1, 1, 1, 1)
+            if self.base is not None:
+                grid = grid + self.base
             grid = grid.contiguous(memory_format=self.handle.memory_format).requires_grad_(True)
             res = self.handle.run_from(self.inputs[uniq], self.layer, grid, read=self.readout.layer, counts=counts)
             r = self.readout.values(res, self.target[img])  # (m_c, T)
@@ -421,22 +469,36 @@ class _Context:
 
     def _project_items(self, images: torch.Tensor, counts: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``Σ_p U[n,p,q] ⟨g_m[p], V_q⟩`` per item ``m`` (consecutive runs of ``counts`` items of
-        ``images``): ``(M, K)``."""
+        ``images``): ``(M, K)``, then the directions' columns likewise (``(M, K + M_dirs)``)."""
         flat = g.flatten(2)  # (M, C, P)
-        out = torch.empty(g.shape[0], self.V.shape[0], device=g.device)
+        out = torch.empty(g.shape[0], self.width, device=g.device)
         lo = 0
         for n, count in zip(images.tolist(), counts.tolist()):
+            items = flat[lo : lo + count].transpose(1, 2)  # (m, P, C)
             # (K, P) @ (m, P, C) → (m, K, C), then ⟨·, V_q⟩ over C
-            out[lo : lo + count] = (torch.matmul(self.codes[n].T, flat[lo : lo + count].transpose(1, 2)) * self.V).sum(
-                -1
-            )
+            out[lo : lo + count, : self.k] = (torch.matmul(self.codes[n].T, items) * self.V).sum(-1)
+            if self.directions is not None:  # a separate product: the concepts' columns stay as they were
+                dirs = self.directions[n]
+                out[lo : lo + count, self.k :] = (torch.matmul(self.direction_codes[n].T, items) * dirs).sum(-1)
             lo += count
         return out
+
+    def _project_sums(self, g_bar: torch.Tensor) -> torch.Tensor:
+        """:func:`project` of integrated gradients ``(N, T, C, H, W)`` on the concepts, and on the
+        directions where there are some: ``(N, T, K [+ M])``."""
+        concepts = project(self.codes, g_bar, self.V)
+        if self.directions is None:
+            return concepts
+        g = g_bar.flatten(3)  # (N, T, C, P)
+        dirs = torch.einsum("npm,ntcp,nmc->ntm", self.direction_codes, g, self.directions)
+        return torch.cat([concepts, dirs], -1)
 
     def endpoints(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``g(F(0))`` and ``g(F(X̃))`` ``(N, T)`` in one no-grad pass (2 replacements per image)."""
         with torch.no_grad():
             ends = torch.stack([torch.zeros_like(self.recon), self.recon], 1).flatten(0, 1)
+            if self.base is not None:
+                ends = ends + self.base
             out = self.handle.run_from(self.inputs, self.layer, ends, read=self.readout.layer)
             vals = self.readout.values(out, self.target.repeat_interleave(2, 0))
         vals = vals.view(-1, 2, self.target.shape[1])
@@ -464,12 +526,12 @@ class _Context:
             weight_sets.append(half.to(self.device).repeat(n))
         out = self.evaluate(image, alpha, active, weight_sets)
         g_bar = out["sums"][0]
-        attributions = project(self.codes, g_bar, self.V)
+        attributions = self._project_sums(g_bar)
         if rule == "trapezoid":
             values = out["values"].view(n, n_steps + 1, t)
             g0, g1 = values[:, 0], values[:, -1]
             coarse = project(self.codes, out["sums"][1], self.V)
-            estimate = _relative_change(attributions, coarse)
+            estimate = _relative_change(attributions[..., : self.k], coarse)
         else:
             g0, g1 = self.endpoints()
             estimate = torch.full((n, t), float("nan"), device=self.device)
@@ -523,6 +585,7 @@ class _Context:
             min_cells,
             (g1 - g0).reshape(paths),
             t,
+            self.k,
         )
         pieces = [first["G"]] if keep_gradients else None  # every round's gradients, until the end
         if keep_gradients:  # path p = (image i, target j) reads row G_row[i·per + k, j] at node k
@@ -591,10 +654,10 @@ class _Paths:
     ``p // T``, target ``p % T``.
     """
 
-    def __init__(self, start: torch.Tensor, F: torch.Tensor, min_cells: int, delta: torch.Tensor, t: int):
+    def __init__(self, start: torch.Tensor, F: torch.Tensor, min_cells: int, delta: torch.Tensor, t: int, k: int):
         paths, per, _ = F.shape
         dev = F.device
-        self.t = t
+        self.t, self.k = t, k  # the first k columns of F are the concepts'; the rest ride along
         self.delta = delta
         cap = 4 * per
         self.alphas = torch.zeros(paths, cap, dtype=torch.float64, device=dev)
@@ -617,16 +680,17 @@ class _Paths:
         return (self.alphas.gather(1, self.cells[..., 2]) - self.alphas.gather(1, self.cells[..., 0])) * valid
 
     def state(self):
-        """Attributions ``A (P, K)``, scaled estimates ``(P,)``, per-cell scores ``(P, cells)``,
-        which cells can be bisected ``(P, cells)``."""
+        """Attributions ``A (P, K [+ M])``, scaled estimates ``(P,)``, per-cell scores ``(P, cells)``,
+        which cells can be bisected ``(P, cells)``; the estimates and scores are the concepts' alone."""
         width = self.widths()
         h = width.to(self.F.dtype)[..., None]  # (P, cells, 1); 0 for padding
         k = self.F.shape[2]
         Fa, Fm, Fb = (self.F.gather(1, self.cells[..., i, None].expand(-1, -1, k)) for i in range(3))
         two = h / 4 * (Fa + 2 * Fm + Fb)
-        d = two - h / 2 * (Fa + Fb)
+        d = (two - h / 2 * (Fa + Fb))[..., : self.k]
         A = two.sum(1)
-        norm2 = (A * A).sum(-1).clamp_min(1e-30)  # (P,)
+        concepts = A[:, : self.k]
+        norm2 = (concepts * concepts).sum(-1).clamp_min(1e-30)  # (P,)
         local = (d * d).sum(-1)  # (P, cells)
         # The change against every cell one level coarser; cells' errors can cancel in that sum by
         # chance, so it is taken at least as large as their root sum of squares.
@@ -635,7 +699,7 @@ class _Paths:
         return A, estimate, local / norm2[:, None], width > 1e-9
 
     def met(self, A: torch.Tensor, estimate: torch.Tensor, tol: float) -> torch.Tensor:
-        residual = (A.sum(-1) - self.delta).abs()
+        residual = (A[:, : self.k].sum(-1) - self.delta).abs()
         return (estimate <= tol) & (residual <= 0.5 * tol * self.delta.abs())
 
     def round(self, tol: float, max_nodes: int, fraction: float):
@@ -870,6 +934,7 @@ def _walk_images(source, handle, images, target_of, readers, gigs, config, bar) 
                 gigs,
                 config.top_k,
                 progress=_ImageProgress(bar, len(ids)),
+                null_directions=config.null_directions,
             )
         )
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else None
@@ -945,8 +1010,14 @@ def walk(
     gigs: dict,
     top_k: int,
     progress: Callable[[float], None] | None = None,
+    null_directions: int = 0,
 ) -> dict[str, torch.Tensor]:
     """One batch of images, top layer down.
+
+    With ``null_directions`` ``M > 0``, every GIG call also attributes ``M`` random directions
+    per image (:func:`random_directions`) along the same paths; their mean is saved as
+    ``LAYER/class_null (N,)`` and ``LOWER/null (N, k)``, next to ``class_gig`` and ``gig``: the
+    reference of the graphs' significance test (:func:`gig.graph.edge_tests`).
 
     ``progress(share)`` is called as attributions finish; the shares add up to 1 for the batch
     (each of the ``len(layers)`` GIG calls counts ``1 / len(layers)``).
@@ -961,8 +1032,21 @@ def walk(
     top_layer = layers[-1]
     codes = torch.stack([readers[top_layer].codes(i) for i in ids])
     step = None if progress is None else (lambda share: progress(share / len(layers)))
-    res = gigs[top_layer].attribute(pixels, codes, torch.tensor(class_targets), return_gradients=True, progress=step)
+
+    def directions(layer: str) -> torch.Tensor | None:
+        return random_directions(ids, layer, null_directions, gigs[layer].V.shape[1]) if null_directions else None
+
+    res = gigs[top_layer].attribute(
+        pixels,
+        codes,
+        torch.tensor(class_targets),
+        return_gradients=True,
+        progress=step,
+        directions=directions(top_layer),
+    )
     out[f"{top_layer}/class_gig"] = res.attributions[:, 0]
+    if null_directions:
+        out[f"{top_layer}/class_null"] = res.direction_attributions[:, 0].mean(-1)
     out[f"{top_layer}/class_delta"] = res.output_diff[:, 0]
     out[f"{top_layer}/class_residual"] = res.residual[:, 0]
     out[f"{top_layer}/class_steps"] = res.n_evaluations[:, 0]
@@ -994,9 +1078,12 @@ def walk(
             read_vectors=gigs[layer].V,
             return_gradients=True,
             progress=step,
+            directions=directions(lower),
         )
         out[f"{lower}/targets"] = top.indices
         out[f"{lower}/gig"] = res.attributions  # (N, k, K_lower)
+        if null_directions:
+            out[f"{lower}/null"] = res.direction_attributions.mean(-1)  # (N, k)
         out[f"{lower}/delta"] = res.output_diff
         out[f"{lower}/residual"] = res.residual
         out[f"{lower}/steps"] = res.n_evaluations
@@ -1006,6 +1093,18 @@ def walk(
         upper_delta = res.output_diff
         share = res.attributions / _safe(res.output_diff[..., None])
         score = (upper_importance[..., None] * share).sum(1)
+    return out
+
+
+def random_directions(image_ids: list[int], layer: str, m: int, channels: int) -> torch.Tensor:
+    """``(N, m, C)`` standard normal directions (so uniform on the sphere once normalised), each
+    image's own, seeded by its id and the layer's name: the same whatever the batch, shard or
+    number of processes."""
+    salt = zlib.crc32(layer.encode()) << 24
+    out = torch.empty(len(image_ids), m, channels)
+    for row, image_id in enumerate(image_ids):
+        g = torch.Generator().manual_seed(salt + int(image_id))
+        out[row] = torch.randn(m, channels, generator=g)
     return out
 
 

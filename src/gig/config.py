@@ -194,6 +194,9 @@ class Config:
     quadrature: str = "riemann-midpoint"  # fixed grid only: or "gauss-legendre", "trapezoid"
     internal_batch_size: int = 64
     top_k: int = 5
+    #: random directions attributed along every path, per image, for the graphs' significance test
+    #: of each edge against edges to random directions (0: no test)
+    null_directions: int = 16
 
     # 6. graph
     graph_classes: list[int] = field(default_factory=list)  # empty: the most frequent classes
@@ -305,6 +308,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "calibration_size": (_int(10), "an integer of at least 10"),
     "gig_tol": (_real(0, 1), "a relative tolerance between 0 and 1 (exclusive), e.g. 0.01"),
     "gig_max_steps": (_int(16, high=MAX_GIG_STEPS), f"an integer from 16 to {MAX_GIG_STEPS}"),
+    "null_directions": (_int(0, high=256), "an integer from 0 (no significance test) to 256"),
     "n_steps": (
         _int(1, optional=True, high=MAX_GIG_STEPS),
         f"an integer from 1 to {MAX_GIG_STEPS}, or null for error control",
@@ -361,7 +365,7 @@ STAGE_FIELDS: dict[str, list[str]] = {
         "seed",
         "coder",
     ],
-    "attribute": ["gig_tol", "gig_max_steps", "n_steps", "quadrature", "top_k"],
+    "attribute": ["gig_tol", "gig_max_steps", "n_steps", "quadrature", "top_k", "null_directions"],
     "graph": ["graph_classes", "edges_per_node", "top_k"],
 }
 STAGE_ORDER = ["collect", "concepts", "decompose", "attribute", "graph"]
@@ -369,11 +373,17 @@ STAGE_ORDER = ["collect", "concepts", "decompose", "attribute", "graph"]
 
 #: Fields added after runs were made, hashed only when they differ from this value (their
 #: value before they existed), so that those runs' stages stay valid.
-HASHED_WHEN_SET: dict[str, Any] = {"coder": "lasso", "max_kl": None, "head": None, "head_at": None}
+HASHED_WHEN_SET: dict[str, Any] = {
+    "coder": "lasso",
+    "max_kl": None,
+    "head": None,
+    "head_at": None,
+    "null_directions": 0,
+}
 
 #: Values that a run's saved ``config.yaml`` without the field was made with (the field did not
 #: exist yet): :meth:`Config.load_saved` fills them in, so such a run reads and resumes as made.
-SAVED_BEFORE: dict[str, Any] = {"max_kl": None, "coder": "lasso", "head": None, "head_at": None}
+SAVED_BEFORE: dict[str, Any] = {"max_kl": None, "coder": "lasso", "head": None, "head_at": None, "null_directions": 0}
 
 #: Fields the automatic ``samples_per_image`` reads (:func:`resolve_samples_per_image`).
 AUTO_SAMPLE_FIELDS = ["concepts_per_channel", "min_cluster", "calibration_size"]

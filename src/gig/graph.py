@@ -54,8 +54,11 @@ EDGE_RULES = ("flow", "share", "flow-l1")
 
 #: The attribution fields of a graph's two passes (:func:`gig.attribution.iter_attributions`):
 #: node importances first, then the edges among the nodes they keep; never the maps.
-SCORE_FIELDS = ("score",)
-EDGE_FIELDS = ("score", "gig", "delta", "importance", "targets")
+SCORE_FIELDS = ("score", "class_null", "class_delta")
+EDGE_FIELDS = ("score", "gig", "delta", "importance", "targets", "null")
+
+#: The false discovery rate at which the edges of a graph are called significant (Benjamini–Hochberg).
+FDR = 0.05
 
 
 def edge_sums(
@@ -90,28 +93,47 @@ def edge_power_sums(
         raise ConfigError(f"unknown edge rule {rule!r}: use one of {', '.join(EDGE_RULES)}")
     out: list[dict[str, torch.Tensor]] = [{} for _ in powers]
     for position, lower in enumerate(layers[:-1]):
-        upper = layers[position + 1]
-        gig = data[f"{lower}/gig"][rows]  # (n, k, K_lo)
-        if rule == "flow-l1":
-            per_image = gig / gig.abs().sum(-1, keepdim=True).clamp_min(1e-12)
-        else:
-            per_image = gig / _safe(data[f"{lower}/delta"][rows])[..., None]
-        if rule != "share":
-            per_image = per_image * data[f"{upper}/importance"][rows][..., None]
-        flat, targets = per_image.flatten(0, 1), data[f"{lower}/targets"][rows].flatten()  # (n·k, K_lo), (n·k,)
-        if lower_ids and lower in lower_ids:
-            flat = flat[:, torch.tensor(lower_ids[lower], dtype=torch.long)]
-        n_upper = data[f"{upper}/score"].shape[1]
-        if upper_ids and lower in upper_ids:  # upper concept id -> its slot, -1 where not kept
-            slot = torch.full((n_upper,), -1, dtype=torch.long)
-            slot[torch.tensor(upper_ids[lower], dtype=torch.long)] = torch.arange(len(upper_ids[lower]))
-            targets = slot[targets]
-            flat, targets, n_upper = flat[targets >= 0], targets[targets >= 0], len(upper_ids[lower])
+        flat, targets, n_upper = _transition_rows(data, rows, layers, position, rule, upper_ids, lower_ids)
         for totals, power in zip(out, powers):
             total = torch.zeros(n_upper, flat.shape[1])
             total.index_add_(0, targets, flat if power == 1 else flat**power)
             totals[lower] = total
     return out
+
+
+def _transition_rows(
+    data: dict[str, torch.Tensor],
+    rows: torch.Tensor,
+    layers: list[str],
+    position: int,
+    rule: str,
+    upper_ids: dict[str, list[int]] | None,
+    lower_ids: dict[str, list[int]] | None,
+    field: str = "gig",
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The per-(image, target) edge weights of the transition out of ``layers[position]`` under
+    ``rule``: ``(R, K_lo kept)`` and each row's upper slot ``(R,)`` among ``n_upper`` kept upper
+    concepts. ``field="null"`` gives the random directions' mean instead, ``(R, 1)`` (flow rule)."""
+    lower, upper = layers[position], layers[position + 1]
+    gig = data[f"{lower}/{field}"][rows]  # (n, k, K_lo), or (n, k) for the null
+    if field == "null":
+        gig = gig[..., None]
+    if rule == "flow-l1":
+        per_image = gig / gig.abs().sum(-1, keepdim=True).clamp_min(1e-12)
+    else:
+        per_image = gig / _safe(data[f"{lower}/delta"][rows])[..., None]
+    if rule != "share":
+        per_image = per_image * data[f"{upper}/importance"][rows][..., None]
+    flat, targets = per_image.flatten(0, 1), data[f"{lower}/targets"][rows].flatten()  # (n·k, K_lo), (n·k,)
+    if field != "null" and lower_ids and lower in lower_ids:
+        flat = flat[:, torch.tensor(lower_ids[lower], dtype=torch.long)]
+    n_upper = data[f"{upper}/score"].shape[1]
+    if upper_ids and lower in upper_ids:  # upper concept id -> its slot, -1 where not kept
+        slot = torch.full((n_upper,), -1, dtype=torch.long)
+        slot[torch.tensor(upper_ids[lower], dtype=torch.long)] = torch.arange(len(upper_ids[lower]))
+        targets = slot[targets]
+        flat, targets, n_upper = flat[targets >= 0], targets[targets >= 0], len(upper_ids[lower])
+    return flat, targets, n_upper
 
 
 def edge_weights(
@@ -167,6 +189,71 @@ def mean_interval(total: torch.Tensor, squares: torch.Tensor, n: int, level: flo
     return {"mean": mean, "se": se, "lo": mean - half, "hi": mean + half}
 
 
+def paired_test(sum_d: torch.Tensor, sq_d: torch.Tensor, n: int) -> torch.Tensor:
+    """Two-sided p-values of the paired t-test that the mean over ``n`` images of differences
+    ``d`` (sums ``sum_d``, sums of squares ``sq_d``, same shape) is 0; NaN where ``n < 2``. A
+    difference that is the same on every image has p = 0 (or 1 where it is 0)."""
+    from scipy.stats import t as student_t
+
+    if n < 2:
+        return torch.full_like(sum_d, float("nan"), dtype=torch.float64)
+    sum_d, sq_d = sum_d.double(), sq_d.double()
+    mean = sum_d / n
+    variance = ((sq_d - n * mean**2) / (n - 1)).clamp_min(0.0)
+    se = (variance / n).sqrt()
+    # Cancellation in sq − n·mean² leaves ~1e-7 of the squares where the differences are all equal.
+    constant = se <= 1e-6 * (sq_d / n).sqrt().clamp_min(1e-300)
+    stat = mean.abs() / torch.where(constant, torch.ones_like(se), se)
+    p = torch.from_numpy(2 * student_t.sf(stat.numpy(), n - 1))
+    return torch.where(constant, (mean.abs() <= 1e-12).double(), p)
+
+
+class NullSums:
+    """The sums behind each edge's test against random directions (flow rule), per group of
+    images: ``cross`` ``Σ_i w_i ζ_i`` per edge, ``total`` ``Σ_i ζ_i`` and ``squares`` ``Σ_i ζ_i²``
+    per target, where ``w_i`` is the edge's weight on image ``i`` and ``ζ_i`` the mean weight of
+    the image's edges from random directions into the same target (0 where the image did not
+    reach it). The paired differences ``w_i − ζ_i`` then have ``Σ = Σw − Σζ`` and
+    ``Σ² = Σw² − 2 Σwζ + Σζ²``."""
+
+    def __init__(self):
+        self.cross: dict = {}
+        self.total: dict = {}
+        self.squares: dict = {}
+
+    def add(self, key, weights: torch.Tensor, zeta: torch.Tensor, targets: torch.Tensor | None, n_upper: int) -> None:
+        """``weights (R, L)``, ``zeta (R,)``, rows summed into their ``targets (R,)`` slot among
+        ``n_upper`` (``targets`` None: one target, rows are images)."""
+        if targets is None:
+            _add_into(self.cross, key, zeta @ weights)
+            _add_into(self.total, key, zeta.sum())
+            _add_into(self.squares, key, (zeta**2).sum())
+            return
+        _add_into(
+            self.cross, key, torch.zeros(n_upper, weights.shape[1]).index_add_(0, targets, weights * zeta[:, None])
+        )
+        _add_into(self.total, key, torch.zeros(n_upper).index_add_(0, targets, zeta))
+        _add_into(self.squares, key, torch.zeros(n_upper).index_add_(0, targets, zeta**2))
+
+    def merge(self, other: "NullSums") -> None:
+        for name in ("cross", "total", "squares"):
+            for key, value in getattr(other, name).items():
+                _add_into(getattr(self, name), key, value)
+
+    def tests(self, key, total_w: torch.Tensor, squares_w: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+        """``{"p": p-values, "null": mean random-direction weights}`` of the edges whose weight
+        sums and sums of squares are ``total_w`` and ``squares_w`` (``(U, L)``, or ``(L,)`` for one
+        target), or ``{}`` where no random directions were attributed."""
+        if key not in self.cross:
+            return {}
+        z, zz = self.total[key], self.squares[key]
+        if total_w.dim() == 2:
+            z, zz = z[:, None], zz[:, None]
+        sum_d = total_w.double() - z.double()
+        sq_d = squares_w.double() - 2 * self.cross[key].double() + zz.double()
+        return {"p": paired_test(sum_d, sq_d, n), "null": (z / max(n, 1)).expand_as(total_w)}
+
+
 class ScoreSums:
     """Node-importance sums of one group of images (a class, all images, one image), added shard
     by shard: per layer ``(K,)`` sums and sums of squares (for intervals), and ``(BOOTSTRAP, K)``
@@ -180,6 +267,7 @@ class ScoreSums:
         self.square_sums: dict[str, torch.Tensor] = {}
         self.boot_sums: dict[str, torch.Tensor] = {}
         self.boot_n = torch.zeros(BOOTSTRAP)
+        self.null = NullSums()  # the top concepts' edges into the class, against random directions
 
     def add(self, data: dict[str, torch.Tensor], rows: torch.Tensor) -> None:
         if rows.numel() == 0:
@@ -194,6 +282,10 @@ class ScoreSums:
             _add_into(self.score_sums, layer, scores.sum(0))
             _add_into(self.square_sums, layer, (scores**2).sum(0))
             _add_into(self.boot_sums, layer, weights @ scores)
+        top = self.layers[-1]
+        if f"{top}/class_null" in data:  # the class edge of concept q weighs its importance, GIG[q] / Δz
+            zeta = data[f"{top}/class_null"][rows].float() / _safe(data[f"{top}/class_delta"][rows].float())
+            self.null.add(top, data[f"{top}/score"][rows].float(), zeta, None, 0)
 
     @classmethod
     def merged(cls, groups: list["ScoreSums"]) -> "ScoreSums":
@@ -202,6 +294,7 @@ class ScoreSums:
             out.n += g.n
             out.image_ids += g.image_ids
             out.boot_n += g.boot_n
+            out.null.merge(g.null)
             for name in ("score_sums", "square_sums", "boot_sums"):
                 for layer, v in getattr(g, name).items():
                     _add_into(getattr(out, name), layer, v)
@@ -215,6 +308,12 @@ class ScoreSums:
     def intervals(self, layer: str) -> dict[str, torch.Tensor]:
         """The layer's mean importances with standard errors and 95 % intervals (:func:`mean_interval`)."""
         return mean_interval(self.score_sums[layer], self.square_sums[layer], self.n)
+
+    def class_edge_tests(self) -> dict[str, torch.Tensor]:
+        """The top layer's edges into the class (weight = importance) against random directions:
+        ``{"p", "null"}`` each ``(K,)``, or ``{}`` (see :meth:`NullSums.tests`)."""
+        top = self.layers[-1]
+        return self.null.tests(top, self.score_sums[top], self.square_sums[top], self.n)
 
     def selection_frequency(self, layer: str, top_k: int) -> torch.Tensor:
         """``(K,)``: the share of bootstrap resamples of the images in which each concept is among
@@ -240,11 +339,18 @@ class EdgeSums:
         self.n = 0
         self.totals: dict[str, dict[str, torch.Tensor]] = {rule: {} for rule in rules}
         self.squares: dict[str, torch.Tensor] = {}  # the flow rule's, for intervals
+        self.null = NullSums()  # the flow rule's, for the tests against random directions
 
     def add(self, data: dict[str, torch.Tensor], rows: torch.Tensor) -> None:
         if rows.numel() == 0:
             return
         self.n += int(rows.numel())
+        for position, lower in enumerate(self.layers[:-1]):
+            if f"{lower}/null" in data:
+                args = (data, rows, self.layers, position, "flow", self.upper_ids, self.lower_ids)
+                weights, targets, n_upper = _transition_rows(*args)
+                zeta = _transition_rows(*args, field="null")[0][:, 0]
+                self.null.add(lower, weights, zeta, targets, n_upper)
         for rule in self.rules:
             powers = (1, 2) if rule == "flow" else (1,)  # the flow rule's squares give the intervals
             sums = edge_power_sums(data, rows, self.layers, rule, self.upper_ids, self.lower_ids, powers)
@@ -265,6 +371,11 @@ class EdgeSums:
         """The ``flow`` edges out of ``lower``: means, standard errors and 95 % intervals over the
         images (:func:`mean_interval`), each ``(upper kept, lower kept)``."""
         return mean_interval(self.totals["flow"][lower], self.squares[lower], self.n)
+
+    def tests(self, lower: str) -> dict[str, torch.Tensor]:
+        """The ``flow`` edges out of ``lower`` against random directions: ``{"p", "null"}`` each
+        ``(upper kept, lower kept)``, or ``{}`` where the run attributed none."""
+        return self.null.tests(lower, self.totals["flow"][lower], self.squares[lower], self.n)
 
 
 def _rows(selection: tuple, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -414,13 +525,14 @@ def _head(
             }
         )
         ranked = sorted(kept_top, key=lambda q: -float(class_score[q]))[:edges_per_node]
-        interval = group.intervals(top_layer)
+        interval, tests = group.intervals(top_layer), group.class_edge_tests()
         edges += [
             {
                 "source": f"{top_layer}:{q}",
                 "target": f"class:{c}",
                 "weight": float(class_score[q]),
                 **interval_fields(interval, q),
+                **test_fields(tests, q),
             }
             for q in ranked
         ]
@@ -434,6 +546,45 @@ def interval_fields(interval: dict[str, torch.Tensor], index) -> dict:
     if se != se:  # NaN: one image
         return {"se": None, "ci": None}
     return {"se": se, "ci": [float(interval["lo"][index]), float(interval["hi"][index])]}
+
+
+def test_fields(tests: dict[str, torch.Tensor], index) -> dict:
+    """An edge's ``p_value`` against random directions and the mean weight of those directions'
+    edges into its target, ``null_weight`` (:meth:`NullSums.tests`); ``{}`` where the run has no
+    random directions, ``None`` both where the graph has one image."""
+    if not tests:
+        return {}
+    p = float(tests["p"][index])
+    if p != p:  # NaN: one image
+        return {"p_value": None, "null_weight": None}
+    return {"p_value": p, "null_weight": float(tests["null"][index])}
+
+
+def adjust_p_values(edges: list[dict], fdr: float = FDR) -> None:
+    """Benjamini–Hochberg over the graph's tested edges (every edge with a ``p_value``): each gets
+    ``p_adjusted`` and ``significant`` (``p_adjusted ≤ fdr``), in place."""
+    from scipy.stats import false_discovery_control
+
+    tested = [e for e in edges if e.get("p_value") is not None]
+    if not tested:
+        return
+    adjusted = false_discovery_control([e["p_value"] for e in tested], method="bh")
+    for edge, q in zip(tested, adjusted):
+        edge["p_adjusted"] = float(q)
+        edge["significant"] = bool(q <= fdr)
+
+
+def significance(directions: int) -> dict | None:
+    """What a graph's ``p_value``, ``p_adjusted`` and ``significant`` are (None: not tested)."""
+    if not directions:
+        return None
+    return {
+        "test": "paired t-test over the graph's images of each edge's weight against the mean weight of "
+        f"the edges from {directions} random directions of the same layer into the same target, two-sided",
+        "random_directions": directions,
+        "correction": "Benjamini-Hochberg over the graph's tested edges",
+        "fdr": FDR,
+    }
 
 
 #: What a graph's ``se``, ``ci`` and ``selection_frequency`` are (stored in every graph).
@@ -498,8 +649,9 @@ class GraphPlan:
             node.update(interval_fields(intervals[layer], q), selection_frequency=float(frequency[layer][q]))
         if self.kind == "global":
             top = self.layers[-1]
+            tests = self.group.class_edge_tests()
             for edge, q in zip(self.head_edges, self.kept[top]):
-                edge.update(interval_fields(intervals[top], q))
+                edge.update(interval_fields(intervals[top], q), **test_fields(tests, q))
 
     def selection(self) -> tuple:
         """The rows of this graph's images (see :func:`accumulate`)."""
@@ -522,16 +674,21 @@ class GraphPlan:
     def finish(self, edges: EdgeSums) -> dict:
         layers = self.layers
         intervals = {lower: edges.intervals(lower) for lower in layers[:-1]}
+        tests = {lower: edges.tests(lower) for lower in layers[:-1]}
         out_edges = self.head_edges + [
             {
                 "source": f"{lower}:{q}",
                 "target": f"{upper}:{t}",
                 "weight": w,
-                **interval_fields(intervals[lower], (self.kept[upper].index(t), self.kept[lower].index(q))),
+                **interval_fields(intervals[lower], where),
+                **test_fields(tests[lower], where),
             }
             for lower, q, t, w in _shown_edges(self.kept, edges.edges(), layers, self.edges_per_node)
             for upper in [layers[layers.index(lower) + 1]]
+            for where in [(self.kept[upper].index(t), self.kept[lower].index(q))]
         ]
+        adjust_p_values(out_edges)
+        tested = any("p_value" in e for e in out_edges)
         return with_positions(
             {
                 "schema": SCHEMA,
@@ -546,6 +703,7 @@ class GraphPlan:
                 "edge_rule": "flow",
                 "edge_rule_agreement": rule_agreement(edges, layers, self.kept, self.edges_per_node),
                 "intervals": INTERVALS,
+                "significance": significance(self.store.config.null_directions) if tested else None,
                 "nodes": self.nodes + self.head,
                 "edges": out_edges,
             }

@@ -38,7 +38,8 @@ def plain_text(text: str) -> str:
 
 def _draw_edges(ax, graph: dict, pos: dict[str, tuple[float, float]], top: float) -> None:
     """Edges weakest first (strong ones on top): blue for positive weights, dashed red for negative,
-    dotted and faint where the edge's 95 % interval over the images contains 0."""
+    dotted and faint where the edge's 95 % interval over the images contains 0 or where it is not
+    significant against random directions."""
     blues, reds = matplotlib.colormaps["Blues"], matplotlib.colormaps["Reds"]
     for edge in sorted(graph["edges"], key=lambda e: abs(float(e["weight"] or 0.0))):
         if edge["source"] not in pos or edge["target"] not in pos:
@@ -47,7 +48,7 @@ def _draw_edges(ax, graph: dict, pos: dict[str, tuple[float, float]], top: float
         w = float(edge["weight"] or 0.0)
         s = abs(w) / top
         cmap = blues if w >= 0 else reds
-        uncertain = interval_contains_zero(edge)
+        uncertain = interval_contains_zero(edge) or edge.get("significant") is False
         ax.plot(
             [x0, x1],
             [y0, y1],
@@ -151,10 +152,14 @@ def _decorate(fig, ax, graph: dict, rows: dict[int, list[dict]], top: float, tit
     bar.ax.tick_params(labelsize=7)
     if "intervals" in graph:
         uncertain = sum(interval_contains_zero(e) for e in graph["edges"])
+        legend = f"dotted: {uncertain} edge(s) whose 95 % interval over the images contains 0"
+        if graph.get("significance"):
+            weak = sum(e.get("significant") is False for e in graph["edges"])
+            legend += f"; {weak} not significant against random directions (Benjamini-Hochberg, FDR 5 %)"
         ax.text(
             0.0,
             -0.02,
-            f"dotted: {uncertain} edge(s) whose 95 % interval over the images contains 0",
+            legend,
             transform=ax.transAxes,
             ha="left",
             va="top",

@@ -202,10 +202,10 @@
       var w = e.weight || 0, t = Math.abs(w) / maxW;
       var edgeClasses = [];
       if (w < 0) edgeClasses.push('neg');
-      if (containsZero(e.ci)) edgeClasses.push('uncertain');
+      if (containsZero(e.ci) || e.significant === false) edgeClasses.push('uncertain');
       elements.push({ group: 'edges', classes: edgeClasses.join(' '), data: {
         id: 'e' + i, source: e.source, target: e.target, weight: w, rel: t, rank: rank[i],
-        width: 0.8 + 8 * t, z: Math.round(t * 100), wlabel: fmt(w, 3) + intervalText(e.ci),
+        width: 0.8 + 8 * t, z: Math.round(t * 100), wlabel: fmt(w, 3) + intervalText(e.ci) + testText(e),
         color: ramp(w < 0 ? REDS : BLUES, 0.15 + 0.85 * t) } });
     });
     cy.batch(function () {
@@ -237,6 +237,11 @@
   function hasInterval(ci) { return Array.isArray(ci) && ci.length === 2 && typeof ci[0] === 'number' && typeof ci[1] === 'number'; }
   function containsZero(ci) { return hasInterval(ci) && ci[0] <= 0 && ci[1] >= 0; }
   function intervalText(ci) { return hasInterval(ci) ? ' [' + fmt(ci[0], 3) + ', ' + fmt(ci[1], 3) + ']' : ''; }
+  // An edge's test against random directions (graphs since gig 0.6; absent or null where untested).
+  function testText(e) {
+    if (typeof e.p_adjusted !== 'number') return '';
+    return ' q=' + (e.p_adjusted < 0.001 ? '<0.001' : fmt(e.p_adjusted, 3)) + (e.significant ? '' : ' (n.s.)');
+  }
 
   function info(entry, bad) {
     var g = entry.graph, box = document.getElementById('graph-info');
@@ -257,7 +262,13 @@
     }
     var uncertain = g.edges.filter(function (e) { return containsZero(e.ci); }).length;
     if (g.intervals) {
-      var iv = el('span', 'intervals', ' · dotted: ' + uncertain + ' edge(s) whose 95 % interval over the images contains 0');
+      var text = ' · dotted: ' + uncertain + ' edge(s) whose 95 % interval over the images contains 0';
+      if (g.significance) {
+        var weak = g.edges.filter(function (e) { return e.significant === false; }).length;
+        text += '; ' + weak + ' not significant against ' + g.significance.random_directions +
+          ' random directions (Benjamini-Hochberg, FDR ' + Math.round(100 * g.significance.fdr) + ' %)';
+      }
+      var iv = el('span', 'intervals', text);
       iv.id = 'edges-uncertain';
       box.appendChild(iv);
     }
@@ -327,7 +338,7 @@
       btn.setAttribute('data-node', other);
       btn.addEventListener('click', function () { pin(other); });
       li.appendChild(btn);
-      li.appendChild(el('span', 'w', ' ' + fmt(e.weight, 3) + intervalText(e.ci) + (containsZero(e.ci) ? ' (interval contains 0)' : '')));
+      li.appendChild(el('span', 'w', ' ' + fmt(e.weight, 3) + intervalText(e.ci) + testText(e) + (containsZero(e.ci) ? ' (interval contains 0)' : '')));
       list.appendChild(li);
     });
     box.appendChild(list);
