@@ -708,12 +708,18 @@ def stability(
     fraction: float = typer.Option(0.8, help="Share of the run's images each refit clusters."),
     threshold: float = typer.Option(0.9, help="Mean matched cosine at which a concept counts as found again."),
     layer: Optional[list[str]] = LayersOpt,
+    graphs: bool = typer.Option(
+        False,
+        "--graphs",
+        help="Also rerun the stages on the graph classes' images per refit (and once with the run's own "
+        "concepts) and measure how many of each class graph's nodes and edges come back (needs the graph stage).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON result."),
 ):
     """Refit each layer's concepts with other seeds on other image subsets and match them to the run's (RUN/stability/)."""
     from .stability import concept_stability
 
-    result = concept_stability(run_dir, seeds, fraction, threshold, layer or None)
+    result = concept_stability(run_dir, seeds, fraction, threshold, layer or None, graphs=graphs)
     if json_out:
         typer.echo(json.dumps(result, indent=1))
         return
@@ -733,7 +739,37 @@ def stability(
             f"{figures['baseline_median_similarity']:.3f}",
         )
     Console().print(table)
+    if result.get("graphs"):
+        _print_graph_recurrence(result["graphs"], seeds)
     console.print(f"[green]stability[/green]: {run_dir / 'stability' / 'stability.json'}")
+
+
+def _print_graph_recurrence(g: dict, seeds: int) -> None:
+    """Per class graph: the shares of its concept nodes (all layers, then per layer) and edges that
+    come back, averaged over the refits, beside the control's and chance's."""
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    table = _narrow_table(
+        f"class graphs with refitted concepts: {seeds} refits, {g['n_images']} images",
+        "share of the run graph's concept nodes / edges that come back, mean over the refits; "
+        "per layer: nodes, early to late; control: the run's own concepts rerun the same way; "
+        "chance: top_k/K per layer",
+        ("graph", "nodes", "per layer", "edges", "control", "chance"),
+    )
+    chance = " ".join(fmt(v) for v in g["chance_nodes"].values())
+    rows = [(name, g["mean"][name], g["control"]["graphs"][name]) for name in g["control"]["graphs"]]
+    rows.append(("all", g["mean_all"], g["control"]["mean"]))
+    for i, (name, mean, control) in enumerate(rows):
+        mean = mean or {"nodes": None, "nodes_per_layer": {}, "edges": None}
+        table.add_row(
+            name,
+            fmt(mean["nodes"]),
+            " ".join(fmt(v) for v in mean["nodes_per_layer"].values()),
+            fmt(mean["edges"]),
+            f"{fmt(control['nodes'])} / {fmt(control['edges'])}",
+            chance,
+            end_section=i == len(rows) - 2,
+        )
+    Console().print(table)
 
 
 @app.command()
