@@ -145,7 +145,6 @@ def engine_profile(run: Path, device: str, n_images: int = 4) -> dict:
 
     import gig.attribution as attribution
     from gig.collect import iter_image_batches, load_images
-    from gig.concepts import load_dictionary
     from gig.decompose import CodeReader
     from gig.pipeline import Pipeline
 
@@ -154,7 +153,7 @@ def engine_profile(run: Path, device: str, n_images: int = 4) -> dict:
     layers = config.layers
     fast = pipe.handle.for_gradients(layers)
     readers = {layer: CodeReader(store, layer) for layer in layers}
-    gigs = {layer: attribution.gig_for(fast, layer, load_dictionary(store, layer), config) for layer in layers}
+    gigs = {layer: attribution.run_gig(store, fast, layer) for layer in layers}
     used = load_images(store)["images"][:n_images]
     by_id = {r.image_id: r for r in pipe.source.records}
     batch = next(iter(iter_image_batches(pipe.source, [by_id[i["image_id"]] for i in used], pipe.handle, len(used))))

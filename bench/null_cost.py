@@ -27,9 +27,8 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from gig.access import RunAccess
-    from gig.attribution import gig_for, walk
+    from gig.attribution import run_gig, walk
     from gig.collect import load_images
-    from gig.concepts import load_dictionary
     from gig.decompose import CodeReader
 
     access = RunAccess(args.run)
@@ -40,7 +39,7 @@ def main() -> None:
     targets = [int(i["target"]) for i in images]
     pixels = access.run_pixels(ids)
     fast = access.handle.for_gradients(layers)
-    gigs = {layer: gig_for(fast, layer, load_dictionary(store, layer), config) for layer in layers}
+    gigs = {layer: run_gig(store, fast, layer) for layer in layers}
     readers = {layer: CodeReader(store, layer) for layer in layers}
 
     def timed(directions: int) -> tuple[float, dict]:

@@ -142,3 +142,104 @@ def test_cli_explain(tiny_run, new_photo, tmp_path, monkeypatch) -> None:
     assert printed["images"][0]["target"] == printed["images"][0]["pred"]
     assert (out / "index.html").is_file()
     assert len(loads) == 1  # the model is loaded once for the explanations and their page (issue 25)
+
+
+def _counting(monkeypatch, photo: Path) -> dict:
+    """Count model loads, handles built, preprocessings of ``photo`` and attribute shards opened."""
+    import gig.attribution
+    import gig.explain
+    import gig.hooks
+    import gig.models
+
+    counts = {"loads": 0, "handles": 0, "gradient copies": 0, "preprocessed": 0, "shards": 0}
+    photos: list = []
+
+    def count(key, real):
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    real_load_rgb = gig.explain.load_rgb
+    monkeypatch.setattr(gig.explain, "load_rgb", lambda path: photos.append(real_load_rgb(path)) or photos[-1])
+    monkeypatch.setattr(gig.models, "load_run_model", count("loads", gig.models.load_run_model))
+    monkeypatch.setattr(gig.hooks.ModelHandle, "__init__", count("handles", gig.hooks.ModelHandle.__init__))
+    monkeypatch.setattr(
+        gig.hooks.ModelHandle, "for_gradients", count("gradient copies", gig.hooks.ModelHandle.for_gradients)
+    )
+    real_preprocess = gig.models.ModelBundle.preprocess
+
+    def preprocess(self, image):
+        counts["preprocessed"] += any(image is p for p in photos)
+        return real_preprocess(self, image)
+
+    monkeypatch.setattr(gig.models.ModelBundle, "preprocess", preprocess)
+    real_open = gig.attribution.open_tensors
+
+    def open_tensors(path):
+        counts["shards"] += "attribute" in Path(path).parts
+        return real_open(path)
+
+    monkeypatch.setattr(gig.attribution, "open_tensors", open_tensors)
+    return counts
+
+
+def test_cli_explain_of_one_image_loads_the_model_once_and_reads_no_shard(
+    tiny_run, new_photo, tmp_path, monkeypatch
+) -> None:
+    """Issue 25: `gig explain` of one new image loaded the model twice, built two handles,
+    preprocessed the image twice and read every attribute shard twice for the page's concept
+    cards. Now: one load, one handle (and the one folded copy GIG runs on, made from it), one
+    preprocessing, and no shard: the cards' run-wide figures come from the graph stage's run sums."""
+    from typer.testing import CliRunner
+
+    from gig.cli import app
+
+    counts = _counting(monkeypatch, new_photo)
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["explain", str(tiny_run["run"]), str(new_photo), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "index.html").is_file()
+    assert counts == {"loads": 1, "handles": 2, "gradient copies": 1, "preprocessed": 1, "shards": 0}
+
+
+def test_notebook_explain_and_save_reuse_the_runs_model_and_handles(tiny_run, new_photo, tmp_path, monkeypatch) -> None:
+    """``gig.open(RUN).explain(image).save(DIR)``, twice: the run's one model, handle and folded
+    copy serve both explanations and both pages."""
+    import gig
+
+    counts = _counting(monkeypatch, new_photo)
+    run = gig.open(tiny_run["run"], model=tiny_run["bundle"])
+    for i in range(2):
+        assert run.explain(new_photo).save(tmp_path / f"page{i}").is_file()
+    assert counts == {"loads": 0, "handles": 2, "gradient copies": 1, "preprocessed": 2, "shards": 0}
+
+
+def test_a_run_without_run_sums_still_explains_reading_the_shards(tiny_run, new_photo, tmp_path, monkeypatch) -> None:
+    """A run whose graph stage ran before the run sums existed: the page reads the attribute
+    shards (importances, then the shown concepts' edges) and shows the same concept cards."""
+    import re
+    import shutil
+
+    from gig.graph import RUN_SUMS
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run, ignore=shutil.ignore_patterns("report", "evaluate"))
+    (run / "graph" / RUN_SUMS).unlink()
+    explained = explain(run, [new_photo], model=tiny_run["bundle"])
+    counts = _counting(monkeypatch, new_photo)
+    old = write_explanations(run, explained, tmp_path / "old", model=tiny_run["bundle"])
+    assert counts["shards"] == 2 * len(list((run / "attribute" / "shards").glob("*.safetensors")))  # two passes
+    monkeypatch.undo()
+    new = write_explanations(tiny_run["run"], explained, tmp_path / "new", model=tiny_run["bundle"])
+
+    def cards(index: Path) -> dict:
+        text = index.read_text(encoding="utf-8")
+        data = json.loads(re.search(r'<script type="application/json" id="gig-data">(.*?)</script>', text, re.S)[1])
+        return {
+            node: {k: card[k] for k in ("importance", "rank", "parents", "children")}
+            for node, card in data["concepts"].items()
+        }
+
+    assert cards(old) == cards(new) and cards(new)

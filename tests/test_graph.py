@@ -279,3 +279,53 @@ def test_edge_tests_hold_their_false_discovery_rate_on_a_planted_population():
     false = float(called[real:].sum()) / max(int(called.sum()), 1)
     assert false <= 0.08, false
     assert float(called[:real].double().mean()) >= 0.5
+
+
+def test_run_sums_over_shards_match_a_loop_over_images():
+    """The graph stage's run sums (what the concept cards read instead of the shards): over any
+    split of the images, each concept's mean importance, its strongest parents and children by
+    the loop's mean flow weight over all images, and its strongest classes by mean share."""
+    from gig.graph import RunSums, run_sums
+
+    data = {**_walk(complete=False), "image_id": torch.arange(10, 10 + N)}
+    targets = {10: 7, 11: 3, 12: 7, 13: 7, 14: 3, 15: 9}  # image 15 has no attribution
+    shards = [{key: v[rows] for key, v in data.items()} for rows in (torch.tensor([0, 1]), torch.tensor([2, 3, 4]))]
+    sums = run_sums(iter(shards), LAYERS, targets, neighbours=3)
+    assert sums.n == N and sums.class_ids() == [3, 7]
+    for layer in LAYERS:
+        torch.testing.assert_close(sums.importance()[layer], data[f"{layer}/score"].mean(0))
+    edges = _by_loop(data, torch.arange(N), "flow")  # (K_UP, K_LO)
+    for t in range(K_UP):
+        index, weight = sums.parents["low"][0][t], sums.parents["low"][1][t]
+        assert index.tolist() == sorted(range(K_LO), key=lambda q: -float(edges[t, q]))[:3]
+        torch.testing.assert_close(weight, edges[t, index])
+    for q in range(K_LO):
+        index, weight = sums.children["low"][0][q], sums.children["low"][1][q]
+        assert index.tolist() == sorted(range(K_UP), key=lambda t: -float(edges[t, q]))[:3]
+        torch.testing.assert_close(weight, edges[index, q])
+    share = {c: data["high/score"][[i for i in range(N) if targets[10 + i] == c]].mean(0) for c in (3, 7)}
+    for q in range(K_UP):
+        best = sorted((3, 7), key=lambda c: -float(share[c][q]))
+        assert sums.classes[0][q].tolist() == best
+        torch.testing.assert_close(sums.classes[1][q], torch.stack([share[c][q] for c in best]))
+    again = RunSums.from_tensors(LAYERS, sums.tensors())  # the file's round trip
+    assert again.n == sums.n and torch.equal(again.parents["low"][0], sums.parents["low"][0])
+
+
+def test_run_sums_in_blocks_of_upper_concepts_equal_the_whole_sums():
+    """A transition whose sums exceed the budget is summed in blocks of upper concepts, one pass
+    each: the strongest parents and children are those of the whole sums."""
+    from gig.graph import run_sums
+
+    data = {**_walk(complete=False, seed=7), "image_id": torch.arange(10, 10 + N)}
+    targets = {10 + i: i % 2 for i in range(N)}
+    shards = [{key: v[rows] for key, v in data.items()} for rows in (torch.tensor([0, 1]), torch.tensor([2, 3, 4]))]
+    whole = run_sums(iter(shards), LAYERS, targets, neighbours=3)
+    passes = []
+    blocked = run_sums(lambda: passes.append(1) or iter(shards), LAYERS, targets, neighbours=3, budget=4 * K_LO)
+    assert len(passes) == 1 + K_UP  # the first pass, then one per block of one upper concept
+    for name in ("parents", "children"):
+        for got, want in zip(getattr(blocked, name)["low"], getattr(whole, name)["low"]):
+            torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="exceed the budget"):
+        run_sums(iter(shards), LAYERS, targets, budget=4)

@@ -490,3 +490,53 @@ def test_front_figure_marks_the_evaluations_baselines() -> None:
     ).decode()
     assert "sae" in marked and "sae" not in plain
     assert "ours" not in marked  # the run's own point is the ringed front point, not a marker
+
+
+# ------------------------------------------------------------------------------ run sums
+def test_the_graph_stages_run_sums_give_the_shards_numbers(tiny_run, tmp_path, monkeypatch) -> None:
+    """The run-wide importances, class shares and every concept's strongest parents and children
+    that the cards show are read from the graph stage's run sums (issue 25: every explain page
+    read the run's shards twice); they equal the two shard passes older runs still use, for every
+    concept, and sums left by an earlier attribute stage are not read."""
+    import shutil
+
+    import torch
+
+    import gig.report.sections as sec
+    from gig.attribution import iter_attributions
+    from gig.concepts import load_concept_cards
+    from gig.graph import RUN_SUMS, load_run_sums, run_targets
+    from gig.store import RunStore
+
+    store = RunStore.open(tiny_run["run"])
+    layers = list(store.config.layers)
+    targets = run_targets(store)
+    saved = load_run_sums(store)
+    assert saved is not None and saved.n == sum(int(p["image_id"].numel()) for p in iter_attributions(store, ()))
+    K = {layer: len(load_concept_cards(store, layer)["concepts"]) for layer in layers}
+    every = {layer: set(range(K[layer])) for layer in layers}
+    fast = sec.RunNeighbours.of_run(store, targets).read_edges(store, every, targets)
+    with monkeypatch.context() as m:
+        m.setattr(sec, "load_run_sums", lambda store: None)
+        shards = sec.RunNeighbours.of_run(store, targets).read_edges(store, every, targets)
+    assert fast.saved is not None and shards.saved is None
+    for layer in layers:
+        assert torch.equal(fast.importance[layer], shards.importance[layer]), layer
+    assert fast.class_ids == shards.class_ids
+    pairs = 0
+    for layer in layers:
+        for q in range(K[layer]):
+            assert fast.of(layer, q, K) == shards.of(layer, q, K), (layer, q)
+            pairs += sum(len(side) for side in fast.of(layer, q, K))
+    assert pairs > 0  # some parents, children and classes are compared, not only empty lists
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run, ignore=shutil.ignore_patterns("report", "evaluate"))
+    copy = RunStore.open(run)
+    assert load_run_sums(copy) is not None
+    manifest = copy.manifest()
+    manifest["stages"]["attribute"]["hash"] = "0" * 16  # the attribute stage ran again with other settings
+    copy._write_manifest(manifest)
+    assert load_run_sums(copy) is None
+    (run / "graph" / RUN_SUMS).unlink()
+    assert load_run_sums(copy) is None

@@ -183,7 +183,12 @@ class RunAccess:
         return torch.stack([self.bundle.preprocess(load_rgb(p)) for p in paths])
 
     def crops(self, layer: str, samples: list[int]) -> list[Path]:
-        """ERF crops of sampled PFVs of ``layer``, from the run's ERF cache (:func:`gig.erf.exemplar_crops`)."""
-        from .erf import exemplar_crops
+        """ERF crops of sampled PFVs of ``layer``, from the run's ERF cache (:func:`gig.erf.exemplar_crops`).
+        Where every one is cached, neither the run's images nor the model are touched (the
+        images' fingerprint is checked only when one must be computed)."""
+        from .erf import crop_paths, exemplar_crops
 
+        paths = crop_paths(self.store, layer, samples)
+        if all(p.exists() for p in paths):
+            return paths
         return exemplar_crops(self.store, self.handle, self.source, layer, samples)

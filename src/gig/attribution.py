@@ -851,8 +851,9 @@ def _safe(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d.abs() < 1e-8, torch.full_like(d, 1e-8), d)
 
 
-def gig_for(handle: ModelHandle, layer: str, dictionary: torch.Tensor, config) -> GIG:
-    """The GIG of ``layer`` with a run configuration's step settings."""
+def gig_for(handle: ModelHandle, layer: str, dictionary: torch.Tensor, config, bias: torch.Tensor | None = None) -> GIG:
+    """The GIG of ``layer`` with a run configuration's step settings (``bias``: the layer's
+    decoder bias, where its basis has one)."""
     return GIG(
         handle,
         layer,
@@ -862,7 +863,16 @@ def gig_for(handle: ModelHandle, layer: str, dictionary: torch.Tensor, config) -
         internal_batch_size=config.internal_batch_size,
         tol=config.gig_tol,
         max_steps=config.gig_max_steps,
+        bias=bias,
     )
+
+
+def run_gig(store, handle: ModelHandle, layer: str) -> GIG:
+    """The GIG of one of the run's layers: its concepts, its basis's decoder bias, the run's settings."""
+    from .basis import decoder_bias
+    from .concepts import load_dictionary
+
+    return gig_for(handle, layer, load_dictionary(store, layer), store.config, bias=decoder_bias(store, layer))
 
 
 def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=None) -> None:
@@ -878,7 +888,6 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=N
     """
 
     from .collect import SHARD_IMAGES, load_images
-    from .concepts import load_dictionary
     from .decompose import CodeReader
     from .distributed import Ranks, ShardLoop, sharded_stage
 
@@ -902,7 +911,7 @@ def attribute(store, handle: ModelHandle, source, progress: bool = True, ranks=N
             "folded_paddings": fast.folded_paddings,
             "channels_last": fast.memory_format == torch.channels_last,
         }
-        gigs = {layer: gig_for(fast, layer, load_dictionary(store, layer), config) for layer in layers}
+        gigs = {layer: run_gig(store, fast, layer) for layer in layers}
 
         def walk_images(images: list, bar) -> dict[str, torch.Tensor] | None:
             return _walk_images(source, handle, images, target_of, readers, gigs, config, bar)

@@ -6,6 +6,10 @@ by the sampled PFVs most cosine-similar to it (top-1 and top-10).
 
 A user can hand in their own dictionary for a layer instead (``Dictionary.from_file`` or the
 channel basis, ``Dictionary.channels``); members and exemplars are then assigned by cosine.
+A layer can also have another basis with its own encoder (``bases``, :mod:`gig.basis`): a sparse
+autoencoder trained here on the same sampled PFVs (``K`` latents as above), or a user basis file.
+Its decoder rows are the layer's concepts (members and exemplars by cosine, as for a user
+dictionary) and its encoder is saved beside them (``LAYER.basis.safetensors``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from sklearn.cluster import BisectingKMeans
 from tqdm.auto import tqdm
 
+from .basis import basis_path, fit_sae, read_basis_file, save_basis
 from .collect import load_samples
 from .errors import InputError
 from .store import RunStore, load_json, load_tensors, save_json, save_tensors
@@ -146,12 +151,19 @@ def extract_concepts(store: RunStore, progress: bool = True) -> None:
                 max_concepts=config.max_concepts,
                 random_state=config.seed,
             )
+            basis_info = None
             if layer in config.dictionaries:
                 V, kind = read_dictionary(config.dictionaries[layer], X.shape[1])
                 extractor.fit_dictionary(X, V)
+            elif config.bases.get(layer, "kmeans") != "kmeans":
+                encoder, kind, basis_info = _fit_basis(config, layer, X)
+                save_basis(store, layer, encoder)
+                extractor.fit_dictionary(X, encoder.V.numpy())
             else:
                 extractor.fit(X)
                 kind = "bisecting-kmeans"
+            if basis_info is None:
+                basis_path(store, layer).unlink(missing_ok=True)  # a k-means layer has no encoder of its own
             targets = samples["target"].numpy()
             cards = []
             for q in range(extractor.concepts_.shape[0]):
@@ -185,6 +197,19 @@ def extract_concepts(store: RunStore, progress: bool = True) -> None:
                 },
             )
             summary[layer] = {"K": int(extractor.concepts_.shape[0]), "C": int(X.shape[1]), "source": kind}
+            if basis_info is not None:
+                summary[layer]["basis"] = basis_info
+
+
+def _fit_basis(config, layer: str, X: np.ndarray):
+    """The layer's basis with its own encoder (:mod:`gig.basis`): ``(encoder, source, info)``."""
+    spec = config.bases[layer]
+    if spec == "sae":
+        K = n_concepts_for(X.shape[0], X.shape[1], config.concepts_per_channel, config.min_cluster, config.max_concepts)
+        encoder, info = fit_sae(torch.from_numpy(X), K, config.sae_k, config.seed, config.sae_steps)
+        return encoder, "sae", {"kind": "TopK SAE (gig.sae)", **info}
+    encoder = read_basis_file(spec, X.shape[1])
+    return encoder, f"file:{spec}", {"kind": "user basis", "file": spec, "k": encoder.k}
 
 
 def load_dictionary(store: RunStore, layer: str) -> torch.Tensor:

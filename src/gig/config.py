@@ -83,6 +83,14 @@ def _dictionaries(value) -> bool:
     return isinstance(value, dict) and all(_text(k) and _text(v) for k, v in value.items())
 
 
+def _bases(value) -> bool:
+    from .basis import is_basis_file
+
+    return isinstance(value, dict) and all(
+        _text(k) and _text(v) and (not is_basis_file(v) or v.endswith(".safetensors")) for k, v in value.items()
+    )
+
+
 def field_problems(settings: Any, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> list[str]:
     """``"name=value: allowed"`` for each field of the dataclass ``settings`` its rule refuses."""
     return [
@@ -157,6 +165,11 @@ class Config:
     max_concepts: int | None = None
     #: layer -> safetensors file holding a user dictionary under key "V" (K, C), or "channels"
     dictionaries: dict[str, str] = field(default_factory=dict)
+    #: layer -> its concept basis: "kmeans" (the default), "sae" (a TopK sparse autoencoder trained
+    #: here) or a safetensors file of a user basis with its own encoder (:mod:`gig.basis`)
+    bases: dict[str, str] = field(default_factory=dict)
+    sae_k: int = 32  # active latents of a "sae" basis
+    sae_steps: int = 2000  # Adam steps that train a "sae" basis
 
     # 4. decompose
     #: λ rule, default: the sparsest codes with R² ≥ min_r2 and mean KL divergence of the model's
@@ -217,6 +230,18 @@ class Config:
                     f"dictionaries={self.dictionaries!r}: keys must be analysed layers; "
                     f"{', '.join(stray)} not in layers {self.layers}"
                 )
+        if not problems and self.bases and self.layers is not None:
+            stray = sorted(set(self.bases) - set(self.layers))
+            if stray:
+                problems.append(
+                    f"bases={self.bases!r}: keys must be analysed layers; {', '.join(stray)} not in layers {self.layers}"
+                )
+        both = sorted(set(self.bases) & set(self.dictionaries))
+        if not problems and both:
+            problems.append(
+                f"bases and dictionaries both name {', '.join(both)}: a layer has one basis (a user dictionary "
+                "coded by the run's coder, or a basis with its own encoder)"
+            )
         if not problems and self.coder == "omp" and self.nonnegative:
             problems.append(
                 "coder='omp' with nonnegative=true: OMP codes are signed; use coder: lasso for non-negative codes"
@@ -250,6 +275,15 @@ class Config:
         if isinstance(data.get("head"), str) and data["head"].strip() and not Path(data["head"]).is_absolute():
             # a head file is read beside the config that names it, from whatever directory
             data["head"] = str((path.resolve().parent / data["head"]).resolve())
+        if isinstance(data.get("bases"), dict):  # basis files likewise
+            from .basis import is_basis_file
+
+            data["bases"] = {
+                layer: str((path.resolve().parent / spec).resolve())
+                if isinstance(spec, str) and is_basis_file(spec) and not Path(spec).is_absolute()
+                else spec
+                for layer, spec in data["bases"].items()
+            }
         return cls.from_dict(data)
 
     @classmethod
@@ -287,6 +321,9 @@ _RULES: dict[str, tuple[Any, str]] = {
     "min_cluster": (_int(1), "an integer of at least 1"),
     "max_concepts": (_int(2, optional=True), "an integer of at least 2, or null"),
     "dictionaries": (_dictionaries, "a mapping layer: safetensors file or 'channels'"),
+    "bases": (_bases, "a mapping layer: kmeans, sae or a .safetensors file of a basis"),
+    "sae_k": (_int(1, high=4096), "an integer from 1 to 4096"),
+    "sae_steps": (_int(1, high=1_000_000), "an integer from 1 to 1 000 000"),
     "target_rel_error": (
         lambda v: v is None or _real(0, 1)(v),
         "null (the R²/agreement rule) or a relative reconstruction error between 0 and 1 (exclusive), e.g. 0.1",
@@ -349,7 +386,16 @@ STAGE_FIELDS: dict[str, list[str]] = {
         "samples_per_image",
         "seed",
     ],
-    "concepts": ["concepts_per_channel", "min_cluster", "max_concepts", "dictionaries", "seed"],
+    "concepts": [
+        "concepts_per_channel",
+        "min_cluster",
+        "max_concepts",
+        "dictionaries",
+        "seed",
+        "bases",
+        "sae_k",
+        "sae_steps",
+    ],
     "decompose": [
         "target_rel_error",
         "min_r2",
@@ -379,11 +425,23 @@ HASHED_WHEN_SET: dict[str, Any] = {
     "head": None,
     "head_at": None,
     "null_directions": 0,
+    "bases": {},
+    "sae_k": 32,
+    "sae_steps": 2000,
 }
 
 #: Values that a run's saved ``config.yaml`` without the field was made with (the field did not
 #: exist yet): :meth:`Config.load_saved` fills them in, so such a run reads and resumes as made.
-SAVED_BEFORE: dict[str, Any] = {"max_kl": None, "coder": "lasso", "head": None, "head_at": None, "null_directions": 0}
+SAVED_BEFORE: dict[str, Any] = {
+    "max_kl": None,
+    "coder": "lasso",
+    "head": None,
+    "head_at": None,
+    "null_directions": 0,
+    "bases": {},
+    "sae_k": 32,
+    "sae_steps": 2000,
+}
 
 #: Fields the automatic ``samples_per_image`` reads (:func:`resolve_samples_per_image`).
 AUTO_SAMPLE_FIELDS = ["concepts_per_channel", "min_cluster", "calibration_size"]

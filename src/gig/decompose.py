@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .basis import BasisEncoder, load_basis
 from .collect import SHARD_IMAGES, iter_image_batches, load_images
 from .concepts import load_dictionary
 from .config import Config
@@ -87,6 +88,23 @@ def encoder_for(
         debias=config.debias,
         unit_atoms=config.unit_atoms,
     )
+
+
+def layer_encoder(
+    store: RunStore, layer: str, device: str | torch.device | None = None, alpha: float | None = None
+) -> LassoEncoder | OMPEncoder | BasisEncoder:
+    """The encoder of one of the run's layers: its basis's own (:mod:`gig.basis`) where the layer
+    has one, else the run's coder on its dictionary at ``alpha`` (default: the λ the stage chose)."""
+    basis = load_basis(store, layer)
+    if basis is not None:
+        return basis.to(device) if device is not None else basis
+    alpha = run_alpha(store, layer) if alpha is None else alpha
+    return encoder_for(store.config, load_dictionary(store, layer), alpha, device)
+
+
+def reconstruct(encoder, U: torch.Tensor) -> torch.Tensor:
+    """``X̃ (N, C)`` from codes ``U (N, K)``: ``U V``, plus the decoder bias of a basis that has one."""
+    return encoder.reconstruct(U) if isinstance(encoder, BasisEncoder) else U @ encoder.V
 
 
 def lambda_in_unit_atoms(config: Config) -> bool:
@@ -195,7 +213,7 @@ def code_grid(
     b, c, h, w = grid.shape
     X = grid.permute(0, 2, 3, 1).reshape(-1, c)
     U = encoder.encode(X, init)
-    X_hat = U @ encoder.V
+    X_hat = reconstruct(encoder, U)
     meter.add(X, X_hat, U)
     return U, X_hat.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
@@ -614,9 +632,13 @@ def decompose(
         out = store.stage_dir("decompose")
         fronts = _fronts(store, handle, source, records, preds, progress, ranks)  # the same on every rank
         checks = ranks.share(load_json(out / "check.json") if (out / "check.json").is_file() else {})
-        alphas = {layer: checks.get(layer, {}).get("alpha", fronts[layer]["alpha"]) for layer in config.layers}
+        # layers with a basis of their own (no λ, no front) keep its encoder
         encoders = {
-            layer: encoder_for(config, load_dictionary(store, layer), alphas[layer], handle.device)
+            layer: layer_encoder(
+                store, layer, handle.device, checks.get(layer, {}).get("alpha", fronts[layer]["alpha"])
+            )
+            if layer in fronts
+            else layer_encoder(store, layer, handle.device)
             for layer in config.layers
         }
         loop = ShardLoop(store, "decompose", ranks, range(len(records)), SHARD_IMAGES, progress)
@@ -635,7 +657,7 @@ def decompose(
         figures = _figures(store, encoders, loop.n_shards, fronts, checks)
         save_json(out / "fidelity.json", figures)
         summary["alpha"] = {layer: enc.alpha for layer, enc in encoders.items()}
-        summary["rule_met"] = {layer: fronts[layer]["met"] for layer in config.layers}
+        summary["rule_met"] = {layer: fronts[layer]["met"] for layer in config.layers if layer in fronts}
         summary["solver"] = {layer: enc.solver_ for layer, enc in encoders.items()}
         summary["fidelity"] = figures
 
@@ -685,6 +707,8 @@ def _check_all(store: RunStore, fronts: dict, checks: dict, encoders: dict, n_sh
     steps = {}
     figures = _layer_figures(store, encoders, n_shards)
     for layer, encoder in encoders.items():
+        if layer not in fronts:  # a basis with its own encoder: measured, never stepped
+            continue
         result = {**figures[layer], "alpha": encoder.alpha}
         record = checks.setdefault(layer, {"alpha": encoder.alpha, "steps": []})
         if record["steps"] and record["steps"][-1]["alpha"] == encoder.alpha:
@@ -711,9 +735,11 @@ def _figures(store: RunStore, encoders: dict, n_shards: int, fronts: dict, check
             **merged[layer],
             "K": int(encoder.V.shape[0]),
             "alpha": encoder.alpha,
-            "front_alpha": fronts[layer]["alpha"],
+            "front_alpha": fronts[layer]["alpha"] if layer in fronts else None,
             "check": {"steps": len(steps) - 1 if steps else 0, "miss": steps[-1]["miss"] if steps else None},
         }
+        if isinstance(encoder, BasisEncoder):
+            figures[layer]["basis"] = encoder.kind
     return figures
 
 
@@ -735,7 +761,8 @@ def _fronts(
     config = store.config
     path = store.stage_dir("decompose") / "front.json"
     fronts = load_json(path) if path.is_file() else {}
-    todo = [layer for layer in config.layers if layer not in fronts]
+    # a layer with a basis of its own has no λ, hence no front
+    todo = [layer for layer in config.layers if layer not in fronts and load_basis(store, layer) is None]
     mine = ranks.mine(todo)
     if mine:
         images = load_front_images(source, records, preds, handle, mine, config)
@@ -753,7 +780,7 @@ def _fronts(
     if ranks.world > 1 and todo:
         for part in ranks.gather(fronts):
             fronts.update(part)
-        fronts = {layer: fronts[layer] for layer in config.layers}
+        fronts = {layer: fronts[layer] for layer in config.layers if layer in fronts}
         if ranks.is_main:
             save_json(path, fronts)
     return fronts
@@ -923,14 +950,14 @@ def encode_pixels(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Codes of images that need not be the run's, as the stage codes the run's own: logits
     ``(N, classes)`` and ``{layer: (N, H·W, K)}`` for ``pixels (N, 3, S, S)``, with the run's
-    dictionaries, λ and encoder settings (:func:`encoder_for`). ``layers``: default all of the run's."""
+    dictionaries, λ and encoder settings (:func:`layer_encoder`). ``layers``: default all of the run's."""
     layers = list(layers or store.config.layers)
     with torch.no_grad():
         logits, grids = handle.capture(pixels.to(handle.device), layers)
     codes = {}
     for layer in layers:
         n, c = grids[layer].shape[:2]
-        encoder = encoder_for(store.config, load_dictionary(store, layer), run_alpha(store, layer), handle.device)
+        encoder = layer_encoder(store, layer, handle.device)
         codes[layer] = (
             encoder.encode(grids[layer].permute(0, 2, 3, 1).reshape(-1, c)).reshape(n, -1, encoder.V.shape[0]).cpu()
         )

@@ -26,8 +26,7 @@ import torch
 from PIL import Image
 
 from .access import RunAccess
-from .attribution import gig_for, walk
-from .concepts import load_dictionary
+from .attribution import run_gig, walk
 from .decompose import encode_pixels
 from .erf import erf_crop, erf_maps
 from .errors import ConfigError, InputError
@@ -47,7 +46,9 @@ class Explanation:
 
     ``walk``: the attribute stage's fields for this image (``LAYER/top (k,)``,
     ``LAYER/importance (k,)``, ``LAYER/maps (k, H, W)``, ``LAYER/score (K,)``, GIG rows ...);
-    ``codes``: ``{layer: (H·W, K)}`` sparse codes of every position."""
+    ``codes``: ``{layer: (H·W, K)}`` sparse codes of every position; ``pixels``: the image as
+    the model took it ``(3, S, S)`` and ``view``: the crop the model sees (PIL), both made once
+    by :func:`explain` and reused by the page (:func:`write_explanations`)."""
 
     name: str
     image: Image.Image
@@ -59,6 +60,8 @@ class Explanation:
     codes: dict[str, torch.Tensor] = field(repr=False)
     pred_name: str = ""
     target_name: str = ""
+    pixels: torch.Tensor | None = field(default=None, repr=False)
+    view: Image.Image | None = field(default=None, repr=False)
 
     def top_concepts(self, layer: str) -> list[tuple[int, float]]:
         """``[(concept, share of the target logit's change), ...]`` of ``layer``, most important first."""
@@ -121,7 +124,9 @@ def explain(
     predicted class. ``model``: a :class:`gig.models.ModelBundle` when the run was made from
     Python with a user model; by default the run's configured model is loaded. ``access``: an
     opened run (:class:`gig.access.RunAccess`) to reuse with :func:`write_explanations`, so the
-    model is loaded once. Images are processed ``batch_size`` (the run's) at a time."""
+    model is loaded once and one handle is built (with one gradient copy of it,
+    :meth:`gig.hooks.ModelHandle.measuring`, kept on the handle for the next call). Each image
+    is preprocessed once; images are processed ``batch_size`` (the run's) at a time."""
     from .report.sections import class_namer
 
     access = access or RunAccess(run_dir, model)
@@ -130,8 +135,8 @@ def explain(
     loaded = _as_images(images)  # a missing or unreadable file fails before the model loads
     handle = handle or access.handle
     layers = list(store.config.layers)
-    fast = handle.for_gradients(layers)
-    gigs = {layer: gig_for(fast, layer, load_dictionary(store, layer), store.config) for layer in layers}
+    fast = handle.measuring(layers)  # the folded copy GIG runs on, made once per handle
+    gigs = {layer: run_gig(store, fast, layer) for layer in layers}
     names = list(class_names) if class_names is not None else list(access.bundle.class_names)
     class_name = class_namer(names)
     targets_given = _given_targets(target, len(loaded))
@@ -140,6 +145,7 @@ def explain(
     for start in range(0, len(loaded), step):
         batch = loaded[start : start + step]
         pixels = access.bundle.preprocess_batch([im for _, im in batch])
+        views = [access.bundle.display_image(im) for _, im in batch]
         logits, codes = encode_pixels(store, handle, pixels)
         targets = _targets(targets_given[start : start + step], logits.argmax(1), logits.shape[1])
         ids = [start + i for i in range(len(batch))]  # image ids of the explanation: 0, 1, ... over all images
@@ -164,6 +170,8 @@ def explain(
                     {layer: codes[layer][i] for layer in layers},
                     class_name(pred),
                     class_name(targets[i]),
+                    pixels[i],
+                    views[i],
                 )
             )
     return out
@@ -175,7 +183,7 @@ def own_erf_crops(
     """``{"LAYER:q": crop}``: for each top concept of each layer, the image's own ERF crop at the
     position where the concept's GIG map peaks (where it adds most to the target), else where
     its coefficient is largest."""
-    view = bundle.display_image(explanation.image)
+    view = explanation.view if explanation.view is not None else bundle.display_image(explanation.image)
     crops = {}
     for layer in layers:
         maps = explanation.walk[f"{layer}/maps"].flatten(1)  # (k, H·W)
@@ -202,7 +210,9 @@ def write_explanations(
     access: RunAccess | None = None,
 ) -> Path:
     """Write ``explanations`` to ``out`` (see the module docstring); returns ``index.html``.
-    ``access``: the opened run :func:`explain` used (its model is not loaded again)."""
+    ``access``: the opened run :func:`explain` used (its model is not loaded again, nor its
+    handle built again). The concept cards' run-wide figures come from the graph stage's run
+    sums (:func:`gig.graph.load_run_sums`): no attribute shard is read where the run has them."""
     from .report import sections as sec
     from .report.viewer import write_viewer
 
@@ -245,7 +255,8 @@ def write_explanations(
         """Own ERF crops, localisation panels and static figures of every explained image."""
         out_panels = {}
         for i, e in enumerate(explanations):
-            pixels = access.bundle.preprocess(e.image)[None]
+            pixels = (e.pixels if e.pixels is not None else access.bundle.preprocess(e.image))[None]
+            view = e.view if e.view is not None else access.bundle.display_image(e.image)
             crops = own_erf_crops(access.handle, access.bundle, e, pixels, list(store.config.layers))
             erf_urls = {node: assets.add_image(f"img/own/{i}/{sec.slug(node)}.jpg", c) for node, c in crops.items()}
             entry = {
@@ -259,7 +270,7 @@ def write_explanations(
             }
             out_panels[str(i)] = sec.localisation_panel(
                 entry,
-                access.bundle.display_image(e.image),
+                view,
                 list(store.config.layers),
                 e.walk,
                 e.codes,

@@ -40,7 +40,7 @@ from .collect import load_images
 from .concepts import load_concept_cards
 from .errors import ConfigError
 from .models import class_name
-from .store import RunStore, load_json, save_json
+from .store import RunStore, load_json, load_tensors, save_json, save_tensors
 
 SCHEMA = "gig.graph/1"
 
@@ -867,8 +867,226 @@ def build_graphs(
         save_json(out / "global.json", graphs["global"])
         files["global"] = "global.json"
         save_json(out / "index.json", {"classes": classes, "files": files})
+        save_run_sums(store, progress)
         summary.update({"classes": classes, "files": files})
 
 
 def graph_index(store: RunStore) -> dict:
     return load_json(store.root / "graph" / "index.json")
+
+
+# ------------------------------------------------------------------------------ run-wide sums
+#: The graph stage's file of run-wide sums (:func:`save_run_sums`, :func:`load_run_sums`): what
+#: the concept cards of the report, the explain pages and the notebook's pages read, so that
+#: they open none of the attribute shards.
+RUN_SUMS = "run_sums.safetensors"
+
+#: Strongest parents, children and classes kept per concept in :data:`RUN_SUMS` (the cards show 5).
+NEIGHBOURS = 5
+
+#: The attribution fields of the run sums' one pass: importances, class shares and edges at once.
+RUN_SUM_FIELDS = ("score", "gig", "delta", "importance", "targets")
+
+
+class RunSums:
+    """Run-wide sums over every attributed image (:func:`run_sums`): each concept's mean
+    importance, the images per target class, and each concept's strongest run-wide neighbours.
+
+    ``n``: images; ``score_sums``: ``{layer: (K,)}`` importance sums; ``class_counts``:
+    ``(classes,)`` images per target class; ``classes``: ``(index, weight)``, each ``(K_top,
+    m)``: per top-layer concept, the ``m`` classes with the largest mean share of it over their
+    images (class ids, shares), largest first; ``parents[lower]``: ``(index, weight)``, each
+    ``(K_upper, m)``: per upper concept of the transition out of ``lower``, its ``m`` strongest
+    lower concepts by mean ``flow`` edge weight over all images; ``children[lower]``: each
+    ``(K_lower, m)``: per lower concept, its strongest upper concepts. Means are the sums over
+    ``n`` (0 where an image did not reach an edge), as :class:`ScoreSums` and :class:`EdgeSums`
+    give them over all images."""
+
+    def __init__(
+        self,
+        layers: list[str],
+        n: int,
+        score_sums: dict[str, torch.Tensor],
+        class_counts: torch.Tensor,
+        classes: tuple[torch.Tensor, torch.Tensor],
+        parents: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        children: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    ):
+        self.layers, self.n, self.score_sums, self.class_counts = layers, n, score_sums, class_counts
+        self.classes, self.parents, self.children = classes, parents, children
+
+    def importance(self) -> dict[str, torch.Tensor]:
+        """Mean node importances ``{layer: (K,)}`` over every image (:meth:`ScoreSums.scores`)."""
+        return {layer: v / max(self.n, 1) for layer, v in self.score_sums.items()}
+
+    def class_ids(self) -> list[int]:
+        """The target classes of at least one image."""
+        return self.class_counts.nonzero().flatten().tolist()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The file's tensors (:data:`RUN_SUMS`)."""
+        out = {"n": torch.tensor([self.n]), "class_counts": self.class_counts}
+        out.update({f"score_sums/{layer}": v for layer, v in self.score_sums.items()})
+        out.update({"classes/index": self.classes[0], "classes/weight": self.classes[1]})
+        for name in ("parents", "children"):
+            for lower, (index, weight) in getattr(self, name).items():
+                out.update({f"{name}/{lower}/index": index, f"{name}/{lower}/weight": weight})
+        return out
+
+    @classmethod
+    def from_tensors(cls, layers: list[str], tensors: dict[str, torch.Tensor]) -> "RunSums":
+        """The sums of :meth:`tensors`; a ``KeyError`` where one of ``layers`` is missing."""
+
+        def pair(key: str) -> tuple[torch.Tensor, torch.Tensor]:
+            return tensors[f"{key}/index"], tensors[f"{key}/weight"]
+
+        return cls(
+            layers,
+            int(tensors["n"][0]),
+            {layer: tensors[f"score_sums/{layer}"] for layer in layers},
+            tensors["class_counts"],
+            pair("classes"),
+            {lower: pair(f"parents/{lower}") for lower in layers[:-1]},
+            {lower: pair(f"children/{lower}") for lower in layers[:-1]},
+        )
+
+
+def _strongest(values: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``values (R, C)``, the ``m`` largest entries: ``(index, weight)`` each ``(R, min(m, C))``."""
+    top = values.contiguous().topk(min(m, values.shape[1]), dim=1)
+    return top.indices, top.values
+
+
+#: Most bytes of one transition's edge sums held at once by :func:`run_sums`; a larger
+#: ``K_upper × K_lower`` (ResNet-50 at K = 8C: 537 MB) is summed in blocks of upper concepts, one
+#: more pass over the shards' edge fields per block.
+RUN_SUM_BUDGET = 2**27
+
+
+def run_sums(
+    parts,
+    layers: list[str],
+    targets: dict[int, int],
+    neighbours: int = NEIGHBOURS,
+    budget: int = RUN_SUM_BUDGET,
+) -> RunSums:
+    """:class:`RunSums` from the attribution ``parts`` (the run's shards, fields
+    :data:`RUN_SUM_FIELDS`), with the same arithmetic as :class:`ScoreSums` and :class:`EdgeSums`
+    over all images. ``parts``: an iterable (one pass), or a function returning a new iterator
+    (passes as needed). Memory: one shard, and per transition at most ``budget`` bytes of edge
+    sums: a transition whose ``(K_upper, K_lower)`` sums do not fit is summed in blocks of upper
+    concepts, one pass each (``parts`` must then be a function), the strongest children of each
+    lower concept merged across blocks."""
+    passes = parts if callable(parts) else None
+    n, score_sums, edge_totals, big = 0, {}, {}, {}
+    n_classes = max(targets.values(), default=-1) + 1
+    class_sums, class_counts = torch.zeros(n_classes, 0), torch.zeros(n_classes)
+    for part in passes() if passes else parts:
+        rows = torch.arange(int(part["image_id"].numel()))
+        if rows.numel() == 0:
+            continue
+        n += int(rows.numel())
+        for layer in layers:
+            _add_into(score_sums, layer, part[f"{layer}/score"][rows].float().sum(0))
+        target_vec = torch.tensor([targets[int(i)] for i in part["image_id"].tolist()], dtype=torch.long)
+        top = part[f"{layers[-1]}/score"]  # (images, K_top)
+        class_sums = torch.zeros(n_classes, top.shape[1]) if class_sums.shape[1] == 0 else class_sums
+        class_sums.index_add_(0, target_vec, top)
+        class_counts += torch.bincount(target_vec, minlength=n_classes)
+        for position, lower in enumerate(layers[:-1]):
+            shape = (part[f"{layers[position + 1]}/score"].shape[1], part[f"{lower}/gig"].shape[2])
+            if shape[0] * shape[1] * 4 > budget:
+                big[lower] = shape
+                continue
+            total = _transition_sums(part, rows, layers, position, None)
+            if lower in edge_totals:
+                edge_totals[lower] += total  # in place: one (K_upper, K_lower) copy held
+            else:
+                edge_totals[lower] = total
+    class_ids = class_counts.nonzero().flatten()
+    class_matrix = class_sums[class_ids] / class_counts[class_ids, None]  # (classes, K_top), as RunNeighbours
+    index, weight = _strongest(class_matrix.T, neighbours)
+    parents, children = {}, {}
+    for lower, total in edge_totals.items():
+        mean = total / max(n, 1)
+        parents[lower] = _strongest(mean, neighbours)
+        children[lower] = _strongest(mean.T, neighbours)
+    for lower, shape in big.items():
+        if passes is None:
+            raise ValueError(f"the edge sums out of {lower} {shape} exceed the budget: pass a function for more passes")
+        parents[lower], children[lower] = _blocked_neighbours(passes, layers, lower, shape, n, neighbours, budget)
+    return RunSums(layers, n, score_sums, class_counts, (class_ids[index], weight), parents, children)
+
+
+def _transition_sums(part, rows, layers, position, upper_ids) -> torch.Tensor:
+    """One transition's summed ``flow`` edge weights over ``rows``, ``(upper kept, K_lower)``."""
+    flat, targets, n_upper = _transition_rows(part, rows, layers, position, "flow", upper_ids, None)
+    return torch.zeros(n_upper, flat.shape[1]).index_add_(0, targets, flat)
+
+
+def _blocked_neighbours(passes, layers, lower, shape, n, neighbours, budget):
+    """Strongest parents and children of the transition out of ``lower`` from blocks of upper
+    concepts, each block's ``(block, K_lower)`` sums from one pass (see :func:`run_sums`)."""
+    n_upper, n_lower = shape
+    block = max(1, budget // (4 * n_lower))
+    parent_index, parent_weight = [], []
+    child_index = torch.zeros(n_lower, 0, dtype=torch.long)
+    child_weight = torch.zeros(n_lower, 0)
+    for start in range(0, n_upper, block):
+        ids = list(range(start, min(start + block, n_upper)))
+        total = torch.zeros(len(ids), n_lower)
+        for part in passes():
+            rows = torch.arange(int(part["image_id"].numel()))
+            if rows.numel():
+                total += _transition_sums(part, rows, layers, layers.index(lower), {lower: ids})
+        mean = total / max(n, 1)
+        index, weight = _strongest(mean, neighbours)
+        parent_index.append(index)
+        parent_weight.append(weight)
+        # the children so far and this block's, merged: each lower concept's strongest overall
+        index, weight = _strongest(mean.T, neighbours)
+        merged_weight = torch.cat([child_weight, weight], 1)
+        merged_index = torch.cat([child_index, index + start], 1)
+        keep = _strongest(merged_weight, neighbours)[0]
+        child_index, child_weight = merged_index.gather(1, keep), merged_weight.gather(1, keep)
+    return (torch.cat(parent_index), torch.cat(parent_weight)), (child_index, child_weight)
+
+
+def _attribute_key(store: RunStore) -> str:
+    """The attribute stage that the run sums were computed from: its settings hash, chained with
+    every upstream stage's (a rerun with other settings or inputs changes it; the same settings on
+    the same inputs give the same shards, so the file stays deterministic)."""
+    return str(store.manifest()["stages"].get("attribute", {}).get("hash"))
+
+
+def save_run_sums(store: RunStore, progress: bool = False) -> RunSums:
+    """The graph stage's :class:`RunSums` of every attributed image, in one pass over the
+    attribute shards, saved to ``RUN/graph/run_sums.safetensors`` (checksummed, with the
+    attribute stage's run they come from)."""
+    layers = list(store.config.layers)
+
+    def shards():
+        return tqdm(
+            iter_attributions(store, RUN_SUM_FIELDS), desc="graph: run sums", unit="shard", disable=not progress
+        )
+
+    sums = run_sums(shards, layers, run_targets(store))
+    key = torch.frombuffer(bytearray(_attribute_key(store).encode()), dtype=torch.uint8)
+    save_tensors(store.stage_dir("graph") / RUN_SUMS, {**sums.tensors(), "attribute": key})
+    return sums
+
+
+def load_run_sums(store: RunStore) -> RunSums | None:
+    """The run sums the graph stage saved (:func:`save_run_sums`), or None where the run has
+    none (its graph stage has not run, or ran before the file existed), or they are not of the
+    current attribute shards (the attribute stage ran again since) or layers: then read the shards."""
+    path = store.root / "graph" / RUN_SUMS
+    if not path.is_file():
+        return None
+    tensors = load_tensors(path)
+    if bytes(tensors.get("attribute", torch.zeros(0, dtype=torch.uint8)).tolist()).decode() != _attribute_key(store):
+        return None
+    try:
+        return RunSums.from_tensors(list(store.config.layers), tensors)
+    except KeyError:
+        return None

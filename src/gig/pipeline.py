@@ -57,6 +57,24 @@ def _require_labels(source: ImageSource, max_images: int | None, handle: ModelHa
         )
 
 
+def _resolved_basis(spec: str) -> str:
+    """A basis file's absolute path (the run's later commands read it from any directory); a kind as it is."""
+    from .basis import is_basis_file
+
+    return str(Path(spec).resolve()) if is_basis_file(spec) else spec
+
+
+def _check_bases(config: Config, handle: ModelHandle) -> None:
+    """Every basis file fits its layer (channels) before any image is read."""
+    from .basis import is_basis_file, read_basis_file
+
+    files = {layer: spec for layer, spec in config.bases.items() if is_basis_file(spec)}
+    if files:
+        shapes = handle.layer_shapes(list(files))
+        for layer, spec in files.items():
+            read_basis_file(spec, shapes[layer][0])
+
+
 class Pipeline:
     """A run directory with its model and images.
 
@@ -88,7 +106,9 @@ class Pipeline:
             model=self.bundle.name,
             # the run's later commands read the head from any directory
             head=str(Path(config.head).resolve()) if config.head else None,
+            bases={layer: _resolved_basis(spec) for layer, spec in config.bases.items()},
         )
+        _check_bases(self.config, self.handle)
         class_index = self.bundle.class_index if self.bundle.class_names else None
         self.source = source or open_source(self.config.images, class_index=class_index)
         if self.config.target == "label":

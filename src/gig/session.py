@@ -101,13 +101,7 @@ class Run:
     ) -> "Explanations":
         """Explain new images (:func:`gig.explain.explain`); one image or a list."""
         single = isinstance(images, (str, Path, Image.Image))
-        found = explain(
-            self.store,
-            [images] if single else list(images),
-            target=target,
-            model=self._access.bundle,
-            handle=self._access.handle,
-        )
+        found = explain(self.store, [images] if single else list(images), target=target, access=self._access)
         return Explanations(self, found)
 
     def graph(
@@ -279,7 +273,7 @@ class Explanations(list):
     def save(self, out: str | Path, single_file: bool = False) -> Path:
         """The explain page and files (:func:`gig.explain.write_explanations`)."""
         return write_explanations(
-            self.run.store.root, list(self), out, model=self.run._access.bundle, single_file=single_file
+            self.run.store.root, list(self), out, single_file=single_file, access=self.run._access
         )
 
     def figure(self, i: int = 0):

@@ -120,16 +120,18 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor | np.ndarray]) -> None:
+def save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor | np.ndarray], metadata: dict[str, str] | None = None
+) -> None:
     """Write tensors atomically (a crash never leaves a half-written file under the real name),
-    with their checksum in the file's header."""
+    with their checksum (and any ``metadata`` strings) in the file's header."""
     data = {
         k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.contiguous())
         for k, v in tensors.items()
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
-        save_file(data, str(tmp), metadata={CHECKSUM_KEY: tensors_checksum(data)})
+        save_file(data, str(tmp), metadata={**(metadata or {}), CHECKSUM_KEY: tensors_checksum(data)})
     except SafetensorError as exc:  # its I/O failures are not OSErrors: give them their errno back
         tmp.unlink(missing_ok=True)
         found = re.search(r"os error (\d+)", str(exc))

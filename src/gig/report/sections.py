@@ -4,9 +4,10 @@ concept cards (the atlas), localisation panels and the static class figures.
 Each function assembles one part of the page; the report (:mod:`gig.report.builder`) and the
 explain pages (:mod:`gig.explain`) put them together. Nothing here computes a graph, an ERF or a
 code: graphs come from :func:`gig.graph.build_graph` / :func:`gig.graph.build_graph_set`, crops
-from :func:`gig.erf.exemplar_crops`, codes from :class:`gig.decompose.CodeReader`, importance and
-edge sums from :class:`gig.graph.ScoreSums` / :class:`gig.graph.EdgeSums` over the attribute
-shards (:func:`gig.attribution.iter_attributions`), one shard at a time.
+from :func:`gig.erf.exemplar_crops`, codes from :class:`gig.decompose.CodeReader`, run-wide
+importances and neighbours from the graph stage's run sums (:func:`gig.graph.load_run_sums`), or,
+for runs without them, from :class:`gig.graph.ScoreSums` / :class:`gig.graph.EdgeSums` over the
+attribute shards (:func:`gig.attribution.iter_attributions`), one shard at a time.
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ from ..erf import crop_paths
 from ..errors import RunMismatchError
 from ..graph import (
     EDGE_FIELDS,
+    NEIGHBOURS,
     SCORE_FIELDS,
     EdgeSums,
+    RunSums,
     ScoreSums,
     accumulate,
     build_graph,
     build_graph_set,
     default_classes,
+    load_run_sums,
     with_positions,
 )
 from ..labels import load_labels, node_labels
@@ -243,7 +247,7 @@ def exemplar_urls(
     return urls
 
 
-def _top_pairs(values: torch.Tensor, ids: list[str], k: int = 5) -> list[list]:
+def _top_pairs(values: torch.Tensor, ids: list[str], k: int = NEIGHBOURS) -> list[list]:
     """The ``k`` largest positive entries of ``values`` as ``[[id, weight], ...]``."""
     if values.numel() == 0:
         return []
@@ -251,27 +255,52 @@ def _top_pairs(values: torch.Tensor, ids: list[str], k: int = 5) -> list[list]:
     return [[ids[int(i)], float(v)] for v, i in zip(top.values, top.indices) if float(v) > 0]
 
 
+def _saved_pairs(index: torch.Tensor, weight: torch.Tensor, name: Callable[[int], str]) -> list[list]:
+    """:func:`_top_pairs` from a concept's saved strongest neighbours (index, weight, largest first)."""
+    return [[name(int(i)), float(v)] for i, v in zip(index[:NEIGHBOURS], weight[:NEIGHBOURS]) if float(v) > 0]
+
+
 class RunNeighbours:
     """Dataset-wide strongest parents (lower layer) and children (upper layer, or classes at the
-    top) of the concepts shown: the mean edge weights over all of the run's images
-    (:class:`gig.graph.EdgeSums`, restricted to edges that touch a shown concept) and the mean
-    top-layer shares per target class. Two passes over the attribute shards, one shard at a
-    time: :meth:`of_run` reads the importances (``importance``, ``{layer: (K,)}``), which choose
-    the concepts shown, then :meth:`read_edges` their edges."""
+    top) of the concepts shown: the mean edge weights over all of the run's images and the mean
+    top-layer shares per target class, with every concept's mean importance (``importance``,
+    ``{layer: (K,)}``), which chooses the concepts shown.
 
-    def __init__(self, layers: list[str], run: ScoreSums, class_sums: torch.Tensor, class_counts: torch.Tensor):
+    Read from the graph stage's run sums (:func:`gig.graph.load_run_sums`: no shard is opened)
+    where the run has them; else two passes over the attribute shards, one shard at a time:
+    :meth:`of_run` reads the importances, then :meth:`read_edges` the edges that touch a shown
+    concept (:class:`gig.graph.EdgeSums`). Both give the same numbers (tested)."""
+
+    def __init__(
+        self,
+        layers: list[str],
+        run: ScoreSums | None,
+        class_sums: torch.Tensor | None,
+        class_counts: torch.Tensor | None,
+        saved: RunSums | None = None,
+    ):
         self.layers = layers
-        self.importance = run.scores()
-        self.class_ids = class_counts.nonzero().flatten().tolist()
-        self.class_matrix = class_sums[self.class_ids] / class_counts[self.class_ids, None]  # (classes, K_top)
+        self.saved = saved
+        if saved is not None:
+            self.importance = saved.importance()
+            self.class_ids = saved.class_ids()
+            self.class_matrix = None  # the run sums keep each concept's strongest classes
+        else:
+            self.importance = run.scores()
+            self.class_ids = class_counts.nonzero().flatten().tolist()
+            self.class_matrix = class_sums[self.class_ids] / class_counts[self.class_ids, None]  # (classes, K_top)
         self.parents: EdgeSums | None = None
         self.children: EdgeSums | None = None
         self.shown: dict[str, list[int]] = {}
 
     @classmethod
     def of_run(cls, store: RunStore, targets: dict[int, int]) -> "RunNeighbours":
-        """Pass 1: the importances of every concept and the class shares, from the run's shards."""
+        """The importances of every concept and the class shares: the run sums, else pass 1 over
+        the run's shards."""
         layers = list(store.config.layers)
+        saved = load_run_sums(store)
+        if saved is not None:
+            return cls(layers, None, None, None, saved)
         run = ScoreSums(layers)
         n_classes = max(targets.values(), default=-1) + 1
         class_sums, class_counts = None, torch.zeros(n_classes)
@@ -285,9 +314,12 @@ class RunNeighbours:
         return cls(layers, run, class_sums if class_sums is not None else torch.zeros(n_classes, 0), class_counts)
 
     def read_edges(self, store: RunStore, shown: dict[str, set[int]], targets: dict[int, int]) -> "RunNeighbours":
-        """Pass 2: the edges into (parents) and out of (children) every shown concept."""
+        """Pass 2: the edges into (parents) and out of (children) every shown concept (none with
+        the run sums, which hold every concept's)."""
         layers = self.layers
         self.shown = {layer: sorted(shown.get(layer, ())) for layer in layers}
+        if self.saved is not None:
+            return self
         pairs = list(zip(layers[:-1], layers[1:]))
         sums = {
             "parents": EdgeSums(layers, ("flow",), upper_ids={lo: self.shown[up] for lo, up in pairs}),
@@ -302,6 +334,8 @@ class RunNeighbours:
         position = self.layers.index(layer)
         lower = self.layers[position - 1] if position > 0 else None
         upper = self.layers[position + 1] if position + 1 < len(self.layers) else None
+        if self.saved is not None:
+            return self._saved_of(layer, q, lower, upper)
         slot = self.shown[layer].index(q)
         parents = (
             _top_pairs(self.parents.edges()[lower][slot], [f"{lower}:{p}" for p in range(K[lower])]) if lower else []
@@ -312,6 +346,16 @@ class RunNeighbours:
             children = (
                 _top_pairs(self.class_matrix[:, q], [f"class:{c}" for c in self.class_ids]) if self.class_ids else []
             )
+        return parents, children
+
+    def _saved_of(self, layer: str, q: int, lower: str | None, upper: str | None) -> tuple[list, list]:
+        """:meth:`of` from the run sums."""
+        saved = self.saved
+        parents = _saved_pairs(*(t[q] for t in saved.parents[lower]), lambda p: f"{lower}:{p}") if lower else []
+        if upper:
+            children = _saved_pairs(*(t[q] for t in saved.children[layer]), lambda c: f"{upper}:{c}")
+        else:
+            children = _saved_pairs(*(t[q] for t in saved.classes), lambda c: f"class:{c}")
         return parents, children
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ...errors import RunMismatchError
+from ...errors import ConfigError, RunMismatchError
 from ..bases import LassoCoded, LayerContext, coder_settings, register_basis
 
 
@@ -29,10 +29,25 @@ class RunDictionary(LassoCoded):
         return ctx.run_basis
 
     def fit(self, X: torch.Tensor | None = None) -> "RunDictionary":
+        from ...basis import load_basis
         from ...concepts import load_dictionary
         from ...store import RunStore
 
         store = RunStore.open(self.run_dir)
+        basis = load_basis(store, self.layer)
+        if basis is not None and basis.bias is not None:
+            raise ConfigError(
+                f"layer {self.layer!r} of {store.root} has a basis with a decoder bias: the faithfulness "
+                "protocol removes concepts from U V alone, so it does not evaluate such a basis yet"
+            )
+        if basis is not None:  # a layer with a basis of its own: its encoder, no λ
+            self.coder = coder_settings(store.config)
+            self.components_ = basis.V.float()
+            self.alpha_ = float("nan")
+            self._basis = basis
+            self.info_ = {"kind": f"{basis.kind} basis (own encoder)", "k": basis.k}
+            return self
+        self._basis = None
         alpha = store.summary("decompose").get("alpha", {}).get(self.layer)
         if alpha is None:
             raise RunMismatchError(f"the decompose stage of {store.root} records no λ for layer {self.layer!r}")
@@ -45,6 +60,12 @@ class RunDictionary(LassoCoded):
             "debias": self.coder["debias"],
         }
         return self
+
+    @property
+    def encoder_(self):
+        """The layer's basis encoder where it has one, else the run's coder at its λ."""
+        basis = getattr(self, "_basis", None)
+        return basis if basis is not None else super().encoder_
 
     def stored_codes(self, image_ids: list[int]) -> torch.Tensor:
         """The decompose stage's codes ``(n, H·W, K)`` of the run's images ``image_ids``."""

@@ -1,0 +1,221 @@
+"""A layer's concept basis other than k-means + sparse codes: a sparse autoencoder, or a user's
+basis with its own encoder (config ``bases: {LAYER: SPEC}``).
+
+``SPEC`` is ``kmeans`` (the paper's: bisecting k-means concepts coded by OMP or Lasso, the
+default for every layer not named), ``sae`` (gig's TopK sparse autoencoder, :mod:`gig.sae`,
+trained by the concepts stage on the layer's sampled PFVs with as many latents ``K`` as k-means
+would have concepts, ``sae_k`` of them active, ``sae_steps`` Adam steps, the run's seed), or a
+safetensors file holding a user basis:
+
+=========  ===========  =====================================================
+tensor     shape        meaning
+=========  ===========  =====================================================
+``W_dec``  ``(K, C)``   decoder rows: the concepts (``V`` is accepted too)
+``W_enc``  ``(C, K)``   encoder
+``b_enc``  ``(K,)``     encoder bias (optional, 0)
+``b_pre``  ``(C,)``     subtracted from the input before encoding (optional, 0)
+``b_dec``  ``(C,)``     decoder bias (optional, 0)
+=========  ===========  =====================================================
+
+and in its metadata optionally ``activation`` (``relu``, the default, or ``topk``), ``k`` (the
+active latents of ``topk``) and ``scale`` (inputs are divided by it before encoding and codes
+multiplied by it after, 1 by default).
+
+Codes come from the basis's own encoder, ``z = act((x/s − b_pre) W_enc + b_enc) · s``, not from a
+sparse coder; the reconstruction is ``x̂ = z W_dec + b_dec``. The concepts are the decoder rows,
+so everything downstream (cards, GIG, graphs) reads them as it reads k-means concepts; GIG
+integrates from the zero-code reconstruction ``b_dec`` (``GIG(..., bias=b_dec)``), and
+completeness holds for that baseline, ``Σ_q GIG[q] = g(F(x̂)) − g(F(b_dec))``. A basis has no λ:
+the decompose stage measures its fidelity over all images (R², top-1 agreement, KL, l0) as for
+the other layers, reports it in ``gig inspect``, and does not step it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .store import RunStore, load_tensors, open_tensors, save_tensors
+
+#: Basis kinds by name; any other spec is a safetensors file of a user basis.
+KINDS = ("kmeans", "sae")
+
+
+def is_basis_file(spec: str) -> bool:
+    """Whether a ``bases`` spec names a user basis file (not a kind)."""
+    return spec not in KINDS
+
+
+@dataclass
+class BasisEncoder:
+    """A basis's encoder and decoder; the same interface as the sparse coders
+    (:class:`gig.omp.OMPEncoder`): ``V``, ``alpha`` (None: no λ), ``solver_``, :meth:`encode`,
+    :meth:`with_alpha`, and :meth:`reconstruct` with the decoder bias."""
+
+    kind: str
+    V: torch.Tensor  # (K, C) decoder rows
+    W_enc: torch.Tensor  # (C, K)
+    b_enc: torch.Tensor  # (K,)
+    b_pre: torch.Tensor  # (C,)
+    bias: torch.Tensor | None  # (C,) decoder bias, None where it is 0
+    k: int | None  # active latents (TopK), None: every positive one (ReLU)
+    scale: float = 1.0
+    alpha = None
+
+    @property
+    def solver_(self) -> str:
+        return self.kind
+
+    def with_alpha(self, alpha) -> "BasisEncoder":
+        return self
+
+    def encode(self, X: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes ``(N, K)`` of the rows of ``X (N, C)`` (chunks of 8192 rows)."""
+        out = X.new_zeros(X.shape[0], self.V.shape[0], dtype=torch.float32)
+        with torch.no_grad():
+            for s in range(0, X.shape[0], 8192):
+                x = X[s : s + 8192].float().to(self.V.device)
+                a = torch.relu((x / self.scale - self.b_pre) @ self.W_enc + self.b_enc)
+                if self.k is not None and self.k < a.shape[1]:
+                    top = a.topk(self.k, dim=1)
+                    a = torch.zeros_like(a).scatter_(1, top.indices, top.values)
+                out[s : s + 8192] = (a * self.scale).to(out.device)
+        return out
+
+    def reconstruct(self, U: torch.Tensor) -> torch.Tensor:
+        """``U V + b_dec`` for codes ``U (N, K)``."""
+        X = U @ self.V
+        return X if self.bias is None else X + self.bias
+
+    def to(self, device) -> "BasisEncoder":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return BasisEncoder(
+            self.kind,
+            move(self.V),
+            move(self.W_enc),
+            move(self.b_enc),
+            move(self.b_pre),
+            move(self.bias),
+            self.k,
+            self.scale,
+        )
+
+    # ------------------------------------------------------------------ files
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"W_dec": self.V, "W_enc": self.W_enc, "b_enc": self.b_enc, "b_pre": self.b_pre}
+        if self.bias is not None:
+            out["b_dec"] = self.bias
+        return {name: t.detach().float().cpu().contiguous() for name, t in out.items()}
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "kind": self.kind,
+            "activation": "relu" if self.k is None else "topk",
+            "k": "" if self.k is None else str(self.k),
+            "scale": repr(float(self.scale)),
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, metadata: dict | None, kind: str, channels: int, where: str) -> "BasisEncoder":
+        """A basis from its tensors and metadata (see the module docstring), checked against a
+        layer of ``channels`` channels; ``where`` names the file in errors."""
+        metadata = metadata or {}
+        V = tensors.get("W_dec", tensors.get("V"))
+        if V is None or "W_enc" not in tensors:
+            raise InputError(f"basis file {where}: needs tensors W_dec (K×C) and W_enc (C×K), has {sorted(tensors)}")
+        V, W_enc = V.float(), tensors["W_enc"].float()
+        K = V.shape[0] if V.dim() == 2 else -1
+        shapes = {
+            "W_dec": (tuple(V.shape), (K, channels)),
+            "W_enc": (tuple(W_enc.shape), (channels, K)),
+            **{
+                name: (tuple(tensors[name].shape), want)
+                for name, want in (("b_enc", (K,)), ("b_pre", (channels,)), ("b_dec", (channels,)))
+                if name in tensors
+            },
+        }
+        wrong = [f"{name} {got} (want {want})" for name, (got, want) in shapes.items() if got != want]
+        if V.dim() != 2 or wrong:
+            raise InputError(f"basis file {where} does not fit a layer of {channels} channels: {', '.join(wrong)}")
+        activation = metadata.get("activation", "relu")
+        if activation not in ("relu", "topk"):
+            raise InputError(f"basis file {where}: activation {activation!r} is not relu or topk")
+        k = metadata.get("k") or None
+        if activation == "topk" and (k is None or not str(k).isdigit() or int(k) < 1):
+            raise InputError(f"basis file {where}: activation topk needs a metadata k ≥ 1, got {k!r}")
+        try:
+            scale = float(metadata.get("scale") or 1.0)
+        except ValueError:
+            raise InputError(f"basis file {where}: scale {metadata.get('scale')!r} is not a number") from None
+        b_dec = tensors.get("b_dec")
+        return cls(
+            kind,
+            V,
+            W_enc,
+            tensors.get("b_enc", torch.zeros(K)).float(),
+            tensors.get("b_pre", torch.zeros(channels)).float(),
+            None if b_dec is None or not bool(b_dec.any()) else b_dec.float(),
+            int(k) if activation == "topk" else None,
+            scale,
+        )
+
+
+def read_basis_file(path: str | Path, channels: int) -> BasisEncoder:
+    """A user basis from its safetensors file, checked against a layer of ``channels`` channels."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"basis file not found: {path}")
+    with open_tensors(path) as f:
+        metadata = f.metadata()
+    return BasisEncoder.from_tensors(load_tensors(path), metadata, f"file:{path}", channels, str(path))
+
+
+def fit_sae(X: torch.Tensor, K: int, k: int, seed: int, steps: int) -> tuple[BasisEncoder, dict]:
+    """gig's TopK SAE (:func:`gig.sae.train_sae`) on the rows of ``X (N, C)`` as a basis, with its
+    training figures."""
+    from .sae import train_sae
+
+    sae, info = train_sae(X.float(), K, k, seed=seed, steps=steps)
+    b_pre = sae.b_pre.detach().clone()
+    return (
+        BasisEncoder(
+            "sae",
+            sae.W_dec.detach().clone(),
+            sae.W_enc.detach().clone(),
+            sae.b_enc.detach().clone(),
+            b_pre,
+            None,
+            sae.k,
+            sae.scale,
+        ),
+        info,
+    )
+
+
+def basis_path(store: RunStore, layer: str) -> Path:
+    return store.root / "concepts" / f"{layer}.basis.safetensors"
+
+
+def save_basis(store: RunStore, layer: str, encoder: BasisEncoder) -> None:
+    save_tensors(basis_path(store, layer), encoder.tensors(), metadata=encoder.metadata())
+
+
+def load_basis(store: RunStore, layer: str) -> BasisEncoder | None:
+    """The basis encoder the concepts stage saved for ``layer``, or None for a k-means layer."""
+    path = basis_path(store, layer)
+    if not path.is_file():
+        return None
+    with open_tensors(path) as f:
+        metadata = f.metadata() or {}
+    tensors = load_tensors(path)
+    channels = tensors["W_dec"].shape[1]
+    return BasisEncoder.from_tensors(tensors, metadata, metadata.get("kind", "file"), channels, str(path))
+
+
+def decoder_bias(store: RunStore, layer: str) -> torch.Tensor | None:
+    """The decoder bias ``b_dec (C,)`` of ``layer``'s basis (GIG's path start), None where 0."""
+    basis = load_basis(store, layer)
+    return None if basis is None else basis.bias

@@ -1,0 +1,172 @@
+"""A layer's concept basis with its own encoder (gig.basis): a TopK SAE trained by the concepts
+stage, a user basis file with a decoder bias, and what is refused before compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gig.basis import BasisEncoder, load_basis
+from gig.config import Config
+from gig.errors import ConfigError, InputError
+from gig.store import RunStore, load_json, save_tensors
+
+LAYERS = ["_blocks.8", "_blocks.15"]
+
+
+def _config(**kw) -> Config:
+    return Config(
+        images="embedded",
+        max_images=6,
+        layers=list(LAYERS),
+        top_k=3,
+        samples_per_image=16,
+        gig_tol=0.02,
+        null_directions=4,
+        **kw,
+    )
+
+
+def _run(tmp_path, lite0, name: str, **kw) -> RunStore:
+    from gig.pipeline import Pipeline
+
+    Pipeline(_config(**kw), tmp_path / name, model=lite0, progress=False).run()
+    return RunStore.open(tmp_path / name)
+
+
+def _layer_grid(lite0, store: RunStore, layer: str, image_id: int) -> torch.Tensor:
+    """The layer's PFVs ``(H·W, C)`` of one run image, captured again (independently of the stage)."""
+    from gig.access import RunAccess
+    from gig.hooks import ModelHandle
+
+    pixels = RunAccess(store, model=lite0).run_pixels([image_id])
+    with torch.no_grad():
+        _, grids = ModelHandle(lite0).capture(pixels, [layer])
+    return grids[layer][0].flatten(1).T
+
+
+def test_sae_basis_codes_come_from_its_encoder_and_attributions_are_complete(tmp_path, lite0):
+    from gig.decompose import CodeReader
+
+    store = _run(tmp_path, lite0, "sae", bases={"_blocks.15": "sae"}, sae_k=6, sae_steps=300)
+    basis = load_basis(store, "_blocks.15")
+    assert basis is not None and basis.kind == "sae" and basis.k == 6 and basis.bias is None
+    assert load_basis(store, "_blocks.8") is None  # k-means below
+    # the stored codes are the SAE encoder's on the layer's PFVs, captured again here
+    X = _layer_grid(lite0, store, "_blocks.15", 0)
+    stored = CodeReader(store, "_blocks.15").codes(0)
+    torch.testing.assert_close(stored, basis.encode(X), rtol=1e-4, atol=1e-5)
+    assert int((stored != 0).sum(1).max()) <= 6
+    # no λ and no front for the basis layer; its fidelity over all images is reported
+    fidelity = load_json(store.root / "decompose" / "fidelity.json")["_blocks.15"]
+    assert fidelity["basis"] == "sae" and fidelity["alpha"] is None and 0 < fidelity["r2"] <= 1
+    assert "_blocks.15" not in load_json(store.root / "decompose" / "front.json")
+    assert "_blocks.8" in load_json(store.root / "decompose" / "front.json")
+    assert store.summary("concepts")["_blocks.15"]["basis"]["k"] == 6
+    # completeness over both transitions, within the tolerance
+    from gig.attribution import completeness_residuals
+
+    assert float(completeness_residuals(store).quantile(0.95)) <= 0.02
+    graph = load_json(next((store.root / "graph").glob("class_*.json")))
+    assert any(n["layer"] == "_blocks.15" for n in graph["nodes"])
+
+
+def _user_basis(path, channels: int, K: int = 24, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    W_dec = torch.randn(K, channels, generator=g)
+    tensors = {
+        "W_dec": W_dec,
+        "W_enc": torch.linalg.pinv(W_dec),  # (C, K)
+        "b_enc": torch.zeros(K),
+        "b_dec": 0.3 * torch.randn(channels, generator=g),
+    }
+    save_tensors(path, tensors, metadata={"activation": "topk", "k": "8"})
+    return tensors
+
+
+def test_user_basis_with_a_decoder_bias_integrates_from_it(tmp_path, lite0):
+    """A user basis with ``b_dec``: codes from its encoder, and every class attribution's output
+    change is ``z(b + U V) − z(b)`` (the path's start is the zero-code reconstruction), computed
+    here by running the model with the layer replaced."""
+    from gig.decompose import CodeReader
+    from gig.hooks import ModelHandle
+
+    channels = 320  # Lite0's _blocks.15
+    tensors = _user_basis(tmp_path / "basis.safetensors", channels)
+    store = _run(tmp_path, lite0, "user", bases={"_blocks.15": str(tmp_path / "basis.safetensors")})
+    basis = load_basis(store, "_blocks.15")
+    torch.testing.assert_close(basis.bias, tensors["b_dec"])
+    X = _layer_grid(lite0, store, "_blocks.15", 1)
+    U = CodeReader(store, "_blocks.15").codes(1)
+    torch.testing.assert_close(U, basis.encode(X), rtol=1e-4, atol=1e-5)
+    from gig.access import RunAccess
+    from gig.attribution import load_attributions
+
+    data = load_attributions(store, ("class_delta", "class_residual"), [1])
+    target = int(load_json(store.root / "collect" / "images.json")["images"][1]["target"])
+    pixels = RunAccess(store, model=lite0).run_pixels([1])
+    h = int(round(U.shape[0] ** 0.5))
+    full = (U @ basis.V + basis.bias).T.reshape(1, channels, h, h)
+    start = basis.bias.view(1, channels, 1, 1).expand_as(full).contiguous()
+    handle = ModelHandle(lite0)
+    with torch.no_grad():
+        z = [float(handle.run_from(pixels, "_blocks.15", grid)[0, target]) for grid in (start, full)]
+    assert float(data["_blocks.15/class_delta"][0]) == pytest.approx(z[1] - z[0], rel=1e-3, abs=1e-4)
+    assert abs(float(data["_blocks.15/class_residual"][0])) <= 0.02 * abs(z[1] - z[0]) + 1e-5
+
+
+def test_bases_that_do_not_fit_are_refused_before_compute(tmp_path, lite0):
+    from gig.pipeline import Pipeline
+
+    _user_basis(tmp_path / "wrong.safetensors", channels=100)
+    with pytest.raises(InputError, match="does not fit a layer of 320 channels"):
+        Pipeline(_config(bases={"_blocks.15": str(tmp_path / "wrong.safetensors")}), tmp_path / "r", model=lite0)
+    assert not (tmp_path / "r" / "collect").exists()
+    with pytest.raises(InputError, match="basis file not found"):
+        Pipeline(_config(bases={"_blocks.15": str(tmp_path / "none.safetensors")}), tmp_path / "r2", model=lite0)
+    with pytest.raises(ConfigError, match="bases"):
+        _config(bases={"_blocks.15": "pca"})
+    with pytest.raises(ConfigError, match="keys must be analysed layers"):
+        _config(bases={"_blocks.3": "sae"})
+    with pytest.raises(ConfigError, match="both name _blocks.15"):
+        _config(bases={"_blocks.15": "sae"}, dictionaries={"_blocks.15": "channels"})
+    with pytest.raises(ConfigError, match="sae_k"):
+        _config(sae_k=0)
+
+
+def test_a_basis_file_is_read_beside_its_config(tmp_path):
+    import yaml
+
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    (folder / "run.yaml").write_text(yaml.safe_dump({"bases": {"_blocks.15": "b.safetensors", "_blocks.8": "sae"}}))
+    config = Config.load(folder / "run.yaml")
+    assert config.bases == {"_blocks.15": str((folder / "b.safetensors").resolve()), "_blocks.8": "sae"}
+
+
+def test_topk_and_relu_encoders_match_their_formulas():
+    g = torch.Generator().manual_seed(1)
+    C, K = 5, 7
+    W_dec, W_enc = torch.randn(K, C, generator=g), torch.randn(C, K, generator=g)
+    b_enc, b_pre = torch.randn(K, generator=g), torch.randn(C, generator=g)
+    X = torch.randn(30, C, generator=g)
+    relu = BasisEncoder("file", W_dec, W_enc, b_enc, b_pre, None, None, 2.0)
+    want = torch.relu((X / 2.0 - b_pre) @ W_enc + b_enc) * 2.0
+    torch.testing.assert_close(relu.encode(X), want)
+    topk = BasisEncoder("file", W_dec, W_enc, b_enc, b_pre, torch.ones(C), 2, 2.0)
+    codes = topk.encode(X)
+    for row, full in zip(codes, want):
+        kept = full.topk(2).indices
+        torch.testing.assert_close(row[kept], full[kept])
+        assert int((row != 0).sum()) <= 2
+    torch.testing.assert_close(topk.reconstruct(codes), codes @ W_dec + 1)
+
+
+def test_the_sae_example_config_reads_as_documented():
+    """docs/examples/sae-basis.yaml: SAE bases at Lite0's last two layers, k-means below."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "docs" / "examples" / "sae-basis.yaml"
+    config = Config.load(example)
+    assert config.bases == {"_blocks.11": "sae", "_blocks.15": "sae"}
+    assert config.layers[:2] == ["_blocks.4", "_blocks.8"] and config.images == "embedded"
