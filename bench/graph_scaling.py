@@ -27,13 +27,12 @@ CHILD = r"""
 import json, resource, sys, time
 import torch
 torch.set_num_threads(1)
-from gig.graph import build_graph_set, default_classes
+sys.path.insert(0, sys.argv[3])  # bench/, for the stage's graph specs
+from graph_time import stage_specs
+from gig.graph import build_graph_set
 from gig.store import RunStore
 store = RunStore.open(sys.argv[1])
-classes = default_classes(store)
-specs = {f"class_{c}": ("class", [c]) for c in classes}
-specs["shared"] = ("shared", classes)
-specs["global"] = ("global", None)
+specs = stage_specs(store)
 best = float("inf")
 for _ in range(int(sys.argv[2])):
     start = time.perf_counter()
@@ -86,7 +85,11 @@ def measure(run: Path, src: Path | None, repeats: int) -> dict:
     if src is not None:
         env["PYTHONPATH"] = str(src)
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(run), str(repeats)], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", CHILD, str(run), str(repeats), str(Path(__file__).resolve().parent)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -19,13 +19,19 @@ from gig.graph import build_graph_set, default_classes
 from gig.store import RunStore
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    store = RunStore.open(sys.argv[1])
+def stage_specs(store: RunStore) -> dict:
+    """The graphs the graph stage builds: one per default class, the shared and the global graph."""
     classes = default_classes(store)
     specs = {f"class_{c}": ("class", [c]) for c in classes}
     specs["shared"] = ("shared", classes)
     specs["global"] = ("global", None)
+    return specs
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    store = RunStore.open(sys.argv[1])
+    specs = stage_specs(store)
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()

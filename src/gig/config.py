@@ -432,16 +432,8 @@ HASHED_WHEN_SET: dict[str, Any] = {
 
 #: Values that a run's saved ``config.yaml`` without the field was made with (the field did not
 #: exist yet): :meth:`Config.load_saved` fills them in, so such a run reads and resumes as made.
-SAVED_BEFORE: dict[str, Any] = {
-    "max_kl": None,
-    "coder": "lasso",
-    "head": None,
-    "head_at": None,
-    "null_directions": 0,
-    "bases": {},
-    "sae_k": 32,
-    "sae_steps": 2000,
-}
+#: They are the values that are not hashed (a run made before a field existed used its old value).
+SAVED_BEFORE: dict[str, Any] = HASHED_WHEN_SET
 
 #: Fields the automatic ``samples_per_image`` reads (:func:`resolve_samples_per_image`).
 AUTO_SAMPLE_FIELDS = ["concepts_per_channel", "min_cluster", "calibration_size"]
