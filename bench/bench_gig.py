@@ -13,9 +13,10 @@ import time
 
 import torch
 
-from gig.attribution import GIG, concept_readout, quadrature
 from gig.hooks import ModelHandle
+from gig.method import GIG, quadrature
 from gig.models import load_model
+from gig.readouts import concept_readout
 
 
 def reference(handle, x, layer, read, codes, V, Vb, targets, n_steps):

@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gig.attribution import GIG, GIGResult
 from gig.collect import iter_image_batches, load_images
 from gig.concepts import load_dictionary
 from gig.decompose import CodeReader
+from gig.method import GIG, GIGResult
 from gig.pipeline import Pipeline
 
 

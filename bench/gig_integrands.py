@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gig.attribution import GIG, quadrature
+from gig.method import GIG, quadrature
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gig_accuracy import WalkedRun  # noqa: E402

@@ -97,9 +97,9 @@ def stage_table(
 
 def agreement(device: str) -> dict:
     """GIG on the CPU and on ``device`` from the same codes (Lite0, channel basis at _blocks.11)."""
-    from gig.attribution import GIG
     from gig.hooks import ModelHandle
     from gig.images import EmbeddedSource
+    from gig.method import GIG
     from gig.models import load_model
 
     bundle = load_model("efficientnet-lite0")
@@ -144,6 +144,7 @@ def engine_profile(run: Path, device: str, n_images: int = 4) -> dict:
     import warnings
 
     import gig.attribution as attribution
+    import gig.method as method
     from gig.collect import iter_image_batches, load_images
     from gig.decompose import CodeReader
     from gig.pipeline import Pipeline
@@ -161,13 +162,13 @@ def engine_profile(run: Path, device: str, n_images: int = 4) -> dict:
     targets = [i["target"] for i in used]
     attribution.walk(batch.pixels, ids, targets, layers, readers, gigs, config.top_k)  # warm: checks, plans
     rounds = {"n": 0}
-    original_round = attribution._Paths.round
+    original_round = method.RefinementState.round
 
     def counted_round(self, *args, **kwargs):
         rounds["n"] += 1
         return original_round(self, *args, **kwargs)
 
-    attribution._Paths.round = counted_round
+    method.RefinementState.round = counted_round
     cuda = device.startswith("cuda")
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -187,7 +188,7 @@ def engine_profile(run: Path, device: str, n_images: int = 4) -> dict:
             if cuda:
                 torch.cuda.set_sync_debug_mode(0)
     finally:
-        attribution._Paths.round = original_round
+        method.RefinementState.round = original_round
     syncs = sum("synchroniz" in str(w.message) for w in caught) if cuda else None
     kernel_s = (sum(e.self_device_time_total for e in prof.key_averages()) / 1e6) if cuda else None
     steps = torch.cat([v.float().flatten() for k, v in out.items() if k.endswith("steps")])

@@ -15,7 +15,7 @@ the targets of one (image, transition) sharing their nodes as in the engine:
 * ``previous``: the engine before per-target cells (8 cells shared by an image's targets,
   fraction 0.3, estimate ``max(‖Σd‖, (Σ‖d‖²)^½)``, completeness within ``tol/2``);
 * ``default``: today's engine (each target its own cells, the estimate scaled by
-  ``gig.attribution.ESTIMATE_SCALE``);
+  ``gig.method.ESTIMATE_SCALE``);
 * variants that change one thing at a time (``--rules NAME ...``).
 
 Printed first: the integrands' structure (total variation against the attribution's norm, and
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from gig.attribution import ESTIMATE_SCALE
+from gig.method import ESTIMATE_SCALE
 
 #: a forward's cost in backward passes (one target): the attribute stage's profile on Lite0, one CPU thread
 FORWARD_COST = 0.65

@@ -39,6 +39,7 @@ from .attribution import iter_attributions
 from .collect import load_images
 from .concepts import load_concept_cards
 from .errors import ConfigError
+from .method import flow, safe_denominator
 from .models import class_name
 from .store import RunStore, load_json, load_tensors, save_json, save_tensors
 
@@ -118,12 +119,13 @@ def _transition_rows(
     gig = data[f"{lower}/{field}"][rows]  # (n, k, K_lo), or (n, k) for the null
     if field == "null":
         gig = gig[..., None]
-    if rule == "flow-l1":
-        per_image = gig / gig.abs().sum(-1, keepdim=True).clamp_min(1e-12)
-    else:
-        per_image = gig / _safe(data[f"{lower}/delta"][rows])[..., None]
-    if rule != "share":
-        per_image = per_image * data[f"{upper}/importance"][rows][..., None]
+    importance, delta = data[f"{upper}/importance"][rows], data[f"{lower}/delta"][rows]
+    if rule == "flow":  # the walk's own rule (gig.method.flow)
+        per_image = flow(gig, delta, importance)
+    elif rule == "share":
+        per_image = gig / safe_denominator(delta)[..., None]
+    else:  # flow-l1
+        per_image = importance[..., None] * (gig / gig.abs().sum(-1, keepdim=True).clamp_min(1e-12))
     flat, targets = per_image.flatten(0, 1), data[f"{lower}/targets"][rows].flatten()  # (n·k, K_lo), (n·k,)
     if field != "null" and lower_ids and lower in lower_ids:
         flat = flat[:, torch.tensor(lower_ids[lower], dtype=torch.long)]
@@ -142,10 +144,6 @@ def edge_weights(
     """Mean edge weights over the images ``rows``: ``{lower: (K_upper, K_lower)}`` (:func:`edge_sums`
     over the number of images)."""
     return {lower: total / max(len(rows), 1) for lower, total in edge_sums(data, rows, layers, rule).items()}
-
-
-def _safe(d: torch.Tensor) -> torch.Tensor:
-    return torch.where(d.abs() < 1e-8, torch.full_like(d, 1e-8), d)
 
 
 def _add_into(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
@@ -284,7 +282,7 @@ class ScoreSums:
             _add_into(self.boot_sums, layer, weights @ scores)
         top = self.layers[-1]
         if f"{top}/class_null" in data:  # the class edge of concept q weighs its importance, GIG[q] / Δz
-            zeta = data[f"{top}/class_null"][rows].float() / _safe(data[f"{top}/class_delta"][rows].float())
+            zeta = data[f"{top}/class_null"][rows].float() / safe_denominator(data[f"{top}/class_delta"][rows].float())
             self.null.add(top, data[f"{top}/score"][rows].float(), zeta, None, 0)
 
     @classmethod

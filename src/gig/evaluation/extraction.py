@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from ..attribution import GIG
 from ..decompose import FidelityMeter
+from ..method import GIG
 from ..readouts import ClassProbability
 from .curves import auc, paired_difference, spread, step_counts, step_fractions
 

@@ -29,9 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..access import RunAccess
-from ..attribution import GIG, gig_for
+from ..attribution import gig_for
 from ..collect import load_images, load_samples
 from ..config import stable_hash
+from ..method import GIG
 from ..store import RunStore, load_json, save_json
 from .bases import ConceptBasis, LayerContext, basis_class, method_label
 from .curves import markdown_tables, plot_auc_bars, plot_curves

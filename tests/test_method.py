@@ -1,4 +1,4 @@
-"""GIG against closed forms, completeness on real layers, batching invariance."""
+"""The GIG method (gig.method): against closed forms and Captum, completeness on real layers, batching invariance."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from gig.attribution import GIG, gig_maps, quadrature
 from gig.hooks import ModelHandle
+from gig.method import GIG, gig_maps, quadrature
 from gig.models import wrap_module
 from gig.readouts import ClassLogit, ClassProbability, ConceptReadout, concept_readout
 
@@ -271,7 +271,7 @@ def test_results_do_not_depend_on_batching_or_target_grouping():
 def test_error_control_gradients_give_back_the_attributions():
     """With error control, the kept integrated gradients (each path's nodes weighted by its own
     rule) projected on the concepts are the attributions, and the maps sum back to them."""
-    from gig.attribution import project
+    from gig.method import project
 
     model, x, U, V, X = _kinked_case()
     handle = ModelHandle(wrap_module(model, "kinked", input_size=6))
@@ -370,7 +370,7 @@ def test_directions_ride_along_without_changing_the_concepts():
     """Directions attributed along the concepts' paths: the concepts' grids and numbers are the
     same with and without them; each direction's attribution matches its closed form ``Σ_p ⟨X_p, r̂⟩ ⟨Ḡ_p, r̂⟩``;
     over an orthonormal basis of the channels they add up to the concepts' total (completeness)."""
-    from gig.attribution import random_directions
+    from gig.method import random_directions
 
     model, x, U, V, X = _kinked_case()
     handle = ModelHandle(wrap_module(model, "kinked", input_size=6))
