@@ -55,8 +55,15 @@ def tile_run(run: Path, out: Path, n: int) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     (out / "collect").mkdir(parents=True)
     (out / "attribute" / "shards").mkdir(parents=True)
-    for name in ("config.yaml", "manifest.json"):
-        shutil.copy(run / name, out / name)
+    shutil.copy(run / "manifest.json", out / "manifest.json")
+    # Without the fields an earlier gig does not know (those it made runs without): the reference
+    # can then open the run. The graphs' sums read the shards' fields whatever the config says.
+    import yaml
+
+    from gig.config import SAVED_BEFORE
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in config.items() if k not in SAVED_BEFORE}))
     shutil.copytree(run / "concepts", out / "concepts", ignore=shutil.ignore_patterns("*.safetensors"))
     images = load_json(run / "collect" / "images.json")
     base = images["images"]

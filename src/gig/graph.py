@@ -94,48 +94,66 @@ def edge_power_sums(
         raise ConfigError(f"unknown edge rule {rule!r}: use one of {', '.join(EDGE_RULES)}")
     out: list[dict[str, torch.Tensor]] = [{} for _ in powers]
     for position, lower in enumerate(layers[:-1]):
-        flat, targets, n_upper = _transition_rows(data, rows, layers, position, rule, upper_ids, lower_ids)
+        transition = _Transition(data, rows, layers, position, upper_ids, lower_ids, with_l1=rule == "flow-l1")
+        flat = transition.weights(rule)
         for totals, power in zip(out, powers):
-            total = torch.zeros(n_upper, flat.shape[1])
-            total.index_add_(0, targets, flat if power == 1 else flat**power)
-            totals[lower] = total
+            totals[lower] = transition.sums(flat if power == 1 else flat**power)
     return out
 
 
-def _transition_rows(
-    data: dict[str, torch.Tensor],
-    rows: torch.Tensor,
-    layers: list[str],
-    position: int,
-    rule: str,
-    upper_ids: dict[str, list[int]] | None,
-    lower_ids: dict[str, list[int]] | None,
-    field: str = "gig",
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The per-(image, target) edge weights of the transition out of ``layers[position]`` under
-    ``rule``: ``(R, K_lo kept)`` and each row's upper slot ``(R,)`` among ``n_upper`` kept upper
-    concepts. ``field="null"`` gives the random directions' mean instead, ``(R, 1)`` (flow rule)."""
-    lower, upper = layers[position], layers[position + 1]
-    gig = data[f"{lower}/{field}"][rows]  # (n, k, K_lo), or (n, k) for the null
-    if field == "null":
-        gig = gig[..., None]
-    importance, delta = data[f"{upper}/importance"][rows], data[f"{lower}/delta"][rows]
-    if rule == "flow":  # the walk's own rule (gig.method.flow)
-        per_image = flow(gig, delta, importance)
-    elif rule == "share":
-        per_image = gig / safe_denominator(delta)[..., None]
-    else:  # flow-l1
-        per_image = importance[..., None] * (gig / gig.abs().sum(-1, keepdim=True).clamp_min(1e-12))
-    flat, targets = per_image.flatten(0, 1), data[f"{lower}/targets"][rows].flatten()  # (n·k, K_lo), (n·k,)
-    if field != "null" and lower_ids and lower in lower_ids:
-        flat = flat[:, torch.tensor(lower_ids[lower], dtype=torch.long)]
-    n_upper = data[f"{upper}/score"].shape[1]
-    if upper_ids and lower in upper_ids:  # upper concept id -> its slot, -1 where not kept
-        slot = torch.full((n_upper,), -1, dtype=torch.long)
-        slot[torch.tensor(upper_ids[lower], dtype=torch.long)] = torch.arange(len(upper_ids[lower]))
-        targets = slot[targets]
-        flat, targets, n_upper = flat[targets >= 0], targets[targets >= 0], len(upper_ids[lower])
-    return flat, targets, n_upper
+class _Transition:
+    """The rows of one transition's attributions that a group of images and a graph's kept nodes
+    select: one row per (image, upper target) kept, columns the kept lower concepts. Each edge
+    rule's per-row weights are computed from it (:meth:`weights`), so a pass reads and filters
+    the attributions once for every rule, the intervals and the null test."""
+
+    def __init__(
+        self,
+        data: dict[str, torch.Tensor],
+        rows: torch.Tensor,
+        layers: list[str],
+        position: int,
+        upper_ids: dict[str, list[int]] | None,
+        lower_ids: dict[str, list[int]] | None,
+        with_l1: bool = True,
+    ):
+        lower, upper = layers[position], layers[position + 1]
+        gig = data[f"{lower}/gig"][rows].flatten(0, 1)  # (n·k, K_lo)
+        # flow-l1 normalises by every lower concept's attribution, before the columns are kept
+        self.l1 = gig.abs().sum(-1) if with_l1 else None
+        self.delta = data[f"{lower}/delta"][rows].flatten()
+        self.importance = data[f"{upper}/importance"][rows].flatten()
+        self.null = data[f"{lower}/null"][rows].flatten() if f"{lower}/null" in data else None
+        self.targets = data[f"{lower}/targets"][rows].flatten()
+        if lower_ids and lower in lower_ids:
+            gig = gig[:, torch.tensor(lower_ids[lower], dtype=torch.long)]
+        self.n_upper = data[f"{upper}/score"].shape[1]
+        if upper_ids and lower in upper_ids:  # upper concept id -> its slot, -1 where not kept
+            slot = torch.full((self.n_upper,), -1, dtype=torch.long)
+            slot[torch.tensor(upper_ids[lower], dtype=torch.long)] = torch.arange(len(upper_ids[lower]))
+            kept = slot[self.targets] >= 0
+            self.targets, gig = slot[self.targets][kept], gig[kept]
+            self.delta, self.importance = self.delta[kept], self.importance[kept]
+            self.l1 = None if self.l1 is None else self.l1[kept]
+            self.null = None if self.null is None else self.null[kept]
+            self.n_upper = len(upper_ids[lower])
+        self.gig = gig
+
+    def weights(self, rule: str) -> torch.Tensor:
+        """``(R, K_lo kept)``: each row's edge weights under ``rule`` (see :data:`EDGE_RULES`)."""
+        if rule == "flow":  # the walk's own rule (gig.method.flow)
+            return flow(self.gig, self.delta, self.importance)
+        if rule == "share":
+            return self.gig / safe_denominator(self.delta)[..., None]
+        return self.importance[..., None] * (self.gig / self.l1.clamp_min(1e-12)[..., None])
+
+    def null_weights(self) -> torch.Tensor | None:
+        """``(R,)``: the flow of the random directions' mean attribution (None: the run has none)."""
+        return None if self.null is None else flow(self.null[..., None], self.delta, self.importance)[:, 0]
+
+    def sums(self, values: torch.Tensor) -> torch.Tensor:
+        """``values (R, L)`` summed into their upper slots: ``(n_upper, L)``."""
+        return torch.zeros(self.n_upper, values.shape[1]).index_add_(0, self.targets, values)
 
 
 def edge_weights(
@@ -344,22 +362,19 @@ class EdgeSums:
             return
         self.n += int(rows.numel())
         for position, lower in enumerate(self.layers[:-1]):
-            if f"{lower}/null" in data:
-                args = (data, rows, self.layers, position, "flow", self.upper_ids, self.lower_ids)
-                weights, targets, n_upper = _transition_rows(*args)
-                zeta = _transition_rows(*args, field="null")[0][:, 0]
-                self.null.add(lower, weights, zeta, targets, n_upper)
-        for rule in self.rules:
-            powers = (1, 2) if rule == "flow" else (1,)  # the flow rule's squares give the intervals
-            sums = edge_power_sums(data, rows, self.layers, rule, self.upper_ids, self.lower_ids, powers)
-            for lower, total in sums[0].items():
-                _add_into(self.totals[rule], lower, total)
-            for lower, total in (sums[1] if rule == "flow" else {}).items():
-                _add_into(self.squares, lower, total)
-        if "flow" not in self.rules:
-            squares = edge_power_sums(data, rows, self.layers, "flow", self.upper_ids, self.lower_ids, (2,))[0]
-            for lower, total in squares.items():
-                _add_into(self.squares, lower, total)
+            # one selection of the rows for every rule, the intervals and the null test
+            transition = _Transition(
+                data, rows, self.layers, position, self.upper_ids, self.lower_ids, with_l1="flow-l1" in self.rules
+            )
+            flows = transition.weights("flow")
+            for rule in self.rules:
+                _add_into(
+                    self.totals[rule], lower, transition.sums(flows if rule == "flow" else transition.weights(rule))
+                )
+            _add_into(self.squares, lower, transition.sums(flows**2))  # the flow rule's, for intervals
+            zeta = transition.null_weights()
+            if zeta is not None:
+                self.null.add(lower, flows, zeta, transition.targets, transition.n_upper)
 
     def edges(self, rule: str = "flow") -> dict[str, torch.Tensor]:
         """Mean edge weights ``{lower: (upper kept, lower kept)}`` under ``rule``."""
@@ -453,14 +468,23 @@ def _shared_tops(per_class: dict[int, ScoreSums], layers: list[str], top_k: int)
 
 
 def _concept_nodes(
-    store: RunStore, scores: dict[str, torch.Tensor], in_top_of: dict, top_k: int, shared_kind: bool
+    store: RunStore,
+    scores: dict[str, torch.Tensor],
+    in_top_of: dict,
+    top_k: int,
+    shared_kind: bool,
+    cards_of: dict[str, list[dict]] | None = None,
 ) -> tuple[dict[str, list[int]], list[dict]]:
     """The kept concepts per layer (top-k by mean importance, plus every shared one in a shared
-    graph) and their nodes."""
+    graph) and their nodes. ``cards_of``: the layers' concept cards read so far, shared by the
+    graphs of one build (each layer's file is read and verified once), filled as needed."""
     kept: dict[str, list[int]] = {}
     nodes: list[dict] = []
+    cards_of = {} if cards_of is None else cards_of
     for level, layer in enumerate(store.config.layers):
-        cards = load_concept_cards(store, layer)["concepts"]
+        if layer not in cards_of:
+            cards_of[layer] = load_concept_cards(store, layer)["concepts"]
+        cards = cards_of[layer]
         chosen = scores[layer].topk(min(top_k, scores[layer].numel())).indices.tolist()
         if shared_kind:  # every concept shared by two or more classes is kept too
             chosen += [q for (l, q), cs in in_top_of.items() if l == layer and len(cs) > 1 and q not in chosen]
@@ -615,6 +639,7 @@ class GraphPlan:
         edges_per_node: int | None = None,
         class_names: list[str] | None = None,
         image_id: int | None = None,
+        cards_of: dict[str, list[dict]] | None = None,
     ):
         config = store.config
         self.store, self.kind, self.layers, self.image_id = store, kind, list(config.layers), image_id
@@ -627,7 +652,7 @@ class GraphPlan:
             raise ConfigError(f"no image in this run has target class(es) {list(self.per_class)}")
         scores = self.group.scores()
         in_top_of = _shared_tops(self.per_class, self.layers, self.top_k) if kind == "shared" else {}
-        self.kept, self.nodes = _concept_nodes(store, scores, in_top_of, self.top_k, kind == "shared")
+        self.kept, self.nodes = _concept_nodes(store, scores, in_top_of, self.top_k, kind == "shared", cards_of)
         top = self.layers[-1]
         self.head, self.head_edges = _head(
             self.per_class, self.kept[top], top, scores[top], self.names, self.edges_per_node, kind == "global"
@@ -818,7 +843,7 @@ def build_graph_set(
         return tqdm(shards, desc=desc, unit="shard", disable=not progress)
 
     sums = accumulate(parts(SCORE_FIELDS, "graph: nodes"), {key: ScoreSums(layers) for key in groups}, groups, targets)
-    plans = {}
+    plans, cards_of = {}, {}
     for key, (kind, value) in specs.items():
         if kind == "image":  # headed by the image's own target class
             if sums[("image", value)].n == 0:
@@ -827,7 +852,7 @@ def build_graph_set(
         else:
             own = {"all": sums["all"]} if kind == "global" else {c: sums[c] for c in value}
         plans[key] = GraphPlan(
-            store, kind, own, top_k, edges_per_node, class_names, image_id=value if kind == "image" else None
+            store, kind, own, top_k, edges_per_node, class_names, value if kind == "image" else None, cards_of
         )
     edges = accumulate(
         parts(EDGE_FIELDS, "graph: edges"),
@@ -1018,8 +1043,8 @@ def run_sums(
 
 def _transition_sums(part, rows, layers, position, upper_ids) -> torch.Tensor:
     """One transition's summed ``flow`` edge weights over ``rows``, ``(upper kept, K_lower)``."""
-    flat, targets, n_upper = _transition_rows(part, rows, layers, position, "flow", upper_ids, None)
-    return torch.zeros(n_upper, flat.shape[1]).index_add_(0, targets, flat)
+    transition = _Transition(part, rows, layers, position, upper_ids, None, with_l1=False)
+    return transition.sums(transition.weights("flow"))
 
 
 def _blocked_neighbours(passes, layers, lower, shape, n, neighbours, budget):
