@@ -387,8 +387,6 @@ def ablate(
     Concept readouts are measured at the next analysed layer, or at every later one with
     ``all_layers``. With ``save`` the result goes to :func:`ablation_path` (``result.path``).
     """
-    from tqdm.auto import tqdm
-
     from .concepts import load_dictionary
 
     ctx = run if isinstance(run, RunAccess) else open_run(run, model, device)
@@ -400,14 +398,56 @@ def ablate(
     V = load_dictionary(store, layer)
     reads = [None, *later_layers(store, layer, all_layers)]
     vectors = {b: load_dictionary(store, b) for b in reads if b is not None}
+    infos = _image_infos(ctx, image_ids, images, targets)
+    photos = images is not None
+    cat = _ablate_batches(ctx, layer, concepts, infos, V, reads, vectors, photos, batch_size, max_batch, progress)
+    result = AblationResult(
+        run=str(store.root),
+        layer=layer,
+        concepts=concepts,
+        image_ids=[i["image_id"] for i in infos],
+        paths=[i["path"] for i in infos],
+        targets=torch.tensor([i["target"] for i in infos]),
+        logits=cat["logits"],
+        original_logits=cat["original"],
+        readouts={r: cat[f"read:{r}"] for r in reads if r is not None},
+        removed_mass=cat["mass"],
+        class_names=ctx.class_names,
+        source="photos" if photos else "run",
+    )
+    if save:
+        result.save(top=top)
+    return result
+
+
+def _ablate_batches(
+    ctx: RunAccess,
+    layer: str,
+    concepts: list[int],
+    infos: list[dict],
+    V: torch.Tensor,
+    reads: list[str | None],
+    vectors: dict[str, torch.Tensor],
+    photos: bool,
+    batch_size: int,
+    max_batch: int,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    """:func:`ablate`'s measurements, ``batch_size`` images at a time, concatenated over the
+    images ``infos`` (a ``None`` target is set to the model's prediction on the way):
+    ``original (N, D)`` the model's logits, ``mass (N,)`` the removed concepts' summed ``|code|``,
+    ``logits (N, D)`` with ``concepts`` removed from ``layer``, and ``read:LAYER (N, ...)``
+    the readouts of each later layer in ``reads``, with ``V (K, C)`` and ``vectors`` the
+    dictionaries."""
+    from tqdm.auto import tqdm
+
     removal = torch.zeros(1, V.shape[0], dtype=torch.bool)
     removal[0, concepts] = True
-    infos = _image_infos(ctx, image_ids, images, targets)
     parts: dict[str, list[torch.Tensor]] = {}
     shape = None
     for lo in tqdm(range(0, len(infos), batch_size), desc="ablate", unit="batch", disable=not progress):
         chunk = infos[lo : lo + batch_size]
-        pixels, codes = _pixels_and_codes(ctx, layer, chunk, images is not None)
+        pixels, codes = _pixels_and_codes(ctx, layer, chunk, photos)
         shape = shape or grid_shape(ctx.handle, layer, pixels)
         with torch.no_grad():
             original = ctx.handle.model(pixels.to(ctx.handle.device)).float().cpu()
@@ -423,24 +463,7 @@ def ablate(
         for info, row in zip(chunk, original):
             if info["target"] is None:
                 info["target"] = int(row.argmax())
-    cat = {k: torch.cat(v) for k, v in parts.items()}
-    result = AblationResult(
-        run=str(store.root),
-        layer=layer,
-        concepts=concepts,
-        image_ids=[i["image_id"] for i in infos],
-        paths=[i["path"] for i in infos],
-        targets=torch.tensor([i["target"] for i in infos]),
-        logits=cat["logits"],
-        original_logits=cat["original"],
-        readouts={r: cat[f"read:{r}"] for r in reads if r is not None},
-        removed_mass=cat["mass"],
-        class_names=ctx.class_names,
-        source="run" if images is None else "photos",
-    )
-    if save:
-        result.save(top=top)
-    return result
+    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def _append(parts: dict[str, list[torch.Tensor]], values: dict[str, torch.Tensor]) -> None:
@@ -785,13 +808,44 @@ def ablation_correlation(
     it in ``correlation_pairs.safetensors``) ``{"schema", "run", "n_images", "image_ids",
     "selection", "attribute_stage", "seconds", "transitions": {"LOWER->UPPER" | "TOP->class": summary}}``.
     """
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     ctx = run if isinstance(run, RunAccess) else open_run(run, model, device)
     store = ctx.store
     data = load_walk(store)
     rows = _walk_rows_for(data, image_ids, max_images)
+    measures = _measure_walk(ctx, data, rows, top_n, n_others, seed, max_batch, chunk, progress)
+    result = {
+        "schema": CORRELATION_SCHEMA,
+        "run": str(store.root),
+        "n_images": len(rows),
+        "image_ids": [int(data["image_id"][r]) for r in rows],
+        "selection": {"top_n": top_n, "n_others": n_others, "seed": seed, "n_random": n_random},
+        "attribute_stage": store.stage_state("attribute"),
+        "convention": "drop = readout(U·V) − readout(U·V without the concept); GIG from the stored walk",
+        "transitions": {name: transition_summary(m, n_random, seed) for name, m in measures.items()},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if save:
+        _save_correlation(store, result, measures)
+    return result
+
+
+def _measure_walk(
+    ctx: RunAccess,
+    data: dict[str, torch.Tensor],
+    rows: list[int],
+    top_n: int | None,
+    n_others: int,
+    seed: int,
+    max_batch: int,
+    chunk: int,
+    progress: bool,
+) -> dict[str, list[dict]]:
+    """:func:`measure_transition` for every walk row in ``rows`` and every transition of the
+    run's walk, ``chunk`` images at a time: ``{"LOWER->UPPER" | "TOP->class": [result per image]}``."""
+    from tqdm.auto import tqdm
+
+    store = ctx.store
     targets = {i: info["target"] for i, info in ctx.images().items()}
     steps = transitions_of(list(store.config.layers))
     measures: dict[str, list[dict]] = {transition_name(*t): [] for t in steps}
@@ -824,20 +878,7 @@ def ablation_correlation(
                 )
         bar.update(len(part))
     bar.close()
-    result = {
-        "schema": CORRELATION_SCHEMA,
-        "run": str(store.root),
-        "n_images": len(rows),
-        "image_ids": [int(data["image_id"][r]) for r in rows],
-        "selection": {"top_n": top_n, "n_others": n_others, "seed": seed, "n_random": n_random},
-        "attribute_stage": store.stage_state("attribute"),
-        "convention": "drop = readout(U·V) − readout(U·V without the concept); GIG from the stored walk",
-        "transitions": {name: transition_summary(m, n_random, seed) for name, m in measures.items()},
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    if save:
-        _save_correlation(store, result, measures)
-    return result
+    return measures
 
 
 def _walk_rows_for(data: dict[str, torch.Tensor], image_ids, max_images: int | None) -> list[int]:

@@ -404,6 +404,9 @@ def _print_fronts(out: Console, layers: list[dict]) -> None:
             )
     out.print(table)
     for l in layers:
+        if l.get("basis"):  # no λ: the basis's own encoder, measured over all images (the table above)
+            out.print(f"{l['name']}: {l['basis']} basis with its own encoder: no λ, no front, not stepped")
+            continue
         parts = []
         if l.get("stability") is not None:
             parts.append(f"choice repeats in {l['stability']:.0%} of bootstrap resamples of {l['front_images']} images")
@@ -523,14 +526,9 @@ def evaluate(
     plots: bool = typer.Option(True, help="Write the PNG plots."),
 ):
     """Faithfulness evaluation of RUN_DIR (concept extraction vs baselines; inter-layer orderings) into RUN_DIR/evaluate/."""
-    import torch
-
     from .evaluation import EvaluationSettings, evaluate_run
-    from .evaluation.runner import tune_malloc
 
-    tune_malloc()
-    if threads:
-        torch.set_num_threads(threads)
+    _evaluation_threads(threads)
     chosen = {"methods": list(method)} if method else {}  # else the settings' defaults
     chosen |= {"orderings": list(ordering)} if ordering else {}
     settings = EvaluationSettings(
@@ -548,6 +546,24 @@ def evaluate(
         **chosen,
     )
     result = evaluate_run(run_dir, settings, out=out, progress=True)
+    _print_evaluation(result, out or Path(run_dir) / "evaluate")
+
+
+def _evaluation_threads(threads: Optional[int]) -> None:
+    """Prepare the evaluation's CPU work: the allocator tuned, and ``threads`` torch threads
+    where given (else torch's choice)."""
+    import torch
+
+    from .evaluation.runner import tune_malloc
+
+    tune_malloc()
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _print_evaluation(result: dict, folder: Path) -> None:
+    """The evaluation's AUC ins − del tables (concept extraction per layer and method, inter-layer
+    per transition and ordering; a section without results is left out), then where it went."""
     term = Console()
     for section, title, what in (
         ("extraction", "concept extraction: AUC ins − del", "method"),
@@ -565,8 +581,7 @@ def evaluate(
             table.add_row(key, *[("-" if vals.get(n) is None else f"{vals[n]:.3f}") for n in names])
         term.print(table)
     console.print(
-        f"[green]evaluate done[/green] in {result['seconds']:.0f} s: {out or Path(run_dir) / 'evaluate'} "
-        f"(results.md, summary.json, plots)"
+        f"[green]evaluate done[/green] in {result['seconds']:.0f} s: {folder} (results.md, summary.json, plots)"
     )
 
 

@@ -278,30 +278,6 @@ def compare_layers(
     threshold = max(min_similarity, chance_p95 if chance_p95 is not None else 1.0)
     act_a = active_a.numpy()
     counterpart = (matching.similarity > threshold) & act_a & (matching.match >= 0)
-    matched_b = set(matching.match[counterpart].tolist())
-    act_b = active_b.numpy()
-    # Vector cosines where both layers have the same width (same model, or a copy): shown beside
-    # the response correlation, never used to match.
-    cosine = None
-    Va, Vb = access_a.dictionary(la), access_b.dictionary(lb)
-    if Va.shape[1] == Vb.shape[1]:
-        na = torch.nn.functional.normalize(Va.double(), dim=1)
-        nb = torch.nn.functional.normalize(Vb.double(), dim=1)
-        idx = torch.from_numpy(np.maximum(matching.match, 0))
-        cosine = (na * nb[idx]).sum(1).numpy()
-    concepts = []
-    for q in range(len(matching.match)):
-        row = {
-            "concept": q,
-            "active": bool(act_a[q]),
-            "match": int(matching.match[q]) if act_a[q] and matching.match[q] >= 0 else None,
-            "similarity": round(float(matching.similarity[q]), 6) if act_a[q] else None,
-            "counterpart": bool(counterpart[q]),
-        }
-        if cosine is not None and row["match"] is not None:
-            row["vector_cosine"] = round(float(cosine[q]), 6)
-        concepts.append(row)
-    active_sims = matching.similarity[act_a]
     return {
         "layer_a": la,
         "layer_b": lb,
@@ -312,6 +288,26 @@ def compare_layers(
         "pooled_grid": list(to),
         "n_images": len(image_ids),
         "n_cells": int(moments.n),
+        **_matching_summary(matching, act_a, active_b.numpy(), counterpart, chance, chance_p95, threshold),
+        "concepts": _concept_rows(matching, act_a, counterpart, _vector_cosines(access_a, access_b, la, lb, matching)),
+    }
+
+
+def _matching_summary(
+    matching: Matching,
+    act_a: np.ndarray,
+    act_b: np.ndarray,
+    counterpart: np.ndarray,
+    chance: np.ndarray,
+    chance_p95: float | None,
+    threshold: float,
+) -> dict:
+    """The layer pair's matching in numbers (:func:`compare_layers`' record from ``active_a`` to
+    ``unmatched_b``): ``act_a (K_A,)``, ``act_b (K_B,)`` and ``counterpart (K_A,)`` are boolean,
+    ``chance`` the chance matching's similarities of A's active concepts."""
+    matched_b = set(matching.match[counterpart].tolist())
+    active_sims = matching.similarity[act_a]
+    return {
         "active_a": int(act_a.sum()),
         "active_b": int(act_b.sum()),
         "chance_p95": None if chance_p95 is None else round(chance_p95, 6),
@@ -327,8 +323,43 @@ def compare_layers(
         ),
         "unmatched_a": [q for q in range(len(act_a)) if act_a[q] and not counterpart[q]],
         "unmatched_b": [r for r in range(len(act_b)) if act_b[r] and r not in matched_b],
-        "concepts": concepts,
     }
+
+
+def _vector_cosines(
+    access_a: RunAccess, access_b: RunAccess, la: str, lb: str, matching: Matching
+) -> np.ndarray | None:
+    """The cosine ``(K_A,)`` of each concept vector of A with its match's in B, or ``None``
+    where the layers differ in width."""
+    # Vector cosines where both layers have the same width (same model, or a copy): shown beside
+    # the response correlation, never used to match.
+    Va, Vb = access_a.dictionary(la), access_b.dictionary(lb)
+    if Va.shape[1] != Vb.shape[1]:
+        return None
+    na = torch.nn.functional.normalize(Va.double(), dim=1)
+    nb = torch.nn.functional.normalize(Vb.double(), dim=1)
+    idx = torch.from_numpy(np.maximum(matching.match, 0))
+    return (na * nb[idx]).sum(1).numpy()
+
+
+def _concept_rows(
+    matching: Matching, act_a: np.ndarray, counterpart: np.ndarray, cosine: np.ndarray | None
+) -> list[dict]:
+    """One record per concept of A: whether it is active, its match and similarity (active ones),
+    whether that is a counterpart, and the vector cosine (where ``cosine (K_A,)`` is given)."""
+    concepts = []
+    for q in range(len(matching.match)):
+        row = {
+            "concept": q,
+            "active": bool(act_a[q]),
+            "match": int(matching.match[q]) if act_a[q] and matching.match[q] >= 0 else None,
+            "similarity": round(float(matching.similarity[q]), 6) if act_a[q] else None,
+            "counterpart": bool(counterpart[q]),
+        }
+        if cosine is not None and row["match"] is not None:
+            row["vector_cosine"] = round(float(cosine[q]), 6)
+        concepts.append(row)
+    return concepts
 
 
 # ---------------------------------------------------------------------------- graphs
@@ -449,13 +480,37 @@ def compare_runs(
     a, b = access_a.store, access_b.store
     for store in (a, b):
         store.require("decompose")
+    _check_options(max_images, min_similarity, on)
+    chosen_pairs = layer_pairs(a, b, pairs)
+    ids = _compared_image_ids(a, b, on, max_images, seed)
+    codes_b = EncodedCodes(access_b, access_a, ids, [lb for _, lb in chosen_pairs]) if on == "a" else None
+    bar = tqdm(total=len(ids) * len(chosen_pairs), desc="compare", unit="img", disable=not progress)
+    layers = [
+        compare_layers(access_a, access_b, la, lb, ids, min_similarity, bar, codes_b=codes_b) for la, lb in chosen_pairs
+    ]
+    bar.close()
+    result = _comparison_record(a, b, ids, on, seed, min_similarity, layers)
+    by_layer_a = {pair["layer_a"]: pair for pair in layers}
+    result.update(graph_differences(a, b, by_layer_a))
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    if out is not None:
+        _write_comparison(result, access_a, access_b, Path(out), page)
+    return result
+
+
+def _check_options(max_images: int, min_similarity: float, on: str) -> None:
+    """Raise :class:`ConfigError` for a :func:`compare_runs` option out of its range."""
     if not isinstance(max_images, int) or max_images < 2:
         raise ConfigError(f"max_images must be an integer of at least 2, not {max_images!r}")
     if not 0 <= min_similarity < 1:
         raise ConfigError(f"min_similarity must lie in [0, 1), not {min_similarity!r}")
     if on not in ("shared", "a"):
         raise ConfigError(f"on must be 'shared' or 'a', not {on!r}")
-    chosen_pairs = layer_pairs(a, b, pairs)
+
+
+def _compared_image_ids(a: RunStore, b: RunStore, on: str, max_images: int, seed: int) -> list[int]:
+    """The image ids to compare on: those both runs analysed (``on="shared"``) or run A's
+    (``on="a"``), at most ``max_images`` of them (a draw with ``seed`` when there are more)."""
     if on == "shared":
         ids = shared_image_ids(a, b)
     else:
@@ -466,13 +521,15 @@ def compare_runs(
         raise RunMismatchError("the comparison has one image: the chance reference needs at least two")
     if len(ids) > max_images:
         ids = sorted(np.random.default_rng(seed).choice(ids, size=max_images, replace=False).tolist())
-    codes_b = EncodedCodes(access_b, access_a, ids, [lb for _, lb in chosen_pairs]) if on == "a" else None
-    bar = tqdm(total=len(ids) * len(chosen_pairs), desc="compare", unit="img", disable=not progress)
-    layers = [
-        compare_layers(access_a, access_b, la, lb, ids, min_similarity, bar, codes_b=codes_b) for la, lb in chosen_pairs
-    ]
-    bar.close()
-    result = {
+    return ids
+
+
+def _comparison_record(
+    a: RunStore, b: RunStore, ids: list[int], on: str, seed: int, min_similarity: float, layers: list[dict]
+) -> dict:
+    """``compare.json``'s record of the runs, images, method and layer pairs (the graph
+    differences and timing are added to it)."""
+    return {
         "schema": "gig.compare/1",
         "run_a": {"path": str(a.root), "model": a.config.model, "layers": list(a.config.layers)},
         "run_b": {"path": str(b.root), "model": b.config.model, "layers": list(b.config.layers)},
@@ -487,15 +544,13 @@ def compare_runs(
         "a counterpart's correlation exceeds that matching's 95th percentile and min_similarity",
         "layers": layers,
     }
-    by_layer_a = {pair["layer_a"]: pair for pair in layers}
-    result.update(graph_differences(a, b, by_layer_a))
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_json(out / "compare.json", result)
-        if page:
-            from .report.compare_page import write_compare_page
 
-            write_compare_page(result, access_a, access_b, out)
-    return result
+
+def _write_comparison(result: dict, access_a: RunAccess, access_b: RunAccess, out: Path, page: bool) -> None:
+    """``out/compare.json``, and with ``page`` the offline page ``out/index.html``."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(out / "compare.json", result)
+    if page:
+        from .report.compare_page import write_compare_page
+
+        write_compare_page(result, access_a, access_b, out)

@@ -329,18 +329,7 @@ class FolderSource(ImageSource):
         root_path = Path(root)
         if not root_path.is_dir():
             raise InputError(f"image folder {os.fspath(root)!r} is not a directory")
-        class_files: dict[str, list[Path]] = {}
-        top_files: list[Path] = []
-        for entry in sorted(root_path.iterdir()):
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir():
-                files = _walk_images(entry)
-                if files:
-                    class_files[entry.name] = files
-            elif entry.is_file() and _is_image_file(entry.name):
-                top_files.append(entry)
-
+        class_files, top_files = _scan_folder(root_path)
         records: list[ImageRecord] = []
         if class_files:
             self.layout = "imagefolder"
@@ -352,23 +341,7 @@ class FolderSource(ImageSource):
                     ImageLoadWarning,
                     stacklevel=2,
                 )
-            if class_to_idx is None and class_index is not None:
-                # The model names its classes: a folder is labelled by the class it names (an
-                # ImageNet synset id or a class name), never by its position in sorted order.
-                class_to_idx = {c: i for c in self.classes if (i := class_index(c)) is not None}
-            if class_to_idx is None:
-                mapping = {name: i for i, name in enumerate(self.classes)}
-            else:
-                mapping = dict(class_to_idx)
-                unmapped = [c for c in self.classes if c not in mapping]
-                if unmapped:
-                    warnings.warn(
-                        f"{root_path}: class folders that name no model class get no label: "
-                        + ", ".join(unmapped[:10])
-                        + (" ..." if len(unmapped) > 10 else ""),
-                        ImageLoadWarning,
-                        stacklevel=2,
-                    )
+            class_to_idx, mapping = _class_labels(root_path, self.classes, class_to_idx, class_index)
             items = [(f, c) for c in self.classes for f in class_files[c]]
             items.sort(key=lambda fc: fc[0].relative_to(root_path).as_posix())
             for i, (f, c) in enumerate(items):
@@ -385,6 +358,51 @@ class FolderSource(ImageSource):
 
     def describe(self) -> dict:
         return {**super().describe(), "layout": self.layout, "n_classes": len(self.classes)}
+
+
+def _scan_folder(root_path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
+    """The images of a folder: ``({class folder name: its images, searched recursively}, the
+    images directly in it)``; hidden entries are skipped, folders without images left out."""
+    class_files: dict[str, list[Path]] = {}
+    top_files: list[Path] = []
+    for entry in sorted(root_path.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            files = _walk_images(entry)
+            if files:
+                class_files[entry.name] = files
+        elif entry.is_file() and _is_image_file(entry.name):
+            top_files.append(entry)
+    return class_files, top_files
+
+
+def _class_labels(
+    root_path: Path,
+    classes: list[str],
+    class_to_idx: dict[str, int] | None,
+    class_index: Callable[[str], int | None] | None,
+) -> tuple[dict[str, int] | None, dict[str, int]]:
+    """``(class_to_idx, folder name → label)`` of an ImageFolder tree's sorted ``classes``: by
+    ``class_to_idx`` where given, else by the class each folder names (``class_index``), else by
+    sorted position. Warns (for :class:`FolderSource`'s caller) about folders left unlabelled."""
+    if class_to_idx is None and class_index is not None:
+        # The model names its classes: a folder is labelled by the class it names (an
+        # ImageNet synset id or a class name), never by its position in sorted order.
+        class_to_idx = {c: i for c in classes if (i := class_index(c)) is not None}
+    if class_to_idx is None:
+        return None, {name: i for i, name in enumerate(classes)}
+    mapping = dict(class_to_idx)
+    unmapped = [c for c in classes if c not in mapping]
+    if unmapped:
+        warnings.warn(
+            f"{root_path}: class folders that name no model class get no label: "
+            + ", ".join(unmapped[:10])
+            + (" ..." if len(unmapped) > 10 else ""),
+            ImageLoadWarning,
+            stacklevel=3,  # FolderSource's caller, as for the other warnings of the constructor
+        )
+    return class_to_idx, mapping
 
 
 def _walk_images(directory: Path) -> list[Path]:

@@ -22,6 +22,7 @@ either through :func:`gig.decompose.encoder_for`.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
@@ -125,8 +126,31 @@ class OMPEncoder:
         atoms: no ``(R, t, C)`` copy of the support's atoms) and its correlations with every atom
         (``C·K``, float32); the rest is ``O(m²)`` in float64.
         """
-        unit, G = self.unit_, self.gram_
-        n, c = X.shape
+        pack, corr = self._packed(X, start)
+        found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        while True:
+            m = int(pack.count[pack.live].max()) + 1  # working width: the longest live support and a new atom
+            q, w, d2, stop = self._next_atoms(pack, corr, m)
+            if bool(stop.any()):
+                found.append(pack.stopped_codes(stop, m))
+            pack.live &= ~stop
+            n_live = int(pack.live.sum())
+            if not n_live:
+                break
+            if n_live <= 0.9 * pack.live.numel():
+                q, w, d2 = pack.compact(q, w, d2)
+            corr = self._add_atoms(pack, q, w, d2)
+        if not found:
+            empty = torch.zeros(0, dtype=torch.long, device=X.device)
+            return empty, empty, X.new_zeros(0)
+        return tuple(torch.cat(parts) for parts in zip(*found))
+
+    def _packed(self, X: torch.Tensor, start: torch.Tensor | None) -> tuple[_Pack, torch.Tensor]:
+        """The pack of every row of ``X (P, C)`` (float64) before its first step, with the
+        supports of ``start (P, K)`` (bool, where given) resumed, and the correlations
+        ``(P, K)`` (float32) of each row's residual with every unit atom."""
+        unit = self.unit_
+        n = X.shape[0]
         groups = {} if start is None else self._resumed_supports(start)
         cap = _capacity(min(16, self.max_atoms), max(groups, default=0) + 1, self.max_atoms)
         count = torch.zeros(n, dtype=torch.long, device=X.device)  # atoms on each row's support
@@ -144,53 +168,95 @@ class OMPEncoder:
         # Numerical floor for "no atom correlates by more than λ": the correlations of an exact
         # fit are rounding noise of the size of ‖x‖·1e-10, not zero.
         threshold = (1e-10 * x.norm(dim=1)).clamp_min(self.alpha)
-        found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        while True:
-            m = int(count[live].max()) + 1  # working width: the longest live support and a new atom
-            best, q = corr.abs_().max(1)  # in place: only the choice and the stop read it
-            stop = live & ((best.double() <= threshold) | (count >= self.max_atoms))
-            # The new atom against the support: w = L⁻¹ G_Sq, d² = G_qq − ‖w‖² (= 1 − ‖w‖²); the
-            # padding of M zeroes every padded entry of w.
-            w = torch.bmm(M[:, :m, :m], G[S[:, :m], q[:, None]][:, :, None])[:, :, 0]
-            d2 = 1.0 - (w * w).sum(1)
-            stop |= live & (d2 <= 1e-10)  # the atom lies in the support's span: nothing to gain
-            if bool(stop.any()):
-                held = torch.arange(m - 1, device=X.device) < count[stop][:, None]
-                found.append(
-                    (rows[stop][:, None].expand(-1, m - 1)[held], S[stop, : m - 1][held], gamma[stop, : m - 1][held])
-                )
-            live &= ~stop
-            n_live = int(live.sum())
-            if not n_live:
-                break
-            if n_live <= 0.9 * live.numel():
-                keep = live
-                rows, live, x, S, M, Z, count, gamma, threshold, q, w, d2 = (
-                    a[keep] for a in (rows, live, x, S, M, Z, count, gamma, threshold, q, w, d2)
-                )
-            top = int(count[live].max())
-            if top >= cap:
-                cap = _capacity(cap, top + 1, self.max_atoms)
-                S, M, Z, w = _grown(S, (cap,)), _grown(M, (cap, cap)), _grown(Z, (cap,)), _grown(w, (cap,))
-            m = top + 1
-            d = d2.clamp_min(1e-10).sqrt()  # the floor only touches stopped rows
-            at = torch.arange(count.numel(), device=X.device)
-            pos = count.clamp_max(cap - 1)  # a stopped row riding along may be full: its values are ignored
-            S[at, pos] = q
-            M[at, pos, :m] = -torch.bmm(w[:, None, :m], M[:, :m, :m])[:, 0] / d[:, None]
-            M[at, pos, pos] = 1.0 / d
-            b_q = (x * unit[q]).sum(1)  # the row's correlation with the new atom, in float64
-            Z[at, pos] = (b_q - (w[:, :m] * Z[:, :m]).sum(1)) / d
-            count = count + 1
-            gamma = torch.bmm(Z[:, None, :m], M[:, :m, :m])[:, 0]
-            residual = x - _combination(unit, S[:, :m], gamma)
-            # Correlations only choose the next atom and test the stop, so float32 does (its
-            # relative rounding, 1e-7, is far below any λ step); least squares stay in float64.
-            corr = residual.float() @ self._unit32.T
-        if not found:
-            empty = torch.zeros(0, dtype=torch.long, device=X.device)
-            return empty, empty, X.new_zeros(0)
-        return tuple(torch.cat(parts) for parts in zip(*found))
+        return _Pack(rows, live, x, count, S, M, Z, gamma, threshold, cap), corr
+
+    def _next_atoms(
+        self, pack: _Pack, corr: torch.Tensor, m: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each packed row's best next atom and whether the row stops, from ``corr (R, K)`` (its
+        residual's correlations with every unit atom; taken in place by ``abs_``) at working width
+        ``m``: ``(q (R,), w (R, m), d2 (R,), stop (R,) bool)``, with ``w = L⁻¹ G_Sq`` and ``d2 =
+        1 − ‖w‖²`` the new atom against the support. Only live rows stop."""
+        best, q = corr.abs_().max(1)  # in place: only the choice and the stop read it
+        stop = pack.live & ((best.double() <= pack.threshold) | (pack.count >= self.max_atoms))
+        # The new atom against the support: w = L⁻¹ G_Sq, d² = G_qq − ‖w‖² (= 1 − ‖w‖²); the
+        # padding of M zeroes every padded entry of w.
+        w = torch.bmm(pack.M[:, :m, :m], self.gram_[pack.S[:, :m], q[:, None]][:, :, None])[:, :, 0]
+        d2 = 1.0 - (w * w).sum(1)
+        stop |= pack.live & (d2 <= 1e-10)  # the atom lies in the support's span: nothing to gain
+        return q, w, d2, stop
+
+    def _add_atoms(self, pack: _Pack, q: torch.Tensor, w: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        """Append atom ``q (R,)`` to every packed row's support (``w (R, m)``, ``d2 (R,)`` from
+        :meth:`_next_atoms`), growing the buffers where full, and refit: the new row of ``M``
+        (``[−wᵀM/d, 1/d]``) and of ``z``, then ``γ = Mᵀ z``. Returns the correlations ``(R, K)``
+        (float32) of each row's new residual with every unit atom."""
+        unit = self.unit_
+        top = int(pack.count[pack.live].max())
+        if top >= pack.cap:
+            pack.cap = _capacity(pack.cap, top + 1, self.max_atoms)
+            w = pack.grow(w)
+        S, M, Z, count, x, cap = pack.S, pack.M, pack.Z, pack.count, pack.x, pack.cap
+        m = top + 1
+        d = d2.clamp_min(1e-10).sqrt()  # the floor only touches stopped rows
+        at = torch.arange(count.numel(), device=x.device)
+        pos = count.clamp_max(cap - 1)  # a stopped row riding along may be full: its values are ignored
+        S[at, pos] = q
+        M[at, pos, :m] = -torch.bmm(w[:, None, :m], M[:, :m, :m])[:, 0] / d[:, None]
+        M[at, pos, pos] = 1.0 / d
+        b_q = (x * unit[q]).sum(1)  # the row's correlation with the new atom, in float64
+        Z[at, pos] = (b_q - (w[:, :m] * Z[:, :m]).sum(1)) / d
+        pack.count = count + 1
+        pack.gamma = torch.bmm(Z[:, None, :m], M[:, :m, :m])[:, 0]
+        residual = x - _combination(unit, S[:, :m], pack.gamma)
+        # Correlations only choose the next atom and test the stop, so float32 does (its
+        # relative rounding, 1e-7, is far below any λ step); least squares stay in float64.
+        return residual.float() @ self._unit32.T
+
+
+@dataclass
+class _Pack:
+    """The rows :meth:`OMPEncoder._pursue` is coding, packed: ``R`` rows, ``cap`` the width of the
+    support buffers. Stopped rows ride along (their later values are ignored) until
+    :meth:`compact` drops them."""
+
+    rows: torch.Tensor  # (R,) each packed row's row in X
+    live: torch.Tensor  # (R,) bool: not stopped yet
+    x: torch.Tensor  # (R, C) float64, the rows themselves
+    count: torch.Tensor  # (R,) atoms on each row's support
+    S: torch.Tensor  # (R, cap) the support's atoms, zero-padded
+    M: torch.Tensor  # (R, cap, cap) float64 L⁻¹, the inverse Cholesky factor of G_SS, zero-padded
+    Z: torch.Tensor  # (R, cap) float64 z = M b_S, the coordinates in the orthonormalised support
+    gamma: torch.Tensor  # (R, ≤ cap) float64 least-squares coefficients γ = Mᵀ z
+    threshold: torch.Tensor  # (R,) float64 the stop: no atom correlates by more than this
+    cap: int
+
+    def stopped_codes(self, stop: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The non-zeros of the rows in ``stop (R,)`` (bool) as ``(row, atom, coefficient)``
+        triples, their supports held in the first ``m − 1`` columns."""
+        held = torch.arange(m - 1, device=self.x.device) < self.count[stop][:, None]
+        return (
+            self.rows[stop][:, None].expand(-1, m - 1)[held],
+            self.S[stop, : m - 1][held],
+            self.gamma[stop, : m - 1][held],
+        )
+
+    def compact(self, *step: torch.Tensor) -> list[torch.Tensor]:
+        """Drop the stopped rows from the pack and from the step's per-row tensors ``step``
+        (each ``(R, ...)``); returns those, compacted."""
+        keep = self.live  # the mask before it is compacted itself
+        for name in ("rows", "live", "x", "S", "M", "Z", "count", "gamma", "threshold"):
+            setattr(self, name, getattr(self, name)[keep])
+        return [a[keep] for a in step]
+
+    def grow(self, w: torch.Tensor) -> torch.Tensor:
+        """Widen the support buffers to ``cap`` columns, and ``w (R, m)`` with them."""
+        self.S, self.M, self.Z = (
+            _grown(self.S, (self.cap,)),
+            _grown(self.M, (self.cap, self.cap)),
+            _grown(self.Z, (self.cap,)),
+        )
+        return _grown(w, (self.cap,))
 
 
 def _capacity(cap: int, need: int, most: int) -> int:

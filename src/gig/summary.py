@@ -24,48 +24,12 @@ def summarize(run_dir: str | Path) -> dict:
     concepts = stages.get("concepts", {}).get("summary", {})
     fidelity = stages.get("decompose", {}).get("summary", {}).get("fidelity", {})
     fronts = load_front(store) if store.stage_state("decompose") == "done" else {}
-    layers = []
-    for layer in store.config.layers:
-        fig = fidelity.get(layer, {})
-        front = fronts.get(layer, {})
-        layers.append(
-            {
-                "name": layer,
-                "n_pfv": collect.get("pfv_per_layer", {}).get(layer),
-                "n_concepts": concepts.get(layer, {}).get("K"),
-                "channels": concepts.get(layer, {}).get("C"),
-                "rel_error": fig.get("rel_error"),
-                "r2": fig.get("r2"),
-                "l0_ratio": fig.get("l0_ratio"),
-                "top1_agreement": fig.get("top1_agreement"),
-                "n_images": fig.get("n_images"),
-                "kl": fig.get("kl"),
-                "kl_se": fig.get("kl_se"),
-                "alpha": fig.get("alpha"),
-                "rule_met": front.get("met"),
-                "front_images": front.get("images"),
-                "front_alpha": front.get("alpha"),
-                "stability": front.get("stability"),
-                "decided": front.get("decided"),
-                "front_note": front.get("note"),
-                "check": fig.get("check"),
-                "front": [
-                    {
-                        k: p.get(k)
-                        for k in ("alpha", "rel_error", "r2", "l0_ratio", "top1_agreement", "kl", "kl_ci", "r2_ci")
-                    }
-                    for p in front.get("points", [])
-                ],
-            }
-        )
+    layers = [
+        _layer_summary(layer, collect, concepts, fidelity.get(layer, {}), fronts.get(layer, {}))
+        for layer in store.config.layers
+    ]
     attribute = stages.get("attribute", {}).get("summary", {})
     completeness = attribute.get("completeness", {})
-    graph_index = store.root / "graph" / "index.json"
-    graph_path = None
-    if graph_index.is_file():
-        files = load_json(graph_index)["files"]
-        first = next(iter(files["class"].values()), None) or files.get("global")
-        graph_path = str(store.root / "graph" / first) if first else None
     out = {
         "run": str(store.root),
         "model": store.config.model,
@@ -73,7 +37,7 @@ def summarize(run_dir: str | Path) -> dict:
         "completeness": {"median": completeness.get("median"), "p95": completeness.get("p95")},
         "gig": attribute.get("accuracy"),
         "images": {"used": collect.get("images_used"), "skipped": collect.get("images_skipped")},
-        "graph": graph_path,
+        "graph": _graph_path(store),
         "stages": {
             name: {k: entry.get(k) for k in ("status", "seconds", "peak_rss_mb")} for name, entry in stages.items()
         },
@@ -84,6 +48,49 @@ def summarize(run_dir: str | Path) -> dict:
     if evaluation.is_file():
         out["evaluation"] = load_json(evaluation)
     return out
+
+
+def _layer_summary(layer: str, collect: dict, concepts: dict, fig: dict, front: dict) -> dict:
+    """One layer's entry of :func:`summarize`'s ``layers``: from the collect and concepts stage
+    summaries (every layer's), the layer's decompose fidelity ``fig`` and its λ front ``front``."""
+    return {
+        "name": layer,
+        "n_pfv": collect.get("pfv_per_layer", {}).get(layer),
+        "n_concepts": concepts.get(layer, {}).get("K"),
+        # a basis with its own encoder (gig.basis): "sae" or "file:…"; None for k-means + coder
+        "basis": fig.get("basis"),
+        "channels": concepts.get(layer, {}).get("C"),
+        "rel_error": fig.get("rel_error"),
+        "r2": fig.get("r2"),
+        "l0_ratio": fig.get("l0_ratio"),
+        "top1_agreement": fig.get("top1_agreement"),
+        "n_images": fig.get("n_images"),
+        "kl": fig.get("kl"),
+        "kl_se": fig.get("kl_se"),
+        "alpha": fig.get("alpha"),
+        "rule_met": front.get("met"),
+        "front_images": front.get("images"),
+        "front_alpha": front.get("alpha"),
+        "stability": front.get("stability"),
+        "decided": front.get("decided"),
+        "front_note": front.get("note"),
+        "check": fig.get("check"),
+        "front": [
+            {k: p.get(k) for k in ("alpha", "rel_error", "r2", "l0_ratio", "top1_agreement", "kl", "kl_ci", "r2_ci")}
+            for p in front.get("points", [])
+        ],
+    }
+
+
+def _graph_path(store: RunStore) -> str | None:
+    """The run's first class graph (else its global one), or None before the graph stage."""
+    graph_index = store.root / "graph" / "index.json"
+    graph_path = None
+    if graph_index.is_file():
+        files = load_json(graph_index)["files"]
+        first = next(iter(files["class"].values()), None) or files.get("global")
+        graph_path = str(store.root / "graph" / first) if first else None
+    return graph_path
 
 
 def missed_targets(store: RunStore, info: dict) -> list[str]:

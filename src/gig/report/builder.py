@@ -26,6 +26,9 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 from ..access import RunAccess
 from ..attribution import iter_attributions
@@ -111,13 +114,44 @@ def build_report(
     started = time.perf_counter()
     opts = options or ReportOptions()
     store = RunStore.open(run_dir).require("graph")
-    layers = list(store.config.layers)
     out = Path(out) if out is not None else store.root / "report"
     _fresh_output(out)
     assets, access = Assets(out, opts.single_file), RunAccess(store, model, source)
     names = list(class_names) if class_names is not None else list(access.bundle.class_names)
     log = (lambda msg: print(f"report: {msg}", flush=True)) if progress else (lambda msg: None)
+    chosen = _choose_graphs(store, opts, names, progress, log)
+    shown = _show_concepts(store, access, assets, out, opts, chosen, names, log)
+    images = sec.run_panels(store, chosen.image_ids, chosen.by_image, access, shown.concepts, assets, opts.heatmap_size)
+    log(f"localisation: {len(images)} images")
+    name = sec.class_namer(names)
+    context = _page_context(store, opts, chosen, shown, images, name, out, assets, started)
+    index = render_page(out, assets, context, name)
+    size = output_size(out)
+    log(
+        f"wrote {index} in {time.perf_counter() - started:.1f} s: index.html {size['index_mb']} MB, "
+        f"{size['total_mb']} MB in {size['files']} files"
+    )
+    return index
 
+
+@dataclass
+class _ChosenGraphs:
+    """The report's graphs and what they were chosen from."""
+
+    images_info: list[dict]  # the run's images ({"image_id", "path", "target", …})
+    by_image: dict[int, dict]  # the same by image id
+    targets: dict[int, int]  # image id → target class
+    classes: list[int]  # the classes with a class graph in the page, the shared graphs' first
+    image_ids: list[int]  # the images with a single-image graph and a localisation panel
+    graphs: list[dict]  # viewer entries (sections.graph_entry) embedded in the page
+    extra: list[dict]  # the other classes' graphs, loaded on demand
+
+
+def _choose_graphs(
+    store: RunStore, opts: ReportOptions, names: list[str], progress: bool, log: Callable[[str], None]
+) -> _ChosenGraphs:
+    """The classes and images the report shows, their graphs, and the class graphs loaded on
+    demand (none in a single-file page or without ``on_demand``)."""
     images_info = load_images(store)["images"]
     by_image = {int(i["image_id"]): i for i in images_info}
     targets = {i: int(info["target"]) for i, info in by_image.items()}
@@ -138,10 +172,38 @@ def build_report(
         else []
     )
     log(f"{len(extra)} more class graphs, loaded on demand")
+    return _ChosenGraphs(images_info, by_image, targets, classes, image_ids, graphs, extra)
 
+
+@dataclass
+class _ShownConcepts:
+    """The concepts the report shows: the atlas's and the graphs' nodes, with their cards."""
+
+    cards: dict[str, dict]  # the run's concept cards, by layer
+    importance: dict[str, torch.Tensor]  # every concept's mean importance (K,), by layer
+    neighbours: sec.RunNeighbours  # importances, class shares and the shown concepts' edges
+    atlas_ids: dict[str, list[int]]  # the atlas's concepts by layer, most important first
+    concepts: dict[str, dict]  # the page's concept cards, by "LAYER:q"
+    on_demand: list[dict]  # the viewer's menu of on-demand class graphs ({key, label, file})
+
+
+def _show_concepts(
+    store: RunStore,
+    access: RunAccess,
+    assets: Assets,
+    out: Path,
+    opts: ReportOptions,
+    chosen: _ChosenGraphs,
+    names: list[str],
+    log: Callable[[str], None],
+) -> _ShownConcepts:
+    """The concept cards of the atlas and of the graphs' nodes (with exemplar crops), and the
+    on-demand class graphs written to ``out/classes/`` with their concepts' top-1 cards."""
+    layers = list(store.config.layers)
+    graphs, extra, targets = chosen.graphs, chosen.extra, chosen.targets
     cards = {layer: load_concept_cards(store, layer) for layer in layers}
     samples = {layer: load_samples(store, layer) for layer in layers}
-    neighbours = sec.RunNeighbours.of_run(store, targets)  # importances: one pass over the shards
+    neighbours = sec.RunNeighbours.of_run(store, targets)  # the graph stage's run sums, else a pass over the shards
     importance = neighbours.importance
     atlas_ids = sec.atlas_order(importance, opts.atlas_per_layer)
     shown = sec.concepts_shown(atlas_ids, graphs)
@@ -150,62 +212,65 @@ def build_report(
     }
     neighbours.read_edges(
         store, {layer: shown[layer] | extra_shown[layer] for layer in layers}, targets
-    )  # a second pass
+    )  # with no run sums, a second pass
     urls = sec.exemplar_urls(access, assets, cards, shown, max(1, opts.exemplars), log)
     concepts = sec.concept_cards(store, cards, samples, shown, urls, importance, neighbours, max(1, opts.exemplars))
     extra_urls = sec.exemplar_urls(access, assets, cards, extra_shown, 1, log)  # top-1 crops only
     extra_concepts = sec.concept_cards(store, cards, samples, extra_shown, extra_urls, importance, neighbours, 1)
     on_demand = sec.write_on_demand(out, extra, {**concepts, **extra_concepts}, names)
-    images = sec.run_panels(store, image_ids, by_image, access, concepts, assets, opts.heatmap_size)
-    log(f"localisation: {len(images)} images")
+    return _ShownConcepts(cards, importance, neighbours, atlas_ids, concepts, on_demand)
 
-    name = sec.class_namer(names)
+
+def _page_context(
+    store: RunStore,
+    opts: ReportOptions,
+    chosen: _ChosenGraphs,
+    shown: _ShownConcepts,
+    images: dict,
+    name: Callable[[int], str],
+    out: Path,
+    assets: Assets,
+    started: float,
+) -> dict:
+    """The page template's context: the viewer's data block, the run, the atlas, the graphs'
+    figures, the metrics, evaluation and ablation sections (their plots written as assets)."""
+    layers = list(store.config.layers)
+    graphs, concepts, atlas_ids = chosen.graphs, shown.concepts, shown.atlas_ids
     run = {
         "path": str(store.root),
         "model": store.config.model,
         "layers": layers,
-        "n_images": len(images_info),
+        "n_images": len(chosen.images_info),
         "top_k": store.config.top_k,
         "edges_per_node": store.config.edges_per_node,
-        "K": {layer: len(cards[layer]["concepts"]) for layer in layers},
+        "K": {layer: len(shown.cards[layer]["concepts"]) for layer in layers},
         "options": {**opts.to_dict(), "hash": settings_hash(opts)},
     }
-    referenced = sec.referenced_classes(graphs, concepts, images, neighbours.class_ids)
+    referenced = sec.referenced_classes(graphs, concepts, images, shown.neighbours.class_ids)
     page_data = sec.viewer_data(
         run,
         graphs,
         concepts,
         images,
         {str(c): name(c) for c in sorted(referenced)},
-        classes[: max(0, opts.shared_classes)],
-        on_demand,
+        chosen.classes[: max(0, opts.shared_classes)],
+        shown.on_demand,
     )
     atlas = [
         {"layer": layer, "K": run["K"][layer], "concepts": [concepts[f"{layer}:{q}"] for q in atlas_ids[layer]]}
         for layer in reversed(layers)
     ]
-    index = render_page(
-        out,
-        assets,
-        {
-            "page_data": page_data,
-            "run": run,
-            "atlas": atlas,
-            "images": list(images.values()),
-            "graphs": graphs,
-            "figures": sec.class_figures(store, graphs, concepts, out, assets),
-            "metrics": metrics_section(store, assets),
-            "evaluation": evaluation_section(store.root / "evaluate", assets),
-            "ablation": ablation_section(store, importance),
-            "atlas_cap": opts.atlas_per_layer,
-            "atlas_ids": {f"{layer}:{q}" for layer in layers for q in atlas_ids[layer]},
-            "build_seconds": round(time.perf_counter() - started, 1),
-        },
-        name,
-    )
-    size = output_size(out)
-    log(
-        f"wrote {index} in {time.perf_counter() - started:.1f} s: index.html {size['index_mb']} MB, "
-        f"{size['total_mb']} MB in {size['files']} files"
-    )
-    return index
+    return {
+        "page_data": page_data,
+        "run": run,
+        "atlas": atlas,
+        "images": list(images.values()),
+        "graphs": graphs,
+        "figures": sec.class_figures(store, graphs, concepts, out, assets),
+        "metrics": metrics_section(store, assets),
+        "evaluation": evaluation_section(store.root / "evaluate", assets),
+        "ablation": ablation_section(store, shown.importance),
+        "atlas_cap": opts.atlas_per_layer,
+        "atlas_ids": {f"{layer}:{q}" for layer in layers for q in atlas_ids[layer]},
+        "build_seconds": round(time.perf_counter() - started, 1),
+    }

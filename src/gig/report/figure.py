@@ -80,41 +80,9 @@ def front_figure(
     keys = [key for key, _, _ in panels]
     methods_drawn: set[str] = set()
     for i, layer in enumerate(l for l in layers if l.get("front")):
-        for method, rec in (baselines or {}).get(layer["name"], {}).items():
-            if method == "ours" or not rec.get("l0_ratio"):
-                continue
-            for ax, key in zip(axes, keys):
-                if rec.get(key) is not None:
-                    ax.plot(
-                        [rec["l0_ratio"]],
-                        [rec[key]],
-                        BASELINE_MARKERS.get(method, "d"),
-                        ms=6,
-                        color=f"C{i}",
-                        mfc="none",
-                    )
-            methods_drawn.add(method)
-        pts = sorted(layer["front"], key=lambda p: p["l0_ratio"])
-        l0 = np.array([p["l0_ratio"] for p in pts])
-        colour = f"C{i}"
-        chosen_alpha = layer.get("front_alpha", layer.get("alpha"))
-        for ax, key in zip(axes, keys):
-            # A zero-width space first: matplotlib drops labels starting with "_" (_blocks.4).
-            values = [np.nan if p.get(key) is None else p[key] for p in pts]
-            ax.plot(l0, values, "o-", ms=3, lw=1.2, color=colour, label="\u200b" + plain_text(layer["name"]))
-            chosen = [p for p in pts if chosen_alpha is not None and np.isclose(p["alpha"], chosen_alpha, rtol=1e-9)]
-            if chosen and chosen[0].get(key) is not None:
-                ax.plot([chosen[0]["l0_ratio"]], [chosen[0][key]], "o", ms=9, mfc="none", color=colour)
-    for ax, (key, label, line) in zip(axes, panels):
-        if line is not None:
-            ax.axhline(line, ls="--", lw=0.8, color="#555")
-        ax.set_xscale("log")
-        if key == "kl":
-            ax.set_yscale("log")
-        ax.set_xlabel("l0 ratio (share of concepts active per position)", fontsize=8)
-        ax.set_ylabel(label, fontsize=8)
-        ax.spines[["top", "right"]].set_visible(False)
-        ax.tick_params(labelsize=7)
+        methods_drawn |= _draw_baselines(axes, keys, (baselines or {}).get(layer["name"], {}), f"C{i}")
+        _draw_front(axes, keys, layer, f"C{i}")
+    _style_front_axes(axes, panels)
     axes[0].legend(fontsize=7, frameon=False)
     if methods_drawn:  # one legend entry per baseline, in black
         handles = [
@@ -125,6 +93,57 @@ def front_figure(
     fig.suptitle("Sparsity–fidelity front per layer (front images; ringed: chosen λ)", fontsize=9)
     fig.tight_layout()
     return _svg_bytes(fig)
+
+
+def _draw_baselines(axes, keys: list[str], methods: dict[str, dict], colour: str) -> set[str]:
+    """One layer's evaluation baselines ``{method: {l0_ratio, r2, …}}`` as markers in the layer's
+    ``colour`` on the panels of ``keys`` (ours, and methods without an l0, left out); returns the
+    methods drawn, for the legend."""
+    drawn: set[str] = set()
+    for method, rec in methods.items():
+        if method == "ours" or not rec.get("l0_ratio"):
+            continue
+        for ax, key in zip(axes, keys):
+            if rec.get(key) is not None:
+                ax.plot(
+                    [rec["l0_ratio"]],
+                    [rec[key]],
+                    BASELINE_MARKERS.get(method, "d"),
+                    ms=6,
+                    color=colour,
+                    mfc="none",
+                )
+        drawn.add(method)
+    return drawn
+
+
+def _draw_front(axes, keys: list[str], layer: dict, colour: str) -> None:
+    """One layer's front on the panels of ``keys``: a line over the l0 ratio, the chosen λ ringed."""
+    pts = sorted(layer["front"], key=lambda p: p["l0_ratio"])
+    l0 = np.array([p["l0_ratio"] for p in pts])
+    chosen_alpha = layer.get("front_alpha", layer.get("alpha"))
+    for ax, key in zip(axes, keys):
+        # A zero-width space first: matplotlib drops labels starting with "_" (_blocks.4).
+        values = [np.nan if p.get(key) is None else p[key] for p in pts]
+        ax.plot(l0, values, "o-", ms=3, lw=1.2, color=colour, label="\u200b" + plain_text(layer["name"]))
+        chosen = [p for p in pts if chosen_alpha is not None and np.isclose(p["alpha"], chosen_alpha, rtol=1e-9)]
+        if chosen and chosen[0].get(key) is not None:
+            ax.plot([chosen[0]["l0_ratio"]], [chosen[0][key]], "o", ms=9, mfc="none", color=colour)
+
+
+def _style_front_axes(axes, panels: list[tuple[str, str, float | None]]) -> None:
+    """The front's panels ``(key, label, threshold)``: the rule's threshold dashed, log l0 axis
+    (and log KL), labels and the house style."""
+    for ax, (key, label, line) in zip(axes, panels):
+        if line is not None:
+            ax.axhline(line, ls="--", lw=0.8, color="#555")
+        ax.set_xscale("log")
+        if key == "kl":
+            ax.set_yscale("log")
+        ax.set_xlabel("l0 ratio (share of concepts active per position)", fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.tick_params(labelsize=7)
 
 
 def completeness_figure(

@@ -29,6 +29,27 @@ def metrics_section(store: RunStore, assets: Assets) -> dict:
     for entry in info["layers"]:
         extra = fidelity.get(entry["name"], {})
         rows.append({**entry, "n_positions": extra.get("n_positions")})
+    plots = _fidelity_plots(store, rows, assets)
+    gig = info.get("gig")
+    plots += _attribution_plots(store, gig, assets)
+    completeness = dict(store.summary("attribute").get("completeness", {}))
+    stages = [{"name": k, **v} for k, v in info["stages"].items()]
+    return {
+        "layers": rows,
+        "completeness": completeness,
+        "gig": gig,
+        "images": info["images"],
+        "stages": stages,
+        "plots": plots,
+        "rule": rule_text(store.config),
+        "debias": store.config.debias and store.config.coder == "lasso",
+        "coder": store.config.coder,
+    }
+
+
+def _fidelity_plots(store: RunStore, rows: list[dict], assets: Assets) -> list[dict]:
+    """``[{"title", "url"}]`` of the layers' fidelity plots: reconstruction per layer and the
+    sparsity–fidelity fronts, each where ``rows`` (the section's layers) have the figures."""
     plots = []
     if any(r["rel_error"] is not None for r in rows):
         plots.append(
@@ -55,11 +76,17 @@ def metrics_section(store: RunStore, assets: Assets) -> dict:
                 ),
             }
         )
+    return plots
+
+
+def _attribution_plots(store: RunStore, gig: dict | None, assets: Assets) -> list[dict]:
+    """``[{"title", "url"}]`` of the attributions' plots: GIG completeness residuals and, where
+    the summary's ``gig`` accuracy has them by source, GIG error estimates."""
+    plots = []
     try:
         residuals = completeness_residuals(store).numpy()
     except RunMismatchError:  # a run without attributions still gets its other metrics
         residuals = None
-    completeness = dict(store.summary("attribute").get("completeness", {}))
     if residuals is not None and residuals.size:
         plots.append(
             {
@@ -67,7 +94,6 @@ def metrics_section(store: RunStore, assets: Assets) -> dict:
                 "url": assets.add_bytes("img/metrics/completeness.svg", completeness_figure(residuals)),
             }
         )
-    gig = info.get("gig")
     if gig and gig.get("by_source"):
         estimates = load_error_estimates(store)
         if estimates.numel():
@@ -80,18 +106,7 @@ def metrics_section(store: RunStore, assets: Assets) -> dict:
                     ),
                 }
             )
-    stages = [{"name": k, **v} for k, v in info["stages"].items()]
-    return {
-        "layers": rows,
-        "completeness": completeness,
-        "gig": gig,
-        "images": info["images"],
-        "stages": stages,
-        "plots": plots,
-        "rule": rule_text(store.config),
-        "debias": store.config.debias and store.config.coder == "lasso",
-        "coder": store.config.coder,
-    }
+    return plots
 
 
 def ablation_section(store: RunStore, importance: dict[str, torch.Tensor]) -> dict | None:

@@ -40,22 +40,7 @@ def write_viewer(
     out.mkdir(parents=True, exist_ok=True)
     assets = Assets(out, single_file)
     name = sec.class_namer(names)
-    targets = {int(i["image_id"]): int(i["target"]) for i in load_images(store)["images"]}
-    cards = {layer: load_concept_cards(store, layer) for layer in layers}
-    shown = sec.concepts_shown({layer: [] for layer in layers}, graphs)
-    urls = sec.exemplar_urls(access, assets, cards, shown, exemplars, log)
-    neighbours = sec.RunNeighbours.of_run(store, targets).read_edges(store, shown, targets)
-    importance = neighbours.importance
-    concepts = sec.concept_cards(
-        store,
-        cards,
-        {layer: load_samples(store, layer) for layer in layers},
-        shown,
-        urls,
-        importance,
-        neighbours,
-        exemplars,
-    )
+    cards, shown, concepts = _graph_concepts(store, access, assets, graphs, exemplars, log)
     images = panels(concepts, assets) if panels else {}
     run = {
         "path": str(store.root),
@@ -91,3 +76,34 @@ def write_viewer(
         },
         name,
     )
+
+
+def _graph_concepts(
+    store: RunStore,
+    access: RunAccess,
+    assets: Assets,
+    graphs: list[dict],
+    exemplars: int,
+    log: Callable[[str], None],
+) -> tuple[dict[str, dict], dict[str, set[int]], dict[str, dict]]:
+    """The concepts ``graphs`` show: ``(the run's concept cards by layer (its atlas), the
+    concepts shown by layer, the page's concept cards by ``"LAYER:q"``)``, the cards with
+    ``exemplars`` exemplar crops (assets) and their neighbours in the run's graphs."""
+    layers = list(store.config.layers)
+    targets = {int(i["image_id"]): int(i["target"]) for i in load_images(store)["images"]}
+    cards = {layer: load_concept_cards(store, layer) for layer in layers}
+    shown = sec.concepts_shown({layer: [] for layer in layers}, graphs)
+    urls = sec.exemplar_urls(access, assets, cards, shown, exemplars, log)
+    neighbours = sec.RunNeighbours.of_run(store, targets).read_edges(store, shown, targets)
+    importance = neighbours.importance
+    concepts = sec.concept_cards(
+        store,
+        cards,
+        {layer: load_samples(store, layer) for layer in layers},
+        shown,
+        urls,
+        importance,
+        neighbours,
+        exemplars,
+    )
+    return cards, shown, concepts
