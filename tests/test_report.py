@@ -545,3 +545,29 @@ def test_the_graph_stages_run_sums_give_the_shards_numbers(tiny_run, tmp_path, m
     assert load_run_sums(copy) is None
     (run / "graph" / RUN_SUMS).unlink()
     assert load_run_sums(copy) is None
+
+
+def test_report_reads_each_attribute_shard_at_most_twice(tiny_run, page_data, tmp_path, monkeypatch) -> None:
+    """Every graph the page needs in one two-pass read of the shards (the localisation rows in
+    the second), the run-wide figures from the graph stage's run sums and the attribute stage's
+    path records: no shard is opened more than twice. The page's graphs equal the first build's."""
+    import collections
+
+    import gig.attribution
+    from gig.report import build_report
+
+    opens = collections.Counter()
+    real_open = gig.attribution.open_tensors
+
+    def counted(path, *args, **kwargs):
+        opens[Path(path).name] += 1
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(gig.attribution, "open_tensors", counted)
+    index = build_report(tiny_run["run"], tmp_path / "report", model=tiny_run["bundle"], progress=False)
+    shards = sorted(p.name for p in (tiny_run["run"] / "attribute" / "shards").glob("*.safetensors"))
+    assert shards and set(opens) == set(shards)
+    assert max(opens.values()) <= 2, opens
+    text = index.read_text(encoding="utf-8")
+    again = json.loads(re.search(r'<script type="application/json" id="gig-data">(.*?)</script>', text, re.S).group(1))
+    assert again["graphs"] == page_data["graphs"] and again["images"] == page_data["images"]

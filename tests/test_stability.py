@@ -203,6 +203,34 @@ def test_graph_recurrence_of_a_refit_is_the_count_by_hand(graph_stability_run):
     assert load_json(run / "stability" / "stability.json")["graphs"] == saved["graphs"]
 
 
+def test_report_shows_each_class_graphs_recurrence(graph_stability_run, tiny_run, tmp_path):
+    """The report's class graphs carry their recurrence under refits (nodes, edges, refits and
+    the control's), read from stability.json."""
+    import re
+
+    from gig.report import ReportOptions, build_report
+
+    run, result = graph_stability_run
+    index = build_report(
+        run, tmp_path / "report", ReportOptions(atlas_per_layer=2, n_images=1, max_classes=3), model=tiny_run["bundle"]
+    )
+    text = index.read_text(encoding="utf-8")
+    data = json.loads(re.search(r'<script type="application/json" id="gig-data">(.*?)</script>', text, re.S).group(1))
+    shown = [
+        g for g in data["graphs"] if g["mode"] == "class" and f"class_{g['classes'][0]}" in result["graphs"]["mean"]
+    ]
+    assert shown
+    for entry in shown:
+        name = f"class_{entry['classes'][0]}"
+        mean, control = result["graphs"]["mean"][name], result["graphs"]["control"]["graphs"][name]
+        assert entry["recurrence"] == {
+            "nodes": mean["nodes"],
+            "edges": mean["edges"],
+            "refits": 1,
+            "control": {"nodes": control["nodes"], "edges": control["edges"]},
+        }
+
+
 def test_graphs_are_refused_without_the_graph_stage_or_with_other_targets(tiny_run, tmp_path):
     import shutil
 

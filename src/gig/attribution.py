@@ -11,6 +11,7 @@ down (:func:`walk`), writes ``attribute/shards/*.safetensors`` and reads them ba
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
+from functools import partial
 
 import torch
 
@@ -166,8 +167,12 @@ def _attribute_split_shards(store, ranks, records: list, size: int, walk_images,
 
 def _summarize(store, summary: dict) -> None:
     """Completeness residuals and accuracy per path kind, from the shards (not the maps: memory
-    stays flat in the images)."""
+    stays flat in the images); the per-path records they come from are saved beside the shards
+    (:data:`PATHS_FILE`), so that readers of the finished run need no pass over them."""
+    from .store import save_tensors
+
     data = load_attributions(store, SUMMARY_FIELDS)
+    save_tensors(store.stage_dir("attribute") / PATHS_FILE, data)
     parts = completeness_residuals(store, by_layer=True, data=data)
     summary["completeness"] = _residual_stats(torch.cat(list(parts.values())))
     summary["completeness_by_source"] = {name: _residual_stats(r) for name, r in parts.items()}
@@ -217,70 +222,104 @@ def walk(
     are the graph's edge weights (:func:`gig.graph.edge_weights`), so they compose along paths.
     """
     out: dict[str, torch.Tensor] = {"image_id": torch.tensor(ids, dtype=torch.int64)}
-    top_layer = layers[-1]
-    codes = torch.stack([readers[top_layer].codes(i) for i in ids])
     step = None if progress is None else (lambda share: progress(share / len(layers)))
-
-    def directions(layer: str) -> torch.Tensor | None:
-        return random_directions(ids, layer, null_directions, gigs[layer].V.shape[1]) if null_directions else None
-
-    res = gigs[top_layer].attribute(
-        pixels,
-        codes,
-        torch.tensor(class_targets),
-        return_gradients=True,
-        progress=step,
-        directions=directions(top_layer),
-    )
-    out[f"{top_layer}/class_gig"] = res.attributions[:, 0]
-    if null_directions:
-        out[f"{top_layer}/class_null"] = res.direction_attributions[:, 0].mean(-1)
-    out[f"{top_layer}/class_delta"] = res.output_diff[:, 0]
-    out[f"{top_layer}/class_residual"] = res.residual[:, 0]
-    out[f"{top_layer}/class_steps"] = res.n_evaluations[:, 0]
-    out[f"{top_layer}/class_error"] = res.error_estimate[:, 0]
-    out[f"{top_layer}/class_converged"] = _converged(res)[:, 0]
+    attribute = partial(_attribute_layer, pixels, ids, readers, gigs, step, null_directions)
+    top_layer = layers[-1]
+    codes, res = attribute(top_layer, torch.tensor(class_targets))
+    out.update(_class_fields(top_layer, res, null_directions))
     score = flow(res.attributions[:, 0], res.output_diff[:, 0], torch.ones(len(ids)))  # share of the logit change
     upper_importance = torch.ones(len(ids), 1)  # the class node carries the whole change
     upper_delta = res.output_diff
     for position in range(len(layers) - 1, -1, -1):
         layer = layers[position]
-        k = min(top_k, score.shape[1])
-        top = score.topk(k, dim=1)
+        top = score.topk(min(top_k, score.shape[1]), dim=1)
         out[f"{layer}/score"] = score
         out[f"{layer}/top"] = top.indices
         out[f"{layer}/importance"] = top.values
-        h, w = gigs[layer].grid_shape(pixels)
-        maps = gig_maps(codes, res.integrated_gradients, gigs[layer].V.cpu(), top.indices)  # (N, T, k, P)
-        weight = (upper_importance / safe_denominator(upper_delta))[:, :, None, None]
-        out[f"{layer}/maps"] = (maps * weight).sum(1).reshape(len(ids), k, h, w)
+        out[f"{layer}/maps"] = _importance_maps(
+            gigs[layer], pixels, codes, res.integrated_gradients, top.indices, upper_importance, upper_delta
+        )
         if position == 0:
             break
         lower = layers[position - 1]
-        codes = torch.stack([readers[lower].codes(i) for i in ids])
-        res = gigs[lower].attribute(
-            pixels,
-            codes,
-            top.indices,
-            read_layer=layer,
-            read_vectors=gigs[layer].V,
-            return_gradients=True,
-            progress=step,
-            directions=directions(lower),
-        )
-        out[f"{lower}/targets"] = top.indices
-        out[f"{lower}/gig"] = res.attributions  # (N, k, K_lower)
-        if null_directions:
-            out[f"{lower}/null"] = res.direction_attributions.mean(-1)  # (N, k)
-        out[f"{lower}/delta"] = res.output_diff
-        out[f"{lower}/residual"] = res.residual
-        out[f"{lower}/steps"] = res.n_evaluations
-        out[f"{lower}/error"] = res.error_estimate
-        out[f"{lower}/converged"] = _converged(res)
+        codes, res = attribute(lower, top.indices, read_layer=layer)
+        out.update(_target_fields(lower, top.indices, res, null_directions))
         upper_importance = top.values
         upper_delta = res.output_diff
         score = flow(res.attributions, res.output_diff, upper_importance).sum(1)  # the edges' flows, summed
     return out
+
+
+def _attribute_layer(
+    pixels: torch.Tensor,
+    ids: list[int],
+    readers: dict,
+    gigs: dict,
+    step: Callable[[float], None] | None,
+    null_directions: int,
+    layer: str,
+    targets: torch.Tensor,
+    read_layer: str | None = None,
+) -> tuple[torch.Tensor, GIGResult]:
+    """The batch's codes ``(N, P, K)`` at ``layer`` and their GIG (with integrated gradients, for
+    the maps) to ``targets (N, T)``: classes, or with ``read_layer`` concepts of that upper layer.
+    With ``null_directions`` ``M > 0``, ``M`` random directions per image ride along."""
+    codes = torch.stack([readers[layer].codes(i) for i in ids])
+    directions = random_directions(ids, layer, null_directions, gigs[layer].V.shape[1]) if null_directions else None
+    read = {} if read_layer is None else {"read_layer": read_layer, "read_vectors": gigs[read_layer].V}
+    res = gigs[layer].attribute(
+        pixels, codes, targets, return_gradients=True, progress=step, directions=directions, **read
+    )
+    return codes, res
+
+
+def _class_fields(layer: str, res: GIGResult, null_directions: int) -> dict[str, torch.Tensor]:
+    """The top layer's record of its attribution to the class, each ``(N,)`` (``class_gig``
+    ``(N, K)``): ``LAYER/class_gig``, ``class_null`` (with ``null_directions``), ``class_delta``,
+    ``class_residual``, ``class_steps``, ``class_error``, ``class_converged``."""
+    out = {f"{layer}/class_gig": res.attributions[:, 0]}
+    if null_directions:
+        out[f"{layer}/class_null"] = res.direction_attributions[:, 0].mean(-1)
+    out[f"{layer}/class_delta"] = res.output_diff[:, 0]
+    out[f"{layer}/class_residual"] = res.residual[:, 0]
+    out[f"{layer}/class_steps"] = res.n_evaluations[:, 0]
+    out[f"{layer}/class_error"] = res.error_estimate[:, 0]
+    out[f"{layer}/class_converged"] = _converged(res)[:, 0]
+    return out
+
+
+def _target_fields(lower: str, targets: torch.Tensor, res: GIGResult, null_directions: int) -> dict[str, torch.Tensor]:
+    """A lower layer's record of its attributions to the upper layer's top concepts
+    ``targets (N, k)``: ``LOWER/targets``, ``gig (N, k, K_lower)``, ``null (N, k)`` (with
+    ``null_directions``), ``delta``, ``residual``, ``steps``, ``error``, ``converged``, each ``(N, k)``."""
+    out = {f"{lower}/targets": targets, f"{lower}/gig": res.attributions}
+    if null_directions:
+        out[f"{lower}/null"] = res.direction_attributions.mean(-1)
+    out[f"{lower}/delta"] = res.output_diff
+    out[f"{lower}/residual"] = res.residual
+    out[f"{lower}/steps"] = res.n_evaluations
+    out[f"{lower}/error"] = res.error_estimate
+    out[f"{lower}/converged"] = _converged(res)
+    return out
+
+
+def _importance_maps(
+    gig: GIG,
+    pixels: torch.Tensor,
+    codes: torch.Tensor,
+    integrated_gradients: torch.Tensor,
+    top: torch.Tensor,
+    upper_importance: torch.Tensor,
+    upper_delta: torch.Tensor,
+) -> torch.Tensor:
+    """Where each of the layer's ``top (N, k)`` concepts carries importance: its GIG maps to the
+    upper targets (:func:`gig_maps`, ``(N, T, k, P)``) weighted by each target's importance per
+    unit of its output change, ``upper_importance / upper_delta`` ``(N, T)``, summed over the
+    targets → ``(N, k, H, W)``."""
+    h, w = gig.grid_shape(pixels)
+    maps = gig_maps(codes, integrated_gradients, gig.V.cpu(), top)  # (N, T, k, P)
+    weight = (upper_importance / safe_denominator(upper_delta))[:, :, None, None]
+    return (maps * weight).sum(1).reshape(len(codes), top.shape[1], h, w)
 
 
 def _converged(res: GIGResult) -> torch.Tensor:
@@ -305,32 +344,62 @@ SUMMARY_FIELDS = (
 )
 
 
+#: Every attribution's record (:data:`SUMMARY_FIELDS`, one row per image), saved by the stage's
+#: summary: what the completeness and accuracy readers read (:func:`load_path_records`).
+PATHS_FILE = "paths.safetensors"
+
+
+def load_path_records(store) -> dict[str, torch.Tensor]:
+    """Every attribution's record (:data:`SUMMARY_FIELDS`) over the run's images: the stage's
+    :data:`PATHS_FILE`, or, for a run made before it existed, one pass over the shards."""
+    from .store import load_tensors
+
+    path = store.root / "attribute" / PATHS_FILE
+    return load_tensors(path) if path.is_file() else load_attributions(store, SUMMARY_FIELDS)
+
+
 def iter_attributions(
-    store, fields: Collection[str] | None = None, image_ids: Collection[int] | None = None
+    store,
+    fields: Collection[str] | None = None,
+    image_ids: Collection[int] | None = None,
+    extra: tuple[Collection[str], Collection[int]] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """The attribute shards one at a time, in order: keys as in :func:`walk`, first axis = that
     shard's images. ``fields`` keeps only the keys ``LAYER/FIELD`` with those FIELDs (and
     ``image_id``); ``image_ids`` only those images' rows. Only what is kept is read from disk, so
-    memory holds one shard's selection, never the run's."""
+    memory holds one shard's selection, never the run's. ``extra = (fields, image_ids)`` reads
+    other fields of a few images in the same opening of each shard: a part holding some of them
+    gets ``part["extra"]``, a dict of their ``image_id`` and those fields' rows."""
     paths = sorted((store.root / "attribute" / "shards").glob("*.safetensors"))
     if not paths:
         raise RunMismatchError(f"no attribution shards in {store.root / 'attribute'}: run `gig attribute` first")
-    wanted = None if image_ids is None else torch.tensor(sorted({int(i) for i in image_ids}), dtype=torch.long)
+    wanted = _id_tensor(image_ids)
+    extra_ids = None if extra is None else _id_tensor(extra[1])
     for path in paths:
         with open_tensors(path) as shard:
             ids = shard.get_tensor("image_id")
             rows = None if wanted is None else torch.isin(ids, wanted).nonzero().flatten()
-            if rows is not None and rows.numel() == 0:
+            extra_rows = None if extra_ids is None else torch.isin(ids, extra_ids).nonzero().flatten()
+            if rows is not None and rows.numel() == 0 and (extra_rows is None or extra_rows.numel() == 0):
                 continue
-            keys = [k for k in shard.keys() if k == "image_id" or fields is None or k.rsplit("/", 1)[-1] in fields]
-            part = {}
-            for key in keys:
-                if rows is None:
-                    part[key] = shard.get_tensor(key)
-                else:  # read the rows' span only, then keep the rows
-                    first, last = int(rows[0]), int(rows[-1]) + 1
-                    part[key] = shard.get_slice(key)[first:last][rows - first]
+            part = _shard_rows(shard, ids, rows, fields)
+            if extra_rows is not None and extra_rows.numel():
+                part["extra"] = _shard_rows(shard, ids, extra_rows, extra[0])
             yield part
+
+
+def _id_tensor(image_ids: Collection[int] | None) -> torch.Tensor | None:
+    return None if image_ids is None else torch.tensor(sorted({int(i) for i in image_ids}), dtype=torch.long)
+
+
+def _shard_rows(shard, ids: torch.Tensor, rows: torch.Tensor | None, fields: Collection[str] | None) -> dict:
+    """The keys of ``fields`` (all: None) of one open shard at ``rows`` (all: None), with
+    ``image_id``; only the rows' span is read from disk."""
+    keys = [k for k in shard.keys() if k != "image_id" and (fields is None or k.rsplit("/", 1)[-1] in fields)]
+    if rows is None:
+        return {"image_id": ids, **{key: shard.get_tensor(key) for key in keys}}
+    first, last = (int(rows[0]), int(rows[-1]) + 1) if rows.numel() else (0, 0)
+    return {"image_id": ids[rows], **{key: shard.get_slice(key)[first:last][rows - first] for key in keys}}
 
 
 def load_attributions(
@@ -358,7 +427,7 @@ def completeness_residuals(store, by_layer: bool = False, data: dict[str, torch.
 
     One tensor, or with ``by_layer`` a dict keyed ``"LAYER->class"`` / ``"LOWER->UPPER"``.
     """
-    data = load_attributions(store, SUMMARY_FIELDS) if data is None else data
+    data = load_path_records(store) if data is None else data
     layers = store.config.layers
     top = layers[-1]
     parts = {f"{top}->class": data[f"{top}/class_residual"].abs() / data[f"{top}/class_delta"].abs().clamp_min(1e-8)}
@@ -381,7 +450,7 @@ def _path_keys(layers: list[str]) -> dict[str, tuple[str, str, str]]:
 def load_error_estimates(store, data: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Every stored attribution's relative error estimate, flat (NaN-free; empty for runs made
     before error control or on a fixed grid without an estimate)."""
-    data = load_attributions(store, SUMMARY_FIELDS) if data is None else data
+    data = load_path_records(store) if data is None else data
     parts = [data[keys[1]].flatten() for keys in _path_keys(store.config.layers).values() if keys[1] in data]
     flat = torch.cat(parts) if parts else torch.zeros(0)
     return flat[~flat.isnan()]
@@ -392,7 +461,7 @@ def accuracy_summary(store, data: dict[str, torch.Tensor] | None = None) -> dict
     (median, p95, max) and the share of attributions that did not converge (estimate above the
     tolerance, or completeness residual above half of it, at the step cap) of every stored
     attribution."""
-    data = load_attributions(store, SUMMARY_FIELDS) if data is None else data
+    data = load_path_records(store) if data is None else data
     config = store.config
     tol = None if config.n_steps else config.gig_tol
     out: dict = {"tol": tol, "by_source": {}}

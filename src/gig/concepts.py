@@ -145,60 +145,83 @@ def extract_concepts(store: RunStore, progress: bool = True) -> None:
         for layer in tqdm(config.layers, desc="concepts", disable=not progress):
             samples = load_samples(store, layer)
             X = samples["pfv"].numpy()
-            extractor = ConceptExtractor(
-                concepts_per_channel=config.concepts_per_channel,
-                min_cluster=config.min_cluster,
-                max_concepts=config.max_concepts,
-                random_state=config.seed,
-            )
-            basis_info = None
-            if layer in config.dictionaries:
-                V, kind = read_dictionary(config.dictionaries[layer], X.shape[1])
-                extractor.fit_dictionary(X, V)
-            elif config.bases.get(layer, "kmeans") != "kmeans":
-                encoder, kind, basis_info = _fit_basis(config, layer, X)
-                save_basis(store, layer, encoder)
-                extractor.fit_dictionary(X, encoder.V.numpy())
-            else:
-                extractor.fit(X)
-                kind = "bisecting-kmeans"
-            if basis_info is None:
-                basis_path(store, layer).unlink(missing_ok=True)  # a k-means layer has no encoder of its own
-            targets = samples["target"].numpy()
-            cards = []
-            for q in range(extractor.concepts_.shape[0]):
-                members = targets[extractor.labels_ == q]
-                cards.append(
-                    {
-                        "id": q,
-                        "count": int(extractor.counts_[q]),
-                        "top_classes": [[int(c), int(n)] for c, n in Counter(members.tolist()).most_common(5)],
-                        "exemplars": extractor.exemplars_[q].tolist(),
-                        "exemplar_similarity": [round(float(s), 4) for s in extractor.exemplar_similarity_[q]],
-                    }
-                )
-            save_tensors(
-                out / f"{layer}.safetensors",
-                {
-                    "V": torch.from_numpy(extractor.concepts_),
-                    "labels": torch.from_numpy(extractor.labels_),
-                    "exemplars": torch.from_numpy(extractor.exemplars_.astype(np.int64)),
-                },
-            )
-            save_json(
-                out / f"{layer}.json",
-                {
-                    "layer": layer,
-                    "source": kind,
-                    "K": int(extractor.concepts_.shape[0]),
-                    "C": int(X.shape[1]),
-                    "n_samples": int(X.shape[0]),
-                    "concepts": cards,
-                },
-            )
+            extractor, kind, basis_info = _fit_layer(store, layer, X)
+            cards = _concept_cards(extractor, samples["target"].numpy())
+            _save_concepts(out, layer, kind, extractor, X, cards)
             summary[layer] = {"K": int(extractor.concepts_.shape[0]), "C": int(X.shape[1]), "source": kind}
             if basis_info is not None:
                 summary[layer]["basis"] = basis_info
+
+
+def _fit_layer(store: RunStore, layer: str, X: np.ndarray) -> tuple[ConceptExtractor, str, dict | None]:
+    """The concepts of ``layer`` from its sampled PFVs ``X (N, C)``: ``(extractor, source, basis
+    info)``, from the user's dictionary, a basis with its own encoder (saved beside them; its info,
+    else None) or bisecting k-means."""
+    config = store.config
+    extractor = ConceptExtractor(
+        concepts_per_channel=config.concepts_per_channel,
+        min_cluster=config.min_cluster,
+        max_concepts=config.max_concepts,
+        random_state=config.seed,
+    )
+    basis_info = None
+    if layer in config.dictionaries:
+        V, kind = read_dictionary(config.dictionaries[layer], X.shape[1])
+        extractor.fit_dictionary(X, V)
+    elif config.bases.get(layer, "kmeans") != "kmeans":
+        encoder, kind, basis_info = _fit_basis(config, layer, X)
+        save_basis(store, layer, encoder)
+        extractor.fit_dictionary(X, encoder.V.numpy())
+    else:
+        extractor.fit(X)
+        kind = "bisecting-kmeans"
+    if basis_info is None:
+        basis_path(store, layer).unlink(missing_ok=True)  # a k-means layer has no encoder of its own
+    return extractor, kind, basis_info
+
+
+def _concept_cards(extractor: ConceptExtractor, targets: np.ndarray) -> list[dict]:
+    """Per concept: its member count, the five classes most of its members (``targets (N,)``: each
+    sample's class) come from, and its exemplars with their cosines."""
+    cards = []
+    for q in range(extractor.concepts_.shape[0]):
+        members = targets[extractor.labels_ == q]
+        cards.append(
+            {
+                "id": q,
+                "count": int(extractor.counts_[q]),
+                "top_classes": [[int(c), int(n)] for c, n in Counter(members.tolist()).most_common(5)],
+                "exemplars": extractor.exemplars_[q].tolist(),
+                "exemplar_similarity": [round(float(s), 4) for s in extractor.exemplar_similarity_[q]],
+            }
+        )
+    return cards
+
+
+def _save_concepts(
+    out: Path, layer: str, kind: str, extractor: ConceptExtractor, X: np.ndarray, cards: list[dict]
+) -> None:
+    """``LAYER.safetensors`` (``V (K, C)``, ``labels (N,)``, ``exemplars (K, n)``) and ``LAYER.json``
+    (source, sizes and the concepts' ``cards``) in ``out``."""
+    save_tensors(
+        out / f"{layer}.safetensors",
+        {
+            "V": torch.from_numpy(extractor.concepts_),
+            "labels": torch.from_numpy(extractor.labels_),
+            "exemplars": torch.from_numpy(extractor.exemplars_.astype(np.int64)),
+        },
+    )
+    save_json(
+        out / f"{layer}.json",
+        {
+            "layer": layer,
+            "source": kind,
+            "K": int(extractor.concepts_.shape[0]),
+            "C": int(X.shape[1]),
+            "n_samples": int(X.shape[0]),
+            "concepts": cards,
+        },
+    )
 
 
 def _fit_basis(config, layer: str, X: np.ndarray):

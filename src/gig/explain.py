@@ -19,6 +19,7 @@ Written to ``DIR``::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -143,37 +144,55 @@ def explain(
     out: list[Explanation] = []
     step = store.config.batch_size
     for start in range(0, len(loaded), step):
-        batch = loaded[start : start + step]
-        pixels = access.bundle.preprocess_batch([im for _, im in batch])
-        views = [access.bundle.display_image(im) for _, im in batch]
-        logits, codes = encode_pixels(store, handle, pixels)
-        targets = _targets(targets_given[start : start + step], logits.argmax(1), logits.shape[1])
-        ids = [start + i for i in range(len(batch))]  # image ids of the explanation: 0, 1, ... over all images
-        readers = {
-            layer: _MemoryCodes({image_id: codes[layer][i] for i, image_id in enumerate(ids)}) for layer in layers
-        }
-        data = walk(pixels, ids, targets, layers, readers, gigs, store.config.top_k)
-        for i, (name, image) in enumerate(batch):
-            graph = build_graph(
-                store, "image", image_id=ids[i], data=data, targets=dict(zip(ids, targets)), class_names=names
+        batch, given = loaded[start : start + step], targets_given[start : start + step]
+        out += _explain_batch(access, handle, gigs, batch, start, given, names, class_name)
+    return out
+
+
+def _explain_batch(
+    access: RunAccess,
+    handle,
+    gigs: dict,
+    batch: list[tuple[str, Image.Image]],
+    start: int,
+    given: list[int | None],
+    names: list[str],
+    class_name: Callable[[int], str],
+) -> list[Explanation]:
+    """One batch of :func:`explain`: its images preprocessed once (``pixels (B, 3, S, S)``), coded
+    at every layer, walked together (image ids ``start, start + 1, ...``: 0, 1, ... over all
+    images) and each one's single-image graph built; ``given``: each image's class or None."""
+    store = access.store
+    layers = list(store.config.layers)
+    pixels = access.bundle.preprocess_batch([im for _, im in batch])
+    views = [access.bundle.display_image(im) for _, im in batch]
+    logits, codes = encode_pixels(store, handle, pixels)
+    targets = _targets(given, logits.argmax(1), logits.shape[1])
+    ids = [start + i for i in range(len(batch))]  # image ids of the explanation: 0, 1, ... over all images
+    readers = {layer: _MemoryCodes({image_id: codes[layer][i] for i, image_id in enumerate(ids)}) for layer in layers}
+    data = walk(pixels, ids, targets, layers, readers, gigs, store.config.top_k)
+    out = []
+    for i, (name, image) in enumerate(batch):
+        graph = build_graph(
+            store, "image", image_id=ids[i], data=data, targets=dict(zip(ids, targets)), class_names=names
+        )
+        pred = int(logits[i].argmax())
+        out.append(
+            Explanation(
+                name,
+                image,
+                pred,
+                targets[i],
+                logits[i].softmax(0),
+                graph,
+                {k: v[i] for k, v in data.items()},
+                {layer: codes[layer][i] for layer in layers},
+                class_name(pred),
+                class_name(targets[i]),
+                pixels[i],
+                views[i],
             )
-            pred = int(logits[i].argmax())
-            out.append(
-                Explanation(
-                    name,
-                    image,
-                    pred,
-                    targets[i],
-                    logits[i].softmax(0),
-                    graph,
-                    {k: v[i] for k, v in data.items()},
-                    {layer: codes[layer][i] for layer in layers},
-                    class_name(pred),
-                    class_name(targets[i]),
-                    pixels[i],
-                    views[i],
-                )
-            )
+        )
     return out
 
 
@@ -213,14 +232,27 @@ def write_explanations(
     ``access``: the opened run :func:`explain` used (its model is not loaded again, nor its
     handle built again). The concept cards' run-wide figures come from the graph stage's run
     sums (:func:`gig.graph.load_run_sums`): no attribute shard is read where the run has them."""
-    from .report import sections as sec
     from .report.viewer import write_viewer
 
     access = access or RunAccess(run_dir, model)
     store = access.store
     out = Path(out)
     names = list(class_names) if class_names is not None else list(access.bundle.class_names)
-    graphs = [
+    graphs = _graph_entries(explanations)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_graphs(store, explanations, out)
+    panels = partial(_panels, access, explanations, out, heatmap_size)
+    return write_viewer(
+        store, access, graphs, out, names, panels, single_file, exemplars, "explain", len(explanations), log
+    )
+
+
+def _graph_entries(explanations: list[Explanation]) -> list[dict]:
+    """The viewer's entry of each explained image's graph (``image:I``), titled by its file and
+    target, and its prediction where that differs."""
+    from .report import sections as sec
+
+    return [
         sec.graph_entry(
             f"image:{i}",
             "image",
@@ -232,7 +264,11 @@ def write_explanations(
         )
         for i, e in enumerate(explanations)
     ]
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_graphs(store: RunStore, explanations: list[Explanation], out: Path) -> None:
+    """``out/image_I.json`` (each image's graph) and ``out/explanations.json`` (per image: file,
+    prediction, target, probabilities, graph file)."""
     summary = []
     for i, e in enumerate(explanations):
         save_json(out / f"image_{i}.json", e.graph)
@@ -251,41 +287,44 @@ def write_explanations(
         )
     save_json(out / "explanations.json", {"schema": SCHEMA, "run": str(store.root), "images": summary})
 
-    def panels(concepts: dict, assets) -> dict:
-        """Own ERF crops, localisation panels and static figures of every explained image."""
-        out_panels = {}
-        for i, e in enumerate(explanations):
-            pixels = (e.pixels if e.pixels is not None else access.bundle.preprocess(e.image))[None]
-            view = e.view if e.view is not None else access.bundle.display_image(e.image)
-            crops = own_erf_crops(access.handle, access.bundle, e, pixels, list(store.config.layers))
-            erf_urls = {node: assets.add_image(f"img/own/{i}/{sec.slug(node)}.jpg", c) for node, c in crops.items()}
-            entry = {
-                "id": i,
-                "path": e.name,
-                "label": None,
-                "label_name": None,
-                "pred": e.pred,
-                "target": e.target,
-                "target_prob": float(e.probabilities[e.target]),
-            }
-            out_panels[str(i)] = sec.localisation_panel(
-                entry,
-                view,
-                list(store.config.layers),
-                e.walk,
-                e.codes,
-                concepts,
-                assets,
-                heatmap_size,
-                erf_urls,
-            )
-            thumbs = {n: _png(out / "img" / "own" / str(i), n, c) for n, c in crops.items()}
-            draw_graph(e.graph, out / f"image_{i}", thumbs, labels=node_labels(store, e.graph))
-        return out_panels
 
-    return write_viewer(
-        store, access, graphs, out, names, panels, single_file, exemplars, "explain", len(explanations), log
-    )
+def _panels(
+    access: RunAccess, explanations: list[Explanation], out: Path, heatmap_size: int, concepts: dict, assets
+) -> dict:
+    """Own ERF crops, localisation panels and static figures of every explained image (the
+    viewer's panel maker: ``concepts`` and ``assets`` come from :func:`write_viewer`)."""
+    from .report import sections as sec
+
+    store = access.store
+    out_panels = {}
+    for i, e in enumerate(explanations):
+        pixels = (e.pixels if e.pixels is not None else access.bundle.preprocess(e.image))[None]
+        view = e.view if e.view is not None else access.bundle.display_image(e.image)
+        crops = own_erf_crops(access.handle, access.bundle, e, pixels, list(store.config.layers))
+        erf_urls = {node: assets.add_image(f"img/own/{i}/{sec.slug(node)}.jpg", c) for node, c in crops.items()}
+        entry = {
+            "id": i,
+            "path": e.name,
+            "label": None,
+            "label_name": None,
+            "pred": e.pred,
+            "target": e.target,
+            "target_prob": float(e.probabilities[e.target]),
+        }
+        out_panels[str(i)] = sec.localisation_panel(
+            entry,
+            view,
+            list(store.config.layers),
+            e.walk,
+            e.codes,
+            concepts,
+            assets,
+            heatmap_size,
+            erf_urls,
+        )
+        thumbs = {n: _png(out / "img" / "own" / str(i), n, c) for n, c in crops.items()}
+        draw_graph(e.graph, out / f"image_{i}", thumbs, labels=node_labels(store, e.graph))
+    return out_panels
 
 
 def _png(folder: Path, node: str, crop: Image.Image) -> Path:

@@ -812,6 +812,28 @@ def default_classes(store: RunStore, n: int = 3) -> list[int]:
     return [c for c, _ in counts.most_common(n)]
 
 
+class ImageRows:
+    """Fields of a few images collected from the shards while another pass reads them
+    (:func:`build_graph_set`'s ``rows_of``): after the pass, :attr:`data` holds ``image_id`` and
+    every ``LAYER/FIELD`` of ``fields`` for ``image_ids`` (first axis: those images, in shard order)."""
+
+    def __init__(self, fields: tuple[str, ...], image_ids: list[int]):
+        self.fields, self.image_ids = fields, list(image_ids)
+        self._parts: list[dict[str, torch.Tensor]] = []
+
+    def keep(self, part: dict) -> dict:
+        """``part`` without its ``extra`` rows, which are kept here."""
+        if "extra" in part:
+            self._parts.append(part.pop("extra"))
+        return part
+
+    @property
+    def data(self) -> dict[str, torch.Tensor]:
+        if not self._parts:
+            return {"image_id": torch.zeros(0, dtype=torch.long)}
+        return {k: torch.cat([p[k] for p in self._parts]) for k in self._parts[0]}
+
+
 def build_graph_set(
     store: RunStore,
     specs: dict,
@@ -821,13 +843,16 @@ def build_graph_set(
     edges_per_node: int | None = None,
     data: dict[str, torch.Tensor] | None = None,
     targets: dict[int, int] | None = None,
+    rows_of: "ImageRows | None" = None,
 ) -> dict:
     """Many graphs in the same two passes over the attributions (importances, then the kept
     nodes' edges): ``specs`` is ``{key: (kind, classes)}``, or ``("image", image id)``; the result
     ``{key: graph}``. The attributions are the run's shards, read one at a time and only the
     images the graphs use (no global graph: only their classes' images), or ``data`` with its
     ``targets`` (see :func:`build_graph`). Memory holds one shard and, per class named, the
-    ``(K,)`` importance sums and its graph's kept edges."""
+    ``(K,)`` importance sums and its graph's kept edges. ``rows_of``: other fields of a few
+    images read in the edge pass's opening of each shard (:class:`ImageRows`, e.g. the report's
+    localisation maps), so that no third pass is needed."""
     layers = list(store.config.layers)
     targets = run_targets(store) if targets is None else targets
     groups: dict = {}
@@ -838,9 +863,12 @@ def build_graph_set(
         classes = {key for key in groups if not isinstance(key, tuple)}
         wanted = [i for i, t in targets.items() if t in classes] + [key[1] for key in groups if isinstance(key, tuple)]
 
-    def parts(fields: tuple[str, ...], desc: str) -> Iterable[dict]:
-        shards = [data] if data is not None else iter_attributions(store, fields, wanted)
-        return tqdm(shards, desc=desc, unit="shard", disable=not progress)
+    def parts(fields: tuple[str, ...], desc: str, extra: "ImageRows | None" = None) -> Iterable[dict]:
+        if data is not None:
+            return [data]
+        ask = None if extra is None else (extra.fields, extra.image_ids)
+        shards = tqdm(iter_attributions(store, fields, wanted, ask), desc=desc, unit="shard", disable=not progress)
+        return shards if extra is None else (extra.keep(part) for part in shards)
 
     sums = accumulate(parts(SCORE_FIELDS, "graph: nodes"), {key: ScoreSums(layers) for key in groups}, groups, targets)
     plans, cards_of = {}, {}
@@ -855,7 +883,7 @@ def build_graph_set(
             store, kind, own, top_k, edges_per_node, class_names, value if kind == "image" else None, cards_of
         )
     edges = accumulate(
-        parts(EDGE_FIELDS, "graph: edges"),
+        parts(EDGE_FIELDS, "graph: edges", rows_of),
         {key: p.edge_sums() for key, p in plans.items()},
         {key: p.selection() for key, p in plans.items()},
         targets,
@@ -934,9 +962,11 @@ class RunSums:
         classes: tuple[torch.Tensor, torch.Tensor],
         parents: dict[str, tuple[torch.Tensor, torch.Tensor]],
         children: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        image_ids: torch.Tensor,
     ):
         self.layers, self.n, self.score_sums, self.class_counts = layers, n, score_sums, class_counts
         self.classes, self.parents, self.children = classes, parents, children
+        self.image_ids = image_ids  # (n,) sorted: the attributed images
 
     def importance(self) -> dict[str, torch.Tensor]:
         """Mean node importances ``{layer: (K,)}`` over every image (:meth:`ScoreSums.scores`)."""
@@ -948,7 +978,7 @@ class RunSums:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The file's tensors (:data:`RUN_SUMS`)."""
-        out = {"n": torch.tensor([self.n]), "class_counts": self.class_counts}
+        out = {"n": torch.tensor([self.n]), "class_counts": self.class_counts, "image_ids": self.image_ids}
         out.update({f"score_sums/{layer}": v for layer, v in self.score_sums.items()})
         out.update({"classes/index": self.classes[0], "classes/weight": self.classes[1]})
         for name in ("parents", "children"):
@@ -971,6 +1001,7 @@ class RunSums:
             pair("classes"),
             {lower: pair(f"parents/{lower}") for lower in layers[:-1]},
             {lower: pair(f"children/{lower}") for lower in layers[:-1]},
+            tensors["image_ids"],
         )
 
 
@@ -1001,7 +1032,7 @@ def run_sums(
     concepts, one pass each (``parts`` must then be a function), the strongest children of each
     lower concept merged across blocks."""
     passes = parts if callable(parts) else None
-    n, score_sums, edge_totals, big = 0, {}, {}, {}
+    n, score_sums, edge_totals, big, ids = 0, {}, {}, {}, []
     n_classes = max(targets.values(), default=-1) + 1
     class_sums, class_counts = torch.zeros(n_classes, 0), torch.zeros(n_classes)
     for part in passes() if passes else parts:
@@ -1009,6 +1040,7 @@ def run_sums(
         if rows.numel() == 0:
             continue
         n += int(rows.numel())
+        ids.append(part["image_id"])
         for layer in layers:
             _add_into(score_sums, layer, part[f"{layer}/score"][rows].float().sum(0))
         target_vec = torch.tensor([targets[int(i)] for i in part["image_id"].tolist()], dtype=torch.long)
@@ -1038,7 +1070,8 @@ def run_sums(
         if passes is None:
             raise ValueError(f"the edge sums out of {lower} {shape} exceed the budget: pass a function for more passes")
         parents[lower], children[lower] = _blocked_neighbours(passes, layers, lower, shape, n, neighbours, budget)
-    return RunSums(layers, n, score_sums, class_counts, (class_ids[index], weight), parents, children)
+    image_ids = torch.cat(ids).sort().values if ids else torch.zeros(0, dtype=torch.long)
+    return RunSums(layers, n, score_sums, class_counts, (class_ids[index], weight), parents, children, image_ids)
 
 
 def _transition_sums(part, rows, layers, position, upper_ids) -> torch.Tensor:

@@ -53,7 +53,7 @@ number of images and targets.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -208,11 +208,26 @@ class GIG:
         ``return_gradients`` also returns the integrated gradients ``Ḡ (N, T, P, C)`` (for
         :func:`gig_maps`); with error control that keeps every step's gradient until the end, so
         images are then processed in groups that fit ``memory_budget`` bytes."""
-        device = self.handle.device
         ibs = internal_batch_size or self.internal_batch_size
         n_steps = n_steps or self.n_steps
         tol = self.tol if tol is None else tol
-        target = torch.as_tensor(target, device=device)
+        target = self._checked_target(target, codes, directions)
+        readout = self._readout(readout, read_layer, read_vectors)
+        shape = self.grid_shape(inputs)
+        group = self._images_per_group(target, shape, n_steps, return_gradients)
+        parts = []
+        with _full_float32():
+            for images, report in _image_groups(target.shape[0], group, progress):
+                settings = (ibs, n_steps, tol, return_gradients, report, directions)
+                parts.append(self._attribute_group(inputs, codes, target, readout, images, shape, *settings))
+        return self._result(parts, n_steps is not None, tol, return_gradients, self.V.shape[0])
+
+    def _checked_target(
+        self, target: torch.Tensor, codes: torch.Tensor, directions: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``target`` as an ``(N, T)`` tensor on the device, once ``codes (N, P, K)`` and
+        ``directions (N, M, C)`` are checked to fit its ``N`` images and the dictionary."""
+        target = torch.as_tensor(target, device=self.handle.device)
         if target.dim() == 1:
             target = target[:, None]
         n = target.shape[0]
@@ -222,34 +237,20 @@ class GIG:
             directions.dim() != 3 or directions.shape[0] != n or directions.shape[2] != self.V.shape[1]
         ):
             raise ValueError(f"directions {tuple(directions.shape)} do not fit {n} images and C={self.V.shape[1]}")
-        readout = self._readout(readout, read_layer, read_vectors)
-        h, w = self.grid_shape(inputs)
-        group = n
+        return target
+
+    def _images_per_group(
+        self, target: torch.Tensor, shape: tuple[int, int], n_steps: int | None, return_gradients: bool
+    ) -> int:
+        """How many images go through one :class:`PathIntegrator`: all of them, except when error
+        control keeps every step's gradient ``(C, H, W)`` of every target ``(N, T)`` until the end,
+        where the worst case (``max_steps + 1`` of them per path) must fit ``memory_budget``."""
+        n = target.shape[0]
         if n_steps is None and return_gradients:
+            h, w = shape
             per_image = (self.max_steps + 1) * target.shape[1] * self.V.shape[1] * h * w * 4
-            group = max(1, int(self.memory_budget // per_image))
-        parts = []
-        with _full_float32():
-            for lo in range(0, n, group):
-                share = min(group, n - lo) / n
-                report = None if progress is None else (lambda done, share=share: progress(done * share))
-                parts.append(
-                    self._attribute_group(
-                        inputs,
-                        codes,
-                        target,
-                        readout,
-                        slice(lo, lo + group),
-                        (h, w),
-                        ibs,
-                        n_steps,
-                        tol,
-                        return_gradients,
-                        report,
-                        directions,
-                    )
-                )
-        return self._result(parts, n_steps is not None, tol, return_gradients, self.V.shape[0])
+            return max(1, int(self.memory_budget // per_image))
+        return n
 
     def _attribute_group(
         self, inputs, codes, target, readout, sl, shape, ibs, n_steps, tol, return_gradients, progress, directions
@@ -356,6 +357,18 @@ class GIG:
         if (read_layer is None) != (read_vectors is None):
             raise ValueError("read_layer and read_vectors go together")
         return ClassLogit() if read_layer is None else ConceptReadout(read_layer, read_vectors)
+
+
+def _image_groups(
+    n: int, group: int, progress: Callable[[float], None] | None
+) -> Iterator[tuple[slice, Callable[[float], None] | None]]:
+    """The ``n`` images in consecutive slices of ``group``, each with its own progress callback:
+    a group's shares of its attributions, scaled by its share of the images (so they add up to 1
+    over the groups), or None where no ``progress`` is asked for."""
+    for lo in range(0, n, group):
+        share = min(group, n - lo) / n
+        report = None if progress is None else (lambda done, share=share: progress(done * share))
+        yield slice(lo, lo + group), report
 
 
 @contextmanager
@@ -570,6 +583,27 @@ class PathIntegrator:
         that asked for it (items are grouped by the set of targets that want them).
         """
         n, t = self.target.shape
+        state, g0, g1, pieces = self._start_refinement(min_cells, keep_gradients)
+        self._refine(state, tol, max_nodes, fraction, keep_gradients, pieces, progress)
+        A, estimate, done = state.final(tol)
+        g_bar = state.integrated_gradients(pieces) if keep_gradients else None
+        return _result(
+            A.view(n, t, -1),
+            g0,
+            g1,
+            state.count.view(n, t).float(),
+            estimate.view(n, t),
+            done.view(n, t),
+            None if g_bar is None else g_bar.view(n, t, *g_bar.shape[1:]),
+        )
+
+    def _start_refinement(
+        self, min_cells: int, keep_gradients: bool
+    ) -> tuple[RefinementState, torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
+        """Every path on the shared start grid of ``min_cells`` equal cells (``2·min_cells + 1``
+        nodes): its :class:`RefinementState`, the readouts at the path's ends ``g0, g1 (N, T)``,
+        and with ``keep_gradients`` the list of gradient pieces, the start grid's first."""
+        n, t = self.target.shape
         dev, paths = self.device, n * self.target.shape[1]
         start = torch.linspace(0, 1, 2 * min_cells + 1, dtype=torch.float64, device=dev)
         per = len(start)
@@ -595,6 +629,24 @@ class PathIntegrator:
         if keep_gradients:  # path p = (image i, target j) reads row G_row[i·per + k, j] at node k
             rows = first["G_row"].view(n, per, t).transpose(1, 2).reshape(paths, per)
             state.record_piece(0, rows)
+        return state, g0, g1, pieces
+
+    def _refine(
+        self,
+        state: RefinementState,
+        tol: float,
+        max_nodes: int,
+        fraction: float,
+        keep_gradients: bool,
+        pieces: list[torch.Tensor] | None,
+        progress: Callable[[float], None] | None,
+    ) -> None:
+        """Refinement rounds until every path of ``state`` is done: each round stops the paths
+        that are, bisects the chosen cells of the others and evaluates their new nodes (gradients
+        appended to ``pieces`` with ``keep_gradients``); ``progress`` gets each round's share of
+        the paths that finished in it."""
+        n, t = self.target.shape
+        paths = n * t
         reported = 0
         while True:
             chosen = state.round(tol, max_nodes, fraction)
@@ -613,17 +665,6 @@ class PathIntegrator:
             if keep_gradients:
                 pieces.append(out["G"])
                 state.record_piece(len(pieces) - 1, None, out["G_row"])
-        A, estimate, done = state.final(tol)
-        g_bar = state.integrated_gradients(pieces) if keep_gradients else None
-        return _result(
-            A.view(n, t, -1),
-            g0,
-            g1,
-            state.count.view(n, t).float(),
-            estimate.view(n, t),
-            done.view(n, t),
-            None if g_bar is None else g_bar.view(n, t, *g_bar.shape[1:]),
-        )
 
 
 #: The trapezoid rule's error estimate, scaled: ``max(‖Σ_c d_c‖, (Σ_c ‖d_c‖²)^½)`` compares the

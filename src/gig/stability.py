@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -261,7 +262,6 @@ def graph_stability(
     layers not refitted), and :func:`graph_recurrence` gives the shares that come back. ``model``:
     the run's model bundle (default: loaded from its config once)."""
     from .graph import graph_index
-    from .images import open_source
     from .models import load_run_model
 
     store = run if isinstance(run, RunStore) else RunStore.open(run)
@@ -278,38 +278,8 @@ def graph_stability(
     wanted = set(classes)
     ids = sorted(int(i["image_id"]) for i in load_images(store)["images"] if int(i["target"]) in wanted)
     bundle = model or load_run_model(store.config)
-    # The run's image source, opened as gig.pipeline.Pipeline opens it, narrowed to those images.
-    source = open_source(store.config.images, class_index=bundle.class_index if bundle.class_names else None)
-    by_id = {r.image_id: r for r in source.records}
-    missing = [i for i in ids if i not in by_id]
-    if missing:
-        raise RunMismatchError(
-            f"image id(s) {missing[:5]} of {store.root} are not in its image source {store.config.images}"
-        )
-    subset = copy.copy(source)
-    subset.records = [by_id[i] for i in ids]
-    subset.skipped = []  # its own, not the opened source's
-
-    def measure(dictionaries: dict[str, np.ndarray]) -> dict:
-        full = {layer: np.asarray(dictionaries.get(layer, own[layer]), dtype=np.float32) for layer in layers}
-        matches = {
-            layer: np.arange(len(own[layer]))
-            if np.array_equal(full[layer], own[layer])
-            else match_concepts(torch.from_numpy(own[layer]), torch.from_numpy(full[layer]))[0]
-            for layer in layers
-        }
-        derived = derived_run(store, full, classes, subset, bundle)
-        figures = {
-            name: graph_recurrence(graph, load_json(derived.root / "graph" / f"{name}.json"), matches)
-            for name, graph in graphs.items()
-        }
-        return {
-            "run": derived.root.relative_to(store.root).as_posix(),
-            "refitted": [layer for layer in layers if not np.array_equal(full[layer], own[layer])],
-            "graphs": figures,
-            "mean": _mean_figures(list(figures.values())),
-        }
-
+    subset = _image_subset(store, ids, bundle)
+    measure = partial(_measure_refit, store, layers, own, graphs, classes, subset, bundle)
     bar = tqdm(total=len(refits) + 1, desc="stability: graphs", unit="run", disable=not progress)
     with bar:
         control = measure({})
@@ -329,6 +299,58 @@ def graph_stability(
         "mean_all": _mean_figures([r["mean"] for r in per_refit]) if per_refit else None,
         "control": control,
         "refits": per_refit,
+    }
+
+
+def _image_subset(store: RunStore, ids: list[int], bundle):
+    """The run's image source, opened as :class:`gig.pipeline.Pipeline` opens it, narrowed to the
+    images ``ids`` (in that order); refused where one of them is not in it."""
+    from .images import open_source
+
+    source = open_source(store.config.images, class_index=bundle.class_index if bundle.class_names else None)
+    by_id = {r.image_id: r for r in source.records}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise RunMismatchError(
+            f"image id(s) {missing[:5]} of {store.root} are not in its image source {store.config.images}"
+        )
+    subset = copy.copy(source)
+    subset.records = [by_id[i] for i in ids]
+    subset.skipped = []  # its own, not the opened source's
+    return subset
+
+
+def _measure_refit(
+    store: RunStore,
+    layers: list[str],
+    own: dict[str, np.ndarray],
+    graphs: dict[str, dict],
+    classes: list[int],
+    subset,
+    bundle,
+    dictionaries: dict[str, np.ndarray],
+) -> dict:
+    """One refit's figures (``dictionaries``: its refitted ``{layer: (K', C)}``; ``{}``: the
+    control): every stage rerun on ``subset`` with them (:func:`derived_run`), then each of the run's
+    class ``graphs`` mapped onto the derived one through the refit's one-to-one matching to the
+    run's concepts ``own`` (the identity where a layer is the run's)."""
+    full = {layer: np.asarray(dictionaries.get(layer, own[layer]), dtype=np.float32) for layer in layers}
+    matches = {
+        layer: np.arange(len(own[layer]))
+        if np.array_equal(full[layer], own[layer])
+        else match_concepts(torch.from_numpy(own[layer]), torch.from_numpy(full[layer]))[0]
+        for layer in layers
+    }
+    derived = derived_run(store, full, classes, subset, bundle)
+    figures = {
+        name: graph_recurrence(graph, load_json(derived.root / "graph" / f"{name}.json"), matches)
+        for name, graph in graphs.items()
+    }
+    return {
+        "run": derived.root.relative_to(store.root).as_posix(),
+        "refitted": [layer for layer in layers if not np.array_equal(full[layer], own[layer])],
+        "graphs": figures,
+        "mean": _mean_figures(list(figures.values())),
     }
 
 

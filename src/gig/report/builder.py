@@ -31,10 +31,11 @@ from typing import Callable
 import torch
 
 from ..access import RunAccess
-from ..attribution import iter_attributions
+from ..attribution import iter_attributions, load_attributions
 from ..collect import load_images, load_samples
 from ..concepts import load_concept_cards
 from ..config import _class_ids, _int, check_fields, settings_hash
+from ..graph import ImageRows, build_graph_set, load_run_sums
 from ..store import RunStore, load_json
 from . import sections as sec
 from .metrics import ablation_section, evaluation_section, metrics_section
@@ -121,7 +122,9 @@ def build_report(
     log = (lambda msg: print(f"report: {msg}", flush=True)) if progress else (lambda msg: None)
     chosen = _choose_graphs(store, opts, names, progress, log)
     shown = _show_concepts(store, access, assets, out, opts, chosen, names, log)
-    images = sec.run_panels(store, chosen.image_ids, chosen.by_image, access, shown.concepts, assets, opts.heatmap_size)
+    images = sec.run_panels(
+        store, chosen.image_ids, chosen.by_image, access, shown.concepts, assets, opts.heatmap_size, chosen.panel_rows
+    )
     log(f"localisation: {len(images)} images")
     name = sec.class_namer(names)
     context = _page_context(store, opts, chosen, shown, images, name, out, assets, started)
@@ -145,34 +148,56 @@ class _ChosenGraphs:
     image_ids: list[int]  # the images with a single-image graph and a localisation panel
     graphs: list[dict]  # viewer entries (sections.graph_entry) embedded in the page
     extra: list[dict]  # the other classes' graphs, loaded on demand
+    panel_rows: dict[str, torch.Tensor]  # the localisation panels' attribution rows (sections.PANEL_FIELDS)
 
 
 def _choose_graphs(
     store: RunStore, opts: ReportOptions, names: list[str], progress: bool, log: Callable[[str], None]
 ) -> _ChosenGraphs:
     """The classes and images the report shows, their graphs, and the class graphs loaded on
-    demand (none in a single-file page or without ``on_demand``)."""
+    demand (none in a single-file page or without ``on_demand``). Every graph the graph stage did
+    not save is built in one two-pass read of the shards, which also reads the localisation
+    panels' rows: with the graph stage's run sums, the report opens each shard twice."""
     images_info = load_images(store)["images"]
     by_image = {int(i["image_id"]): i for i in images_info}
     targets = {i: int(info["target"]) for i, info in by_image.items()}
-    attributed = {int(i) for part in iter_attributions(store, fields=()) for i in part["image_id"].tolist()}
+    attributed = _attributed_images(store)
     classes = sec.report_classes(
         store, load_json(store.root / "graph" / "index.json"), targets, opts.max_classes, opts.classes
     )
     image_ids = sec.choose_images(images_info, classes, attributed, opts.n_images, opts.image_ids)
-    graphs = sec.run_graphs(store, classes, opts.shared_classes, names) + sec.image_graphs(
-        store, image_ids, by_image, names
-    )
-    log(f"{len(graphs)} graphs")
-
-    inline = [c for g in graphs if g["mode"] == "class" for c in g["classes"]]
-    extra = (
-        sec.on_demand_graphs(store, {i: targets[i] for i in attributed}, inline, names, progress)
+    on_demand = (
+        sec.on_demand_classes({i: targets[i] for i in attributed}, classes)
         if opts.on_demand and not opts.single_file
         else []
     )
+    specs = {
+        **sec.run_graph_specs(store, classes, opts.shared_classes),
+        **{f"image:{i}": ("image", i) for i in image_ids},
+        **{f"class:{c}": ("class", [c]) for c in on_demand},
+    }
+    rows = ImageRows(sec.PANEL_FIELDS, image_ids)
+    built = build_graph_set(store, specs, names, progress, rows_of=rows) if specs else {}
+    panel_rows = rows.data if specs else load_attributions(store, sec.PANEL_FIELDS, image_ids) if image_ids else {}
+    graphs = sec.run_graphs(store, classes, opts.shared_classes, names, built)
+    graphs += sec.image_graphs(store, image_ids, by_image, names, built)
+    log(f"{len(graphs)} graphs")
+    extra = (
+        sec.on_demand_graphs(store, {i: targets[i] for i in attributed}, classes, names, progress, built)
+        if on_demand
+        else []
+    )
     log(f"{len(extra)} more class graphs, loaded on demand")
-    return _ChosenGraphs(images_info, by_image, targets, classes, image_ids, graphs, extra)
+    return _ChosenGraphs(images_info, by_image, targets, classes, image_ids, graphs, extra, panel_rows)
+
+
+def _attributed_images(store: RunStore) -> set[int]:
+    """The run's images with attributions: from the graph stage's run sums, else one pass over
+    the shards' image ids."""
+    sums = load_run_sums(store)
+    if sums is not None:
+        return {int(i) for i in sums.image_ids.tolist()}
+    return {int(i) for part in iter_attributions(store, fields=()) for i in part["image_id"].tolist()}
 
 
 @dataclass

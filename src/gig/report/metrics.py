@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..attribution import completeness_residuals, load_error_estimates
+from ..attribution import completeness_residuals, load_error_estimates, load_path_records
 from ..decompose import load_fidelity, rule_text
 from ..errors import RunMismatchError
 from ..evaluation.extraction import load_reconstruction
@@ -84,9 +84,10 @@ def _attribution_plots(store: RunStore, gig: dict | None, assets: Assets) -> lis
     the summary's ``gig`` accuracy has them by source, GIG error estimates."""
     plots = []
     try:
-        residuals = completeness_residuals(store).numpy()
+        records = load_path_records(store)  # the attribute stage's per-path records, read once
+        residuals = completeness_residuals(store, data=records).numpy()
     except RunMismatchError:  # a run without attributions still gets its other metrics
-        residuals = None
+        records, residuals = None, None
     if residuals is not None and residuals.size:
         plots.append(
             {
@@ -94,8 +95,8 @@ def _attribution_plots(store: RunStore, gig: dict | None, assets: Assets) -> lis
                 "url": assets.add_bytes("img/metrics/completeness.svg", completeness_figure(residuals)),
             }
         )
-    if gig and gig.get("by_source"):
-        estimates = load_error_estimates(store)
+    if gig and gig.get("by_source") and records is not None:
+        estimates = load_error_estimates(store, records)
         if estimates.numel():
             plots.append(
                 {

@@ -92,25 +92,71 @@ def graph_entry(
     return {"key": key, "mode": mode, "classes": classes, "file": file, "label": label, "graph": shown, **extra}
 
 
-def run_graphs(store: RunStore, classes: list[int], shared_classes: int, names: list[str]) -> list[dict]:
+def _shared_combos(classes: list[int], shared_classes: int) -> list[list[int]]:
+    pool = classes[: max(0, shared_classes)]
+    return [list(c) for size in range(2, len(pool) + 1) for c in itertools.combinations(pool, size)]
+
+
+def run_graph_specs(store: RunStore, classes: list[int], shared_classes: int) -> dict:
+    """The graphs :func:`run_graphs` shows that the graph stage did not save, as
+    :func:`gig.graph.build_graph_set` specs keyed as :func:`run_graphs` reads them."""
+    index = load_json(store.root / "graph" / "index.json")
+    run_classes = sorted(int(c) for c in index.get("classes", []))
+    specs = {f"class:{c}": ("class", [c]) for c in classes if not index["files"]["class"].get(str(c))}
+    for combo in _shared_combos(classes, shared_classes):
+        if not (index["files"].get("shared") and sorted(combo) == run_classes):
+            specs["shared:" + ",".join(map(str, sorted(combo)))] = ("shared", combo)
+    return specs
+
+
+def graph_recurrence(store: RunStore) -> dict[int, dict]:
+    """Per class of the graph stage: how much of its class graph comes back with refitted
+    concepts (``gig stability --graphs``), ``{class: {"nodes", "edges", "refits", "control"}}``;
+    empty where not measured."""
+    from ..stability import load_stability
+
+    graphs = (load_stability(store) or {}).get("graphs") or {}
+    out = {}
+    for name, mean in (graphs.get("mean") or {}).items():
+        if not mean or not name.startswith("class_"):
+            continue
+        control = ((graphs.get("control") or {}).get("graphs") or {}).get(name)
+        out[int(name.split("_", 1)[1])] = {
+            "nodes": mean["nodes"],
+            "edges": mean["edges"],
+            "refits": len(graphs.get("refits") or []),
+            "control": None if not control else {"nodes": control["nodes"], "edges": control["edges"]},
+        }
+    return out
+
+
+def run_graphs(
+    store: RunStore, classes: list[int], shared_classes: int, names: list[str], built: dict | None = None
+) -> list[dict]:
     """The class graphs (saved by the graph stage, else built), the shared graph of every subset of
-    the first ``shared_classes`` classes, and the global graph."""
+    the first ``shared_classes`` classes, and the global graph. ``built``: the graphs of
+    :func:`run_graph_specs` built already (one :func:`gig.graph.build_graph_set` for the page)."""
     graph_dir = store.root / "graph"
     index = load_json(graph_dir / "index.json")
     name = class_namer(names)
     entries = []
+
+    def made(key: str, kind: str, value: list[int]) -> dict:
+        return built[key] if built is not None else build_graph(store, kind, value, class_names=names)
+
+    recurrence = graph_recurrence(store)
     for c in classes:
         file = index["files"]["class"].get(str(c))
-        graph = load_json(graph_dir / file) if file else build_graph(store, "class", [c], class_names=names)
-        entries.append(
-            graph_entry(f"class:{c}", "class", [c], f"{name(c)} ({n_images_text(graph['n_images'])})", graph, file)
-        )
+        graph = load_json(graph_dir / file) if file else made(f"class:{c}", "class", [c])
+        label = f"{name(c)} ({n_images_text(graph['n_images'])})"
+        extra = {"recurrence": recurrence[c]} if c in recurrence else {}
+        entries.append(graph_entry(f"class:{c}", "class", [c], label, graph, file, **extra))
     run_shared = index["files"].get("shared")
     run_classes = sorted(int(c) for c in index.get("classes", []))
-    pool = classes[: max(0, shared_classes)]
-    for combo in (list(c) for size in range(2, len(pool) + 1) for c in itertools.combinations(pool, size)):
+    for combo in _shared_combos(classes, shared_classes):
         file = run_shared if run_shared and sorted(combo) == run_classes else None
-        graph = load_json(graph_dir / file) if file else build_graph(store, "shared", combo, class_names=names)
+        key = "shared:" + ",".join(map(str, sorted(combo)))
+        graph = load_json(graph_dir / file) if file else made(key, "shared", combo)
         entries.append(
             graph_entry(
                 "shared:" + ",".join(map(str, sorted(combo))),
@@ -128,20 +174,38 @@ def run_graphs(store: RunStore, classes: list[int], shared_classes: int, names: 
     return entries
 
 
-def on_demand_graphs(
-    store: RunStore, attributed_targets: dict[int, int], inline: list[int], names: list[str], progress: bool = False
-) -> list[dict]:
-    """The class graph of every target class of the run's attributed images that the page does
-    not carry inline (most images first), built in one two-pass read of the shards
-    (:func:`gig.graph.build_graph_set`); each is written to its own file and loaded when chosen."""
+def on_demand_classes(attributed_targets: dict[int, int], inline: list[int]) -> list[int]:
+    """Every target class of the run's attributed images that the page does not carry inline,
+    most images first."""
     counts = Counter(attributed_targets.values())
-    classes = [c for c, _ in counts.most_common() if c not in set(inline)]
+    return [c for c, _ in counts.most_common() if c not in set(inline)]
+
+
+def on_demand_graphs(
+    store: RunStore,
+    attributed_targets: dict[int, int],
+    inline: list[int],
+    names: list[str],
+    progress: bool = False,
+    built: dict | None = None,
+) -> list[dict]:
+    """The class graph of every :func:`on_demand_classes` class, built in one two-pass read of
+    the shards (:func:`gig.graph.build_graph_set`; or taken from ``built``, keyed ``class:C``);
+    each is written to its own file and loaded when chosen."""
+    classes = on_demand_classes(attributed_targets, inline)
     if not classes:
         return []
     name = class_namer(names)
-    graphs = build_graph_set(store, {c: ("class", [c]) for c in classes}, names, progress)
+    if built is None:
+        built = build_graph_set(store, {f"class:{c}": ("class", [c]) for c in classes}, names, progress)
     return [
-        graph_entry(f"class:{c}", "class", [c], f"{name(c)} ({n_images_text(graphs[c]['n_images'])})", graphs[c])
+        graph_entry(
+            f"class:{c}",
+            "class",
+            [c],
+            f"{name(c)} ({n_images_text(built[f'class:{c}']['n_images'])})",
+            built[f"class:{c}"],
+        )
         for c in classes
     ]
 
@@ -185,13 +249,20 @@ def choose_images(
     return list(dict.fromkeys(chosen))[: max(0, n_images)]
 
 
-def image_graphs(store: RunStore, image_ids: list[int], by_image: dict[int, dict], names: list[str]) -> list[dict]:
-    """The single-image graph of each of ``image_ids`` (images of the run)."""
+def image_graphs(
+    store: RunStore, image_ids: list[int], by_image: dict[int, dict], names: list[str], built: dict | None = None
+) -> list[dict]:
+    """The single-image graph of each of ``image_ids`` (images of the run); ``built``: built
+    already, keyed ``image:ID``."""
     name = class_namer(names)
     entries = []
     for image_id in image_ids:
         info = by_image[image_id]
-        graph = build_graph(store, "image", image_id=image_id, class_names=names)
+        graph = (
+            built[f"image:{image_id}"]
+            if built is not None
+            else build_graph(store, "image", image_id=image_id, class_names=names)
+        )
         entries.append(
             graph_entry(
                 f"image:{image_id}",
@@ -464,6 +535,10 @@ def localisation_panel(
     return entry
 
 
+#: The attribution fields of a localisation panel.
+PANEL_FIELDS = ("top", "importance", "maps")
+
+
 def run_panels(
     store: RunStore,
     image_ids: list[int],
@@ -472,16 +547,19 @@ def run_panels(
     concepts: dict[str, dict],
     assets: Assets,
     size: int,
+    data: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict]:
     """The localisation panels of some of the run's images (their rows of the attribute stage,
-    codes through :class:`gig.decompose.CodeReader`): ``{str(image id): panel}``."""
+    codes through :class:`gig.decompose.CodeReader`): ``{str(image id): panel}``. ``data``: their
+    rows of :data:`PANEL_FIELDS` read already (else read here)."""
     from ..decompose import CodeReader
 
     if not image_ids:
         return {}
     layers = list(store.config.layers)
     readers = {layer: CodeReader(store, layer) for layer in layers}
-    data = load_attributions(store, ("top", "importance", "maps"), image_ids)
+    if data is None:
+        data = load_attributions(store, PANEL_FIELDS, image_ids)
     row_of = {int(i): r for r, i in enumerate(data["image_id"].tolist())}
     fields = ("path", "label", "label_name", "pred", "target", "target_prob")
     panels = {}

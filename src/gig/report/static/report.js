@@ -252,6 +252,15 @@
       g.nodes.length + ' nodes, ' + g.edges.length + ' edges (top-' + g.top_k + ' concepts per layer, ' +
       g.edges_per_node + ' edges per node)'));
     if (entry.file) box.appendChild(document.createTextNode(' · from graph/' + entry.file));
+    if (entry.recurrence) {
+      // gig stability --graphs: how much of this graph comes back with refitted concepts
+      var r = entry.recurrence, rec = el('span', 'recurrence', ' · with refitted concepts (' + r.refits + ' refits): ' +
+        Math.round(100 * r.nodes) + ' % of its concept nodes and ' + Math.round(100 * r.edges) + ' % of its edges come back' +
+        (r.control ? ' (the run\'s own concepts rerun: ' + Math.round(100 * r.control.nodes) + ' % / ' +
+          Math.round(100 * r.control.edges) + ' %)' : ''));
+      rec.id = 'graph-recurrence';
+      box.appendChild(rec);
+    }
     if (g.edge_rule_agreement) {
       // How much the shown edges depend on the definition of an edge weight (docs/graph-schema.md).
       var parts = [];
