@@ -63,6 +63,20 @@ def test_sae_basis_codes_come_from_its_encoder_and_attributions_are_complete(tmp
     assert "_blocks.15" not in load_json(store.root / "decompose" / "front.json")
     assert "_blocks.8" in load_json(store.root / "decompose" / "front.json")
     assert store.summary("concepts")["_blocks.15"]["basis"]["k"] == 6
+    # inspect names the basis and measures it against the λ rule it is not stepped by
+    from gig.summary import summarize
+
+    info = summarize(store.root)
+    layer = next(entry for entry in info["layers"] if entry["name"] == "_blocks.15")
+    assert layer["basis"] == "sae"
+    misses = [line for line in info["missed"] if "sae basis misses the fidelity rule" in line]
+    assert bool(misses) == (
+        fidelity["r2"] < 0.9
+        or fidelity["kl"] - 1.96 * fidelity["kl_se"] > 0.02
+        or fidelity["top1_agreement"]
+        + 1.96 * (fidelity["top1_agreement"] * (1 - fidelity["top1_agreement"]) / fidelity["n_images"]) ** 0.5
+        < 0.95
+    )
     # completeness over both transitions, within the tolerance
     from gig.attribution import completeness_residuals
 

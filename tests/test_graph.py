@@ -257,6 +257,13 @@ def test_edge_tests_against_random_directions_match_scipy_paired_t_tests():
     q[order] = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1)
     np.testing.assert_allclose([e["p_adjusted"] for e in edges[:-1]], q)
     assert [e["significant"] for e in edges[:-1]] == list(q <= 0.05) and "p_adjusted" not in edges[-1]
+    # stronger than random only where significant and larger in size than the random directions' edge
+    strong = {"p_value": 0.0, "weight": -0.2, "null_weight": 0.1}
+    weaker = {"p_value": 0.0, "weight": 0.01, "null_weight": 0.1}
+    unsure = {"p_value": 0.9, "weight": 0.5, "null_weight": 0.1}
+    adjust_p_values([strong, weaker, unsure])
+    assert (strong["beats_random"], weaker["beats_random"], unsure["beats_random"]) == (True, False, False)
+    assert weaker["significant"] and not unsure["significant"]
 
 
 def test_edge_tests_hold_their_false_discovery_rate_on_a_planted_population():

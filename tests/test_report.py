@@ -232,12 +232,12 @@ def test_browser_loads_without_errors_and_draws_the_json(page, page_data) -> Non
             "() => window.gigReport.cy.edges('.uncertain').map(e => e.source().id() + '>' + e.target().id()).sort()"
         )
         contains_zero = [e for e in g["edges"] if e.get("ci") and e["ci"][0] <= 0 <= e["ci"][1]]
-        weak = [e for e in g["edges"] if e.get("significant") is False]
+        weak = [e for e in g["edges"] if e.get("beats_random") is False]
         assert dotted == sorted({e["source"] + ">" + e["target"] for e in contains_zero + weak})
         if g.get("intervals"):
             assert f"dotted: {len(contains_zero)} edge(s)" in page.page.inner_text("#edges-uncertain")
         if g.get("significance"):
-            assert f"; {len(weak)} not significant against" in page.page.inner_text("#edges-uncertain")
+            assert f"; {len(weak)} not significantly stronger than" in page.page.inner_text("#edges-uncertain")
             labels = page.page.evaluate("() => window.gigReport.cy.edges().map(e => e.data('wlabel'))")
             assert sum(" q=" in label for label in labels) == sum(e.get("p_adjusted") is not None for e in g["edges"])
     assert any(entry["graph"].get("significance") for entry in page_data["graphs"])  # the global graph's

@@ -584,7 +584,9 @@ def test_fields(tests: dict[str, torch.Tensor], index) -> dict:
 
 def adjust_p_values(edges: list[dict], fdr: float = FDR) -> None:
     """Benjamini–Hochberg over the graph's tested edges (every edge with a ``p_value``): each gets
-    ``p_adjusted`` and ``significant`` (``p_adjusted ≤ fdr``), in place."""
+    ``p_adjusted``, ``significant`` (``p_adjusted ≤ fdr``, two-sided) and ``beats_random``
+    (significant, and stronger than the random directions' edge, ``|weight| > |null_weight|``: a
+    significant edge can also be reliably weaker than a random direction), in place."""
     from scipy.stats import false_discovery_control
 
     tested = [e for e in edges if e.get("p_value") is not None]
@@ -594,6 +596,9 @@ def adjust_p_values(edges: list[dict], fdr: float = FDR) -> None:
     for edge, q in zip(tested, adjusted):
         edge["p_adjusted"] = float(q)
         edge["significant"] = bool(q <= fdr)
+        edge["beats_random"] = edge["significant"] and abs(edge.get("weight") or 0.0) > abs(
+            edge.get("null_weight") or 0.0
+        )
 
 
 def significance(directions: int) -> dict | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import STAGE_ORDER
-from .decompose import load_front
+from .decompose import check_layer, load_front
 from .store import RunStore, load_json
 
 #: Above this share of concepts active per position, codes are called dense (:func:`missed_targets`).
@@ -127,6 +127,13 @@ def _missed_for_layer(layer: dict, config) -> list[str]:
         if layer["rel_error"] is not None and layer["rel_error"] > 1.05 * config.target_rel_error:
             out.append(
                 f"{name}: reconstruction error {layer['rel_error']:.3f} above its target {config.target_rel_error}"
+            )
+    elif config.max_kl is not None and layer.get("basis") and layer.get("kl") is not None:
+        # a basis with its own encoder is measured against the rule but never stepped
+        miss = check_layer(layer, {"met": True, "points": []}, config)
+        if miss:
+            out.append(
+                f"{name}: the {layer['basis']} basis misses the fidelity rule over all {layer['n_images']} images: {miss}"
             )
     elif config.max_kl is not None and layer.get("check") is not None:
         miss = layer["check"]["miss"]

@@ -39,7 +39,7 @@ def plain_text(text: str) -> str:
 def _draw_edges(ax, graph: dict, pos: dict[str, tuple[float, float]], top: float) -> None:
     """Edges weakest first (strong ones on top): blue for positive weights, dashed red for negative,
     dotted and faint where the edge's 95 % interval over the images contains 0 or where it is not
-    significant against random directions."""
+    significantly stronger than random directions (``beats_random``)."""
     blues, reds = matplotlib.colormaps["Blues"], matplotlib.colormaps["Reds"]
     for edge in sorted(graph["edges"], key=lambda e: abs(float(e["weight"] or 0.0))):
         if edge["source"] not in pos or edge["target"] not in pos:
@@ -48,7 +48,7 @@ def _draw_edges(ax, graph: dict, pos: dict[str, tuple[float, float]], top: float
         w = float(edge["weight"] or 0.0)
         s = abs(w) / top
         cmap = blues if w >= 0 else reds
-        uncertain = interval_contains_zero(edge) or edge.get("significant") is False
+        uncertain = interval_contains_zero(edge) or edge.get("beats_random") is False
         ax.plot(
             [x0, x1],
             [y0, y1],
@@ -154,8 +154,8 @@ def _decorate(fig, ax, graph: dict, rows: dict[int, list[dict]], top: float, tit
         uncertain = sum(interval_contains_zero(e) for e in graph["edges"])
         legend = f"dotted: {uncertain} edge(s) whose 95 % interval over the images contains 0"
         if graph.get("significance"):
-            weak = sum(e.get("significant") is False for e in graph["edges"])
-            legend += f"; {weak} not significant against random directions (Benjamini-Hochberg, FDR 5 %)"
+            weak = sum(e.get("beats_random") is False for e in graph["edges"])
+            legend += f"; {weak} not significantly stronger than random directions (Benjamini-Hochberg, FDR 5 %)"
         ax.text(
             0.0,
             -0.02,

@@ -202,7 +202,7 @@
       var w = e.weight || 0, t = Math.abs(w) / maxW;
       var edgeClasses = [];
       if (w < 0) edgeClasses.push('neg');
-      if (containsZero(e.ci) || e.significant === false) edgeClasses.push('uncertain');
+      if (containsZero(e.ci) || e.beats_random === false) edgeClasses.push('uncertain');
       elements.push({ group: 'edges', classes: edgeClasses.join(' '), data: {
         id: 'e' + i, source: e.source, target: e.target, weight: w, rel: t, rank: rank[i],
         width: 0.8 + 8 * t, z: Math.round(t * 100), wlabel: fmt(w, 3) + intervalText(e.ci) + testText(e),
@@ -240,7 +240,8 @@
   // An edge's test against random directions (graphs since gig 0.6; absent or null where untested).
   function testText(e) {
     if (typeof e.p_adjusted !== 'number') return '';
-    return ' q=' + (e.p_adjusted < 0.001 ? '<0.001' : fmt(e.p_adjusted, 3)) + (e.significant ? '' : ' (n.s.)');
+    var verdict = e.beats_random ? '' : (e.significant ? ' (weaker than random)' : ' (n.s.)');
+    return ' q=' + (e.p_adjusted < 0.001 ? '<0.001' : fmt(e.p_adjusted, 3)) + verdict;
   }
 
   function info(entry, bad) {
@@ -273,8 +274,8 @@
     if (g.intervals) {
       var text = ' · dotted: ' + uncertain + ' edge(s) whose 95 % interval over the images contains 0';
       if (g.significance) {
-        var weak = g.edges.filter(function (e) { return e.significant === false; }).length;
-        text += '; ' + weak + ' not significant against ' + g.significance.random_directions +
+        var weak = g.edges.filter(function (e) { return e.beats_random === false; }).length;
+        text += '; ' + weak + ' not significantly stronger than ' + g.significance.random_directions +
           ' random directions (Benjamini-Hochberg, FDR ' + Math.round(100 * g.significance.fdr) + ' %)';
       }
       var iv = el('span', 'intervals', text);
