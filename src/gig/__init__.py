@@ -8,7 +8,7 @@ fields), :mod:`gig.concepts` (bisecting k-means), :mod:`gig.decompose` (Lasso),
 (:mod:`gig.session`: concepts, new images explained, graphs, ablations, labels, from a notebook).
 """
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = [
     "Config",
