@@ -475,3 +475,31 @@ def test_an_edited_front_or_manifest_is_refused_in_one_line(tiny_run, tmp_path):
     manifest.write_text(manifest.read_text().replace('"done"', '"dome"', 1))
     result = CliRunner().invoke(app, ["inspect", str(run)])
     assert result.exit_code == 2 and "damaged" in result.output and "manifest.json" in result.output
+
+
+def test_a_layer_the_run_does_not_analyse_is_one_error_everywhere(tiny_run):
+    """The store's one layer check: labels, the notebook API, stability and `gig concept` all
+    raise LayerNotAnalysedError (a ConfigError and a LayerNotFoundError) naming the run's layers."""
+    import gig
+    from gig.errors import ConfigError, LayerNotAnalysedError, LayerNotFoundError
+    from gig.labels import set_label
+    from gig.stability import concept_stability
+
+    store = RunStore.open(tiny_run["run"])
+    assert store.analysed(list(store.config.layers)) == list(store.config.layers)
+    calls = [
+        lambda: store.analysed("_blocks.99"),
+        lambda: set_label(store, "_blocks.99", 0, "x"),
+        lambda: gig.open(tiny_run["run"], model=tiny_run["bundle"]).concepts("_blocks.99"),
+        lambda: concept_stability(store, seeds=1, layers=["_blocks.99"], progress=False),
+    ]
+    for call in calls:
+        with pytest.raises(LayerNotAnalysedError, match="'_blocks.99' not analysed.*_blocks.8, _blocks.15") as info:
+            call()
+        assert isinstance(info.value, ConfigError) and isinstance(info.value, LayerNotFoundError)
+    from typer.testing import CliRunner
+
+    from gig.cli import app
+
+    shown = CliRunner().invoke(app, ["concept", str(tiny_run["run"]), "_blocks.99", "0"])
+    assert shown.exit_code == 2 and "not analysed" in shown.output and "Traceback" not in shown.output

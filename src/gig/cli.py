@@ -305,8 +305,7 @@ def concept(
 
     pipe = Pipeline.open(run_dir)
     pipe.store.require("concepts")
-    if layer not in pipe.config.layers:
-        raise ConfigError(f"layer {layer!r} is not analysed in this run; its layers: {pipe.config.layers}")
+    pipe.store.analysed(layer)
     cards = load_concept_cards(pipe.store, layer)["concepts"]
     if not 0 <= concept_id < len(cards):
         raise ConfigError(f"{layer} has concepts 0..{len(cards) - 1}, not {concept_id}")

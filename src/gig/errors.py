@@ -34,6 +34,12 @@ class LayerNotFoundError(GigError, KeyError):
         return str(self.args[0])
 
 
+class LayerNotAnalysedError(LayerNotFoundError, ConfigError):
+    """A layer that the run does not analyse; the message names the run's layers. Both a
+    :class:`LayerNotFoundError` and a :class:`ConfigError` (every command asked for such a layer
+    raises this one kind, through :meth:`gig.store.RunStore.analysed`)."""
+
+
 class LayerUsageError(GigError, RuntimeError):
     """A layer that cannot be analysed (reused module, output changed in place, odd shape)."""
 

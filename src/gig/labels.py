@@ -47,10 +47,7 @@ NAME_DEPTH = 6
 # ---------------------------------------------------------------------------- checks
 def check_layer(store: RunStore, layer: str) -> str:
     """``layer`` if the run analyses it, else :class:`ConfigError` naming it and the run's layers."""
-    layers = list(store.config.layers or [])
-    if layer not in layers:
-        raise ConfigError(f"layer {layer!r} is not analysed in {store.root}; its layers: {', '.join(layers)}")
-    return layer
+    return store.analysed(layer)[0]
 
 
 def _cards(store: RunStore, layer: str) -> dict:

@@ -28,7 +28,7 @@ from .access import RunAccess
 from .concepts import load_concept_cards, load_dictionary
 from .config import Config
 from .decompose import encode_pixels
-from .errors import ConfigError, LayerNotFoundError
+from .errors import ConfigError
 from .explain import Explanation, explain, write_explanations
 from .graph import build_graph
 from .models import class_name
@@ -72,9 +72,7 @@ class Run:
         return list(self._access.bundle.class_names)
 
     def _layer(self, layer: str) -> str:
-        if layer not in self.layers:
-            raise LayerNotFoundError(f"layer {layer!r} is not analysed in this run; its layers: {self.layers}")
-        return layer
+        return self.store.analysed(layer)[0]
 
     def __repr__(self) -> str:
         done = [s for s in ("collect", "concepts", "decompose", "attribute", "graph") if self.store.is_done(s)]

@@ -272,9 +272,7 @@ def graph_stability(
     graphs = {f"class_{c}": load_json(store.root / "graph" / f"class_{c}.json") for c in classes}
     layers = list(store.config.layers)
     own = {layer: load_dictionary(store, layer).float().numpy() for layer in layers}
-    stray = sorted({layer for refit in refits for layer in refit} - set(layers))
-    if stray:
-        raise ConfigError(f"refits name layer(s) {', '.join(stray)} not analysed in this run; its layers: {layers}")
+    store.analysed(sorted({layer for refit in refits for layer in refit}))
     wanted = set(classes)
     ids = sorted(int(i["image_id"]) for i in load_images(store)["images"] if int(i["target"]) in wanted)
     bundle = model or load_run_model(store.config)
@@ -380,9 +378,7 @@ def concept_stability(
     if not 0 < threshold <= 1:
         raise ConfigError(f"threshold must lie in (0, 1], not {threshold!r}")
     layers = layers or list(store.config.layers)
-    unknown = [layer for layer in layers if layer not in store.config.layers]
-    if unknown:
-        raise ConfigError(f"layer(s) {', '.join(unknown)} not analysed in this run; its layers: {store.config.layers}")
+    store.analysed(layers)
     if graphs:
         store.require("graph")  # before any refit
     figures, refits = {}, {}

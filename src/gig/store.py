@@ -404,6 +404,21 @@ class RunStore:
             else ("did not finish" if entry.get("status") != "done" else "ran with other settings")
         )
 
+    def analysed(self, layers: str | list[str]) -> list[str]:
+        """``layers`` (one name or several) if the run analyses all of them, else
+        :class:`gig.errors.LayerNotAnalysedError` naming those it does not and the run's layers:
+        the one check of a layer asked of a finished run."""
+        from .errors import LayerNotAnalysedError
+
+        asked = [layers] if isinstance(layers, str) else list(layers)
+        own = list(self.config.layers or [])
+        unknown = [layer for layer in asked if layer not in own]
+        if unknown:
+            raise LayerNotAnalysedError(
+                f"layer(s) {', '.join(repr(l) for l in unknown)} not analysed in {self.root}; its layers: {', '.join(own)}"
+            )
+        return asked
+
     def require(self, stage: str) -> "RunStore":
         """Raise unless ``stage`` finished with the current settings; returns the store."""
         state = self.stage_state(stage)
