@@ -503,3 +503,60 @@ def test_a_layer_the_run_does_not_analyse_is_one_error_everywhere(tiny_run):
 
     shown = CliRunner().invoke(app, ["concept", str(tiny_run["run"]), "_blocks.99", "0"])
     assert shown.exit_code == 2 and "not analysed" in shown.output and "Traceback" not in shown.output
+
+
+def _flip_bits(path: Path) -> None:
+    """Five flipped bits in the tensors' data of a safetensors file (the header left intact)."""
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    for k in range(5):
+        data[header + 7 + 13 * k] ^= 1 << k
+    path.write_bytes(bytes(data))
+
+
+def _assert_same(got: dict, want: dict) -> None:
+    """The same tensors, bit for bit (NaN where NaN: error estimates on a fixed grid)."""
+    assert got.keys() == want.keys()
+    for key, value in got.items():
+        torch.testing.assert_close(value, want[key], rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+def test_gig_run_computes_damaged_artefacts_again(tiny_run, tmp_path):
+    """`gig run` recomputes what a stage finds damaged (a shard alone), and with --verify it first
+    checks every finished stage's artefacts: flipped bits in an attribute and a decompose shard
+    and an edited concept card come back as they were (every stage is deterministic), the
+    graphs unchanged, with a warning naming each file."""
+    import shutil
+
+    from gig.pipeline import Pipeline
+    from gig.store import load_json, load_tensors
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run, ignore=shutil.ignore_patterns("report", "evaluate", "erf"))
+    store = RunStore.open(run)
+    layer = store.config.layers[0]
+    attribute, decompose = (
+        run / "attribute" / "shards" / "00000.safetensors",
+        run / "decompose" / "shards" / "00000.safetensors",
+    )
+    card = run / "concepts" / f"{layer}.json"
+    # copies: a loaded tensor may map the file, which the bit flips below rewrite in place
+    before = {p: {k: v.clone() for k, v in load_tensors(p).items()} for p in (attribute, decompose)}
+    card_before, graph_before = load_json(card), load_json(run / "graph" / "global.json")
+    # A stage that reads a damaged shard: the attribute shard is computed again, then the graph.
+    _flip_bits(attribute)
+    store.repair(run / "graph" / "global.json")  # the graph stage must run (and read the shards)
+    with pytest.warns(UserWarning, match=r"attribute/shards/00000\.safetensors: the attribute stage computes it again"):
+        Pipeline.open(run, model=tiny_run["bundle"], progress=False).run()
+    _assert_same(load_tensors(attribute), before[attribute])
+    assert load_json(run / "graph" / "global.json") == graph_before
+    # Damage no stage reads any more: found by --verify.
+    _flip_bits(decompose)
+    card.write_text(card.read_text().replace('"count": ', '"count": 1', 1))
+    assert sorted(p.name for p in store.verify()) == sorted([decompose.name, card.name])
+    with pytest.warns(UserWarning, match="computes it again"):
+        Pipeline.open(run, model=tiny_run["bundle"], progress=False).run(verify=True)
+    assert store.verify() == []
+    _assert_same(load_tensors(decompose), before[decompose])
+    assert load_json(card) == card_before
+    assert load_json(run / "graph" / "global.json") == graph_before

@@ -143,10 +143,15 @@ def run(
     max_images: Optional[int] = MaxImagesOpt,
     gig_tol: Optional[float] = GigTolOpt,
     device: Optional[str] = DeviceOpt,
+    verify: bool = typer.Option(
+        False,
+        "--verify",
+        help="First check every artefact of the finished stages against its checksum; damaged ones are computed again.",
+    ),
 ):
     """Run every stage (collect → concepts → decompose → attribute → graph); finished stages are skipped."""
     pipe = _pipeline(out, config, model, weights, images, layer, max_images, gig_tol, device)
-    pipe.run()
+    pipe.run(verify=verify)
     _print_done(out)
 
 

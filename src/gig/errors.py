@@ -48,6 +48,15 @@ class RunMismatchError(GigError, RuntimeError):
     """A run directory that is incomplete, belongs to other settings, or lacks an artefact."""
 
 
+class DamagedArtefactError(RunMismatchError):
+    """An artefact whose content no longer matches its checksum, or that cannot be parsed;
+    ``path`` names it (``gig run --verify`` recomputes what wrote it)."""
+
+    def __init__(self, path, message: str) -> None:
+        self.path = os.fspath(path)
+        super().__init__(message)
+
+
 class RunBusyError(GigError, RuntimeError):
     """Another process is computing in the run directory."""
 

@@ -22,7 +22,7 @@ from .config import STAGE_ORDER, Config
 from .decompose import decompose
 from .distributed import from_environment
 from .erf import exemplar_crops
-from .errors import ConfigError, InputError, RunMismatchError
+from .errors import ConfigError, DamagedArtefactError, InputError, RunMismatchError
 from .graph import build_graphs
 from .hooks import ModelHandle, resolve_device
 from .images import ImageSource, open_source, used_records
@@ -73,6 +73,10 @@ def _check_bases(config: Config, handle: ModelHandle) -> None:
         shapes = handle.layer_shapes(list(files))
         for layer, spec in files.items():
             read_basis_file(spec, shapes[layer][0])
+
+
+#: Damaged artefacts one `gig run` recomputes before it gives up (each repair is one stage again).
+MAX_REPAIRS = 8
 
 
 class Pipeline:
@@ -185,13 +189,35 @@ class Pipeline:
                 build_graphs(self.store, self.bundle.class_names, self.progress, figure_fn=self.draw_graph)
         self.ranks.barrier()
 
-    def run(self, stages: list[str] | None = None) -> Path:
-        """Run ``stages`` (all by default) in order; finished ones are skipped."""
-        for stage in stages or STAGE_ORDER:
-            if stage not in STAGE_ORDER:
-                raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_ORDER)}")
-            getattr(self, stage)()
-        return self.store.root
+    def run(self, stages: list[str] | None = None, verify: bool = False) -> Path:
+        """Run ``stages`` (all by default) in order; finished ones are skipped.
+
+        A damaged artefact (content that no longer matches its checksum) that a stage reads is
+        recomputed by the stage that wrote it (:meth:`RunStore.repair`: a shard alone where it is
+        one), and the run goes on; ``verify`` first checks every artefact of the finished
+        stages, so damage is found even where no stage would read it."""
+        stages = list(stages or STAGE_ORDER)
+        unknown = [stage for stage in stages if stage not in STAGE_ORDER]
+        if unknown:
+            raise ConfigError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGE_ORDER)}")
+        if verify and self.ranks.world == 1:
+            for path in self.store.verify():
+                self._repair(path)
+        repairs = 0
+        while True:
+            try:
+                for stage in stages:
+                    getattr(self, stage)()
+                return self.store.root
+            except DamagedArtefactError as exc:
+                repairs += 1
+                if self.ranks.world > 1 or repairs > MAX_REPAIRS:
+                    raise
+                self._repair(exc.path)
+
+    def _repair(self, path: str) -> None:
+        stage = self.store.repair(path)
+        warnings.warn(f"damaged artefact {path}: the {stage} stage computes it again", stacklevel=3)
 
     # ------------------------------------------------------------------ pictures
     def thumbnails(self, graph: dict) -> dict[str, Path]:

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .config import STAGE_ORDER, Config, stage_hash
-from .errors import RunBusyError, RunMismatchError
+from .errors import DamagedArtefactError, RunBusyError, RunMismatchError
 
 
 @contextmanager
@@ -182,9 +182,10 @@ def _compare_checksum(path: str | Path, tensors: dict[str, torch.Tensor], writte
     """Raise where ``tensors`` (read from ``path``) do not match the checksum written with them.
     Files written before checksums (gig < 0.4) have none and are read as they are."""
     if written is not None and tensors_checksum(tensors) != written:
-        raise RunMismatchError(
+        raise DamagedArtefactError(
+            path,
             f"damaged artefact {path}: its content does not match the checksum written with it (flipped "
-            "bits or an edited file); rerun the stage that writes it (gig STAGE --force RUN)"
+            "bits or an edited file); rerun the stage that writes it (gig STAGE --force RUN)",
         )
 
 
@@ -193,8 +194,8 @@ def _readable(path: str | Path) -> Iterator[None]:
     try:
         yield
     except SafetensorError as exc:
-        raise RunMismatchError(
-            f"damaged artefact {path} ({exc}): rerun the stage that writes it (gig STAGE --force RUN)"
+        raise DamagedArtefactError(
+            path, f"damaged artefact {path} ({exc}): rerun the stage that writes it (gig STAGE --force RUN)"
         ) from exc
 
 
@@ -230,9 +231,10 @@ def load_json(path: Path) -> Any:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # truncated or overwritten
         what = f"{exc.msg}, line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
-        raise RunMismatchError(
+        raise DamagedArtefactError(
+            path,
             f"damaged artefact {path} ({what}): rerun the stage that writes it "
-            f"(gig STAGE --force RUN), or the whole run"
+            f"(gig STAGE --force RUN), or the whole run",
         ) from exc
     return _verified_json(path, data)
 
@@ -241,9 +243,10 @@ def _verified_json(path: Path, data: Any) -> Any:
     if isinstance(data, dict) and JSON_CHECKSUM_KEY in data:
         written = data.pop(JSON_CHECKSUM_KEY)
         if json_checksum(data) != written:
-            raise RunMismatchError(
+            raise DamagedArtefactError(
+                path,
                 f"damaged artefact {path}: its content does not match the checksum written with it "
-                "(flipped bits or an edited file); rerun the stage that writes it (gig STAGE --force RUN)"
+                "(flipped bits or an edited file); rerun the stage that writes it (gig STAGE --force RUN)",
             )
     return data
 
@@ -458,6 +461,52 @@ class RunStore:
         return self.manifest()["stages"].get(stage, {}).get("summary", {})
 
     # ------------------------------------------------------------------ shards
+    # ------------------------------------------------------------------ damage
+    def verify(self, stages: list[str] | None = None) -> list[Path]:
+        """Every artefact of the finished ``stages`` (default: all) read and checked against its
+        checksum: the damaged ones (a stage's tensors and JSON files; ERF crops and reports are
+        derived and not checked). Reads every file once."""
+        from .config import STAGE_ORDER
+
+        damaged = []
+        for stage in stages or STAGE_ORDER:
+            folder = self.root / stage
+            if not self.is_done(stage) or not folder.is_dir():
+                continue
+            for path in sorted(folder.rglob("*")):
+                if path.suffix not in (".safetensors", ".json", ".done") or not path.is_file():
+                    continue
+                try:
+                    load_tensors(path) if path.suffix == ".safetensors" else load_json(path)
+                except DamagedArtefactError:
+                    damaged.append(path)
+        return damaged
+
+    def repair(self, path: str | Path) -> str:
+        """Make the stage that wrote the damaged artefact ``path`` run again, losing as little
+        as possible: a shard of a sharded stage is deleted with its done-marker (the stage then
+        recomputes that shard alone, and its summary); any other artefact is deleted and its
+        stage marked unfinished (recomputed with the same settings; what depends on it stays
+        valid, every stage being deterministic given its settings). Returns the stage."""
+        from .config import STAGE_ORDER
+
+        path = Path(path)
+        stage = path.resolve().relative_to(self.root.resolve()).parts[0]
+        if stage not in STAGE_ORDER:
+            raise RunMismatchError(f"{path} is not an artefact of a stage of {self.root}")
+        if path.parent.name == "shards":
+            name = path.name.split(".", 1)[0]
+            for sibling in (path.parent / f"{name}.safetensors", path.parent / f"{name}.done"):
+                sibling.unlink(missing_ok=True)
+        else:  # the stage writes it again (a front, a check or a dictionary is read back if present)
+            path.unlink(missing_ok=True)
+        manifest = self.manifest()
+        entry = manifest["stages"].get(stage)
+        if entry is not None:
+            entry["status"] = "damaged"
+            self._write_manifest(manifest)
+        return stage
+
     def shard_done(self, stage: str, name: str) -> bool:
         return (self.root / stage / "shards" / f"{name}.done").exists()
 
