@@ -133,6 +133,9 @@ def exemplar_crops(
     table = load_samples(store, layer)
     by_id = {r.image_id: r for r in source.records}
     missing.sort(key=lambda i: int(table["image_id"][i]))  # PFVs of one image together
+    # The batch-norm-folded copy (ModelHandle.measuring): the same function, about 2x faster for
+    # these forward and backward passes; the crops depend on the maps only through their boxes.
+    fast = handle.measuring([layer])
     views: dict[int, tuple[Image.Image, torch.Tensor]] = {}
     for start in range(0, len(missing), batch_size):
         chunk = missing[start : start + batch_size]
@@ -141,7 +144,7 @@ def exemplar_crops(
             if image_id not in views:
                 image = source.load(by_id[image_id])
                 views[image_id] = (handle.bundle.display_image(image), handle.bundle.preprocess(image))
-        maps = erf_maps(handle, torch.stack([views[i][1] for i in ids]), layer, table["pos"][chunk], batch_size)
+        maps = erf_maps(fast, torch.stack([views[i][1] for i in ids]), layer, table["pos"][chunk], batch_size)
         for i, image_id, erf in zip(chunk, ids, maps):
             save_png(erf_crop(views[image_id][0], erf.numpy(), mass, margin), out / f"s{i}.png")
         keep = {int(table["image_id"][i]) for i in missing[start + batch_size : start + 2 * batch_size]}
