@@ -560,3 +560,20 @@ def test_gig_run_computes_damaged_artefacts_again(tiny_run, tmp_path):
     _assert_same(load_tensors(decompose), before[decompose])
     assert load_json(card) == card_before
     assert load_json(run / "graph" / "global.json") == graph_before
+
+
+def test_entry_points_take_a_run_opened_once(tiny_run, tmp_path):
+    """A run opened once is passed down: the summary, the report and the evaluation accept the
+    store as they accept its directory, with the same result."""
+    from gig.evaluation import EvaluationSettings, evaluate_run
+    from gig.report import ReportOptions, build_report
+    from gig.summary import summarize
+
+    store = RunStore.open(tiny_run["run"])
+    assert summarize(store) == summarize(tiny_run["run"])
+    options = ReportOptions(atlas_per_layer=1, n_images=1, max_classes=1, shared_classes=0)
+    index = build_report(store, tmp_path / "report", options, model=tiny_run["bundle"])
+    assert index.is_file()
+    settings = EvaluationSettings(extraction_images=1, interlayer_images=0, methods=["ours"])
+    evaluate_run(store, settings, out=tmp_path / "evaluate", model=tiny_run["bundle"], progress=False)
+    assert (tmp_path / "evaluate" / "summary.json").is_file()

@@ -50,6 +50,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import BisectingKMeans
 from tqdm.auto import tqdm
 
+from .access import as_store
 from .collect import load_images, load_samples
 from .concepts import load_dictionary
 from .errors import ConfigError, RunMismatchError
@@ -264,7 +265,7 @@ def graph_stability(
     from .graph import graph_index
     from .models import load_run_model
 
-    store = run if isinstance(run, RunStore) else RunStore.open(run)
+    store = as_store(run)
     store.require("graph")
     classes = [int(c) for c in graph_index(store)["classes"]]
     if not classes:
@@ -369,7 +370,7 @@ def concept_stability(
     refitted concepts (:func:`graph_stability`, under ``"graphs"``; the run's graph stage must be
     done; the layers not named keep the run's dictionaries). ``model``: the run's model bundle for
     that (default: loaded from the run's config)."""
-    store = run if isinstance(run, RunStore) else RunStore.open(run)
+    store = as_store(run)
     store.require("concepts")
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"seeds must be an integer of at least 1, not {seeds!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .access import as_store
 from .config import STAGE_ORDER
 from .decompose import check_layer, load_front
 from .store import RunStore, load_json
@@ -12,12 +13,12 @@ from .store import RunStore, load_json
 MAX_L0_RATIO = 0.25
 
 
-def summarize(run_dir: str | Path) -> dict:
+def summarize(run_dir: "str | Path | RunStore") -> dict:
     """Keys: ``layers`` (per-layer figures), ``completeness``, ``gig`` (per path kind: gradient
     evaluations and error estimates of the attributions), ``images``, ``graph``, ``stages``,
     ``missed`` (a sentence per missed target or unfinished stage), and ``evaluation`` once
     ``gig evaluate`` has run. Missing stages give ``None`` values."""
-    store = RunStore.open(run_dir)
+    store = as_store(run_dir)  # a run directory, or a run opened already
     manifest = store.manifest()
     stages = manifest["stages"]
     collect = stages.get("collect", {}).get("summary", {})

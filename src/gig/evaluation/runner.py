@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..access import RunAccess
+from ..access import RunAccess, as_store
 from ..attribution import gig_for
 from ..collect import load_images, load_samples
 from ..config import stable_hash
@@ -236,7 +236,7 @@ def _timed(timings: dict, name: str) -> Iterator[None]:
 
 
 def evaluate_run(
-    run_dir: str | Path,
+    run_dir: str | Path | RunStore,
     settings: EvaluationSettings | None = None,
     *,
     model=None,
@@ -257,11 +257,10 @@ def evaluate_run(
     """
     start = time.perf_counter()
     settings = settings if settings is not None else EvaluationSettings()
-    run_dir = Path(run_dir)
-    store = RunStore.open(run_dir)
+    store = as_store(run_dir)  # a run directory, or a run opened already
     store.require("decompose")
     plan = make_plan(settings, store, store.config, load_images(store)["images"])
-    out = Path(out) if out is not None else run_dir / "evaluate"
+    out = Path(out) if out is not None else store.root / "evaluate"
     prepare_folder(out, plan)
     view = RunView(RunAccess(store, model=model, source=source), plan, out)
     total = len(plan.extraction_images) * len(plan.layers) * len(plan.methods) + len(plan.interlayer_images) * (

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from ..access import RunAccess
+from ..access import RunAccess, as_store
 from ..attribution import iter_attributions, load_attributions
 from ..collect import load_images, load_samples
 from ..concepts import load_concept_cards
@@ -101,7 +101,7 @@ def _fresh_output(out: Path) -> None:
 
 
 def build_report(
-    run_dir: str | Path,
+    run_dir: str | Path | RunStore,
     out: str | Path | None = None,
     options: ReportOptions | None = None,
     model=None,
@@ -114,7 +114,7 @@ def build_report(
     the run's model, images and class names (as for :class:`gig.pipeline.Pipeline`)."""
     started = time.perf_counter()
     opts = options or ReportOptions()
-    store = RunStore.open(run_dir).require("graph")
+    store = as_store(run_dir).require("graph")  # a run directory, or a run opened already
     out = Path(out) if out is not None else store.root / "report"
     _fresh_output(out)
     assets, access = Assets(out, opts.single_file), RunAccess(store, model, source)
