@@ -216,12 +216,17 @@ def test_a_run_with_a_probe_head_ends_at_the_probes_outputs(tmp_path):
     assert result.exit_code == 0, result.output
     page = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
     assert "animal" in page or "thing" in page
+    # the page speaks of the probe's outputs, not of classes
+    assert ">One output</button>" in page and ">Several outputs</button>" in page and ">One class<" not in page
+    assert '"output_noun": "output"' in page or '"output_noun":"output"' in page
     from gig.images import EmbeddedSource
 
     embedded = EmbeddedSource()
     embedded.load(embedded.records[0]).save(tmp_path / "photo.png")
     result = CliRunner().invoke(app, ["explain", str(run), str(tmp_path / "photo.png"), "--out", str(tmp_path / "ex")])
     assert result.exit_code == 0, result.output
+    explained = (tmp_path / "ex" / "index.html").read_text(encoding="utf-8")
+    assert '"output_noun": "output"' in explained or '"output_noun":"output"' in explained
 
 
 def test_the_probe_example_trains_a_head_that_its_config_reads_from_any_directory(tmp_path, monkeypatch):

@@ -320,6 +320,12 @@ def _build(spec: str, weights: str) -> ModelBundle:
 HEAD_NAMES_KEY = "names"
 
 
+def output_noun(config) -> str:
+    """What a run's graph tops are called: ``"output"`` for a run read through a probe head
+    (``head``: named outputs, not the model's classes), else ``"class"``."""
+    return "output" if getattr(config, "head", None) else "class"
+
+
 def read_head(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A linear head from ``path`` (``.safetensors``): ``weight (O, D)``, ``bias (O,)`` (zeros
     where the file has none) and the outputs' names (the file's ``names`` metadata, a JSON list;

@@ -36,6 +36,7 @@ from ..collect import load_images, load_samples
 from ..concepts import load_concept_cards
 from ..config import _class_ids, _int, check_fields, settings_hash
 from ..graph import ImageRows, build_graph_set, load_run_sums
+from ..models import output_noun
 from ..store import RunStore, load_json
 from . import sections as sec
 from .metrics import ablation_section, evaluation_section, metrics_section
@@ -268,6 +269,7 @@ def _page_context(
         "n_images": len(chosen.images_info),
         "top_k": store.config.top_k,
         "edges_per_node": store.config.edges_per_node,
+        "output_noun": output_noun(store.config),  # "class", or "output" for a probe head
         "K": {layer: len(shown.cards[layer]["concepts"]) for layer in layers},
         "options": {**opts.to_dict(), "hash": settings_hash(opts)},
     }

@@ -12,6 +12,7 @@ from typing import Callable
 from ..access import RunAccess
 from ..collect import load_images, load_samples
 from ..concepts import load_concept_cards
+from ..models import output_noun
 from ..store import RunStore
 from . import sections as sec
 from .page import Assets, render_page
@@ -49,6 +50,7 @@ def write_viewer(
         "n_images": n_images if n_images is not None else len(images),
         "top_k": store.config.top_k,
         "edges_per_node": store.config.edges_per_node,
+        "output_noun": output_noun(store.config),  # "class", or "output" for a probe head
         "K": {layer: len(cards[layer]["concepts"]) for layer in layers},
     }
     referenced = sec.referenced_classes(graphs, concepts, images, [])

@@ -8,6 +8,8 @@
   'use strict';
 
   var DATA = JSON.parse(document.getElementById('gig-data').textContent);
+  // What the graphs' tops are: the model's classes, or a probe head's named outputs.
+  var NOUN = (DATA.run && DATA.run.output_noun) || 'class';
   var GRAPHS = {};
   DATA.graphs.forEach(function (g) { GRAPHS[g.key] = g; });
   // Graphs in files of their own (classes/class_C.js), loaded when first chosen: a script tag
@@ -42,7 +44,7 @@
   function className(c) {
     if (c === null || c === undefined) return 'target logit';
     var name = DATA.classNames[String(c)];
-    return name === undefined ? 'class ' + c : name;
+    return name === undefined ? NOUN + ' ' + c : name;
   }
   function nodeName(id) {
     if (id.indexOf('class:') === 0) return className(parseInt(id.slice(6), 10));
@@ -247,7 +249,7 @@
   function info(entry, bad) {
     var g = entry.graph, box = document.getElementById('graph-info');
     box.textContent = '';
-    var kinds = { 'class': 'class graph', shared: 'shared graph', global: 'global graph', image: 'single-image graph' };
+    var kinds = { 'class': NOUN + ' graph', shared: 'shared graph', global: 'global graph', image: 'single-image graph' };
     box.appendChild(el('b', null, kinds[entry.mode] || entry.mode));
     box.appendChild(document.createTextNode(': ' + entry.label + ' · ' + g.n_images + ' image(s) · ' +
       g.nodes.length + ' nodes, ' + g.edges.length + ' edges (top-' + g.top_k + ' concepts per layer, ' +
@@ -266,7 +268,8 @@
       // How much the shown edges depend on the definition of an edge weight (docs/graph-schema.md).
       var parts = [];
       for (var rule in g.edge_rule_agreement) parts.push(rule + ' ' + Math.round(100 * g.edge_rule_agreement[rule]) + ' %');
-      var agree = el('span', 'rule-agreement', ' · edges: flow of the class-logit change; shown edges also shown under ' + parts.join(', '));
+      var agree = el('span', 'rule-agreement', ' · edges: flow of the ' + (NOUN === 'class' ? 'class-logit' : 'output') +
+        ' change; shown edges also shown under ' + parts.join(', '));
       agree.id = 'edge-rule-agreement';
       box.appendChild(agree);
     }
@@ -380,7 +383,7 @@
       .sort(function (a, b) { return Math.abs(b.weight) - Math.abs(a.weight); });
     if (node.layer === 'classifier') {
       head.appendChild(el('h3', 'card-title', node.name === null || node.name === undefined ? 'target logit' : String(node.name)));
-      head.appendChild(el('p', 'muted', 'classifier' + (node['class'] !== null && node['class'] !== undefined ? ' · class ' + node['class'] : '') +
+      head.appendChild(el('p', 'muted', (NOUN === 'class' ? 'classifier' : 'probe head') + (node['class'] !== null && node['class'] !== undefined ? ' · ' + NOUN + ' ' + node['class'] : '') +
         (node.n_images !== undefined ? ' · ' + node.n_images + ' image(s)' : '')));
       panel.appendChild(head);
       panel.appendChild(edgeList('strongest concepts (' + entry.graph.layers[entry.graph.layers.length - 1] + ')', incoming, function (e) { return e.source; }));
