@@ -2,8 +2,9 @@
 Gradients (Kim et al., "Decompose the model", arXiv 2409.01610).
 
 Stages (one module each): :mod:`gig.collect` (PFVs), :mod:`gig.erf` (effective receptive
-fields), :mod:`gig.concepts` (bisecting k-means), :mod:`gig.decompose` (Lasso),
-:mod:`gig.attribution` (GIG), :mod:`gig.graph` (causal concept graphs), orchestrated by
+fields), :mod:`gig.concepts` (bisecting k-means; other bases in :mod:`gig.basis`),
+:mod:`gig.decompose` (OMP or Lasso), :mod:`gig.attribution` (the GIG walk; the method itself in
+:mod:`gig.method`), :mod:`gig.graph` (causal concept graphs), orchestrated by
 :mod:`gig.pipeline` over a :mod:`gig.store` run directory. A finished run: ``gig.open(RUN)``
 (:mod:`gig.session`: concepts, new images explained, graphs, ablations, labels, from a notebook).
 """
@@ -26,7 +27,7 @@ __all__ = [
 _EXPORTS = {
     "Config": "gig.config",
     "Pipeline": "gig.pipeline",
-    "GIG": "gig.attribution",
+    "GIG": "gig.method",
     "ModelHandle": "gig.hooks",
     "load_model": "gig.models",
     "wrap_module": "gig.models",
