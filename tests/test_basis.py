@@ -69,6 +69,11 @@ def test_sae_basis_codes_come_from_its_encoder_and_attributions_are_complete(tmp
     info = summarize(store.root)
     layer = next(entry for entry in info["layers"] if entry["name"] == "_blocks.15")
     assert layer["basis"] == "sae"
+    assert info["edge_tests"]  # 4 random directions per image: the graphs' edges are tested
+    for name, counts in info["edge_tests"].items():
+        edges = load_json(store.root / "graph" / f"{name}.json")["edges"]
+        assert counts["edges"] == len(edges)
+        assert counts["beats_random"] == sum(bool(e.get("beats_random")) for e in edges) <= counts["significant"]
     misses = [line for line in info["missed"] if "sae basis misses the fidelity rule" in line]
     assert bool(misses) == (
         fidelity["r2"] < 0.9

@@ -371,6 +371,12 @@ def inspect(
     _print_gig_accuracy(out, info.get("gig"))
     out.print(f"images: {info['images']['used']} used, {info['images']['skipped']} skipped")
     out.print(f"graph: {info['graph']}")
+    if info.get("edge_tests"):
+        tests = ", ".join(
+            f"{name} {t['beats_random']}/{t['edges']} ({t['n_images']} images)"
+            for name, t in info["edge_tests"].items()
+        )
+        out.print(f"edges stronger than random directions (BH, FDR 5 %): {tests}", soft_wrap=True)
     if info["missed"]:
         out.print(f"[yellow]{len(info['missed'])} target(s) missed or stages missing:[/yellow]")
         for line in info["missed"]:

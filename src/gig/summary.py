@@ -39,6 +39,7 @@ def summarize(run_dir: "str | Path | RunStore") -> dict:
         "gig": attribute.get("accuracy"),
         "images": {"used": collect.get("images_used"), "skipped": collect.get("images_skipped")},
         "graph": _graph_path(store),
+        "edge_tests": _edge_tests(store),
         "stages": {
             name: {k: entry.get(k) for k in ("status", "seconds", "peak_rss_mb")} for name, entry in stages.items()
         },
@@ -92,6 +93,28 @@ def _graph_path(store: RunStore) -> str | None:
         first = next(iter(files["class"].values()), None) or files.get("global")
         graph_path = str(store.root / "graph" / first) if first else None
     return graph_path
+
+
+def _edge_tests(store: RunStore) -> dict[str, dict]:
+    """Per graph of the graph stage with edges tested against random directions: its images,
+    shown edges, and how many are significant and stronger than random (``beats_random``)."""
+    graph_index = store.root / "graph" / "index.json"
+    if not graph_index.is_file() or not store.is_done("graph"):
+        return {}
+    files = load_json(graph_index)["files"]
+    names = [*files["class"].values(), files.get("shared"), files.get("global")]
+    out = {}
+    for name in filter(None, names):
+        graph = load_json(store.root / "graph" / name)
+        tested = [e for e in graph["edges"] if e.get("p_value") is not None]
+        if tested:
+            out[name.removesuffix(".json")] = {
+                "n_images": graph["n_images"],
+                "edges": len(graph["edges"]),
+                "significant": sum(bool(e.get("significant")) for e in tested),
+                "beats_random": sum(bool(e.get("beats_random")) for e in tested),
+            }
+    return out
 
 
 def missed_targets(store: RunStore, info: dict) -> list[str]:
