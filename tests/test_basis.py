@@ -189,3 +189,25 @@ def test_the_sae_example_config_reads_as_documented():
     config = Config.load(example)
     assert config.bases == {"_blocks.11": "sae", "_blocks.15": "sae"}
     assert config.layers[:2] == ["_blocks.4", "_blocks.8"] and config.images == "embedded"
+
+
+def test_overcomplete_sae_is_read_as_a_basis_exactly(tmp_path, lite0, monkeypatch):
+    """``sae-overcomplete``: Overcomplete's TopK SAE (the evaluation's ``sae``) read as a basis
+    codes exactly as Overcomplete does; without the package a run naming it is refused before
+    any image is read."""
+    from gig.evaluation.methods.overcomplete_sae import OvercompleteTopKSAE
+    from gig.pipeline import Pipeline
+
+    if OvercompleteTopKSAE.problem() is None:
+        from gig.basis import fit_overcomplete_sae
+
+        X = torch.randn(600, 12, generator=torch.Generator().manual_seed(0))
+        basis, info = fit_overcomplete_sae(X, 24, 4, seed=0, steps=100)
+        reference = OvercompleteTopKSAE(n_components=24, k=4, seed=0, steps=100).fit(X)
+        assert torch.equal(basis.encode(X), reference.transform(X))
+        torch.testing.assert_close(basis.V, reference.components_)
+        assert basis.k == 4 and basis.bias is None and info["kind"].startswith("Overcomplete")
+    monkeypatch.setattr(OvercompleteTopKSAE, "problem", classmethod(lambda cls: "pip install 'gig[overcomplete]'"))
+    with pytest.raises(InputError, match="sae-overcomplete.*gig\\[overcomplete\\]"):
+        Pipeline(_config(bases={"_blocks.15": "sae-overcomplete"}), tmp_path / "r", model=lite0)
+    assert not (tmp_path / "r" / "collect").exists()

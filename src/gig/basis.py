@@ -41,7 +41,7 @@ from .errors import InputError
 from .store import RunStore, load_tensors, open_tensors, save_tensors
 
 #: Basis kinds by name; any other spec is a safetensors file of a user basis.
-KINDS = ("kmeans", "sae")
+KINDS = ("kmeans", "sae", "sae-overcomplete")
 
 
 def is_basis_file(spec: str) -> bool:
@@ -179,6 +179,7 @@ def fit_sae(X: torch.Tensor, K: int, k: int, seed: int, steps: int) -> tuple[Bas
     from .sae import train_sae
 
     sae, info = train_sae(X.float(), K, k, seed=seed, steps=steps)
+    info = {"kind": "TopK SAE (gig.sae)", **info}
     b_pre = sae.b_pre.detach().clone()
     return (
         BasisEncoder(
@@ -193,6 +194,45 @@ def fit_sae(X: torch.Tensor, K: int, k: int, seed: int, steps: int) -> tuple[Bas
         ),
         info,
     )
+
+
+def overcomplete_problem() -> str | None:
+    """Why Overcomplete's SAE cannot be a basis here (the optional package is missing), or None."""
+    from .evaluation.methods.overcomplete_sae import OvercompleteTopKSAE
+
+    return OvercompleteTopKSAE.problem()
+
+
+def fit_overcomplete_sae(X: torch.Tensor, K: int, k: int, seed: int, steps: int) -> tuple[BasisEncoder, dict]:
+    """Overcomplete's TopK SAE (``pip install 'gig[overcomplete]'``), trained by its own loop as
+    the evaluation's ``sae`` baseline is (:class:`gig.evaluation.methods.overcomplete_sae.OvercompleteTopKSAE`),
+    as a basis: its default encoder is one ``Linear`` (with bias) then ReLU and TopK, on inputs
+    scaled by ``1/s``; its decoder the unit-norm dictionary without bias, so it is exactly a
+    :class:`BasisEncoder` (``W_enc = Linearᵀ``, ``b_enc`` its bias, ``scale = s``)."""
+    from torch import nn
+
+    from .evaluation.methods.overcomplete_sae import OvercompleteTopKSAE
+
+    sae = OvercompleteTopKSAE(n_components=K, k=k, seed=seed, steps=steps).fit(X.float())
+    encoder = sae.model_.encoder
+    linear, norm = encoder.final_block[0], encoder.final_block[1]
+    if (
+        len(encoder.mlp_blocks)
+        or not isinstance(norm, nn.Identity)
+        or not isinstance(encoder.final_activation, nn.ReLU)
+    ):
+        raise InputError("Overcomplete's SAE has an encoder other than Linear + ReLU: it cannot be read as a basis")
+    basis = BasisEncoder(
+        "sae-overcomplete",
+        sae.components_.float(),
+        linear.weight.detach().T.contiguous(),
+        linear.bias.detach().clone(),
+        torch.zeros(X.shape[1]),
+        None,
+        int(sae.model_.top_k),
+        sae.scale_,
+    )
+    return basis, sae.info_
 
 
 def basis_path(store: RunStore, layer: str) -> Path:

@@ -22,7 +22,7 @@ import torch
 from sklearn.cluster import BisectingKMeans
 from tqdm.auto import tqdm
 
-from .basis import basis_path, fit_sae, read_basis_file, save_basis
+from .basis import basis_path, fit_overcomplete_sae, fit_sae, read_basis_file, save_basis
 from .collect import load_samples
 from .errors import InputError
 from .store import RunStore, load_json, load_tensors, save_json, save_tensors
@@ -227,10 +227,11 @@ def _save_concepts(
 def _fit_basis(config, layer: str, X: np.ndarray):
     """The layer's basis with its own encoder (:mod:`gig.basis`): ``(encoder, source, info)``."""
     spec = config.bases[layer]
-    if spec == "sae":
+    if spec in ("sae", "sae-overcomplete"):
         K = n_concepts_for(X.shape[0], X.shape[1], config.concepts_per_channel, config.min_cluster, config.max_concepts)
-        encoder, info = fit_sae(torch.from_numpy(X), K, config.sae_k, config.seed, config.sae_steps)
-        return encoder, "sae", {"kind": "TopK SAE (gig.sae)", **info}
+        fit = fit_sae if spec == "sae" else fit_overcomplete_sae
+        encoder, info = fit(torch.from_numpy(X), K, config.sae_k, config.seed, config.sae_steps)
+        return encoder, spec, info
     encoder = read_basis_file(spec, X.shape[1])
     return encoder, f"file:{spec}", {"kind": "user basis", "file": spec, "k": encoder.k}
 

@@ -321,7 +321,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "min_cluster": (_int(1), "an integer of at least 1"),
     "max_concepts": (_int(2, optional=True), "an integer of at least 2, or null"),
     "dictionaries": (_dictionaries, "a mapping layer: safetensors file or 'channels'"),
-    "bases": (_bases, "a mapping layer: kmeans, sae or a .safetensors file of a basis"),
+    "bases": (_bases, "a mapping layer: kmeans, sae, sae-overcomplete or a .safetensors file of a basis"),
     "sae_k": (_int(1, high=4096), "an integer from 1 to 4096"),
     "sae_steps": (_int(1, high=1_000_000), "an integer from 1 to 1 000 000"),
     "target_rel_error": (

@@ -68,6 +68,11 @@ def _check_bases(config: Config, handle: ModelHandle) -> None:
     """Every basis file fits its layer (channels) before any image is read."""
     from .basis import is_basis_file, read_basis_file
 
+    if "sae-overcomplete" in config.bases.values():
+        from .basis import overcomplete_problem
+
+        if overcomplete_problem():
+            raise InputError(f"bases: sae-overcomplete: {overcomplete_problem()}")
     files = {layer: spec for layer, spec in config.bases.items() if is_basis_file(spec)}
     if files:
         shapes = handle.layer_shapes(list(files))
