@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from ..access import RunAccess, as_store
-from ..attribution import iter_attributions, load_attributions
+from ..attribution import iter_attributions
 from ..collect import load_images, load_samples
 from ..concepts import load_concept_cards
 from ..config import _class_ids, _int, check_fields, settings_hash
@@ -177,19 +177,15 @@ def _choose_graphs(
         **{f"image:{i}": ("image", i) for i in image_ids},
         **{f"class:{c}": ("class", [c]) for c in on_demand},
     }
+    # Every image shown has its single-image graph, so the panels' rows come with the graph pass.
     rows = ImageRows(sec.PANEL_FIELDS, image_ids)
     built = build_graph_set(store, specs, names, progress, rows_of=rows) if specs else {}
-    panel_rows = rows.data if specs else load_attributions(store, sec.PANEL_FIELDS, image_ids) if image_ids else {}
     graphs = sec.run_graphs(store, classes, opts.shared_classes, names, built)
-    graphs += sec.image_graphs(store, image_ids, by_image, names, built)
+    graphs += sec.image_graphs(image_ids, by_image, names, built)
     log(f"{len(graphs)} graphs")
-    extra = (
-        sec.on_demand_graphs(store, {i: targets[i] for i in attributed}, classes, names, progress, built)
-        if on_demand
-        else []
-    )
+    extra = sec.on_demand_graphs(on_demand, names, built)
     log(f"{len(extra)} more class graphs, loaded on demand")
-    return _ChosenGraphs(images_info, by_image, targets, classes, image_ids, graphs, extra, panel_rows)
+    return _ChosenGraphs(images_info, by_image, targets, classes, image_ids, graphs, extra, rows.data)
 
 
 def _attributed_images(store: RunStore) -> set[int]:

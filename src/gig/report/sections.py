@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from ..access import RunAccess
-from ..attribution import iter_attributions, load_attributions
+from ..attribution import iter_attributions
 from ..erf import crop_paths
 from ..errors import RunMismatchError
 from ..graph import (
@@ -33,8 +33,6 @@ from ..graph import (
     RunSums,
     ScoreSums,
     accumulate,
-    build_graph,
-    build_graph_set,
     default_classes,
     load_run_sums,
     with_positions,
@@ -97,15 +95,26 @@ def _shared_combos(classes: list[int], shared_classes: int) -> list[list[int]]:
     return [list(c) for size in range(2, len(pool) + 1) for c in itertools.combinations(pool, size)]
 
 
+def _shared_key(combo: list[int]) -> str:
+    return "shared:" + ",".join(map(str, sorted(combo)))
+
+
+def _saved_file(index: dict, kind: str, classes: list[int]) -> str | None:
+    """The graph stage's file of a class graph or of a shared graph of ``classes``, else None."""
+    if kind == "class":
+        return index["files"]["class"].get(str(classes[0]))
+    same = sorted(classes) == sorted(int(c) for c in index.get("classes", []))
+    return index["files"].get("shared") if same else None
+
+
 def run_graph_specs(store: RunStore, classes: list[int], shared_classes: int) -> dict:
     """The graphs :func:`run_graphs` shows that the graph stage did not save, as
     :func:`gig.graph.build_graph_set` specs keyed as :func:`run_graphs` reads them."""
     index = load_json(store.root / "graph" / "index.json")
-    run_classes = sorted(int(c) for c in index.get("classes", []))
-    specs = {f"class:{c}": ("class", [c]) for c in classes if not index["files"]["class"].get(str(c))}
+    specs = {f"class:{c}": ("class", [c]) for c in classes if not _saved_file(index, "class", [c])}
     for combo in _shared_combos(classes, shared_classes):
-        if not (index["files"].get("shared") and sorted(combo) == run_classes):
-            specs["shared:" + ",".join(map(str, sorted(combo)))] = ("shared", combo)
+        if not _saved_file(index, "shared", combo):
+            specs[_shared_key(combo)] = ("shared", combo)
     return specs
 
 
@@ -130,43 +139,26 @@ def graph_recurrence(store: RunStore) -> dict[int, dict]:
     return out
 
 
-def run_graphs(
-    store: RunStore, classes: list[int], shared_classes: int, names: list[str], built: dict | None = None
-) -> list[dict]:
-    """The class graphs (saved by the graph stage, else built), the shared graph of every subset of
-    the first ``shared_classes`` classes, and the global graph. ``built``: the graphs of
-    :func:`run_graph_specs` built already (one :func:`gig.graph.build_graph_set` for the page)."""
+def run_graphs(store: RunStore, classes: list[int], shared_classes: int, names: list[str], built: dict) -> list[dict]:
+    """The class graphs, the shared graph of every subset of the first ``shared_classes``
+    classes, and the global graph: the graph stage's files, else ``built`` (the graphs of
+    :func:`run_graph_specs`, from the page's one :func:`gig.graph.build_graph_set`)."""
     graph_dir = store.root / "graph"
     index = load_json(graph_dir / "index.json")
     name = class_namer(names)
     entries = []
-
-    def made(key: str, kind: str, value: list[int]) -> dict:
-        return built[key] if built is not None else build_graph(store, kind, value, class_names=names)
-
     recurrence = graph_recurrence(store)
     for c in classes:
-        file = index["files"]["class"].get(str(c))
-        graph = load_json(graph_dir / file) if file else made(f"class:{c}", "class", [c])
+        file = _saved_file(index, "class", [c])
+        graph = load_json(graph_dir / file) if file else built[f"class:{c}"]
         label = f"{name(c)} ({n_images_text(graph['n_images'])})"
         extra = {"recurrence": recurrence[c]} if c in recurrence else {}
         entries.append(graph_entry(f"class:{c}", "class", [c], label, graph, file, **extra))
-    run_shared = index["files"].get("shared")
-    run_classes = sorted(int(c) for c in index.get("classes", []))
     for combo in _shared_combos(classes, shared_classes):
-        file = run_shared if run_shared and sorted(combo) == run_classes else None
-        key = "shared:" + ",".join(map(str, sorted(combo)))
-        graph = load_json(graph_dir / file) if file else made(key, "shared", combo)
-        entries.append(
-            graph_entry(
-                "shared:" + ",".join(map(str, sorted(combo))),
-                "shared",
-                sorted(combo),
-                " + ".join(name(c) for c in sorted(combo)),
-                graph,
-                file,
-            )
-        )
+        file = _saved_file(index, "shared", combo)
+        graph = load_json(graph_dir / file) if file else built[_shared_key(combo)]
+        label = " + ".join(name(c) for c in sorted(combo))
+        entries.append(graph_entry(_shared_key(combo), "shared", sorted(combo), label, graph, file))
     if index["files"].get("global"):
         file = index["files"]["global"]
         graph = load_json(graph_dir / file)
@@ -181,23 +173,10 @@ def on_demand_classes(attributed_targets: dict[int, int], inline: list[int]) -> 
     return [c for c, _ in counts.most_common() if c not in set(inline)]
 
 
-def on_demand_graphs(
-    store: RunStore,
-    attributed_targets: dict[int, int],
-    inline: list[int],
-    names: list[str],
-    progress: bool = False,
-    built: dict | None = None,
-) -> list[dict]:
-    """The class graph of every :func:`on_demand_classes` class, built in one two-pass read of
-    the shards (:func:`gig.graph.build_graph_set`; or taken from ``built``, keyed ``class:C``);
-    each is written to its own file and loaded when chosen."""
-    classes = on_demand_classes(attributed_targets, inline)
-    if not classes:
-        return []
+def on_demand_graphs(classes: list[int], names: list[str], built: dict) -> list[dict]:
+    """The viewer entries of the class graphs of :func:`on_demand_classes` (``built``, keyed
+    ``class:C``); each is written to its own file and loaded when chosen."""
     name = class_namer(names)
-    if built is None:
-        built = build_graph_set(store, {f"class:{c}": ("class", [c]) for c in classes}, names, progress)
     return [
         graph_entry(
             f"class:{c}",
@@ -249,20 +228,14 @@ def choose_images(
     return list(dict.fromkeys(chosen))[: max(0, n_images)]
 
 
-def image_graphs(
-    store: RunStore, image_ids: list[int], by_image: dict[int, dict], names: list[str], built: dict | None = None
-) -> list[dict]:
-    """The single-image graph of each of ``image_ids`` (images of the run); ``built``: built
-    already, keyed ``image:ID``."""
+def image_graphs(image_ids: list[int], by_image: dict[int, dict], names: list[str], built: dict) -> list[dict]:
+    """The single-image graph of each of ``image_ids`` (images of the run), from ``built`` (keyed
+    ``image:ID``)."""
     name = class_namer(names)
     entries = []
     for image_id in image_ids:
         info = by_image[image_id]
-        graph = (
-            built[f"image:{image_id}"]
-            if built is not None
-            else build_graph(store, "image", image_id=image_id, class_names=names)
-        )
+        graph = built[f"image:{image_id}"]
         entries.append(
             graph_entry(
                 f"image:{image_id}",
@@ -547,19 +520,17 @@ def run_panels(
     concepts: dict[str, dict],
     assets: Assets,
     size: int,
-    data: dict[str, torch.Tensor] | None = None,
+    data: dict[str, torch.Tensor],
 ) -> dict[str, dict]:
-    """The localisation panels of some of the run's images (their rows of the attribute stage,
-    codes through :class:`gig.decompose.CodeReader`): ``{str(image id): panel}``. ``data``: their
-    rows of :data:`PANEL_FIELDS` read already (else read here)."""
+    """The localisation panels of some of the run's images: ``data``, their rows of
+    :data:`PANEL_FIELDS` (read in the page's graph pass), and their codes through
+    :class:`gig.decompose.CodeReader`: ``{str(image id): panel}``."""
     from ..decompose import CodeReader
 
     if not image_ids:
         return {}
     layers = list(store.config.layers)
     readers = {layer: CodeReader(store, layer) for layer in layers}
-    if data is None:
-        data = load_attributions(store, PANEL_FIELDS, image_ids)
     row_of = {int(i): r for r, i in enumerate(data["image_id"].tolist())}
     fields = ("path", "label", "label_name", "pred", "target", "target_prob")
     panels = {}
