@@ -201,28 +201,30 @@ class Pipeline:
         recomputed by the stage that wrote it (:meth:`RunStore.repair`: a shard alone where it is
         one), and the run goes on; ``verify`` first checks every artefact of the finished
         stages, so damage is found even where no stage would read it."""
-        stages = list(stages or STAGE_ORDER)
-        unknown = [stage for stage in stages if stage not in STAGE_ORDER]
+        todo = set(stages or STAGE_ORDER)
+        unknown = sorted(todo - set(STAGE_ORDER))
         if unknown:
             raise ConfigError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGE_ORDER)}")
         if verify and self.ranks.world == 1:
-            for path in self.store.verify():
-                self._repair(path)
+            todo |= {self._repair(path) for path in self.store.verify()}
         repairs = 0
         while True:
             try:
-                for stage in stages:
+                for stage in (s for s in STAGE_ORDER if s in todo):
                     getattr(self, stage)()
                 return self.store.root
             except DamagedArtefactError as exc:
                 repairs += 1
                 if self.ranks.world > 1 or repairs > MAX_REPAIRS:
                     raise
-                self._repair(exc.path)
+                # the stage that wrote it runs again even where it was not asked for: a stage
+                # after it would otherwise read the run without the deleted shard
+                todo.add(self._repair(exc.path))
 
-    def _repair(self, path: str) -> None:
+    def _repair(self, path: str) -> str:
         stage = self.store.repair(path)
         warnings.warn(f"damaged artefact {path}: the {stage} stage computes it again", stacklevel=3)
+        return stage
 
     # ------------------------------------------------------------------ pictures
     def thumbnails(self, graph: dict) -> dict[str, Path]:
