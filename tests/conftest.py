@@ -54,6 +54,31 @@ class TinyNet(nn.Module):
         return self.head(self.block2(self.block1(self.stem(x))).mean((2, 3)))
 
 
+def biased_basis(path: Path, channels: int, K: int = 10, k: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Write a run basis file (:mod:`gig.basis`) with a non-zero decoder bias ``b_dec`` and a TopK
+    encoder keeping ``k`` of ``K`` latents; returns its tensors."""
+    from gig.store import save_tensors
+
+    g = torch.Generator().manual_seed(seed)
+    W_dec = torch.randn(K, channels, generator=g)
+    tensors = {
+        "W_dec": W_dec,
+        "W_enc": torch.linalg.pinv(W_dec),  # (C, K)
+        "b_enc": 0.1 * torch.randn(K, generator=g),
+        "b_dec": 0.5 * torch.randn(channels, generator=g),
+    }
+    save_tensors(path, tensors, metadata={"activation": "topk", "k": str(k)})
+    return tensors
+
+
+def biased_codes(X: torch.Tensor, tensors: dict[str, torch.Tensor], k: int = 4) -> torch.Tensor:
+    """The codes ``(N, K)`` of the rows of ``X (N, C)`` under :func:`biased_basis`, written out:
+    ``ReLU(x W_enc + b_enc)`` with all but its ``k`` largest entries set to 0."""
+    z = torch.relu(X.float() @ tensors["W_enc"] + tensors["b_enc"])
+    kept = z.topk(k, dim=1).indices
+    return torch.zeros_like(z).scatter(1, kept, z.gather(1, kept))
+
+
 @pytest.fixture()
 def tiny_bundle():
     return wrap_module(TinyNet(), name="tiny", input_size=32, class_names=["a", "b", "c", "d"])

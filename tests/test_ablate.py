@@ -245,3 +245,68 @@ def test_cli_ablation_correlation(tiny_run, tmp_path) -> None:
     assert set(printed["transitions"]) == {"_blocks.8->_blocks.15", "_blocks.15->class"}
     for t in printed["transitions"].values():
         assert -1.0 <= t["spearman"]["per_target"]["mean"] <= 1.0
+
+
+def test_a_decoder_bias_is_what_removing_every_concept_leaves(tmp_path):
+    """A layer whose basis has a decoder bias ``b_dec``: the reconstruction is ``U V + b_dec`` and
+    every concept removed leaves ``b_dec`` at every position (the GIG path's start), computed here
+    by running the network; the ablation check reproduces the Δ the attribute stage stored."""
+    from conftest import biased_basis, biased_codes
+
+    tensors = biased_basis(tmp_path / "basis.safetensors", channels=12)
+    config = Config(**{**SMALL, "max_images": 3}, bases={"block1": str(tmp_path / "basis.safetensors")})
+    Pipeline(config, tmp_path / "run", model=_bundle(), progress=False).run(
+        ["collect", "concepts", "decompose", "attribute"]
+    )
+    ctx = open_run(tmp_path / "run", model=_bundle())
+    result = ablate(ctx, "block1", list(range(10)), image_ids=[0, 1, 2], save=False)
+    pixels = ctx.run_pixels([0, 1, 2])
+    with torch.no_grad():
+        _, grids = ctx.handle.capture(pixels, ["block1"])
+    n, c, h, w = grids["block1"].shape
+    U = biased_codes(grids["block1"].permute(0, 2, 3, 1).reshape(-1, c), tensors)
+    full = (U @ tensors["W_dec"] + tensors["b_dec"]).view(n, h, w, c).permute(0, 3, 1, 2).contiguous()
+    start = tensors["b_dec"].view(1, c, 1, 1).expand(n, c, h, w).contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            result.logits[:, 0], ctx.handle.run_from(pixels, "block1", full), rtol=1e-4, atol=1e-5
+        )
+        torch.testing.assert_close(
+            result.logits[:, 1], ctx.handle.run_from(pixels, "block1", start), rtol=1e-4, atol=1e-5
+        )
+        read = ConceptReadout("block2", ctx.dictionary("block2")).all(
+            ctx.handle.run_from(pixels, "block1", start, read="block2")
+        )
+    torch.testing.assert_close(result.readouts["block2"][:, 1], read, rtol=1e-4, atol=1e-5)
+    conv = ablation_correlation(ctx, top_n=2, n_others=1, n_random=2)["transitions"]["block1->block2"]
+    assert conv["completeness"]["delta_check_median"] < 1e-4
+
+
+def test_cli_text_speaks_of_a_probe_heads_outputs(tmp_path, monkeypatch):
+    """A run whose top is a probe head: `gig ablate` lists the most changed outputs, and the
+    evaluation's results.md ranks by concept → output GIG; neither speaks of classes there."""
+    import gig.models
+    from gig.cli import app
+    from gig.models import with_head
+    from gig.store import save_tensors
+
+    g = torch.Generator().manual_seed(2)
+    probe = tmp_path / "probe.safetensors"
+    save_tensors(
+        probe,
+        {"weight": torch.randn(3, 16, generator=g), "bias": torch.randn(3, generator=g)},
+        metadata={"names": json.dumps(["cat", "dog", "other"])},
+    )
+    config = Config(**{**SMALL, "max_images": 3}, head=str(probe))
+    run = tmp_path / "run"
+    Pipeline(config, run, model=with_head(_bundle(), probe), progress=False).run(["collect", "concepts", "decompose"])
+    monkeypatch.setattr(gig.models, "load_model", lambda *a, **k: _bundle())
+    result = CliRunner().invoke(app, ["ablate", str(run), "block1", "0", "1"])
+    assert result.exit_code == 0, result.output
+    changed = [line for line in result.stdout.splitlines() if "most changed" in line]
+    assert changed and all("output" in line and "class" not in line for line in changed)
+    args = ["evaluate", str(run), "-m", "ours", "--extraction-images", "2", "--interlayer-images", "0", "--no-plots"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = (run / "evaluate" / "results.md").read_text()
+    assert "target-output probability" in text and "concept → output GIG" in text and "class" not in text

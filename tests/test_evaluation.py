@@ -324,3 +324,104 @@ def test_ablation_into_another_folder(small_run, tmp_path):
     ext = load_json(out / "extraction.json")
     assert ext["layers"]["block2"]["sae-torch"]["basis"]["k"] == 2
     assert ext["layers"]["block2"]["sae-torch"]["reconstruction"]["active_per_position"] <= 2
+
+
+# ------------------------------------------------------------------------------ a basis with a decoder bias
+from conftest import biased_basis, biased_codes  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def biased_run(tmp_path_factory):
+    """SMALL with a basis at ``block1`` (12 channels) whose decoder bias ``b_dec`` is not zero."""
+    folder = tmp_path_factory.mktemp("biasrun")
+    tensors = biased_basis(folder / "basis.safetensors", channels=12)
+    config = Config(**SMALL, bases={"block1": str(folder / "basis.safetensors")})
+    Pipeline(config, folder / "run", model=_small_bundle(), progress=False).run(["collect", "concepts", "decompose"])
+    return folder / "run", tensors
+
+
+def _user_bases(folder, tensors) -> str:
+    """``user:FOLDER``: at block1 the run's basis in the evaluation's user format (with ``b_dec``),
+    at block2 a bias-free one."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    t = {
+        "components": tensors["W_dec"],
+        "W_enc": tensors["W_enc"],
+        "b_enc": tensors["b_enc"],
+        "b_dec": tensors["b_dec"],
+    }
+    save_file(t, str(folder / "block1.safetensors"), metadata={"top_k": "4"})
+    V = torch.randn(6, 16, generator=torch.Generator().manual_seed(5))
+    save_file({"components": V, "W_enc": torch.linalg.pinv(V)}, str(folder / "block2.safetensors"))
+    return f"user:{folder}"
+
+
+def _biased_outputs(run, ids: list[int], tensors) -> dict:
+    """Computed here, without the evaluation: block1's grid replaced by ``b_dec`` everywhere
+    (every concept removed) and by ``x̂ = U V + b_dec`` (codes from the encoder written out),
+    with the logits and block2 grids above each."""
+    from gig.access import RunAccess
+
+    bundle = _small_bundle()
+    pixels = RunAccess(run, model=bundle).run_pixels(ids)
+    handle = ModelHandle(bundle)
+    with torch.no_grad():
+        _, grids = handle.capture(pixels, ["block1"])
+    n, c, h, w = grids["block1"].shape
+    U = biased_codes(grids["block1"].permute(0, 2, 3, 1).reshape(-1, c), tensors)
+    full = (U @ tensors["W_dec"] + tensors["b_dec"]).view(n, h, w, c).permute(0, 3, 1, 2).contiguous()
+    start = tensors["b_dec"].view(1, c, 1, 1).expand(n, c, h, w).contiguous()
+    out = {}
+    with torch.no_grad():
+        for name, grid in (("full", full), ("start", start), ("zero", torch.zeros_like(full))):
+            out[name] = handle.run_from(pixels, "block1", grid)
+            out[f"{name}_read"] = handle.run_from(pixels, "block1", grid, read="block2")
+    return out
+
+
+def test_a_decoder_bias_is_what_every_concept_removed_leaves(biased_run, tmp_path):
+    """With a decoder bias, deletion of every concept (and insertion of none) is the network with
+    block1 set to ``b_dec``, insertion of every concept is ``x̂ = U V + b_dec``, and the ranking's
+    GIG spans ``z(x̂) − z(b_dec)``: for the run's basis (``ours``) and a user basis with ``b_dec``,
+    in the extraction and the inter-layer protocols."""
+    from gig.concepts import load_dictionary
+    from gig.store import RunStore
+
+    run, tensors = biased_run
+    user = _user_bases(tmp_path / "bases", tensors)
+    settings = EvaluationSettings(
+        extraction_images=4, interlayer_images=3, methods=["ours", user], orderings=["magnitude"], plots=False
+    )
+    res = evaluate_run(run, settings, progress=False, out=tmp_path / "ev", model=_small_bundle())
+    ids = res["extraction"]["image_id"]
+    records = {r["image_id"]: r for r in load_json(run / "collect" / "images.json")["images"]}
+    targets = torch.tensor([records[i]["target"] for i in ids])
+    z = _biased_outputs(run, ids, tensors)
+    p = {k: float(z[k].softmax(1)[torch.arange(len(ids)), targets].mean()) for k in ("full", "start", "zero")}
+    assert abs(p["start"] - p["zero"]) > 1e-3  # b_dec is not the zero grid here: the test tells them apart
+    for method in ("ours", "user:bases"):
+        entry = res["extraction"]["layers"]["block1"][method]
+        curves = entry["curves"]
+        assert curves["deletion"][-1] == pytest.approx(p["start"], rel=1e-4, abs=1e-6)
+        assert curves["insertion"][0] == pytest.approx(p["start"], rel=1e-4, abs=1e-6)
+        assert curves["insertion"][-1] == pytest.approx(p["full"], rel=1e-4, abs=1e-6)
+        assert curves["deletion"][0] == pytest.approx(p["full"], rel=1e-4, abs=1e-6)
+        assert entry["basis"]["decoder_bias"] is True
+        part = load_json(tmp_path / "ev" / "parts" / "extraction_0000.json")["layers"]["block1"][method]
+        delta = (z["full"] - z["start"])[torch.arange(len(ids)), targets]
+        np.testing.assert_allclose(part["gig_delta"], delta.numpy(), rtol=1e-4, atol=1e-5)
+    # inter-layer, block1 -> block2: each target's readout with every block1 concept removed, over its full value
+    part = load_json(tmp_path / "ev" / "parts" / "interlayer_00_0000.json")
+    inter_ids = part["image_id"]
+    zi = _biased_outputs(run, inter_ids, tensors)
+    unit = load_dictionary(RunStore.open(run), "block2")
+    unit = unit / unit.norm(dim=1, keepdim=True)
+    for n, row in enumerate(part["targets"]):
+        for t, r in enumerate(row):
+            value = {k: float(torch.einsum("chw,c->hw", zi[f"{k}_read"][n], unit[r]).max()) for k in ("full", "start")}
+            assert part["full_value"][n][t] == pytest.approx(value["full"], rel=1e-4, abs=1e-6)
+            if part["valid"][n][t]:
+                got = part["orderings"]["magnitude"]["deletion"][n][t][-1]
+                assert got == pytest.approx(value["start"] / value["full"], rel=1e-4, abs=1e-6)

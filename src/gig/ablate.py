@@ -1,10 +1,11 @@
 """Causal tests of a run's concepts: remove concepts from a layer's reconstruction and measure.
 
-A run codes every position ``p`` of layer ``a`` as ``X̃_p = U_p V`` (codes ``U (P, K)``,
-dictionary ``V (K, C)``). *Ablating* a set ``S`` of concepts zeroes their coefficients,
-``X̃^{−S} = U_{:, ∉S} V_{∉S}``, and runs the real network above ``a`` from that grid
+A run codes every position ``p`` of layer ``a`` as ``X̃_p = U_p V + b`` (codes ``U (P, K)``,
+dictionary ``V (K, C)``, ``b (C,)`` the decoder bias of a layer whose basis has one, else 0).
+*Ablating* a set ``S`` of concepts zeroes their coefficients, ``X̃^{−S} = U_{:, ∉S} V_{∉S} + b``
+(every concept removed: ``b``, the zero code), and runs the real network above ``a`` from that grid
 (:meth:`gig.hooks.ModelHandle.run_from`). Effects are always read against the reconstruction
-``X̃`` (not the original activations), the same end point as the GIG path ``0 → X̃``:
+``X̃`` (not the original activations), the same end point as the GIG path ``b → X̃``:
 
 * class logits and probabilities: ``Δ = value(X̃^{−S}) − value(X̃)`` (negative: the removal lowers it);
 * the readouts of the later layers' concepts, :class:`gig.readouts.ConceptReadout`
@@ -19,7 +20,7 @@ the run's dictionary and λ, :func:`gig.decompose.encode_pixels`) and writes
 removed alone and the *drop* of each upper target's readout, ``g_t(X̃) − g_t(X̃^{−q})``, is
 compared with the GIG the walk stored for it, ``GIG_t[q]``, by Spearman rank correlation, with a
 random-ordering baseline. The two agree exactly when the network above the layer is linear in
-the grid; otherwise GIG integrates the gradient along ``α X̃`` while an ablation is a finite
+the grid; otherwise GIG integrates the gradient along ``b + α U V`` while an ablation is a finite
 difference at the end point, so a rank correlation below 1 measures that gap. Written to
 ``RUN/graph/ablation/correlation.json`` (schema ``gig.ablation-correlation/1``) with the raw pairs
 in ``correlation_pairs.safetensors``.
@@ -90,13 +91,20 @@ def _read(
 
 
 def _variant_grids(
-    codes: torch.Tensor, V: torch.Tensor, keep: torch.Tensor, shape: tuple[int, int, int]
+    codes: torch.Tensor,
+    V: torch.Tensor,
+    keep: torch.Tensor,
+    shape: tuple[int, int, int],
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grids ``(N·(1+M), C, H, W)``, image-major: the reconstruction of ``codes (N, P, K)``, then
-    one with each row of ``keep (M, K)`` (1 = kept) applied to the coefficients."""
+    one with each row of ``keep (M, K)`` (1 = kept) applied to the coefficients; ``bias (C,)``,
+    a decoder bias, is added to every grid (the zero code's output)."""
     c, h, w = shape
     masks = torch.cat([torch.ones(1, keep.shape[1]), keep.float()])  # (1+M, K)
     x = torch.einsum("npk,mk,kc->nmpc", codes.float(), masks, V.float())  # (N, 1+M, P, C)
+    if bias is not None:
+        x = x + bias.float()
     return x.reshape(-1, h, w, c).permute(0, 3, 1, 2).contiguous()
 
 
@@ -111,15 +119,17 @@ def ablate_codes(
     read_vectors: dict[str, torch.Tensor] | None = None,
     max_batch: int = 64,
     shape: tuple[int, int, int] | None = None,
+    bias: torch.Tensor | None = None,
 ) -> dict[str | None, torch.Tensor]:
     """The network's outputs with ``layer`` replaced by the reconstruction and by ablations of it.
 
     ``pixels (N, 3, S, S)``, ``codes (N, P, K)``, ``dictionary V (K, C)``, ``removals (M, K)``
-    bool (True: that concept's coefficients are zeroed in variant ``m``). ``reads``: ``None`` for
+    bool (True: that concept's coefficients are zeroed in variant ``m``), ``bias (C,)`` the
+    layer's decoder bias (None: none). ``reads``: ``None`` for
     the logits, or later layer names whose concept readouts (``read_vectors[layer] (K_b, C_b)``)
     are returned. Returns ``{read: (N, 1+M, D)}``: index 0 along the second axis is the
-    reconstruction ``U V``, index ``1 + m`` variant ``m``. At most ``max_batch`` grids per forward;
-    the network below ``layer`` runs once per image and forward.
+    reconstruction ``U V + bias``, index ``1 + m`` variant ``m``. At most ``max_batch`` grids per
+    forward; the network below ``layer`` runs once per image and forward.
     """
     read_vectors = read_vectors or {}
     shape = shape or grid_shape(handle, layer, pixels)
@@ -130,13 +140,13 @@ def ablate_codes(
         if variants <= max_batch:  # several images per forward, all variants of each
             step = max(1, max_batch // variants)
             for lo in range(0, n, step):
-                grids = _variant_grids(codes[lo : lo + step], dictionary, keep, shape).to(handle.device)
+                grids = _variant_grids(codes[lo : lo + step], dictionary, keep, shape, bias).to(handle.device)
                 for r in reads:
                     values = _read(handle, pixels[lo : lo + step], layer, grids, r, read_vectors)
                     out[r].append(values.reshape(-1, variants, values.shape[-1]))
         else:  # one image at a time, its variants in chunks
             for i in range(n):
-                grids = _variant_grids(codes[i : i + 1], dictionary, keep, shape)
+                grids = _variant_grids(codes[i : i + 1], dictionary, keep, shape, bias)
                 parts = {r: [] for r in reads}
                 for lo in range(0, variants, max_batch):
                     chunk = grids[lo : lo + max_batch].to(handle.device)
@@ -451,7 +461,9 @@ def _ablate_batches(
         shape = shape or grid_shape(ctx.handle, layer, pixels)
         with torch.no_grad():
             original = ctx.handle.model(pixels.to(ctx.handle.device)).float().cpu()
-        out = ablate_codes(ctx.handle, layer, pixels, codes, V, removal, reads, vectors, max_batch, shape)
+        out = ablate_codes(
+            ctx.handle, layer, pixels, codes, V, removal, reads, vectors, max_batch, shape, ctx.decoder_bias(layer)
+        )
         _append(
             parts,
             {
@@ -570,8 +582,9 @@ def measure_transition(
 
     Returns ``concepts (M,)``, ``predicted (k, M)`` the stored GIG ``GIG_t[q]``, ``measured (k, M)``
     the readout drop ``g_t(X̃) − g_t(X̃^{−q})``, ``importance (k,)``, ``delta (k,)`` the stored
-    ``Δg_t = g_t(X̃) − g_t(0)``, ``delta_check (k,)`` the same measured now, with every concept
-    removed (the zero grid), and ``targets (k,)``.
+    ``Δg_t = g_t(X̃) − g_t(b)``, ``delta_check (k,)`` the same measured now, with every concept
+    removed (the zero code: the grid ``b``, the layer's decoder bias, 0 without one), and
+    ``targets (k,)``.
     """
     image_id = int(data["image_id"][row])
     targets, gig, importance, delta = _walk_rows(data, row, lower, upper, target_class)
@@ -580,7 +593,7 @@ def measure_transition(
     K = codes.shape[1]
     removals = torch.zeros(chosen.numel() + 1, K, dtype=torch.bool)
     removals[torch.arange(chosen.numel()), chosen] = True
-    removals[-1] = True  # every concept: the zero grid, the GIG path's start
+    removals[-1] = True  # every concept: the zero code (b_dec, or the zero grid), the GIG path's start
     vectors = {upper: ctx.dictionary(upper)} if upper is not None else {}
     out = ablate_codes(
         ctx.handle,
@@ -593,6 +606,7 @@ def measure_transition(
         vectors,
         max_batch,
         shape,
+        ctx.decoder_bias(lower),
     )[upper][0]  # (1 + M + 1, D)
     values = out[:, targets]  # (1 + M + 1, k)
     return {

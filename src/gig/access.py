@@ -72,6 +72,7 @@ class RunAccess:
         self._records: dict | None = None
         self._weights_checked = False
         self._dictionaries: dict[str, torch.Tensor] = {}
+        self._biases: dict[str, torch.Tensor | None] = {}
 
     @property
     def bundle(self):
@@ -143,6 +144,15 @@ class RunAccess:
         if layer not in self._dictionaries:
             self._dictionaries[layer] = load_dictionary(self.store, layer)
         return self._dictionaries[layer]
+
+    def decoder_bias(self, layer: str) -> torch.Tensor | None:
+        """``b_dec (C,)`` of ``layer``'s basis, the reconstruction of the zero code (read once);
+        None where the layer has no decoder bias."""
+        from .basis import decoder_bias
+
+        if layer not in self._biases:
+            self._biases[layer] = decoder_bias(self.store, layer)
+        return self._biases[layer]
 
     def images(self) -> dict[int, dict]:
         """``{image_id: images.json entry}`` of the run."""

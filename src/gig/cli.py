@@ -261,7 +261,10 @@ def explain(
     run_dir: Path = typer.Argument(..., help="A run whose attribute stage has finished."),
     images: list[Path] = typer.Argument(..., help="Image file(s) to explain (need not be in the run)."),
     target: Optional[int] = typer.Option(
-        None, "--target", "-t", help="Class to explain for every image (default: each image's prediction)."
+        None,
+        "--target",
+        "-t",
+        help="Class (or probe output) to explain for every image (default: each image's prediction).",
     ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/explain)."),
     single_file: bool = typer.Option(False, help="Inline every image and script into index.html."),
@@ -320,6 +323,16 @@ def concept(
     out = erf_dir(pipe.store, layer) / f"concept_{concept_id}.png"
     concept_sheet(crops, out, f"{layer} concept {concept_id}: {card['count']} members; {classes}")
     typer.echo(str(out))
+
+
+def _outputs_of(run_dir: Path) -> tuple[str, str]:
+    """What the run's outputs are called, singular and plural: ``class``/``classes``, or
+    ``output``/``outputs`` for a run read through a probe head (:func:`gig.models.output_noun`)."""
+    from .models import output_noun
+    from .store import RunStore
+
+    noun = output_noun(RunStore.open(run_dir).config)
+    return noun, "classes" if noun == "class" else f"{noun}s"
 
 
 def _narrow_table(title: str, caption: str, columns: tuple[str, ...]) -> Table:
@@ -471,14 +484,19 @@ def report(
     classes: Optional[list[int]] = typer.Option(
         None,
         "--class",
-        help="Class with a class graph (repeat); default: the run's graph classes, then the most frequent.",
+        help="Class (or probe output) with a graph of its own (repeat); default: the run's graph classes, then the "
+        "most frequent.",
     ),
-    max_classes: int = typer.Option(8, help="Class graphs when --class is not given."),
-    shared_classes: int = typer.Option(4, help="The first N classes get a shared graph for every subset of 2+."),
+    max_classes: int = typer.Option(8, help="Class (or output) graphs when --class is not given."),
+    shared_classes: int = typer.Option(
+        4, help="The first N classes (or outputs) get a shared graph for every subset of 2+."
+    ),
     n_images: int = typer.Option(12, help="Images with a single-image graph and a localisation panel."),
     image_ids: Optional[list[int]] = typer.Option(None, "--image-id", help="Pick these images (repeat)."),
     single_file: bool = typer.Option(False, help="Inline every image and script into index.html."),
-    on_demand: bool = typer.Option(True, help="Every other class's graph in a file of its own, loaded when chosen."),
+    on_demand: bool = typer.Option(
+        True, help="Every other class's (or output's) graph in a file of its own, loaded when chosen."
+    ),
 ):
     """Write the offline HTML report of RUN_DIR (graph viewer, concept atlas, localisation, metrics)."""
     from .report import ReportOptions, build_report
@@ -608,16 +626,19 @@ def ablate(
         None, "--image-id", help="A run image (repeat); default: all of them."
     ),
     target: Optional[int] = typer.Option(
-        None, "--target", "-t", help="Class followed for every image (default: the run's target; a photo's prediction)."
+        None,
+        "--target",
+        "-t",
+        help="Class (or probe output) followed for every image (default: the run's target; a photo's prediction).",
     ),
     all_layers: bool = typer.Option(
         False, "--all-layers", help="Read the concepts of every later layer, not only the next one."
     ),
-    top: int = typer.Option(5, help="Changed classes and concepts listed."),
+    top: int = typer.Option(5, help="Changed classes (or outputs) and concepts listed."),
     device: Optional[str] = DeviceOpt,
     json_out: bool = typer.Option(False, "--json", help="Print the JSON result."),
 ):
-    """Remove concept(s) from LAYER's reconstruction; report how class probabilities and later concept readouts change (RUN/graph/ablation/)."""
+    """Remove concept(s) from LAYER's reconstruction; report how class (or output) probabilities and later concept readouts change (RUN/graph/ablation/)."""
     from .ablate import ablate as run_ablation
     from .store import RunStore
 
@@ -636,7 +657,7 @@ def ablate(
     if json_out:
         typer.echo(json.dumps(doc, indent=1))
         return
-    _print_ablation(Console(), doc)
+    _print_ablation(Console(), doc, _outputs_of(run_dir)[1])
     console.print(f"[green]ablate[/green]: {result.path}")
 
 
@@ -667,13 +688,14 @@ def ablation_correlation_command(
     if json_out:
         typer.echo(json.dumps(result, indent=1))
         return
+    noun = _outputs_of(run_dir)[0]
     table = Table(title=f"GIG against ablation: {result['n_images']} image(s); ρ per (image, target), mean ± sd")
     for col in ("transition", "ρ", "random ordering", "sign agreement", "top-5 overlap (random)"):
         table.add_column(col)
     for name, t in result["transitions"].items():
         rho, rnd = t["spearman"]["per_target"], t["random"]["per_target"]
         table.add_row(
-            name,
+            name.removesuffix("->class") + f"->{noun}" if name.endswith("->class") else name,
             f"{rho['mean']:+.3f} ± {rho['sd']:.3f}",
             f"{rnd['mean']:+.3f} ± {rnd['sd']:.3f}",
             f"{t['sign_agreement']:.3f}",
@@ -682,8 +704,9 @@ def ablation_correlation_command(
     Console().print(table)
 
 
-def _print_ablation(out: Console, doc: dict) -> None:
-    """Per image and on average: the target's probability and logit, with and without the concepts."""
+def _print_ablation(out: Console, doc: dict, nouns: str = "classes") -> None:
+    """Per image and on average: the target's probability and logit, with and without the concepts;
+    ``nouns``: what the run's outputs are called (``classes``, or ``outputs`` for a probe head)."""
     first = doc["readout_layers"][0] if doc["readout_layers"] else None
     table = Table(
         title=f"{doc['layer']} without concept(s) {', '.join(map(str, doc['concepts']))}: "
@@ -721,7 +744,7 @@ def _print_ablation(out: Console, doc: dict) -> None:
     )
     out.print(table)
     out.print(
-        "most changed classes (mean Δp): " + ", ".join(f"{c['name']} {c['delta_prob']:+.3f}" for c in m["classes"])
+        f"most changed {nouns} (mean Δp): " + ", ".join(f"{c['name']} {c['delta_prob']:+.3f}" for c in m["classes"])
     )
 
 
@@ -736,8 +759,9 @@ def stability(
     graphs: bool = typer.Option(
         False,
         "--graphs",
-        help="Also rerun the stages on the graph classes' images per refit (and once with the run's own "
-        "concepts) and measure how many of each class graph's nodes and edges come back (needs the graph stage).",
+        help="Also rerun the stages on the graph classes' (or outputs') images per refit (and once with the run's "
+        "own concepts) and measure how many of each class (or output) graph's nodes and edges come back (needs the "
+        "graph stage).",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON result."),
 ):
@@ -765,16 +789,16 @@ def stability(
         )
     Console().print(table)
     if result.get("graphs"):
-        _print_graph_recurrence(result["graphs"], seeds)
+        _print_graph_recurrence(result["graphs"], seeds, _outputs_of(run_dir)[0])
     console.print(f"[green]stability[/green]: {run_dir / 'stability' / 'stability.json'}")
 
 
-def _print_graph_recurrence(g: dict, seeds: int) -> None:
-    """Per class graph: the shares of its concept nodes (all layers, then per layer) and edges that
-    come back, averaged over the refits, beside the control's and chance's."""
+def _print_graph_recurrence(g: dict, seeds: int, noun: str = "class") -> None:
+    """Per class (``noun``: or output) graph: the shares of its concept nodes (all layers, then per
+    layer) and edges that come back, averaged over the refits, beside the control's and chance's."""
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     table = _narrow_table(
-        f"class graphs with refitted concepts: {seeds} refits, {g['n_images']} images",
+        f"{noun} graphs with refitted concepts: {seeds} refits, {g['n_images']} images",
         "share of the run graph's concept nodes / edges that come back, mean over the refits; "
         "per layer: nodes, early to late; control: the run's own concepts rerun the same way; "
         "chance: top_k/K per layer",
@@ -849,7 +873,9 @@ def label(
     concept_id: Optional[int] = typer.Argument(None, help="Concept id in LAYER."),
     name: Optional[str] = typer.Argument(None, help="The concept's name."),
     note: Optional[str] = typer.Option(None, "--note", help="A note kept with the name."),
-    suggest: bool = typer.Option(False, "--suggest", help="Print suggested names from the members' classes."),
+    suggest: bool = typer.Option(
+        False, "--suggest", help="Print suggested names from the members' classes (or probe outputs)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Name a concept (RUN/labels.yaml): `gig label RUN LAYER ID "name" [--note ...]`; `gig label RUN` lists the names, `--suggest [LAYER]` proposes some."""
@@ -890,8 +916,9 @@ def _print_suggestions(store, layer: Optional[str], json_out: bool) -> None:
         typer.echo(json.dumps({l: {str(q): s for q, s in v.items()} for l, v in found.items()}, indent=1))
         return
     labels = load_labels(store)
-    table = Table(title="suggested concept names (members' classes; WordNet ancestor where one is shared)")
-    for col in ("layer", "concept", "suggestion", "top classes (members)", "ancestor (share)", "label"):
+    nouns = _outputs_of(store.root)[1]
+    table = Table(title=f"suggested concept names (members' {nouns}; WordNet ancestor where one is shared)")
+    for col in ("layer", "concept", "suggestion", f"top {nouns} (members)", "ancestor (share)", "label"):
         table.add_column(col)
     for l, suggestions in found.items():
         for q, s in suggestions.items():

@@ -5,7 +5,7 @@ other concept bases, and inter-layer insertion / deletion against other concept 
 >>> evaluate_run("runs/demo", EvaluationSettings(extraction_images=100, interlayer_images=20))  # doctest: +SKIP
 
 Concept bases share one contract (:class:`ConceptBasis`: ``fit``, ``transform``,
-``components_``, ``save``/``load``) and are taken from a registry by name
+``components_``, an optional decoder bias ``bias_``, ``save``/``load``) and are taken from a registry by name
 (:func:`registered`, :func:`register_basis`; ``user:PATH`` for a basis of one's own). See
 ``docs/evaluation.md`` for the protocols and the choices made where the paper is silent.
 """

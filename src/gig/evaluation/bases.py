@@ -1,10 +1,13 @@
 """One contract for every concept basis the evaluation compares, in scikit-learn's shape.
 
-A basis is a dictionary ``components_ (K, C)`` (one concept vector per row) and an encoder
-``transform(X (N, C)) → codes (N, K)``; a layer output is rebuilt as ``codes @ components_`` with
-no bias term, so the all-zero code is the all-zero layer output (the GIG baseline) for every
-method alike. Hyper-parameters are constructor arguments (:meth:`ConceptBasis.get_params`),
-learned state ends in ``_`` and is set by :meth:`ConceptBasis.fit`.
+A basis is a dictionary ``components_ (K, C)`` (one concept vector per row), an optional decoder
+bias ``bias_ (C,)`` (None, the default: no bias) and an encoder ``transform(X (N, C)) → codes
+(N, K)``; a layer output is rebuilt as ``codes @ components_ + bias_``
+(:meth:`ConceptBasis.reconstruct`), so the all-zero code, "every concept removed", is ``bias_``
+at every position (the all-zero layer output for a basis without bias): the start of its GIG
+paths (``GIG(..., bias=bias_)``) and the end of its deletion curves. Hyper-parameters are
+constructor arguments (:meth:`ConceptBasis.get_params`), learned state ends in ``_`` and is set
+by :meth:`ConceptBasis.fit`.
 
 A method is one class in one module of :mod:`gig.evaluation.methods`, decorated with
 :func:`register_basis`; the evaluation takes methods from the registry by name
@@ -12,7 +15,7 @@ A method is one class in one module of :mod:`gig.evaluation.methods`, decorated 
 :mod:`gig.evaluation.methods.user`). Saved bases are a safetensors file of the learned tensors
 beside a JSON file of the method, its parameters, learned scalars and details (no pickle)::
 
-    basis.safetensors   {"components": (K, C), …}
+    basis.safetensors   {"components": (K, C), "bias": (C,) where the basis has one, …}
     basis.json          {"format": 1, "method": "sae", "class": "…", "params": {…}, "values": {…}, "info": {…}}
 
 >>> from gig.evaluation.bases import basis_class
@@ -46,7 +49,8 @@ USER_PREFIX = "user:"
 
 
 class ConceptBasis:
-    """Base of every concept basis: ``fit(X)``, ``transform(X) → (N, K)``, ``components_ (K, C)``.
+    """Base of every concept basis: ``fit(X)``, ``transform(X) → (N, K)``, ``components_ (K, C)``
+    and ``bias_ (C,)`` (the decoder bias, None where there is none).
 
     Subclasses set :attr:`name` (the registry key), :attr:`uses` (the
     :class:`~gig.evaluation.settings.EvaluationSettings` fields their fit depends on: a saved
@@ -62,6 +66,9 @@ class ConceptBasis:
     from_run: ClassVar[bool] = False
 
     components_: torch.Tensor  # (K, C)
+    #: decoder bias ``(C,)``: the reconstruction is ``codes @ components_ + bias_``, and the zero
+    #: code (every concept removed, the GIG baseline) is ``bias_``; None: no bias (zero)
+    bias_: torch.Tensor | None = None
     info_: dict[str, Any]  # how the fit went (kind, seconds, …): recorded in extraction.json
 
     # ------------------------------------------------------------------ the contract
@@ -79,6 +86,11 @@ class ConceptBasis:
     @property
     def n_components_(self) -> int:
         return int(self.components_.shape[0])
+
+    def reconstruct(self, codes: torch.Tensor) -> torch.Tensor:
+        """Layer outputs ``(..., C)`` of ``codes (..., K)``: ``codes @ components_ + bias_``."""
+        X = codes.float() @ self.components_.float().to(codes.device)
+        return X if self.bias_ is None else X + self.bias_.float().to(codes.device)
 
     def codes_for(self, X: torch.Tensor, image_ids: list[int]) -> torch.Tensor:
         """Codes ``(N·P, K)`` of the images ``image_ids`` whose layer outputs are the rows of
@@ -115,10 +127,18 @@ class ConceptBasis:
 
     def _learned(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Learned tensors and learned JSON values that :meth:`_restore` rebuilds the fit from."""
-        return {"components": self.components_}, {}
+        return {"components": self.components_, **self._bias_tensors()}, {}
 
     def _restore(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
         self.components_ = tensors["components"].float()
+        self._restore_bias(tensors)
+
+    def _bias_tensors(self) -> dict[str, torch.Tensor]:
+        """``{"bias": bias_}`` where the basis has a decoder bias, else nothing (files as before)."""
+        return {} if self.bias_ is None else {"bias": self.bias_}
+
+    def _restore_bias(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.bias_ = tensors["bias"].float() if "bias" in tensors else None
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write ``path`` (``.safetensors``, the learned tensors) and its ``.json`` sibling."""
@@ -198,10 +218,11 @@ class LassoCoded(ConceptBasis):
         return alpha_for_l0(calib, self.components_, target_l0, self.make_encoder)
 
     def _learned(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return {"components": self.components_}, {"alpha": self.alpha_}
+        return {"components": self.components_, **self._bias_tensors()}, {"alpha": self.alpha_}
 
     def _restore(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
         self.components_ = tensors["components"].float()
+        self._restore_bias(tensors)
         self.alpha_ = float(values["alpha"])
 
 
@@ -226,14 +247,18 @@ def config_of_coder(settings: dict[str, Any]) -> "Config":
     return Config(**{**HASHED_WHEN_SET, **settings})
 
 
-def reconstruction_figures(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> dict[str, float]:
-    """Relative error ``‖X − UV‖/‖X‖``, R² against the mean PFV, l0 ratio and active concepts per
-    position over the rows of ``X (P, C)`` with codes ``U (P, K)`` and atoms ``V (K, C)``: the
-    decompose stage's :class:`~gig.decompose.FidelityMeter` (no model run, so no top-1 agreement)."""
+def reconstruction_figures(
+    X: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Relative error ``‖X − X̃‖/‖X‖``, R² against the mean PFV, l0 ratio and active concepts per
+    position over the rows of ``X (P, C)`` with codes ``U (P, K)``, atoms ``V (K, C)`` and
+    ``X̃ = UV + bias`` (``bias (C,)``: a decoder bias, None for none): the decompose stage's
+    :class:`~gig.decompose.FidelityMeter` (no model run, so no top-1 agreement)."""
     from ..decompose import FidelityMeter
 
     meter = FidelityMeter(X.shape[1])
-    meter.add(X.double(), U.double() @ V.double(), U)
+    recon = U.double() @ V.double()
+    meter.add(X.double(), recon if bias is None else recon + bias.double(), U)
     figures = meter.result()
     figures.pop("top1_agreement")
     return {**figures, "active_per_position": figures["l0_ratio"] * U.shape[1]}

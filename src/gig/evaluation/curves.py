@@ -87,16 +87,17 @@ def _gig_steps(meta: dict) -> str:
     return f"error-controlled to a relative tolerance of {meta.get('gig_tol')}"
 
 
-def markdown_tables(extraction: dict | None, interlayer: dict | None) -> str:
-    """The Markdown report: one table per protocol (mean ± s.e. [95 % bootstrap interval])."""
+def markdown_tables(extraction: dict | None, interlayer: dict | None, noun: str = "class") -> str:
+    """The Markdown report: one table per protocol (mean ± s.e. [95 % bootstrap interval]);
+    ``noun``: the run's outputs' name (:func:`gig.models.output_noun`)."""
     lines = ["# Faithfulness evaluation", ""]
     if extraction:
         meta = extraction["settings"]
         lines += [
-            "## Concept extraction: C-Insertion − C-Deletion AUC (target-class probability)",
+            f"## Concept extraction: C-Insertion − C-Deletion AUC (target-{noun} probability)",
             "",
             f"{meta['n_images']} images, {meta['n_points']} points per curve, concepts ranked by concept → "
-            f"class GIG ({_gig_steps(meta)}). Cells: mean ± s.e. over images "
+            f"{noun} GIG ({_gig_steps(meta)}). Cells: mean ± s.e. over images "
             "[95 % bootstrap interval]. Reconstruction figures on every position of the evaluated images.",
             "",
             "| layer | method | K | AUC ins − del | AUC ins | AUC del | p(full rec.) | rel. error | R² | l0 ratio | active/pos | top-1 agr. |",

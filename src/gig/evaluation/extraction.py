@@ -1,13 +1,14 @@
 """Deletion / insertion of concepts through the real network, batched, and the extraction protocol.
 
-For one image with codes ``U (P, K)``, dictionary ``V (K, C)`` and an order of the concepts, the
-``S`` steps (21 by default) remove or insert ``m_0 = 0 < m_1 < … < m_{S−1} = K`` concepts in that
-order. With the concepts split into the ``S − 1`` blocks ``order[m_j : m_{j+1}]`` and
-``B_j = U[:, block_j] V[block_j]`` (each concept's contribution counted once, ``P·K·C`` flops per
-order), the step-``i`` layer outputs are
+For one image with codes ``U (P, K)``, dictionary ``V (K, C)``, the basis's decoder bias ``b (C,)``
+(0 for a basis without one) and an order of the concepts, the ``S`` steps (21 by default) remove
+or insert ``m_0 = 0 < m_1 < … < m_{S−1} = K`` concepts in that order. With the concepts split
+into the ``S − 1`` blocks ``order[m_j : m_{j+1}]`` and ``B_j = U[:, block_j] V[block_j]`` (each
+concept's contribution counted once, ``P·K·C`` flops per order), the step-``i`` layer outputs are
 
-* deletion:  ``Σ_{j ≥ i} B_j`` (step 0 = the full reconstruction, the last step = exactly 0),
-* insertion: ``Σ_{j < i} B_j`` (step 0 = exactly 0, the last step = the full reconstruction).
+* deletion:  ``b + Σ_{j ≥ i} B_j`` (step 0 = the full reconstruction ``U V + b``, the last step =
+  exactly ``b``, the zero code: GIG's baseline),
+* insertion: ``b + Σ_{j < i} B_j`` (step 0 = exactly ``b``, the last step = the full reconstruction).
 
 All ``2·S`` replacements of an image (times its orders) go through one
 :meth:`~gig.hooks.ModelHandle.run_from` call with the image-major wide batch, so the network
@@ -46,13 +47,17 @@ def ordered_blocks(codes: torch.Tensor, V: torch.Tensor, order: torch.Tensor, co
     return torch.stack(blocks)
 
 
-def step_outputs(codes: torch.Tensor, V: torch.Tensor, order: torch.Tensor, counts: np.ndarray) -> torch.Tensor:
-    """Layer outputs of every deletion and insertion step: ``(2, S, P, C)`` (0 = deletion)."""
+def step_outputs(
+    codes: torch.Tensor, V: torch.Tensor, order: torch.Tensor, counts: np.ndarray, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Layer outputs of every deletion and insertion step: ``(2, S, P, C)`` (0 = deletion), plus
+    the decoder bias ``bias (C,)`` at every step where there is one (the zero code's output)."""
     blocks = ordered_blocks(codes, V, order, counts)
     zero = blocks.new_zeros(1, *blocks.shape[1:])
     inserted = torch.cat([zero, blocks.cumsum(0)])  # Σ_{j<i} B_j
     deleted = torch.cat([blocks.flip(0).cumsum(0).flip(0), zero])  # Σ_{j≥i} B_j
-    return torch.stack([deleted, inserted])
+    out = torch.stack([deleted, inserted])
+    return out if bias is None else out + bias.to(out)
 
 
 def _groups(n_images: int, n_orders: int, per_order: int, batch_rows: int):
@@ -83,11 +88,14 @@ def deletion_insertion(
     n_points: int = 21,
     batch_rows: int = 126,
     grid_shape: tuple[int, int] | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run every deletion and insertion step of every order through the real network.
 
     ``pixels (N, 3, S, S)``, ``codes (N, P, K)``, ``V (K, C)``, ``orders (N, O, K)`` (a
-    permutation of the concepts per image and order). ``readout(out, image_index)`` turns the
+    permutation of the concepts per image and order), ``bias (C,)`` the basis's decoder bias
+    (None: none; every step's layer output then adds it, so that every concept removed is
+    ``bias`` rather than 0). ``readout(out, image_index)`` turns the
     network's output rows (logits, or the grid of layer ``read``) and the image each row belongs
     to into values ``(M, T)``. Returns ``(N, O, 2, n_points, T)``; index 0 of the third axis is
     deletion, 1 insertion.
@@ -104,13 +112,14 @@ def deletion_insertion(
         raise ValueError(f"{p} positions per image do not fit the {h}×{w} grid of {layer}")
     counts = step_counts(k, n_points)
     V = V.float().to(device)
+    bias = None if bias is None else bias.float().to(device)
     codes = codes.float().to(device)
     orders = orders.to(device)
     n_orders = orders.shape[1]
     per_order = 2 * n_points
     result: torch.Tensor | None = None
     for img_idx, ord_idx in _groups(n, n_orders, per_order, batch_rows):
-        outs = [step_outputs(codes[i], V, orders[i, o], counts) for i in img_idx for o in ord_idx]
+        outs = [step_outputs(codes[i], V, orders[i, o], counts, bias) for i in img_idx for o in ord_idx]
         grid = torch.stack(outs)  # (n_i·o_i, 2, S, P, C)
         grid = grid.reshape(-1, h, w, V.shape[1]).permute(0, 3, 1, 2).contiguous()
         out = handle.run_from(pixels[img_idx].to(device), layer, grid, read=read)
@@ -185,15 +194,16 @@ def method_curves(
     readout,
 ) -> dict:
     """One method on one layer of a chunk: its codes of ``X (n·H·W, C)``, the GIG ranking to the
-    target class, the deletion / insertion curves and the reconstruction totals (a meter state)."""
+    target (from the zero code's output, the basis's decoder bias where it has one), the deletion /
+    insertion curves and the reconstruction totals (a meter state)."""
     t0 = time.perf_counter()
     n, h, w = shape
-    V = basis.components_
+    V, bias = basis.components_, basis.bias_
     codes = basis.codes_for(X, ids).view(n, h * w, -1)
     flat = codes.reshape(-1, codes.shape[-1])
     meter = FidelityMeter(X.shape[1])
-    meter.add(X, flat @ V, flat)
-    orders, res = rank_by_gig(view.gig(layer, V), pixels, codes, targets)
+    meter.add(X, basis.reconstruct(flat), flat)
+    orders, res = rank_by_gig(view.gig(layer, V, bias), pixels, codes, targets)
     s = view.plan.settings
     curves = deletion_insertion(
         view.handle,
@@ -206,6 +216,7 @@ def method_curves(
         n_points=s.n_points,
         batch_rows=s.batch_rows,
         grid_shape=(h, w),
+        bias=bias,
     )
     prob = curves[:, 0, :, :, 0].double().numpy()  # (n, 2, S): target-class probability
     meter.agree += int(curves[:, 0, DELETION, 0, 1].sum())  # full reconstruction keeps the prediction

@@ -19,6 +19,10 @@ For a transition ``a → b`` between consecutive run layers and one image:
 
 4. AUC(insertion) − AUC(deletion) per (image, target); an image's value is the mean over its
    targets, and the spread is over images.
+
+A layer whose basis has a decoder bias ``b`` (:attr:`~gig.evaluation.bases.ConceptBasis.bias_`)
+is rebuilt as ``U V + b`` everywhere here: every concept of ``a`` removed is ``b``, the start of
+the GIG paths of both layers, and ``grad_x_coef`` is taken at ``U V + b``.
 """
 
 from __future__ import annotations
@@ -61,8 +65,10 @@ def grad_x_coef(
     targets: torch.Tensor,
     grid_shape: tuple[int, int],
     batch_rows: int = 64,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One-step attribution ``Σ_p U[p,q] ⟨∇_{X̃_p} g_t(X̃), V_q⟩`` at the full reconstruction:
+    """One-step attribution ``Σ_p U[p,q] ⟨∇_{X̃_p} g_t(X̃), V_q⟩`` at the full reconstruction
+    ``X̃ = U V + bias`` (``bias (C,)``: the decoder bias, None for none):
     ``codes (N, P, K)``, ``targets (N, T)`` → ``(N, T, K)``."""
     device = handle.device
     n, p, k = codes.shape
@@ -75,7 +81,8 @@ def grad_x_coef(
     for s in range(0, n, per):
         idx = slice(s, min(s + per, n))
         u = codes[idx].float().to(device)
-        recon = (u @ V).transpose(1, 2).reshape(u.shape[0], -1, h, w)
+        x = u @ V if bias is None else u @ V + bias.float().to(device)
+        recon = x.transpose(1, 2).reshape(u.shape[0], -1, h, w)
         grid = recon.repeat_interleave(t, 0).requires_grad_(True)
         read = handle.run_from(pixels[idx].to(device), layer, grid, read=read_layer)
         tg = targets[idx].to(device).flatten()
@@ -117,14 +124,14 @@ def interlayer_chunk(view: "RunView", t_index: int, a: str, b: str, infos: list[
     Va, Vb = run_a.components_, run_b.components_
     Ua, Ub = run_a.stored_codes(ids), run_b.stored_codes(ids)  # (n, P, K) the run's codes
     T = min(s.n_targets, Vb.shape[0])
-    _, res_b = rank_by_gig(view.gig(b, Vb), pixels, Ub, torch.tensor([i["target"] for i in infos]))
+    _, res_b = rank_by_gig(view.gig(b, Vb, run_b.bias_), pixels, Ub, torch.tensor([i["target"] for i in infos]))
     top = res_b.attributions[:, 0].topk(T, dim=1).indices  # (n, T): targets = top concepts → class at b
     rec: dict = {
         "image_id": ids,
         "targets": top.tolist(),
         "target_class_gig": res_b.attributions[:, 0].gather(1, top).tolist(),
     }
-    grid_a = view.gig(a, Va).grid_shape(pixels)
+    grid_a = view.gig(a, Va, run_a.bias_).grid_shape(pixels)
     blocks, orders = ordering_blocks(view, t_index, a, b, pixels, Ua, top, grid_a, ids, rec)
     curves = deletion_insertion(
         view.handle,
@@ -138,6 +145,7 @@ def interlayer_chunk(view: "RunView", t_index: int, a: str, b: str, infos: list[
         n_points=s.n_points,
         batch_rows=s.batch_rows,
         grid_shape=grid_a,
+        bias=run_a.bias_,
     )
     rec.update(ordering_curves(curves.double(), blocks, Va.shape[0], s.n_points))
     bar.update(len(ids))
@@ -162,6 +170,7 @@ def ordering_blocks(
     residuals go into ``rec``."""
     s = view.plan.settings
     Va, Vb = view.run_bases[a].components_, view.run_bases[b].components_
+    bias_a = view.run_bases[a].bias_  # the zero code of a: where the paths start, what deletion ends at
     T = top.shape[1]
     blocks: dict[str, tuple[int, int]] = {}
     orders: list[torch.Tensor] = []
@@ -171,11 +180,11 @@ def ordering_blocks(
         orders.append(block)
 
     if "gig" in s.orderings:
-        res = view.gig(a, Va).attribute(pixels, Ua, top, read_layer=b, read_vectors=Vb)
+        res = view.gig(a, Va, bias_a).attribute(pixels, Ua, top, read_layer=b, read_vectors=Vb)
         add("gig", descending(res.attributions), T)
         rec["gig_rel_residual"] = res.relative_residual.tolist()
     if "grad_x_coef" in s.orderings:
-        gx = grad_x_coef(view.handle, a, b, pixels, Ua, Va, Vb, top, grid_a, view.plan.internal_batch_size)
+        gx = grad_x_coef(view.handle, a, b, pixels, Ua, Va, Vb, top, grid_a, view.plan.internal_batch_size, bias_a)
         add("grad_x_coef", descending(gx), T)
     if "magnitude" in s.orderings:
         add("magnitude", descending(magnitude_scores(Ua))[:, None], 1)

@@ -33,6 +33,7 @@ from ..attribution import gig_for
 from ..collect import load_images, load_samples
 from ..config import stable_hash
 from ..method import GIG
+from ..models import output_noun
 from ..store import RunStore, load_json, save_json
 from .bases import ConceptBasis, LayerContext, basis_class, method_label
 from .curves import markdown_tables, plot_auc_bars, plot_curves
@@ -79,9 +80,10 @@ class RunView:
         """Preprocessed images ``(n, 3, S, S)`` of the run's records ``infos``, in their order."""
         return self.access.run_pixels([i["image_id"] for i in infos])
 
-    def gig(self, layer: str, V: torch.Tensor) -> GIG:
-        """GIG from the concepts ``V (K, C)`` of ``layer`` with the plan's step settings."""
-        return gig_for(self.fast, layer, V, self.plan)
+    def gig(self, layer: str, V: torch.Tensor, bias: torch.Tensor | None = None) -> GIG:
+        """GIG from the concepts ``V (K, C)`` of ``layer`` with the plan's step settings; ``bias
+        (C,)``: the basis's decoder bias, where its paths start (None: at 0)."""
+        return gig_for(self.fast, layer, V, self.plan, bias=bias)
 
 
 # ---------------------------------------------------------------------------- bases
@@ -164,7 +166,7 @@ def run_interlayer(view: RunView, bar) -> dict:
             "n_targets": s.n_targets,
             "n_random": s.n_random,
             "n_images": len(infos),
-            "target_rule": "concept → class GIG at the upper layer",
+            "target_rule": f"concept → {output_noun(view.config)} GIG at the upper layer",
         },
         "image_id": [i["image_id"] for i in infos],
         "transitions": {},
@@ -211,18 +213,19 @@ def summarise(extraction: dict | None, interlayer: dict | None) -> dict:
     }
 
 
-def write_outputs(out: Path, plan: EvaluationPlan, results: dict, timings: dict) -> list[Path]:
-    """Write the JSON results, ``results.md``, the plots and ``settings.json``; returns the files."""
+def write_outputs(out: Path, plan: EvaluationPlan, results: dict, timings: dict, noun: str = "class") -> list[Path]:
+    """Write the JSON results, ``results.md``, the plots and ``settings.json``; returns the files.
+    ``noun`` names the run's outputs in the text (``class``, or ``output`` for a probe head)."""
     extraction, interlayer = results["extraction"], results["interlayer"]
     files = []
     for name, data in (("extraction.json", extraction), ("interlayer.json", interlayer)):
         if data:
             save_json(out / name, data)
             files.append(out / name)
-    (out / "results.md").write_text(markdown_tables(extraction, interlayer))
+    (out / "results.md").write_text(markdown_tables(extraction, interlayer, noun))
     files.append(out / "results.md")
     if plan.settings.plots:
-        files += _plots(out, extraction, interlayer)
+        files += _plots(out, extraction, interlayer, noun)
     save_json(out / "settings.json", {**plan.record(), "timings": timings, "torch_threads": torch.get_num_threads()})
     save_json(out / "summary.json", results["summary"])
     return files + [out / "settings.json", out / "summary.json"]
@@ -275,11 +278,11 @@ def evaluate_run(
     bar.close()
     results = {"summary": summarise(extraction, interlayer), "extraction": extraction, "interlayer": interlayer}
     timings["total_s"] = round(time.perf_counter() - start, 1)
-    files = write_outputs(out, plan, results, timings)
+    files = write_outputs(out, plan, results, timings, output_noun(store.config))
     return {**results, "files": [str(f) for f in files], "seconds": timings["total_s"]}
 
 
-def _plots(out: Path, extraction: dict | None, interlayer: dict | None) -> list[Path]:
+def _plots(out: Path, extraction: dict | None, interlayer: dict | None, noun: str = "class") -> list[Path]:
     files = []
     if extraction:
         panels = {layer: {m: r["curves"] for m, r in ms.items()} for layer, ms in extraction["layers"].items()}
@@ -287,8 +290,8 @@ def _plots(out: Path, extraction: dict | None, interlayer: dict | None) -> list[
             plot_curves(
                 panels,
                 out / "extraction_curves.png",
-                "target-class probability",
-                "C-Insertion (solid) / C-Deletion (dashed), ranked by concept → class GIG",
+                f"target-{noun} probability",
+                f"C-Insertion (solid) / C-Deletion (dashed), ranked by concept → {noun} GIG",
             )
         )
         groups = {layer: {m: r["auc_diff"] for m, r in ms.items()} for layer, ms in extraction["layers"].items()}

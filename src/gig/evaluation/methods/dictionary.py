@@ -4,6 +4,7 @@ dictionaries are compared at the same sparsity."""
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from typing import Any
@@ -62,7 +63,8 @@ class DictionaryLearningBasis(LassoCoded):
     @classmethod
     def for_layer(cls, ctx: LayerContext) -> "DictionaryLearningBasis":
         run = ctx.run_basis
-        fit_alpha = float(run.alpha_ / unit_atom_scale(run.components_, ctx.config))
+        # a layer with a basis of its own has no λ (NaN): fit in the data's units then
+        fit_alpha = None if math.isnan(run.alpha_) else float(run.alpha_ / unit_atom_scale(run.components_, ctx.config))
         return cls(
             ctx.K,
             ctx.run_l0_ratio,

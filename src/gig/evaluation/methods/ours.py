@@ -1,5 +1,7 @@
 """``ours``: the run's own dictionary (bisecting k-means centroids, ``concepts/``) with its Lasso
-coder; the evaluation reads the codes the decompose stage stored instead of coding again."""
+coder, or a layer's basis with its own encoder (:mod:`gig.basis`) and its decoder bias ``b_dec``
+as :attr:`~gig.evaluation.bases.ConceptBasis.bias_` (the zero code stands for ``b_dec``); the
+evaluation reads the codes the decompose stage stored instead of coding again."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ...errors import ConfigError, RunMismatchError
+from ...errors import RunMismatchError
 from ..bases import LassoCoded, LayerContext, coder_settings, register_basis
 
 
@@ -35,19 +37,20 @@ class RunDictionary(LassoCoded):
 
         store = RunStore.open(self.run_dir)
         basis = load_basis(store, self.layer)
-        if basis is not None and basis.bias is not None:
-            raise ConfigError(
-                f"layer {self.layer!r} of {store.root} has a basis with a decoder bias: the faithfulness "
-                "protocol removes concepts from U V alone, so it does not evaluate such a basis yet"
-            )
-        if basis is not None:  # a layer with a basis of its own: its encoder, no λ
+        if basis is not None:  # a layer with a basis of its own: its encoder, its decoder bias, no λ
             self.coder = coder_settings(store.config)
             self.components_ = basis.V.float()
+            self.bias_ = None if basis.bias is None else basis.bias.float().cpu()
             self.alpha_ = float("nan")
             self._basis = basis
-            self.info_ = {"kind": f"{basis.kind} basis (own encoder)", "k": basis.k}
+            self.info_ = {
+                "kind": f"{basis.kind} basis (own encoder)",
+                "k": basis.k,
+                "decoder_bias": basis.bias is not None,
+            }
             return self
         self._basis = None
+        self.bias_ = None
         alpha = store.summary("decompose").get("alpha", {}).get(self.layer)
         if alpha is None:
             raise RunMismatchError(f"the decompose stage of {store.root} records no λ for layer {self.layer!r}")

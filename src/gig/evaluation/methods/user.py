@@ -8,13 +8,16 @@ holding one ``LAYER.safetensors`` per evaluated layer)::
     b_enc       (K,)     optional  encoder bias (default 0)
     b_pre       (C,)     optional  subtracted from x before encoding (default 0)
     threshold   (K,)     optional  JumpReLU: codes ≤ threshold are set to 0
+    b_dec       (C,)     optional  decoder bias (needs W_enc): layer output ≈ codes @ components + b_dec
     metadata    top_k    optional  keep only the k largest codes per position (TopK SAE)
 
 ``x`` is the layer output at one position, channels as the model's (``C`` channels, no
-normalisation). There is no decoder bias: the zero code must be the zero layer output (the GIG
-baseline), as for every method; an SAE that subtracts its decoder bias before encoding stores it
-as ``b_pre``. Without ``W_enc`` the components are coded by the run's own Lasso coder with λ
-calibrated to the run's sparsity, as for ``dictionary``.
+normalisation). With ``b_dec`` the zero code stands for ``b_dec`` (the basis's
+:attr:`~gig.evaluation.bases.ConceptBasis.bias_`): its GIG paths start there and its deletion
+curves end there; without it, at the zero layer output. An SAE that subtracts its decoder bias
+before encoding stores it as ``b_pre`` and, to reconstruct with it, as ``b_dec``. Without
+``W_enc`` the components are coded by the run's own Lasso coder with λ calibrated to the run's
+sparsity, as for ``dictionary`` (that coder has no bias term, hence no ``b_dec`` then).
 
 >>> from safetensors.torch import save_file
 >>> save_file({"components": D, "W_enc": W, "b_enc": b}, "my_sae.safetensors",
@@ -33,7 +36,7 @@ import torch
 from ...errors import InputError
 from ..bases import USER_PREFIX, LassoCoded, LayerContext, coder_settings, register_basis
 
-KEYS = ("components", "W_enc", "b_enc", "b_pre", "threshold")
+KEYS = ("components", "W_enc", "b_enc", "b_pre", "threshold", "b_dec")
 
 
 def basis_file(path: str | Path, layer: str | None) -> Path:
@@ -59,10 +62,12 @@ def read_basis_file(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
     if "components" not in tensors or unknown:
         raise InputError(
             f"{path}: a user basis holds 'components' (K, C) and optionally W_enc, b_enc, b_pre, "
-            f"threshold; found {sorted(tensors)}"
+            f"threshold, b_dec; found {sorted(tensors)}"
         )
+    if "b_dec" in tensors and "W_enc" not in tensors:
+        raise InputError(f"{path}: b_dec needs W_enc (the run's coder, used without an encoder, has no decoder bias)")
     K, C = tensors["components"].shape
-    want = {"W_enc": (C, K), "b_enc": (K,), "b_pre": (C,), "threshold": (K,)}
+    want = {"W_enc": (C, K), "b_enc": (K,), "b_pre": (C,), "threshold": (K,), "b_dec": (C,)}
     bad = [
         f"{k} {tuple(v.shape)} (want {want[k]})" for k, v in tensors.items() if k in want and tuple(v.shape) != want[k]
     ]
@@ -116,6 +121,7 @@ class UserBasis(LassoCoded):
         file = basis_file(self.path, self.layer)
         self.tensors_, self.top_k_ = read_basis_file(file)
         self.components_ = self.tensors_["components"]
+        self.bias_ = self.tensors_.get("b_dec")
         if X is not None and X.shape[1] != self.components_.shape[1]:
             raise InputError(
                 f"{file}: components have {self.components_.shape[1]} channels, layer {self.layer!r} has {X.shape[1]}"
@@ -126,6 +132,7 @@ class UserBasis(LassoCoded):
             "file": str(file),
             "encoder": "W_enc" in self.tensors_,
             "top_k": self.top_k_,
+            "decoder_bias": self.bias_ is not None,
         }
         if "W_enc" not in self.tensors_:
             if self.target_l0 is None or self.coder is None or X is None:
@@ -160,5 +167,6 @@ class UserBasis(LassoCoded):
     def _restore(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
         self.tensors_ = {k: v.float() for k, v in tensors.items()}
         self.components_ = self.tensors_["components"]
+        self.bias_ = self.tensors_.get("b_dec")
         self.alpha_ = float(values["alpha"])
         self.top_k_ = values["top_k"]
