@@ -1,5 +1,5 @@
 """The first `gig report` of a run, against another gig side by side: seconds, attribute-shard
-openings, and which ERF crops differ.
+openings, and which ERF crops differ (in their pixels).
 
     OMP_NUM_THREADS=1 python bench/report_time.py RUN OUT [--reference-src REF/src]
 
@@ -7,7 +7,7 @@ The run is copied twice into ``OUT`` without its ERF crop cache and report (so e
 first build); each copy's report is built in a fresh process, one thread, by this gig and by the
 one in ``--reference-src`` (e.g. ``git archive COMMIT src | tar -x -C REF``). Each process counts
 how often it opens an attribute shard (``gig.attribution.open_tensors``). Prints both builds'
-seconds and openings per shard, their ratio, and the crops whose bytes differ. Results:
+seconds and openings per shard, their ratio, and the crops whose pixels differ. Results:
 ``OUT/report_time.json``.
 """
 
@@ -58,7 +58,13 @@ def build(run: Path, src: Path | None) -> dict:
 
 
 def crops(run: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run / "erf")): p.read_bytes() for p in sorted((run / "erf").rglob("*.png"))}
+    """Each ERF crop's decoded pixels (not its file bytes: the PNG compression level may differ)."""
+    from PIL import Image
+
+    return {
+        str(p.relative_to(run / "erf")): Image.open(p).convert("RGB").tobytes()
+        for p in sorted((run / "erf").rglob("*.png"))
+    }
 
 
 def main() -> None:

@@ -210,7 +210,8 @@ def own_erf_crops(
         coef = explanation.codes[layer][:, top].abs().T  # (k, H·W)
         peak = torch.where(maps.amax(1, keepdim=True) > 0, maps, coef).argmax(1)  # (k,)
         w = explanation.walk[f"{layer}/maps"].shape[2]
-        erfs = erf_maps(handle, pixels.expand(len(top), -1, -1, -1), layer, torch.stack([peak // w, peak % w], 1))
+        positions = torch.stack([peak // w, peak % w], 1)
+        erfs = erf_maps(handle, pixels[:1], layer, positions, image_index=torch.zeros(len(top), dtype=torch.long))
         for j, q in enumerate(top.tolist()):
             crops[f"{layer}:{q}"] = erf_crop(view, erfs[j].numpy(), size=size)
     return crops

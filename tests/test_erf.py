@@ -1,0 +1,118 @@
+"""ERF maps of PFVs (gig.erf): against the closed form of a one-convolution network, and one
+forward per image with a backward per PFV against a fresh forward and backward per PFV."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gig.erf import _erf_maps_batched, erf_box, erf_maps
+from gig.hooks import ModelHandle
+from gig.models import wrap_module
+
+
+class OneConv(nn.Module):
+    """``conv`` (5 channels, 3×3 kernel, no padding) then a pooled linear head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, 5, 3)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+def _closed_form(model: OneConv, pixels: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The ERF of the PFV at ``(h, w)`` of ``model.conv`` on one image ``pixels (3, S, S)``:
+    the input gradient of ``⟨y_p, u⟩`` is ``Σ_o u_o W[o]`` on the 3×3 window at ``(h, w)``."""
+    with torch.no_grad():
+        y = model.conv(pixels[None])[0, :, h, w]
+        u = y / y.norm()
+        kernel = (u[:, None, None, None] * model.conv.weight).sum(0)  # (3, 3, 3)
+    out = torch.zeros(pixels.shape[-2:])
+    out[h : h + 3, w : w + 3] = kernel.abs().sum(0)
+    return out
+
+
+def test_erf_maps_equal_the_closed_form_of_one_convolution():
+    model = OneConv()
+    handle = ModelHandle(wrap_module(model, input_size=12, class_names=["a", "b"]))
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(3, 3, 12, 12, generator=g)
+    positions = torch.tensor([[0, 0], [4, 7], [9, 9], [2, 5], [4, 7]])
+    image_index = torch.tensor([2, 0, 0, 1, 2])  # several PFVs of one image, in any order
+    maps = erf_maps(handle, pixels, "conv", positions, image_index=image_index)
+    batched = _erf_maps_batched(handle, pixels[image_index], "conv", positions, batch_size=2)
+    for row, ((h, w), image) in enumerate(zip(positions.tolist(), image_index.tolist())):
+        want = _closed_form(model, pixels[image], h, w)
+        torch.testing.assert_close(maps[row], want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batched[row], want, rtol=1e-5, atol=1e-6)
+
+
+def test_one_forward_per_image_equals_a_fresh_pass_per_pfv(tiny_bundle):
+    """A ReLU network: each PFV's map from the shared forward equals the map of its own fresh
+    forward and backward (written out here with ``torch.autograd.grad``), and its ERF box too."""
+    handle = ModelHandle(tiny_bundle)
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(2, 3, 32, 32, generator=g)
+    positions = torch.tensor([[0, 0], [3, 2], [1, 3], [2, 2]])
+    image_index = torch.tensor([1, 0, 1, 1])
+    maps = erf_maps(handle, pixels, "block1", positions, image_index=image_index)
+    for row, ((h, w), image) in enumerate(zip(positions.tolist(), image_index.tolist())):
+        x = pixels[image : image + 1].clone().requires_grad_(True)
+        pfv = tiny_bundle.model.block1(tiny_bundle.model.stem(x))[0, :, h, w]
+        (grad,) = torch.autograd.grad((pfv * (pfv / pfv.norm()).detach()).sum(), x)
+        want = grad[0].abs().sum(0)
+        torch.testing.assert_close(maps[row], want, rtol=1e-5, atol=1e-7)
+        assert erf_box(maps[row].numpy()) == erf_box(want.numpy())
+
+
+def test_erf_box_is_the_smallest_peak_centred_box_holding_the_mass():
+    """Against the definition: grow a box around the peak one pixel at a time until it holds
+    ``mass`` of the map (an ERF at an edge, one in the middle, a flat one)."""
+    import numpy as np
+
+    def grown(erf, mass):
+        cy, cx = np.unravel_index(int(np.argmax(erf)), erf.shape)
+        for radius in range(1, max(erf.shape) + 1):
+            t, b = max(0, cy - radius), min(erf.shape[0], cy + radius + 1)
+            l, r = max(0, cx - radius), min(erf.shape[1], cx + radius + 1)
+            if erf[t:b, l:r].sum() >= mass * erf.sum():
+                return l, t, r, b
+        return 0, 0, erf.shape[1], erf.shape[0]
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:40, :30]
+    maps = [np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s**2)) for cy, cx, s in ((3, 27, 4), (20, 15, 9))]
+    maps += [np.ones((40, 30)), rng.random((40, 30)) ** 8]
+    for erf in maps:
+        for mass in (0.5, 0.9, 0.99):
+            assert erf_box(erf, mass) == grown(erf, mass)
+
+
+def test_erf_crop_dims_the_context_of_the_box():
+    """The crop equals the whole image dimmed outside the ERF box, then cut and resized."""
+    import numpy as np
+    from PIL import Image
+
+    from gig.erf import erf_crop
+
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (50, 60, 3), dtype=np.uint8))
+    yy, xx = np.mgrid[:50, :60]
+    erf = np.exp(-((yy - 30) ** 2 + (xx - 12) ** 2) / 20.0)
+    l, t, r, b = erf_box(erf)
+    bw, bh = r - l, b - t
+    cl, ct, cr, cb = (
+        max(0, int(l - bw / 2)),
+        max(0, int(t - bh / 2)),
+        min(60, int(r + bw / 2)),
+        min(50, int(b + bh / 2)),
+    )
+    shade = np.full((50, 60, 1), 0.35, dtype=np.float32)
+    shade[t:b, l:r] = 1.0
+    want = (np.asarray(image, dtype=np.float32) * shade).clip(0, 255).astype(np.uint8)[ct:cb, cl:cr]
+    expected = Image.fromarray(want).resize((96, 96), Image.BICUBIC)
+    assert np.array_equal(np.asarray(erf_crop(image, erf)), np.asarray(expected))
