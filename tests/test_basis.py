@@ -211,3 +211,143 @@ def test_overcomplete_sae_is_read_as_a_basis_exactly(tmp_path, lite0, monkeypatc
     with pytest.raises(InputError, match="sae-overcomplete.*gig\\[overcomplete\\]"):
         Pipeline(_config(bases={"_blocks.15": "sae-overcomplete"}), tmp_path / "r", model=lite0)
     assert not (tmp_path / "r" / "collect").exists()
+
+
+# ------------------------------------------------------------------------------ nmf / nnls
+class _BiasFreeSignedTop(torch.nn.Module):
+    """stem → block1 (post-ReLU) → block2, a bare bias-free convolution: zero on the blank dummy
+    image (nothing refuses ``nmf`` there before compute) but signed on real images."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), torch.nn.ReLU())
+        self.block1 = torch.nn.Sequential(torch.nn.Conv2d(8, 12, 3, stride=2, padding=1, bias=False), torch.nn.ReLU())
+        self.block2 = torch.nn.Conv2d(12, 16, 3, stride=2, padding=1, bias=False)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.block2(self.block1(self.stem(x))).mean((2, 3)))
+
+
+def _scipy_nnls(W_dec: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``argmin_{z ≥ 0} ‖x − z W_dec‖`` per row of ``X``, by scipy's active-set NNLS."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    A = W_dec.double().numpy().T
+    return torch.from_numpy(np.stack([nnls(A, x)[0] for x in X.double().numpy()]))
+
+
+def test_nnls_basis_file_codes_by_non_negative_least_squares(tmp_path):
+    """``activation: nnls``: codes are scipy's NNLS per row (over more than one chunk of 8192
+    rows), non-negative, rebuilt as ``codes @ W_dec``; the basis round-trips through a run's file;
+    negative inputs and files NNLS cannot use are refused."""
+    from types import SimpleNamespace
+
+    from gig.basis import read_basis_file, save_basis
+
+    g = torch.Generator().manual_seed(2)
+    K, C = 6, 10
+    W_dec = torch.rand(K, C, generator=g)
+    X = torch.cat([torch.rand(8200, C, generator=g) * 2, torch.zeros(1, C)])
+    save_tensors(tmp_path / "nmf.safetensors", {"W_dec": W_dec}, metadata={"activation": "nnls"})
+    basis = read_basis_file(tmp_path / "nmf.safetensors", C)
+    assert basis.activation == "nnls" and basis.bias is None and basis.W_enc is None
+    codes = basis.encode(X)
+    want = _scipy_nnls(W_dec, X)
+    assert bool((want == 0).any()) and bool((want > 0).any())  # the constraint binds on some entries
+    torch.testing.assert_close(codes.double(), want, rtol=0, atol=1e-4)
+    assert bool((codes >= 0).all())
+    torch.testing.assert_close(basis.reconstruct(codes), codes @ W_dec)
+    store = SimpleNamespace(root=tmp_path / "run")
+    (tmp_path / "run" / "concepts").mkdir(parents=True)
+    save_basis(store, "L", basis)
+    again = load_basis(store, "L")
+    assert again.activation == "nnls" and torch.equal(again.V, W_dec)
+    torch.testing.assert_close(again.encode(X[:50]), codes[:50])
+    with pytest.raises(InputError, match="NMF/nnls codes need non-negative activations"):
+        basis.encode(X - 0.5)
+    for name, tensors, metadata, match in [
+        ("neg", {"W_dec": W_dec - 0.5}, {}, "non-negative W_dec"),
+        ("bias", {"W_dec": W_dec, "b_dec": torch.ones(C)}, {}, "b_dec would be ignored"),
+        ("scale", {"W_dec": W_dec}, {"scale": "2"}, "scale 2 would be ignored"),
+        ("shape", {"W_dec": W_dec[:, :4]}, {}, "does not fit a layer of 10 channels"),
+    ]:
+        save_tensors(tmp_path / f"{name}.safetensors", tensors, metadata={"activation": "nnls", **metadata})
+        with pytest.raises(InputError, match=match):
+            read_basis_file(tmp_path / f"{name}.safetensors", C)
+
+
+def test_nmf_basis_on_a_relu_layer_codes_by_nnls_and_attributions_are_complete(tmp_path, tiny_bundle):
+    """``bases: {block2: nmf}`` on TinyNet, whose block2 ends in a ReLU: sklearn's NMF with the
+    run's seed and k-means' K; stored codes are the NNLS codes of the layer's PFVs captured again;
+    GIG over the NMF concepts is complete."""
+    import warnings
+
+    from sklearn.decomposition import NMF
+    from sklearn.exceptions import ConvergenceWarning
+
+    from gig.access import RunAccess
+    from gig.attribution import completeness_residuals
+    from gig.collect import load_samples
+    from gig.decompose import CodeReader
+    from gig.hooks import ModelHandle
+    from gig.pipeline import Pipeline
+
+    config = Config(
+        layers=["block1", "block2"],
+        bases={"block2": "nmf"},
+        max_images=6,
+        samples_per_image=8,
+        min_cluster=4,
+        n_steps=4,
+        batch_size=6,
+        internal_batch_size=32,
+        top_k=2,
+        seed=3,
+    )
+    Pipeline(config, tmp_path / "nmf", model=tiny_bundle, progress=False).run()
+    store = RunStore.open(tmp_path / "nmf")
+    basis = load_basis(store, "block2")
+    assert basis.kind == "nmf" and basis.activation == "nnls" and basis.bias is None
+    assert load_basis(store, "block1") is None
+    samples = load_samples(store, "block2")["pfv"]
+    K = min(8 * 16, samples.shape[0] // 4)  # k-means' K: 8 concepts per channel, 4 members each
+    with warnings.catch_warnings():  # reaching max_iter, as the run's fit does
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        reference = NMF(K, random_state=3, max_iter=400, tol=1e-4).fit(samples.double().numpy()).components_
+    torch.testing.assert_close(basis.V.double(), torch.from_numpy(reference), rtol=1e-5, atol=1e-6)
+    pixels = RunAccess(store, model=tiny_bundle).run_pixels([2])
+    with torch.no_grad():
+        _, grids = ModelHandle(tiny_bundle).capture(pixels, ["block2"])
+    X = grids["block2"][0].flatten(1).T
+    stored = CodeReader(store, "block2").codes(2)
+    torch.testing.assert_close(stored, basis.encode(X), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stored.double(), _scipy_nnls(basis.V, X), rtol=0, atol=1e-4)
+    fidelity = load_json(store.root / "decompose" / "fidelity.json")["block2"]
+    assert fidelity["basis"] == "nmf" and fidelity["alpha"] is None
+    residuals = completeness_residuals(store, by_layer=True)
+    assert float(residuals["block2->class"].quantile(0.95)) <= 0.02
+    assert float(completeness_residuals(store).quantile(0.95)) <= 0.02
+    graph = load_json(next((store.root / "graph").glob("class_*.json")))
+    assert any(n["layer"] == "block2" for n in graph["nodes"])
+
+
+def test_nmf_on_a_signed_layer_is_refused_naming_it(tmp_path, lite0):
+    """Lite0's block outputs are signed: refused before any image is read (negative on the dummy
+    image); a layer zero on the dummy but signed on images is refused by the concepts stage."""
+    from gig.models import wrap_module
+    from gig.pipeline import Pipeline
+
+    with pytest.raises(InputError, match="bases: _blocks.15: nmf needs non-negative activations.*sae"):
+        Pipeline(_config(bases={"_blocks.15": "nmf"}), tmp_path / "r", model=lite0)
+    assert not (tmp_path / "r" / "collect").exists()
+    bundle = wrap_module(_BiasFreeSignedTop(), "signed", input_size=32, class_names=list("abcd"))
+    config = Config(layers=["block1", "block2"], bases={"block2": "nmf"}, max_images=4, samples_per_image=8)
+    pipeline = Pipeline(config, tmp_path / "s", model=bundle, progress=False)
+    with pytest.raises(InputError, match="bases: block2: nmf needs non-negative activations.*sae"):
+        pipeline.run(["collect", "concepts"])
+    assert Config(layers=["block2"], bases={"block2": "nmf"}).bases == {"block2": "nmf"}
+    with pytest.raises(ConfigError, match="bases"):
+        _config(bases={"_blocks.15": "nfm"})

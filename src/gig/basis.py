@@ -4,8 +4,12 @@ basis with its own encoder (config ``bases: {LAYER: SPEC}``).
 ``SPEC`` is ``kmeans`` (the paper's: bisecting k-means concepts coded by OMP or Lasso, the
 default for every layer not named), ``sae`` (gig's TopK sparse autoencoder, :mod:`gig.sae`,
 trained by the concepts stage on the layer's sampled PFVs with as many latents ``K`` as k-means
-would have concepts, ``sae_k`` of them active, ``sae_steps`` Adam steps, the run's seed), or a
-safetensors file holding a user basis:
+would have concepts, ``sae_k`` of them active, ``sae_steps`` Adam steps, the run's seed),
+``sae-overcomplete`` (Overcomplete's TopK SAE, :func:`fit_overcomplete_sae`), ``nmf``
+(scikit-learn NMF, the evaluation's ``nmf`` method :class:`gig.evaluation.methods.nmf.NMFBasis`,
+fitted on the sampled PFVs with the same ``K`` and the run's seed, for non-negative layers such as
+post-ReLU blocks; its codes are the ``activation: nnls`` ones below), or a safetensors file holding
+a user basis:
 
 =========  ===========  =====================================================
 tensor     shape        meaning
@@ -17,12 +21,21 @@ tensor     shape        meaning
 ``b_dec``  ``(C,)``     decoder bias (optional, 0)
 =========  ===========  =====================================================
 
-and in its metadata optionally ``activation`` (``relu``, the default, or ``topk``), ``k`` (the
-active latents of ``topk``) and ``scale`` (inputs are divided by it before encoding and codes
+and in its metadata optionally ``activation`` (``relu``, the default, ``topk`` or ``nnls``), ``k``
+(the active latents of ``topk``) and ``scale`` (inputs are divided by it before encoding and codes
 multiplied by it after, 1 by default).
 
 Codes come from the basis's own encoder, ``z = act((x/s − b_pre) W_enc + b_enc) · s``, not from a
-sparse coder; the reconstruction is ``x̂ = z W_dec + b_dec``. The concepts are the decoder rows,
+sparse coder; the reconstruction is ``x̂ = z W_dec + b_dec``. ``activation: nnls`` (an NMF
+dictionary) has no encoder weights: its codes are non-negative least squares against the fixed
+decoder, ``z = argmin_{z ≥ 0} ‖x − z W_dec‖²`` per row, solved in float64 by scikit-learn's
+``non_negative_factorization(update_H=False)`` (as ``NMF.transform``: coordinate descent, here to
+a relative tolerance of ``NNLS_TOL``: within ~1e-4 of the exact NNLS solution, whichever rows are
+coded with it). Such a file needs only ``W_dec``, non-negative; ``W_enc`` and ``b_enc`` are not read, and a
+nonzero ``b_pre`` or ``b_dec`` or a scale other than 1 is refused (NNLS uses none of them). The
+layer's activations must be non-negative too: a negative value is an InputError. Coordinate
+descent costs grow with ``K²`` per row: an overcomplete NMF (``K`` ≫ ``C``) is slow to fit and to
+code, and ``max_concepts`` caps ``K``. The concepts are the decoder rows,
 so everything downstream (cards, GIG, graphs) reads them as it reads k-means concepts; GIG
 integrates from the zero-code reconstruction ``b_dec`` (``GIG(..., bias=b_dec)``), and
 completeness holds for that baseline, ``Σ_q GIG[q] = g(F(x̂)) − g(F(b_dec))``. A basis has no λ:
@@ -41,7 +54,13 @@ from .errors import InputError
 from .store import RunStore, load_tensors, open_tensors, save_tensors
 
 #: Basis kinds by name; any other spec is a safetensors file of a user basis.
-KINDS = ("kmeans", "sae", "sae-overcomplete")
+KINDS = ("kmeans", "sae", "sae-overcomplete", "nmf")
+#: Encoder kinds of a basis (metadata ``activation``).
+ACTIVATIONS = ("relu", "topk", "nnls")
+#: Relative tolerance and iteration cap of the NNLS coder (sklearn's coordinate descent stops when
+#: the projected gradient has fallen by ``NNLS_TOL``; its default 1e-4 leaves codes ~1e-2 off).
+NNLS_TOL = 1e-8
+NNLS_MAX_ITER = 2000
 
 
 def is_basis_file(spec: str) -> bool:
@@ -53,17 +72,24 @@ def is_basis_file(spec: str) -> bool:
 class BasisEncoder:
     """A basis's encoder and decoder; the same interface as the sparse coders
     (:class:`gig.omp.OMPEncoder`): ``V``, ``alpha`` (None: no λ), ``solver_``, :meth:`encode`,
-    :meth:`with_alpha`, and :meth:`reconstruct` with the decoder bias."""
+    :meth:`with_alpha`, and :meth:`reconstruct` with the decoder bias. ``nnls``: codes by
+    non-negative least squares against ``V`` (an NMF dictionary; no encoder weights, None)."""
 
     kind: str
     V: torch.Tensor  # (K, C) decoder rows
-    W_enc: torch.Tensor  # (C, K)
-    b_enc: torch.Tensor  # (K,)
-    b_pre: torch.Tensor  # (C,)
+    W_enc: torch.Tensor | None  # (C, K); None for nnls
+    b_enc: torch.Tensor | None  # (K,); None for nnls
+    b_pre: torch.Tensor | None  # (C,); None for nnls
     bias: torch.Tensor | None  # (C,) decoder bias, None where it is 0
     k: int | None  # active latents (TopK), None: every positive one (ReLU)
     scale: float = 1.0
+    nnls: bool = False  # codes = argmin_{z ≥ 0} ‖x − z V‖² (NMF transform), not an encoder
     alpha = None
+
+    @property
+    def activation(self) -> str:
+        """The encoder kind: ``relu``, ``topk`` or ``nnls`` (metadata ``activation``)."""
+        return "nnls" if self.nnls else "relu" if self.k is None else "topk"
 
     @property
     def solver_(self) -> str:
@@ -74,6 +100,8 @@ class BasisEncoder:
 
     def encode(self, X: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tensor:
         """Codes ``(N, K)`` of the rows of ``X (N, C)`` (chunks of 8192 rows)."""
+        if self.nnls:
+            return self._encode_nnls(X)
         out = X.new_zeros(X.shape[0], self.V.shape[0], dtype=torch.float32)
         with torch.no_grad():
             for s in range(0, X.shape[0], 8192):
@@ -83,6 +111,25 @@ class BasisEncoder:
                     top = a.topk(self.k, dim=1)
                     a = torch.zeros_like(a).scatter_(1, top.indices, top.values)
                 out[s : s + 8192] = (a * self.scale).to(out.device)
+        return out
+
+    def _encode_nnls(self, X: torch.Tensor) -> torch.Tensor:
+        """NNLS codes of the rows of ``X (N, C)``: the evaluation's NMF transform with ``V`` fixed
+        (sklearn's ``non_negative_factorization(update_H=False)``, float64), 8192 rows at a time."""
+        from .evaluation.methods.nmf import NMFBasis
+
+        out = X.new_zeros(X.shape[0], self.V.shape[0], dtype=torch.float32)
+        low = float(X.min()) if X.numel() else 0.0
+        if low < 0:
+            raise InputError(
+                f"{self.kind} basis: NMF/nnls codes need non-negative activations, but the layer's "
+                f"values go down to {low:.3g}: use it on a non-negative (e.g. post-ReLU) layer, or a "
+                "signed basis (sae, kmeans, a relu/topk basis file) here"
+            )
+        coder = NMFBasis.with_components(self.V.detach().cpu(), max_iter=NNLS_MAX_ITER, tol=NNLS_TOL)
+        with torch.no_grad():
+            for s in range(0, X.shape[0], 8192):
+                out[s : s + 8192] = coder.transform(X[s : s + 8192].detach().cpu()).to(out.device)
         return out
 
     def reconstruct(self, U: torch.Tensor) -> torch.Tensor:
@@ -101,19 +148,18 @@ class BasisEncoder:
             move(self.bias),
             self.k,
             self.scale,
+            self.nnls,
         )
 
     # ------------------------------------------------------------------ files
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"W_dec": self.V, "W_enc": self.W_enc, "b_enc": self.b_enc, "b_pre": self.b_pre}
-        if self.bias is not None:
-            out["b_dec"] = self.bias
-        return {name: t.detach().float().cpu().contiguous() for name, t in out.items()}
+        out = {"W_dec": self.V, "W_enc": self.W_enc, "b_enc": self.b_enc, "b_pre": self.b_pre, "b_dec": self.bias}
+        return {name: t.detach().float().cpu().contiguous() for name, t in out.items() if t is not None}
 
     def metadata(self) -> dict[str, str]:
         return {
             "kind": self.kind,
-            "activation": "relu" if self.k is None else "topk",
+            "activation": self.activation,
             "k": "" if self.k is None else str(self.k),
             "scale": repr(float(self.scale)),
         }
@@ -123,6 +169,11 @@ class BasisEncoder:
         """A basis from its tensors and metadata (see the module docstring), checked against a
         layer of ``channels`` channels; ``where`` names the file in errors."""
         metadata = metadata or {}
+        activation = metadata.get("activation", "relu")
+        if activation not in ACTIVATIONS:
+            raise InputError(f"basis file {where}: activation {activation!r} is not relu, topk or nnls")
+        if activation == "nnls":
+            return cls._nnls_from_tensors(tensors, metadata, kind, channels, where)
         V = tensors.get("W_dec", tensors.get("V"))
         if V is None or "W_enc" not in tensors:
             raise InputError(f"basis file {where}: needs tensors W_dec (K×C) and W_enc (C×K), has {sorted(tensors)}")
@@ -140,16 +191,10 @@ class BasisEncoder:
         wrong = [f"{name} {got} (want {want})" for name, (got, want) in shapes.items() if got != want]
         if V.dim() != 2 or wrong:
             raise InputError(f"basis file {where} does not fit a layer of {channels} channels: {', '.join(wrong)}")
-        activation = metadata.get("activation", "relu")
-        if activation not in ("relu", "topk"):
-            raise InputError(f"basis file {where}: activation {activation!r} is not relu or topk")
         k = metadata.get("k") or None
         if activation == "topk" and (k is None or not str(k).isdigit() or int(k) < 1):
             raise InputError(f"basis file {where}: activation topk needs a metadata k ≥ 1, got {k!r}")
-        try:
-            scale = float(metadata.get("scale") or 1.0)
-        except ValueError:
-            raise InputError(f"basis file {where}: scale {metadata.get('scale')!r} is not a number") from None
+        scale = _scale(metadata, where)
         b_dec = tensors.get("b_dec")
         return cls(
             kind,
@@ -161,6 +206,42 @@ class BasisEncoder:
             int(k) if activation == "topk" else None,
             scale,
         )
+
+    @classmethod
+    def _nnls_from_tensors(cls, tensors: dict, metadata: dict, kind: str, channels: int, where: str) -> "BasisEncoder":
+        """An ``activation: nnls`` basis: a non-negative ``W_dec`` alone (see the module docstring)."""
+        V = tensors.get("W_dec", tensors.get("V"))
+        if V is None:
+            raise InputError(f"basis file {where}: activation nnls needs a tensor W_dec (K×C), has {sorted(tensors)}")
+        V = V.float()
+        if V.dim() != 2 or V.shape[1] != channels:
+            raise InputError(
+                f"basis file {where} does not fit a layer of {channels} channels: "
+                f"W_dec {tuple(V.shape)} (want (K, {channels}))"
+            )
+        if bool((V < 0).any()):
+            raise InputError(
+                f"basis file {where}: activation nnls needs a non-negative W_dec (an NMF dictionary), "
+                f"but it has values down to {float(V.min()):.3g}"
+            )
+        unused = [name for name in ("b_pre", "b_dec") if name in tensors and bool(tensors[name].any())]
+        scale = _scale(metadata, where)
+        if scale != 1.0:
+            unused.append(f"scale {scale:g}")
+        if unused:
+            raise InputError(
+                f"basis file {where}: activation nnls codes x by non-negative least squares against "
+                f"W_dec alone, so {', '.join(unused)} would be ignored: remove them"
+            )
+        return cls(kind, V, None, None, None, None, None, 1.0, nnls=True)
+
+
+def _scale(metadata: dict, where: str) -> float:
+    """A basis file's metadata ``scale`` (1 where absent)."""
+    try:
+        return float(metadata.get("scale") or 1.0)
+    except ValueError:
+        raise InputError(f"basis file {where}: scale {metadata.get('scale')!r} is not a number") from None
 
 
 def read_basis_file(path: str | Path, channels: int) -> BasisEncoder:
@@ -194,6 +275,31 @@ def fit_sae(X: torch.Tensor, K: int, k: int, seed: int, steps: int) -> tuple[Bas
         ),
         info,
     )
+
+
+def require_non_negative(X: torch.Tensor, layer: str) -> None:
+    """InputError naming ``layer`` where its PFVs ``X`` have a negative value (NMF cannot code them)."""
+    low = float(X.min()) if X.numel() else 0.0
+    if low < 0:
+        raise InputError(
+            f"bases: {layer}: nmf needs non-negative activations, but the layer's values go down to "
+            f"{low:.3g} (a signed layer, e.g. a block ending in a linear projection): give it sae, "
+            "kmeans or a signed basis file (activation relu or topk), or choose a non-negative "
+            "(post-ReLU) layer for nmf"
+        )
+
+
+def fit_nmf(X: torch.Tensor, K: int, seed: int, layer: str) -> tuple[BasisEncoder, dict]:
+    """scikit-learn NMF of the non-negative rows of ``X (N, C)`` with ``K`` concepts, as the
+    evaluation's ``nmf`` fits it (:class:`gig.evaluation.methods.nmf.NMFBasis`, seeded), as an
+    ``nnls`` basis: its concepts ``H (K, C) ≥ 0`` the decoder, its codes NMF's transform.
+    InputError naming ``layer`` where ``X`` has a negative value."""
+    from .evaluation.methods.nmf import NMFBasis
+
+    require_non_negative(X, layer)
+    nmf = NMFBasis(n_components=K, seed=seed).fit(X.float())
+    basis = BasisEncoder("nmf", nmf.components_.float(), None, None, None, None, None, 1.0, nnls=True)
+    return basis, {**nmf.info_, "K": K}
 
 
 def overcomplete_problem() -> str | None:

@@ -7,7 +7,8 @@ by the sampled PFVs most cosine-similar to it (top-1 and top-10).
 A user can hand in their own dictionary for a layer instead (``Dictionary.from_file`` or the
 channel basis, ``Dictionary.channels``); members and exemplars are then assigned by cosine.
 A layer can also have another basis with its own encoder (``bases``, :mod:`gig.basis`): a sparse
-autoencoder trained here on the same sampled PFVs (``K`` latents as above), or a user basis file.
+autoencoder or an NMF (non-negative layers) trained here on the same sampled PFVs (``K`` latents
+as above), or a user basis file.
 Its decoder rows are the layer's concepts (members and exemplars by cosine, as for a user
 dictionary) and its encoder is saved beside them (``LAYER.basis.safetensors``).
 """
@@ -22,7 +23,7 @@ import torch
 from sklearn.cluster import BisectingKMeans
 from tqdm.auto import tqdm
 
-from .basis import basis_path, fit_overcomplete_sae, fit_sae, read_basis_file, save_basis
+from .basis import basis_path, fit_nmf, fit_overcomplete_sae, fit_sae, read_basis_file, save_basis
 from .collect import load_samples
 from .errors import InputError
 from .store import RunStore, load_json, load_tensors, save_json, save_tensors
@@ -227,8 +228,11 @@ def _save_concepts(
 def _fit_basis(config, layer: str, X: np.ndarray):
     """The layer's basis with its own encoder (:mod:`gig.basis`): ``(encoder, source, info)``."""
     spec = config.bases[layer]
-    if spec in ("sae", "sae-overcomplete"):
+    if spec in ("sae", "sae-overcomplete", "nmf"):
         K = n_concepts_for(X.shape[0], X.shape[1], config.concepts_per_channel, config.min_cluster, config.max_concepts)
+        if spec == "nmf":  # refused with the layer named where X has a negative value
+            encoder, info = fit_nmf(torch.from_numpy(X), K, config.seed, layer)
+            return encoder, spec, info
         fit = fit_sae if spec == "sae" else fit_overcomplete_sae
         encoder, info = fit(torch.from_numpy(X), K, config.sae_k, config.seed, config.sae_steps)
         return encoder, spec, info

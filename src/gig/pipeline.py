@@ -65,8 +65,10 @@ def _resolved_basis(spec: str) -> str:
 
 
 def _check_bases(config: Config, handle: ModelHandle) -> None:
-    """Every basis file fits its layer (channels) before any image is read."""
-    from .basis import is_basis_file, read_basis_file
+    """Before any image is read: every basis file fits its layer (channels), and no ``nmf`` layer
+    is signed on the dummy image (one negative value proves it signed; the concepts stage checks
+    the sampled PFVs themselves)."""
+    from .basis import is_basis_file, read_basis_file, require_non_negative
 
     if "sae-overcomplete" in config.bases.values():
         from .basis import overcomplete_problem
@@ -78,6 +80,12 @@ def _check_bases(config: Config, handle: ModelHandle) -> None:
         shapes = handle.layer_shapes(list(files))
         for layer, spec in files.items():
             read_basis_file(spec, shapes[layer][0])
+    nmf = [layer for layer, spec in config.bases.items() if spec == "nmf"]
+    if nmf:
+        with torch.no_grad():
+            _, grids = handle.capture(handle.dummy_input(1), nmf)
+        for layer in nmf:
+            require_non_negative(grids[layer], layer)
 
 
 #: Damaged artefacts one `gig run` recomputes before it gives up (each repair is one stage again).

@@ -80,6 +80,14 @@ class NMFBasis(ConceptBasis):
             )
         return torch.from_numpy(W).float()
 
+    @classmethod
+    def with_components(cls, H: torch.Tensor, seed: int = 0, max_iter: int = 400, tol: float = 1e-4) -> "NMFBasis":
+        """A basis with the given concepts ``H (K, C) ≥ 0``, not fitted here: its :meth:`transform`
+        codes against them (the run's ``nnls`` basis encoder, :mod:`gig.basis`)."""
+        basis = cls(int(H.shape[0]), seed=seed, max_iter=max_iter, tol=tol)
+        basis._set_H(H)
+        return basis
+
     def _set_H(self, H: torch.Tensor) -> None:
         self.H_ = H.double().numpy()  # float64 for the coder, as sklearn fitted it
         self.components_ = H.float()
