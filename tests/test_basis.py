@@ -351,3 +351,49 @@ def test_nmf_on_a_signed_layer_is_refused_naming_it(tmp_path, lite0):
     assert Config(layers=["block2"], bases={"block2": "nmf"}).bases == {"block2": "nmf"}
     with pytest.raises(ConfigError, match="bases"):
         _config(bases={"_blocks.15": "nfm"})
+
+
+def test_threshold_encoder_matches_its_formula_and_round_trips(tmp_path):
+    """``activation: threshold`` (JumpReLU): ReLU, then every code below its latent's threshold 0."""
+    g = torch.Generator().manual_seed(2)
+    C, K = 6, 9
+    tensors = {
+        "W_dec": torch.randn(K, C, generator=g),
+        "W_enc": torch.randn(C, K, generator=g),
+        "b_enc": torch.randn(K, generator=g),
+        "threshold": torch.rand(K, generator=g),
+    }
+    save_tensors(tmp_path / "jump.safetensors", tensors, metadata={"activation": "threshold"})
+    from gig.basis import read_basis_file
+
+    basis = read_basis_file(tmp_path / "jump.safetensors", C)
+    X = torch.randn(50, C, generator=g)
+    pre = torch.relu(X @ tensors["W_enc"] + tensors["b_enc"])
+    want = torch.where(pre >= tensors["threshold"], pre, torch.zeros_like(pre))
+    torch.testing.assert_close(basis.encode(X), want)
+    assert basis.activation == "threshold" and int((want == 0).sum()) > int((pre == 0).sum())
+    save_tensors(tmp_path / "again.safetensors", basis.tensors(), metadata=basis.metadata())
+    torch.testing.assert_close(read_basis_file(tmp_path / "again.safetensors", C).encode(X), want)
+    del tensors["threshold"]
+    save_tensors(tmp_path / "none.safetensors", tensors, metadata={"activation": "threshold"})
+    with pytest.raises(InputError, match="needs a tensor threshold"):
+        read_basis_file(tmp_path / "none.safetensors", C)
+
+
+def test_overcomplete_batchtopk_sae_is_read_as_a_threshold_basis_exactly():
+    """``sae-batchtopk``: the basis codes bit for bit as Overcomplete's BatchTopK SAE in eval mode
+    (its running threshold), about ``k`` codes per PFV on average."""
+    from gig.evaluation.methods.overcomplete_sae import OvercompleteBatchTopKSAE
+
+    if OvercompleteBatchTopKSAE.problem() is not None:
+        pytest.skip("overcomplete is not installed")
+    from gig.basis import fit_overcomplete_sae
+
+    X = torch.randn(900, 12, generator=torch.Generator().manual_seed(0))
+    basis, info = fit_overcomplete_sae(X, 24, 4, seed=0, steps=100, kind="sae-batchtopk")
+    reference = OvercompleteBatchTopKSAE(n_components=24, k=4, seed=0, steps=100).fit(X)
+    with torch.no_grad():
+        _, z = reference.model_.encode(X / reference.scale_)
+    assert torch.equal(basis.encode(X), z * reference.scale_)
+    assert basis.activation == "threshold" and basis.k is None and info["threshold"] > 0
+    assert 2 <= float((basis.encode(X) != 0).sum(1).float().mean()) <= 8

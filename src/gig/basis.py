@@ -5,7 +5,9 @@ basis with its own encoder (config ``bases: {LAYER: SPEC}``).
 default for every layer not named), ``sae`` (gig's TopK sparse autoencoder, :mod:`gig.sae`,
 trained by the concepts stage on the layer's sampled PFVs with as many latents ``K`` as k-means
 would have concepts, ``sae_k`` of them active, ``sae_steps`` Adam steps, the run's seed),
-``sae-overcomplete`` (Overcomplete's TopK SAE, :func:`fit_overcomplete_sae`), ``nmf``
+``sae-overcomplete`` (Overcomplete's TopK SAE, :func:`fit_overcomplete_sae`), ``sae-batchtopk``
+(Overcomplete's BatchTopK SAE: ``sae_k`` codes per PFV on average in training, then one learned
+threshold, so a ``threshold`` encoder), ``nmf``
 (scikit-learn NMF, the evaluation's ``nmf`` method :class:`gig.evaluation.methods.nmf.NMFBasis`,
 fitted on the sampled PFVs with the same ``K`` and the run's seed, for non-negative layers such as
 post-ReLU blocks; its codes are the ``activation: nnls`` ones below), or a safetensors file holding
@@ -19,9 +21,11 @@ tensor     shape        meaning
 ``b_enc``  ``(K,)``     encoder bias (optional, 0)
 ``b_pre``  ``(C,)``     subtracted from the input before encoding (optional, 0)
 ``b_dec``  ``(C,)``     decoder bias (optional, 0)
+``threshold`` ``(K,)``  JumpReLU thresholds: codes below them set to 0 (optional)
 =========  ===========  =====================================================
 
-and in its metadata optionally ``activation`` (``relu``, the default, ``topk`` or ``nnls``), ``k``
+and in its metadata optionally ``activation`` (``relu``, the default, ``topk``, ``threshold`` — ReLU
+then the ``threshold`` tensor, which it needs: a JumpReLU SAE — or ``nnls``), ``k``
 (the active latents of ``topk``) and ``scale`` (inputs are divided by it before encoding and codes
 multiplied by it after, 1 by default).
 
@@ -54,9 +58,9 @@ from .errors import InputError
 from .store import RunStore, load_tensors, open_tensors, save_tensors
 
 #: Basis kinds by name; any other spec is a safetensors file of a user basis.
-KINDS = ("kmeans", "sae", "sae-overcomplete", "nmf")
+KINDS = ("kmeans", "sae", "sae-overcomplete", "sae-batchtopk", "nmf")
 #: Encoder kinds of a basis (metadata ``activation``).
-ACTIVATIONS = ("relu", "topk", "nnls")
+ACTIVATIONS = ("relu", "topk", "threshold", "nnls")
 #: Relative tolerance and iteration cap of the NNLS coder (sklearn's coordinate descent stops when
 #: the projected gradient has fallen by ``NNLS_TOL``; its default 1e-4 leaves codes ~1e-2 off).
 NNLS_TOL = 1e-8
@@ -84,12 +88,17 @@ class BasisEncoder:
     k: int | None  # active latents (TopK), None: every positive one (ReLU)
     scale: float = 1.0
     nnls: bool = False  # codes = argmin_{z ≥ 0} ‖x − z V‖² (NMF transform), not an encoder
+    threshold: torch.Tensor | None = None  # (K,) JumpReLU / BatchTopK: codes below it set to 0
     alpha = None
 
     @property
     def activation(self) -> str:
-        """The encoder kind: ``relu``, ``topk`` or ``nnls`` (metadata ``activation``)."""
-        return "nnls" if self.nnls else "relu" if self.k is None else "topk"
+        """The encoder kind: ``relu``, ``topk``, ``threshold`` or ``nnls`` (metadata ``activation``)."""
+        if self.nnls:
+            return "nnls"
+        if self.k is not None:
+            return "topk"
+        return "relu" if self.threshold is None else "threshold"
 
     @property
     def solver_(self) -> str:
@@ -107,6 +116,8 @@ class BasisEncoder:
             for s in range(0, X.shape[0], 8192):
                 x = X[s : s + 8192].float().to(self.V.device)
                 a = torch.relu((x / self.scale - self.b_pre) @ self.W_enc + self.b_enc)
+                if self.threshold is not None:  # JumpReLU: below its latent's threshold, 0
+                    a = a * (a >= self.threshold.to(a.device))
                 if self.k is not None and self.k < a.shape[1]:
                     top = a.topk(self.k, dim=1)
                     a = torch.zeros_like(a).scatter_(1, top.indices, top.values)
@@ -149,11 +160,13 @@ class BasisEncoder:
             self.k,
             self.scale,
             self.nnls,
+            move(self.threshold),
         )
 
     # ------------------------------------------------------------------ files
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"W_dec": self.V, "W_enc": self.W_enc, "b_enc": self.b_enc, "b_pre": self.b_pre, "b_dec": self.bias}
+        out["threshold"] = self.threshold
         return {name: t.detach().float().cpu().contiguous() for name, t in out.items() if t is not None}
 
     def metadata(self) -> dict[str, str]:
@@ -171,7 +184,7 @@ class BasisEncoder:
         metadata = metadata or {}
         activation = metadata.get("activation", "relu")
         if activation not in ACTIVATIONS:
-            raise InputError(f"basis file {where}: activation {activation!r} is not relu, topk or nnls")
+            raise InputError(f"basis file {where}: activation {activation!r} is not relu, topk, threshold or nnls")
         if activation == "nnls":
             return cls._nnls_from_tensors(tensors, metadata, kind, channels, where)
         V = tensors.get("W_dec", tensors.get("V"))
@@ -184,7 +197,7 @@ class BasisEncoder:
             "W_enc": (tuple(W_enc.shape), (channels, K)),
             **{
                 name: (tuple(tensors[name].shape), want)
-                for name, want in (("b_enc", (K,)), ("b_pre", (channels,)), ("b_dec", (channels,)))
+                for name, want in (("b_enc", (K,)), ("b_pre", (channels,)), ("b_dec", (channels,)), ("threshold", (K,)))
                 if name in tensors
             },
         }
@@ -194,6 +207,8 @@ class BasisEncoder:
         k = metadata.get("k") or None
         if activation == "topk" and (k is None or not str(k).isdigit() or int(k) < 1):
             raise InputError(f"basis file {where}: activation topk needs a metadata k ≥ 1, got {k!r}")
+        if activation == "threshold" and "threshold" not in tensors:
+            raise InputError(f"basis file {where}: activation threshold needs a tensor threshold (K,)")
         scale = _scale(metadata, where)
         b_dec = tensors.get("b_dec")
         return cls(
@@ -205,6 +220,7 @@ class BasisEncoder:
             None if b_dec is None or not bool(b_dec.any()) else b_dec.float(),
             int(k) if activation == "topk" else None,
             scale,
+            threshold=None if "threshold" not in tensors else tensors["threshold"].float(),
         )
 
     @classmethod
@@ -303,23 +319,29 @@ def fit_nmf(X: torch.Tensor, K: int, seed: int, layer: str) -> tuple[BasisEncode
 
 
 def overcomplete_problem() -> str | None:
-    """Why Overcomplete's SAE cannot be a basis here (the optional package is missing), or None."""
+    """Why Overcomplete's SAEs cannot be a basis here (the optional package is missing), or None."""
     from .evaluation.methods.overcomplete_sae import OvercompleteTopKSAE
 
     return OvercompleteTopKSAE.problem()
 
 
-def fit_overcomplete_sae(X: torch.Tensor, K: int, k: int, seed: int, steps: int) -> tuple[BasisEncoder, dict]:
-    """Overcomplete's TopK SAE (``pip install 'gig[overcomplete]'``), trained by its own loop as
-    the evaluation's ``sae`` baseline is (:class:`gig.evaluation.methods.overcomplete_sae.OvercompleteTopKSAE`),
-    as a basis: its default encoder is one ``Linear`` (with bias) then ReLU and TopK, on inputs
-    scaled by ``1/s``; its decoder the unit-norm dictionary without bias, so it is exactly a
-    :class:`BasisEncoder` (``W_enc = Linearᵀ``, ``b_enc`` its bias, ``scale = s``)."""
+def fit_overcomplete_sae(
+    X: torch.Tensor, K: int, k: int, seed: int, steps: int, kind: str = "sae-overcomplete"
+) -> tuple[BasisEncoder, dict]:
+    """Overcomplete's TopK SAE (``kind`` ``sae-overcomplete``) or BatchTopK SAE (``sae-batchtopk``)
+    (``pip install 'gig[overcomplete]'``), trained by its own loop as the evaluation's ``sae`` and
+    ``sae-batchtopk`` baselines are (:mod:`gig.evaluation.methods.overcomplete_sae`), as a basis:
+    its default encoder is one ``Linear`` (with bias) then ReLU and TopK (BatchTopK in use: every
+    code below its learned threshold set to 0), on inputs scaled by ``1/s``; its decoder the
+    unit-norm dictionary without bias, so it is exactly a :class:`BasisEncoder` (``W_enc =
+    Linearᵀ``, ``b_enc`` its bias, ``scale = s``, ``k`` or ``threshold``)."""
     from torch import nn
 
-    from .evaluation.methods.overcomplete_sae import OvercompleteTopKSAE
+    from .evaluation.methods.overcomplete_sae import OvercompleteBatchTopKSAE, OvercompleteTopKSAE
 
-    sae = OvercompleteTopKSAE(n_components=K, k=k, seed=seed, steps=steps).fit(X.float())
+    batchtopk = kind == "sae-batchtopk"
+    trainer = OvercompleteBatchTopKSAE if batchtopk else OvercompleteTopKSAE
+    sae = trainer(n_components=K, k=k, seed=seed, steps=steps).fit(X.float())
     encoder = sae.model_.encoder
     linear, norm = encoder.final_block[0], encoder.final_block[1]
     if (
@@ -329,14 +351,15 @@ def fit_overcomplete_sae(X: torch.Tensor, K: int, k: int, seed: int, steps: int)
     ):
         raise InputError("Overcomplete's SAE has an encoder other than Linear + ReLU: it cannot be read as a basis")
     basis = BasisEncoder(
-        "sae-overcomplete",
+        kind,
         sae.components_.float(),
         linear.weight.detach().T.contiguous(),
         linear.bias.detach().clone(),
         torch.zeros(X.shape[1]),
         None,
-        int(sae.model_.top_k),
+        None if batchtopk else int(sae.model_.top_k),
         sae.scale_,
+        threshold=torch.full((K,), sae.threshold_) if batchtopk else None,
     )
     return basis, sae.info_
 

@@ -228,13 +228,16 @@ def _save_concepts(
 def _fit_basis(config, layer: str, X: np.ndarray):
     """The layer's basis with its own encoder (:mod:`gig.basis`): ``(encoder, source, info)``."""
     spec = config.bases[layer]
-    if spec in ("sae", "sae-overcomplete", "nmf"):
+    if spec in ("sae", "sae-overcomplete", "sae-batchtopk", "nmf"):
         K = n_concepts_for(X.shape[0], X.shape[1], config.concepts_per_channel, config.min_cluster, config.max_concepts)
         if spec == "nmf":  # refused with the layer named where X has a negative value
             encoder, info = fit_nmf(torch.from_numpy(X), K, config.seed, layer)
             return encoder, spec, info
-        fit = fit_sae if spec == "sae" else fit_overcomplete_sae
-        encoder, info = fit(torch.from_numpy(X), K, config.sae_k, config.seed, config.sae_steps)
+        X = torch.from_numpy(X)
+        if spec == "sae":
+            encoder, info = fit_sae(X, K, config.sae_k, config.seed, config.sae_steps)
+        else:
+            encoder, info = fit_overcomplete_sae(X, K, config.sae_k, config.seed, config.sae_steps, kind=spec)
         return encoder, spec, info
     encoder = read_basis_file(spec, X.shape[1])
     return encoder, f"file:{spec}", {"kind": "user basis", "file": spec, "k": encoder.k}

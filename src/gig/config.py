@@ -166,9 +166,10 @@ class Config:
     #: layer -> safetensors file holding a user dictionary under key "V" (K, C), or "channels"
     dictionaries: dict[str, str] = field(default_factory=dict)
     #: layer -> its concept basis: "kmeans" (the default), "sae" (a TopK sparse autoencoder trained
-    #: here), "sae-overcomplete" (Overcomplete's TopK SAE), "nmf" (scikit-learn NMF fitted here,
-    #: codes by non-negative least squares; non-negative layers only) or a safetensors file of a
-    #: user basis with its own encoder (relu, topk or nnls; :mod:`gig.basis`)
+    #: here), "sae-overcomplete" / "sae-batchtopk" (Overcomplete's TopK / BatchTopK SAE), "nmf"
+    #: (scikit-learn NMF fitted here, codes by non-negative least squares; non-negative layers
+    #: only) or a safetensors file of a user basis with its own encoder (relu, topk, threshold or
+    #: nnls; :mod:`gig.basis`)
     bases: dict[str, str] = field(default_factory=dict)
     sae_k: int = 32  # active latents of a "sae" basis
     sae_steps: int = 2000  # Adam steps that train a "sae" basis
@@ -323,7 +324,10 @@ _RULES: dict[str, tuple[Any, str]] = {
     "min_cluster": (_int(1), "an integer of at least 1"),
     "max_concepts": (_int(2, optional=True), "an integer of at least 2, or null"),
     "dictionaries": (_dictionaries, "a mapping layer: safetensors file or 'channels'"),
-    "bases": (_bases, "a mapping layer: kmeans, sae, sae-overcomplete, nmf or a .safetensors file of a basis"),
+    "bases": (
+        _bases,
+        "a mapping layer: kmeans, sae, sae-overcomplete, sae-batchtopk, nmf or a .safetensors file of a basis",
+    ),
     "sae_k": (_int(1, high=4096), "an integer from 1 to 4096"),
     "sae_steps": (_int(1, high=1_000_000), "an integer from 1 to 1 000 000"),
     "target_rel_error": (

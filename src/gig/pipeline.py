@@ -70,11 +70,12 @@ def _check_bases(config: Config, handle: ModelHandle) -> None:
     the sampled PFVs themselves)."""
     from .basis import is_basis_file, read_basis_file, require_non_negative
 
-    if "sae-overcomplete" in config.bases.values():
+    overcomplete = sorted({"sae-overcomplete", "sae-batchtopk"} & set(config.bases.values()))
+    if overcomplete:
         from .basis import overcomplete_problem
 
         if overcomplete_problem():
-            raise InputError(f"bases: sae-overcomplete: {overcomplete_problem()}")
+            raise InputError(f"bases: {overcomplete[0]}: {overcomplete_problem()}")
     files = {layer: spec for layer, spec in config.bases.items() if is_basis_file(spec)}
     if files:
         shapes = handle.layer_shapes(list(files))

@@ -42,6 +42,14 @@ def _overcomplete_sae():
     return TopKSAE, train_sae
 
 
+def _overcomplete_batchtopk():
+    """Overcomplete's ``BatchTopKSAE`` (imported as :func:`_overcomplete_sae` does)."""
+    _overcomplete_sae()
+    from overcomplete.sae import BatchTopKSAE
+
+    return BatchTopKSAE
+
+
 def _mse(x, x_hat, *_):
     """Overcomplete's loss signature ``(x, x_hat, pre_codes, codes, dictionary)``: plain MSE (TopK
     sets the sparsity, no penalty)."""
@@ -55,6 +63,8 @@ class OvercompleteTopKSAE(TopKSAEBasis):
     hand-written :class:`TopKSAEBasis`, so the two are compared at equal K, k, steps and rate."""
 
     name = "sae"
+    kind = "Overcomplete TopKSAE (train_sae)"
+    drop_last = False  # every PFV is trained on
 
     @classmethod
     def problem(cls) -> str | None:
@@ -76,29 +86,37 @@ class OvercompleteTopKSAE(TopKSAEBasis):
         t0 = time.perf_counter()
         X = X.float()
         self.scale_ = float(X.norm(dim=1).mean().clamp_min(1e-12))
-        batch = min(self.batch_size, X.shape[0])
+        batch = self.batch_ = min(self.batch_size, X.shape[0])
         epochs = max(1, math.ceil(self.steps * batch / X.shape[0]))
         with torch.random.fork_rng():  # Overcomplete initialises from the global generator: seed it, leave it
             torch.manual_seed(self.seed)
             self.model_ = self._model(X.shape[1])
             loader = torch.utils.data.DataLoader(
-                X / self.scale_, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(self.seed)
+                X / self.scale_,
+                batch_size=batch,
+                shuffle=True,
+                generator=torch.Generator().manual_seed(self.seed),
+                drop_last=self.drop_last,
             )
             opt = torch.optim.Adam(self.model_.parameters(), lr=self.lr)
             train(self.model_, loader, _mse, opt, nb_epochs=epochs, monitoring=0)  # 0: no printing
         self._finish()
         self.info_ = {
-            "kind": "Overcomplete TopKSAE (train_sae)",
+            "kind": self.kind,
             "epochs": epochs,
             "steps": epochs * len(loader),
             "lr": self.lr,
             "batch_size": batch,
-            "k": self.model_.top_k,
+            "k": self.k,
             "scale": self.scale_,
+            **self._threshold_info(),
             **code_figures(self.transform(X), self.components_, X),
             "fit_seconds": round(time.perf_counter() - t0, 2),
         }
         return self
+
+    def _threshold_info(self) -> dict[str, float]:
+        return {}
 
     def _finish(self) -> None:
         self.model_.eval()  # fuses the (normalised) dictionary
@@ -117,3 +135,36 @@ class OvercompleteTopKSAE(TopKSAEBasis):
         self.model_ = self._model(tensors["dictionary._weights"].shape[1])
         self.model_.load_state_dict(tensors)
         self._finish()
+
+
+@register_basis
+class OvercompleteBatchTopKSAE(OvercompleteTopKSAE):
+    """Overcomplete ``BatchTopKSAE(C, K, top_k=k·batch)``: in training, the ``k·batch`` largest
+    codes of each batch are kept (``k`` per PFV on average, more on busy PFVs, fewer on quiet
+    ones); in use, every code below the running threshold ``θ`` learned in training is set to 0
+    (a ReLU encoder with one threshold). Otherwise trained as :class:`OvercompleteTopKSAE`."""
+
+    name = "sae-batchtopk"
+    kind = "Overcomplete BatchTopKSAE (train_sae)"
+    drop_last = True  # a smaller last batch would have fewer codes than the k·batch kept
+
+    def _model(self, channels: int):
+        BatchTopKSAE = _overcomplete_batchtopk()
+        per_batch = max(1, min(self.k, self.n_components)) * getattr(self, "batch_", self.batch_size)
+        return BatchTopKSAE(channels, nb_concepts=self.n_components, top_k=per_batch)
+
+    @property
+    def threshold_(self) -> float:
+        """``θ``, in the scaled units (PFVs divided by ``s``) the encoder works in."""
+        return float(self.model_.running_threshold)
+
+    def _threshold_info(self) -> dict[str, float]:
+        return {"threshold": self.threshold_}
+
+    def _learned(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, values = super()._learned()
+        return tensors, {**values, "threshold": self.threshold_}  # a plain attribute, not in state_dict
+
+    def _restore(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        super()._restore(tensors, values)
+        self.model_.running_threshold = torch.tensor(float(values["threshold"]))
