@@ -146,7 +146,7 @@ def test_cli_explain(tiny_run, new_photo, tmp_path, monkeypatch) -> None:
 
 def _counting(monkeypatch, photo: Path) -> dict:
     """Count model loads, handles built, preprocessings of ``photo`` and attribute shards opened."""
-    import gig.attribution
+    import gig.artefacts
     import gig.explain
     import gig.hooks
     import gig.models
@@ -175,13 +175,13 @@ def _counting(monkeypatch, photo: Path) -> dict:
         return real_preprocess(self, image)
 
     monkeypatch.setattr(gig.models.ModelBundle, "preprocess", preprocess)
-    real_open = gig.attribution.open_tensors
+    real_open = gig.artefacts.open_tensors  # the attribute shards' reader (gig.artefacts.iter_attributions)
 
     def open_tensors(path):
         counts["shards"] += "attribute" in Path(path).parts
         return real_open(path)
 
-    monkeypatch.setattr(gig.attribution, "open_tensors", open_tensors)
+    monkeypatch.setattr(gig.artefacts, "open_tensors", open_tensors)
     return counts
 
 

@@ -5,7 +5,8 @@ Stages (one module each): :mod:`gig.collect` (PFVs), :mod:`gig.erf` (effective r
 fields), :mod:`gig.concepts` (bisecting k-means; other bases in :mod:`gig.basis`),
 :mod:`gig.decompose` (OMP or Lasso), :mod:`gig.attribution` (the GIG walk; the method itself in
 :mod:`gig.method`), :mod:`gig.graph` (causal concept graphs), orchestrated by
-:mod:`gig.pipeline` over a :mod:`gig.store` run directory. A finished run: ``gig.open(RUN)``
+:mod:`gig.pipeline` over a :mod:`gig.store` run directory (every artefact's path and reader in
+:mod:`gig.artefacts`). A finished run: ``gig.open(RUN)``
 (:mod:`gig.session`: concepts, new images explained, graphs, ablations, labels, from a notebook).
 """
 

@@ -28,7 +28,6 @@ in ``correlation_pairs.safetensors``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -38,16 +37,27 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .access import RunAccess, as_store
+from .access import RunAccess
+from .artefacts import (  # noqa: F401  (readers and paths re-exported: moved to gig.artefacts)
+    ABLATION_SCHEMA,
+    CORRELATION_PAIRS,
+    CodeReader,
+    ablation_path,
+    correlation_path,
+    load_ablations,
+    load_correlation,
+    load_dictionary,
+    load_walk,
+)
 from .decompose import encode_pixels
 from .errors import ConfigError, InputError
 from .hooks import ModelHandle
 from .labels import check_concepts, check_layer
 from .models import class_name
 from .readouts import ConceptReadout
-from .store import RunStore, derived_dir, layer_key, save_json, save_tensors
+from .store import RunStore, save_json, save_tensors
 
-SCHEMA = "gig.ablation/1"
+SCHEMA = ABLATION_SCHEMA
 CORRELATION_SCHEMA = "gig.ablation-correlation/1"
 
 
@@ -68,8 +78,6 @@ def grid_shape(handle: ModelHandle, layer: str, pixels: torch.Tensor) -> tuple[i
 
 def run_codes(store: RunStore, layer: str, image_ids: Sequence[int]) -> torch.Tensor:
     """Stored codes ``(N, H·W, K)`` of run images at ``layer``."""
-    from .decompose import CodeReader
-
     reader = CodeReader(store, layer)
     return torch.stack([reader.codes(int(i)) for i in image_ids])
 
@@ -355,15 +363,6 @@ def _top_readouts(values: torch.Tensor, delta: torch.Tensor, top: int) -> dict:
     }
 
 
-def ablation_path(store: RunStore, layer: str, concepts: Sequence[int], photos: Sequence[str] | None = None) -> Path:
-    """``RUN/graph/ablation/LAYER_c1-c2.json``; for photos outside the run a hash of their paths is
-    added (``…_photos-HASH.json``) so that it never overwrites the run images' result."""
-    name = f"{layer_key(layer)}_{'-'.join(str(c) for c in concepts)}"
-    if photos is not None:
-        name += "_photos-" + hashlib.blake2b("\n".join(map(str, photos)).encode(), digest_size=4).hexdigest()
-    return derived_dir(store, "graph", "ablation") / f"{name}.json"
-
-
 def later_layers(store: RunStore, layer: str, all_layers: bool = False) -> list[str]:
     """The analysed layers after ``layer``: the next one, or every later one."""
     layers = list(store.config.layers)
@@ -397,8 +396,6 @@ def ablate(
     Concept readouts are measured at the next analysed layer, or at every later one with
     ``all_layers``. With ``save`` the result goes to :func:`ablation_path` (``result.path``).
     """
-    from .concepts import load_dictionary
-
     ctx = run if isinstance(run, RunAccess) else open_run(run, model, device)
     store = ctx.store
     check_layer(store, layer)
@@ -758,44 +755,6 @@ def _nan_none(v: float) -> float | None:
     return None if v is None or math.isnan(v) else float(v)
 
 
-def load_walk(store: RunStore) -> dict[str, torch.Tensor]:
-    """The per-image GIG walk of every attribute shard written so far (the stage may be
-    unfinished: a shard is only ever written whole), without the maps, which ablation never reads."""
-    from .attribution import load_attributions
-
-    return load_attributions(
-        store, ("gig", "targets", "importance", "delta", "class_gig", "class_delta", "score", "top")
-    )
-
-
-def correlation_path(store: RunStore) -> Path:
-    return derived_dir(store, "graph", "ablation") / "correlation.json"
-
-
-def load_correlation(run: str | Path | RunStore) -> dict | None:
-    """The run's saved GIG-vs-ablation correlation (:func:`ablation_correlation`), or None."""
-    from .store import load_json
-
-    path = correlation_path(as_store(run))
-    return load_json(path) if path.is_file() else None
-
-
-def load_ablations(run: str | Path | RunStore) -> list[dict]:
-    """Every saved ablation result of the run (``gig.ablation/1``, :meth:`AblationResult.save`), by file name."""
-    from .store import load_json
-
-    store = as_store(run)
-    folders = dict.fromkeys([store.root / "graph" / "ablation", derived_dir(store, "graph", "ablation")])
-    found = [
-        load_json(p)
-        for folder in folders
-        if folder.is_dir()
-        for p in sorted(folder.glob("*.json"))
-        if p.name != "correlation.json"
-    ]
-    return [r for r in found if r.get("schema") == SCHEMA]
-
-
 def ablation_correlation(
     run: str | Path | RunStore | RunAccess,
     *,
@@ -930,6 +889,6 @@ def _save_correlation(store: RunStore, result: dict, measures: dict[str, list[di
             )
         for key, parts in cols.items():
             tensors[f"{name}/{key}"] = torch.cat([p.reshape(-1) for p in parts]).contiguous()
-    save_tensors(path.with_name("correlation_pairs.safetensors"), tensors)
+    save_tensors(path.with_name(CORRELATION_PAIRS), tensors)
     save_json(path, result)
     return path

@@ -139,7 +139,7 @@ class RunAccess:
 
     def dictionary(self, layer: str) -> torch.Tensor:
         """``V (K, C)`` of ``layer`` (read once)."""
-        from .concepts import load_dictionary
+        from .artefacts import load_dictionary
 
         if layer not in self._dictionaries:
             self._dictionaries[layer] = load_dictionary(self.store, layer)
@@ -148,7 +148,7 @@ class RunAccess:
     def decoder_bias(self, layer: str) -> torch.Tensor | None:
         """``b_dec (C,)`` of ``layer``'s basis, the reconstruction of the zero code (read once);
         None where the layer has no decoder bias."""
-        from .basis import decoder_bias
+        from .artefacts import decoder_bias
 
         if layer not in self._biases:
             self._biases[layer] = decoder_bias(self.store, layer)
@@ -156,7 +156,7 @@ class RunAccess:
 
     def images(self) -> dict[int, dict]:
         """``{image_id: images.json entry}`` of the run."""
-        from .collect import load_images
+        from .artefacts import load_images
 
         return {i["image_id"]: i for i in load_images(self.store)["images"]}
 
@@ -196,9 +196,11 @@ class RunAccess:
         """ERF crops of sampled PFVs of ``layer``, from the run's ERF cache (:func:`gig.erf.exemplar_crops`).
         Where every one is cached, neither the run's images nor the model are touched (the
         images' fingerprint is checked only when one must be computed)."""
-        from .erf import crop_paths, exemplar_crops
+        from .artefacts import crop_paths
 
         paths = crop_paths(self.store, layer, samples)
         if all(p.exists() for p in paths):
             return paths
+        from .erf import exemplar_crops
+
         return exemplar_crops(self.store, self.handle, self.source, layer, samples)

@@ -2,20 +2,32 @@
 
 The method itself (quadrature, :class:`~gig.method.GIG`, its error-controlled path integrator,
 the flow rule) lives in :mod:`gig.method`; this module runs it over the run's images, top layer
-down (:func:`walk`), writes ``attribute/shards/*.safetensors`` and reads them back
-(:func:`iter_attributions`, :func:`load_attributions`, the completeness and accuracy summaries).
+down (:func:`walk`), writes ``attribute/shards/*.safetensors`` and summarises them (completeness
+and accuracy). Their readers (:func:`~gig.artefacts.iter_attributions`,
+:func:`~gig.artefacts.load_attributions`, :func:`~gig.artefacts.load_path_records`, the completeness
+residuals and error estimates) live in :mod:`gig.artefacts` and are re-exported here.
 ``GIG``, ``GIGResult``, ``quadrature``, ``gig_maps``, ``project``, ``random_directions`` and
 ``ESTIMATE_SCALE`` are re-exported here for code written against earlier versions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable
 from functools import partial
 
 import torch
 
-from .errors import RunMismatchError
+from .artefacts import (  # noqa: F401  (readers re-exported: moved to gig.artefacts)
+    PATHS_FILE,
+    SUMMARY_FIELDS,
+    completeness_residuals,
+    iter_attributions,
+    load_attributions,
+    load_error_estimates,
+    load_path_records,
+    path_keys,
+    paths_path,
+)
 from .hooks import ModelHandle
 from .method import (  # noqa: F401  (re-exported: see the module docstring)
     ESTIMATE_SCALE,
@@ -28,7 +40,6 @@ from .method import (  # noqa: F401  (re-exported: see the module docstring)
     random_directions,
     safe_denominator,
 )
-from .store import open_tensors
 
 
 def gig_for(handle: ModelHandle, layer: str, dictionary: torch.Tensor, config, bias: torch.Tensor | None = None) -> GIG:
@@ -49,8 +60,7 @@ def gig_for(handle: ModelHandle, layer: str, dictionary: torch.Tensor, config, b
 
 def run_gig(store, handle: ModelHandle, layer: str) -> GIG:
     """The GIG of one of the run's layers: its concepts, its basis's decoder bias, the run's settings."""
-    from .basis import decoder_bias
-    from .concepts import load_dictionary
+    from .artefacts import decoder_bias, load_dictionary
 
     return gig_for(handle, layer, load_dictionary(store, layer), store.config, bias=decoder_bias(store, layer))
 
@@ -172,7 +182,8 @@ def _summarize(store, summary: dict) -> None:
     from .store import save_tensors
 
     data = load_attributions(store, SUMMARY_FIELDS)
-    save_tensors(store.stage_dir("attribute") / PATHS_FILE, data)
+    store.stage_dir("attribute")
+    save_tensors(paths_path(store), data)
     parts = completeness_residuals(store, by_layer=True, data=data)
     summary["completeness"] = _residual_stats(torch.cat(list(parts.values())))
     summary["completeness_by_source"] = {name: _residual_stats(r) for name, r in parts.items()}
@@ -329,90 +340,6 @@ def _converged(res: GIGResult) -> torch.Tensor:
     return res.converged.to(torch.uint8)
 
 
-#: The per-image records of an attribution's path (no maps, no GIG vectors): what the summaries read.
-SUMMARY_FIELDS = (
-    "class_residual",
-    "class_delta",
-    "residual",
-    "delta",
-    "class_steps",
-    "class_error",
-    "class_converged",
-    "steps",
-    "error",
-    "converged",
-)
-
-
-#: Every attribution's record (:data:`SUMMARY_FIELDS`, one row per image), saved by the stage's
-#: summary: what the completeness and accuracy readers read (:func:`load_path_records`).
-PATHS_FILE = "paths.safetensors"
-
-
-def load_path_records(store) -> dict[str, torch.Tensor]:
-    """Every attribution's record (:data:`SUMMARY_FIELDS`) over the run's images: the stage's
-    :data:`PATHS_FILE`, or, for a run made before it existed, one pass over the shards."""
-    from .store import load_tensors
-
-    path = store.root / "attribute" / PATHS_FILE
-    return load_tensors(path) if path.is_file() else load_attributions(store, SUMMARY_FIELDS)
-
-
-def iter_attributions(
-    store,
-    fields: Collection[str] | None = None,
-    image_ids: Collection[int] | None = None,
-    extra: tuple[Collection[str], Collection[int]] | None = None,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """The attribute shards one at a time, in order: keys as in :func:`walk`, first axis = that
-    shard's images. ``fields`` keeps only the keys ``LAYER/FIELD`` with those FIELDs (and
-    ``image_id``); ``image_ids`` only those images' rows. Only what is kept is read from disk, so
-    memory holds one shard's selection, never the run's. ``extra = (fields, image_ids)`` reads
-    other fields of a few images in the same opening of each shard: a part holding some of them
-    gets ``part["extra"]``, a dict of their ``image_id`` and those fields' rows."""
-    paths = sorted((store.root / "attribute" / "shards").glob("*.safetensors"))
-    if not paths:
-        raise RunMismatchError(f"no attribution shards in {store.root / 'attribute'}: run `gig attribute` first")
-    wanted = _id_tensor(image_ids)
-    extra_ids = None if extra is None else _id_tensor(extra[1])
-    for path in paths:
-        with open_tensors(path) as shard:
-            ids = shard.get_tensor("image_id")
-            rows = None if wanted is None else torch.isin(ids, wanted).nonzero().flatten()
-            extra_rows = None if extra_ids is None else torch.isin(ids, extra_ids).nonzero().flatten()
-            if rows is not None and rows.numel() == 0 and (extra_rows is None or extra_rows.numel() == 0):
-                continue
-            part = _shard_rows(shard, ids, rows, fields)
-            if extra_rows is not None and extra_rows.numel():
-                part["extra"] = _shard_rows(shard, ids, extra_rows, extra[0])
-            yield part
-
-
-def _id_tensor(image_ids: Collection[int] | None) -> torch.Tensor | None:
-    return None if image_ids is None else torch.tensor(sorted({int(i) for i in image_ids}), dtype=torch.long)
-
-
-def _shard_rows(shard, ids: torch.Tensor, rows: torch.Tensor | None, fields: Collection[str] | None) -> dict:
-    """The keys of ``fields`` (all: None) of one open shard at ``rows`` (all: None), with
-    ``image_id``; only the rows' span is read from disk."""
-    keys = [k for k in shard.keys() if k != "image_id" and (fields is None or k.rsplit("/", 1)[-1] in fields)]
-    if rows is None:
-        return {"image_id": ids, **{key: shard.get_tensor(key) for key in keys}}
-    first, last = (int(rows[0]), int(rows[-1]) + 1) if rows.numel() else (0, 0)
-    return {"image_id": ids[rows], **{key: shard.get_slice(key)[first:last][rows - first] for key in keys}}
-
-
-def load_attributions(
-    store, fields: Collection[str] | None = None, image_ids: Collection[int] | None = None
-) -> dict[str, torch.Tensor]:
-    """The attribute shards concatenated (see :func:`iter_attributions` for ``fields`` and
-    ``image_ids``): keys as in :func:`walk`, first axis = images."""
-    parts = list(iter_attributions(store, fields, image_ids))
-    if not parts:
-        raise RunMismatchError(f"none of the images {sorted(image_ids or [])[:10]} has attributions in {store.root}")
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
 def _residual_stats(residuals: torch.Tensor) -> dict[str, float]:
     return {
         "median": float(residuals.median()),
@@ -420,40 +347,6 @@ def _residual_stats(residuals: torch.Tensor) -> dict[str, float]:
         "max": float(residuals.max()),
         "n": int(residuals.numel()),
     }
-
-
-def completeness_residuals(store, by_layer: bool = False, data: dict[str, torch.Tensor] | None = None):
-    """Relative completeness residuals ``|Σ GIG − Δg| / |Δg|`` of every recorded attribution.
-
-    One tensor, or with ``by_layer`` a dict keyed ``"LAYER->class"`` / ``"LOWER->UPPER"``.
-    """
-    data = load_path_records(store) if data is None else data
-    layers = store.config.layers
-    top = layers[-1]
-    parts = {f"{top}->class": data[f"{top}/class_residual"].abs() / data[f"{top}/class_delta"].abs().clamp_min(1e-8)}
-    for lower, upper in zip(layers[:-1], layers[1:]):
-        parts[f"{lower}->{upper}"] = (
-            data[f"{lower}/residual"].abs() / data[f"{lower}/delta"].abs().clamp_min(1e-8)
-        ).flatten()
-    return parts if by_layer else torch.cat(list(parts.values()))
-
-
-def _path_keys(layers: list[str]) -> dict[str, tuple[str, str, str]]:
-    """``{"LAYER->class" | "LOWER->UPPER": (steps, error, converged keys)}`` of the stored attributions."""
-    top = layers[-1]
-    keys = {f"{top}->class": (f"{top}/class_steps", f"{top}/class_error", f"{top}/class_converged")}
-    for lower, upper in zip(layers[:-1], layers[1:]):
-        keys[f"{lower}->{upper}"] = (f"{lower}/steps", f"{lower}/error", f"{lower}/converged")
-    return keys
-
-
-def load_error_estimates(store, data: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Every stored attribution's relative error estimate, flat (NaN-free; empty for runs made
-    before error control or on a fixed grid without an estimate)."""
-    data = load_path_records(store) if data is None else data
-    parts = [data[keys[1]].flatten() for keys in _path_keys(store.config.layers).values() if keys[1] in data]
-    flat = torch.cat(parts) if parts else torch.zeros(0)
-    return flat[~flat.isnan()]
 
 
 def accuracy_summary(store, data: dict[str, torch.Tensor] | None = None) -> dict:
@@ -466,7 +359,7 @@ def accuracy_summary(store, data: dict[str, torch.Tensor] | None = None) -> dict
     tol = None if config.n_steps else config.gig_tol
     out: dict = {"tol": tol, "by_source": {}}
     every: list[tuple[torch.Tensor, ...]] = []
-    for name, (steps_key, error_key, done_key) in _path_keys(config.layers).items():
+    for name, (steps_key, error_key, done_key) in path_keys(config.layers).items():
         if steps_key not in data:  # a run attributed before error control: nothing recorded
             continue
         columns = (

@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from .artefacts import basis_path, decoder_bias, load_basis  # noqa: F401  (re-exported: moved to gig.artefacts)
 from .errors import InputError
 from .store import RunStore, load_tensors, open_tensors, save_tensors
 
@@ -364,27 +365,5 @@ def fit_overcomplete_sae(
     return basis, sae.info_
 
 
-def basis_path(store: RunStore, layer: str) -> Path:
-    return store.root / "concepts" / f"{layer}.basis.safetensors"
-
-
 def save_basis(store: RunStore, layer: str, encoder: BasisEncoder) -> None:
     save_tensors(basis_path(store, layer), encoder.tensors(), metadata=encoder.metadata())
-
-
-def load_basis(store: RunStore, layer: str) -> BasisEncoder | None:
-    """The basis encoder the concepts stage saved for ``layer``, or None for a k-means layer."""
-    path = basis_path(store, layer)
-    if not path.is_file():
-        return None
-    with open_tensors(path) as f:
-        metadata = f.metadata() or {}
-    tensors = load_tensors(path)
-    channels = tensors["W_dec"].shape[1]
-    return BasisEncoder.from_tensors(tensors, metadata, metadata.get("kind", "file"), channels, str(path))
-
-
-def decoder_bias(store: RunStore, layer: str) -> torch.Tensor | None:
-    """The decoder bias ``b_dec (C,)`` of ``layer``'s basis (GIG's path start), None where 0."""
-    basis = load_basis(store, layer)
-    return None if basis is None else basis.bias

@@ -242,6 +242,7 @@ def graph_image(
     image_id: int = typer.Argument(..., help="Image id (see RUN/collect/images.json)."),
 ):
     """Write the single-image graph of IMAGE_ID to RUN/graph/image_ID.json (+ SVG/PNG)."""
+    from .artefacts import image_graph_path
     from .graph import build_graph
     from .pipeline import Pipeline
     from .store import save_json
@@ -249,7 +250,8 @@ def graph_image(
     pipe = Pipeline.open(run_dir)
     pipe.store.require("attribute")
     g = build_graph(pipe.store, "image", image_id=image_id, class_names=pipe.bundle.class_names)
-    path = pipe.store.stage_dir("graph") / f"image_{image_id}.json"
+    pipe.store.stage_dir("graph")
+    path = image_graph_path(pipe.store, image_id)
     save_json(path, g)
     pipe.draw_graph(pipe.store, g, path.with_suffix(""))
     console.print(f"wrote {path}")
@@ -274,10 +276,11 @@ def explain(
     import json
 
     from .access import RunAccess
+    from .artefacts import explain_dir
     from .explain import explain as explain_images
     from .explain import write_explanations
 
-    out = out or run_dir / "explain"
+    out = out or explain_dir(run_dir)
     access = RunAccess(run_dir)  # one model load for the explanations and their page
     explanations = explain_images(run_dir, images, target=target, access=access)
     index = write_explanations(run_dir, explanations, out, single_file=single_file, access=access)
@@ -306,8 +309,8 @@ def concept(
     concept_id: int = typer.Argument(..., help="Concept index in that layer."),
 ):
     """Write a sheet of one concept's top-1 and top-10 exemplar ERF crops (RUN/erf/COLLECT_HASH/LAYER/concept_ID.png)."""
-    from .concepts import load_concept_cards
-    from .erf import erf_dir, exemplar_crops
+    from .artefacts import erf_dir, load_concept_cards
+    from .erf import exemplar_crops
     from .pipeline import Pipeline
     from .visual import concept_sheet
 
@@ -554,6 +557,7 @@ def evaluate(
     plots: bool = typer.Option(True, help="Write the PNG plots."),
 ):
     """Faithfulness evaluation of RUN_DIR (concept extraction vs baselines; inter-layer orderings) into RUN_DIR/evaluate/."""
+    from .artefacts import evaluate_dir
     from .evaluation import EvaluationSettings, evaluate_run
 
     _evaluation_threads(threads)
@@ -574,7 +578,7 @@ def evaluate(
         **chosen,
     )
     result = evaluate_run(run_dir, settings, out=out, progress=True)
-    _print_evaluation(result, out or Path(run_dir) / "evaluate")
+    _print_evaluation(result, out or evaluate_dir(run_dir))
 
 
 def _evaluation_threads(threads: Optional[int]) -> None:
@@ -766,6 +770,7 @@ def stability(
     json_out: bool = typer.Option(False, "--json", help="Print the JSON result."),
 ):
     """Refit each layer's concepts with other seeds on other image subsets and match them to the run's (RUN/stability/)."""
+    from .artefacts import stability_path
     from .stability import concept_stability
 
     result = concept_stability(run_dir, seeds, fraction, threshold, layer or None, graphs=graphs)
@@ -790,7 +795,7 @@ def stability(
     Console().print(table)
     if result.get("graphs"):
         _print_graph_recurrence(result["graphs"], seeds, _outputs_of(run_dir)[0])
-    console.print(f"[green]stability[/green]: {run_dir / 'stability' / 'stability.json'}")
+    console.print(f"[green]stability[/green]: {stability_path(run_dir)}")
 
 
 def _print_graph_recurrence(g: dict, seeds: int, noun: str = "class") -> None:
@@ -879,7 +884,8 @@ def label(
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Name a concept (RUN/labels.yaml): `gig label RUN LAYER ID "name" [--note ...]`; `gig label RUN` lists the names, `--suggest [LAYER]` proposes some."""
-    from .labels import load_labels, set_label
+    from .artefacts import load_labels
+    from .labels import set_label
     from .store import RunStore
 
     store = RunStore.open(run_dir)
@@ -907,7 +913,8 @@ def label(
 
 
 def _print_suggestions(store, layer: Optional[str], json_out: bool) -> None:
-    from .labels import concept_label, load_labels, run_class_names, suggest_labels
+    from .artefacts import load_labels
+    from .labels import concept_label, run_class_names, suggest_labels
 
     names = run_class_names(store)
     layers = [layer] if layer is not None else list(store.config.layers)

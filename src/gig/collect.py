@@ -15,12 +15,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .artefacts import images_path, load_images, load_samples, samples_path  # noqa: F401  (re-exported: moved to gig.artefacts)
 from .config import Config, resolve_samples_per_image
 from .distributed import Ranks, ShardLoop, sharded_stage
 from .errors import ConfigError, InputError
 from .hooks import ModelHandle
 from .images import ImageRecord, ImageSource, skip_reason, used_records
-from .store import RunStore, load_json, load_tensors, save_json, save_tensors
+from .store import RunStore, load_tensors, save_json, save_tensors
 
 SHARD_IMAGES = 64
 
@@ -231,7 +232,6 @@ def _merge(store: RunStore, n_shards: int, summary: dict) -> None:
     if not images:
         example = f", e.g. {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
         raise InputError(f"none of the {len(skipped)} images of {store.config.images} could be read{example}")
-    out = store.root / "collect"
     for layer in layers:
         tensors = {k.split("/", 1)[1]: torch.cat(v) for k, v in merged.items() if k.startswith(layer + "/")}
         if not bool(tensors["pfv"].any()):
@@ -241,8 +241,8 @@ def _merge(store: RunStore, n_shards: int, summary: dict) -> None:
                 f"layer {layer!r} is zero at every sampled position of all {len(images)} images: "
                 "nothing to decompose; analyse another layer (see `gig layers`)"
             )
-        save_tensors(out / f"{layer}.safetensors", tensors)
-    save_json(out / "images.json", {"images": images, "skipped": skipped})
+        save_tensors(samples_path(store, layer), tensors)
+    save_json(images_path(store), {"images": images, "skipped": skipped})
     summary.update(
         {
             "images_used": len(images),
@@ -250,13 +250,3 @@ def _merge(store: RunStore, n_shards: int, summary: dict) -> None:
             "pfv_per_layer": {l: int(torch.cat(merged[f"{l}/pfv"]).shape[0]) for l in layers},
         }
     )
-
-
-def load_samples(store: RunStore, layer: str) -> dict[str, torch.Tensor]:
-    """The sampled PFVs of ``layer``: ``pfv (N, C)``, ``image_id``, ``pos (N, 2)``, ``target``, ``score``."""
-    return load_tensors(store.root / "collect" / f"{layer}.safetensors")
-
-
-def load_images(store: RunStore) -> dict:
-    """``{"images": [...], "skipped": [...]}`` as recorded by the collect stage."""
-    return load_json(store.root / "collect" / "images.json")

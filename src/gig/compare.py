@@ -50,6 +50,7 @@ from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
 from .access import RunAccess
+from .artefacts import CodeReader, load_images, saved_graph_files
 from .errors import ConfigError, RunMismatchError
 from .store import RunStore, load_json, save_json
 
@@ -65,8 +66,6 @@ def shared_image_ids(a: RunStore, b: RunStore) -> list[int]:
 
     The runs must have used the same image list: every image id of each run must exist in the
     other with the same path. Raises :class:`RunMismatchError` naming the first ids that differ."""
-    from .collect import load_images
-
     paths_a = {int(i["image_id"]): i["path"] for i in load_images(a)["images"]}
     paths_b = {int(i["image_id"]): i["path"] for i in load_images(b)["images"]}
     only_a = sorted(set(paths_a) - set(paths_b))
@@ -129,8 +128,6 @@ class StoredCodes:
         return self._reader(layer).codes(image_id)
 
     def _reader(self, layer: str):
-        from .decompose import CodeReader
-
         if layer not in self._readers:
             self._readers[layer] = CodeReader(self.store, layer)
         return self._readers[layer]
@@ -434,8 +431,7 @@ def _graph_files(store: RunStore) -> dict[str, Path]:
     """``{name: path}`` of the graphs a run's graph stage wrote (``global``, ``class_C``)."""
     if not store.is_done("graph"):
         return {}
-    folder = store.root / "graph"
-    return {p.stem: p for p in [folder / "global.json", *sorted(folder.glob("class_*.json"))] if p.is_file()}
+    return saved_graph_files(store)
 
 
 def graph_differences(a: RunStore, b: RunStore, layers: dict[str, dict]) -> dict:
@@ -514,8 +510,6 @@ def _compared_image_ids(a: RunStore, b: RunStore, on: str, max_images: int, seed
     if on == "shared":
         ids = shared_image_ids(a, b)
     else:
-        from .collect import load_images
-
         ids = sorted(int(i["image_id"]) for i in load_images(a)["images"])
     if len(ids) < 2:
         raise RunMismatchError("the comparison has one image: the chance reference needs at least two")

@@ -23,10 +23,17 @@ import torch
 from sklearn.cluster import BisectingKMeans
 from tqdm.auto import tqdm
 
-from .basis import basis_path, fit_nmf, fit_overcomplete_sae, fit_sae, read_basis_file, save_basis
-from .collect import load_samples
+from .artefacts import (  # noqa: F401  (re-exported: moved to gig.artefacts)
+    basis_path,
+    concept_cards_path,
+    dictionary_path,
+    load_concept_cards,
+    load_dictionary,
+    load_samples,
+)
+from .basis import fit_nmf, fit_overcomplete_sae, fit_sae, read_basis_file, save_basis
 from .errors import InputError
-from .store import RunStore, load_json, load_tensors, save_json, save_tensors
+from .store import RunStore, load_tensors, save_json, save_tensors
 
 
 def n_concepts_for(
@@ -142,13 +149,13 @@ def extract_concepts(store: RunStore, progress: bool = True) -> None:
     store.require("collect")
     config = store.config
     with store.stage("concepts") as summary:
-        out = store.stage_dir("concepts")
+        store.stage_dir("concepts")  # the folder of every layer's files
         for layer in tqdm(config.layers, desc="concepts", disable=not progress):
             samples = load_samples(store, layer)
             X = samples["pfv"].numpy()
             extractor, kind, basis_info = _fit_layer(store, layer, X)
             cards = _concept_cards(extractor, samples["target"].numpy())
-            _save_concepts(out, layer, kind, extractor, X, cards)
+            _save_concepts(store, layer, kind, extractor, X, cards)
             summary[layer] = {"K": int(extractor.concepts_.shape[0]), "C": int(X.shape[1]), "source": kind}
             if basis_info is not None:
                 summary[layer]["basis"] = basis_info
@@ -200,12 +207,13 @@ def _concept_cards(extractor: ConceptExtractor, targets: np.ndarray) -> list[dic
 
 
 def _save_concepts(
-    out: Path, layer: str, kind: str, extractor: ConceptExtractor, X: np.ndarray, cards: list[dict]
+    store: RunStore, layer: str, kind: str, extractor: ConceptExtractor, X: np.ndarray, cards: list[dict]
 ) -> None:
     """``LAYER.safetensors`` (``V (K, C)``, ``labels (N,)``, ``exemplars (K, n)``) and ``LAYER.json``
-    (source, sizes and the concepts' ``cards``) in ``out``."""
+    (source, sizes and the concepts' ``cards``) in the run's concepts folder
+    (:func:`gig.artefacts.dictionary_path`, :func:`gig.artefacts.concept_cards_path`)."""
     save_tensors(
-        out / f"{layer}.safetensors",
+        dictionary_path(store, layer),
         {
             "V": torch.from_numpy(extractor.concepts_),
             "labels": torch.from_numpy(extractor.labels_),
@@ -213,7 +221,7 @@ def _save_concepts(
         },
     )
     save_json(
-        out / f"{layer}.json",
+        concept_cards_path(store, layer),
         {
             "layer": layer,
             "source": kind,
@@ -241,12 +249,3 @@ def _fit_basis(config, layer: str, X: np.ndarray):
         return encoder, spec, info
     encoder = read_basis_file(spec, X.shape[1])
     return encoder, f"file:{spec}", {"kind": "user basis", "file": spec, "k": encoder.k}
-
-
-def load_dictionary(store: RunStore, layer: str) -> torch.Tensor:
-    """The concept vectors ``V (K, C)`` of ``layer``."""
-    return load_tensors(store.root / "concepts" / f"{layer}.safetensors")["V"]
-
-
-def load_concept_cards(store: RunStore, layer: str) -> dict:
-    return load_json(store.root / "concepts" / f"{layer}.json")

@@ -37,9 +37,21 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .basis import BasisEncoder, load_basis
-from .collect import SHARD_IMAGES, iter_image_batches, load_images
-from .concepts import load_dictionary
+from .artefacts import (  # noqa: F401  (re-exported: moved to gig.artefacts)
+    CodeReader,
+    check_path,
+    fidelity_path,
+    from_sparse_rows,
+    front_path,
+    load_basis,
+    load_dictionary,
+    load_fidelity,
+    load_front,
+    load_images,
+    run_alpha,
+)
+from .basis import BasisEncoder
+from .collect import SHARD_IMAGES, iter_image_batches
 from .config import Config
 from .distributed import Ranks, ShardLoop, sharded_stage
 from .errors import RunMismatchError
@@ -47,7 +59,7 @@ from .hooks import ModelHandle
 from .images import ImageSource
 from .lasso import LassoEncoder, lambda_max
 from .omp import OMPEncoder
-from .store import RunStore, load_json, load_tensors, open_tensors, save_json, save_tensors
+from .store import RunStore, load_json, load_tensors, save_json, save_tensors
 
 #: The λ path of the front: λ_max · 2^(−j), j = 1 … FRONT_POINTS.
 FRONT_POINTS = 20
@@ -601,15 +613,6 @@ def to_sparse_rows(U: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"indptr": indptr, "indices": cols.int(), "values": U[rows, cols].float()}
 
 
-def from_sparse_rows(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
-    """CSR pieces → dense ``(P, K)``."""
-    n = indptr.numel() - 1
-    rows = torch.repeat_interleave(torch.arange(n), (indptr[1:] - indptr[:-1]).long())
-    dense = torch.zeros(n, k, dtype=values.dtype)
-    dense[rows, indices.long()] = values
-    return dense
-
-
 def decompose(
     store: RunStore, handle: ModelHandle, source: ImageSource, progress: bool = True, ranks: Ranks | None = None
 ) -> None:
@@ -629,9 +632,9 @@ def decompose(
     records = [by_id[i["image_id"]] for i in used]
     preds = torch.tensor([i["pred"] for i in used])
     with sharded_stage(store, "decompose", ranks) as summary:
-        out = store.stage_dir("decompose")
+        store.stage_dir("decompose")
         fronts = _fronts(store, handle, source, records, preds, progress, ranks)  # the same on every rank
-        checks = ranks.share(load_json(out / "check.json") if (out / "check.json").is_file() else {})
+        checks = ranks.share(load_json(check_path(store)) if check_path(store).is_file() else {})
         # layers with a basis of their own (no λ, no front) keep its encoder
         encoders = {
             layer: layer_encoder(
@@ -655,7 +658,7 @@ def decompose(
         if not ranks.is_main:
             return
         figures = _figures(store, encoders, loop.n_shards, fronts, checks)
-        save_json(out / "fidelity.json", figures)
+        save_json(fidelity_path(store), figures)
         summary["alpha"] = {layer: enc.alpha for layer, enc in encoders.items()}
         summary["rule_met"] = {layer: fronts[layer]["met"] for layer in config.layers if layer in fronts}
         summary["solver"] = {layer: enc.solver_ for layer, enc in encoders.items()}
@@ -722,7 +725,8 @@ def _check_all(store: RunStore, fronts: dict, checks: dict, encoders: dict, n_sh
             bound = encoder.alpha / CHECK_STEP * (1 + 1e-6)
             denser = [p["alpha"] for p in fronts[layer]["points"] if p["alpha"] <= bound]
             steps[layer] = record["alpha"] = max(denser, default=encoder.alpha / CHECK_STEP)
-    save_json(store.stage_dir("decompose") / "check.json", checks)
+    store.stage_dir("decompose")
+    save_json(check_path(store), checks)
     return steps
 
 
@@ -759,7 +763,8 @@ def _fronts(
     own (a front is the same whichever process measures it), and every rank gets all of them."""
     ranks = ranks or Ranks()
     config = store.config
-    path = store.stage_dir("decompose") / "front.json"
+    store.stage_dir("decompose")
+    path = front_path(store)
     fronts = load_json(path) if path.is_file() else {}
     # a layer with a basis of its own has no λ, hence no front
     todo = [layer for layer in config.layers if layer not in fronts and load_basis(store, layer) is None]
@@ -784,13 +789,6 @@ def _fronts(
         if ranks.is_main:
             save_json(path, fronts)
     return fronts
-
-
-def load_front(store: RunStore) -> dict[str, dict]:
-    """``{layer: {"points": [...], "alpha", "met", "rule"}}`` of a run's decompose stage
-    (see :func:`sparsity_front`); empty for runs made before fronts were measured."""
-    path = store.root / "decompose" / "front.json"
-    return load_json(path) if path.is_file() else {}
 
 
 def _decompose_shard(store, handle, source, records, preds, encoders, name, bar=None) -> None:
@@ -896,55 +894,6 @@ def _recode_shard(store, handle, source, records, preds, encoders, name) -> None
     store.mark_shard("decompose", name, info)
 
 
-class CodeReader:
-    """Reads the sparse codes of one layer back, per image: ``codes(image_id) → U (H·W, K)``.
-
-    Lazy: opening reads each shard's image ids and row pointers only; ``codes`` then reads just
-    that image's rows (safetensors slices), so a reader over a large run holds no codes in memory.
-    """
-
-    def __init__(self, store: RunStore, layer: str):
-        self.layer = layer
-        self.K = int(load_dictionary(store, layer).shape[0])
-        self._index: dict[int, tuple[str, torch.Tensor, int, int]] = {}
-        shard_dir = store.root / "decompose" / "shards"
-        paths = sorted(shard_dir.glob("*.safetensors"))
-        if not paths:
-            raise RunMismatchError(f"no decomposition shards in {shard_dir}: run `gig decompose` first")
-        for path in paths:
-            with open_tensors(path) as f:
-                if f"{layer}/indptr" not in f.keys():
-                    raise RunMismatchError(f"{path} holds no codes of layer {layer!r}: run `gig decompose` again")
-                ids = f.get_tensor("image_id").tolist()
-                indptr = f.get_tensor(f"{layer}/indptr")
-            positions = (indptr.numel() - 1) // max(len(ids), 1)
-            for j, image_id in enumerate(ids):
-                self._index[int(image_id)] = (str(path), indptr, j * positions, positions)
-
-    def codes(self, image_id: int) -> torch.Tensor:
-        """Dense coefficients ``(H·W, K)`` of one image (row-major positions)."""
-        if image_id not in self._index:
-            raise RunMismatchError(f"no codes of layer {self.layer!r} for image {image_id}")
-        path, indptr, start, n = self._index[image_id]
-        ptr = indptr[start : start + n + 1]
-        lo, hi = int(ptr[0]), int(ptr[-1])
-        with open_tensors(path) as f:
-            indices = f.get_slice(f"{self.layer}/indices")[lo:hi]
-            values = f.get_slice(f"{self.layer}/values")[lo:hi]
-        return from_sparse_rows(ptr - lo, indices, values, self.K)
-
-    def image_ids(self) -> list[int]:
-        return sorted(self._index)
-
-
-def run_alpha(store: RunStore, layer: str) -> float:
-    """The λ the run's decompose stage coded ``layer`` with (``decompose/fidelity.json``)."""
-    fidelity = load_fidelity(store)
-    if layer not in fidelity or "alpha" not in fidelity[layer]:
-        raise RunMismatchError(f"no λ recorded for layer {layer!r} in {store.root / 'decompose' / 'fidelity.json'}")
-    return float(fidelity[layer]["alpha"])
-
-
 def encode_pixels(
     store: RunStore, handle: ModelHandle, pixels: torch.Tensor, layers: list[str] | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -962,7 +911,3 @@ def encode_pixels(
             encoder.encode(grids[layer].permute(0, 2, 3, 1).reshape(-1, c)).reshape(n, -1, encoder.V.shape[0]).cpu()
         )
     return logits.cpu(), codes
-
-
-def load_fidelity(store: RunStore) -> dict:
-    return load_json(store.root / "decompose" / "fidelity.json")

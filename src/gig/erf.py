@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .artefacts import crop_paths, erf_dir, load_samples  # noqa: F401  (crop_paths, erf_dir re-exported)
 from .hooks import ModelHandle
 
 
@@ -113,26 +114,6 @@ def erf_crop(
     return Image.fromarray(crop).resize((size, size), Image.BICUBIC)
 
 
-def erf_dir(store, layer: str) -> Path:
-    """Where new ERF crops of ``layer`` are written: ``RUN/erf/COLLECT_HASH/LAYER``. Keyed by the
-    collect stage's hash (its settings and input fingerprint), so a recomputed collect, whose
-    sample indices name other PFVs, never shows the crops of the old ones. A run directory that
-    cannot be written (a read-only mount, another user's run) stays untouched: the crops then go
-    to the user's cache (:func:`gig.store.derived_dir`)."""
-    from .store import derived_dir
-
-    return derived_dir(store, "erf", store.expected_hash("collect"), layer)
-
-
-def crop_paths(store, layer: str, sample_indices: list[int]) -> list[Path]:
-    """The cached ERF crops of sampled PFVs ``sample_indices`` of ``layer``: the run's own where
-    it has them (also in a read-only run), else where :func:`erf_dir` writes them. The folders
-    are worked out once (each asks the manifest for the collect hash), not per crop."""
-    collect = store.expected_hash("collect")
-    in_run, out = store.root / "erf" / collect / layer, erf_dir(store, layer)
-    return [in_run / f"s{i}.png" if (in_run / f"s{i}.png").is_file() else out / f"s{i}.png" for i in sample_indices]
-
-
 def save_png(image: Image.Image, path: Path) -> None:
     """Write a PNG atomically: a crash or a full disk never leaves a truncated file that a later
     reader would take for a cached crop."""
@@ -167,8 +148,6 @@ def exemplar_crops(
     :func:`erf_dir` as ``s{index}.png``. Only the missing ones are computed, image by image, so
     each image is read, preprocessed and run forward once however many of its PFVs are asked
     for; the pipeline's ``gig concept`` and the report share this one cache."""
-    from .collect import load_samples
-
     out = erf_dir(store, layer)
     paths = crop_paths(store, layer, sample_indices)
     missing = sorted({i for i, p in zip(sample_indices, paths) if not p.exists()})

@@ -35,13 +35,28 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from .attribution import iter_attributions
-from .collect import load_images
-from .concepts import load_concept_cards
+from .artefacts import (  # noqa: F401  (readers re-exported: moved to gig.artefacts)
+    GLOBAL_GRAPH,
+    RUN_SUMS,
+    SHARED_GRAPH,
+    RunSums,
+    attribute_key,
+    class_figure_stem,
+    class_graph_path,
+    graph_index,
+    graph_index_path,
+    graph_path,
+    iter_attributions,
+    load_concept_cards,
+    load_images,
+    load_run_sums,
+    run_sums_path,
+    run_targets,
+)
 from .errors import ConfigError
 from .method import flow, safe_denominator
 from .models import class_name
-from .store import RunStore, load_json, load_tensors, save_json, save_tensors
+from .store import RunStore, save_json, save_tensors
 
 SCHEMA = "gig.graph/1"
 
@@ -624,11 +639,6 @@ INTERVALS = {
 }
 
 
-def run_targets(store: RunStore) -> dict[int, int]:
-    """``{image id: target class}`` of the run's images (collect stage)."""
-    return {int(i["image_id"]): int(i["target"]) for i in load_images(store)["images"]}
-
-
 class GraphPlan:
     """One graph between its two passes: the nodes, chosen from its groups' importances
     (:class:`ScoreSums`: ``{class: sums}`` for a class, shared or image graph, whose one class
@@ -902,7 +912,7 @@ def build_graphs(
     """Stage 6 into ``store/graph``: class graphs, the shared graph, the global graph, an index."""
     store.require("attribute")
     with store.stage("graph") as summary:
-        out = store.stage_dir("graph")
+        store.stage_dir("graph")
         classes = default_classes(store)
         files = {"class": {}, "shared": None, "global": None}
         specs = {f"class_{c}": ("class", [c]) for c in classes}
@@ -912,102 +922,30 @@ def build_graphs(
         graphs = build_graph_set(store, specs, class_names, progress)
         for c in tqdm(classes, desc="graph: figures", unit="class", disable=not progress):
             graph = graphs[f"class_{c}"]
-            path = out / f"class_{c}.json"
+            path = class_graph_path(store, c)
             save_json(path, graph)
             files["class"][str(c)] = path.name
             if figure and figure_fn is not None:
-                figure_fn(store, graph, out / f"class_{c}")
+                figure_fn(store, graph, class_figure_stem(store, c))
         if len(classes) > 1:
-            save_json(out / "shared.json", graphs["shared"])
-            files["shared"] = "shared.json"
-        save_json(out / "global.json", graphs["global"])
-        files["global"] = "global.json"
-        save_json(out / "index.json", {"classes": classes, "files": files})
+            save_json(graph_path(store, SHARED_GRAPH), graphs["shared"])
+            files["shared"] = SHARED_GRAPH
+        save_json(graph_path(store, GLOBAL_GRAPH), graphs["global"])
+        files["global"] = GLOBAL_GRAPH
+        save_json(graph_index_path(store), {"classes": classes, "files": files})
         save_run_sums(store, progress)
         summary.update({"classes": classes, "files": files})
 
 
-def graph_index(store: RunStore) -> dict:
-    return load_json(store.root / "graph" / "index.json")
-
-
 # ------------------------------------------------------------------------------ run-wide sums
-#: The graph stage's file of run-wide sums (:func:`save_run_sums`, :func:`load_run_sums`): what
-#: the concept cards of the report, the explain pages and the notebook's pages read, so that
-#: they open none of the attribute shards.
-RUN_SUMS = "run_sums.safetensors"
+# The file (:data:`gig.artefacts.RUN_SUMS`), :class:`~gig.artefacts.RunSums` and
+# :func:`~gig.artefacts.load_run_sums` live in gig.artefacts (re-exported here).
 
 #: Strongest parents, children and classes kept per concept in :data:`RUN_SUMS` (the cards show 5).
 NEIGHBOURS = 5
 
 #: The attribution fields of the run sums' one pass: importances, class shares and edges at once.
 RUN_SUM_FIELDS = ("score", "gig", "delta", "importance", "targets")
-
-
-class RunSums:
-    """Run-wide sums over every attributed image (:func:`run_sums`): each concept's mean
-    importance, the images per target class, and each concept's strongest run-wide neighbours.
-
-    ``n``: images; ``score_sums``: ``{layer: (K,)}`` importance sums; ``class_counts``:
-    ``(classes,)`` images per target class; ``classes``: ``(index, weight)``, each ``(K_top,
-    m)``: per top-layer concept, the ``m`` classes with the largest mean share of it over their
-    images (class ids, shares), largest first; ``parents[lower]``: ``(index, weight)``, each
-    ``(K_upper, m)``: per upper concept of the transition out of ``lower``, its ``m`` strongest
-    lower concepts by mean ``flow`` edge weight over all images; ``children[lower]``: each
-    ``(K_lower, m)``: per lower concept, its strongest upper concepts. Means are the sums over
-    ``n`` (0 where an image did not reach an edge), as :class:`ScoreSums` and :class:`EdgeSums`
-    give them over all images."""
-
-    def __init__(
-        self,
-        layers: list[str],
-        n: int,
-        score_sums: dict[str, torch.Tensor],
-        class_counts: torch.Tensor,
-        classes: tuple[torch.Tensor, torch.Tensor],
-        parents: dict[str, tuple[torch.Tensor, torch.Tensor]],
-        children: dict[str, tuple[torch.Tensor, torch.Tensor]],
-        image_ids: torch.Tensor,
-    ):
-        self.layers, self.n, self.score_sums, self.class_counts = layers, n, score_sums, class_counts
-        self.classes, self.parents, self.children = classes, parents, children
-        self.image_ids = image_ids  # (n,) sorted: the attributed images
-
-    def importance(self) -> dict[str, torch.Tensor]:
-        """Mean node importances ``{layer: (K,)}`` over every image (:meth:`ScoreSums.scores`)."""
-        return {layer: v / max(self.n, 1) for layer, v in self.score_sums.items()}
-
-    def class_ids(self) -> list[int]:
-        """The target classes of at least one image."""
-        return self.class_counts.nonzero().flatten().tolist()
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The file's tensors (:data:`RUN_SUMS`)."""
-        out = {"n": torch.tensor([self.n]), "class_counts": self.class_counts, "image_ids": self.image_ids}
-        out.update({f"score_sums/{layer}": v for layer, v in self.score_sums.items()})
-        out.update({"classes/index": self.classes[0], "classes/weight": self.classes[1]})
-        for name in ("parents", "children"):
-            for lower, (index, weight) in getattr(self, name).items():
-                out.update({f"{name}/{lower}/index": index, f"{name}/{lower}/weight": weight})
-        return out
-
-    @classmethod
-    def from_tensors(cls, layers: list[str], tensors: dict[str, torch.Tensor]) -> "RunSums":
-        """The sums of :meth:`tensors`; a ``KeyError`` where one of ``layers`` is missing."""
-
-        def pair(key: str) -> tuple[torch.Tensor, torch.Tensor]:
-            return tensors[f"{key}/index"], tensors[f"{key}/weight"]
-
-        return cls(
-            layers,
-            int(tensors["n"][0]),
-            {layer: tensors[f"score_sums/{layer}"] for layer in layers},
-            tensors["class_counts"],
-            pair("classes"),
-            {lower: pair(f"parents/{lower}") for lower in layers[:-1]},
-            {lower: pair(f"children/{lower}") for lower in layers[:-1]},
-            tensors["image_ids"],
-        )
 
 
 def _strongest(values: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1113,13 +1051,6 @@ def _blocked_neighbours(passes, layers, lower, shape, n, neighbours, budget):
     return (torch.cat(parent_index), torch.cat(parent_weight)), (child_index, child_weight)
 
 
-def _attribute_key(store: RunStore) -> str:
-    """The attribute stage that the run sums were computed from: its settings hash, chained with
-    every upstream stage's (a rerun with other settings or inputs changes it; the same settings on
-    the same inputs give the same shards, so the file stays deterministic)."""
-    return str(store.manifest()["stages"].get("attribute", {}).get("hash"))
-
-
 def save_run_sums(store: RunStore, progress: bool = False) -> RunSums:
     """The graph stage's :class:`RunSums` of every attributed image, in one pass over the
     attribute shards, saved to ``RUN/graph/run_sums.safetensors`` (checksummed, with the
@@ -1132,22 +1063,7 @@ def save_run_sums(store: RunStore, progress: bool = False) -> RunSums:
         )
 
     sums = run_sums(shards, layers, run_targets(store))
-    key = torch.frombuffer(bytearray(_attribute_key(store).encode()), dtype=torch.uint8)
-    save_tensors(store.stage_dir("graph") / RUN_SUMS, {**sums.tensors(), "attribute": key})
+    key = torch.frombuffer(bytearray(attribute_key(store).encode()), dtype=torch.uint8)
+    store.stage_dir("graph")
+    save_tensors(run_sums_path(store), {**sums.tensors(), "attribute": key})
     return sums
-
-
-def load_run_sums(store: RunStore) -> RunSums | None:
-    """The run sums the graph stage saved (:func:`save_run_sums`), or None where the run has
-    none (its graph stage has not run, or ran before the file existed), or they are not of the
-    current attribute shards (the attribute stage ran again since) or layers: then read the shards."""
-    path = store.root / "graph" / RUN_SUMS
-    if not path.is_file():
-        return None
-    tensors = load_tensors(path)
-    if bytes(tensors.get("attribute", torch.zeros(0, dtype=torch.uint8)).tolist()).decode() != _attribute_key(store):
-        return None
-    try:
-        return RunSums.from_tensors(list(store.config.layers), tensors)
-    except KeyError:
-        return None

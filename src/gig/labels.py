@@ -29,11 +29,11 @@ from typing import Sequence
 import yaml
 
 from .access import as_store
+from .artefacts import LABELS_FILE, labels_path, load_concept_cards, load_labels, parse_labels  # noqa: F401  (re-exported)
 from .errors import ConfigError, InputError
 from .models import class_name
-from .store import RunStore, load_json
+from .store import RunStore
 
-LABELS_FILE = "labels.yaml"
 HEADER = (
     "# Concept labels of this run: layer -> concept id -> name and note.\n"
     '# Written by `gig label RUN LAYER ID "name" --note "..."`; edit freely, comments are kept.\n'
@@ -51,9 +51,10 @@ def check_layer(store: RunStore, layer: str) -> str:
 
 
 def _cards(store: RunStore, layer: str) -> dict:
-    """The concept cards of ``layer`` (``concepts/LAYER.json``), read without importing
-    :mod:`gig.concepts` (scikit-learn is slow to import for a command that writes one line)."""
-    return load_json(store.root / "concepts" / f"{layer}.json")
+    """The concept cards of ``layer`` (``concepts/LAYER.json``), read through :mod:`gig.artefacts`
+    without importing :mod:`gig.concepts` (scikit-learn is slow to import for a command that
+    writes one line)."""
+    return load_concept_cards(store, layer)
 
 
 def concept_count(store: RunStore, layer: str) -> int:
@@ -94,44 +95,7 @@ def _as_int(value) -> int | None:
 
 
 # ---------------------------------------------------------------------------- the file
-def labels_path(run: str | Path | RunStore) -> Path:
-    return as_store(run).root / LABELS_FILE
-
-
-def load_labels(run: str | Path | RunStore) -> dict[str, dict[int, dict]]:
-    """``{layer: {concept id: {"name": ..., "note": ..., other keys}}}``; ``{}`` without a file.
-    A bare string entry (``12: dog snouts``) is read as its name."""
-    path = labels_path(run)
-    if not path.is_file():
-        return {}
-    return _parse(path.read_text(encoding="utf-8"), path)
-
-
-def _parse(text: str, path: Path) -> dict[str, dict[int, dict]]:
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise InputError(f"{path} must map layer -> concept id -> {{name, note}}")
-    out: dict[str, dict[int, dict]] = {}
-    for layer, entries in data.items():
-        if entries is None:
-            continue
-        if not isinstance(entries, dict):
-            raise InputError(f"{path}: layer {layer!r} must map concept ids to labels")
-        for concept, entry in entries.items():
-            try:
-                q = int(concept)
-            except (TypeError, ValueError):
-                raise InputError(f"{path}: concept id {concept!r} of layer {layer!r} is not an integer") from None
-            entry = {"name": entry} if isinstance(entry, str) else entry
-            if not isinstance(entry, dict):
-                raise InputError(f"{path}: the label of {layer} concept {q} must be a name or {{name, note}}")
-            out.setdefault(str(layer), {})[q] = dict(entry)
-    return out
-
-
+# Its path and reader (labels_path, load_labels, parse_labels) live in gig.artefacts (re-exported).
 def concept_label(labels: dict[str, dict[int, dict]], layer: str, concept: int) -> str | None:
     """The name given to ``concept`` of ``layer`` in ``labels`` (:func:`load_labels`), or None."""
     entry = labels.get(layer, {}).get(int(concept))
@@ -155,7 +119,7 @@ def set_label(run: str | Path | RunStore, layer: str, concept: int, name: str, n
         raise ConfigError(f"the name of {layer} concept {concept} must be a non-empty text")
     path = labels_path(store)
     text = path.read_text(encoding="utf-8") if path.is_file() else HEADER
-    labels = _parse(text, path)
+    labels = parse_labels(text, path)
     entry = {**labels.get(layer, {}).get(concept, {}), "name": name.strip()}
     if note is not None:
         entry["note"] = note
@@ -169,7 +133,7 @@ def set_label(run: str | Path | RunStore, layer: str, concept: int, name: str, n
 
 def _reads_as(text: str, labels: dict, path: Path) -> bool:
     try:
-        return _parse(text, path) == labels
+        return parse_labels(text, path) == labels
     except InputError:
         return False
 

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from .access import RunAccess
-from .concepts import load_concept_cards, load_dictionary
+from .artefacts import load_concept_cards, load_dictionary, load_labels
 from .config import Config
 from .decompose import encode_pixels
 from .errors import ConfigError
@@ -174,8 +174,6 @@ class ConceptSet:
         return len(self.cards)
 
     def labels(self) -> dict[int, dict]:
-        from .labels import load_labels
-
         return load_labels(self.run.store).get(self.layer, {})
 
     def crops(self, concept: int, n: int = 10) -> list[Image.Image]:

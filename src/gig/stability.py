@@ -51,8 +51,17 @@ from sklearn.cluster import BisectingKMeans
 from tqdm.auto import tqdm
 
 from .access import as_store
-from .collect import load_images, load_samples
-from .concepts import load_dictionary
+from .artefacts import (  # noqa: F401  (load_stability re-exported: moved to gig.artefacts)
+    class_graph_path,
+    graph_index,
+    graph_path,
+    load_dictionary,
+    load_images,
+    load_samples,
+    load_stability,
+    stability_path,
+    stability_run_dir,
+)
 from .errors import ConfigError, RunMismatchError
 from .store import RunStore, load_json, save_json, save_tensors
 
@@ -220,7 +229,7 @@ def derived_run(
     Refused, after its collect stage, when its targets are not the run's. Returns its store."""
     from .pipeline import Pipeline
 
-    out = store.root / "stability" / "graphs" / dictionaries_hash(dictionaries)
+    out = stability_run_dir(store, dictionaries_hash(dictionaries))
     folder = out / "dictionaries"
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -262,7 +271,6 @@ def graph_stability(
     refit's concepts to the run's (:func:`match_concepts`; the identity for the control and for
     layers not refitted), and :func:`graph_recurrence` gives the shares that come back. ``model``:
     the run's model bundle (default: loaded from its config once)."""
-    from .graph import graph_index
     from .models import load_run_model
 
     store = as_store(run)
@@ -270,7 +278,7 @@ def graph_stability(
     classes = [int(c) for c in graph_index(store)["classes"]]
     if not classes:
         raise RunMismatchError(f"{store.root} has no class graphs to measure (its graph stage built none)")
-    graphs = {f"class_{c}": load_json(store.root / "graph" / f"class_{c}.json") for c in classes}
+    graphs = {f"class_{c}": load_json(class_graph_path(store, c)) for c in classes}
     layers = list(store.config.layers)
     own = {layer: load_dictionary(store, layer).float().numpy() for layer in layers}
     store.analysed(sorted({layer for refit in refits for layer in refit}))
@@ -342,7 +350,7 @@ def _measure_refit(
     }
     derived = derived_run(store, full, classes, subset, bundle)
     figures = {
-        name: graph_recurrence(graph, load_json(derived.root / "graph" / f"{name}.json"), matches)
+        name: graph_recurrence(graph, load_json(graph_path(derived, f"{name}.json")), matches)
         for name, graph in graphs.items()
     }
     return {
@@ -395,13 +403,7 @@ def concept_stability(
     if graphs:
         per_refit = [{layer: refits[layer][r] for layer in layers} for r in range(seeds)]
         result["graphs"] = graph_stability(store, per_refit, model=model, progress=progress)
-    out = store.root / "stability"
-    out.mkdir(exist_ok=True)
-    save_json(out / "stability.json", result)
+    path = stability_path(store)
+    path.parent.mkdir(exist_ok=True)
+    save_json(path, result)
     return result
-
-
-def load_stability(store: RunStore) -> dict | None:
-    """``RUN/stability/stability.json`` (:func:`concept_stability`), or None where not measured."""
-    path = store.root / "stability" / "stability.json"
-    return load_json(path) if path.is_file() else None

@@ -11,6 +11,7 @@ Layout::
       attribute/             GIG vectors and maps per image, in shards
       graph/                 graph JSON files and static pictures
 
+Where each artefact lies in these folders, and its reader: :mod:`gig.artefacts`.
 Artefacts are safetensors (tensors) and JSON (everything else); nothing is pickled. Long stages
 write shards and mark each finished shard, so an interrupted stage resumes at the next shard.
 Every tensor file carries a checksum of its content in its header (:func:`tensors_checksum`),

@@ -5,9 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from .access import as_store
+from .artefacts import (
+    evaluate_dir,
+    graph_index,
+    graph_index_path,
+    graph_path,
+    load_evaluation_summary,
+    load_front,
+    load_graph,
+)
 from .config import STAGE_ORDER
-from .decompose import check_layer, load_front
-from .store import RunStore, load_json
+from .store import RunStore
 
 #: Above this share of concepts active per position, codes are called dense (:func:`missed_targets`).
 MAX_L0_RATIO = 0.25
@@ -46,9 +54,9 @@ def summarize(run_dir: "str | Path | RunStore") -> dict:
     }
     out["missed"] = missed_targets(store, out)
     out["notes"] = [note for layer in layers for note in _notes_for_layer(layer)]
-    evaluation = store.root / "evaluate" / "summary.json"
-    if evaluation.is_file():
-        out["evaluation"] = load_json(evaluation)
+    evaluation = load_evaluation_summary(evaluate_dir(store))
+    if evaluation is not None:
+        out["evaluation"] = evaluation
     return out
 
 
@@ -86,26 +94,24 @@ def _layer_summary(layer: str, collect: dict, concepts: dict, fig: dict, front: 
 
 def _graph_path(store: RunStore) -> str | None:
     """The run's first class graph (else its global one), or None before the graph stage."""
-    graph_index = store.root / "graph" / "index.json"
-    graph_path = None
-    if graph_index.is_file():
-        files = load_json(graph_index)["files"]
+    path = None
+    if graph_index_path(store).is_file():
+        files = graph_index(store)["files"]
         first = next(iter(files["class"].values()), None) or files.get("global")
-        graph_path = str(store.root / "graph" / first) if first else None
-    return graph_path
+        path = str(graph_path(store, first)) if first else None
+    return path
 
 
 def _edge_tests(store: RunStore) -> dict[str, dict]:
     """Per graph of the graph stage with edges tested against random directions: its images,
     shown edges, and how many are significant and stronger than random (``beats_random``)."""
-    graph_index = store.root / "graph" / "index.json"
-    if not graph_index.is_file() or not store.is_done("graph"):
+    if not graph_index_path(store).is_file() or not store.is_done("graph"):
         return {}
-    files = load_json(graph_index)["files"]
+    files = graph_index(store)["files"]
     names = [*files["class"].values(), files.get("shared"), files.get("global")]
     out = {}
     for name in filter(None, names):
-        graph = load_json(store.root / "graph" / name)
+        graph = load_graph(store, name)
         tested = [e for e in graph["edges"] if e.get("p_value") is not None]
         if tested:
             out[name.removesuffix(".json")] = {
@@ -154,6 +160,8 @@ def _missed_for_layer(layer: dict, config) -> list[str]:
             )
     elif config.max_kl is not None and layer.get("basis") and layer.get("kl") is not None:
         # a basis with its own encoder is measured against the rule but never stepped
+        from .decompose import check_layer  # the sparse coders only where a layer has a basis
+
         miss = check_layer(layer, {"met": True, "points": []}, config)
         if miss:
             out.append(

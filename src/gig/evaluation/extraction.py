@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from ..artefacts import load_reconstruction  # noqa: F401  (re-exported: moved to gig.artefacts)
 from ..decompose import FidelityMeter
 from ..method import GIG
 from ..readouts import ClassProbability
@@ -297,21 +298,4 @@ def method_entry(rows: list[dict], basis: "ConceptBasis", s) -> dict:
         "basis": dict(basis.info_),
         "seconds": round(sum(r["seconds"] for r in rows), 1),
         "_diff": a_ins - a_del,  # for the paired differences; removed before saving
-    }
-
-
-def load_reconstruction(folder) -> dict[str, dict[str, dict]]:
-    """``{layer: {method: {rel_error, r2, l0_ratio, top1_agreement, ...}}}`` from an evaluation's
-    ``extraction.json`` (each method's codes on the evaluated images); empty when there is none."""
-    from pathlib import Path
-
-    from ..store import load_json
-
-    path = Path(folder) / "extraction.json"
-    if not path.is_file():
-        return {}
-    layers = load_json(path).get("layers", {})
-    return {
-        layer: {m: e["reconstruction"] for m, e in methods.items() if isinstance(e, dict) and "reconstruction" in e}
-        for layer, methods in layers.items()
     }

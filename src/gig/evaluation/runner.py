@@ -29,8 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..access import RunAccess, as_store
+from ..artefacts import EVALUATION_SUMMARY, EXTRACTION_RESULTS, evaluate_dir, load_images, load_samples
 from ..attribution import gig_for
-from ..collect import load_images, load_samples
 from ..config import stable_hash
 from ..method import GIG
 from ..models import output_noun
@@ -218,7 +218,7 @@ def write_outputs(out: Path, plan: EvaluationPlan, results: dict, timings: dict,
     ``noun`` names the run's outputs in the text (``class``, or ``output`` for a probe head)."""
     extraction, interlayer = results["extraction"], results["interlayer"]
     files = []
-    for name, data in (("extraction.json", extraction), ("interlayer.json", interlayer)):
+    for name, data in ((EXTRACTION_RESULTS, extraction), ("interlayer.json", interlayer)):
         if data:
             save_json(out / name, data)
             files.append(out / name)
@@ -227,8 +227,8 @@ def write_outputs(out: Path, plan: EvaluationPlan, results: dict, timings: dict,
     if plan.settings.plots:
         files += _plots(out, extraction, interlayer, noun)
     save_json(out / "settings.json", {**plan.record(), "timings": timings, "torch_threads": torch.get_num_threads()})
-    save_json(out / "summary.json", results["summary"])
-    return files + [out / "settings.json", out / "summary.json"]
+    save_json(out / EVALUATION_SUMMARY, results["summary"])
+    return files + [out / "settings.json", out / EVALUATION_SUMMARY]
 
 
 @contextmanager
@@ -263,7 +263,7 @@ def evaluate_run(
     store = as_store(run_dir)  # a run directory, or a run opened already
     store.require("decompose")
     plan = make_plan(settings, store, store.config, load_images(store)["images"])
-    out = Path(out) if out is not None else store.root / "evaluate"
+    out = Path(out) if out is not None else evaluate_dir(store)
     prepare_folder(out, plan)
     view = RunView(RunAccess(store, model=model, source=source), plan, out)
     total = len(plan.extraction_images) * len(plan.layers) * len(plan.methods) + len(plan.interlayer_images) * (

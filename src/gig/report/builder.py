@@ -1,6 +1,6 @@
 """Build the offline HTML report of a run: ``RUN/report/index.html``.
 
-The page has four parts, all read from the run's artefacts through their owners' loaders
+The page has four parts, all read from the run's artefacts through :mod:`gig.artefacts`
 (:mod:`gig.report.sections` for graphs, atlas, localisation and figures;
 :mod:`gig.report.metrics` for the metrics and the evaluation; :mod:`gig.report.page` renders):
 
@@ -31,13 +31,20 @@ from typing import Callable
 import torch
 
 from ..access import RunAccess, as_store
-from ..attribution import iter_attributions
-from ..collect import load_images, load_samples
-from ..concepts import load_concept_cards
+from ..artefacts import (
+    evaluate_dir,
+    graph_index,
+    iter_attributions,
+    load_concept_cards,
+    load_images,
+    load_run_sums,
+    load_samples,
+    report_dir,
+)
 from ..config import _class_ids, _int, check_fields, settings_hash
-from ..graph import ImageRows, build_graph_set, load_run_sums
+from ..graph import ImageRows, build_graph_set
 from ..models import output_noun
-from ..store import RunStore, load_json
+from ..store import RunStore
 from . import sections as sec
 from .metrics import ablation_section, evaluation_section, metrics_section
 from .page import Assets, output_size, render_page
@@ -116,7 +123,7 @@ def build_report(
     started = time.perf_counter()
     opts = options or ReportOptions()
     store = as_store(run_dir).require("graph")  # a run directory, or a run opened already
-    out = Path(out) if out is not None else store.root / "report"
+    out = Path(out) if out is not None else report_dir(store)
     _fresh_output(out)
     assets, access = Assets(out, opts.single_file), RunAccess(store, model, source)
     names = list(class_names) if class_names is not None else list(access.bundle.class_names)
@@ -163,9 +170,7 @@ def _choose_graphs(
     by_image = {int(i["image_id"]): i for i in images_info}
     targets = {i: int(info["target"]) for i, info in by_image.items()}
     attributed = _attributed_images(store)
-    classes = sec.report_classes(
-        store, load_json(store.root / "graph" / "index.json"), targets, opts.max_classes, opts.classes
-    )
+    classes = sec.report_classes(store, graph_index(store), targets, opts.max_classes, opts.classes)
     image_ids = sec.choose_images(images_info, classes, attributed, opts.n_images, opts.image_ids)
     on_demand = (
         sec.on_demand_classes({i: targets[i] for i in attributed}, classes)
@@ -291,7 +296,7 @@ def _page_context(
         "graphs": graphs,
         "figures": sec.class_figures(store, graphs, concepts, out, assets),
         "metrics": metrics_section(store, assets),
-        "evaluation": evaluation_section(store.root / "evaluate", assets),
+        "evaluation": evaluation_section(evaluate_dir(store), assets),
         "ablation": ablation_section(store, shown.importance),
         "atlas_cap": opts.atlas_per_layer,
         "atlas_ids": {f"{layer}:{q}" for layer in layers for q in atlas_ids[layer]},

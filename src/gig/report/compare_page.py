@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..access import RunAccess
-from ..concepts import load_concept_cards
+from ..artefacts import load_concept_cards
 from .page import Assets, render_page
 
 #: rows shown per table (matched concepts, unmatched ones of each run, graph changes)

@@ -1,5 +1,5 @@
 """The report's metrics section: reconstruction, fronts, GIG accuracy and completeness (read
-from the owners' loaders and :func:`gig.summary.summarize`), stage timings, and the evaluation
+through :mod:`gig.artefacts` and :func:`gig.summary.summarize`), stage timings, and the evaluation
 folder (``RUN/evaluate/``) shown as tables, safe markdown and plots."""
 
 from __future__ import annotations
@@ -10,10 +10,20 @@ from typing import Any
 
 import torch
 
-from ..attribution import completeness_residuals, load_error_estimates, load_path_records
-from ..decompose import load_fidelity, rule_text
+from ..artefacts import (
+    EVALUATION_SUMMARY,
+    completeness_residuals,
+    evaluate_dir,
+    fidelity_path,
+    load_ablations,
+    load_correlation,
+    load_error_estimates,
+    load_fidelity,
+    load_path_records,
+    load_reconstruction,
+)
+from ..decompose import rule_text
 from ..errors import RunMismatchError
-from ..evaluation.extraction import load_reconstruction
 from ..store import RunStore, load_json
 from ..summary import summarize
 from .figure import completeness_figure, front_figure, reconstruction_figure
@@ -24,7 +34,7 @@ def metrics_section(store: RunStore, assets: Assets) -> dict:
     """The metrics section's data: per-layer figures (with the front), completeness and GIG
     accuracy, stage timings, and their plots (SVG assets)."""
     info = summarize(store.root)
-    fidelity = load_fidelity(store) if (store.root / "decompose" / "fidelity.json").is_file() else {}
+    fidelity = load_fidelity(store) if fidelity_path(store).is_file() else {}
     rows = []
     for entry in info["layers"]:
         extra = fidelity.get(entry["name"], {})
@@ -70,7 +80,7 @@ def _fidelity_plots(store: RunStore, rows: list[dict], assets: Assets) -> list[d
                         rows,
                         config.min_r2 if rule else None,
                         config.min_top1_agreement if rule else None,
-                        load_reconstruction(store.root / "evaluate"),
+                        load_reconstruction(evaluate_dir(store)),
                         config.max_kl if rule else None,
                     ),
                 ),
@@ -114,8 +124,6 @@ def ablation_section(store: RunStore, importance: dict[str, torch.Tensor]) -> di
     """GIG against ablation, from :mod:`gig.ablate`'s saved results: the rank correlation per
     transition (with its random-ordering baseline), and every saved ablation beside the GIG
     share of the concepts it removed (their mean importance over the run's images)."""
-    from ..ablate import load_ablations, load_correlation
-
     correlation, ablations = load_correlation(store), load_ablations(store)
     if correlation is None and not ablations:
         return None
@@ -159,12 +167,12 @@ def evaluation_section(folder: Path, assets: Assets) -> dict | None:
     if not folder.is_dir():
         return None
     out: dict[str, Any] = {"summary": None, "markdown": [], "plots": [], "json": [], "other": []}
-    summary = folder / "summary.json"
+    summary = folder / EVALUATION_SUMMARY
     if summary.is_file():
         try:
             out["summary"] = _json_tables(load_json(summary))
         except (OSError, ValueError, RunMismatchError) as exc:
-            out["summary"] = [{"title": "summary.json", "error": str(exc)}]
+            out["summary"] = [{"title": EVALUATION_SUMMARY, "error": str(exc)}]
     for path in sorted(folder.iterdir()):  # top level only (bases/, parts/ are working files)
         rel = path.name
         if path.is_dir():
@@ -175,12 +183,12 @@ def evaluation_section(folder: Path, assets: Assets) -> dict | None:
             out["markdown"].append({"name": rel, "blocks": markdown_blocks(path.read_text(errors="replace"))})
         elif suffix in (".png", ".svg", ".jpg", ".jpeg"):
             out["plots"].append({"name": rel, "url": assets.add_file(f"eval/{slug(rel)}", path)})
-        elif suffix == ".json" and rel != "summary.json" and path.stat().st_size <= 64 * 1024:
+        elif suffix == ".json" and rel != EVALUATION_SUMMARY and path.stat().st_size <= 64 * 1024:
             try:
                 out["json"].append({"name": rel, "tables": _json_tables(load_json(path), rel)})
             except (OSError, ValueError, RunMismatchError):
                 out["other"].append(rel)
-        elif rel != "summary.json":
+        elif rel != EVALUATION_SUMMARY:
             out["other"].append(rel)
     return out
 

@@ -1,13 +1,13 @@
-"""The page data of gig's viewer, read from a run through the owners' loaders: graph entries,
+"""The page data of gig's viewer, read from a run through :mod:`gig.artefacts`: graph entries,
 concept cards (the atlas), localisation panels and the static class figures.
 
 Each function assembles one part of the page; the report (:mod:`gig.report.builder`) and the
 explain pages (:mod:`gig.explain`) put them together. Nothing here computes a graph, an ERF or a
 code: graphs come from :func:`gig.graph.build_graph` / :func:`gig.graph.build_graph_set`, crops
-from :func:`gig.erf.exemplar_crops`, codes from :class:`gig.decompose.CodeReader`, run-wide
-importances and neighbours from the graph stage's run sums (:func:`gig.graph.load_run_sums`), or,
+from :func:`gig.erf.exemplar_crops`, codes from :class:`gig.artefacts.CodeReader`, run-wide
+importances and neighbours from the graph stage's run sums (:func:`gig.artefacts.load_run_sums`), or,
 for runs without them, from :class:`gig.graph.ScoreSums` / :class:`gig.graph.EdgeSums` over the
-attribute shards (:func:`gig.attribution.iter_attributions`), one shard at a time.
+attribute shards (:func:`gig.artefacts.iter_attributions`), one shard at a time.
 """
 
 from __future__ import annotations
@@ -22,24 +22,32 @@ import torch
 from PIL import Image
 
 from ..access import RunAccess
-from ..attribution import iter_attributions
-from ..erf import crop_paths
+from ..artefacts import (
+    CodeReader,
+    RunSums,
+    class_figure_stem,
+    crop_paths,
+    graph_index,
+    iter_attributions,
+    load_graph,
+    load_labels,
+    load_run_sums,
+    load_stability,
+)
 from ..errors import RunMismatchError
 from ..graph import (
     EDGE_FIELDS,
     NEIGHBOURS,
     SCORE_FIELDS,
     EdgeSums,
-    RunSums,
     ScoreSums,
     accumulate,
     default_classes,
-    load_run_sums,
     with_positions,
 )
-from ..labels import load_labels, node_labels
+from ..labels import node_labels
 from ..models import class_name
-from ..store import RunStore, load_json
+from ..store import RunStore
 from ..visual import draw_graph
 from .page import Assets, heatmap_overlay, jpeg_bytes, safe_json, slug
 
@@ -110,7 +118,7 @@ def _saved_file(index: dict, kind: str, classes: list[int]) -> str | None:
 def run_graph_specs(store: RunStore, classes: list[int], shared_classes: int) -> dict:
     """The graphs :func:`run_graphs` shows that the graph stage did not save, as
     :func:`gig.graph.build_graph_set` specs keyed as :func:`run_graphs` reads them."""
-    index = load_json(store.root / "graph" / "index.json")
+    index = graph_index(store)
     specs = {f"class:{c}": ("class", [c]) for c in classes if not _saved_file(index, "class", [c])}
     for combo in _shared_combos(classes, shared_classes):
         if not _saved_file(index, "shared", combo):
@@ -122,8 +130,6 @@ def graph_recurrence(store: RunStore) -> dict[int, dict]:
     """Per class of the graph stage: how much of its class graph comes back with refitted
     concepts (``gig stability --graphs``), ``{class: {"nodes", "edges", "refits", "control"}}``;
     empty where not measured."""
-    from ..stability import load_stability
-
     graphs = (load_stability(store) or {}).get("graphs") or {}
     out = {}
     for name, mean in (graphs.get("mean") or {}).items():
@@ -143,25 +149,24 @@ def run_graphs(store: RunStore, classes: list[int], shared_classes: int, names: 
     """The class graphs, the shared graph of every subset of the first ``shared_classes``
     classes, and the global graph: the graph stage's files, else ``built`` (the graphs of
     :func:`run_graph_specs`, from the page's one :func:`gig.graph.build_graph_set`)."""
-    graph_dir = store.root / "graph"
-    index = load_json(graph_dir / "index.json")
+    index = graph_index(store)
     name = class_namer(names)
     entries = []
     recurrence = graph_recurrence(store)
     for c in classes:
         file = _saved_file(index, "class", [c])
-        graph = load_json(graph_dir / file) if file else built[f"class:{c}"]
+        graph = load_graph(store, file) if file else built[f"class:{c}"]
         label = f"{name(c)} ({n_images_text(graph['n_images'])})"
         extra = {"recurrence": recurrence[c]} if c in recurrence else {}
         entries.append(graph_entry(f"class:{c}", "class", [c], label, graph, file, **extra))
     for combo in _shared_combos(classes, shared_classes):
         file = _saved_file(index, "shared", combo)
-        graph = load_json(graph_dir / file) if file else built[_shared_key(combo)]
+        graph = load_graph(store, file) if file else built[_shared_key(combo)]
         label = " + ".join(name(c) for c in sorted(combo))
         entries.append(graph_entry(_shared_key(combo), "shared", sorted(combo), label, graph, file))
     if index["files"].get("global"):
         file = index["files"]["global"]
-        graph = load_json(graph_dir / file)
+        graph = load_graph(store, file)
         entries.append(graph_entry("global", "global", [], f"all images ({graph['n_images']})", graph, file))
     return entries
 
@@ -415,8 +420,6 @@ def concept_cards(
 ) -> dict[str, dict]:
     """``{"LAYER:q": card}`` for every concept shown: exemplars (crop url, image, class, cosine),
     members, classes, parents, children, importance and rank, and the user's label if any."""
-    from ..stability import load_stability
-
     labels = load_labels(store)
     stability = (load_stability(store) or {}).get("layers", {})
     K = {layer: len(c["concepts"]) for layer, c in cards.items()}
@@ -524,9 +527,7 @@ def run_panels(
 ) -> dict[str, dict]:
     """The localisation panels of some of the run's images: ``data``, their rows of
     :data:`PANEL_FIELDS` (read in the page's graph pass), and their codes through
-    :class:`gig.decompose.CodeReader`: ``{str(image id): panel}``."""
-    from ..decompose import CodeReader
-
+    :class:`gig.artefacts.CodeReader`: ``{str(image id): panel}``."""
     if not image_ids:
         return {}
     layers = list(store.config.layers)
@@ -577,7 +578,7 @@ def class_figures(
             svg.unlink()
             png.unlink()
         for ext in ("svg", "png"):
-            original = store.root / "graph" / f"class_{g['classes'][0]}.{ext}"
+            original = class_figure_stem(store, g["classes"][0]).with_suffix(f".{ext}")
             if original.is_file():
                 fig["pipeline"].append(
                     {"ext": ext, "url": assets.add_file(f"figures/pipeline_{original.name}", original)}

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..access import RunAccess
-from ..collect import load_images, load_samples
-from ..concepts import load_concept_cards
+from ..artefacts import load_concept_cards, load_images, load_samples
 from ..models import output_noun
 from ..store import RunStore
 from . import sections as sec

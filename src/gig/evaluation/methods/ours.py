@@ -31,8 +31,7 @@ class RunDictionary(LassoCoded):
         return ctx.run_basis
 
     def fit(self, X: torch.Tensor | None = None) -> "RunDictionary":
-        from ...basis import load_basis
-        from ...concepts import load_dictionary
+        from ...artefacts import load_basis, load_dictionary
         from ...store import RunStore
 
         store = RunStore.open(self.run_dir)
@@ -74,7 +73,7 @@ class RunDictionary(LassoCoded):
         """The decompose stage's codes ``(n, H·W, K)`` of the run's images ``image_ids``."""
         reader = getattr(self, "_reader", None)
         if reader is None:
-            from ...decompose import CodeReader
+            from ...artefacts import CodeReader
             from ...store import RunStore
 
             reader = self._reader = CodeReader(RunStore.open(self.run_dir), self.layer)
