@@ -70,8 +70,8 @@ def main() -> None:
     if args.reference_steps:
         import dataclasses
 
+        from gig.artefacts import decoder_bias
         from gig.attribution import gig_for
-        from gig.basis import decoder_bias
         from gig.concepts import load_dictionary
 
         fixed = dataclasses.replace(config, n_steps=args.reference_steps, quadrature="trapezoid")

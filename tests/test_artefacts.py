@@ -341,7 +341,6 @@ def test_owner_modules_re_export_the_moved_readers() -> None:
     as the same object (moved, not copied)."""
     import gig.ablate
     import gig.attribution
-    import gig.basis
     import gig.collect
     import gig.concepts
     import gig.decompose
@@ -354,7 +353,6 @@ def test_owner_modules_re_export_the_moved_readers() -> None:
     moved = {
         gig.collect: ("load_samples", "load_images"),
         gig.concepts: ("load_dictionary", "load_concept_cards"),
-        gig.basis: ("basis_path", "load_basis", "decoder_bias"),
         gig.decompose: ("load_front", "load_fidelity", "CodeReader", "from_sparse_rows", "run_alpha"),
         gig.attribution: (
             "load_path_records",

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gig.basis import BasisEncoder, load_basis
+from gig.artefacts import load_basis
+from gig.basis import BasisEncoder
 from gig.config import Config
 from gig.errors import ConfigError, InputError
 from gig.store import RunStore, load_json, save_tensors
@@ -199,7 +200,7 @@ def test_overcomplete_sae_is_read_as_a_basis_exactly(tmp_path, lite0, monkeypatc
     from gig.pipeline import Pipeline
 
     if OvercompleteTopKSAE.problem() is None:
-        from gig.basis import fit_overcomplete_sae
+        from gig.concepts import fit_overcomplete_sae
 
         X = torch.randn(600, 12, generator=torch.Generator().manual_seed(0))
         basis, info = fit_overcomplete_sae(X, 24, 4, seed=0, steps=100)
@@ -245,7 +246,8 @@ def test_nnls_basis_file_codes_by_non_negative_least_squares(tmp_path):
     negative inputs and files NNLS cannot use are refused."""
     from types import SimpleNamespace
 
-    from gig.basis import read_basis_file, save_basis
+    from gig.basis import read_basis_file
+    from gig.concepts import save_basis
 
     g = torch.Generator().manual_seed(2)
     K, C = 6, 10
@@ -387,7 +389,7 @@ def test_overcomplete_batchtopk_sae_is_read_as_a_threshold_basis_exactly():
 
     if OvercompleteBatchTopKSAE.problem() is not None:
         pytest.skip("overcomplete is not installed")
-    from gig.basis import fit_overcomplete_sae
+    from gig.concepts import fit_overcomplete_sae
 
     X = torch.randn(900, 12, generator=torch.Generator().manual_seed(0))
     basis, info = fit_overcomplete_sae(X, 24, 4, seed=0, steps=100, kind="sae-batchtopk")

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from .errors import InputError, RunMismatchError
-from .store import RunStore
+from .store import RunStore, as_store  # noqa: F401  (as_store re-exported)
 
 
 def inputs_key(source, bundle, max_images: int | None, content: bool = True) -> str:
@@ -47,11 +47,6 @@ def inputs_differ(store: RunStore, source, bundle) -> bool:
     if not recorded.get("key") or recorded.get("legacy"):
         return False
     return inputs_changed(recorded, source, bundle, store.config.max_images)[0]
-
-
-def as_store(run: str | Path | RunStore) -> RunStore:
-    """A :class:`RunStore` from a run directory or a store."""
-    return run if isinstance(run, RunStore) else RunStore.open(run)
 
 
 class RunAccess:

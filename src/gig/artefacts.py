@@ -4,7 +4,7 @@ Every path of a run directory (:class:`gig.store.RunStore`, ``RUN/``) is spelt h
 stage modules write to these paths, and the readers below read them. Reading a run (``gig
 inspect``, ``gig label``, the report's pages, a notebook) therefore imports neither scikit-learn,
 nor the sparse coders, nor the stage modules: this module imports :mod:`gig.store` (torch,
-safetensors), :mod:`gig.access` and PyYAML, nothing heavier (:mod:`gig.basis` only where a layer's
+safetensors) and PyYAML, nothing heavier (:mod:`gig.basis` only where a layer's
 basis is read). The stage modules re-export their former readers under the same names.
 :mod:`gig.store` keeps the run's ``config.yaml``, ``manifest.json``, ``.lock`` and the generic
 stage folder and shard helpers (``stage_dir``, ``shard_path``, ``shard_info``).
@@ -50,9 +50,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .access import as_store
 from .errors import InputError, RunMismatchError
-from .store import RunStore, derived_dir, layer_key, load_json, load_tensors, open_tensors
+from .store import RunStore, as_store, derived_dir, layer_key, load_json, load_tensors, open_tensors
 
 if TYPE_CHECKING:
     from .basis import BasisEncoder

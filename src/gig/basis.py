@@ -54,23 +54,17 @@ from pathlib import Path
 
 import torch
 
-from .artefacts import basis_path, decoder_bias, load_basis  # noqa: F401  (re-exported: moved to gig.artefacts)
+from .config import BASIS_KINDS as KINDS  # noqa: F401  (re-exported)
+from .config import is_basis_file  # noqa: F401  (re-exported)
 from .errors import InputError
-from .store import RunStore, load_tensors, open_tensors, save_tensors
+from .store import load_tensors, open_tensors
 
-#: Basis kinds by name; any other spec is a safetensors file of a user basis.
-KINDS = ("kmeans", "sae", "sae-overcomplete", "sae-batchtopk", "nmf")
 #: Encoder kinds of a basis (metadata ``activation``).
 ACTIVATIONS = ("relu", "topk", "threshold", "nnls")
 #: Relative tolerance and iteration cap of the NNLS coder (sklearn's coordinate descent stops when
 #: the projected gradient has fallen by ``NNLS_TOL``; its default 1e-4 leaves codes ~1e-2 off).
 NNLS_TOL = 1e-8
 NNLS_MAX_ITER = 2000
-
-
-def is_basis_file(spec: str) -> bool:
-    """Whether a ``bases`` spec names a user basis file (not a kind)."""
-    return spec not in KINDS
 
 
 @dataclass
@@ -128,8 +122,6 @@ class BasisEncoder:
     def _encode_nnls(self, X: torch.Tensor) -> torch.Tensor:
         """NNLS codes of the rows of ``X (N, C)``: the evaluation's NMF transform with ``V`` fixed
         (sklearn's ``non_negative_factorization(update_H=False)``, float64), 8192 rows at a time."""
-        from .evaluation.methods.nmf import NMFBasis
-
         out = X.new_zeros(X.shape[0], self.V.shape[0], dtype=torch.float32)
         low = float(X.min()) if X.numel() else 0.0
         if low < 0:
@@ -138,10 +130,8 @@ class BasisEncoder:
                 f"values go down to {low:.3g}: use it on a non-negative (e.g. post-ReLU) layer, or a "
                 "signed basis (sae, kmeans, a relu/topk basis file) here"
             )
-        coder = NMFBasis.with_components(self.V.detach().cpu(), max_iter=NNLS_MAX_ITER, tol=NNLS_TOL)
-        with torch.no_grad():
-            for s in range(0, X.shape[0], 8192):
-                out[s : s + 8192] = coder.transform(X[s : s + 8192].detach().cpu()).to(out.device)
+        for s in range(0, X.shape[0], 8192):
+            out[s : s + 8192] = nnls_codes(X[s : s + 8192], self.V, NNLS_MAX_ITER, NNLS_TOL).to(out.device)
         return out
 
     def reconstruct(self, U: torch.Tensor) -> torch.Tensor:
@@ -271,29 +261,6 @@ def read_basis_file(path: str | Path, channels: int) -> BasisEncoder:
     return BasisEncoder.from_tensors(load_tensors(path), metadata, f"file:{path}", channels, str(path))
 
 
-def fit_sae(X: torch.Tensor, K: int, k: int, seed: int, steps: int) -> tuple[BasisEncoder, dict]:
-    """gig's TopK SAE (:func:`gig.sae.train_sae`) on the rows of ``X (N, C)`` as a basis, with its
-    training figures."""
-    from .sae import train_sae
-
-    sae, info = train_sae(X.float(), K, k, seed=seed, steps=steps)
-    info = {"kind": "TopK SAE (gig.sae)", **info}
-    b_pre = sae.b_pre.detach().clone()
-    return (
-        BasisEncoder(
-            "sae",
-            sae.W_dec.detach().clone(),
-            sae.W_enc.detach().clone(),
-            sae.b_enc.detach().clone(),
-            b_pre,
-            None,
-            sae.k,
-            sae.scale,
-        ),
-        info,
-    )
-
-
 def require_non_negative(X: torch.Tensor, layer: str) -> None:
     """InputError naming ``layer`` where its PFVs ``X`` have a negative value (NMF cannot code them)."""
     low = float(X.min()) if X.numel() else 0.0
@@ -306,64 +273,27 @@ def require_non_negative(X: torch.Tensor, layer: str) -> None:
         )
 
 
-def fit_nmf(X: torch.Tensor, K: int, seed: int, layer: str) -> tuple[BasisEncoder, dict]:
-    """scikit-learn NMF of the non-negative rows of ``X (N, C)`` with ``K`` concepts, as the
-    evaluation's ``nmf`` fits it (:class:`gig.evaluation.methods.nmf.NMFBasis`, seeded), as an
-    ``nnls`` basis: its concepts ``H (K, C) ≥ 0`` the decoder, its codes NMF's transform.
-    InputError naming ``layer`` where ``X`` has a negative value."""
-    from .evaluation.methods.nmf import NMFBasis
+def nnls_codes(X: torch.Tensor, H: torch.Tensor, max_iter: int, tol: float, seed: int = 0) -> torch.Tensor:
+    """Codes ``(N, K) ≥ 0`` of the non-negative rows of ``X (N, C)`` against the fixed concepts
+    ``H (K, C) ≥ 0``: ``argmin_{W ≥ 0} ‖X − W H‖²``, solved in float64 by scikit-learn's coordinate
+    descent as ``NMF.transform`` does (``non_negative_factorization(update_H=False)``; reaching
+    ``max_iter`` is not warned)."""
+    import warnings
 
-    require_non_negative(X, layer)
-    nmf = NMFBasis(n_components=K, seed=seed).fit(X.float())
-    basis = BasisEncoder("nmf", nmf.components_.float(), None, None, None, None, None, 1.0, nnls=True)
-    return basis, {**nmf.info_, "K": K}
+    from sklearn.decomposition import non_negative_factorization
+    from sklearn.exceptions import ConvergenceWarning
 
-
-def overcomplete_problem() -> str | None:
-    """Why Overcomplete's SAEs cannot be a basis here (the optional package is missing), or None."""
-    from .evaluation.methods.overcomplete_sae import OvercompleteTopKSAE
-
-    return OvercompleteTopKSAE.problem()
-
-
-def fit_overcomplete_sae(
-    X: torch.Tensor, K: int, k: int, seed: int, steps: int, kind: str = "sae-overcomplete"
-) -> tuple[BasisEncoder, dict]:
-    """Overcomplete's TopK SAE (``kind`` ``sae-overcomplete``) or BatchTopK SAE (``sae-batchtopk``)
-    (``pip install 'gig[overcomplete]'``), trained by its own loop as the evaluation's ``sae`` and
-    ``sae-batchtopk`` baselines are (:mod:`gig.evaluation.methods.overcomplete_sae`), as a basis:
-    its default encoder is one ``Linear`` (with bias) then ReLU and TopK (BatchTopK in use: every
-    code below its learned threshold set to 0), on inputs scaled by ``1/s``; its decoder the
-    unit-norm dictionary without bias, so it is exactly a :class:`BasisEncoder` (``W_enc =
-    Linearᵀ``, ``b_enc`` its bias, ``scale = s``, ``k`` or ``threshold``)."""
-    from torch import nn
-
-    from .evaluation.methods.overcomplete_sae import OvercompleteBatchTopKSAE, OvercompleteTopKSAE
-
-    batchtopk = kind == "sae-batchtopk"
-    trainer = OvercompleteBatchTopKSAE if batchtopk else OvercompleteTopKSAE
-    sae = trainer(n_components=K, k=k, seed=seed, steps=steps).fit(X.float())
-    encoder = sae.model_.encoder
-    linear, norm = encoder.final_block[0], encoder.final_block[1]
-    if (
-        len(encoder.mlp_blocks)
-        or not isinstance(norm, nn.Identity)
-        or not isinstance(encoder.final_activation, nn.ReLU)
-    ):
-        raise InputError("Overcomplete's SAE has an encoder other than Linear + ReLU: it cannot be read as a basis")
-    basis = BasisEncoder(
-        kind,
-        sae.components_.float(),
-        linear.weight.detach().T.contiguous(),
-        linear.bias.detach().clone(),
-        torch.zeros(X.shape[1]),
-        None,
-        None if batchtopk else int(sae.model_.top_k),
-        sae.scale_,
-        threshold=torch.full((K,), sae.threshold_) if batchtopk else None,
-    )
-    return basis, sae.info_
-
-
-def save_basis(store: RunStore, layer: str, encoder: BasisEncoder) -> None:
-    save_tensors(basis_path(store, layer), encoder.tensors(), metadata=encoder.metadata())
+    if X.shape[0] == 0:
+        return X.new_zeros(0, H.shape[0], dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        W, _, _ = non_negative_factorization(
+            X.detach().cpu().double().numpy(),
+            H=H.detach().cpu().double().numpy(),
+            n_components=H.shape[0],
+            update_H=False,
+            max_iter=max_iter,
+            tol=tol,
+            random_state=seed,
+        )
+    return torch.from_numpy(W).float()

@@ -31,7 +31,7 @@ from .artefacts import (  # noqa: F401  (re-exported: moved to gig.artefacts)
     load_dictionary,
     load_samples,
 )
-from .basis import fit_nmf, fit_overcomplete_sae, fit_sae, read_basis_file, save_basis
+from .basis import BasisEncoder, read_basis_file, require_non_negative
 from .errors import InputError
 from .store import RunStore, load_tensors, save_json, save_tensors
 
@@ -249,3 +249,91 @@ def _fit_basis(config, layer: str, X: np.ndarray):
         return encoder, spec, info
     encoder = read_basis_file(spec, X.shape[1])
     return encoder, f"file:{spec}", {"kind": "user basis", "file": spec, "k": encoder.k}
+
+
+# ------------------------------------------------------------------ bases fitted here (gig.basis)
+def fit_sae(X: torch.Tensor, K: int, k: int, seed: int, steps: int) -> tuple[BasisEncoder, dict]:
+    """gig's TopK SAE (:func:`gig.sae.train_sae`) on the rows of ``X (N, C)`` as a basis, with its
+    training figures."""
+    from .sae import train_sae
+
+    sae, info = train_sae(X.float(), K, k, seed=seed, steps=steps)
+    info = {"kind": "TopK SAE (gig.sae)", **info}
+    b_pre = sae.b_pre.detach().clone()
+    return (
+        BasisEncoder(
+            "sae",
+            sae.W_dec.detach().clone(),
+            sae.W_enc.detach().clone(),
+            sae.b_enc.detach().clone(),
+            b_pre,
+            None,
+            sae.k,
+            sae.scale,
+        ),
+        info,
+    )
+
+
+def fit_nmf(X: torch.Tensor, K: int, seed: int, layer: str) -> tuple[BasisEncoder, dict]:
+    """scikit-learn NMF of the non-negative rows of ``X (N, C)`` with ``K`` concepts, as the
+    evaluation's ``nmf`` fits it (:class:`gig.evaluation.methods.nmf.NMFBasis`, seeded), as an
+    ``nnls`` basis: its concepts ``H (K, C) ≥ 0`` the decoder, its codes NMF's transform.
+    InputError naming ``layer`` where ``X`` has a negative value."""
+    from .evaluation.methods.nmf import NMFBasis
+
+    require_non_negative(X, layer)
+    nmf = NMFBasis(n_components=K, seed=seed).fit(X.float())
+    basis = BasisEncoder("nmf", nmf.components_.float(), None, None, None, None, None, 1.0, nnls=True)
+    return basis, {**nmf.info_, "K": K}
+
+
+def overcomplete_problem() -> str | None:
+    """Why Overcomplete's SAEs cannot be a basis here (the optional package is missing), or None."""
+    from .evaluation.methods.overcomplete_sae import OvercompleteTopKSAE
+
+    return OvercompleteTopKSAE.problem()
+
+
+def fit_overcomplete_sae(
+    X: torch.Tensor, K: int, k: int, seed: int, steps: int, kind: str = "sae-overcomplete"
+) -> tuple[BasisEncoder, dict]:
+    """Overcomplete's TopK SAE (``kind`` ``sae-overcomplete``) or BatchTopK SAE (``sae-batchtopk``)
+    (``pip install 'gig[overcomplete]'``), trained by its own loop as the evaluation's ``sae`` and
+    ``sae-batchtopk`` baselines are (:mod:`gig.evaluation.methods.overcomplete_sae`), as a basis:
+    its default encoder is one ``Linear`` (with bias) then ReLU and TopK (BatchTopK in use: every
+    code below its learned threshold set to 0), on inputs scaled by ``1/s``; its decoder the
+    unit-norm dictionary without bias, so it is exactly a :class:`BasisEncoder` (``W_enc =
+    Linearᵀ``, ``b_enc`` its bias, ``scale = s``, ``k`` or ``threshold``)."""
+    from torch import nn
+
+    from .evaluation.methods.overcomplete_sae import OvercompleteBatchTopKSAE, OvercompleteTopKSAE
+
+    batchtopk = kind == "sae-batchtopk"
+    trainer = OvercompleteBatchTopKSAE if batchtopk else OvercompleteTopKSAE
+    sae = trainer(n_components=K, k=k, seed=seed, steps=steps).fit(X.float())
+    encoder = sae.model_.encoder
+    linear, norm = encoder.final_block[0], encoder.final_block[1]
+    if (
+        len(encoder.mlp_blocks)
+        or not isinstance(norm, nn.Identity)
+        or not isinstance(encoder.final_activation, nn.ReLU)
+    ):
+        raise InputError("Overcomplete's SAE has an encoder other than Linear + ReLU: it cannot be read as a basis")
+    basis = BasisEncoder(
+        kind,
+        sae.components_.float(),
+        linear.weight.detach().T.contiguous(),
+        linear.bias.detach().clone(),
+        torch.zeros(X.shape[1]),
+        None,
+        None if batchtopk else int(sae.model_.top_k),
+        sae.scale_,
+        threshold=torch.full((K,), sae.threshold_) if batchtopk else None,
+    )
+    return basis, sae.info_
+
+
+def save_basis(store: RunStore, layer: str, encoder: BasisEncoder) -> None:
+    """Write ``layer``'s basis (:func:`gig.artefacts.basis_path`), read by :func:`gig.artefacts.load_basis`."""
+    save_tensors(basis_path(store, layer), encoder.tensors(), metadata=encoder.metadata())

@@ -83,9 +83,16 @@ def _dictionaries(value) -> bool:
     return isinstance(value, dict) and all(_text(k) and _text(v) for k, v in value.items())
 
 
-def _bases(value) -> bool:
-    from .basis import is_basis_file
+#: Basis kinds by name (:mod:`gig.basis`); any other ``bases`` spec is a safetensors file of a user basis.
+BASIS_KINDS = ("kmeans", "sae", "sae-overcomplete", "sae-batchtopk", "nmf")
 
+
+def is_basis_file(spec: str) -> bool:
+    """Whether a ``bases`` spec names a user basis file (not a kind of :data:`BASIS_KINDS`)."""
+    return spec not in BASIS_KINDS
+
+
+def _bases(value) -> bool:
     return isinstance(value, dict) and all(
         _text(k) and _text(v) and (not is_basis_file(v) or v.endswith(".safetensors")) for k, v in value.items()
     )
@@ -279,8 +286,6 @@ class Config:
             # a head file is read beside the config that names it, from whatever directory
             data["head"] = str((path.resolve().parent / data["head"]).resolve())
         if isinstance(data.get("bases"), dict):  # basis files likewise
-            from .basis import is_basis_file
-
             data["bases"] = {
                 layer: str((path.resolve().parent / spec).resolve())
                 if isinstance(spec, str) and is_basis_file(spec) and not Path(spec).is_absolute()

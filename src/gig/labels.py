@@ -28,11 +28,10 @@ from typing import Sequence
 
 import yaml
 
-from .access import as_store
 from .artefacts import LABELS_FILE, labels_path, load_concept_cards, load_labels, parse_labels  # noqa: F401  (re-exported)
 from .errors import ConfigError, InputError
 from .models import class_name
-from .store import RunStore
+from .store import RunStore, as_store
 
 HEADER = (
     "# Concept labels of this run: layer -> concept id -> name and note.\n"

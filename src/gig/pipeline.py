@@ -59,7 +59,7 @@ def _require_labels(source: ImageSource, max_images: int | None, handle: ModelHa
 
 def _resolved_basis(spec: str) -> str:
     """A basis file's absolute path (the run's later commands read it from any directory); a kind as it is."""
-    from .basis import is_basis_file
+    from .config import is_basis_file
 
     return str(Path(spec).resolve()) if is_basis_file(spec) else spec
 
@@ -68,11 +68,12 @@ def _check_bases(config: Config, handle: ModelHandle) -> None:
     """Before any image is read: every basis file fits its layer (channels), and no ``nmf`` layer
     is signed on the dummy image (one negative value proves it signed; the concepts stage checks
     the sampled PFVs themselves)."""
-    from .basis import is_basis_file, read_basis_file, require_non_negative
+    from .basis import read_basis_file, require_non_negative
+    from .config import is_basis_file
 
     overcomplete = sorted({"sae-overcomplete", "sae-batchtopk"} & set(config.bases.values()))
     if overcomplete:
-        from .basis import overcomplete_problem
+        from .concepts import overcomplete_problem
 
         if overcomplete_problem():
             raise InputError(f"bases: {overcomplete[0]}: {overcomplete_problem()}")

@@ -50,7 +50,6 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import BisectingKMeans
 from tqdm.auto import tqdm
 
-from .access import as_store
 from .artefacts import (  # noqa: F401  (load_stability re-exported: moved to gig.artefacts)
     class_graph_path,
     graph_index,
@@ -63,7 +62,7 @@ from .artefacts import (  # noqa: F401  (load_stability re-exported: moved to gi
     stability_run_dir,
 )
 from .errors import ConfigError, RunMismatchError
-from .store import RunStore, load_json, save_json, save_tensors
+from .store import RunStore, as_store, load_json, save_json, save_tensors
 
 #: Mean matched cosine at which a concept counts as found again.
 THRESHOLD = 0.9

@@ -525,5 +525,11 @@ class RunStore:
         return load_json(self.root / stage / "shards" / f"{name}.done")
 
 
+def as_store(run: "str | Path | RunStore") -> "RunStore":
+    """A :class:`RunStore` from a run directory or a store (every entry point on a finished run
+    takes either)."""
+    return run if isinstance(run, RunStore) else RunStore.open(run)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .access import as_store
 from .artefacts import (
     evaluate_dir,
     graph_index,
@@ -15,7 +14,7 @@ from .artefacts import (
     load_graph,
 )
 from .config import STAGE_ORDER
-from .store import RunStore
+from .store import RunStore, as_store
 
 #: Above this share of concepts active per position, codes are called dense (:func:`missed_targets`).
 MAX_L0_RATIO = 0.25

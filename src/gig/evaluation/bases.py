@@ -41,8 +41,6 @@ from ..store import load_json, load_tensors, save_json, save_tensors
 if TYPE_CHECKING:
     from ..config import Config
     from ..lasso import LassoEncoder
-    from .methods.ours import RunDictionary
-    from .settings import EvaluationSettings
 
 FORMAT = 1
 USER_PREFIX = "user:"
@@ -339,9 +337,11 @@ class LayerContext:
 
     layer: str
     samples: torch.Tensor
-    run_basis: "RunDictionary"
+    run_basis: "ConceptBasis"  # the run's own (gig.evaluation.methods.ours.RunDictionary)
     config: "Config"
-    settings: "EvaluationSettings"
+    #: the evaluation's settings (gig.evaluation.settings.EvaluationSettings, which builds on this
+    #: registry and is not imported here)
+    settings: Any
     spec: str = ""
 
     @property

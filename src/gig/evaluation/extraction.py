@@ -31,7 +31,7 @@ from .curves import auc, paired_difference, spread, step_counts, step_fractions
 
 if TYPE_CHECKING:
     from .bases import ConceptBasis
-    from .runner import RunView
+    from .view import RunView
 
 DELETION, INSERTION = 0, 1
 

@@ -36,11 +36,10 @@ import torch
 from ..readouts import ConceptReadout, concept_readout
 from .curves import auc, paired_difference, spread, step_fractions
 from .extraction import DELETION, INSERTION, deletion_insertion, rank_by_gig
+from .settings import ORDERINGS  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
-    from .runner import RunView
-
-ORDERINGS = ("gig", "random", "grad_x_coef", "magnitude")
+    from .view import RunView
 
 
 def concept_value_readout(targets: torch.Tensor, read_vectors: torch.Tensor):

@@ -28,20 +28,18 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..access import RunAccess, as_store
+from ..access import RunAccess
 from ..artefacts import EVALUATION_SUMMARY, EXTRACTION_RESULTS, evaluate_dir, load_images, load_samples
-from ..attribution import gig_for
 from ..config import stable_hash
-from ..method import GIG
 from ..models import output_noun
-from ..store import RunStore, load_json, save_json
+from ..store import RunStore, as_store, load_json, save_json
 from .bases import ConceptBasis, LayerContext, basis_class, method_label
 from .curves import markdown_tables, plot_auc_bars, plot_curves
 from .extraction import aggregate_extraction, extraction_chunk
 from .interlayer import aggregate_transition, interlayer_chunk
-from .methods.ours import RunDictionary
 from .parts import resumable_parts
 from .settings import SETTINGS_VERSION, EvaluationPlan, EvaluationSettings, make_plan
+from .view import RunView  # noqa: F401  (re-exported)
 
 
 def tune_malloc() -> bool:
@@ -60,30 +58,6 @@ def tune_malloc() -> bool:
         return bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1 and ok)
     except (OSError, AttributeError):
         return False
-
-
-class RunView:
-    """The run as the evaluation reads it: the run opened read-only (:class:`~gig.access.RunAccess`:
-    model, images), the model's gradient copy, the run's dictionary and codes per layer
-    (:class:`RunDictionary`); ``out`` is the evaluation folder."""
-
-    def __init__(self, access: RunAccess, plan: EvaluationPlan, out: Path):
-        self.access, self.plan, self.out = access, plan, out
-        self.store: RunStore = access.store
-        self.config = access.store.config
-        self.handle = access.handle
-        #: batch norms folded, channels-last: for the many gradient evaluations of GIG
-        self.fast = access.handle.for_gradients(plan.layers)
-        self.run_bases = {layer: RunDictionary(str(self.store.root), layer).fit() for layer in plan.layers}
-
-    def pixels(self, infos: list[dict]) -> torch.Tensor:
-        """Preprocessed images ``(n, 3, S, S)`` of the run's records ``infos``, in their order."""
-        return self.access.run_pixels([i["image_id"] for i in infos])
-
-    def gig(self, layer: str, V: torch.Tensor, bias: torch.Tensor | None = None) -> GIG:
-        """GIG from the concepts ``V (K, C)`` of ``layer`` with the plan's step settings; ``bias
-        (C,)``: the basis's decoder bias, where its paths start (None: at 0)."""
-        return gig_for(self.fast, layer, V, self.plan, bias=bias)
 
 
 # ---------------------------------------------------------------------------- bases

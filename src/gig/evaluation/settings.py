@@ -24,8 +24,10 @@ import numpy as np
 from ..config import _int, _real, field_problems, fields_from_dict, stable_hash
 from ..errors import ConfigError, RunMismatchError
 from .bases import basis_class, method_label, method_problem
-from .interlayer import ORDERINGS
 
+#: The inter-layer protocol's concept orderings (:mod:`.interlayer`): GIG, random, gradient ×
+#: coefficient, coefficient magnitude.
+ORDERINGS = ("gig", "random", "grad_x_coef", "magnitude")
 #: The default methods (``nmf``, ``sae-torch`` and ``user:PATH`` are chosen by name).
 METHODS = ("ours", "dictionary", "sae", "kmeans")
 #: 3: error-controlled GIG (gig_tol) for the rankings

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from ..access import RunAccess, as_store
+from ..access import RunAccess
 from ..artefacts import (
     evaluate_dir,
     graph_index,
@@ -44,7 +44,7 @@ from ..artefacts import (
 from ..config import _class_ids, _int, check_fields, settings_hash
 from ..graph import ImageRows, build_graph_set
 from ..models import output_noun
-from ..store import RunStore
+from ..store import RunStore, as_store
 from . import sections as sec
 from .metrics import ablation_section, evaluation_section, metrics_section
 from .page import Assets, output_size, render_page

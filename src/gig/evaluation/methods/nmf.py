@@ -62,31 +62,12 @@ class NMFBasis(ConceptBasis):
         return self
 
     def transform(self, X: torch.Tensor) -> torch.Tensor:
-        from sklearn.decomposition import non_negative_factorization
-        from sklearn.exceptions import ConvergenceWarning
+        from ...basis import nnls_codes
 
         if X.shape[0] == 0:
             return X.new_zeros(0, self.n_components_)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            W, _, _ = non_negative_factorization(
-                _non_negative(X),
-                H=self.H_,
-                n_components=self.n_components_,
-                update_H=False,
-                max_iter=self.max_iter,
-                tol=self.tol,
-                random_state=self.seed,
-            )
-        return torch.from_numpy(W).float()
-
-    @classmethod
-    def with_components(cls, H: torch.Tensor, seed: int = 0, max_iter: int = 400, tol: float = 1e-4) -> "NMFBasis":
-        """A basis with the given concepts ``H (K, C) ≥ 0``, not fitted here: its :meth:`transform`
-        codes against them (the run's ``nnls`` basis encoder, :mod:`gig.basis`)."""
-        basis = cls(int(H.shape[0]), seed=seed, max_iter=max_iter, tol=tol)
-        basis._set_H(H)
-        return basis
+        H = torch.from_numpy(self.H_)  # float64, as sklearn fitted it
+        return nnls_codes(torch.from_numpy(_non_negative(X)), H, self.max_iter, self.tol, self.seed)
 
     def _set_H(self, H: torch.Tensor) -> None:
         self.H_ = H.double().numpy()  # float64 for the coder, as sklearn fitted it
