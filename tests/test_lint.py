@@ -40,45 +40,34 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _top_level_imports(path: Path) -> set[str]:
-    """The gig modules ``path`` imports when it is imported: module-level imports only (not those
-    inside functions, which run later, nor those under ``if TYPE_CHECKING``)."""
+def _imports(path: Path) -> set[str]:
+    """The gig modules ``path`` imports anywhere: at module level, inside functions (run later)
+    and under ``if TYPE_CHECKING`` alike, so that the layers stay layers, not only the import."""
     import ast
 
-    tree = ast.parse(path.read_text())
     package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
     found: set[str] = set()
-
-    def visit(nodes):
-        for node in nodes:
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-                continue
-            if isinstance(node, (ast.If, ast.Try)):
-                visit(
-                    node.body + getattr(node, "orelse", []) + sum((h.body for h in getattr(node, "handlers", [])), [])
-                )
-            elif isinstance(node, ast.Import):
-                found.update(a.name for a in node.names if a.name.startswith("gig"))
-            elif isinstance(node, ast.ImportFrom):
-                base = package
-                for _ in range(node.level - 1):
-                    base = base.rpartition(".")[0]
-                module = (f"{base}.{node.module}" if node.module else base) if node.level else node.module or ""
-                if module.startswith("gig"):
-                    found.add(module)
-                    found.update(f"{module}.{a.name}" for a in node.names)  # `from . import x`
-
-    visit(tree.body)
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("gig"))
+        elif isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            module = (f"{base}.{node.module}" if node.module else base) if node.level else node.module or ""
+            if module.startswith("gig"):
+                found.add(module)
+                found.update(f"{module}.{a.name}" for a in node.names)  # `from . import x`
     return found
 
 
 def test_no_import_cycle_in_the_package():
-    """Importing any module of gig never needs a module that needs it back (module-level imports)."""
+    """No module of gig imports, directly or through others, a module that imports it back (any
+    import: at module level, in a function or for type checking)."""
     modules = {_module_name(p): p for p in SRC.rglob("*.py")}
     # a submodule's import of its own package is not a cycle: the package is already being imported
     graph = {
-        m: {i for i in _top_level_imports(p) if i in modules and i != m and not m.startswith(i + ".")}
-        for m, p in modules.items()
+        m: {i for i in _imports(p) if i in modules and i != m and not m.startswith(i + ".")} for m, p in modules.items()
     }
     state: dict[str, int] = {}
     stack: list[str] = []
