@@ -268,7 +268,7 @@ def test_nnls_basis_file_codes_by_non_negative_least_squares(tmp_path):
     again = load_basis(store, "L")
     assert again.activation == "nnls" and torch.equal(again.V, W_dec)
     torch.testing.assert_close(again.encode(X[:50]), codes[:50])
-    with pytest.raises(InputError, match="NMF/nnls codes need non-negative activations"):
+    with pytest.raises(InputError, match="NMF/nnls codes\\) needs non-negative activations"):
         basis.encode(X - 0.5)
     for name, tensors, metadata, match in [
         ("neg", {"W_dec": W_dec - 0.5}, {}, "non-negative W_dec"),

@@ -122,14 +122,8 @@ class BasisEncoder:
     def _encode_nnls(self, X: torch.Tensor) -> torch.Tensor:
         """NNLS codes of the rows of ``X (N, C)``: the evaluation's NMF transform with ``V`` fixed
         (sklearn's ``non_negative_factorization(update_H=False)``, float64), 8192 rows at a time."""
+        require_non_negative(X, f"the {self.kind} basis (NMF/nnls codes)")
         out = X.new_zeros(X.shape[0], self.V.shape[0], dtype=torch.float32)
-        low = float(X.min()) if X.numel() else 0.0
-        if low < 0:
-            raise InputError(
-                f"{self.kind} basis: NMF/nnls codes need non-negative activations, but the layer's "
-                f"values go down to {low:.3g}: use it on a non-negative (e.g. post-ReLU) layer, or a "
-                "signed basis (sae, kmeans, a relu/topk basis file) here"
-            )
         for s in range(0, X.shape[0], 8192):
             out[s : s + 8192] = nnls_codes(X[s : s + 8192], self.V, NNLS_MAX_ITER, NNLS_TOL).to(out.device)
         return out
@@ -261,15 +255,16 @@ def read_basis_file(path: str | Path, channels: int) -> BasisEncoder:
     return BasisEncoder.from_tensors(load_tensors(path), metadata, f"file:{path}", channels, str(path))
 
 
-def require_non_negative(X: torch.Tensor, layer: str) -> None:
-    """InputError naming ``layer`` where its PFVs ``X`` have a negative value (NMF cannot code them)."""
+def require_non_negative(X: torch.Tensor, what: str) -> None:
+    """InputError where the layer outputs ``X`` have a negative value, which NMF cannot code;
+    ``what`` names what needs them (``"bases: LAYER: nmf"``, a basis, an evaluation method)."""
     low = float(X.min()) if X.numel() else 0.0
     if low < 0:
         raise InputError(
-            f"bases: {layer}: nmf needs non-negative activations, but the layer's values go down to "
-            f"{low:.3g} (a signed layer, e.g. a block ending in a linear projection): give it sae, "
-            "kmeans or a signed basis file (activation relu or topk), or choose a non-negative "
-            "(post-ReLU) layer for nmf"
+            f"{what} needs non-negative activations, but the layer's values go down to {low:.3g} (a "
+            "signed layer, e.g. a block ending in a linear projection): use it on a non-negative "
+            "(post-ReLU) layer, and a signed basis here (sae, kmeans, the evaluation's dictionary, or "
+            "a basis file with activation relu, topk or threshold)"
         )
 
 

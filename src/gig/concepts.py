@@ -282,7 +282,7 @@ def fit_nmf(X: torch.Tensor, K: int, seed: int, layer: str) -> tuple[BasisEncode
     InputError naming ``layer`` where ``X`` has a negative value."""
     from .evaluation.methods.nmf import NMFBasis
 
-    require_non_negative(X, layer)
+    require_non_negative(X, f"bases: {layer}: nmf")
     nmf = NMFBasis(n_components=K, seed=seed).fit(X.float())
     basis = BasisEncoder("nmf", nmf.components_.float(), None, None, None, None, None, 1.0, nnls=True)
     return basis, {**nmf.info_, "K": K}

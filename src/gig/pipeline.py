@@ -87,7 +87,7 @@ def _check_bases(config: Config, handle: ModelHandle) -> None:
         with torch.no_grad():
             _, grids = handle.capture(handle.dummy_input(1), nmf)
         for layer in nmf:
-            require_non_negative(grids[layer], layer)
+            require_non_negative(grids[layer], f"bases: {layer}: nmf")
 
 
 #: Damaged artefacts one `gig run` recomputes before it gives up (each repair is one stage again).

@@ -12,18 +12,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...errors import InputError
 from ..bases import ConceptBasis, register_basis
 
 
 def _non_negative(X: torch.Tensor) -> np.ndarray:
     """``X`` as float64 numpy; InputError when it has negative entries (NMF cannot code them)."""
-    low = float(X.min()) if X.numel() else 0.0
-    if low < 0:
-        raise InputError(
-            f"nmf needs non-negative activations, but the layer output has values down to {low:.3g}: "
-            "use it on a post-ReLU layer, or the 'dictionary' method on signed layers"
-        )
+    from ...basis import require_non_negative
+
+    require_non_negative(X, "the evaluation's nmf method")
     return X.double().numpy()
 
 
