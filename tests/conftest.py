@@ -79,6 +79,18 @@ def biased_codes(X: torch.Tensor, tensors: dict[str, torch.Tensor], k: int = 4) 
     return torch.zeros_like(z).scatter(1, kept, z.gather(1, kept))
 
 
+def assert_nnls_optimal(W_dec: torch.Tensor, X: torch.Tensor, Z: torch.Tensor, tol: float = 1e-5) -> None:
+    """``Z`` solves ``argmin_{z ≥ 0} ‖x − z W_dec‖²`` for every row: the optimality (KKT)
+    conditions, whatever the solver: ``z ≥ 0``, the gradient ``g = (z W_dec − x) W_decᵀ ≥ 0``, and
+    ``g = 0`` wherever ``z > 0`` (relative to the scale of ``x W_decᵀ``)."""
+    W, X, Z = W_dec.double(), X.double(), Z.double()
+    g = (Z @ W - X) @ W.T  # (N, K)
+    scale = float((X @ W.T).abs().max())
+    assert bool((Z >= 0).all())
+    assert float((-g).clamp_min(0).max()) <= tol * scale  # no coordinate could lower the loss by growing
+    assert float((g.abs() * (Z > 0)).max()) <= tol * scale  # active coordinates are stationary
+
+
 @pytest.fixture()
 def tiny_bundle():
     return wrap_module(TinyNet(), name="tiny", input_size=32, class_names=["a", "b", "c", "d"])

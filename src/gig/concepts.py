@@ -239,7 +239,9 @@ def _fit_basis(config, layer: str, X: np.ndarray):
     if spec in ("sae", "sae-overcomplete", "sae-batchtopk", "nmf"):
         K = n_concepts_for(X.shape[0], X.shape[1], config.concepts_per_channel, config.min_cluster, config.max_concepts)
         if spec == "nmf":  # refused with the layer named where X has a negative value
-            encoder, info = fit_nmf(torch.from_numpy(X), K, config.seed, layer)
+            # at most C concepts: beyond, NNLS codes are neither unique nor sparse (any x in the
+            # cone is matched exactly by many codes) and cost K² per position to compute
+            encoder, info = fit_nmf(torch.from_numpy(X), min(K, X.shape[1]), config.seed, layer)
             return encoder, spec, info
         X = torch.from_numpy(X)
         if spec == "sae":
