@@ -326,6 +326,10 @@ def test_nmf_basis_on_a_relu_layer_codes_by_nnls_and_attributions_are_complete(t
     assert float(completeness_residuals(store).quantile(0.95)) <= 0.02
     graph = load_json(next((store.root / "graph").glob("class_*.json")))
     assert any(n["layer"] == "block2" for n in graph["nodes"])
+    from gig.summary import missed_targets, summarize
+
+    missed = missed_targets(store, summarize(store))  # K = C is the nmf basis's own cap, not a miss
+    assert not any(m.startswith("block2: K =") for m in missed) and any(m.startswith("block1: K =") for m in missed)
 
 
 def test_nmf_on_a_signed_layer_is_refused_naming_it(tmp_path, lite0):

@@ -193,6 +193,7 @@ def _missed_for_layer(layer: dict, config) -> list[str]:
         and layer["n_concepts"] < wanted
         and config.max_concepts is None
         and name not in config.dictionaries
+        and config.bases.get(name) != "nmf"  # an NMF basis has at most C concepts by design
     ):
         out.append(
             f"{name}: K = {layer['n_concepts']} concepts, below {config.concepts_per_channel}·C = {wanted}: "
