@@ -572,3 +572,48 @@ def test_report_reads_each_attribute_shard_at_most_twice(tiny_run, page_data, tm
     text = index.read_text(encoding="utf-8")
     again = json.loads(re.search(r'<script type="application/json" id="gig-data">(.*?)</script>', text, re.S).group(1))
     assert again["graphs"] == page_data["graphs"] and again["images"] == page_data["images"]
+
+
+def test_report_takes_the_graph_stages_figures_instead_of_drawing_them_again(tiny_run, tmp_path, monkeypatch) -> None:
+    """Issue 25 (figures drawn once): a class figure the graph stage drew is the same picture
+    (graph, crops, labels), so the report takes its files and draws only the other classes; once a
+    concept of such a graph is named, the picture differs and the report draws it again, linking
+    the stage's older figure beside it."""
+    import shutil
+
+    import gig.report.sections as sec
+    from gig.artefacts import class_figure_stem, graph_index
+    from gig.labels import set_label
+    from gig.report import build_report
+    from gig.store import RunStore
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run, ignore=shutil.ignore_patterns("report", "evaluate"))
+    store = RunStore.open(run)
+    staged = [int(c) for c in graph_index(store)["classes"]]
+    assert staged and all(class_figure_stem(store, c).with_suffix(".png").is_file() for c in staged)
+    drawn: list[str] = []
+    real = sec.draw_graph
+    monkeypatch.setattr(
+        sec, "draw_graph", lambda graph, stem, *a, **k: drawn.append(stem.name) or real(graph, stem, *a, **k)
+    )
+
+    build_report(run, progress=False)
+    figures = run / "report" / "figures"
+    shown = {p.stem for p in figures.glob("class_*.png")}
+    assert {f"class_{c}" for c in staged} <= shown and len(shown) > len(staged)  # other classes too
+    assert sorted(drawn) == sorted(shown - {f"class_{c}" for c in staged})
+    for c in staged:
+        stage = class_figure_stem(store, c)
+        assert (figures / f"class_{c}.png").read_bytes() == stage.with_suffix(".png").read_bytes()
+        assert (figures / f"class_{c}.svg").read_bytes() == stage.with_suffix(".svg").read_bytes()
+    assert not list(figures.glob("pipeline_*"))  # no second copy of the same picture
+
+    c = staged[0]
+    node = next(n for n in load_json(run / "graph" / f"class_{c}.json")["nodes"] if n.get("concept") is not None)
+    set_label(run, node["layer"], int(node["concept"]), "a name")
+    drawn.clear()
+    build_report(run, progress=False)
+    assert f"class_{c}" in drawn
+    assert (figures / f"class_{c}.png").read_bytes() != class_figure_stem(store, c).with_suffix(".png").read_bytes()
+    assert (figures / f"pipeline_class_{c}.png").is_file()

@@ -11,6 +11,8 @@ the explain pages all call :func:`draw_graph`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import textwrap
 from pathlib import Path
 
@@ -207,6 +209,37 @@ def graph_figure(
     return fig
 
 
+#: The PNG text key that holds a figure's :func:`figure_key`.
+FIGURE_KEY = "gig-figure"
+#: Graph fields no figure shows (which images a graph sums: the report's copies leave it out).
+NOT_DRAWN = ("image_ids",)
+
+
+def figure_key(
+    graph: dict,
+    thumbnails: dict[str, Path] | None = None,
+    title: str | None = None,
+    dpi: int = 130,
+    labels: dict[str, str] | None = None,
+) -> str:
+    """What :func:`draw_graph` draws, as a hash: the graph, each thumbnail crop (by its collect
+    hash, layer and sample: ``HASH/LAYER/sI.png``, wherever the cache lies), the title, the
+    resolution and the labels. Two figures with one key are the same picture."""
+    crops = {node: "/".join(Path(p).parts[-3:]) for node, p in (thumbnails or {}).items()}
+    drawn = {k: v for k, v in graph.items() if k not in NOT_DRAWN}
+    text = json.dumps([drawn, crops, title, dpi, labels or {}], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def saved_figure_key(png: Path) -> str | None:
+    """The :func:`figure_key` a PNG of :func:`draw_graph` carries, or None (another PNG, none)."""
+    try:
+        with Image.open(png) as image:
+            return image.text.get(FIGURE_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def draw_graph(
     graph: dict,
     out_stem: Path,
@@ -215,11 +248,13 @@ def draw_graph(
     dpi: int = 130,
     labels: dict[str, str] | None = None,
 ) -> tuple[Path, Path]:
-    """Draw ``graph`` (:func:`graph_figure`) to ``out_stem.svg`` and ``out_stem.png``; returns both paths."""
+    """Draw ``graph`` (:func:`graph_figure`) to ``out_stem.svg`` and ``out_stem.png``; returns both
+    paths. The PNG carries the figure's :func:`figure_key`, so a later reader (the report) can
+    take these files instead of drawing the same picture again."""
     fig = graph_figure(graph, thumbnails, title, labels)
     svg, png = Path(f"{out_stem}.svg"), Path(f"{out_stem}.png")
     fig.savefig(svg, metadata=SVG_METADATA)
-    fig.savefig(png, dpi=dpi)
+    fig.savefig(png, dpi=dpi, metadata={FIGURE_KEY: figure_key(graph, thumbnails, title, dpi, labels)})
     return svg, png
 
 

@@ -48,7 +48,7 @@ from ..graph import (
 from ..labels import node_labels
 from ..models import class_name
 from ..store import RunStore
-from ..visual import draw_graph
+from ..visual import draw_graph, figure_key, saved_figure_key
 from .page import Assets, heatmap_overlay, jpeg_bytes, safe_json, slug
 
 
@@ -552,33 +552,50 @@ def run_panels(
 
 
 # ----------------------------------------------------------------------------------- figures
+def _figure_thumbnails(store: RunStore, graph: dict, concepts: dict[str, dict]) -> dict[str, Path]:
+    """``{node id: crop}``: the top-1 ERF crop of every concept node of ``graph`` that has one."""
+    shown = [node for node in graph["nodes"] if concepts.get(node["id"], {}).get("exemplars")]
+    thumbs = {}
+    for layer in dict.fromkeys(node["layer"] for node in shown):  # one lookup of the folders per layer
+        nodes = [node for node in shown if node["layer"] == layer]
+        paths = crop_paths(store, layer, [concepts[node["id"]]["exemplars"][0]["s"] for node in nodes])
+        thumbs.update({node["id"]: path for node, path in zip(nodes, paths)})
+    return thumbs
+
+
 def class_figures(
     store: RunStore, graphs: list[dict], concepts: dict[str, dict], out: Path, assets: Assets
 ) -> list[dict]:
-    """The static figure (SVG, PNG) of every class graph, thumbnails the concepts' top-1 crops;
-    with links to the graph stage's own figures of the same class."""
+    """The static figure (SVG, PNG) of every class graph, thumbnails the concepts' top-1 crops.
+    Where the graph stage drew the same picture (the same :func:`gig.visual.figure_key`: graph,
+    crops, labels), its files are taken as they are, not drawn again; otherwise the page also
+    links the stage's figures of that class, which then differ (e.g. labels named since)."""
     figures = []
     for g in (g for g in graphs if g["mode"] == "class"):
-        shown = [node for node in g["graph"]["nodes"] if concepts.get(node["id"], {}).get("exemplars")]
-        thumbs = {}
-        for layer in dict.fromkeys(node["layer"] for node in shown):  # one lookup of the folders per layer
-            nodes = [node for node in shown if node["layer"] == layer]
-            paths = crop_paths(store, layer, [concepts[node["id"]]["exemplars"][0]["s"] for node in nodes])
-            thumbs.update({node["id"]: path for node, path in zip(nodes, paths)})
-        stem = out / "figures" / f"class_{g['classes'][0]}"
+        c = g["classes"][0]
+        thumbs = _figure_thumbnails(store, g["graph"], concepts)
+        labels = node_labels(store, g["graph"])
+        stage = class_figure_stem(store, c)
+        fig = {"label": g["label"], "pipeline": []}
+        if saved_figure_key(stage.with_suffix(".png")) == figure_key(g["graph"], thumbs, labels=labels) and (
+            stage.with_suffix(".svg").is_file()
+        ):
+            for ext in ("svg", "png"):  # the graph stage's picture is this one
+                fig[ext] = assets.add_file(f"figures/class_{c}.{ext}", stage.with_suffix(f".{ext}"))
+            figures.append(fig)
+            continue
+        stem = out / "figures" / f"class_{c}"
         stem.parent.mkdir(parents=True, exist_ok=True)
-        svg, png = draw_graph(g["graph"], stem, thumbs, labels=node_labels(store, g["graph"]))
-        fig = {
-            "label": g["label"],
-            "svg": assets.add_file(f"figures/{svg.name}", svg),
-            "png": assets.add_file(f"figures/{png.name}", png),
-            "pipeline": [],
-        }
+        svg, png = draw_graph(g["graph"], stem, thumbs, labels=labels)
+        fig["svg"], fig["png"] = (
+            assets.add_file(f"figures/{svg.name}", svg),
+            assets.add_file(f"figures/{png.name}", png),
+        )
         if assets.inline:  # figures/ then only holds what index.html already inlines
             svg.unlink()
             png.unlink()
         for ext in ("svg", "png"):
-            original = class_figure_stem(store, g["classes"][0]).with_suffix(f".{ext}")
+            original = stage.with_suffix(f".{ext}")
             if original.is_file():
                 fig["pipeline"].append(
                     {"ext": ext, "url": assets.add_file(f"figures/pipeline_{original.name}", original)}
