@@ -116,3 +116,94 @@ def test_erf_crop_dims_the_context_of_the_box():
     want = (np.asarray(image, dtype=np.float32) * shade).clip(0, 255).astype(np.uint8)[ct:cb, cl:cr]
     expected = Image.fromarray(want).resize((96, 96), Image.BICUBIC)
     assert np.array_equal(np.asarray(erf_crop(image, erf)), np.asarray(expected))
+
+
+def _one_by_one(handle, pixels, layer, cells) -> torch.Tensor:
+    """Each PFV's ERF from a forward and a backward pass of its own (no packing)."""
+    maps = []
+    for h, w in cells:
+        x = pixels[None].clone().requires_grad_(True)
+        pfv = handle.grid_until(x, layer)[0, :, h, w]
+        (grad,) = torch.autograd.grad((pfv * (pfv / pfv.norm()).detach()).sum(), x)
+        maps.append(grad[0].abs().sum(0))
+    return torch.stack(maps)
+
+
+def test_pfvs_reading_disjoint_pixels_share_a_backward_pass_and_keep_their_maps(lite0_handle, monkeypatch):
+    """Lite0's ``_blocks.4`` (stride 8, each position reads 67×67 pixels, measured by NaN
+    propagation): PFVs far enough apart are packed into one backward pass, and every map,
+    corners and edges included (static same padding is asymmetric there), equals its own pass."""
+    from gig.erf import receptive_fields
+
+    fields = receptive_fields(lite0_handle, "_blocks.4", 224)
+    assert fields is not None and fields.stride == 8 and (fields.lo_h, fields.hi_h) == (-26, 40)
+    assert receptive_fields(lite0_handle, "_blocks.15", 224) is None  # every position reads the whole image
+    cells = [(0, 0), (0, 27), (27, 0), (27, 27), (13, 14), (0, 13), (20, 5), (6, 21), (1, 1), (26, 12)]
+    pixels = torch.randn(3, 224, 224, generator=torch.Generator().manual_seed(4))
+    index = torch.zeros(10, dtype=torch.long)
+    erf_maps(lite0_handle, pixels[None], "_blocks.4", torch.tensor(cells), image_index=index)  # checks the boxes once
+    passes = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: passes.append(1) or real(*a, **k))
+    maps = erf_maps(lite0_handle, pixels[None], "_blocks.4", torch.tensor(cells), image_index=index)
+    monkeypatch.setattr(torch.autograd, "grad", real)
+    assert len(passes) < len(cells)  # packed
+    want = _one_by_one(lite0_handle, pixels, "_blocks.4", cells)
+    torch.testing.assert_close(maps, want, rtol=1e-5, atol=1e-6 * float(want.max()))
+
+
+def test_global_reads_are_never_packed():
+    """A layer after a squeeze-excitation-like gate (a global mean) reads the whole image at every
+    position: no boxes are claimed, and the maps are each PFV's own."""
+    from gig.erf import receptive_fields
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(5)
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.gate = nn.Identity()
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y = self.gate(y * torch.sigmoid(y.mean((2, 3), keepdim=True)))
+            return self.head(y.mean((2, 3)))
+
+    handle = ModelHandle(wrap_module(Gated(), input_size=16, class_names=["a", "b"]))
+    assert receptive_fields(handle, "conv", 16) is not None
+    assert receptive_fields(handle, "gate", 16) is None
+    pixels = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(6))
+    cells = [(0, 0), (15, 15), (8, 3)]
+    maps = erf_maps(handle, pixels[None], "gate", torch.tensor(cells), image_index=torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(maps, _one_by_one(handle, pixels, "gate", cells), rtol=1e-5, atol=1e-7)
+
+
+def test_boxes_measured_too_small_are_caught_by_the_maps_themselves():
+    """A branch that swallows NaN (``where(y > 0, y, 0)``) hides part of what each position reads
+    from the probe (it sees the 1×1 branch alone); the first packed group, checked against one
+    pass per PFV, differs, so packing is turned off for the layer and every map is the PFV's own."""
+    from gig.erf import receptive_fields
+
+    class Swallowing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(7)
+            self.wide = nn.Conv2d(3, 4, 5, padding=2)
+            self.narrow = nn.Conv2d(3, 4, 1)
+            self.b = nn.Identity()
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.wide(x)
+            y = self.b(torch.where(y > 0, y, torch.zeros(())) + self.narrow(x))
+            return self.head(y.mean((2, 3)))
+
+    handle = ModelHandle(wrap_module(Swallowing(), input_size=24, class_names=["a", "b"]))
+    fields = receptive_fields(handle, "b", 24)
+    assert fields is not None and fields.hi_h - fields.lo_h + 1 == 1  # the true reach, 5, is hidden
+    pixels = torch.randn(3, 24, 24, generator=torch.Generator().manual_seed(8))
+    cells = [(0, 0), (5, 5), (10, 10), (15, 15), (20, 20), (3, 12)]
+    maps = erf_maps(handle, pixels[None], "b", torch.tensor(cells), image_index=torch.zeros(6, dtype=torch.long))
+    torch.testing.assert_close(maps, _one_by_one(handle, pixels, "b", cells), rtol=1e-5, atol=1e-7)
+    assert receptive_fields(handle, "b", 24) is None

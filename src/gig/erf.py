@@ -10,6 +10,8 @@ context dimmed.
 from __future__ import annotations
 
 import os
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,26 +38,167 @@ def erf_maps(
     On the CPU each image runs forward once and each of its PFVs backward alone through the kept
     graph: on one thread this measured 2.4× (Lite0 ``_blocks.15``) to 5× (``_blocks.4``) faster
     than replicating the image once per PFV in batches of 16 (one forward and backward per PFV
-    over large batch tensors), and the maps agree to float rounding. On an accelerator, where
-    batches pay and single small kernels do not, rows are replicated in batches of
-    ``batch_size`` as before."""
+    over large batch tensors), and the maps agree to float rounding. PFVs of one image that read
+    disjoint pixels (:func:`receptive_fields`: early layers, whose positions see a small part of
+    the image) share one backward pass: the gradient of their sum is their maps side by side, each
+    inside its own box. On an accelerator, where batches pay and single small kernels do not, rows
+    are replicated in batches of ``batch_size`` as before."""
     M = positions.shape[0]
     index = torch.arange(M) if image_index is None else image_index.long()
     if index.shape != (M,):
         raise ValueError(f"image_index has shape {tuple(index.shape)}, want ({M},): one image per position")
     if handle.device.type != "cpu":
         return _erf_maps_batched(handle, pixels[index], layer, positions, batch_size)
-    maps = torch.empty(M, *pixels.shape[-2:])
+    fields = receptive_fields(handle, layer, pixels.shape[-1])
+    maps = torch.zeros(M, *pixels.shape[-2:])
     for image in index.unique().tolist():
-        rows = (index == image).nonzero().flatten()
+        rows = (index == image).nonzero().flatten().tolist()
         x = pixels[image : image + 1].to(handle.device).clone().requires_grad_(True)
         grid = handle.grid_until(x, layer)[0]  # (C, H, W), graph back to x kept
-        for j, row in enumerate(rows.tolist()):
-            pfv = grid[:, int(positions[row, 0]), int(positions[row, 1])]
-            unit = (pfv / pfv.norm().clamp_min(1e-12)).detach()
-            (grad,) = torch.autograd.grad((pfv * unit).sum(), x, retain_graph=j < len(rows) - 1)
-            maps[row] = grad[0].abs().sum(0).cpu()
+        cells = {row: (int(positions[row, 0]), int(positions[row, 1])) for row in rows}
+        if fields is not None and not _packing_holds(handle, layer, fields, grid, x, cells):
+            fields = None  # the boxes were measured wrong for this model: one pass per PFV
+        groups = _disjoint_groups(fields, cells) if fields is not None else [[row] for row in rows]
+        for g, group in enumerate(groups):
+            summed = _erf_sum(grid, x, [cells[r] for r in group], retain=g < len(groups) - 1)
+            if len(group) == 1:
+                maps[group[0]] = summed
+            for row in group if len(group) > 1 else ():  # disjoint supports: each box holds one map
+                t, b, l, r = fields.box(*cells[row])
+                maps[row, t:b, l:r] = summed[t:b, l:r]
     return maps
+
+
+def _erf_sum(grid: torch.Tensor, x: torch.Tensor, cells: list[tuple[int, int]], retain: bool) -> torch.Tensor:
+    """The summed ERF map ``(S, S)`` of the PFVs at ``cells`` of ``grid (C, H, W)``, computed from
+    the input ``x (1, 3, S, S)`` in one backward pass (``retain``: keep the graph for more)."""
+    (grad,) = torch.autograd.grad(_norm_seed(grid, cells), x, retain_graph=retain)
+    return grad[0].abs().sum(0).cpu()
+
+
+def _packing_holds(
+    handle: ModelHandle, layer: str, fields: "ReceptiveFields", grid: torch.Tensor, x: torch.Tensor, cells: dict
+) -> bool:
+    """Once per model handle and layer, a check of the measured boxes against the maps
+    themselves: the first group of PFVs that would share a pass is also computed one by one, and
+    a difference (an operation that swallowed the probe's NaN, so that the boxes are too small)
+    turns packing off for the layer. True when packing may be used."""
+    checked = _CHECKED.setdefault(handle, {})
+    if (layer, fields.size) in checked:
+        return checked[(layer, fields.size)]
+    group = next((g for g in _disjoint_groups(fields, cells) if len(g) > 1), None)
+    if group is None:
+        return True  # nothing to pack here; checked when there is
+    summed = _erf_sum(grid, x, [cells[r] for r in group], retain=True)
+    holds = True
+    for row in group:  # each map lies in its box, and the boxes' sum is the group's pass
+        alone = _erf_sum(grid, x, [cells[row]], retain=True)
+        t, b, l, r = fields.box(*cells[row])
+        outside = alone.clone()
+        outside[t:b, l:r] = 0
+        holds &= float(outside.abs().max()) <= 1e-6 * float(alone.abs().max())
+        alone[t:b, l:r] -= summed[t:b, l:r]
+        holds &= float(alone.abs().max()) <= 1e-4 * float(summed.abs().max()) + 1e-12
+    checked[(layer, fields.size)] = holds
+    if not holds:
+        _FIELDS[handle][(layer, fields.size)] = None
+    return holds
+
+
+def _norm_seed(grid: torch.Tensor, cells: list[tuple[int, int]]) -> torch.Tensor:
+    """``Σ_j ⟨x_pj, x_pj/‖x_pj‖⟩`` over the PFVs at ``cells`` of ``grid (C, H, W)``, the unit
+    directions held fixed: its input gradient is the sum of their ERF gradients."""
+    pfv = torch.stack([grid[:, h, w] for h, w in cells])  # (m, C)
+    unit = (pfv / pfv.norm(dim=1, keepdim=True).clamp_min(1e-12)).detach()
+    return (pfv * unit).sum()
+
+
+@dataclass(frozen=True)
+class ReceptiveFields:
+    """The input pixels each position of a layer's grid can depend on: position ``(h, w)`` reads
+    rows ``[s·h + lo_h, s·h + hi_h]`` and columns ``[s·w + lo_w, s·w + hi_w]`` of the ``size``² input
+    (clipped to it), ``s`` the stride. Measured, not assumed, by :func:`receptive_fields`."""
+
+    size: int
+    stride: int
+    lo_h: int
+    hi_h: int
+    lo_w: int
+    hi_w: int
+
+    def box(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """``(top, bottom, left, right)`` (ends exclusive) of the pixels position ``(h, w)`` reads."""
+        s, n = self.stride, self.size
+        top, bottom = max(0, s * h + self.lo_h), min(n, s * h + self.hi_h + 1)
+        left, right = max(0, s * w + self.lo_w), min(n, s * w + self.hi_w + 1)
+        return top, bottom, left, right
+
+    def disjoint(self, a: tuple[int, int], b: tuple[int, int]) -> bool:
+        """Whether positions ``a`` and ``b`` read no pixel in common (apart in rows or in columns)."""
+        (t1, b1, l1, r1), (t2, b2, l2, r2) = self.box(*a), self.box(*b)
+        return b1 <= t2 or b2 <= t1 or r1 <= l2 or r2 <= l1
+
+
+#: ``{handle: {(layer, size): ReceptiveFields | None}}``, measured once per model handle
+_FIELDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: ``{handle: {(layer, size): bool}}``: whether packing was checked against the maps and holds
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def receptive_fields(handle: ModelHandle, layer: str, size: int) -> ReceptiveFields | None:
+    """``layer``'s :class:`ReceptiveFields` on ``size``² inputs, or None where they cannot be
+    measured as boxes (then every PFV gets a backward pass of its own).
+
+    Measured by propagation, not from the architecture: a NaN at one pixel of a blank image turns
+    every grid position that reads it into NaN (a convolution, activation or pooling of a NaN is
+    NaN), so the positions reading pixel ``(i, i)`` are found exactly; probing one stride period
+    of pixels in the middle gives every offset. A layer whose positions read non-rectangular or
+    whole-image regions (attention, squeeze-excitation, global pooling) returns None."""
+    known = _FIELDS.setdefault(handle, {})
+    if (layer, size) not in known:
+        known[(layer, size)] = _measure_fields(handle, layer, size)
+    return known[(layer, size)]
+
+
+def _measure_fields(handle: ModelHandle, layer: str, size: int) -> ReceptiveFields | None:
+    x = torch.zeros(1, 3, size, size, device=handle.device)
+    with torch.no_grad():
+        H, W = handle.grid_until(x, layer).shape[-2:]
+    stride = size // H if H == W and size % H == 0 else 0
+    if stride < 1:
+        return None
+    offsets: dict[str, list[int]] = {"lo_h": [], "hi_h": [], "lo_w": [], "hi_w": []}
+    for i in range(size // 2, size // 2 + stride):
+        x = torch.zeros(1, 3, size, size, device=handle.device)
+        x[0, :, i, i] = float("nan")
+        with torch.no_grad():
+            seen = torch.isnan(handle.grid_until(x, layer)[0]).any(0).cpu()  # (H, W)
+        rows, cols = seen.any(1).nonzero().flatten(), seen.any(0).nonzero().flatten()
+        if rows.numel() == 0 or int(seen.sum()) != rows.numel() * cols.numel():
+            return None  # no propagation, or a region that is not one rectangle
+        if rows.numel() != int(rows[-1] - rows[0]) + 1 or rows.numel() >= H:
+            return None  # not contiguous, or the whole grid: nothing to gain
+        offsets["lo_h"].append(i - stride * int(rows[-1]))
+        offsets["hi_h"].append(i - stride * int(rows[0]))
+        offsets["lo_w"].append(i - stride * int(cols[-1]))
+        offsets["hi_w"].append(i - stride * int(cols[0]))
+    return ReceptiveFields(
+        size, stride, min(offsets["lo_h"]), max(offsets["hi_h"]), min(offsets["lo_w"]), max(offsets["hi_w"])
+    )
+
+
+def _disjoint_groups(fields: ReceptiveFields, cells: dict[int, tuple[int, int]]) -> list[list[int]]:
+    """``cells`` (row → grid position) in groups whose positions read pairwise disjoint pixels,
+    greedily in order: each group needs one backward pass."""
+    groups: list[list[int]] = []
+    for row, cell in cells.items():
+        for group in groups:
+            if all(fields.disjoint(cell, cells[other]) for other in group):
+                group.append(row)
+                break
+        else:
+            groups.append([row])
+    return groups
 
 
 def _erf_maps_batched(
