@@ -4,7 +4,7 @@ decompose only, then each basis's fidelity over all images as the decompose stag
 active) and its training figures.
 
     OMP_NUM_THREADS=1 python bench/basis_fidelity.py IMAGES OUT [--kinds sae sae-overcomplete sae-batchtopk]
-        [--layers _blocks.11 _blocks.15] [--max-images 200]
+        [--layers _blocks.11 _blocks.15] [--max-images 200] [--sae-steps 2000]
 
 ``IMAGES`` is an image folder or a CSV list (e.g. ``../shared/data/imagenet-sample/labels.csv``);
 one run per kind in ``OUT/KIND``; the table is printed and written to ``OUT/basis_fidelity.md``.
@@ -21,8 +21,9 @@ from gig.config import Config
 from gig.pipeline import Pipeline
 
 
-def run_kind(images: str, out: Path, kind: str, layers: list[str], max_images: int) -> dict:
-    config = Config(images=images, max_images=max_images, layers=layers, bases={layer: kind for layer in layers})
+def run_kind(images: str, out: Path, kind: str, layers: list[str], max_images: int, sae_steps: int) -> dict:
+    bases = {layer: kind for layer in layers}
+    config = Config(images=images, max_images=max_images, layers=layers, bases=bases, sae_steps=sae_steps)
     pipe = Pipeline(config, out / kind, progress=False)
     pipe.run(["collect", "concepts", "decompose"])
     summary = pipe.store.summary("concepts")
@@ -50,8 +51,11 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["sae", "sae-overcomplete", "sae-batchtopk"])
     parser.add_argument("--layers", nargs="+", default=["_blocks.11", "_blocks.15"])
     parser.add_argument("--max-images", type=int, default=200)
+    parser.add_argument("--sae-steps", type=int, default=2000, help="Adam steps of every SAE (the default's)")
     args = parser.parse_args()
-    results = {kind: run_kind(args.images, args.out, kind, args.layers, args.max_images) for kind in args.kinds}
+    results = {
+        kind: run_kind(args.images, args.out, kind, args.layers, args.max_images, args.sae_steps) for kind in args.kinds
+    }
     text = table(results)
     print(text)
     (args.out / "basis_fidelity.md").write_text(text + "\n")

@@ -144,13 +144,9 @@ def load_basis(store: RunStore, layer: str) -> "BasisEncoder | None":
     path = basis_path(store, layer)
     if not path.is_file():
         return None
-    from .basis import BasisEncoder  # torch alone; only for layers with a basis of their own
+    from .basis import read_basis  # torch alone; only for layers with a basis of their own
 
-    with open_tensors(path) as f:
-        metadata = f.metadata() or {}
-    tensors = load_tensors(path)
-    channels = tensors["W_dec"].shape[1]
-    return BasisEncoder.from_tensors(tensors, metadata, metadata.get("kind", "file"), channels, str(path))
+    return read_basis(path)
 
 
 def decoder_bias(store: RunStore, layer: str) -> torch.Tensor | None:

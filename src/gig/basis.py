@@ -240,9 +240,19 @@ def read_basis_file(path: str | Path, channels: int) -> BasisEncoder:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"basis file not found: {path}")
+    return read_basis(path, channels, f"file:{path}")
+
+
+def read_basis(path: Path, channels: int | None = None, kind: str | None = None) -> BasisEncoder:
+    """The basis in the safetensors file ``path`` (tensors and metadata, see the module
+    docstring), checked against ``channels`` (default: its decoder's) and named ``kind`` (default:
+    its metadata's, else ``file``): the one reader of a basis file, a user's or a run's."""
     with open_tensors(path) as f:
-        metadata = f.metadata()
-    return BasisEncoder.from_tensors(load_tensors(path), metadata, f"file:{path}", channels, str(path))
+        metadata = f.metadata() or {}
+    tensors = load_tensors(path)
+    if channels is None:
+        channels = tensors["W_dec"].shape[1] if "W_dec" in tensors else tensors["V"].shape[1]
+    return BasisEncoder.from_tensors(tensors, metadata, kind or metadata.get("kind", "file"), channels, str(path))
 
 
 def require_non_negative(X: torch.Tensor, what: str) -> None:

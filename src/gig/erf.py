@@ -63,7 +63,8 @@ def erf_maps(
             summed = _erf_sum(grid, x, [cells[r] for r in group], retain=g < len(groups) - 1)
             if len(group) == 1:
                 maps[group[0]] = summed
-            for row in group if len(group) > 1 else ():  # disjoint supports: each box holds one map
+                continue
+            for row in group:  # disjoint supports: each box holds one map
                 t, b, l, r = fields.box(*cells[row])
                 maps[row, t:b, l:r] = summed[t:b, l:r]
     return maps
