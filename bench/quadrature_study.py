@@ -16,10 +16,13 @@ the targets of one (image, transition) sharing their nodes as in the engine:
   fraction 0.3, estimate ``max(‖Σd‖, (Σ‖d‖²)^½)``, completeness within ``tol/2``);
 * ``default``: today's engine (each target its own cells, the estimate scaled by
   ``gig.method.ESTIMATE_SCALE``);
-* variants that change one thing at a time (``--rules NAME ...``).
+* variants that change one thing at a time (``--rules NAME ...``);
+* ``oracle`` rules: the default's refinement stopped by each path's *true* error (no estimator can
+  stop this refinement earlier at the same tolerance): a lower bound on evaluations.
 
 Printed first: the integrands' structure (total variation against the attribution's norm, and
-how many grid intervals hold half of it). Then per path kind and over all: evaluations (backward passes) per attribution, forwards per
+how many grid intervals hold half of it) and the error of uniform grids of 8 … 256 intervals
+(how fast they converge). Then per path kind and over all: evaluations (backward passes) per attribution, forwards per
 attribution (the distinct nodes of an image's paths, shared), their cost in backward passes
 (``FORWARD_COST`` per forward), true error p95 and max, estimate honesty (share of paths with
 estimate ≥ half the error) and estimate / error (median, 5th percentile).
@@ -55,6 +58,7 @@ class Rule:
     uniform: bool = False  # bisect every cell each round (nested uniform grids)
     per_target: bool = False  # each target its own cells (one backward per node it asked for)
     matched: bool = False  # each interval's weights matched to the exact readout change g(b) − g(a)
+    oracle: bool = False  # stop on the true error against the saved reference (a bound, not a rule)
 
 
 def load_groups(dirs: list[Path]) -> list[dict]:
@@ -102,6 +106,7 @@ def replay(F: torch.Tensor, g: torch.Tensor, rule: Rule, tol: float) -> dict:
     nodes = list(range(0, fine + 1, step))
     cells = [(2 * j * step, (2 * j + 1) * step, (2 * j + 2) * step) for j in range(rule.min_cells)]
     delta = g[-1] - g[0]
+    reference = trapezoid(F)  # (T, K), for the oracle
     active = np.ones(t, bool)
     out = {
         "A": torch.zeros(t, F.shape[2], dtype=F.dtype),
@@ -132,6 +137,8 @@ def replay(F: torch.Tensor, g: torch.Tensor, rule: Rule, tol: float) -> dict:
         else:
             change = local.sum(0).sqrt()
         est = rule.scale * (change / norm).numpy()
+        if rule.oracle:  # the estimate replaced by the true error: no estimator stops earlier
+            est = ((A - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-30)).numpy()
         resid = (A.sum(-1) - delta).abs().numpy()
         done = est <= tol
         if rule.completeness:
@@ -247,6 +254,11 @@ RULES = {
     "shared-0.8-f0.5": Rule("shared-0.8-f0.5", scale=0.8, fraction=0.5),
     "shared-0.7-f0.5": Rule("shared-0.7-f0.5", scale=0.7, fraction=0.5),
     "uniform": Rule("uniform", uniform=True),
+    # The default's refinement stopped by the true error (no completeness test): what a perfect
+    # error estimate would spend, a lower bound for every estimator of this refinement.
+    "oracle": Rule("oracle", per_target=True, completeness=0, oracle=True),
+    "oracle-f0.1": Rule("oracle-f0.1", per_target=True, completeness=0, oracle=True, fraction=0.1),
+    "oracle-c2-f0.1": Rule("oracle-c2-f0.1", per_target=True, completeness=0, oracle=True, min_cells=2, fraction=0.1),
     "uniform-half": Rule("uniform-half", uniform=True, scale=0.5),
     "uniform-half-c4": Rule("uniform-half-c4", uniform=True, scale=0.5, min_cells=4),
 }
@@ -275,6 +287,26 @@ def structure(groups: list[dict]) -> dict:
     }
 
 
+def uniform_errors(groups: list[dict]) -> dict:
+    """Every path's error on uniform trapezoid grids of 8 … 256 intervals (nodes at every
+    ``fine / n``-th saved node) against the saved grid: median, p95 and max per grid, and the
+    slope of the median against ``n`` on a log-log scale (−1: error ∝ 1/N)."""
+    out = {}
+    for n in (8, 16, 32, 64, 128, 256):
+        errors = []
+        for grp in groups:
+            F = grp["F"]
+            fine = F.shape[0] - 1
+            if fine % n:
+                continue
+            ref, coarse = trapezoid(F), trapezoid(F[:: fine // n])
+            errors += ((coarse - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)).tolist()
+        out[n] = {"p50": float(np.median(errors)), "p95": float(np.quantile(errors, 0.95)), "max": max(errors)}
+    ns = sorted(out)
+    slope = np.polyfit(np.log(ns), np.log([out[n]["p50"] for n in ns]), 1)[0]
+    return {"intervals": out, "median_slope": float(slope)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dumps", type=Path, nargs="+")
@@ -286,6 +318,8 @@ def main() -> None:
     print(f"{len(groups)} groups, {sum(g['F'].shape[1] for g in groups)} paths")
     results = {"structure": structure(groups)}
     print("integrand structure:", json.dumps(results["structure"]))
+    results["uniform_errors"] = uniform_errors(groups)
+    print("uniform trapezoid grids:", json.dumps(results["uniform_errors"]))
     for name in args.rules:
         rows = study(groups, RULES[name], args.tol)
         kinds = sorted({r["kind"] for r in rows})

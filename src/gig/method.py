@@ -24,8 +24,8 @@ gradients with respect to the codes are the same ``⟨∂g/∂X̃_p, V_q⟩``.
 
 **Error control (the default).** The integrand is not smooth (ReLU6 clipping, the max readout):
 along the path the gradient vector is piecewise constant, with hundreds of small switches
-(``bench/quadrature_study.py``), so high-order rules gain nothing, uniform grids converge like
-about ``N^-1.5``, and paths differ widely in difficulty. Every attribution (one image, one target:
+(``bench/quadrature_study.py``), so high-order rules gain nothing, uniform trapezoid grids
+converge like ``1/N``, and paths differ widely in difficulty. Every attribution (one image, one target:
 a *path*) gets its own grid, refined where its attribution vector changes: cells ``[a, b]`` of α
 with their midpoints, integrated by the trapezoid rule on both halves; per cell, the difference
 ``d`` between that and the one-interval trapezoid is a local error vector over the concepts.
