@@ -282,6 +282,21 @@ def test_imagefolder_labels_follow_the_model_classes(tmp_path):
             Pipeline(Config(images=str(root), layers=["_blocks.15"], target="label"), tmp_path / "r2", progress=False)
 
 
+def test_step_cap_miss_counts_the_attributions(finished_run):
+    """The step-cap sentence says how many attributions hit the cap, not only a share rounded to
+    one decimal (5 of 12 800 printed as "0.0%" before); none, no sentence."""
+    from gig.summary import missed_targets, summarize
+
+    info = summarize(finished_run)
+    store = RunStore.open(finished_run)
+    capped = {**info, "gig": {**info["gig"], "n": 12800, "unconverged": 5 / 12800}}
+    assert any(
+        m.startswith("5 of 12,800 GIG attributions (0.04%) hit the step cap") for m in missed_targets(store, capped)
+    )
+    clean = {**info, "gig": {**info["gig"], "unconverged": 0.0}}
+    assert not any("step cap" in m for m in missed_targets(store, clean))
+
+
 def test_inspect_names_every_missed_target(finished_run, tmp_path):
     """`missed` has one sentence per figure past its threshold, read back from the layer table,
     and one per stage that is not done."""

@@ -133,11 +133,14 @@ def missed_targets(store: RunStore, info: dict) -> list[str]:
     tol = config.gig_tol if config.n_steps is None else None
     if p95 is not None and tol is not None and p95 > tol:
         missed.append(f"GIG completeness residual p95 {p95:.4f} above the tolerance {tol}")
-    unconverged = (info.get("gig") or {}).get("unconverged")
+    accuracy = info.get("gig") or {}
+    unconverged = accuracy.get("unconverged")
     if unconverged:
+        # a count as well as a share: a handful of 12 800 is "0.0%" at one decimal
+        count = round(unconverged * accuracy.get("n", 0))
         missed.append(
-            f"{unconverged:.1%} of GIG attributions hit the step cap ({config.gig_max_steps}) "
-            "before reaching the tolerance"
+            f"{count:,} of {accuracy.get('n', 0):,} GIG attributions ({unconverged:.2%}) hit the step cap "
+            f"({config.gig_max_steps}) before reaching the tolerance"
         )
     return missed
 
