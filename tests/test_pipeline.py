@@ -297,6 +297,26 @@ def test_step_cap_miss_counts_the_attributions(finished_run):
     assert not any("step cap" in m for m in missed_targets(store, clean))
 
 
+def test_fixed_grid_missing_completeness_is_a_miss(finished_run):
+    """A fixed grid whose attributions miss most of the change (as on a model with a LayerNorm
+    after the layer, where the change lies near α = 0) is named, with what to do; error control
+    within its tolerance is not."""
+    import dataclasses
+
+    from gig.summary import missed_targets, summarize
+
+    info = summarize(finished_run)
+    store = RunStore.open(finished_run)
+    store.config = dataclasses.replace(store.config, n_steps=16)
+    broken = {**info, "completeness": {**info["completeness"], "p95": 0.998}}
+    assert any(
+        m.startswith("GIG completeness residual p95 0.9980 above the tolerance") and "n_steps 16" in m
+        for m in missed_targets(store, broken)
+    )
+    fine = {**info, "completeness": {**info["completeness"], "p95": 0.5 * store.config.gig_tol}}
+    assert not any("completeness" in m for m in missed_targets(store, fine))
+
+
 def test_inspect_names_every_missed_target(finished_run, tmp_path):
     """`missed` has one sentence per figure past its threshold, read back from the layer table,
     and one per stage that is not done."""
