@@ -297,6 +297,20 @@ def test_step_cap_miss_counts_the_attributions(finished_run):
     assert not any("step cap" in m for m in missed_targets(store, clean))
 
 
+def test_run_ends_with_what_it_misses(finished_run):
+    """`gig run` (here resuming a finished run) ends with the missed targets `gig inspect` lists,
+    so a user sees them without a second command."""
+    from gig.summary import summarize
+
+    missed = summarize(finished_run)["missed"]
+    result = CliRunner().invoke(app, ["run", "--out", str(finished_run)])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())  # rich wraps long lines
+    assert missed, "the small run misses K = 8·C: the test needs a miss to look for"
+    assert f"{len(missed)} target(s) missed" in output
+    assert all(" ".join(m.split())[:60] in output for m in missed)
+
+
 def test_fixed_grid_missing_completeness_is_a_miss(finished_run):
     """A fixed grid whose attributions miss most of the change (as on a model with a LayerNorm
     after the layer, where the change lies near α = 0) is named, with what to do; error control

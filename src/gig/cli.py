@@ -164,6 +164,15 @@ def _print_done(out: Path) -> None:
     console.print(f"[green]done[/green]: results in {out.resolve()}")
     console.print(f"  graph: {info['graph']}")
     console.print(f"  summary: gig inspect {out}")
+    _print_missed(console, info["missed"])  # what the run misses, without waiting for inspect
+
+
+def _print_missed(out: Console, missed: list[str]) -> None:
+    """Every missed target and unfinished stage (:func:`gig.summary.missed_targets`), one line each."""
+    if missed:
+        out.print(f"[yellow]{len(missed)} target(s) missed or stages missing:[/yellow]")
+        for line in missed:
+            out.print(f"  [yellow]![/yellow] {line}", soft_wrap=True)
 
 
 def _stage_command(stage: str):
@@ -393,10 +402,7 @@ def inspect(
             for name, t in info["edge_tests"].items()
         )
         out.print(f"edges stronger than random directions (BH, FDR 5 %): {tests}", soft_wrap=True)
-    if info["missed"]:
-        out.print(f"[yellow]{len(info['missed'])} target(s) missed or stages missing:[/yellow]")
-        for line in info["missed"]:
-            out.print(f"  [yellow]![/yellow] {line}", soft_wrap=True)
+    _print_missed(out, info["missed"])
     for line in info.get("notes", []):
         out.print(f"  note: {line}", soft_wrap=True)
 
