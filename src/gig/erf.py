@@ -168,12 +168,16 @@ def _measure_fields(handle: ModelHandle, layer: str, size: int) -> ReceptiveFiel
     stride = size // H if H == W and size % H == 0 else 0
     if stride < 1:
         return None
+    # One probe image per pixel (i, i) of one stride period, all in one forward pass: the model
+    # is in eval mode, so one image's NaN cannot reach another's outputs (if it did, every probe
+    # would see the whole grid, and packing would be refused below).
+    probes = torch.arange(size // 2, size // 2 + stride)
+    x = torch.zeros(stride, 3, size, size, device=handle.device)
+    x[torch.arange(stride), :, probes, probes] = float("nan")
+    with torch.no_grad():
+        seen_all = torch.isnan(handle.grid_until(x, layer)).any(1).cpu()  # (stride, H, W)
     offsets: dict[str, list[int]] = {"lo_h": [], "hi_h": [], "lo_w": [], "hi_w": []}
-    for i in range(size // 2, size // 2 + stride):
-        x = torch.zeros(1, 3, size, size, device=handle.device)
-        x[0, :, i, i] = float("nan")
-        with torch.no_grad():
-            seen = torch.isnan(handle.grid_until(x, layer)[0]).any(0).cpu()  # (H, W)
+    for i, seen in zip(probes.tolist(), seen_all):
         rows, cols = seen.any(1).nonzero().flatten(), seen.any(0).nonzero().flatten()
         if rows.numel() == 0 or int(seen.sum()) != rows.numel() * cols.numel():
             return None  # no propagation, or a region that is not one rectangle
