@@ -182,7 +182,6 @@ def _summarize(store, summary: dict) -> None:
     from .store import save_tensors
 
     data = load_attributions(store, SUMMARY_FIELDS)
-    store.stage_dir("attribute")
     save_tensors(paths_path(store), data)
     parts = completeness_residuals(store, by_layer=True, data=data)
     summary["completeness"] = _residual_stats(torch.cat(list(parts.values())))

@@ -259,7 +259,6 @@ def graph_image(
     pipe = Pipeline.open(run_dir)
     pipe.store.require("attribute")
     g = build_graph(pipe.store, "image", image_id=image_id, class_names=pipe.bundle.class_names)
-    pipe.store.stage_dir("graph")
     path = image_graph_path(pipe.store, image_id)
     save_json(path, g)
     pipe.draw_graph(pipe.store, g, path.with_suffix(""))

@@ -149,7 +149,6 @@ def extract_concepts(store: RunStore, progress: bool = True) -> None:
     store.require("collect")
     config = store.config
     with store.stage("concepts") as summary:
-        store.stage_dir("concepts")  # the folder of every layer's files
         for layer in tqdm(config.layers, desc="concepts", disable=not progress):
             samples = load_samples(store, layer)
             X = samples["pfv"].numpy()

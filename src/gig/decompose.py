@@ -725,7 +725,6 @@ def _check_all(store: RunStore, fronts: dict, checks: dict, encoders: dict, n_sh
             bound = encoder.alpha / CHECK_STEP * (1 + 1e-6)
             denser = [p["alpha"] for p in fronts[layer]["points"] if p["alpha"] <= bound]
             steps[layer] = record["alpha"] = max(denser, default=encoder.alpha / CHECK_STEP)
-    store.stage_dir("decompose")
     save_json(check_path(store), checks)
     return steps
 
@@ -763,7 +762,6 @@ def _fronts(
     own (a front is the same whichever process measures it), and every rank gets all of them."""
     ranks = ranks or Ranks()
     config = store.config
-    store.stage_dir("decompose")
     path = front_path(store)
     fronts = load_json(path) if path.is_file() else {}
     # a layer with a basis of its own has no λ, hence no front

@@ -1064,6 +1064,5 @@ def save_run_sums(store: RunStore, progress: bool = False) -> RunSums:
 
     sums = run_sums(shards, layers, run_targets(store))
     key = torch.frombuffer(bytearray(attribute_key(store).encode()), dtype=torch.uint8)
-    store.stage_dir("graph")
     save_tensors(run_sums_path(store), {**sums.tensors(), "attribute": key})
     return sums

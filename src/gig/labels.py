@@ -49,17 +49,10 @@ def check_layer(store: RunStore, layer: str) -> str:
     return store.analysed(layer)[0]
 
 
-def _cards(store: RunStore, layer: str) -> dict:
-    """The concept cards of ``layer`` (``concepts/LAYER.json``), read through :mod:`gig.artefacts`
-    without importing :mod:`gig.concepts` (scikit-learn is slow to import for a command that
-    writes one line)."""
-    return load_concept_cards(store, layer)
-
-
 def concept_count(store: RunStore, layer: str) -> int:
     """``K``, the number of concepts of ``layer`` (from its concept cards)."""
     check_layer(store, layer)
-    cards = _cards(store, layer)
+    cards = load_concept_cards(store, layer)
     return int(cards.get("K", len(cards["concepts"])))
 
 
@@ -394,7 +387,7 @@ def suggest_labels(
     hierarchy = load_hierarchy() if len(names) == 1000 else None
     name_of = lambda c: class_name(names, c)  # noqa: E731
     out: dict[int, dict] = {}
-    for card in _cards(store, layer)["concepts"]:
+    for card in load_concept_cards(store, layer)["concepts"]:
         counts = [(int(c), int(n)) for c, n in card.get("top_classes", [])]
         ancestor = shared_ancestor(counts, hierarchy, coverage) if hierarchy else None
         out[int(card["id"])] = {

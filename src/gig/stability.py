@@ -403,6 +403,5 @@ def concept_stability(
         per_refit = [{layer: refits[layer][r] for layer in layers} for r in range(seeds)]
         result["graphs"] = graph_stability(store, per_refit, model=model, progress=progress)
     path = stability_path(store)
-    path.parent.mkdir(exist_ok=True)
     save_json(path, result)
     return result

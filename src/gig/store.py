@@ -125,11 +125,13 @@ def save_tensors(
     path: Path, tensors: dict[str, torch.Tensor | np.ndarray], metadata: dict[str, str] | None = None
 ) -> None:
     """Write tensors atomically (a crash never leaves a half-written file under the real name),
-    with their checksum (and any ``metadata`` strings) in the file's header."""
+    with their checksum (and any ``metadata`` strings) in the file's header; the folder is made
+    where missing."""
     data = {
         k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.contiguous())
         for k, v in tensors.items()
     }
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
         save_file(data, str(tmp), metadata={**(metadata or {}), CHECKSUM_KEY: tensors_checksum(data)})
@@ -214,10 +216,12 @@ def json_checksum(data: Any) -> str:
 
 def save_json(path: Path, data: Any) -> None:
     """Write JSON atomically; an object gets its :func:`json_checksum` as one more key
-    (:data:`JSON_CHECKSUM_KEY`, last), verified and removed again by :func:`load_json`."""
+    (:data:`JSON_CHECKSUM_KEY`, last), verified and removed again by :func:`load_json`; the
+    folder is made where missing."""
     if isinstance(data, dict):
         data = {k: v for k, v in data.items() if k != JSON_CHECKSUM_KEY}
         data[JSON_CHECKSUM_KEY] = json_checksum(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=_json_default))
     os.replace(tmp, path)
