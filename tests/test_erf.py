@@ -69,6 +69,53 @@ def test_one_forward_per_image_equals_a_fresh_pass_per_pfv(tiny_bundle):
         assert erf_box(maps[row].numpy()) == erf_box(want.numpy())
 
 
+def test_several_layers_of_one_image_take_one_forward_and_give_each_layers_maps():
+    """:func:`gig.erf.image_erf_maps` runs the image forward once for PFVs of three layers and
+    gives, bit for bit, the maps of one :func:`erf_maps` call per layer, although an in-place
+    ReLU sits right above the first layer (its grid is the layer's output, not the ReLU's)."""
+    from gig.erf import image_erf_maps
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(9)
+            self.a = nn.Conv2d(3, 6, 3, padding=1)
+            self.act = nn.ReLU(inplace=True)
+            self.b = nn.Conv2d(6, 6, 3, stride=2, padding=1)
+            self.c = nn.Sequential(nn.Conv2d(6, 4, 3, stride=2, padding=1), nn.ReLU())
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.c(self.b(self.act(self.a(x)))).mean((2, 3)))
+
+    model = InPlace()
+    handle = ModelHandle(wrap_module(model, input_size=16, class_names=["a", "b"]))
+    pixels = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(2))
+    positions = {
+        "a": torch.tensor([[0, 0], [7, 9], [15, 3]]),
+        "c": torch.tensor([[0, 3], [2, 1]]),
+        "b": torch.tensor([[4, 4]]),
+    }
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        both = image_erf_maps(handle, pixels, positions)
+    finally:
+        hook.remove()
+    assert calls == []  # stopped after the last layer: the model's own forward never returned
+    forwards = []
+    hook = model.a.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        image_erf_maps(handle, pixels, positions)
+    finally:
+        hook.remove()
+    assert len(forwards) == 1
+    for layer, pos in positions.items():
+        alone = erf_maps(handle, pixels[None], layer, pos, image_index=torch.zeros(len(pos), dtype=torch.long))
+        assert torch.equal(both[layer], alone), layer
+    assert float(both["a"].sum()) > 0
+
+
 def test_erf_box_is_the_smallest_peak_centred_box_holding_the_mass():
     """Against the definition: grow a box around the peak one pixel at a time until it holds
     ``mass`` of the map (an ERF at an edge, one in the middle, a flat one)."""

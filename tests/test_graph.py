@@ -266,6 +266,24 @@ def test_edge_tests_against_random_directions_match_scipy_paired_t_tests():
     assert weaker["significant"] and not unsure["significant"]
 
 
+def test_bh_and_t_interval_equal_scipy_stats():
+    """The graph's own Benjamini-Hochberg and t quantile (scipy.special, so that building a graph
+    does not import scipy.stats) give scipy.stats' numbers: ties, one p-value, many; the 95 %
+    t-interval of a mean as ``scipy.stats.t.interval``."""
+    import numpy as np
+    from scipy import stats
+
+    from gig.graph import bh_adjusted, mean_interval
+
+    rng = np.random.default_rng(3)
+    for p in ([0.2], [0.5, 0.5, 0.01, 0.01, 0.9], list(rng.uniform(size=400) ** 4)):
+        np.testing.assert_array_equal(bh_adjusted(p), stats.false_discovery_control(p, method="bh"))
+    x = rng.normal(size=9)
+    got = mean_interval(torch.tensor([x.sum()]), torch.tensor([(x**2).sum()]), len(x))
+    lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+    np.testing.assert_allclose([float(got["lo"][0]), float(got["hi"][0])], [lo, hi], rtol=1e-5)
+
+
 def test_edge_tests_hold_their_false_discovery_rate_on_a_planted_population():
     """1 000 edges over 60 images, 800 of them drawn around the random directions' own weight
     (true nulls) and 200 above it: after Benjamini-Hochberg at 5 %, the share of true nulls among

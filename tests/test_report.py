@@ -617,3 +617,33 @@ def test_report_takes_the_graph_stages_figures_instead_of_drawing_them_again(tin
     assert f"class_{c}" in drawn
     assert (figures / f"class_{c}.png").read_bytes() != class_figure_stem(store, c).with_suffix(".png").read_bytes()
     assert (figures / f"pipeline_class_{c}.png").is_file()
+
+
+def test_a_first_report_makes_every_crop_from_one_read_of_each_image(tiny_run, tmp_path, monkeypatch) -> None:
+    """Without the ERF cache, the report makes the crops of every layer image by image: each
+    image is loaded once for all of them, and each crop on the page (JPEG, encoded from memory)
+    is the JPEG of the PNG written to the cache."""
+    import collections
+    import shutil
+
+    import gig.images
+    import gig.report.sections
+    from gig.report import build_report
+    from gig.report.page import jpeg_bytes, slug
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run, ignore=shutil.ignore_patterns("report", "evaluate", "erf"))
+    loads = collections.Counter()
+    real = gig.images.ImageSource.load
+    monkeypatch.setattr(gig.images.ImageSource, "load", lambda self, r: loads.update([r.image_id]) or real(self, r))
+    monkeypatch.setattr(gig.report.sections, "jpeg_bytes", lambda p: pytest.fail(f"{p} read back"))
+    index = build_report(run, progress=False)
+    monkeypatch.undo()
+    cropped = sorted((run / "erf").rglob("s*.png"))
+    assert len({p.parent.name for p in cropped}) == len(LAYERS)  # crops of every layer
+    panels = json.loads(re.search(r'id="gig-data">(.*?)</script>', index.read_text(encoding="utf-8"), re.S).group(1))
+    shown = len(panels["images"])  # the localisation panels load their images once more each
+    assert max(loads.values()) <= 2 and sum(loads.values()) <= len(loads) + shown, loads
+    for png in cropped:
+        page_jpeg = run / "report" / "img" / "erf" / slug(png.parent.name) / f"{png.stem}.jpg"
+        assert page_jpeg.read_bytes() == jpeg_bytes(png), png

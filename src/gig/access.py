@@ -8,7 +8,7 @@ fingerprint, no lock), and the model and the images are loaded only when somethi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -188,14 +188,22 @@ class RunAccess:
         return torch.stack([self.bundle.preprocess(load_rgb(p)) for p in paths])
 
     def crops(self, layer: str, samples: list[int]) -> list[Path]:
-        """ERF crops of sampled PFVs of ``layer``, from the run's ERF cache (:func:`gig.erf.exemplar_crops`).
-        Where every one is cached, neither the run's images nor the model are touched (the
-        images' fingerprint is checked only when one must be computed)."""
+        """ERF crops of sampled PFVs of ``layer``: :meth:`layer_crops` of one layer."""
+        return self.layer_crops({layer: samples})[layer]
+
+    def layer_crops(
+        self, wanted: dict[str, list[int]], on_made: Callable[[Path, Image.Image], None] | None = None
+    ) -> dict[str, list[Path]]:
+        """ERF crops of sampled PFVs, ``wanted {layer: samples}`` → ``{layer: paths}``, from the
+        run's ERF cache (:func:`gig.erf.layer_crops`: each image runs forward once for all its
+        layers; ``on_made`` sees each crop made). Where every one is cached, neither the run's
+        images nor the model are touched (the images' fingerprint is checked only when one must be
+        computed)."""
         from .artefacts import crop_paths
 
-        paths = crop_paths(self.store, layer, samples)
-        if all(p.exists() for p in paths):
+        paths = {layer: crop_paths(self.store, layer, samples) for layer, samples in wanted.items()}
+        if all(p.exists() for layer_paths in paths.values() for p in layer_paths):
             return paths
-        from .erf import exemplar_crops
+        from .erf import layer_crops
 
-        return exemplar_crops(self.store, self.handle, self.source, layer, samples)
+        return layer_crops(self.store, self.handle, self.source, wanted, on_made=on_made)

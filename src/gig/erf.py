@@ -13,12 +13,13 @@ import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .artefacts import crop_paths, erf_dir, load_samples  # noqa: F401  (crop_paths, erf_dir re-exported)
+from .artefacts import crop_paths, erf_dir, load_samples
 from .hooks import ModelHandle
 
 
@@ -49,24 +50,57 @@ def erf_maps(
         raise ValueError(f"image_index has shape {tuple(index.shape)}, want ({M},): one image per position")
     if handle.device.type != "cpu":
         return _erf_maps_batched(handle, pixels[index], layer, positions, batch_size)
-    fields = receptive_fields(handle, layer, pixels.shape[-1])
     maps = torch.zeros(M, *pixels.shape[-2:])
     for image in index.unique().tolist():
-        rows = (index == image).nonzero().flatten().tolist()
+        rows = (index == image).nonzero().flatten()
         x = pixels[image : image + 1].to(handle.device).clone().requires_grad_(True)
         grid = handle.grid_until(x, layer)[0]  # (C, H, W), graph back to x kept
-        cells = {row: (int(positions[row, 0]), int(positions[row, 1])) for row in rows}
-        if fields is not None and not _packing_holds(handle, layer, fields, grid, x, cells):
-            fields = None  # the boxes were measured wrong for this model: one pass per PFV
-        groups = _disjoint_groups(fields, cells) if fields is not None else [[row] for row in rows]
-        for g, group in enumerate(groups):
-            summed = _erf_sum(grid, x, [cells[r] for r in group], retain=g < len(groups) - 1)
-            if len(group) == 1:
-                maps[group[0]] = summed
-                continue
-            for row in group:  # disjoint supports: each box holds one map
-                t, b, l, r = fields.box(*cells[row])
-                maps[row, t:b, l:r] = summed[t:b, l:r]
+        maps[rows] = _maps_of_image(handle, layer, x, grid, positions[rows])
+    return maps
+
+
+def image_erf_maps(
+    handle: ModelHandle, pixels: torch.Tensor, positions: dict[str, torch.Tensor], batch_size: int = 16
+) -> dict[str, torch.Tensor]:
+    """:func:`erf_maps` of PFVs of several layers of one image, ``pixels (3, S, S)``,
+    ``positions {layer: (m, 2)}`` → ``{layer: (m, S, S)}``. On the CPU the image runs forward
+    once for all of them (:meth:`ModelHandle.grids_until`), stopped after the last layer; the maps
+    are the ones :func:`erf_maps` gives, bit for bit (the same forward operations, and a
+    copy's backward is exact)."""
+    if handle.device.type != "cpu":
+        return {
+            layer: erf_maps(handle, pixels[None], layer, pos, batch_size, torch.zeros(len(pos)))
+            for layer, pos in positions.items()
+        }
+    x = pixels[None].to(handle.device).clone().requires_grad_(True)
+    grids, last = handle.grids_until(x, list(positions)), len(positions) - 1
+    return {
+        layer: _maps_of_image(handle, layer, x, grids[layer][0], pos, free=k == last)
+        for k, (layer, pos) in enumerate(positions.items())
+    }
+
+
+def _maps_of_image(
+    handle: ModelHandle, layer: str, x: torch.Tensor, grid: torch.Tensor, positions: torch.Tensor, free: bool = True
+) -> torch.Tensor:
+    """The ERF maps ``(m, S, S)`` of the PFVs at ``positions (m, 2)`` of ``grid (C, H, W)``,
+    ``layer``'s output for the single image ``x (1, 3, S, S)`` (graph kept): one backward pass
+    per group of PFVs that read disjoint pixels (:func:`receptive_fields`), else per PFV. ``free``:
+    the last pass frees the graph (False while other layers' maps still need it)."""
+    fields = receptive_fields(handle, layer, x.shape[-1])
+    cells = {row: (int(h), int(w)) for row, (h, w) in enumerate(positions.tolist())}
+    if fields is not None and not _packing_holds(handle, layer, fields, grid, x, cells):
+        fields = None  # the boxes were measured wrong for this model: one pass per PFV
+    groups = _disjoint_groups(fields, cells) if fields is not None else [[row] for row in cells]
+    maps = torch.zeros(len(cells), *x.shape[-2:])
+    for g, group in enumerate(groups):
+        summed = _erf_sum(grid, x, [cells[r] for r in group], retain=not free or g < len(groups) - 1)
+        if len(group) == 1:
+            maps[group[0]] = summed
+            continue
+        for row in group:  # disjoint supports: each box holds one map
+            t, b, l, r = fields.box(*cells[row])
+            maps[row, t:b, l:r] = summed[t:b, l:r]
     return maps
 
 
@@ -168,28 +202,39 @@ def _measure_fields(handle: ModelHandle, layer: str, size: int) -> ReceptiveFiel
     stride = size // H if H == W and size % H == 0 else 0
     if stride < 1:
         return None
-    # One probe image per pixel (i, i) of one stride period, all in one forward pass: the model
-    # is in eval mode, so one image's NaN cannot reach another's outputs (if it did, every probe
-    # would see the whole grid, and packing would be refused below).
-    probes = torch.arange(size // 2, size // 2 + stride)
-    x = torch.zeros(stride, 3, size, size, device=handle.device)
-    x[torch.arange(stride), :, probes, probes] = float("nan")
-    with torch.no_grad():
-        seen_all = torch.isnan(handle.grid_until(x, layer)).any(1).cpu()  # (stride, H, W)
+    # One probe image per pixel (i, i) of one stride period: the model is in eval mode, so one
+    # image's NaN cannot reach another's outputs (if it did, every probe would see the whole grid,
+    # and packing would be refused below). The first probe runs alone: on deep layers, whose
+    # positions read the whole image, it already says None (the answer of the whole period, which
+    # fails on its first probe too), for one image's forward pass instead of ``stride``.
+    probes = list(range(size // 2, size // 2 + stride))
     offsets: dict[str, list[int]] = {"lo_h": [], "hi_h": [], "lo_w": [], "hi_w": []}
-    for i, seen in zip(probes.tolist(), seen_all):
-        rows, cols = seen.any(1).nonzero().flatten(), seen.any(0).nonzero().flatten()
-        if rows.numel() == 0 or int(seen.sum()) != rows.numel() * cols.numel():
-            return None  # no propagation, or a region that is not one rectangle
-        if rows.numel() != int(rows[-1] - rows[0]) + 1 or rows.numel() >= H:
-            return None  # not contiguous, or the whole grid: nothing to gain
-        offsets["lo_h"].append(i - stride * int(rows[-1]))
-        offsets["hi_h"].append(i - stride * int(rows[0]))
-        offsets["lo_w"].append(i - stride * int(cols[-1]))
-        offsets["hi_w"].append(i - stride * int(cols[0]))
+    for batch in (probes[:1], probes[1:]):
+        if not batch:
+            continue
+        for i, seen in zip(batch, _nan_reach(handle, layer, size, batch)):
+            rows, cols = seen.any(1).nonzero().flatten(), seen.any(0).nonzero().flatten()
+            if rows.numel() == 0 or int(seen.sum()) != rows.numel() * cols.numel():
+                return None  # no propagation, or a region that is not one rectangle
+            if rows.numel() != int(rows[-1] - rows[0]) + 1 or rows.numel() >= H:
+                return None  # not contiguous, or the whole grid: nothing to gain
+            offsets["lo_h"].append(i - stride * int(rows[-1]))
+            offsets["hi_h"].append(i - stride * int(rows[0]))
+            offsets["lo_w"].append(i - stride * int(cols[-1]))
+            offsets["hi_w"].append(i - stride * int(cols[0]))
     return ReceptiveFields(
         size, stride, min(offsets["lo_h"]), max(offsets["hi_h"]), min(offsets["lo_w"]), max(offsets["hi_w"])
     )
+
+
+def _nan_reach(handle: ModelHandle, layer: str, size: int, pixels: list[int]) -> torch.Tensor:
+    """``(len(pixels), H, W)``: which positions of ``layer``'s grid a NaN at input pixel ``(i, i)``
+    reaches, for each ``i`` of ``pixels``, in one forward pass of one probe image per pixel."""
+    n, probes = len(pixels), torch.tensor(pixels)
+    x = torch.zeros(n, 3, size, size, device=handle.device)
+    x[torch.arange(n), :, probes, probes] = float("nan")
+    with torch.no_grad():
+        return torch.isnan(handle.grid_until(x, layer)).any(1).cpu()
 
 
 def _disjoint_groups(fields: ReceptiveFields, cells: dict[int, tuple[int, int]]) -> list[list[int]]:
@@ -274,14 +319,6 @@ def save_png(image: Image.Image, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _by_image(samples: list[int], image_ids) -> list[tuple[int, list[int]]]:
-    """``samples`` grouped by their image (``image_ids[sample]``): ``[(image id, samples)]``."""
-    groups: dict[int, list[int]] = {}
-    for i in samples:
-        groups.setdefault(int(image_ids[i]), []).append(i)
-    return sorted(groups.items())
-
-
 def exemplar_crops(
     store,
     handle: ModelHandle,
@@ -291,26 +328,61 @@ def exemplar_crops(
     mass: float = 0.9,
     margin: float = 0.5,
     batch_size: int = 16,
+    on_made: Callable[[Path, Image.Image], None] | None = None,
 ) -> list[Path]:
     """PNG ERF crops of sampled PFVs of ``layer`` (indices into the collect arrays), cached in
-    :func:`erf_dir` as ``s{index}.png``. Only the missing ones are computed, image by image, so
-    each image is read, preprocessed and run forward once however many of its PFVs are asked
-    for; the pipeline's ``gig concept`` and the report share this one cache."""
-    out = erf_dir(store, layer)
-    paths = crop_paths(store, layer, sample_indices)
-    missing = sorted({i for i, p in zip(sample_indices, paths) if not p.exists()})
+    :func:`erf_dir` as ``s{index}.png``: :func:`layer_crops` of one layer."""
+    return layer_crops(store, handle, source, {layer: sample_indices}, mass, margin, batch_size, on_made)[layer]
+
+
+def layer_crops(
+    store,
+    handle: ModelHandle,
+    source,
+    wanted: dict[str, list[int]],
+    mass: float = 0.9,
+    margin: float = 0.5,
+    batch_size: int = 16,
+    on_made: Callable[[Path, Image.Image], None] | None = None,
+) -> dict[str, list[Path]]:
+    """PNG ERF crops of sampled PFVs of several layers, ``wanted {layer: sample indices}`` →
+    ``{layer: paths}`` in that order, cached in :func:`erf_dir` as ``s{index}.png``. Only the
+    missing ones are computed, image by image: each image is read, preprocessed and run forward
+    once however many of its PFVs, of whichever layers, are asked for
+    (:func:`image_erf_maps`). The pipeline's ``gig concept``, the graph stage's thumbnails and the
+    report share this one cache. ``on_made(path, crop)`` sees each crop made here (the report
+    encodes it for the page without reading the file back)."""
+    paths = {layer: crop_paths(store, layer, samples) for layer, samples in wanted.items()}
+    missing = {layer: sorted({i for i, p in zip(wanted[layer], paths[layer]) if not p.exists()}) for layer in wanted}
+    missing = {layer: samples for layer, samples in missing.items() if samples}
     if not missing:
         return paths
-    table = load_samples(store, layer)
+    tables = {layer: load_samples(store, layer) for layer in missing}
     by_id = {r.image_id: r for r in source.records}
-    # The batch-norm-folded copy (ModelHandle.measuring): the same function, about 2x faster for
-    # these forward and backward passes; the crops depend on the maps only through their boxes.
-    fast = handle.measuring([layer])
-    for image_id, chunk in _by_image(missing, table["image_id"]):
+    # The batch-norm-folded copy (ModelHandle.measuring), one for all the run's layers: the same
+    # function, about 2x faster for these passes; the crops depend on the maps only through boxes.
+    fast = handle.measuring(list(dict.fromkeys([*store.config.layers, *missing])))
+    outs = {layer: erf_dir(store, layer) for layer in missing}
+    for image_id, samples in _by_image(missing, tables).items():
         image = source.load(by_id[image_id])
         view, pixels = handle.bundle.display_image(image), handle.bundle.preprocess(image)
-        index = torch.zeros(len(chunk), dtype=torch.long)
-        maps = erf_maps(fast, pixels[None], layer, table["pos"][chunk], batch_size, image_index=index)
-        for i, erf in zip(chunk, maps):
-            save_png(erf_crop(view, erf.numpy(), mass, margin), out / f"s{i}.png")
+        positions = {layer: tables[layer]["pos"][chunk] for layer, chunk in samples.items()}
+        maps = image_erf_maps(fast, pixels, positions, batch_size)
+        for layer, chunk in samples.items():
+            for i, erf in zip(chunk, maps[layer]):
+                crop, path = erf_crop(view, erf.numpy(), mass, margin), outs[layer] / f"s{i}.png"
+                save_png(crop, path)
+                if on_made is not None:
+                    on_made(path, crop)
     return paths
+
+
+def _by_image(missing: dict[str, list[int]], tables: dict[str, dict]) -> dict[int, dict[str, list[int]]]:
+    """The samples of ``missing {layer: samples}`` by their image (``tables[layer]["image_id"]``),
+    images in increasing id order: ``{image id: {layer: samples}}``."""
+    groups: dict[int, dict[str, list[int]]] = {}
+    for layer, samples in missing.items():
+        ids = tables[layer]["image_id"]
+        for i in samples:
+            groups.setdefault(int(ids[i]), {}).setdefault(layer, []).append(i)
+    return dict(sorted(groups.items()))

@@ -373,18 +373,31 @@ class ModelHandle:
         """``layer``'s output in grid form ``(N, C, H, W)`` for ``x (N, 3, S, S)``, with the forward
         pass stopped right after it (nothing above the layer runs) and the autograd graph back to
         ``x`` kept: what a gradient of the layer w.r.t. the input (an ERF) needs."""
-        box: dict[str, torch.Tensor] = {}
+        return self.grids_until(x, [layer])[layer]
 
-        def stop(_m, _i, out):
-            box["grid"] = self.to_grid(layer, out)[0]
-            raise _StopForward
+    def grids_until(self, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+        """:meth:`grid_until` of several layers in one forward pass, stopped after the last of them
+        to run: ``{layer: grid (N, C, H, W)}``, each with its autograd graph back to ``x``. The
+        layers read downstream get a copy of each captured output, so an in-place operation above
+        a layer cannot change its grid (the copy's backward passes the gradient through exactly)."""
+        grids: dict[str, torch.Tensor] = {}
 
-        with self._hooks({layer: stop}):
+        def make(name):
+            def hook(_m, _i, out):
+                grids[name] = self.to_grid(name, out)[0]
+                if len(grids) == len(set(layers)):
+                    raise _StopForward
+                return out.clone()
+
+            return hook
+
+        with self._hooks({name: make(name) for name in dict.fromkeys(layers)}):
             try:
                 self.model(x.to(self.device))
             except _StopForward:
-                return box["grid"]
-        raise LayerUsageError(f"layer {layer!r} did not run in a forward pass of {self.bundle.name}")
+                return grids
+        missing = [name for name in layers if name not in grids]
+        raise LayerUsageError(f"layer {missing[0]!r} did not run in a forward pass of {self.bundle.name}")
 
     def capture(
         self, x: torch.Tensor, layers: list[str], keep_graph: bool = False

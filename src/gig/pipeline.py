@@ -21,7 +21,7 @@ from .concepts import extract_concepts
 from .config import STAGE_ORDER, Config
 from .decompose import decompose
 from .distributed import from_environment
-from .erf import exemplar_crops
+from .erf import layer_crops
 from .errors import ConfigError, DamagedArtefactError, InputError, RunMismatchError
 from .graph import build_graphs
 from .hooks import ModelHandle, resolve_device
@@ -243,11 +243,9 @@ class Pipeline:
         for node in graph["nodes"]:
             if node["layer"] in self.config.layers and node.get("exemplars"):
                 by_layer.setdefault(node["layer"], []).append((node["id"], node["exemplars"][0]))
-        thumbs = {}
-        for layer, items in by_layer.items():
-            paths = exemplar_crops(self.store, self.handle, self.source, layer, [i for _, i in items])
-            thumbs.update({node_id: path for (node_id, _), path in zip(items, paths)})
-        return thumbs
+        wanted = {layer: [i for _, i in items] for layer, items in by_layer.items()}
+        paths = layer_crops(self.store, self.handle, self.source, wanted)  # one forward per image
+        return {node_id: path for layer, items in by_layer.items() for (node_id, _), path in zip(items, paths[layer])}
 
     def draw_graph(self, store: RunStore, graph: dict, out_stem: Path) -> tuple[Path, Path]:
         return draw_graph(graph, out_stem, self.thumbnails(graph), labels=node_labels(store, graph))

@@ -240,10 +240,11 @@ def _show_concepts(
     neighbours.read_edges(
         store, {layer: shown[layer] | extra_shown[layer] for layer in layers}, targets
     )  # with no run sums, a second pass
-    urls = sec.exemplar_urls(access, assets, cards, shown, max(1, opts.exemplars), log)
+    # The crops of the shown cards and the on-demand cards' top-1 crops, made in one pass.
+    wanted = sec.exemplar_samples(cards, shown, max(1, opts.exemplars))
+    urls = sec.exemplar_urls(access, assets, sec.exemplar_samples(cards, extra_shown, 1, into=wanted), log)
     concepts = sec.concept_cards(store, cards, samples, shown, urls, importance, neighbours, max(1, opts.exemplars))
-    extra_urls = sec.exemplar_urls(access, assets, cards, extra_shown, 1, log)  # top-1 crops only
-    extra_concepts = sec.concept_cards(store, cards, samples, extra_shown, extra_urls, importance, neighbours, 1)
+    extra_concepts = sec.concept_cards(store, cards, samples, extra_shown, urls, importance, neighbours, 1)
     on_demand = sec.write_on_demand(out, extra, {**concepts, **extra_concepts}, names)
     return _ShownConcepts(cards, importance, neighbours, atlas_ids, concepts, on_demand)
 

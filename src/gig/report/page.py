@@ -156,9 +156,14 @@ def heatmap_overlay(image: Image.Image, grid: np.ndarray, size: int) -> Image.Im
 
 def jpeg_bytes(path: Path, quality: int = 88) -> bytes:
     """An ERF crop (PNG in the run's cache) as JPEG bytes: a quarter of the size in the report."""
-    buf = io.BytesIO()
     with Image.open(path) as im:
-        im.convert("RGB").save(buf, format="JPEG", quality=quality)
+        return image_jpeg_bytes(im, quality)
+
+
+def image_jpeg_bytes(image: Image.Image, quality: int = 88) -> bytes:
+    """:func:`jpeg_bytes` of a crop in memory (the same bytes: a PNG holds the crop's exact pixels)."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 

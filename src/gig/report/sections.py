@@ -4,7 +4,7 @@ concept cards (the atlas), localisation panels and the static class figures.
 Each function assembles one part of the page; the report (:mod:`gig.report.builder`) and the
 explain pages (:mod:`gig.explain`) put them together. Nothing here computes a graph, an ERF or a
 code: graphs come from :func:`gig.graph.build_graph` / :func:`gig.graph.build_graph_set`, crops
-from :func:`gig.erf.exemplar_crops`, codes from :class:`gig.artefacts.CodeReader`, run-wide
+from :func:`gig.erf.layer_crops`, codes from :class:`gig.artefacts.CodeReader`, run-wide
 importances and neighbours from the graph stage's run sums (:func:`gig.artefacts.load_run_sums`), or,
 for runs without them, from :class:`gig.graph.ScoreSums` / :class:`gig.graph.EdgeSums` over the
 attribute shards (:func:`gig.artefacts.iter_attributions`), one shard at a time.
@@ -49,7 +49,7 @@ from ..labels import node_labels
 from ..models import class_name
 from ..store import RunStore
 from ..visual import draw_graph, figure_key, saved_figure_key
-from .page import Assets, heatmap_overlay, jpeg_bytes, safe_json, slug
+from .page import Assets, heatmap_overlay, image_jpeg_bytes, jpeg_bytes, safe_json, slug
 
 
 def n_images_text(n: int) -> str:
@@ -275,24 +275,39 @@ def concepts_shown(atlas_ids: dict[str, list[int]], graphs: list[dict]) -> dict[
     return shown
 
 
+def exemplar_samples(
+    cards: dict[str, dict], shown: dict[str, set[int]], n_exemplars: int, into: dict[str, set[int]] | None = None
+) -> dict[str, set[int]]:
+    """``{layer: sample indices}``: the first ``n_exemplars`` exemplars of every concept shown,
+    added to ``into`` where given (the page's crops of several kinds of card, made in one pass)."""
+    wanted = into if into is not None else {}
+    for layer, ids in shown.items():
+        wanted.setdefault(layer, set()).update(
+            s for q in ids for s in cards[layer]["concepts"][q]["exemplars"][:n_exemplars]
+        )
+    return wanted
+
+
 def exemplar_urls(
     access: RunAccess,
     assets: Assets,
-    cards: dict[str, dict],
-    shown: dict[str, set[int]],
-    n_exemplars: int,
+    wanted: dict[str, set[int]],
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict[str, dict[int, str]]:
-    """``{layer: {sample index: url}}``: the ERF crops of the first ``n_exemplars`` exemplars of
-    every concept shown, one batched pass per layer (JPEG assets)."""
+    """``{layer: {sample index: url}}``: the ERF crops of the ``wanted`` samples
+    (:func:`exemplar_samples`) as JPEG assets, made in one pass over the images for all layers
+    (:meth:`gig.access.RunAccess.layer_crops`); a crop made here is encoded from memory, a cached
+    one read from its file."""
+    order = {layer: sorted(samples) for layer, samples in wanted.items()}
+    made: dict[Path, bytes] = {}
+    paths = access.layer_crops(order, on_made=lambda path, crop: made.__setitem__(path, image_jpeg_bytes(crop)))
     urls: dict[str, dict[int, str]] = {}
-    for layer, ids in shown.items():
-        wanted = sorted({s for q in ids for s in cards[layer]["concepts"][q]["exemplars"][:n_exemplars]})
-        paths = access.crops(layer, wanted)
+    for layer, samples in order.items():
         urls[layer] = {
-            s: assets.add_bytes(f"img/erf/{slug(layer)}/s{s}.jpg", jpeg_bytes(p)) for s, p in zip(wanted, paths)
+            s: assets.add_bytes(f"img/erf/{slug(layer)}/s{s}.jpg", made.pop(p) if p in made else jpeg_bytes(p))
+            for s, p in zip(samples, paths[layer])
         }
-        log(f"{layer}: {len(ids)} concepts, {len(wanted)} ERF crops")
+        log(f"{layer}: {len(samples)} ERF crops")
     return urls
 
 

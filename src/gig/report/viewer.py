@@ -94,7 +94,7 @@ def _graph_concepts(
     targets = {int(i["image_id"]): int(i["target"]) for i in load_images(store)["images"]}
     cards = {layer: load_concept_cards(store, layer) for layer in layers}
     shown = sec.concepts_shown({layer: [] for layer in layers}, graphs)
-    urls = sec.exemplar_urls(access, assets, cards, shown, exemplars, log)
+    urls = sec.exemplar_urls(access, assets, sec.exemplar_samples(cards, shown, exemplars), log)
     neighbours = sec.RunNeighbours.of_run(store, targets).read_edges(store, shown, targets)
     importance = neighbours.importance
     concepts = sec.concept_cards(
