@@ -135,19 +135,26 @@ def heat_colours(values: np.ndarray) -> np.ndarray:
     return _HEAT[np.clip((values * 255).round().astype(int), 0, 255)]
 
 
-def heatmap_overlay(image: Image.Image, grid: np.ndarray, size: int) -> Image.Image:
-    """``grid (H, W)`` (non-negative) upsampled bilinearly to the image and blended over it.
+def overlay_base(image: Image.Image, size: int) -> np.ndarray:
+    """``(size, size, 3)`` floats in [0, 1]: the image as :func:`heatmap_overlay` blends over it
+    (made once per image, not once per map)."""
+    return np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+
+
+def heatmap_overlay(base: np.ndarray, grid: np.ndarray) -> Image.Image:
+    """``grid (H, W)`` (non-negative) upsampled bilinearly to ``base`` (:func:`overlay_base`) and
+    blended over it.
 
     The map is normalised by its maximum and shown on a square-root scale; the image is dimmed where the map is low, so the
     concept's place reads as the bright, coloured part (as in the paper's localisation images).
     """
+    size = base.shape[0]
     grid = np.clip(np.nan_to_num(grid.astype(np.float32)), 0, None)
     top = float(grid.max())
     norm = np.sqrt(grid / top) if top > 0 else grid  # square root: weaker places stay visible
     t = torch.from_numpy(norm)[None, None]
     up = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
     up = np.clip(up, 0, 1)
-    base = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
     alpha = (0.25 + 0.75 * up)[..., None]
     colour = heat_colours(up)
     mixed = base * (0.3 + 0.7 * up[..., None]) * (1 - 0.55 * alpha) + colour * 0.55 * alpha

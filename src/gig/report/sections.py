@@ -49,7 +49,7 @@ from ..labels import node_labels
 from ..models import class_name
 from ..store import RunStore
 from ..visual import draw_graph, figure_key, saved_figure_key
-from .page import Assets, heatmap_overlay, image_jpeg_bytes, jpeg_bytes, safe_json, slug
+from .page import Assets, heatmap_overlay, image_jpeg_bytes, jpeg_bytes, overlay_base, safe_json, slug
 
 
 def n_images_text(n: int) -> str:
@@ -502,6 +502,7 @@ def localisation_panel(
         "url": assets.add_image(f"img/images/{slug(key)}.jpg", view.resize((2 * size, 2 * size), Image.BICUBIC)),
         "layers": [],
     }
+    base = overlay_base(view, size)
     for layer in reversed(layers):
         maps = np.asarray(walk_row[f"{layer}/maps"])  # (k, H, W)
         h, w = maps.shape[1:]
@@ -515,8 +516,8 @@ def localisation_panel(
                     "concept": q,
                     "id": node,
                     "importance": imp,
-                    "gig": assets.add_image(f"{stem}_gig.jpg", heatmap_overlay(view, maps[j], size)),
-                    "coef": assets.add_image(f"{stem}_coef.jpg", heatmap_overlay(view, coef, size)),
+                    "gig": assets.add_image(f"{stem}_gig.jpg", heatmap_overlay(base, maps[j])),
+                    "coef": assets.add_image(f"{stem}_coef.jpg", heatmap_overlay(base, coef)),
                     "erf": (erf_crops or {}).get(node),
                     "top1": concepts.get(node, {}).get("exemplars", [{}])[0].get("url"),
                     "name": concepts.get(node, {}).get("name"),
