@@ -10,7 +10,7 @@ fields), :mod:`gig.concepts` (bisecting k-means; other bases in :mod:`gig.basis`
 (:mod:`gig.session`: concepts, new images explained, graphs, ablations, labels, from a notebook).
 """
 
-__version__ = "0.7.1"
+__version__ = "0.7.2"
 
 __all__ = [
     "Config",
