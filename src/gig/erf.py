@@ -67,6 +67,8 @@ def image_erf_maps(
     once for all of them (:meth:`ModelHandle.grids_until`), stopped after the last layer; the maps
     are the ones :func:`erf_maps` gives, bit for bit (the same forward operations, and a
     copy's backward is exact)."""
+    if not positions:
+        return {}
     if handle.device.type != "cpu":
         return {
             layer: erf_maps(handle, pixels[None], layer, pos, batch_size, torch.zeros(len(pos)))

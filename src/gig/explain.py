@@ -29,7 +29,7 @@ from PIL import Image
 from .access import RunAccess
 from .attribution import run_gig, walk
 from .decompose import encode_pixels
-from .erf import erf_crop, erf_maps
+from .erf import erf_crop, image_erf_maps
 from .errors import ConfigError, InputError
 from .graph import build_graph
 from .images import load_rgb
@@ -203,18 +203,20 @@ def own_erf_crops(
     position where the concept's GIG map peaks (where it adds most to the target), else where
     its coefficient is largest."""
     view = explanation.view if explanation.view is not None else bundle.display_image(explanation.image)
-    crops = {}
+    positions = {}
     for layer in layers:
         maps = explanation.walk[f"{layer}/maps"].flatten(1)  # (k, H·W)
         top = explanation.walk[f"{layer}/top"]
         coef = explanation.codes[layer][:, top].abs().T  # (k, H·W)
         peak = torch.where(maps.amax(1, keepdim=True) > 0, maps, coef).argmax(1)  # (k,)
         w = explanation.walk[f"{layer}/maps"].shape[2]
-        positions = torch.stack([peak // w, peak % w], 1)
-        erfs = erf_maps(handle, pixels[:1], layer, positions, image_index=torch.zeros(len(top), dtype=torch.long))
-        for j, q in enumerate(top.tolist()):
-            crops[f"{layer}:{q}"] = erf_crop(view, erfs[j].numpy(), size=size)
-    return crops
+        positions[layer] = torch.stack([peak // w, peak % w], 1)
+    erfs = image_erf_maps(handle, pixels[0], positions)  # one forward for every layer
+    return {
+        f"{layer}:{q}": erf_crop(view, erfs[layer][j].numpy(), size=size)
+        for layer in layers
+        for j, q in enumerate(explanation.walk[f"{layer}/top"].tolist())
+    }
 
 
 def write_explanations(
