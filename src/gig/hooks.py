@@ -384,6 +384,8 @@ class ModelHandle:
 
         def make(name):
             def hook(_m, _i, out):
+                if name in grids:  # a module run again: its first output is the layer's, as in grid_until
+                    return None
                 grids[name] = self.to_grid(name, out)[0]
                 if len(grids) == len(set(layers)):
                     raise _StopForward
