@@ -192,11 +192,14 @@ class RunAccess:
         return self.layer_crops({layer: samples})[layer]
 
     def layer_crops(
-        self, wanted: dict[str, list[int]], on_made: Callable[[Path, Image.Image], None] | None = None
+        self,
+        wanted: dict[str, list[int]],
+        on_made: Callable[[Path, Image.Image], None] | None = None,
+        progress: bool = False,
     ) -> dict[str, list[Path]]:
         """ERF crops of sampled PFVs, ``wanted {layer: samples}`` → ``{layer: paths}``, from the
         run's ERF cache (:func:`gig.erf.layer_crops`: each image runs forward once for all its
-        layers; ``on_made`` sees each crop made). Where every one is cached, neither the run's
+        layers; ``on_made`` sees each crop made; ``progress``: a bar over the images). Where every one is cached, neither the run's
         images nor the model are touched (the images' fingerprint is checked only when one must be
         computed)."""
         from .artefacts import crop_paths
@@ -206,4 +209,4 @@ class RunAccess:
             return paths
         from .erf import layer_crops
 
-        return layer_crops(self.store, self.handle, self.source, wanted, on_made=on_made)
+        return layer_crops(self.store, self.handle, self.source, wanted, on_made=on_made, progress=progress)

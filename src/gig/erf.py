@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .artefacts import crop_paths, erf_dir, load_samples
 from .hooks import ModelHandle
@@ -352,6 +353,7 @@ def layer_crops(
     margin: float = 0.5,
     batch_size: int = 16,
     on_made: Callable[[Path, Image.Image], None] | None = None,
+    progress: bool = False,
 ) -> dict[str, list[Path]]:
     """PNG ERF crops of sampled PFVs of several layers, ``wanted {layer: sample indices}`` →
     ``{layer: paths}`` in that order, cached in :func:`erf_dir` as ``s{index}.png``. Only the
@@ -359,7 +361,7 @@ def layer_crops(
     once however many of its PFVs, of whichever layers, are asked for
     (:func:`image_erf_maps`). The pipeline's ``gig concept``, the graph stage's thumbnails and the
     report share this one cache. ``on_made(path, crop)`` sees each crop made here (the report
-    encodes it for the page without reading the file back)."""
+    encodes it for the page without reading the file back); ``progress``: a bar over the images."""
     paths = {layer: crop_paths(store, layer, samples) for layer, samples in wanted.items()}
     missing = {layer: sorted({i for i, p in zip(wanted[layer], paths[layer]) if not p.exists()}) for layer in wanted}
     missing = {layer: samples for layer, samples in missing.items() if samples}
@@ -371,7 +373,9 @@ def layer_crops(
     # function, about 2x faster for these passes; the crops depend on the maps only through boxes.
     fast = handle.measuring(list(dict.fromkeys([*store.config.layers, *missing])))
     outs = {layer: erf_dir(store, layer) for layer in missing}
-    for image_id, samples in _by_image(missing, tables).items():
+    jobs = _by_image(missing, tables)
+    bar = tqdm(jobs.items(), desc="ERF crops", unit="img", disable=not progress, total=len(jobs))
+    for image_id, samples in bar:
         image = source.load(by_id[image_id])
         view, pixels = handle.bundle.display_image(image), handle.bundle.preprocess(image)
         positions = {layer: tables[layer]["pos"][chunk] for layer, chunk in samples.items()}

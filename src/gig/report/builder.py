@@ -129,7 +129,7 @@ def build_report(
     names = list(class_names) if class_names is not None else list(access.bundle.class_names)
     log = (lambda msg: print(f"report: {msg}", flush=True)) if progress else (lambda msg: None)
     chosen = _choose_graphs(store, opts, names, progress, log)
-    shown = _show_concepts(store, access, assets, out, opts, chosen, names, log)
+    shown = _show_concepts(store, access, assets, out, opts, chosen, names, log, progress)
     images = sec.run_panels(
         store, chosen.image_ids, chosen.by_image, access, shown.concepts, assets, opts.heatmap_size, chosen.panel_rows
     )
@@ -223,6 +223,7 @@ def _show_concepts(
     chosen: _ChosenGraphs,
     names: list[str],
     log: Callable[[str], None],
+    progress: bool = False,
 ) -> _ShownConcepts:
     """The concept cards of the atlas and of the graphs' nodes (with exemplar crops), and the
     on-demand class graphs written to ``out/classes/`` with their concepts' top-1 cards."""
@@ -242,7 +243,7 @@ def _show_concepts(
     )  # with no run sums, a second pass
     # The crops of the shown cards and the on-demand cards' top-1 crops, made in one pass.
     wanted = sec.exemplar_samples(cards, shown, max(1, opts.exemplars))
-    urls = sec.exemplar_urls(access, assets, sec.exemplar_samples(cards, extra_shown, 1, into=wanted), log)
+    urls = sec.exemplar_urls(access, assets, sec.exemplar_samples(cards, extra_shown, 1, into=wanted), log, progress)
     concepts = sec.concept_cards(store, cards, samples, shown, urls, importance, neighbours, max(1, opts.exemplars))
     extra_concepts = sec.concept_cards(store, cards, samples, extra_shown, urls, importance, neighbours, 1)
     on_demand = sec.write_on_demand(out, extra, {**concepts, **extra_concepts}, names)

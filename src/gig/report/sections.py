@@ -293,6 +293,7 @@ def exemplar_urls(
     assets: Assets,
     wanted: dict[str, set[int]],
     log: Callable[[str], None] = lambda msg: None,
+    progress: bool = False,
 ) -> dict[str, dict[int, str]]:
     """``{layer: {sample index: url}}``: the ERF crops of the ``wanted`` samples
     (:func:`exemplar_samples`) as JPEG assets, made in one pass over the images for all layers
@@ -300,7 +301,11 @@ def exemplar_urls(
     one read from its file."""
     order = {layer: sorted(samples) for layer, samples in wanted.items()}
     made: dict[Path, bytes] = {}
-    paths = access.layer_crops(order, on_made=lambda path, crop: made.__setitem__(path, image_jpeg_bytes(crop)))
+
+    def keep(path: Path, crop: Image.Image) -> None:
+        made[path] = image_jpeg_bytes(crop)
+
+    paths = access.layer_crops(order, on_made=keep, progress=progress)
     urls: dict[str, dict[int, str]] = {}
     for layer, samples in order.items():
         urls[layer] = {
