@@ -133,7 +133,7 @@ def interlayer_chunk(view: "RunView", t_index: int, a: str, b: str, infos: list[
     grid_a = view.gig(a, Va, run_a.bias_).grid_shape(pixels)
     blocks, orders = ordering_blocks(view, t_index, a, b, pixels, Ua, top, grid_a, ids, rec)
     curves = deletion_insertion(
-        view.handle,
+        view.fast,
         a,
         pixels,
         Ua,

@@ -28,7 +28,8 @@ class RunView:
         self.store: RunStore = access.store
         self.config = access.store.config
         self.handle = access.handle
-        #: batch norms folded, channels-last: for the many gradient evaluations of GIG
+        #: batch norms folded, channels-last: for the many gradient evaluations of GIG and the
+        #: deletion / insertion passes (the same function, checked; as ``gig ablate`` runs on it)
         self.fast = access.handle.for_gradients(plan.layers)
         self.run_bases = {layer: RunDictionary(str(self.store.root), layer).fit() for layer in plan.layers}
 
