@@ -1,11 +1,13 @@
 """The first `gig report` of a run, against another gig side by side: seconds, attribute-shard
 openings, and which ERF crops differ (in their pixels).
 
-    OMP_NUM_THREADS=1 python bench/report_time.py RUN OUT [--reference-src REF/src] [--src SRC] [--repeat N]
+    OMP_NUM_THREADS=1 python bench/report_time.py RUN OUT [--reference-src REF/src] [--src SRC]
+        [--repeat N] [--stage-crops]
 
-The run is copied twice into ``OUT`` without its ERF crop cache and report (so each build is a
-first build); each copy's report is built in a fresh process, one thread, by this gig and by the
-one in ``--reference-src`` (e.g. ``git archive COMMIT src | tar -x -C REF``). Each process counts
+The run is copied twice into ``OUT`` without its ERF crop cache and report, so each build is a
+first build; ``--stage-crops`` keeps the crops its graph stage made, as ``gig run`` leaves them
+(a user's first report). Each copy's report is built in a fresh process, one thread, by this gig
+and by the one in ``--reference-src`` (e.g. ``git archive COMMIT src | tar -x -C REF``). Each process counts
 how often it opens an attribute shard (``gig.artefacts.open_tensors``; ``gig.attribution``'s in a
 gig from before ``gig.artefacts``). Prints both builds'
 seconds and openings per shard, their ratio, and the crops whose pixels differ; with
@@ -46,10 +48,30 @@ print(json.dumps(dict(opens)))
 """
 
 
-def fresh_copy(run: Path, out: Path) -> Path:
+def fresh_copy(run: Path, out: Path, stage_crops: bool = False) -> Path:
+    """``run`` copied to ``out`` without its ERF crop cache, report and evaluation; with
+    ``stage_crops``, the crops ``gig run``'s graph stage made for its figures are kept (the top-1
+    exemplar of every concept node of each class graph it drew): the cache a user's first report
+    starts from."""
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(run, out, ignore=shutil.ignore_patterns("erf", "report", "evaluate"))
+    if stage_crops:
+        for crop in graph_stage_crops(run):
+            (out / crop.relative_to(run)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(crop, out / crop.relative_to(run))
     return out
+
+
+def graph_stage_crops(run: Path) -> list[Path]:
+    """The ERF crops in ``run``'s cache that its graph stage's class figures show."""
+    crops = set()
+    for graph in (run / "graph").glob("class_*.json"):
+        if not graph.with_suffix(".png").is_file():
+            continue
+        for node in json.loads(graph.read_text())["nodes"]:
+            if node.get("exemplars"):
+                crops.update((run / "erf").glob(f"*/{node['layer']}/s{node['exemplars'][0]}.png"))
+    return sorted(crops)
 
 
 def build(run: Path, src: Path | None) -> dict:
@@ -87,13 +109,18 @@ def main() -> None:
     parser.add_argument("--reference-src", type=Path, default=None)
     parser.add_argument("--src", type=Path, default=None, help="this gig's src (default: the installed one)")
     parser.add_argument("--repeat", type=int, default=1, help="builds of each, alternating; the fastest counts")
+    parser.add_argument(
+        "--stage-crops", action="store_true", help="keep the crops the graph stage made (a user's first report)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {}
     for _ in range(max(1, args.repeat)):  # alternating, so that a busy spell of the machine hits both
-        _keep_fastest(result, "today", build(fresh_copy(args.run, args.out / "today"), args.src))
+        today = fresh_copy(args.run, args.out / "today", args.stage_crops)
+        _keep_fastest(result, "today", build(today, args.src))
         if args.reference_src is not None:
-            _keep_fastest(result, "reference", build(fresh_copy(args.run, args.out / "reference"), args.reference_src))
+            reference = fresh_copy(args.run, args.out / "reference", args.stage_crops)
+            _keep_fastest(result, "reference", build(reference, args.reference_src))
     if args.reference_src is not None:
         result["speed_up"] = round(result["reference"]["seconds"] / result["today"]["seconds"], 2)
         a, b = crops(args.out / "today"), crops(args.out / "reference")
