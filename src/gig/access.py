@@ -199,9 +199,9 @@ class RunAccess:
     ) -> dict[str, list[Path]]:
         """ERF crops of sampled PFVs, ``wanted {layer: samples}`` → ``{layer: paths}``, from the
         run's ERF cache (:func:`gig.erf.layer_crops`: each image runs forward once for all its
-        layers; ``on_made`` sees each crop made; ``progress``: a bar over the images). Where every one is cached, neither the run's
-        images nor the model are touched (the images' fingerprint is checked only when one must be
-        computed)."""
+        layers; ``on_made`` sees each crop made; ``progress``: a bar over the images). Where every
+        one is cached, neither the run's images nor the model are touched (the images'
+        fingerprint is checked only when one must be computed)."""
         from .artefacts import crop_paths
 
         paths = {layer: crop_paths(self.store, layer, samples) for layer, samples in wanted.items()}

@@ -72,7 +72,7 @@ def image_erf_maps(
         return {}
     if handle.device.type != "cpu":
         return {
-            layer: erf_maps(handle, pixels[None], layer, pos, batch_size, torch.zeros(len(pos)))
+            layer: erf_maps(handle, pixels[None], layer, pos, batch_size, torch.zeros(len(pos), dtype=torch.long))
             for layer, pos in positions.items()
         }
     x = pixels[None].to(handle.device).clone().requires_grad_(True)
@@ -337,11 +337,10 @@ def exemplar_crops(
     mass: float = 0.9,
     margin: float = 0.5,
     batch_size: int = 16,
-    on_made: Callable[[Path, Image.Image], None] | None = None,
 ) -> list[Path]:
     """PNG ERF crops of sampled PFVs of ``layer`` (indices into the collect arrays), cached in
     :func:`erf_dir` as ``s{index}.png``: :func:`layer_crops` of one layer."""
-    return layer_crops(store, handle, source, {layer: sample_indices}, mass, margin, batch_size, on_made)[layer]
+    return layer_crops(store, handle, source, {layer: sample_indices}, mass, margin, batch_size)[layer]
 
 
 def layer_crops(
